@@ -1,0 +1,87 @@
+"""`flexolmo sources ...`: register a data owner's documents, list them, set their policy."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from flexolmo import sources as lib
+
+from .common import console, print_json, ws
+
+app = typer.Typer(help="Register and inspect sources (one per data owner).", no_args_is_help=True)
+
+
+@app.command("add")
+def add(
+    name: Annotated[str, typer.Argument(help="Source name: lowercase letters, digits, '_'.")],
+    path: Annotated[str, typer.Option("--path", help="A JSONL or Parquet file, or a folder of them, with a 'text' column.")],
+    owner: Annotated[str, typer.Option(help="The data owner.")],
+    domain: Annotated[str, typer.Option(help="The domain, e.g. news, code, math.")],
+    licence: Annotated[str, typer.Option(help="Licence of the documents.")],
+    visibility: Annotated[str, typer.Option(help="full | snippets | counts: what traces may show.")] = "full",
+    expires: Annotated[Optional[str], typer.Option(help="Licence expiry, YYYY-MM-DD.")] = None,
+) -> None:
+    """Register a folder or file of documents as a new source."""
+    src = lib.add_source(ws(), name, path, owner=owner, domain=domain, licence=licence, visibility=visibility, expires=expires)
+    console.print(f"added source [bold]{src.name}[/]: {src.n_docs_train:,} train + {src.n_docs_valid:,} validation documents")
+
+
+@app.command("list")
+def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List the registered sources with document and character counts per split."""
+    rows = lib.list_sources(ws())
+    if as_json:
+        print_json([s.to_dict() for s in rows])
+        return
+    console.print(sources_table(rows))
+
+
+@app.command("show")
+def show(name: str, as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Show one source, its policy and its policy history."""
+    src = lib.get_source(ws(), name)
+    log = lib.policy_log(ws(), name)
+    if as_json:
+        print_json({**src.to_dict(), "policy_log": log})
+        return
+    t = Table(show_header=False, title=f"source {name}")
+    for k, v in src.to_dict().items():
+        t.add_row(k, f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v))
+    console.print(t)
+    for entry in log:
+        console.print(f"  {entry['changed_at']}  {entry['changed_by']}: {entry['field']} {entry['old_value']} -> {entry['new_value']}")
+
+
+@app.command("set")
+def set_(
+    name: str,
+    active: Annotated[Optional[bool], typer.Option("--active/--inactive", help="Switch the source on or off.")] = None,
+    visibility: Annotated[Optional[str], typer.Option(help="full | snippets | counts")] = None,
+    expires: Annotated[Optional[str], typer.Option(help="Licence expiry, YYYY-MM-DD, or 'never'.")] = None,
+    by: Annotated[Optional[str], typer.Option(help="Who makes the change (default: the OS user).")] = None,
+) -> None:
+    """Change a source's policy; the change is logged with who and when."""
+    clear = expires is not None and expires.strip().lower() in ("never", "none", "")
+    src = lib.set_policy(ws(), name, active=active, visibility=visibility, expires=None if clear else expires,
+                         clear_expiry=clear, by=by)
+    console.print(f"{src.name}: active={src.active} visibility={src.visibility} expires={src.expires or 'never'}")
+
+
+def sources_table(rows: list[lib.Source]) -> Table:
+    t = Table(title="sources")
+    for col in ("name", "owner", "domain", "licence", "visibility", "on", "docs train", "docs valid",
+                "chars train", "chars valid"):
+        t.add_column(col, justify="right" if col.startswith(("docs", "chars")) else "left")
+    for s in rows:
+        on = "yes" if s.available() else ("expired" if s.active else "no")
+        t.add_row(s.name, s.owner, s.domain, s.licence, s.visibility, on, f"{s.n_docs_train:,}", f"{s.n_docs_valid:,}",
+                  f"{s.n_chars_train:,}", f"{s.n_chars_valid:,}")
+    if rows:
+        t.add_section()
+        t.add_row("total", "", "", "", "", "", f"{sum(s.n_docs_train for s in rows):,}",
+                  f"{sum(s.n_docs_valid for s in rows):,}", f"{sum(s.n_chars_train for s in rows):,}",
+                  f"{sum(s.n_chars_valid for s in rows):,}")
+    return t

@@ -1,0 +1,31 @@
+"""`flexolmo tokenizer ...`: the shared byte-level BPE."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from flexolmo import tokenizer as lib
+
+from .common import console, ws
+
+app = typer.Typer(help="The shared tokenizer (trained on the public source only).", no_args_is_help=True)
+
+
+@app.command("train")
+def train(
+    vocab_size: Annotated[int, typer.Option(help="Vocabulary size, at most 65535 (u16 index ids).")] = lib.DEFAULT_VOCAB,
+    source: Annotated[str, typer.Option(help="The public source to learn from.")] = "public",
+) -> None:
+    """Train the shared tokenizer on the public source's train split."""
+    info = lib.train_tokenizer(ws(), vocab_size=vocab_size, source=source)
+    console.print(f"tokenizer: {info.vocab_size:,} ids, {info.n_bow:,} begin a word, trained on {info.source} "
+                  f"in {info.seconds:.1f}s -> {info.path}")
+
+
+@app.command("show")
+def show() -> None:
+    """Show the tokenizer card."""
+    info = lib.tokenizer_info(ws())
+    console.print(info)

@@ -1,0 +1,435 @@
+"""Sources: named bodies of documents, each owned by one data owner.
+
+A source is registered from a folder or file of JSONL or Parquet with a `text` column
+(`add_source`) or built from records (`add_records`, used by the sample federation).
+Its documents are stored as `sources/<name>/documents.parquet` with the columns
+
+    doc_id    stable id: the input's `doc_id` or `id` column, else `<file>:<line or row>`
+    text      the document
+    title     the input's `title` column, else null
+    split     'train' or 'validation' (about 2%, by a hash of doc_id: deterministic)
+    metadata  every other input column, as a JSON object
+
+and one row in the catalog's `sources` table. Registration validates everything before
+it writes anything: a bad input leaves the catalog and the workspace as they were.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import catalog
+from .errors import ConflictError, InputError, NotFoundError
+from .workspace import Workspace, atomic_dir
+
+VISIBILITIES = ("full", "snippets", "counts")
+VALIDATION_PER_MILLE = 20  # about 2% of documents are held out for evaluation
+DOCUMENTS_FILE = "documents.parquet"
+
+# A source name becomes a folder name under indexes/, and infini-gram's loader classifies
+# index files by substring, so names must not contain the index file kinds.
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+RESERVED_SUBSTRINGS = ("tokenized", "table", "offset", "metadata", "metaoff", "unigram")
+
+DOC_SCHEMA = pa.schema(
+    [
+        ("doc_id", pa.string()),
+        ("text", pa.string()),
+        ("title", pa.string()),
+        ("split", pa.string()),
+        ("metadata", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One row of the source registry."""
+
+    name: str
+    owner: str
+    domain: str
+    licence: str
+    visibility: str
+    active: bool
+    expires: dt.date | None
+    origin: str
+    content_hash: str
+    n_docs_train: int
+    n_docs_valid: int
+    n_chars_train: int
+    n_chars_valid: int
+    n_synthetic: int
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    updated_by: str
+
+    def available(self, today: dt.date | None = None) -> bool:
+        """Active and not past its expiry date: may route and return documents."""
+        today = today or dt.date.today()
+        return self.active and (self.expires is None or self.expires >= today)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("expires", "created_at", "updated_at"):
+            d[k] = d[k].isoformat() if d[k] is not None else None
+        d["available"] = self.available()
+        return d
+
+
+# ---------------------------------------------------------------------------------------
+# checks at the boundary
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name or ""):
+        raise InputError(
+            f"source name {name!r} is not a safe identifier: use 1-40 characters, lowercase "
+            "letters, digits and '_', starting with a letter (e.g. 'news' or 'lab_notes')"
+        )
+    bad = [s for s in RESERVED_SUBSTRINGS if s in name]
+    if bad:
+        raise InputError(
+            f"source name {name!r} contains {bad[0]!r}, which the index loader reserves for "
+            "its file kinds; choose another name"
+        )
+    return name
+
+
+def check_visibility(visibility: str) -> str:
+    if visibility not in VISIBILITIES:
+        raise InputError(f"visibility {visibility!r} is not one of {', '.join(VISIBILITIES)}")
+    return visibility
+
+
+def parse_date(value: str | dt.date | None, what: str = "expiry date") -> dt.date | None:
+    if value is None or isinstance(value, dt.date):
+        return value
+    if value.strip().lower() in ("", "none", "never"):
+        return None
+    try:
+        return dt.date.fromisoformat(value.strip())
+    except ValueError:
+        raise InputError(f"{what} {value!r} does not parse: write it as YYYY-MM-DD (or 'never')") from None
+
+
+def split_of(doc_id: str) -> str:
+    """Deterministic train/validation split: about 2% validation, by a hash of doc_id."""
+    h = int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest(), "little")
+    return "validation" if h % 1000 < VALIDATION_PER_MILLE else "train"
+
+
+# ---------------------------------------------------------------------------------------
+# reading user input
+
+
+def _input_files(path: Path) -> list[Path]:
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder; give the path to a JSONL or Parquet file or a folder of them")
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p) is not None)
+        if not files:
+            raise InputError(f"{path}: the folder holds no .jsonl, .json or .parquet files")
+    for f in files:
+        if _kind(f) is None:
+            raise InputError(f"{f}: unknown file type; use .jsonl (one JSON object per line) or .parquet")
+    return files
+
+
+def _kind(p: Path) -> str | None:
+    name = p.name.lower()
+    if name.endswith((".jsonl", ".json", ".ndjson", ".jsonl.gz")):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    return None
+
+
+def _read_jsonl(f: Path, label: str) -> Iterator[tuple[str, dict]]:
+    import gzip
+
+    opener = gzip.open if f.name.endswith(".gz") else open
+    with opener(f, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            where = f"{f}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{where}: not valid UTF-8 (byte {e.start}); re-encode the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line") from None
+            if not isinstance(rec, dict):
+                raise InputError(f"{where}: expected a JSON object with a 'text' field, got {type(rec).__name__}")
+            yield where, f"{label}:{lineno}", rec
+
+
+def _read_parquet(f: Path, label: str) -> Iterator[tuple[str, dict]]:
+    try:
+        table = pq.read_table(f)
+    except Exception as e:  # pyarrow raises several types for a broken file
+        raise InputError(f"{f}: cannot read as Parquet ({e})") from None
+    if "text" not in table.column_names:
+        raise InputError(f"{f}: no 'text' column (columns: {', '.join(table.column_names)}); rename the text column to 'text'")
+    for row, rec in enumerate(table.to_pylist()):
+        yield f"{f}: row {row}", f"{label}:{row}", rec
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """Read and validate a user's documents; raise `InputError` naming file and line."""
+    path = Path(path)
+    files = _input_files(path)
+    records: list[dict] = []
+    for f in files:
+        label = str(f.relative_to(path)) if path.is_dir() else f.name
+        reader = _read_jsonl if _kind(f) == "jsonl" else _read_parquet
+        for where, default_id, rec in reader(f, label):
+            if "text" not in rec:
+                raise InputError(f"{where}: no 'text' field (fields: {', '.join(rec) or 'none'}); every document needs one")
+            text = rec.pop("text")
+            if not isinstance(text, str):
+                raise InputError(f"{where}: 'text' is {type(text).__name__}, not a string")
+            if not text.strip():
+                raise InputError(f"{where}: empty document; remove it or give it text")
+            doc_id = rec.pop("doc_id", None)
+            if doc_id is None:
+                doc_id = rec.pop("id", None)
+            doc_id = default_id if doc_id is None else str(doc_id)
+            title = rec.pop("title", None)
+            records.append(
+                {
+                    "doc_id": doc_id,
+                    "text": text,
+                    "title": None if title is None else str(title),
+                    "metadata": rec,
+                    "_where": where,
+                }
+            )
+    return records
+
+
+# ---------------------------------------------------------------------------------------
+# registry
+
+
+def _documents_table(records: list[dict]) -> pa.Table:
+    seen: dict[str, str] = {}
+    for r in records:
+        if r["doc_id"] in seen:
+            raise InputError(
+                f"{r.get('_where', r['doc_id'])}: doc_id {r['doc_id']!r} repeats "
+                f"({seen[r['doc_id']]}); doc_ids must be unique within a source"
+            )
+        seen[r["doc_id"]] = r.get("_where", r["doc_id"])
+        if "\x00" in r["text"]:
+            raise InputError(f"{r.get('_where', r['doc_id'])}: the text holds a NUL character; remove it")
+    records = sorted(records, key=lambda r: r["doc_id"])
+    return pa.table(
+        {
+            "doc_id": [r["doc_id"] for r in records],
+            "text": [r["text"] for r in records],
+            "title": [r.get("title") for r in records],
+            "split": [split_of(r["doc_id"]) for r in records],
+            "metadata": [json.dumps(r.get("metadata") or {}, default=str, ensure_ascii=False) for r in records],
+        },
+        schema=DOC_SCHEMA,
+    )
+
+
+def content_hash(table: pa.Table) -> str:
+    h = hashlib.sha256()
+    for doc_id, text in zip(table.column("doc_id").to_pylist(), table.column("text").to_pylist()):
+        h.update(doc_id.encode("utf-8") + b"\x00" + text.encode("utf-8") + b"\x01")
+    return h.hexdigest()
+
+
+def _stats(table: pa.Table) -> dict:
+    split = table.column("split").to_pylist()
+    lengths = [len(t) for t in table.column("text").to_pylist()]
+    out = {"n_docs_train": 0, "n_docs_valid": 0, "n_chars_train": 0, "n_chars_valid": 0}
+    for s, n in zip(split, lengths):
+        key = "train" if s == "train" else "valid"
+        out[f"n_docs_{key}"] += 1
+        out[f"n_chars_{key}"] += n
+    return out
+
+
+def add_records(
+    ws: Workspace,
+    name: str,
+    records: list[dict],
+    *,
+    owner: str,
+    domain: str,
+    licence: str,
+    origin: str,
+    visibility: str = "full",
+    active: bool = True,
+    expires: str | dt.date | None = None,
+    replace: bool = False,
+    by: str | None = None,
+) -> Source:
+    """Register `records` (dicts with doc_id, text, optional title and metadata) as a source.
+
+    :param replace: rebuild an existing source of that name (used by `data samples`);
+        otherwise an existing name is refused.
+    """
+    check_name(name)
+    check_visibility(visibility)
+    expires = parse_date(expires)
+    if not records:
+        raise InputError(f"source {name!r} has no documents; give at least one document with text")
+    for field, value in (("owner", owner), ("domain", domain), ("licence", licence)):
+        if not value or not value.strip():
+            raise InputError(f"--{field} is required and may not be empty")
+    with catalog.connect(ws, read_only=True) as con:
+        exists = con.execute("SELECT 1 FROM sources WHERE name = ?", [name]).fetchone()
+    if exists and not replace:
+        raise ConflictError(f"source {name!r} already exists; choose another name")
+    table = _documents_table(records)
+    stats = _stats(table)
+    n_synth = sum(1 for r in records if (r.get("metadata") or {}).get("synthetic"))
+    now = dt.datetime.now().replace(microsecond=0)
+    by = by or _user()
+    final = ws.source_dir(name)
+    with atomic_dir(final) as tmp:
+        pq.write_table(table, tmp / DOCUMENTS_FILE, compression="zstd")
+        back = pq.read_metadata(tmp / DOCUMENTS_FILE)
+        assert back.num_rows == table.num_rows
+        with catalog.connect(ws) as con:
+            con.execute("BEGIN")
+            con.execute("DELETE FROM sources WHERE name = ?", [name])
+            con.execute(
+                "INSERT INTO sources VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [name, owner, domain, licence, visibility, active, expires, origin, content_hash(table),
+                 stats["n_docs_train"], stats["n_docs_valid"], stats["n_chars_train"], stats["n_chars_valid"],
+                 n_synth, now, now, by],
+            )
+            # The folder is renamed into place when this block exits; commit last so that a
+            # failure before then leaves no catalog row.
+            con.execute("COMMIT")
+    return get_source(ws, name)
+
+
+def add_source(ws: Workspace, name: str, path: str | Path, **kwargs) -> Source:
+    """Register a user's folder or file of JSONL/Parquet documents as source `name`."""
+    check_name(name)
+    with catalog.connect(ws, read_only=True) as con:
+        if con.execute("SELECT 1 FROM sources WHERE name = ?", [name]).fetchone():
+            raise ConflictError(f"source {name!r} already exists; choose another name")
+    records = read_records(path)
+    return add_records(ws, name, records, origin=str(Path(path).resolve()), **kwargs)
+
+
+def _row_to_source(row: tuple, cols: list[str]) -> Source:
+    return Source(**dict(zip(cols, row)))
+
+
+def list_sources(ws: Workspace) -> list[Source]:
+    with catalog.connect(ws, read_only=True) as con:
+        cur = con.execute("SELECT * FROM sources ORDER BY created_at, name")
+        cols = [d[0] for d in cur.description]
+        return [_row_to_source(r, cols) for r in cur.fetchall()]
+
+
+def get_source(ws: Workspace, name: str) -> Source:
+    with catalog.connect(ws, read_only=True) as con:
+        cur = con.execute("SELECT * FROM sources WHERE name = ?", [name])
+        cols = [d[0] for d in cur.description]
+        row = cur.fetchone()
+    if row is None:
+        known = ", ".join(s.name for s in list_sources(ws)) or "none yet"
+        raise NotFoundError(f"unknown source {name!r} (known: {known}); add it with `flexolmo sources add`")
+    return _row_to_source(row, cols)
+
+
+def load_documents(ws: Workspace, name: str, split: str | None = None, columns: list[str] | None = None) -> pa.Table:
+    """The stored documents of a source, optionally one split, in doc_id order."""
+    get_source(ws, name)
+    path = ws.source_dir(name) / DOCUMENTS_FILE
+    if not path.exists():
+        raise NotFoundError(f"{path} is missing: re-register source {name!r}")
+    filters = [("split", "=", split)] if split else None
+    return pq.read_table(path, columns=columns, filters=filters)
+
+
+def set_policy(
+    ws: Workspace,
+    name: str,
+    *,
+    active: bool | None = None,
+    visibility: str | None = None,
+    expires: str | dt.date | None = None,
+    clear_expiry: bool = False,
+    by: str | None = None,
+) -> Source:
+    """Change a source's policy (on/off, visibility, expiry), logging who and when."""
+    src = get_source(ws, name)
+    changes: dict[str, object] = {}
+    if active is not None and active != src.active:
+        changes["active"] = active
+    if visibility is not None:
+        check_visibility(visibility)
+        if visibility != src.visibility:
+            changes["visibility"] = visibility
+    if clear_expiry:
+        if src.expires is not None:
+            changes["expires"] = None
+    elif expires is not None:
+        new = parse_date(expires)
+        if new != src.expires:
+            changes["expires"] = new
+    if not changes:
+        return src
+    by = by or _user()
+    now = dt.datetime.now().replace(microsecond=0)
+    with catalog.connect(ws) as con:
+        con.execute("BEGIN")
+        for field, new in changes.items():
+            old = getattr(src, field)
+            con.execute(f"UPDATE sources SET {field} = ?, updated_at = ?, updated_by = ? WHERE name = ?", [new, now, by, name])
+            con.execute(
+                "INSERT INTO policy_log VALUES (?, ?, ?, ?, ?, ?)",
+                [name, now, by, field, None if old is None else str(old), None if new is None else str(new)],
+            )
+        con.execute("COMMIT")
+    return get_source(ws, name)
+
+
+def policy_log(ws: Workspace, name: str | None = None) -> list[dict]:
+    with catalog.connect(ws, read_only=True) as con:
+        q = "SELECT * FROM policy_log" + (" WHERE source = ?" if name else "") + " ORDER BY changed_at"
+        cur = con.execute(q, [name] if name else [])
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+
+def available_sources(ws: Workspace, today: dt.date | None = None) -> list[Source]:
+    """Sources that may route and return documents today (active and not expired)."""
+    return [s for s in list_sources(ws) if s.available(today)]
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return "unknown"
+
+
+def iter_texts(ws: Workspace, name: str, split: str | None = "train") -> Iterable[str]:
+    yield from load_documents(ws, name, split=split, columns=["text"]).column("text").to_pylist()

@@ -1,0 +1,166 @@
+"""The shared tokenizer: a byte-level BPE trained on the public source only.
+
+The tokenizer is public, like the public model: every owner tokenizes with it, and every
+index stores its ids as u16, so the vocabulary holds at most 65,535 ids (0xFFFF stays free:
+infini-gram uses it as the document separator).
+
+Files in `<workspace>/tokenizer/`:
+    tokenizer.json   loadable by `tokenizers.Tokenizer` and `transformers.PreTrainedTokenizerFast`
+    bow_ids.txt      one id per line: the ids that begin a word (decoded text starts with
+                     whitespace, the byte-level analogue of sentencepiece's '▁'); tracing uses
+                     it for infini-gram's `enforce_bow`
+    card.json        vocabulary size, training source and its content hash, the file hash
+
+    python -m cli.main tokenizer train --vocab-size 8192
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from .errors import InputError, NotFoundError
+from .sources import get_source, iter_texts
+from .workspace import Workspace, atomic_dir
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+SPECIAL_TOKENS = [EOS_TOKEN, PAD_TOKEN]
+MAX_VOCAB = 65535  # u16 ids 0..65534; 65535 is infini-gram's document separator
+DEFAULT_VOCAB = 8192  # small embeddings keep the CPU model profiles fast
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    path: Path
+    vocab_size: int
+    eos_id: int
+    pad_id: int
+    sha256: str
+    n_bow: int
+    source: str
+    seconds: float
+
+
+def train_tokenizer(
+    ws: Workspace, vocab_size: int = DEFAULT_VOCAB, source: str = "public", texts: list[str] | None = None
+) -> TokenizerInfo:
+    """Train the shared byte-level BPE on one source's train split and save it atomically.
+
+    :param texts: train on these texts instead (tests); `source` is then only recorded.
+    """
+    if not 256 + len(SPECIAL_TOKENS) < vocab_size <= MAX_VOCAB:
+        raise InputError(f"--vocab-size {vocab_size} is out of range: use {257 + len(SPECIAL_TOKENS)}..{MAX_VOCAB} (u16 index ids)")
+    content_hash = None
+    if texts is None:
+        src = get_source(ws, source)
+        content_hash = src.content_hash
+        texts = list(iter_texts(ws, source, split="train"))
+    if not texts:
+        raise InputError(f"source {source!r} has no training text to learn a tokenizer from")
+    t0 = time.time()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    seconds = time.time() - t0
+    with atomic_dir(ws.tokenizer_dir) as tmp:
+        tok.save(str(tmp / "tokenizer.json"))
+        bow = bow_ids(tok)
+        (tmp / "bow_ids.txt").write_text("".join(f"{i}\n" for i in bow))
+        sha = _sha256(tmp / "tokenizer.json")
+        card = {
+            "kind": "byte-level BPE (HF tokenizers)",
+            "vocab_size": tok.get_vocab_size(),
+            "eos_token": EOS_TOKEN,
+            "eos_id": tok.token_to_id(EOS_TOKEN),
+            "pad_token": PAD_TOKEN,
+            "pad_id": tok.token_to_id(PAD_TOKEN),
+            "trained_on": source,
+            "source_content_hash": content_hash,
+            "n_texts": len(texts),
+            "n_bow_ids": len(bow),
+            "bow_rule": "decoded token starts with whitespace",
+            "sha256": sha,
+            "seconds": round(seconds, 2),
+        }
+        (tmp / "card.json").write_text(json.dumps(card, indent=2))
+        # verify before the rename: it loads and round-trips
+        check = Tokenizer.from_file(str(tmp / "tokenizer.json"))
+        sample = texts[0][:2000]
+        if check.decode(check.encode(sample).ids) != sample:
+            raise InputError("the trained tokenizer does not round-trip its own training text; this is a bug")
+    return tokenizer_info(ws)
+
+
+def bow_ids(tok: Tokenizer) -> list[int]:
+    """Ids whose decoded text begins with whitespace (a new word), plus the special tokens."""
+    out = []
+    for token, i in tok.get_vocab().items():
+        text = tok.decode([i], skip_special_tokens=False)
+        if token in SPECIAL_TOKENS or (text[:1].isspace()):
+            out.append(i)
+    return sorted(out)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _require(ws: Workspace) -> Path:
+    path = ws.tokenizer_dir / "tokenizer.json"
+    if not path.exists():
+        raise NotFoundError(f"no tokenizer in {ws.tokenizer_dir}; run `flexolmo tokenizer train` first")
+    return path
+
+
+def tokenizer_info(ws: Workspace) -> TokenizerInfo:
+    path = _require(ws)
+    card = json.loads((ws.tokenizer_dir / "card.json").read_text())
+    return TokenizerInfo(
+        path=path,
+        vocab_size=card["vocab_size"],
+        eos_id=card["eos_id"],
+        pad_id=card["pad_id"],
+        sha256=card["sha256"],
+        n_bow=card["n_bow_ids"],
+        source=card["trained_on"],
+        seconds=card["seconds"],
+    )
+
+
+def tokenizer_hash(ws: Workspace) -> str:
+    """sha256 of tokenizer.json as it is on disk now (indexes record it to detect staleness)."""
+    return _sha256(_require(ws))
+
+
+def load_raw_tokenizer(ws: Workspace) -> Tokenizer:
+    """The fast `tokenizers.Tokenizer` (batch encoding in Rust, across cores)."""
+    return Tokenizer.from_file(str(_require(ws)))
+
+
+def load_tokenizer(ws_or_dir: Workspace | Path):
+    """The shared tokenizer as a `transformers.PreTrainedTokenizerFast`."""
+    from transformers import PreTrainedTokenizerFast
+
+    folder = ws_or_dir.tokenizer_dir if isinstance(ws_or_dir, Workspace) else Path(ws_or_dir)
+    path = folder / "tokenizer.json"
+    if not path.exists():
+        raise NotFoundError(f"no tokenizer in {folder}; run `flexolmo tokenizer train` first")
+    return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+
+
+def read_bow_ids(ws: Workspace) -> list[int]:
+    _require(ws)
+    return [int(x) for x in (ws.tokenizer_dir / "bow_ids.txt").read_text().split()]
