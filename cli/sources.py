@@ -72,16 +72,19 @@ def set_(
 
 def sources_table(rows: list[lib.Source]) -> Table:
     t = Table(title="sources")
-    for col in ("name", "owner", "domain", "licence", "visibility", "on", "docs train", "docs valid",
-                "chars train", "chars valid"):
-        t.add_column(col, justify="right" if col.startswith(("docs", "chars")) else "left")
+    for col in ("name", "domain", "visibility", "on", "docs train", "docs valid", "chars train", "chars valid"):
+        t.add_column(col, justify="right" if col.startswith(("docs", "chars")) else "left", no_wrap=col == "name")
     for s in rows:
         on = "yes" if s.available() else ("expired" if s.active else "no")
-        t.add_row(s.name, s.owner, s.domain, s.licence, s.visibility, on, f"{s.n_docs_train:,}", f"{s.n_docs_valid:,}",
-                  f"{s.n_chars_train:,}", f"{s.n_chars_valid:,}")
+        t.add_row(s.name, s.domain, s.visibility, on, f"{s.n_docs_train:,}", f"{s.n_docs_valid:,}",
+                  _mchars(s.n_chars_train), _mchars(s.n_chars_valid))
     if rows:
         t.add_section()
-        t.add_row("total", "", "", "", "", "", f"{sum(s.n_docs_train for s in rows):,}",
-                  f"{sum(s.n_docs_valid for s in rows):,}", f"{sum(s.n_chars_train for s in rows):,}",
-                  f"{sum(s.n_chars_valid for s in rows):,}")
+        t.add_row("total", "", "", "", f"{sum(s.n_docs_train for s in rows):,}",
+                  f"{sum(s.n_docs_valid for s in rows):,}", _mchars(sum(s.n_chars_train for s in rows)),
+                  _mchars(sum(s.n_chars_valid for s in rows)))
     return t
+
+
+def _mchars(n: int) -> str:
+    return f"{n / 1e6:.2f}M"

@@ -342,7 +342,7 @@ def _row_to_source(row: tuple, cols: list[str]) -> Source:
 
 def list_sources(ws: Workspace) -> list[Source]:
     with catalog.connect(ws, read_only=True) as con:
-        cur = con.execute("SELECT * FROM sources ORDER BY created_at, name")
+        cur = con.execute("SELECT * FROM sources ORDER BY name")
         cols = [d[0] for d in cur.description]
         return [_row_to_source(r, cols) for r in cur.fetchall()]
 

