@@ -48,7 +48,9 @@ def r_cache_dir() -> Path:
 def pack(pieces: list[str], max_chars: int = MAX_CHARS, joiner: str = "") -> list[str]:
     """Greedily join consecutive pieces into chunks of at most `max_chars` characters.
 
-    A single piece longer than the limit is cut at blank lines, then at line ends.
+    A single piece longer than the limit is cut at blank lines, then at line ends, then at
+    spaces. A remnant under MIN_CHARS is joined to its neighbour (so a chunk may exceed the
+    limit by that much); only a text that is tiny as a whole is dropped.
     """
     out: list[str] = []
     cur = ""
@@ -61,7 +63,14 @@ def pack(pieces: list[str], max_chars: int = MAX_CHARS, joiner: str = "") -> lis
                 cur = cur + joiner + part if cur else part
     if cur:
         out.append(cur)
-    return [c for c in out if len(c.strip()) >= MIN_CHARS]
+    # a tiny chunk (a remnant of a cut) joins its neighbour instead of becoming a document
+    merged: list[str] = []
+    for c in out:
+        if merged and (len(c.strip()) < MIN_CHARS or len(merged[-1].strip()) < MIN_CHARS):
+            merged[-1] += joiner + c
+        else:
+            merged.append(c)
+    return [c for c in merged if len(c.strip()) >= MIN_CHARS]
 
 
 def _cut(text: str, max_chars: int) -> list[str]:

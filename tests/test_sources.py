@@ -1,0 +1,173 @@
+"""Registering sources: JSONL and Parquet input, the split, and every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from flexolmo import sources
+from flexolmo.errors import ConflictError, InputError, NotFoundError
+
+OWNER = dict(owner="alice", domain="notes", licence="CC0")
+
+
+def docs(n: int) -> list[dict]:
+    return [{"text": f"Note {i}: the harvest of year {1900 + i} was good.", "year": 1900 + i} for i in range(n)]
+
+
+def workspace_snapshot(ws) -> dict:
+    """Every file under the workspace (but the catalog's own bytes) plus every catalog row."""
+    files = sorted(str(p.relative_to(ws.root)) for p in ws.root.rglob("*") if p.is_file()) if ws.root.exists() else []
+    rows = [s.to_dict() for s in sources.list_sources(ws)]
+    return {"files": [f for f in files if not f.startswith("catalog.duckdb")], "rows": rows}
+
+
+def test_register_jsonl_keeps_metadata_and_ids(ws, write_jsonl):
+    path = write_jsonl("notes.jsonl", docs(50) + [{"doc_id": "special", "text": "Named.", "title": "T"}])
+    src = sources.add_source(ws, "notes", path, **OWNER)
+    assert src.n_docs_train + src.n_docs_valid == 51
+    table = sources.load_documents(ws, "notes")
+    rows = {r["doc_id"]: r for r in table.to_pylist()}
+    assert rows["notes.jsonl:1"]["text"].startswith("Note 0:")
+    assert json.loads(rows["notes.jsonl:1"]["metadata"]) == {"year": 1900}
+    assert rows["special"]["title"] == "T"
+    assert src.n_chars_train + src.n_chars_valid == sum(len(r["text"]) for r in rows.values())
+
+
+def test_register_parquet_folder(ws, tmp_path):
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    for part in range(2):
+        pq.write_table(pa.table({"id": [f"p{part}-{i}" for i in range(10)],
+                                 "text": [f"Row {i} of part {part}." for i in range(10)],
+                                 "lang": ["en"] * 10}), folder / f"part{part}.parquet")
+    src = sources.add_source(ws, "rows", folder, **OWNER)
+    assert src.n_docs_train + src.n_docs_valid == 20
+    ids = sources.load_documents(ws, "rows").column("doc_id").to_pylist()
+    assert ids == sorted(f"p{p}-{i}" for p in range(2) for i in range(10))
+
+
+def test_split_is_deterministic_and_about_two_percent():
+    ids = [f"doc-{i}" for i in range(20_000)]
+    first = [sources.split_of(i) for i in ids]
+    assert first == [sources.split_of(i) for i in ids]
+    share = first.count("validation") / len(ids)
+    assert 0.015 < share < 0.025
+    # independent of input order and of the other documents
+    assert sources.split_of("doc-7") == first[7]
+
+
+def test_split_survives_re_registration(ws, write_jsonl, tmp_path):
+    path = write_jsonl("a.jsonl", docs(300))
+    sources.add_source(ws, "first", path, **OWNER)
+    sources.add_source(ws, "second", path, **OWNER)
+    a = sources.load_documents(ws, "first").to_pylist()
+    b = sources.load_documents(ws, "second").to_pylist()
+    assert [(r["doc_id"], r["split"]) for r in a] == [(r["doc_id"], r["split"]) for r in b]
+    assert {r["split"] for r in a} == {"train", "validation"}
+
+
+BAD_INPUTS = {
+    "missing path": (None, "no such file or folder"),
+    "no text column": ([{"body": "x"}], "no 'text' field"),
+    "empty document": ([{"text": "fine"}, {"text": "   "}], "empty document"),
+    "invalid json": ('{"text": "ok"}\n{"text": broken}\n', "not valid JSON"),
+    "invalid utf8": (b'{"text": "ok"}\n{"text": "\xff\xfe"}\n', "not valid UTF-8"),
+    "text not string": ([{"text": 5}], "not a string"),
+    "duplicate doc_id": ([{"id": "a", "text": "x"}, {"id": "a", "text": "y"}], "repeats"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_refused_and_changes_nothing(ws, write_jsonl, tmp_path, case):
+    sources.add_source(ws, "existing", write_jsonl("ok.jsonl", docs(5)), **OWNER)
+    before = workspace_snapshot(ws)
+    content, message = BAD_INPUTS[case]
+    path = tmp_path / "input" / "bad.jsonl"
+    if isinstance(content, list):
+        path = write_jsonl("bad.jsonl", content)
+    elif isinstance(content, (str, bytes)):
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    else:
+        path = tmp_path / "does-not-exist.jsonl"
+    with pytest.raises(InputError, match=message) as err:
+        sources.add_source(ws, "newsrc", path, **OWNER)
+    if case in ("invalid json", "invalid utf8", "empty document"):
+        assert "bad.jsonl:2" in str(err.value)  # names the file and the line
+    assert workspace_snapshot(ws) == before
+    assert not any(p.name.startswith(".tmp") for p in ws.sources_dir.iterdir())
+
+
+def test_parquet_without_text_column(ws, tmp_path):
+    path = tmp_path / "x.parquet"
+    pq.write_table(pa.table({"body": ["a"]}), path)
+    with pytest.raises(InputError, match="no 'text' column"):
+        sources.add_source(ws, "x", path, **OWNER)
+    assert sources.list_sources(ws) == []
+
+
+def test_duplicate_and_unsafe_names(ws, write_jsonl):
+    path = write_jsonl("a.jsonl", docs(3))
+    sources.add_source(ws, "notes", path, **OWNER)
+    with pytest.raises(ConflictError, match="already exists"):
+        sources.add_source(ws, "notes", path, **OWNER)
+    for bad in ("Notes", "../etc", "1abc", "my-notes", "", "x" * 41, "timetable"):
+        with pytest.raises(InputError):
+            sources.add_source(ws, bad, path, **OWNER)
+    assert [s.name for s in sources.list_sources(ws)] == ["notes"]
+
+
+def test_policy_changes_are_logged(ws, write_jsonl):
+    sources.add_source(ws, "notes", write_jsonl("a.jsonl", docs(3)), **OWNER)
+    src = sources.set_policy(ws, "notes", active=False, visibility="counts", expires="2020-01-01", by="bob")
+    assert (src.active, src.visibility, str(src.expires)) == (False, "counts", "2020-01-01")
+    log = sources.policy_log(ws, "notes")
+    assert {(e["field"], e["new_value"], e["changed_by"]) for e in log} == {
+        ("active", "False", "bob"), ("visibility", "counts", "bob"), ("expires", "2020-01-01", "bob")}
+    src = sources.set_policy(ws, "notes", active=True)
+    assert src.active and not src.available()  # expired
+    assert sources.available_sources(ws) == []
+    with pytest.raises(InputError, match="YYYY-MM-DD"):
+        sources.set_policy(ws, "notes", expires="next tuesday")
+    with pytest.raises(InputError, match="visibility"):
+        sources.set_policy(ws, "notes", visibility="secret")
+    with pytest.raises(NotFoundError):
+        sources.set_policy(ws, "nope", active=True)
+
+
+def test_cli_add_list_show_and_errors(ws, write_jsonl, tmp_path):
+    runner = CliRunner()
+    path = write_jsonl("a.jsonl", docs(20))
+    base = ["--workspace", str(ws.root)]
+    r = runner.invoke(app, base + ["sources", "add", "notes", "--path", str(path), "--owner", "alice",
+                                   "--domain", "notes", "--licence", "CC0"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, base + ["sources", "list", "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)[0]["name"] == "notes"
+    r = runner.invoke(app, base + ["sources", "add", "notes", "--path", str(path), "--owner", "a",
+                                   "--domain", "d", "--licence", "l"])
+    assert r.exit_code == 1 and "already exists" in r.output
+    r = runner.invoke(app, base + ["sources", "add", "other", "--path", str(tmp_path / "nope"), "--owner", "a",
+                                   "--domain", "d", "--licence", "l"])
+    assert r.exit_code == 1 and "no such file" in r.output
+    r = runner.invoke(app, base + ["sources", "set", "notes", "--inactive", "--by", "carol"])
+    assert r.exit_code == 0
+    r = runner.invoke(app, base + ["sources", "show", "notes", "--json"])
+    shown = json.loads(r.output)
+    assert shown["active"] is False and shown["policy_log"][0]["changed_by"] == "carol"
+
+
+def test_workspace_from_environment(tmp_path, monkeypatch):
+    from flexolmo.workspace import Workspace
+
+    monkeypatch.setenv("FLEXOLMO_HOME", str(tmp_path / "envws"))
+    assert Workspace.resolve().root == tmp_path / "envws"
+    assert Workspace.resolve(tmp_path / "explicit").root == tmp_path / "explicit"
+    monkeypatch.delenv("FLEXOLMO_HOME")
+    monkeypatch.chdir(tmp_path)
+    assert Workspace.resolve().root == tmp_path / "flexolmo-work"

@@ -1,0 +1,77 @@
+"""The shared tokenizer: trained on the public source only, u16-sized, lossless on every domain."""
+
+from __future__ import annotations
+
+import pytest
+from tokenizers import Tokenizer
+
+from flexolmo import sources, tokenizer
+from flexolmo.errors import InputError, NotFoundError
+
+# One short text in the style of each of the eight sample domains, with the characters that
+# trip byte-level tokenizers: accents, CJK, emoji, tabs, CRLF, runs of spaces, TeX, NUL-free.
+DOMAIN_TEXTS = {
+    "public": "Ångström (Å) is a unit of length equal to 10⁻¹⁰ m; named after Anders Jonas Ångström.",
+    "news": "Fellow-Citizens of the Senate and House of Representatives:\n\nI embrace with great satisfaction…",
+    "creative": "**HAMLET**  \nTo be, or not to be, that is the question:  \n_Exit OPHELIA_\n",
+    "code": "def f(x: int) -> int:\r\n\treturn x ** 2  # squares\r\n\n\nclass A:\n    pass\n",
+    "academic": "\\section{Model} We fit $y_i = \\beta_0 + \\beta_1 x_i + \\varepsilon_i$ with \\pkg{lme4}.",
+    "educational": ":mod:`multiprocessing` --- Process-based parallelism\n=====================================\n",
+    "math": "$( The axiom of extensionality. $)\n  ax-ext $a |- ( A. z ( z e. x <-> z e. y ) -> x = y ) $.",
+    "forum": "Subject: Re: 宇宙 launch?\n\n>> quoted   text\n:-) 🚀 see <http://x.y/z?q=1&r=2>\n",
+}
+
+
+@pytest.fixture
+def trained(ws):
+    wiki = [f"{w} is a topic of article number {i}. It was studied in {1800 + i}." for i, w in
+            enumerate(["Physics", "Music", "History", "Biology", "Art", "Chemistry"] * 40)]
+    sources.add_records(ws, "public", [{"doc_id": str(i), "text": t} for i, t in enumerate(wiki)],
+                        owner="o", domain="d", licence="l", origin="test")
+    sources.add_records(ws, "secret", [{"doc_id": "s", "text": "zyzzyva quixotic xylophone " * 50}],
+                        owner="o", domain="d", licence="l", origin="test")
+    return tokenizer.train_tokenizer(ws, vocab_size=400)
+
+
+@pytest.mark.parametrize("domain", sorted(DOMAIN_TEXTS))
+def test_round_trip_on_every_domain(ws, trained, domain):
+    tok = tokenizer.load_tokenizer(ws)
+    text = DOMAIN_TEXTS[domain]
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids) == text
+    assert max(ids) < trained.vocab_size <= tokenizer.MAX_VOCAB
+
+
+def test_trained_on_public_only(ws, trained):
+    raw = tokenizer.load_raw_tokenizer(ws)
+    vocab = raw.get_vocab()
+    # merges learnt from the public text exist; the private source's words were never seen
+    assert "Ġarticle" in vocab
+    assert "Ġxylophone" not in vocab and "Ġquixotic" not in vocab
+    assert trained.source == "public"
+
+
+def test_files_card_and_bow_ids(ws, trained):
+    assert isinstance(Tokenizer.from_file(str(ws.tokenizer_dir / "tokenizer.json")), Tokenizer)
+    raw = tokenizer.load_raw_tokenizer(ws)
+    bow = set(tokenizer.read_bow_ids(ws))
+    assert len(bow) == trained.n_bow
+    ids = raw.encode("It was studied in Music").ids
+    starts = [raw.decode([i])[:1] == " " for i in ids]
+    assert [i in bow for i in ids] == starts
+    assert trained.eos_id == 0 and trained.pad_id == 1
+    assert tokenizer.tokenizer_hash(ws) == trained.sha256
+
+
+def test_vocab_size_bounds(ws, trained):
+    with pytest.raises(InputError, match="65535"):
+        tokenizer.train_tokenizer(ws, vocab_size=70000)
+    # the failed call left the trained tokenizer in place
+    assert tokenizer.tokenizer_hash(ws) == trained.sha256
+
+
+def test_missing_tokenizer_says_what_to_run(tmp_path):
+    from flexolmo.workspace import Workspace
+
+    with pytest.raises(NotFoundError, match="tokenizer train"):
+        tokenizer.load_tokenizer(Workspace(tmp_path / "empty"))
