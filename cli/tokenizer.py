@@ -17,9 +17,10 @@ app = typer.Typer(help="The shared tokenizer (trained on the public source only)
 def train(
     vocab_size: Annotated[int, typer.Option(help="Vocabulary size, at most 65535 (u16 index ids).")] = lib.DEFAULT_VOCAB,
     source: Annotated[str, typer.Option(help="The public source to learn from.")] = "public",
+    force: Annotated[bool, typer.Option(help="Retrain even if the public source has not changed.")] = False,
 ) -> None:
     """Train the shared tokenizer on the public source's train split."""
-    info = lib.train_tokenizer(ws(), vocab_size=vocab_size, source=source)
+    info = lib.train_tokenizer(ws(), vocab_size=vocab_size, source=source, force=force)
     console.print(f"tokenizer: {info.vocab_size:,} ids, {info.n_bow:,} begin a word, trained on {info.source} "
                   f"in {info.seconds:.1f}s -> {info.path}")
 

@@ -48,9 +48,16 @@ class TokenizerInfo:
 
 
 def train_tokenizer(
-    ws: Workspace, vocab_size: int = DEFAULT_VOCAB, source: str = "public", texts: list[str] | None = None
+    ws: Workspace,
+    vocab_size: int = DEFAULT_VOCAB,
+    source: str = "public",
+    texts: list[str] | None = None,
+    force: bool = False,
 ) -> TokenizerInfo:
     """Train the shared byte-level BPE on one source's train split and save it atomically.
+
+    Every index and model depends on the tokenizer, so an existing one trained on the same
+    content with the same size is kept unless `force`.
 
     :param texts: train on these texts instead (tests); `source` is then only recorded.
     """
@@ -60,6 +67,11 @@ def train_tokenizer(
     if texts is None:
         src = get_source(ws, source)
         content_hash = src.content_hash
+        card_path = ws.tokenizer_dir / "card.json"
+        if not force and card_path.exists():
+            card = json.loads(card_path.read_text())
+            if (card.get("source_content_hash"), card.get("vocab_size")) == (content_hash, vocab_size):
+                return tokenizer_info(ws)
         texts = list(iter_texts(ws, source, split="train"))
     if not texts:
         raise InputError(f"source {source!r} has no training text to learn a tokenizer from")

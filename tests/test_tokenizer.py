@@ -75,3 +75,13 @@ def test_missing_tokenizer_says_what_to_run(tmp_path):
 
     with pytest.raises(NotFoundError, match="tokenizer train"):
         tokenizer.load_tokenizer(Workspace(tmp_path / "empty"))
+
+
+def test_unchanged_source_keeps_tokenizer(ws, trained):
+    tokenizer.train_tokenizer(ws, vocab_size=400, force=True)
+    first = tokenizer.tokenizer_hash(ws)
+    mtime = (ws.tokenizer_dir / "tokenizer.json").stat().st_mtime_ns
+    tokenizer.train_tokenizer(ws, vocab_size=400)
+    assert (ws.tokenizer_dir / "tokenizer.json").stat().st_mtime_ns == mtime
+    tokenizer.train_tokenizer(ws, vocab_size=420)
+    assert tokenizer.tokenizer_hash(ws) != first
