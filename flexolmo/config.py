@@ -1,0 +1,156 @@
+"""Model and training configs: named profiles of transformers' `FlexOlmoForCausalLM`.
+
+A profile bundles a model shape with the two training recipes (public model, expert):
+
+    tiny   tests: a training run takes seconds
+    demo   the whole 8-source federation (public + 7 experts) trains in ~10 minutes on 2 cores
+    paper  the evaluation run: public + 7 experts in under an hour on 2 cores
+
+The public model is the same architecture with one expert (a dense FFN). The vocabulary
+is not part of a profile: it is read from the workspace tokenizer when a model is built.
+
+    from flexolmo.config import get_profile
+    profile = get_profile("tiny")
+    hf_config = profile.model.hf_config(vocab_size=400, eos_id=0, pad_id=1, num_experts=2)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from .errors import InputError
+
+
+@dataclass
+class ModelConfig:
+    hidden_size: int = 128
+    intermediate_size: int = 512  # per expert; 4 x hidden as in OLMo 2
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4  # no grouped-query attention at these sizes: it saves nothing on CPU
+    max_seq_len: int = 256  # RoPE positions; training windows are at most this long
+    rope_theta: float = 10_000.0  # OLMo 2 uses 500k for 4k contexts; 10k suits 256 tokens
+    top_k: int = 2  # experts per token in the merged model (the paper's 2-expert training uses both)
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+
+    def hf_config(self, vocab_size: int, eos_id: int, pad_id: int, num_experts: int, top_k: int | None = None):
+        """The transformers `FlexOlmoConfig` for this shape with `num_experts` experts."""
+        from transformers import FlexOlmoConfig
+
+        k = min(top_k or self.top_k, num_experts)
+        return FlexOlmoConfig(
+            vocab_size=vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            max_position_embeddings=self.max_seq_len,
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+            rms_norm_eps=self.rms_norm_eps,
+            initializer_range=self.initializer_range,
+            num_experts=num_experts,
+            num_experts_per_tok=k,
+            # False: the top-k weights are the softmax over *all* (switched-on) experts, as in
+            # the paper; a switched-off expert's -inf logit then simply drops out of the sum.
+            norm_topk_prob=False,
+            tie_word_embeddings=False,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
+            bos_token_id=None,
+        )
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 16  # sequences per step per process
+    seq_len: int = 128
+    lr: float = 3e-3  # small models tolerate (and need) a high LR to learn in a few hundred steps
+    min_lr_ratio: float = 0.1  # cosine decay to lr * this
+    warmup_steps: int = 20
+    weight_decay: float = 0.1  # on matrices only; never on norms, embeddings or the router bias
+    grad_clip: float = 1.0
+    seed: int = 1234
+    checkpoint_every: int = 50  # steps between resume checkpoints (0: only at the end)
+    log_every: int = 10  # loss-curve points recorded in the card
+    embed_docs: int = 1000  # documents sampled for the domain embedding (router init)
+
+    def tokens_per_step(self, world_size: int = 1) -> int:
+        return self.batch_size * self.seq_len * world_size
+
+
+@dataclass
+class Profile:
+    name: str
+    model: ModelConfig
+    public: TrainConfig
+    expert: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Profile":
+        return cls(
+            name=d["name"],
+            model=ModelConfig(**d["model"]),
+            public=TrainConfig(**d["public"]),
+            expert=TrainConfig(**d["expert"]),
+        )
+
+
+def _tiny() -> Profile:
+    model = ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=2, max_seq_len=64)
+    return Profile(
+        name="tiny",
+        model=model,
+        public=TrainConfig(steps=12, batch_size=4, seq_len=32, warmup_steps=2, checkpoint_every=5, log_every=2, embed_docs=50),
+        expert=TrainConfig(steps=10, batch_size=4, seq_len=32, warmup_steps=2, checkpoint_every=5, log_every=2, embed_docs=50),
+    )
+
+
+def _demo() -> Profile:
+    # ~3.1M parameters with an 8192 vocabulary (2.1M of them embeddings + lm_head);
+    # ~6k tokens/s for the public model and ~4.5k for a 2-expert model on 2 idle cores.
+    model = ModelConfig(hidden_size=128, intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=4, max_seq_len=256)
+    return Profile(
+        name="demo",
+        model=model,
+        public=TrainConfig(steps=300, batch_size=16, seq_len=128, warmup_steps=30, checkpoint_every=100),
+        # experts start from a trained public FFN: fewer steps, a lower LR
+        expert=TrainConfig(steps=120, batch_size=16, seq_len=128, lr=2e-3, warmup_steps=10, checkpoint_every=60),
+    )
+
+
+def _paper() -> Profile:
+    # ~10.5M parameters with an 8192 vocabulary; ~2k tokens/s on 2 cores (public model)
+    model = ModelConfig(hidden_size=256, intermediate_size=1024, num_layers=6, num_heads=8, num_kv_heads=8, max_seq_len=512)
+    return Profile(
+        name="paper",
+        model=model,
+        public=TrainConfig(steps=500, batch_size=16, seq_len=256, lr=2e-3, warmup_steps=50, checkpoint_every=100),
+        expert=TrainConfig(steps=100, batch_size=16, seq_len=256, lr=1e-3, warmup_steps=10, checkpoint_every=50),
+    )
+
+
+PROFILES = {"tiny": _tiny, "demo": _demo, "paper": _paper}
+
+
+def get_profile(name: str | Profile) -> Profile:
+    """A fresh copy of a named profile (`tiny`, `demo`, `paper`)."""
+    if isinstance(name, Profile):
+        return name
+    if name not in PROFILES:
+        raise InputError(f"unknown profile {name!r}: use one of {', '.join(PROFILES)}")
+    return PROFILES[name]()
+
+
+def override(cfg, **changes):
+    """A copy of a config dataclass with some fields changed (unknown names are refused)."""
+    names = {f.name for f in fields(cfg)}
+    bad = set(changes) - names
+    if bad:
+        raise InputError(f"unknown setting(s) {', '.join(sorted(bad))}: use {', '.join(sorted(names))}")
+    return type(cfg)(**{**asdict(cfg), **changes})
