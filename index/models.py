@@ -1,0 +1,190 @@
+"""The result shapes of the index package, defined once.
+
+The CLI prints them, the API serialises them (`dataclasses.asdict`), and tracing consumes
+them. Pointers follow infini-gram's conventions: `shard` is the shard number (the `N` of
+`tokenized.N`), `ptr` a *byte* offset into `tokenized.N` (always even: u16 ids).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """One file of an index folder, as recorded at build time."""
+
+    name: str
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """What `build_source` did for one source."""
+
+    source: str
+    path: Path
+    skipped: bool  # unchanged source and tokenizer: the existing index was kept
+    n_docs: int
+    n_tokens: int  # document tokens, without the document separators
+    n_shards: int
+    bytes: int  # all files of the index folder
+    seconds: float  # whole build: read, tokenize, write, suffix array, verify, record
+    tokenize_seconds: float
+    suffix_array_seconds: float  # the bare rust_indexing steps (make-part, merge, concat)
+    verify_seconds: float
+    reason: str = ""
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.n_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes / self.n_tokens if self.n_tokens else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        d["tokens_per_second"] = self.tokens_per_second
+        d["bytes_per_token"] = self.bytes_per_token
+        return d
+
+
+@dataclass(frozen=True)
+class IndexRecord:
+    """One row of the catalog's `indexes` table: the index currently served for a source."""
+
+    source: str
+    path: str
+    build_id: str
+    n_docs: int
+    n_tokens: int
+    n_shards: int
+    bytes: int
+    tokenizer_hash: str
+    content_hash: str
+    files: dict[str, dict]  # name -> {"bytes": int, "sha256": str}
+    built_at: dt.datetime
+    build_seconds: float
+    tokenize_seconds: float
+    suffix_array_seconds: float
+    tokens_per_second: float
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.bytes / self.n_tokens if self.n_tokens else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["built_at"] = self.built_at.isoformat()
+        d["bytes_per_token"] = self.bytes_per_token
+        return d
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """The outcome of `verify_index`: ok, or the list of problems found."""
+
+    source: str
+    ok: bool
+    problems: list[str]
+    checked_files: int
+    checked_ngrams: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Takedown:
+    """A document removed from what a source may show (one row of `takedowns`)."""
+
+    source: str
+    doc_id: str
+    reason: str
+    requested_by: str
+    created_at: dt.datetime
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["created_at"] = self.created_at.isoformat()
+        return d
+
+
+@dataclass(frozen=True)
+class IndexFiles:
+    """Where a source's index lives on disk, for code that memory-maps it directly.
+
+    `tokenized[k]`, `table[k]`, `offset[k]` belong to shard k. `table` entries are
+    `ptr_size[k]` bytes wide (little-endian byte offsets into `tokenized[k]`), sorted by the
+    little-endian bytes of the u16 ids that follow. `unigram_counts` has 65536 entries and
+    includes the document separator (id 65535) once per document.
+    """
+
+    source: str
+    folder: Path
+    tokenized: list[Path]
+    table: list[Path]
+    offset: list[Path]
+    metadata: list[Path]
+    metaoff: list[Path]
+    unigram: list[Path]
+    ptr_size: list[int]
+    bow_ids: Path
+    diff_folder: Path | None  # the takedown (diff) index, when the source has takedowns
+
+
+@dataclass(frozen=True)
+class DocRef:
+    """A document of an index, mapped back to its source."""
+
+    source: str
+    doc_id: str
+    shard: int
+    doc_ix: int  # position within its shard
+    title: str | None
+    path: str | None
+    metadata: dict  # the whole metadata line of the index
+    n_tokens: int
+    blocked: bool
+
+
+@dataclass(frozen=True)
+class DocWindow:
+    """Tokens around a match: `left` context, the `needle_len` matched tokens, `right` context.
+
+    When the document is taken down, `blocked` is true and `token_ids` is empty: blocked
+    text never leaves the service.
+    """
+
+    source: str
+    shard: int
+    ptr: int
+    doc: DocRef
+    token_ids: list[int]
+    needle_offset: int  # index of the first matched token within token_ids
+    needle_len: int
+    blocked: bool
+
+
+@dataclass(frozen=True)
+class SpanDoc:
+    """Where an attributed span occurs: shard and byte pointer (infini-gram's AttributionDoc)."""
+
+    shard: int
+    ptr: int
+
+
+@dataclass(frozen=True)
+class AttributedSpan:
+    """A maximal span of the query found verbatim in one source (infini-gram's AttributionSpan)."""
+
+    source: str
+    l: int  # noqa: E741 -- infini-gram's name: first token of the span in the query
+    r: int  # one past the last token
+    length: int
+    count: int
+    unigram_logprob_sum: float
+    docs: list[SpanDoc] = field(default_factory=list)

@@ -1,0 +1,153 @@
+"""Takedowns: documents an owner withdraws, kept in a per-source diff index.
+
+    flexolmo index takedown --source news --doc-id 'speeches/1790.txt' --reason "owner request"
+    flexolmo index takedowns
+
+The diff index `indexes/<name>-removed/` holds the removed documents with exactly the ids
+of the main index (copied from it, so they match token for token), which is what
+`InfiniGramEngineDiff` compares windows against to mark them `blocked`.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import duckdb
+import numpy as np
+
+from flexolmo import sources as src_lib
+from flexolmo import tokenizer as tok_lib
+from flexolmo.errors import ConflictError, InputError, IntegrityError, NotFoundError
+from flexolmo.workspace import Workspace, atomic_dir, replace_dir
+
+from . import catalog, format as fmt
+from .models import Takedown
+
+
+def takedown(ws: Workspace, source: str, doc_id: str, reason: str, by: str | None = None) -> Takedown:
+    """Record a takedown and rebuild the source's diff index so the document comes back blocked.
+
+    :param doc_id: a document of the source (either split; only train documents are indexed).
+    """
+    src_lib.get_source(ws, source)
+    if not reason or not reason.strip():
+        raise InputError("--reason is required: say why the document is taken down")
+    table = src_lib.load_documents(ws, source, columns=["doc_id"])
+    if doc_id not in set(table.column("doc_id").to_pylist()):
+        raise NotFoundError(f"source {source!r} has no document with doc_id {doc_id!r}; "
+                            "see the doc_ids with `flexolmo sources show` or in the trace")
+    existing = {t.doc_id for t in catalog.list_takedowns(ws, source)}
+    if doc_id in existing:
+        raise ConflictError(f"document {doc_id!r} of {source!r} is already taken down")
+    by = by or _user()
+    now = catalog.now()
+    tmp = _build_diff_tmp(ws, source, existing | {doc_id})
+    final = diff_dir(ws, source)
+    with catalog.connect(ws) as con:
+        con.execute("BEGIN")
+        try:
+            con.execute("INSERT INTO takedowns VALUES (?, ?, ?, ?, ?)", [source, doc_id, reason.strip(), by, now])
+            if tmp is not None:
+                replace_dir(tmp, final)
+        except (duckdb.Error, OSError):
+            con.execute("ROLLBACK")
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        con.execute("COMMIT")
+    return Takedown(source, doc_id, reason.strip(), by, now)
+
+
+def list_takedowns(ws: Workspace, source: str | None = None) -> list[Takedown]:
+    if source:
+        src_lib.get_source(ws, source)
+    return catalog.list_takedowns(ws, source)
+
+
+def diff_dir(ws: Workspace, name: str) -> Path:
+    from .build import diff_dir as _d
+
+    return _d(ws, name)
+
+
+def rebuild_diff(ws: Workspace, source: str) -> Path | None:
+    """Rebuild the diff index from the catalog's takedowns (after a main-index rebuild)."""
+    doc_ids = {t.doc_id for t in catalog.list_takedowns(ws, source)}
+    final = diff_dir(ws, source)
+    tmp = _build_diff_tmp(ws, source, doc_ids)
+    if tmp is None:
+        if final.exists() and not doc_ids:
+            shutil.rmtree(final, ignore_errors=True)
+        return None
+    replace_dir(tmp, final)
+    return final
+
+
+def _build_diff_tmp(ws: Workspace, source: str, doc_ids: set[str]) -> Path | None:
+    """Write the diff index for `doc_ids` into a temporary folder; None when nothing is indexed.
+
+    Documents of the validation split (or of an unbuilt index) are recorded but have no
+    tokens to block.
+    """
+    main = ws.indexes_dir / source
+    if not doc_ids or not main.exists():
+        return None
+    m = fmt.read_manifest(main)
+    if m["tokenizer_hash"] != tok_lib.tokenizer_hash(ws):
+        raise ConflictError(f"the index of {source!r} was built with another tokenizer; rebuild it with "
+                            f"`flexolmo index build --source {source}` first")
+    found = []  # (shard, doc_ix, metadata line)
+    for st in m["shards"]:
+        k = st["shard"]
+        with open(main / f"metadata.{k}", "rb") as f:
+            for ix, line in enumerate(f):
+                if json.loads(line)["doc_id"] in doc_ids:
+                    found.append((k, ix, line))
+    if not found:
+        return None
+    tmp = ws.indexes_dir / f".tmp-{source}-removed-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        w = fmt.ShardWriter(tmp, 0, source)
+        items = []
+        for k, ix, line in found:
+            ds = np.memmap(main / f"tokenized.{k}", dtype=np.uint16, mode="r")
+            od = np.fromfile(main / f"offset.{k}", dtype=np.uint64)
+            start = int(od[ix]) // 2 + 1  # skip the separator
+            end = int(od[ix + 1]) // 2 if ix + 1 < len(od) else len(ds)
+            items.append((np.array(ds[start:end], dtype=np.uint16), json.loads(line)))
+        w.add_many(items)
+        w.close()
+        fmt.build_suffix_array(tmp / "tokenized.0", tmp / "table.0", tmp / ".work", cpus=1)
+        shutil.rmtree(tmp / ".work", ignore_errors=True)
+        shutil.copyfile(main / fmt.BOW_FILE, tmp / fmt.BOW_FILE)
+        manifest = {
+            **fmt.FORMAT, "build_id": uuid.uuid4().hex[:12], "source": source, "kind": "takedown diff",
+            "main_build_id": m["build_id"], "doc_ids": sorted(json.loads(x[2])["doc_id"] for x in found),
+            "n_docs": w.n_docs, "n_tokens": w.n_tokens, "n_shards": 1, "eos_id": m["eos_id"],
+            "tokenizer_hash": m["tokenizer_hash"], "content_hash": m["content_hash"], "built_at": catalog.now().isoformat(),
+            "shards": [{"shard": 0, "n_docs": w.n_docs, "n_tokens": w.n_tokens, "ds_tokens": w.ds_size // 2,
+                        "ptr_size": fmt.ptr_size(w.ds_size)}],
+            "files": fmt.file_table(tmp),
+        }
+        fmt.write_manifest(tmp, manifest)
+        from .build import verify_folder
+
+        problems = verify_folder(tmp, manifest, n_ngrams=8, checksums=False)
+        if problems:
+            raise IntegrityError(f"the takedown index of {source!r} failed verification: {'; '.join(problems[:3])}")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return "unknown"
