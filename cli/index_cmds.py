@@ -1,0 +1,137 @@
+"""`flexolmo index ...`: build, verify and list the per-source indexes; take documents down."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from flexolmo.errors import InputError
+from index import build as lib
+from index import takedown as td
+
+from .common import console, print_json, ws
+
+app = typer.Typer(help="Per-source suffix-array indexes (infini-gram format) and takedowns.", no_args_is_help=True)
+
+
+class _RichProgress:
+    """One line per finished step, with its rate."""
+
+    def __init__(self) -> None:
+        self._t0: dict[tuple[str, str], float] = {}
+
+    def __call__(self, source: str, step: str, done: float, total: float | None, unit: str) -> None:
+        key = (source, step)
+        now = time.perf_counter()
+        if key not in self._t0:
+            self._t0[key] = now
+        if total is not None and done >= total:
+            secs = now - self._t0.pop(key)
+            rate = f", {done / secs:,.0f} {unit}/s" if secs > 0 and done else ""
+            console.print(f"  [bold]{source}[/] {step}: {int(done):,} {unit} in {secs:.2f}s{rate}", highlight=False)
+
+
+def register(app_: typer.Typer) -> None:
+    app_.add_typer(app, name="index")
+
+
+@app.command("build")
+def build(
+    source: Annotated[Optional[str], typer.Option("--source", help="Build this source's index.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Build every registered source's index.")] = False,
+    shards: Annotated[int, typer.Option(help="Shards per index (1..10).")] = 1,
+    force: Annotated[bool, typer.Option(help="Rebuild even if the source and tokenizer are unchanged.")] = False,
+) -> None:
+    """Build the index of a source's train split (atomically; verified before it is served)."""
+    if bool(source) == all_:
+        raise InputError("give either --source NAME or --all")
+    progress = _RichProgress()
+    results = lib.build_all(ws(), shards=shards, force=force, progress=progress, names=[source] if source else None)
+    for r in results:
+        if r.skipped:
+            console.print(f"{r.source}: unchanged, kept ({r.reason})")
+        else:
+            console.print(f"{r.source}: {r.n_docs:,} documents, {r.n_tokens:,} tokens, {r.bytes / 1e6:.1f} MB "
+                          f"in {r.seconds:.1f}s ({r.tokens_per_second:,.0f} tokens/s)")
+
+
+@app.command("verify")
+def verify(source: Annotated[Optional[str], typer.Option("--source", help="Verify only this source.")] = None) -> None:
+    """Recheck checksums, structure, the engine and sampled counts of built indexes."""
+    results = lib.verify_all(ws(), [source] if source else None)
+    bad = 0
+    for r in results:
+        if r.ok:
+            console.print(f"{r.source}: ok ({r.checked_files} files, {r.checked_ngrams} n-gram counts, {r.seconds:.1f}s)")
+        else:
+            bad += 1
+            console.print(f"[bold red]{r.source}: FAILED[/]")
+            for p in r.problems:
+                console.print(f"  - {p}", highlight=False)
+    if not results:
+        console.print("no indexes built yet; run `flexolmo index build --all`")
+    if bad:
+        raise typer.Exit(1)
+
+
+@app.command("takedown")
+def takedown(
+    source: Annotated[str, typer.Option("--source", help="The source holding the document.")],
+    doc_id: Annotated[str, typer.Option("--doc-id", help="The document's doc_id.")],
+    reason: Annotated[str, typer.Option("--reason", help="Why it is taken down (recorded).")],
+    by: Annotated[Optional[str], typer.Option(help="Who asks (default: the OS user).")] = None,
+) -> None:
+    """Take a document down: traces will show its windows as blocked."""
+    t = td.takedown(ws(), source, doc_id, reason, by=by)
+    console.print(f"took down {t.source}/{t.doc_id} ({t.reason}) at {t.created_at} by {t.requested_by}")
+
+
+@app.command("takedowns")
+def takedowns(
+    source: Annotated[Optional[str], typer.Option("--source", help="Only this source.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List the takedowns."""
+    rows = td.list_takedowns(ws(), source)
+    if as_json:
+        print_json([t.to_dict() for t in rows])
+        return
+    t = Table(title="takedowns")
+    for col in ("source", "doc_id", "reason", "by", "when"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r.source, r.doc_id, r.reason, r.requested_by, str(r.created_at))
+    console.print(t)
+
+
+@app.command("list")
+def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """The catalog: every source with its policy and index stats."""
+    rows = lib.catalog_table(ws())
+    if as_json:
+        print_json(rows)
+        return
+    console.print(catalog_rich_table(rows))
+
+
+def catalog_rich_table(rows: list[dict]) -> Table:
+    """The catalog as a rich table (also used by `flexolmo demo`)."""
+    t = Table(title="source catalog")
+    cols = ("source", "owner", "domain", "visibility", "on", "docs", "tokens", "MB", "B/token", "build s",
+            "tokens/s", "takedowns", "state")
+    for c in cols:
+        t.add_column(c, justify="right" if c in ("docs", "tokens", "MB", "B/token", "build s", "tokens/s", "takedowns") else "left")
+
+    def num(v, f="{:,}"):
+        return "" if v is None else f.format(v)
+
+    for r in rows:
+        state = "not built" if not r["indexed"] else ("stale: rebuild" if r["stale"] else "ok")
+        t.add_row(r["source"], r["owner"], r["domain"], r["visibility"], "yes" if r["available"] else "no",
+                  num(r["n_docs"]), num(r["n_tokens"]), num(r["bytes"] and r["bytes"] / 1e6, "{:.1f}"),
+                  num(r["bytes_per_token"], "{:.1f}"), num(r["build_seconds"], "{:.1f}"),
+                  num(r["tokens_per_second"], "{:,.0f}"), str(r["takedowns"]), state)
+    return t
