@@ -1,0 +1,151 @@
+"""Model commands: `train public`, `train expert`, `merge`, `generate`.
+
+    flexolmo train public --profile demo
+    flexolmo train expert --source news --profile demo
+    flexolmo merge --experts news,code --top-k 2
+    flexolmo generate "The river" --exclude news --json
+    torchrun --nproc_per_node 2 -m cli.main train public --profile tiny
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import console, print_json, ws
+
+train_app = typer.Typer(help="Train the public model or a data owner's expert.", no_args_is_help=True)
+
+ProfileOpt = Annotated[str, typer.Option("--profile", "-p", help="Model/training profile: tiny, demo or paper.")]
+StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Override the profile's number of steps.")]
+
+
+def _names(value: str | None) -> list[str]:
+    return [x.strip() for x in (value or "").split(",") if x.strip()]
+
+
+def _quiet_hf() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _is_main() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _report(result) -> None:
+    if not _is_main():
+        return
+    console.print(
+        f"[bold green]{result.kind}[/] {result.source}: {result.steps} steps, {result.tokens:,} tokens, "
+        f"final loss {result.final_loss:.3f}, {result.seconds:.1f}s, {result.tokens_per_s:,.0f} tokens/s, "
+        f"{result.n_params:,} parameters" + (f" (resumed from step {result.resumed_from})" if result.resumed_from else "")
+    )
+    console.print(f"written to {result.out_dir}")
+
+
+@train_app.command("public")
+def train_public_cmd(
+    profile: ProfileOpt = "demo",
+    steps: StepsOpt = None,
+    source: Annotated[str, typer.Option(help="The public source to train on.")] = "public",
+) -> None:
+    """Train the public model (one dense expert) on the public source's train split."""
+    from flexolmo.train import train_public
+
+    _report(train_public(ws(), profile, source=source, steps=steps))
+
+
+@train_app.command("expert")
+def train_expert_cmd(
+    source: Annotated[str, typer.Option("--source", "-s", help="The owner's source to train an expert on.")],
+    profile: ProfileOpt = "demo",
+    steps: StepsOpt = None,
+    owner: Annotated[Optional[str], typer.Option(help="Owner recorded in the card (default: the catalog's).")] = None,
+    dp_noise_multiplier: Annotated[
+        Optional[float], typer.Option("--dp-noise-multiplier", help="Train with DP-SGD at this noise multiplier.")
+    ] = None,
+    dp_max_grad_norm: Annotated[float, typer.Option("--dp-max-grad-norm", help="DP-SGD per-sample clipping norm.")] = 1.0,
+    dp_delta: Annotated[float, typer.Option("--dp-delta", help="delta at which epsilon is reported.")] = 1e-5,
+) -> None:
+    """Train SOURCE's expert against the frozen public model; write the expert package."""
+    from flexolmo.train import train_expert
+
+    dp = None
+    if dp_noise_multiplier is not None:
+        from flexolmo.privacy import DPConfig
+
+        dp = DPConfig(noise_multiplier=dp_noise_multiplier, max_grad_norm=dp_max_grad_norm, delta=dp_delta)
+    result = train_expert(ws(), source, profile, steps=steps, owner=owner, dp=dp)
+    _report(result)
+    if dp is not None and _is_main():
+        console.print(f"privacy: epsilon {result.card['privacy']['epsilon']:.2f} at delta {dp.delta:g}")
+
+
+def merge_cmd(
+    experts: Annotated[str, typer.Option("--experts", "-e", help="Comma-separated sources whose packages to merge.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: <workspace>/models/merged).")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Experts per token (default: the profile's).")] = None,
+) -> None:
+    """Merge the public model and expert packages into one checkpoint."""
+    from flexolmo.merge import merge
+
+    r = merge(ws(), _names(experts), out=out, top_k=top_k)
+    console.print(f"[bold green]merged[/] {len(r.experts)} experts (top-{r.top_k}): "
+                  + ", ".join(f"{i}={n}" for i, n in enumerate(r.experts)))
+    console.print(f"written to {r.out_dir}")
+
+
+def generate_cmd(
+    prompt: Annotated[str, typer.Argument(help="Text to continue.")],
+    exclude: Annotated[Optional[str], typer.Option("--exclude", help="Comma-separated sources to switch off.")] = None,
+    include: Annotated[Optional[str], typer.Option("--include", help="Only these sources (plus public) stay on.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 40,
+    sample: Annotated[bool, typer.Option("--sample", help="Sample instead of greedy decoding.")] = False,
+    temperature: Annotated[float, typer.Option()] = 0.8,
+    seed: Annotated[int, typer.Option()] = 0,
+    model_dir: Annotated[Optional[Path], typer.Option("--model", help="Model folder (default: <workspace>/models/merged).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result, with per-token routing, as JSON.")] = False,
+) -> None:
+    """Generate a continuation and show which experts the router chose for every token."""
+    from flexolmo.generate import generate
+    from flexolmo.merge import load_merged
+    from flexolmo.tokenizer import load_tokenizer
+
+    w = ws()
+    model = load_merged(model_dir or w, ws=w, exclude=_names(exclude), include=_names(include) if include else None)
+    r = generate(model, load_tokenizer(w), prompt, max_new_tokens=max_new_tokens, do_sample=sample,
+                 temperature=temperature, seed=seed)
+    if as_json:
+        print_json({**r.to_dict(), "switched_off": model.flexolmo_off})
+        return
+    _print_generation(r, model.flexolmo_off)
+
+
+def _print_generation(r, off: dict) -> None:
+    from rich.table import Table
+
+    if off:
+        console.print("switched off: " + ", ".join(f"{k} ({v})" for k, v in off.items()))
+    console.print(f"[bold]{r.prompt}[/]{r.text}", highlight=False)
+    table = Table("pos", "token", "experts per layer (weight)", box=None)
+    for t in r.routing:
+        layers = "  ".join(
+            "/".join(f"{r.expert_names[e]}:{w:.2f}" for e, w in zip(es, ws_)) for es, ws_ in zip(t.experts, t.weights)
+        )
+        table.add_row(str(t.position), repr(t.token), layers)
+    console.print(table)
+    console.print("expert shares: " + ", ".join(f"{k} {v:.0%}" for k, v in r.expert_shares().items()))
+
+
+def register(app: typer.Typer) -> None:
+    _quiet_hf()
+    app.add_typer(train_app, name="train")
+    app.command("merge")(merge_cmd)
+    app.command("generate")(generate_cmd)
