@@ -1,0 +1,323 @@
+"""Per-source indexes: build, upstream engine, counts, doc mapping, atomic builds, takedowns, verify.
+
+    .venv/bin/python -m pytest tests/test_index.py -x -q
+
+One tiny corpus is built once per module in a folder whose path holds `table` and `offset`
+(infini-gram's loader classifies files by substring of the whole path); tests that damage
+an index work on a copy.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from flexolmo import sources, tokenizer
+from flexolmo.errors import ConflictError, InputError, IntegrityError, NotFoundError
+from flexolmo.workspace import Workspace
+from index import build, catalog, format as fmt, takedown
+from index.engine import Federation
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = ("the cat sat on a mat while dogs ran over green hills and rivers under blue skies of old red "
+         "stone towns where people sang songs about ships trains letters numbers gardens and clocks").split()
+
+
+def _records(seed: int, n: int, prefix: str) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"doc_id": f"{prefix}{i:04d}", "title": f"{prefix} title {i}", "metadata": {"path": f"{prefix}/{i}.txt"},
+             "text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(12, 90))) + "."} for i in range(n)]
+
+
+def _make_ws(root: Path) -> Workspace:
+    ws = Workspace(root).ensure()
+    sources.add_records(ws, "news", _records(1, 320, "n"), owner="A", domain="news", licence="cc0", origin="test")
+    sources.add_records(ws, "forum", _records(2, 120, "f"), owner="B", domain="forum", licence="cc0", origin="test")
+    tokenizer.train_tokenizer(ws, vocab_size=400, source="news")
+    return ws
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Workspace:
+    ws = _make_ws(tmp_path_factory.mktemp("ws_table_offset") / "w")
+    results = build.build_all(ws)
+    assert sorted(r.source for r in results) == ["forum", "news"] and not any(r.skipped for r in results)
+    return ws
+
+
+@pytest.fixture
+def copy_ws(built: Workspace, tmp_path: Path) -> Workspace:
+    dst = tmp_path / "copy_metadata"
+    shutil.copytree(built.root, dst)
+    return Workspace(dst)
+
+
+def _train_ids(ws: Workspace, name: str) -> dict[str, list[int]]:
+    """doc_id -> ids of every train document, tokenized independently of the index code."""
+    tok = tokenizer.load_raw_tokenizer(ws)
+    t = sources.load_documents(ws, name, split="train")
+    return {d: tok.encode(x, add_special_tokens=False).ids
+            for d, x in zip(t.column("doc_id").to_pylist(), t.column("text").to_pylist())}
+
+
+def _brute(docs: list[list[int]], q: list[int]) -> int:
+    n = len(q)
+    return sum(1 for d in docs for i in range(len(d) - n + 1) if d[i:i + n] == q)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def test_upstream_engine_loads_the_index(built: Workspace):
+    from infini_gram.engine import InfiniGramEngine
+
+    folder = built.indexes_dir / "news"
+    assert "table" in str(folder)  # the hazard the loader path works around
+    names = {p.name for p in folder.iterdir()}
+    assert {"tokenized.0", "table.0", "offset.0", "metadata.0", "metaoff.0", "unigram.0", "bow_ids.txt"} <= names
+    ids = _train_ids(built, "news")
+    with fmt.loader_path(folder) as path:
+        assert "table" not in path
+        eng = InfiniGramEngine(index_dir=path, eos_token_id=tokenizer.tokenizer_info(built).eos_id,
+                               bow_ids_path=str(folder / "bow_ids.txt"))
+    assert eng.get_total_doc_cnt() == len(ids)
+    assert eng.engine.get_tok_cnt(s=0) == sum(len(v) for v in ids.values()) + len(ids)
+    # unigram file: counts including one separator per document
+    counts = fmt.read_unigram(folder / "unigram.0")
+    assert counts[fmt.DOC_SEP] == len(ids) and counts.sum() == eng.engine.get_tok_cnt(s=0)
+    rec = catalog.get_index(built, "news")
+    assert rec.n_docs == len(ids) and rec.tokenizer_hash == tokenizer.tokenizer_hash(built)
+    assert set(rec.files) >= {"table.0", "tokenized.0"} and all(len(f["sha256"]) == 64 for f in rec.files.values())
+
+
+def test_count_of_random_ngrams_equals_brute_force(built: Workspace):
+    docs = list(_train_ids(built, "news").values())
+    fed = Federation.open(built)
+    rng = random.Random(7)
+    vocab = tokenizer.tokenizer_info(built).vocab_size
+    checked = 0
+    for i in range(300):
+        if i % 3 == 2:  # random ids: mostly absent
+            q = [rng.randrange(vocab) for _ in range(rng.randint(1, 4))]
+        else:
+            d = rng.choice(docs)
+            n = rng.randint(1, 10)
+            s = rng.randrange(max(1, len(d) - n))
+            q = d[s:s + n]
+        assert fed.count(q)["news"] == _brute(docs, q), q
+        checked += 1
+    assert checked == 300
+    with pytest.raises(InputError):
+        fed.count([70000])
+
+
+def test_each_document_maps_back_to_its_doc_id(built: Workspace):
+    ids = _train_ids(built, "forum")
+    ix = Federation.open(built).source("forum")
+    for doc_id, toks in ids.items():
+        ref = ix.document(doc_id)
+        assert ref.doc_id == doc_id and ref.source == "forum" and ref.title.startswith("f title")
+        assert ref.metadata["meta"]["path"] == ref.path == f"f/{int(doc_id[1:])}.txt"
+        assert ix.document_tokens(ref) == toks
+        # the pointer of its first token maps back to it
+        start = int(np.fromfile(ix.files.offset[0], dtype=np.uint64)[ref.doc_ix]) + 2
+        assert ix.doc_at(0, start).doc_id == doc_id
+    # attribute -> pointers -> documents containing the span
+    some = list(ids)[5]
+    spans = ix.attribute(ids[some][:40], enforce_bow=False)
+    assert spans and any(ix.doc_at(d.shard, d.ptr).doc_id == some for s in spans for d in s.docs)
+    w = ix.window(spans[0].docs[0].shard, spans[0].docs[0].ptr, spans[0].length, left=3, right=4)
+    assert w.token_ids[w.needle_offset:w.needle_offset + w.needle_len] == ids[some][spans[0].l:spans[0].r] or \
+        w.doc.doc_id != some
+
+
+def test_validation_documents_are_not_findable(built: Workspace):
+    tok = tokenizer.load_raw_tokenizer(built)
+    val = sources.load_documents(built, "news", split="validation")
+    assert val.num_rows >= 1
+    fed = Federation.open(built)
+    for doc_id, text in zip(val.column("doc_id").to_pylist(), val.column("text").to_pylist()):
+        with pytest.raises(NotFoundError):
+            fed.document("news", doc_id)
+        assert fed.count(tok.encode(text, add_special_tokens=False).ids)["news"] == 0
+    n_train = sources.get_source(built, "news").n_docs_train
+    assert fed.source("news").n_docs == n_train
+
+
+def test_unchanged_source_is_skipped_and_shards_agree(built: Workspace, copy_ws: Workspace):
+    r = build.build_source(built, "news")
+    assert r.skipped and "content hash" in r.reason
+    r2 = build.build_source(copy_ws, "news", shards=3)
+    assert not r2.skipped and r2.n_shards == 3
+    docs = list(_train_ids(copy_ws, "news").values())
+    fed = Federation.open(copy_ws)
+    rng = random.Random(3)
+    for _ in range(60):
+        d = rng.choice(docs)
+        q = d[5:5 + rng.randint(1, 6)]
+        assert fed.count(q)["news"] == _brute(docs, q)
+    assert sorted(fed.document("news", "n0007").metadata) and len(fed.files("news").table) == 3
+    with pytest.raises(InputError):
+        build.build_source(copy_ws, "news", shards=11)
+
+
+_KILL_SCRIPT = """
+import sys, time
+from pathlib import Path
+from flexolmo.workspace import Workspace
+from index import build
+marker = Path(sys.argv[2])
+def progress(source, step, done, total, unit):
+    if step.startswith("suffix array") and done == total:
+        marker.write_text("in suffix array")
+        time.sleep(60)  # killed here: the new files are written, not yet renamed
+build.build_source(Workspace(Path(sys.argv[1])), "news", force=True, progress=progress)
+"""
+
+
+def test_build_killed_partway_leaves_the_old_index(copy_ws: Workspace, tmp_path: Path):
+    before = catalog.get_index(copy_ws, "news")
+    marker = tmp_path / "marker"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(copy_ws.root), str(marker)], env=env, cwd=REPO)
+    try:
+        for _ in range(600):
+            if marker.exists() or p.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert marker.exists(), "the build subprocess never reached the suffix-array step"
+        assert list(copy_ws.indexes_dir.glob(".tmp-news-*")), "the build should be writing a temporary folder"
+        os.kill(p.pid, signal.SIGKILL)
+    finally:
+        p.wait(timeout=30)
+    assert p.returncode == -signal.SIGKILL
+    after = catalog.get_index(copy_ws, "news")
+    assert after == before
+    assert fmt.read_manifest(copy_ws.indexes_dir / "news")["build_id"] == before.build_id
+    assert build.verify_index(copy_ws, "news").ok
+    docs = list(_train_ids(copy_ws, "news").values())
+    assert Federation.open(copy_ws).count(docs[0][:3])["news"] == _brute(docs, docs[0][:3])
+
+
+def test_takedown_makes_the_document_blocked(copy_ws: Workspace):
+    ids = _train_ids(copy_ws, "news")
+    victim = sorted(ids)[10]
+    with pytest.raises(NotFoundError):
+        takedown.takedown(copy_ws, "news", "no-such-doc", reason="x")
+    with pytest.raises(InputError):
+        takedown.takedown(copy_ws, "news", victim, reason="  ")
+    t = takedown.takedown(copy_ws, "news", victim, reason="owner request", by="alice")
+    assert (t.source, t.doc_id, t.requested_by) == ("news", victim, "alice")
+    with pytest.raises(ConflictError):
+        takedown.takedown(copy_ws, "news", victim, reason="again")
+    assert [x.doc_id for x in takedown.list_takedowns(copy_ws)] == [victim]
+
+    ix = Federation.open(copy_ws).source("news")
+    assert ix.diff_folder is not None and ix.document(victim).blocked
+    q = ids[victim][:30]
+    spans = ix.attribute(q, enforce_bow=False)
+    hits = [(s, d) for s in spans for d in s.docs if ix.doc_at(d.shard, d.ptr).doc_id == victim]
+    assert hits
+    span, doc = hits[0]
+    # the upstream diff engine itself marks the window blocked
+    raw = ix.engine.get_docs_by_ptrs_2_grouped([{"docs": [{"s": doc.shard, "ptr": doc.ptr}], "span_ids": q[span.l:span.r],
+                                                 "needle_len": span.length, "max_ctx_len": 20}])
+    assert raw[0][0]["blocked"] and raw[0][0]["token_ids"] == []
+    assert ix.engine_windows([doc], q[span.l:span.r], 20)[0].blocked
+    w = ix.window(doc.shard, doc.ptr, span.length)
+    assert w.blocked and w.token_ids == [] and ix.is_blocked(doc.shard, doc.ptr)
+    other = next(d for s in spans for d in s.docs if ix.doc_at(d.shard, d.ptr).doc_id != victim) if any(
+        ix.doc_at(d.shard, d.ptr).doc_id != victim for s in spans for d in s.docs) else None
+    if other is not None:
+        assert not ix.window(other.shard, other.ptr, 1).blocked
+    # a rebuild keeps the takedown in force
+    build.build_source(copy_ws, "news", force=True)
+    assert Federation.open(copy_ws).source("news").document(victim).blocked
+
+
+def test_verify_catches_a_corrupted_table(copy_ws: Workspace):
+    assert build.verify_index(copy_ws, "news").ok
+    table = copy_ws.indexes_dir / "news" / "table.0"
+    data = bytearray(table.read_bytes())
+    data[len(data) // 2], data[len(data) // 2 + 1] = data[len(data) // 2 + 1] ^ 0xFF, data[len(data) // 2] ^ 0x55
+    table.write_bytes(bytes(data))
+    r = build.verify_index(copy_ws, "news")
+    assert not r.ok and any("table.0" in p for p in r.problems)
+    res = CliRunner().invoke(_app(), ["-w", str(copy_ws.root), "index", "verify", "--source", "news"])
+    assert res.exit_code == 1 and "FAILED" in res.output
+    # a truncated file is refused when serving
+    table.write_bytes(bytes(data[:-3]))
+    with pytest.raises(IntegrityError, match="table.0"):
+        Federation.open(copy_ws)
+    (copy_ws.indexes_dir / "news" / "offset.0").unlink()
+    with pytest.raises(IntegrityError, match="offset.0 is missing"):
+        Federation.open(copy_ws, ["news"])
+
+
+def test_changed_tokenizer_refuses_to_serve(copy_ws: Workspace):
+    tokenizer.train_tokenizer(copy_ws, vocab_size=350, source="forum")
+    with pytest.raises(ConflictError, match="rebuild"):
+        Federation.open(copy_ws)
+    assert not build.verify_index(copy_ws, "news").ok
+    assert not build.build_source(copy_ws, "forum").skipped  # stale: rebuilt, not skipped
+    assert Federation.open(copy_ws, ["forum"]).count([1])["forum"] >= 0
+
+
+def test_bad_input_and_policy(copy_ws: Workspace):
+    with pytest.raises(NotFoundError):
+        build.build_source(copy_ws, "nosuch")
+    # a source whose only documents are in the validation split
+    val_ids = [f"v{i}" for i in range(5000) if sources.split_of(f"v{i}") == "validation"][:2]
+    sources.add_records(copy_ws, "heldout", [{"doc_id": d, "text": "a b c"} for d in val_ids], owner="C",
+                        domain="x", licence="cc0", origin="test")
+    with pytest.raises(InputError, match="no train documents"):
+        build.build_source(copy_ws, "heldout")
+    assert not (copy_ws.indexes_dir / "heldout").exists() and catalog.get_index(copy_ws, "heldout") is None
+    with pytest.raises(InputError, match="YYYY-MM-DD"):
+        sources.set_policy(copy_ws, "forum", expires="next tuesday")
+    # inactive and expired sources are not served
+    sources.set_policy(copy_ws, "forum", active=False, by="bob")
+    fed = Federation.open(copy_ws, strict=False)
+    assert "forum" not in fed.names and fed.skipped["forum"] == "inactive"
+    with pytest.raises(NotFoundError):
+        fed.source("forum")
+    sources.set_policy(copy_ws, "forum", active=True, expires="2000-01-01")
+    assert "forum" not in Federation.open(copy_ws, strict=False).names
+    log = sources.policy_log(copy_ws, "forum")
+    assert [e["field"] for e in log] == ["active", "active", "expires"] and log[0]["changed_by"] == "bob"
+    with pytest.raises(ConflictError):
+        Federation.open(copy_ws, ["forum"])
+
+
+def _app():
+    from cli.main import app
+
+    return app
+
+
+def test_cli_commands(copy_ws: Workspace):
+    runner = CliRunner()
+    w = ["-w", str(copy_ws.root)]
+    res = runner.invoke(_app(), [*w, "index", "build", "--all"])
+    assert res.exit_code == 0, res.output
+    assert "unchanged" in res.output
+    res = runner.invoke(_app(), [*w, "index", "build"])
+    assert res.exit_code == 1
+    res = runner.invoke(_app(), [*w, "index", "verify"])
+    assert res.exit_code == 0 and "news: ok" in res.output
+    res = runner.invoke(_app(), [*w, "index", "takedown", "--source", "forum", "--doc-id", "f0003", "--reason", "r"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(_app(), [*w, "index", "takedowns", "--json"])
+    assert res.exit_code == 0 and '"f0003"' in res.output
+    res = runner.invoke(_app(), [*w, "index", "list", "--json"])
+    assert res.exit_code == 0 and '"takedowns": 1' in res.output
