@@ -1,0 +1,295 @@
+"""Maximal matching spans: OLMoTrace's `attribute` step, compiled, over memory-mapped indexes.
+
+infini-gram's `engine.attribute(ids, delim_ids, min_len, max_cnt, enforce_bow)` returns, for
+every word-initial position l of the input, the longest prefix of ids[l:] that occurs in the
+indexes, cut after the first delimiter inside it and backed off until the next token begins
+a word; it then keeps a span only if it ends after every span kept before it. The engine
+starts a thread per position and collects every occurrence pointer of every span, which is
+what makes it slow on frequent spans.
+
+This module computes the same spans with *matching statistics*: a suffix of a match is a
+match, so the longest match at l+d is at least the one at l minus d. The suffix-array range
+of that known part is found with two binary searches comparing whole token runs, then
+extended one token at a time by narrowing the range. Counts come free from the ranges;
+document pointers are fetched later, only for the spans tracing keeps.
+
+The suffix array (`table.N`) orders suffixes of `tokenized.N` by their little-endian
+bytes, not by token value: comparisons here use the byte-swapped id (low byte first).
+
+    spans = find_spans(shards, ids, delim_ids, bow, unigram_logprobs)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numba
+import numpy as np
+from numba.typed import List as TypedList
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One memory-mapped shard of one source's index."""
+
+    source: str
+    index: int  # shard number N of tokenized.N / table.N
+    ds: np.ndarray  # uint8 view of tokenized.N (u16 little-endian ids, 0xFFFF separates documents)
+    sa: np.ndarray  # uint8 view of table.N (ptr_size-byte little-endian byte offsets into ds)
+    ptr_size: int
+
+    @property
+    def tok_cnt(self) -> int:
+        return self.ds.shape[0] // 2
+
+    @classmethod
+    def open(cls, source: str, index: int, tokenized: Path, table: Path) -> "Shard":
+        ds = np.memmap(tokenized, dtype=np.uint8, mode="r")
+        sa = np.memmap(table, dtype=np.uint8, mode="r")
+        tok_cnt = ds.shape[0] // 2
+        if tok_cnt == 0 or sa.shape[0] % tok_cnt:
+            raise ValueError(f"{table}: size {sa.shape[0]} is not a multiple of the token count {tok_cnt}")
+        return cls(source, index, ds, sa, sa.shape[0] // tok_cnt)
+
+
+@dataclass(frozen=True)
+class RawSpan:
+    """A maximal matching span of the input, [l, r) in token positions."""
+
+    l: int
+    r: int
+    count: int  # occurrences over all shards searched
+    count_by_shard: tuple[int, ...]
+    rank_range_by_shard: tuple[tuple[int, int], ...]  # suffix-array [start, end) per shard
+    unigram_logprob_sum: float
+
+    @property
+    def length(self) -> int:
+        return self.r - self.l
+
+
+# ---------------------------------------------------------------------------------------
+# the compiled search
+
+
+@numba.njit(cache=True, inline="always")
+def _ptr(sa, ptr_size, rank):
+    p = np.int64(0)
+    base = rank * ptr_size
+    for b in range(ptr_size):
+        p |= np.int64(sa[base + b]) << (8 * b)
+    return p
+
+
+@numba.njit(cache=True, inline="always")
+def _key_at(ds, p):
+    # byte order of the token at byte offset p: low byte first; -1 past the end of the data
+    if p + 1 >= ds.shape[0]:
+        return np.int64(-1)
+    return (np.int64(ds[p]) << 8) | np.int64(ds[p + 1])
+
+
+@numba.njit(cache=True)
+def _cmp_run(ds, p, keys, a, k):
+    """Compare the suffix at byte p with keys[a:a+k]: -1 less, 0 equal (on k tokens), 1 greater."""
+    for j in range(k):
+        x = _key_at(ds, p + 2 * j)
+        y = keys[a + j]
+        if x < y:
+            return -1
+        if x > y:
+            return 1
+    return 0
+
+
+@numba.njit(cache=True)
+def _range_of_run(ds, sa, ptr_size, tok_cnt, keys, a, k):
+    """Suffix-array range [lo, hi) of the suffixes that start with keys[a:a+k]."""
+    lo, hi = np.int64(0), np.int64(tok_cnt)
+    while lo < hi:  # first rank >= run
+        m = (lo + hi) >> 1
+        if _cmp_run(ds, _ptr(sa, ptr_size, m), keys, a, k) < 0:
+            lo = m + 1
+        else:
+            hi = m
+    start = lo
+    hi = np.int64(tok_cnt)
+    while lo < hi:  # first rank > run
+        m = (lo + hi) >> 1
+        if _cmp_run(ds, _ptr(sa, ptr_size, m), keys, a, k) <= 0:
+            lo = m + 1
+        else:
+            hi = m
+    return start, lo
+
+
+@numba.njit(cache=True)
+def _narrow(ds, sa, ptr_size, lo, hi, k, key):
+    """Within [lo, hi) (suffixes sharing k tokens), the subrange whose token k has `key`."""
+    a, b = lo, hi
+    while a < b:
+        m = (a + b) >> 1
+        if _key_at(ds, _ptr(sa, ptr_size, m) + 2 * k) < key:
+            a = m + 1
+        else:
+            b = m
+    start = a
+    b = hi
+    while a < b:
+        m = (a + b) >> 1
+        if _key_at(ds, _ptr(sa, ptr_size, m) + 2 * k) <= key:
+            a = m + 1
+        else:
+            b = m
+    return start, a
+
+
+@numba.njit(cache=True)
+def _spans_kernel(ds_list, sa_list, ptr_sizes, ids, is_delim, is_bow, enforce_bow, min_len, max_cnt):
+    """For every start l: (final length, count, per-shard range) after OLMoTrace's rules.
+
+    Returns lens[L], counts[L], ranges[L, S, 2]; lens[l] = 0 where no span starts.
+    """
+    L = ids.shape[0]
+    S = len(ds_list)
+    keys = ((ids & 0xFF) << 8) | (ids >> 8)  # little-endian byte order of each id
+    lens = np.zeros(L, dtype=np.int64)
+    counts = np.zeros(L, dtype=np.int64)
+    ranges = np.zeros((L, S, 2), dtype=np.int64)
+    m_prev = np.zeros(S, dtype=np.int64)  # longest match per shard at the last evaluated start
+    l_prev = -1
+    # range history of the current start: hist[s, k] = range of ids[l:l+k] in shard s
+    hist = np.zeros((S, L + 1, 2), dtype=np.int64)
+    m_cur = np.zeros(S, dtype=np.int64)
+    k0 = np.zeros(S, dtype=np.int64)  # where this start's history begins, per shard
+    for l in range(L):
+        if enforce_bow and not is_bow[l]:
+            continue
+        best = 0
+        for s in range(S):
+            ds = ds_list[s]
+            sa = sa_list[s]
+            ps = ptr_sizes[s]
+            tok_cnt = ds.shape[0] // 2
+            k = 0
+            if l_prev >= 0:
+                k = max(0, m_prev[s] - (l - l_prev))  # matching statistics: known to match
+            k0[s] = k
+            if k > 0:
+                lo, hi = _range_of_run(ds, sa, ps, tok_cnt, keys, l, k)
+            else:
+                lo, hi = np.int64(0), np.int64(tok_cnt)
+            hist[s, k, 0] = lo
+            hist[s, k, 1] = hi
+            while l + k < L:
+                nlo, nhi = _narrow(ds, sa, ps, lo, hi, k, keys[l + k])
+                if nlo >= nhi:
+                    break
+                lo, hi = nlo, nhi
+                k += 1
+                hist[s, k, 0] = lo
+                hist[s, k, 1] = hi
+            m_cur[s] = k
+            if k > best:
+                best = k
+        for s in range(S):
+            m_prev[s] = m_cur[s]
+        l_prev = l
+        n = best
+        # cut after the first delimiter that is not the span's last token
+        for pos in range(n - 1):
+            if is_delim[l + pos]:
+                n = pos + 1
+                break
+        # back off until the next token begins a word
+        if enforce_bow:
+            while n > 0 and not (l + n == L or is_bow[l + n]):
+                n -= 1
+        if n < min_len or n == 0:
+            continue
+        total = 0
+        for s in range(S):
+            if m_cur[s] >= n:
+                if n >= k0[s]:
+                    lo, hi = hist[s, n, 0], hist[s, n, 1]
+                else:  # the cut fell inside the part skipped by matching statistics
+                    ds = ds_list[s]
+                    lo, hi = _range_of_run(ds, sa_list[s], ptr_sizes[s], ds.shape[0] // 2, keys, l, n)
+                ranges[l, s, 0] = lo
+                ranges[l, s, 1] = hi
+                total += hi - lo
+        if total > max_cnt:
+            continue
+        lens[l] = n
+        counts[l] = total
+    return lens, counts, ranges
+
+
+# ---------------------------------------------------------------------------------------
+# the Python face
+
+
+def find_spans(
+    shards: list[Shard],
+    ids: list[int] | np.ndarray,
+    delim_ids: list[int],
+    bow_ids: set[int] | np.ndarray | None,
+    unigram_logprobs: np.ndarray,
+    min_len: int = 1,
+    max_cnt: int = 1_000_000,
+    enforce_bow: bool = True,
+) -> list[RawSpan]:
+    """The maximal spans `engine.attribute` would return, with counts and ranges per shard.
+
+    :param unigram_logprobs: log-probability per token id over the searched shards
+        (tokens never seen: -10000, as infini-gram does).
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= 0xFFFF):
+        raise ValueError("token ids must lie in [0, 65534] (u16 index, 0xFFFF separates documents)")
+    if not shards or ids.size == 0:
+        return []
+    delim = np.isin(ids, np.asarray(sorted(delim_ids), dtype=np.int64))
+    if bow_ids is None:
+        bow = np.ones(ids.shape[0], dtype=np.bool_)
+    else:
+        bow = np.isin(ids, np.asarray(sorted(bow_ids) if isinstance(bow_ids, set) else bow_ids, dtype=np.int64))
+    ds_list, sa_list = TypedList(), TypedList()
+    for sh in shards:
+        ds_list.append(np.asarray(sh.ds))
+        sa_list.append(np.asarray(sh.sa))
+    ptr_sizes = np.array([sh.ptr_size for sh in shards], dtype=np.int64)
+    lens, counts, ranges = _spans_kernel(ds_list, sa_list, ptr_sizes, ids, delim, bow, enforce_bow, min_len, max_cnt)
+    out: list[RawSpan] = []
+    last_r = 0
+    for l in np.flatnonzero(lens):
+        r = int(l + lens[l])
+        if r <= last_r:  # contained in the span kept before it
+            continue
+        last_r = r
+        rr = tuple((int(a), int(b)) for a, b in ranges[l])
+        out.append(RawSpan(int(l), r, int(counts[l]), tuple(b - a for a, b in rr), rr,
+                           float(unigram_logprobs[ids[l:r]].sum())))
+    return out
+
+
+def rank_to_ptr(shard: Shard, rank: int) -> int:
+    """Byte offset into tokenized.N of the suffix at `rank`."""
+    base = rank * shard.ptr_size
+    return int.from_bytes(bytes(shard.sa[base : base + shard.ptr_size]), "little")
+
+
+def unigram_logprobs(counts: np.ndarray) -> np.ndarray:
+    """log(count / total) per token id, -10000 for unseen ids (infini-gram's convention).
+
+    `counts` holds the unigram counts summed over the searched indexes, including the
+    document separator (so the total equals the number of tokens in tokenized.N).
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum()
+    out = np.full(counts.shape[0], -10000.0)
+    seen = counts > 0
+    out[seen] = np.log(counts[seen]) - math.log(total)
+    return out
