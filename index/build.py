@@ -35,6 +35,7 @@ from .models import BuildResult, IndexRecord, VerifyResult
 
 MAX_SHARDS = 10  # shard files sort by name in the loader: tokenized.10 < tokenized.2
 ENCODE_BATCH = 1024  # documents per encode_batch call (the Rust tokenizer uses every core)
+ENCODE_CHARS = 4_000_000  # characters per encode_batch call
 
 
 class Progress(Protocol):
@@ -201,8 +202,12 @@ def _write_shards(tmp: Path, name: str, docs, tok, shards: int, progress: Progre
     total_chars = int(sizes.sum())
     done_chars = 0
     try:
-        for b in range(0, n, ENCODE_BATCH):
+        b = 0
+        while b < n:
+            # batches of up to ENCODE_BATCH documents and ENCODE_CHARS characters (bounds memory:
+            # an Encoding costs far more than its ids)
             e = min(b + ENCODE_BATCH, n)
+            e = max(b + 1, min(e, int(np.searchsorted(cum, cum[b] + ENCODE_CHARS, side="left"))))
             encs = encode(texts[b:e], add_special_tokens=False)
             batch: dict[int, list] = {}
             for i, enc in zip(range(b, e), encs):
@@ -214,6 +219,7 @@ def _write_shards(tmp: Path, name: str, docs, tok, shards: int, progress: Progre
                 writers[k].add_many(items)
             done_chars += int(sizes[b:e].sum())
             progress(name, "tokenize", done_chars, total_chars, "chars")
+            b = e
     finally:
         for w in writers:
             w.close()
