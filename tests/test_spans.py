@@ -63,7 +63,7 @@ def _random_inputs(fed, n: int, seed: int):
 @pytest.mark.parametrize("min_len,max_cnt,enforce_bow", [(1, 1_000_000, True), (1, 5, True), (2, 1000, False)])
 def test_spans_equal_engine_attribute(fed, min_len, max_cnt, enforce_bow):
     checked = 0
-    for ids in _random_inputs(fed, 80, seed=min_len * 7 + max_cnt):
+    for ids in _random_inputs(fed, 40, seed=min_len * 7 + max_cnt):
         ref = fed["engine"].attribute(ids, delim_ids=fed["delim"], min_len=min_len, max_cnt=max_cnt,
                                       enforce_bow=enforce_bow)["spans"]
         mine = find_spans(fed["shards"], ids, fed["delim"], fed["bow"], fed["ulp"], min_len=min_len,
@@ -71,7 +71,7 @@ def test_spans_equal_engine_attribute(fed, min_len, max_cnt, enforce_bow):
         assert [(s["l"], s["r"], s["count"]) for s in ref] == [(s.l, s.r, s.count) for s in mine]
         assert np.allclose([s["unigram_logprob_sum"] for s in ref], [s.unigram_logprob_sum for s in mine])
         checked += len(mine)
-    assert checked > 50  # the inputs did contain spans
+    assert checked > 25  # the inputs did contain spans
 
 
 def test_counts_per_shard_match_engine_count(fed):
