@@ -1,0 +1,146 @@
+"""`flexolmo trace`, `flexolmo query`, `flexolmo report ...`, `flexolmo traces export`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from flexolmo.errors import InputError
+from tracing import store
+from tracing.models import Trace
+from tracing.trace import Tracer
+
+from .common import console, print_json, ws
+
+report_app = typer.Typer(help="Reports for data owners.", no_args_is_help=True)
+traces_app = typer.Typer(help="The provenance store.", no_args_is_help=True)
+
+STYLES = ["on dark_green", "on dark_blue", "on dark_magenta", "on dark_red", "on dark_cyan", "on grey37"]
+
+
+def register(app: typer.Typer) -> None:
+    app.command("trace")(trace)
+    app.command("query")(query)
+    app.add_typer(report_app, name="report")
+    app.add_typer(traces_app, name="traces")
+
+
+def trace(
+    text: Annotated[Optional[str], typer.Option("--text", help="The response to trace ('-' or omitted: stdin).")] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="The prompt the response answered (used for relevance).")] = None,
+    generate: Annotated[Optional[str], typer.Option("--generate", help="Generate a response to this prompt, then trace it.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="With --generate: tokens to generate.")] = 60,
+    exclude: Annotated[str, typer.Option(help="Switch these experts off, e.g. 'news,forum'.")] = "",
+    no_counterfactual: Annotated[bool, typer.Option("--no-counterfactual", help="Skip the per-expert passes.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the full trace record as JSON.")] = False,
+) -> None:
+    """Trace a response back to the training documents and the experts that shaped it."""
+    from dataclasses import replace
+
+    tracer = Tracer.open(ws(), exclude=tuple(x for x in exclude.split(",") if x.strip()))
+    if no_counterfactual:
+        tracer.settings = replace(tracer.settings, counterfactual=False)
+    if generate is not None:
+        t = tracer.generate_and_trace(generate, max_new_tokens=max_new_tokens)
+    else:
+        if text is None or text == "-":
+            if sys.stdin.isatty():
+                raise InputError("give the response with --text TEXT, on stdin, or use --generate PROMPT")
+            text = sys.stdin.read()
+        t = tracer.trace(text, prompt=prompt)
+    if as_json:
+        print_json(t.to_dict())
+    else:
+        show_trace(t)
+
+
+def show_trace(t: Trace, max_docs: int = 3) -> None:
+    """The response with its spans highlighted, then a table of spans, sources, documents, experts."""
+    if t.prompt:
+        console.print(f"[bold]prompt:[/] {t.prompt}")
+    body = Text(t.response)
+    for g in t.groups:
+        body.stylize(STYLES[g.index % len(STYLES)], g.char_start, g.char_end)
+    console.print("[bold]response[/] (highlighted: text found verbatim in training data):")
+    console.print(body)
+    table = Table(title=f"trace {t.trace_id}: {len(t.spans)} spans of {t.n_tokens} tokens, "
+                        f"searched {', '.join(t.sources_searched) or 'nothing'}")
+    for col in ("#", "span", "sources (count)", "documents (relevance)", "top experts (share, drop)"):
+        table.add_column(col, overflow="fold")
+    for s in t.spans:
+        srcs = ", ".join(f"{k} ({v})" for k, v in s.count_by_source.items() if v)
+        docs = "\n".join(("[red]blocked[/] " if d.blocked else "") + f"{d.source}:{d.doc_id} [{d.bucket}]"
+                         for d in s.documents[:max_docs])
+        if len(s.documents) > max_docs:
+            docs += f"\n+{len(s.documents) - max_docs} more"
+        experts = "\n".join(
+            f"{e.source} {e.routing_share:.0%}" + (f", {e.counterfactual:+.2f}" if e.counterfactual is not None else "")
+            for e in sorted(s.experts, key=lambda e: -e.routing_share)[:3] if e.routing_share > 0)
+        mark = "" if s.agreement is None else (" ✓" if s.agreement else " ✗")
+        table.add_row(f"{s.index}{mark}", repr(s.text.strip())[1:-1][:80], srcs, docs, experts)
+    console.print(table)
+    off = f"; experts off: {', '.join(t.experts_off)}" if t.experts_off else ""
+    skipped = "; not searched: " + ", ".join(f"{k} ({v})" for k, v in t.sources_skipped.items()) if t.sources_skipped else ""
+    console.print(f"[dim]{t.timings_ms.get('total', 0):.0f} ms{off}{skipped}. ✓/✗: the top expert is / is not "
+                  "the one trained on a source containing the span.[/]")
+
+
+def query(
+    sql: Annotated[str, typer.Argument(help="Read-only SQL over traces, spans, span_sources, span_documents, span_experts.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print rows as JSON objects.")] = False,
+    limit: Annotated[int, typer.Option(help="At most this many rows.")] = 1000,
+) -> None:
+    """Run read-only SQL over the provenance store."""
+    res = store.query(ws(), sql, limit=limit)
+    if as_json:
+        print_json([dict(zip(res.columns, r)) for r in res.rows])
+        return
+    table = Table()
+    for c in res.columns:
+        table.add_column(c, overflow="fold")
+    for r in res.rows:
+        table.add_row(*["" if v is None else str(v) for v in r])
+    console.print(table)
+
+
+@report_app.command("contribution")
+def contribution(
+    source: Annotated[str, typer.Option(help="The source (data owner) to report on.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """What a source contributed over all stored traces: matches, routing share, counterfactuals."""
+    from flexolmo.sources import get_source
+
+    get_source(ws(), source)
+    c = store.contribution(ws(), source)
+    if as_json:
+        from dataclasses import asdict
+
+        print_json(asdict(c))
+        return
+    console.print(f"[bold]{source}[/] over {c.n_traces} stored traces: matched in {c.traces_matched} traces by "
+                  f"{c.spans_matched} spans, {c.documents_matched} distinct documents retrieved"
+                  f"{f', {c.blocked_hits} blocked' if c.blocked_hits else ''}.")
+    if c.mean_routing_share is not None:
+        console.print(f"its expert: mean routing share {c.mean_routing_share:.1%} over traced spans, mean log-prob drop "
+                      f"when switched off {c.mean_counterfactual if c.mean_counterfactual is not None else 'n/a'}; "
+                      f"top expert on {c.agreement_rate:.0%} of the spans found in it" if c.agreement_rate is not None
+                      else f"its expert: mean routing share {c.mean_routing_share:.1%}")
+    table = Table(title="top matched spans")
+    for col in ("tokens", "count", "top expert", "span"):
+        table.add_column(col, overflow="fold")
+    for s in c.top_spans:
+        table.add_row(str(s["n_tokens"]), str(s["count"]), str(s["top_expert_source"] or ""), repr(s["text"].strip())[1:-1][:100])
+    console.print(table)
+
+
+@traces_app.command("export")
+def export(out: Annotated[Path, typer.Option(help="Folder for one Parquet file per table.")] = Path("provenance-export")) -> None:
+    """Export every provenance table to Parquet."""
+    for p in store.export_parquet(ws(), out):
+        console.print(f"wrote {p}")
