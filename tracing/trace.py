@@ -237,35 +237,52 @@ class Tracer:
         E = len(names)
         # the full sequence; an end-of-text token in front gives the first token a producing step
         ctx = list(prompt_ids) if prompt_ids else [int(self.tokenizer.eos_token_id)]
-        limit = model.config.max_position_embeddings
-        if len(ctx) + len(ids) > limit:
-            ctx = ctx[-max(1, limit - len(ids)):]
-            if len(ctx) + len(ids) > limit:
-                raise InputError(f"the response has {len(ids)} tokens, more than the model's {limit - 1} positions; "
-                                 "trace a shorter text")
-        seq = ctx + list(ids)
-        P = len(ctx)
-        if routing is None:  # pasted text: one forward pass; the step at t-1 produced token t
-            r = route(model, seq)
-            experts, weights = r.experts[P - 1: P - 1 + len(ids)].numpy(), r.weights[P - 1: P - 1 + len(ids)].numpy()
+        seq, P, n = ctx + list(ids), len(ctx), len(ids)
+        windows = _windows(P, n, model.config.max_position_embeddings)
+        if routing is None:  # pasted text: one forward pass per window; the step at t-1 produced token t
+            parts = [route(model, seq[a:b]) for a, b, _, _ in windows]
+            experts = np.concatenate([r.experts[s - a - 1: e - a - 1].numpy() for r, (a, _, s, e) in zip(parts, windows)])
+            weights = np.concatenate([r.weights[s - a - 1: e - a - 1].numpy() for r, (a, _, s, e) in zip(parts, windows)])
         else:
             experts, weights = routing
-        base = token_logprobs(model, seq).numpy()  # entry t-1 scores token t
+
+        def logprobs(exclude: list[int]) -> np.ndarray:  # log p of each response token, (n,)
+            return np.concatenate([token_logprobs(model, seq[a:b], exclude=exclude)[s - a - 1: e - a - 1].numpy()
+                                   for a, b, s, e in windows])
+
+        base = logprobs([])
         drops = {}
         if self.settings.counterfactual:
             for e in range(E):  # one forward pass of the whole response per expert
-                drops[e] = base - token_logprobs(model, seq, exclude=[e]).numpy()
+                drops[e] = base - logprobs([e])
         for span in spans:
             sel_e = experts[span.start: span.end].reshape(-1)
             sel_w = weights[span.start: span.end].reshape(-1).astype(np.float64)
             share = np.bincount(sel_e, weights=sel_w, minlength=E)
             share = share / share.sum() if share.sum() > 0 else share
-            rows = slice(P - 1 + span.start, P - 1 + span.end)
+            rows = slice(span.start, span.end)
             span.experts = [ExpertLink(expert=e, source=names[e], routing_share=round(float(share[e]), 5),
                                        counterfactual=round(float(drops[e][rows].sum()), 5) if drops else None,
                                        active=on[e]) for e in range(E)]
             span.top_expert = int(np.argmax(share))
             span.agreement = names[span.top_expert] in span.sources
+
+
+def _windows(P: int, n: int, limit: int) -> list[tuple[int, int, int, int]]:
+    """Model windows over prompt (P tokens) + response (n tokens) for a model of `limit` positions.
+
+    Each (a, b, s, e): run the model on seq[a:b] and keep its predictions for tokens s..e-1
+    (in sequence coordinates). One window when it all fits; otherwise consecutive chunks of
+    the response, each with as much preceding text as context as fits (at least half).
+    """
+    if P + n <= limit:
+        return [(0, P + n, P, P + n)]
+    step = max(1, limit // 2)
+    out = []
+    for s in range(P, P + n, step):
+        e = min(P + n, s + step)
+        out.append((max(0, e - limit), e, s, e))
+    return out
 
 
 def _rate(windows: list[tuple[DocHit, str]], query: str, response_chars: int) -> None:

@@ -1,0 +1,164 @@
+"""The trace pipeline end to end on a tiny federation: tiny model, tiny indexes, real engine."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest_model import build_federation
+from typer.testing import CliRunner
+
+from cli.main import app
+from flexolmo import sources
+from flexolmo.merge import merge
+from flexolmo.train import train_expert, train_public
+from index.build import build_source, index_dir
+from index.takedown import takedown
+from tracing import store
+from tracing.trace import Tracer
+
+NAMES = ("public", "news", "code", "math")
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory):
+    ws = build_federation(tmp_path_factory.mktemp("trace"), sources=NAMES, n_docs=40)
+    train_public(ws, "tiny", progress=False)
+    for s in ("news", "code", "math"):
+        train_expert(ws, s, "tiny", progress=False)
+    merge(ws, ["news", "code", "math"])
+    for s in NAMES:
+        build_source(ws, s)
+    return ws
+
+
+def _doc(ws, source: str, i: int = 0) -> dict:
+    return sources.load_documents(ws, source, split="train").to_pylist()[i]
+
+
+def test_copied_passage_traced_to_its_document(fed):
+    tracer = Tracer.open(fed)
+    doc = _doc(fed, "news", 3)
+    words = doc["text"].split(" ")
+    passage = " " + " ".join(words[5:30])  # starts at a word boundary
+    t = tracer.trace(passage, store=False)
+    assert t.spans, "a copied passage must match"
+    longest = max(t.spans, key=lambda s: s.end - s.start)
+    assert longest.end - longest.start >= 20
+    hits = [d for d in longest.documents if d.doc_id == doc["doc_id"]]
+    assert hits and hits[0].source == "news" and longest.count_by_source["news"] >= 1
+    # the reported token offset is where the span starts in the document
+    tok = tracer.tokenizer
+    doc_ids = tok(doc["text"], add_special_tokens=False)["input_ids"]
+    span_ids = tok(passage, add_special_tokens=False)["input_ids"][longest.start: longest.end]
+    off = hits[0].token_offset
+    assert doc_ids[off: off + len(span_ids)] == span_ids
+    assert hits[0].snippet[slice(*hits[0].snippet_span)] == longest.text
+
+
+def test_unseen_text_gives_no_span(fed):
+    t = Tracer.open(fed).trace("Zyzzyva quokka xylograph jabberwock.", store=False)
+    assert t.spans == []
+
+
+def test_spans_respect_word_boundaries_delimiters_and_k(fed):
+    tracer = Tracer.open(fed)
+    # many short matches (fragments of several documents between unseen words) and a long one
+    frags = [" ".join(_doc(fed, NAMES[i % 4], i)["text"].split(" ")[3: 7]) for i in range(14)]
+    text = " " + " qzxv. ".join(frags) + "\n" + _doc(fed, "math", 2)["text"][:200] + ". Zyzzyva."
+    ids = tracer.tokenizer(text, add_special_tokens=False)["input_ids"]
+    t = tracer.trace(text, store=False)
+    bow, delims = set(tracer.bow.tolist()), set(tracer.delims)
+    assert 0 < len(t.spans) <= math.ceil(0.05 * len(ids))
+    for s in t.spans:
+        assert ids[s.start] in bow
+        assert s.end == len(ids) or ids[s.end] in bow
+        assert not any(i in delims for i in ids[s.start: s.end - 1])
+    # the kept spans are a subset of what the bare engine returns, with the same counts
+    from infini_gram.engine import InfiniGramEngine
+
+    eng = InfiniGramEngine(index_dir=[str(index_dir(fed, n)) for n in NAMES], eos_token_id=0,
+                           bow_ids_path=str(fed.tokenizer_dir / "bow_ids.txt"), precompute_unigram_logprobs=True)
+    ref = eng.attribute(ids, delim_ids=tracer.delims, min_len=1, max_cnt=1_000_000, enforce_bow=True)["spans"]
+    k = math.ceil(0.05 * len(ids))
+    assert len(ref) > k  # the cap did bite
+    expected = sorted(sorted(ref, key=lambda s: s["unigram_logprob_sum"])[:k], key=lambda s: s["l"])
+    assert [(s["l"], s["r"], s["count"]) for s in expected] == [(s.start, s.end, s.count) for s in t.spans]
+
+
+def test_expert_linkage(fed):
+    tracer = Tracer.open(fed, exclude=("math",))
+    text = " " + " ".join(_doc(fed, "code", 4)["text"].split(" ")[3:25])
+    t = tracer.trace(text, store=False)
+    assert t.experts_off == ["math"]
+    for s in t.spans:
+        shares = {e.source: e.routing_share for e in s.experts}
+        assert abs(sum(shares.values()) - 1) < 1e-3
+        assert shares["math"] == 0
+        off = next(e for e in s.experts if e.source == "math")
+        assert off.counterfactual == 0 and not off.active
+        assert s.agreement == (s.experts[s.top_expert].source in s.sources)
+    assert any(e.counterfactual != 0 for s in t.spans for e in s.experts if e.active)
+
+
+def test_generate_and_trace_uses_captured_routing(fed):
+    tracer = Tracer.open(fed)
+    t = tracer.generate_and_trace("The president", max_new_tokens=20)
+    assert t.generated and 1 <= t.n_tokens <= 20
+    for s in t.spans:
+        assert abs(sum(e.routing_share for e in s.experts) - 1) < 1e-3
+
+
+def test_policy_inactive_counts_and_takedown(fed):
+    doc = _doc(fed, "news", 6)
+    passage = " " + " ".join(doc["text"].split(" ")[4:24])
+    try:
+        sources.set_policy(fed, "news", visibility="counts")
+        t = Tracer.open(fed).trace(passage, store=False)
+        news_spans = [s for s in t.spans if s.count_by_source.get("news")]
+        assert news_spans and all(d.source != "news" for s in news_spans for d in s.documents)
+
+        sources.set_policy(fed, "news", visibility="snippets")
+        t = Tracer.open(fed).trace(passage, store=False)
+        hits = [d for s in t.spans for d in s.documents if d.source == "news"]
+        assert hits and all(d.snippet and d.context is None for d in hits)
+
+        sources.set_policy(fed, "news", active=False)
+        tracer = Tracer.open(fed)
+        t = tracer.trace(passage, store=False)
+        assert "news" not in t.sources_searched and "news" in t.sources_skipped
+        assert all("news" not in s.count_by_source for s in t.spans)
+        assert "news" in t.experts_off
+        assert all(e.routing_share == 0 for s in t.spans for e in s.experts if e.source == "news")
+    finally:
+        sources.set_policy(fed, "news", active=True, visibility="full")
+
+    takedown(fed, "news", doc["doc_id"], reason="owner request")
+    t = Tracer.open(fed).trace(passage)
+    hits = [d for s in t.spans for d in s.documents if d.doc_id == doc["doc_id"]]
+    assert hits and all(d.blocked and d.snippet is None and d.context is None for d in hits)
+    stored = store.query(fed, f"SELECT blocked, snippet FROM span_documents WHERE doc_id = '{doc['doc_id']}'")
+    assert stored.rows and all(r == (True, None) for r in stored.rows)
+
+
+def test_store_query_report_and_cli(fed, tmp_path):
+    runner = CliRunner()
+    base = ["--workspace", str(fed.root)]
+    text = " " + " ".join(_doc(fed, "code", 7)["text"].split(" ")[2:22])
+    r = runner.invoke(app, base + ["trace", "--text", text, "--prompt", "show me code", "--json"])
+    assert r.exit_code == 0, r.output
+    record = json.loads(r.output)
+    assert record["spans"] and record["prompt"] == "show me code"
+    q = store.query(fed, f"SELECT count(*) FROM spans WHERE trace_id = '{record['trace_id']}'")
+    assert q.rows[0][0] == len(record["spans"])
+    c = store.contribution(fed, "code")
+    assert c.spans_matched >= 1 and c.mean_routing_share is not None and c.top_spans
+    r = runner.invoke(app, base + ["report", "contribution", "--source", "code"])
+    assert r.exit_code == 0 and "top matched spans" in r.output
+    r = runner.invoke(app, base + ["query", "DROP TABLE spans"])
+    assert r.exit_code == 1 and "read-only" in r.output
+    r = runner.invoke(app, base + ["traces", "export", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 0 and (tmp_path / "x" / "span_experts.parquet").exists()
+    r = runner.invoke(app, base + ["trace", "--text", "   "])
+    assert r.exit_code == 1 and "empty" in r.output
