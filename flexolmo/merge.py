@@ -249,3 +249,25 @@ def _indices(model, names: Iterable[str | int]) -> list[int]:
     from .model import resolve_experts
 
     return resolve_experts(model, [n.strip() if isinstance(n, str) else n for n in names if str(n).strip()])
+
+
+def load_expert_model(ws: Workspace, source: str, *, packages_dir: Path | None = None):
+    """Owner `source`'s own 2-expert model [public | expert], rebuilt from the public model
+    and the verified package (e.g. to evaluate an expert alone)."""
+    from .train import expert_from_public
+
+    public = load_model(public_model_dir(ws))
+    public_hash = shared_weights_hash(public)
+    pkg = read_package((Path(packages_dir) if packages_dir else ws.experts_dir) / source)
+    _check_fits(pkg, public, public_hash)
+    top_k = pkg.card.get("config", {}).get("model", {}).get("top_k", 2)
+    model = expert_from_public(public, top_k=top_k)
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            layer.mlp.experts.gate_up_proj[1].copy_(pkg.tensors["gate_up_proj"][i])
+            layer.mlp.experts.down_proj[1].copy_(pkg.tensors["down_proj"][i])
+            layer.mlp.gate.weight[1].copy_(pkg.tensors["router"][i])
+            layer.mlp.gate.bias[1] = pkg.tensors["bias"][i]
+    model.flexolmo_experts = [expert_names(public)[0], source]
+    model.eval()
+    return model

@@ -225,3 +225,13 @@ def test_cli_merge_and_generate(fed):
     assert len(data["routing"]) == len(data["token_ids"])
     r = runner.invoke(app, ["-w", str(ws.root), "merge", "--experts", "nosuch"])
     assert r.exit_code == 1 and "nosuch" in r.output
+
+
+def test_load_expert_model_rebuilds_owner_model(fed):
+    from flexolmo.merge import load_expert_model
+
+    own = fed["experts"]["code"].model
+    rebuilt = load_expert_model(fed["ws"], "code")
+    for (n, a), (_, b) in zip(own.state_dict().items(), rebuilt.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert rebuilt.flexolmo_experts == ["public", "code"]
