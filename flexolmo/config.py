@@ -126,7 +126,9 @@ def _demo() -> Profile:
 
 
 def _paper() -> Profile:
-    # ~10.5M parameters with an 8192 vocabulary; ~2k tokens/s on 2 cores (public model)
+    # 10.5M parameters with an 8192 vocabulary (15.2M as a 2-expert model). Not yet run end to
+    # end: estimated from the demo's throughput scaled by FLOPs, ~2k tokens/s public and
+    # ~1.3k per expert on 2 idle cores, i.e. ~17 + 7 x 6 minutes.
     model = ModelConfig(hidden_size=256, intermediate_size=1024, num_layers=6, num_heads=8, num_kv_heads=8, max_seq_len=512)
     return Profile(
         name="paper",
