@@ -1,0 +1,307 @@
+// The flexolmo-trace page: trace a response (or generate one), show its spans, documents
+// and experts; and, for data owners, a source's contribution and its on/off switch.
+// Plain DOM, no build step, nothing fetched but this service's /api. Text from the
+// service is always inserted with textContent, never as HTML.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v;
+    else if (k === "on") for (const [ev, fn] of Object.entries(v)) node.addEventListener(ev, fn);
+    else if (v !== null && v !== undefined && v !== false) node.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat()) {
+    if (c === null || c === undefined || c === false) continue;
+    node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return node;
+}
+
+async function api(method, path, body) {
+  const res = await fetch(path, {
+    method,
+    headers: body ? { "Content-Type": "application/json" } : {},
+    body: body ? JSON.stringify(body) : undefined,
+  });
+  const data = await res.json().catch(() => ({}));
+  if (!res.ok) {
+    const d = data.detail;
+    const msg = typeof d === "string" ? d : Array.isArray(d) ? d.map((x) => x.msg).join("; ") : res.statusText;
+    throw new Error(`${res.status}: ${msg}`);
+  }
+  return data;
+}
+
+function status(id, text, isError = false) {
+  const node = $(id);
+  node.textContent = text;
+  node.classList.toggle("error", isError);
+}
+
+const pct = (x) => `${(100 * x).toFixed(0)}%`;
+
+// Character offsets from the service count code points (Python); JS strings count UTF-16
+// units, so slice arrays of code points.
+function cut(text, a, b) {
+  const cps = Array.from(text);
+  return [cps.slice(0, a).join(""), cps.slice(a, b).join(""), cps.slice(b).join("")];
+}
+
+// ---------------------------------------------------------------------------------------
+// trace view
+
+let current = null; // the trace on screen
+
+async function runTrace(path, body, label) {
+  status("trace-status", `${label}…`);
+  for (const b of document.querySelectorAll("#trace-view button")) b.disabled = true;
+  try {
+    const t = await api("POST", path, body);
+    status("trace-status", "");
+    showTrace(t);
+  } catch (e) {
+    status("trace-status", e.message, true);
+  } finally {
+    for (const b of document.querySelectorAll("#trace-view button")) b.disabled = false;
+  }
+}
+
+function showTrace(t) {
+  current = t;
+  $("result").hidden = false;
+  $("detail").hidden = true;
+  const skipped = Object.entries(t.sources_skipped).map(([k, v]) => `${k} (${v})`);
+  $("result-meta").replaceChildren(
+    `${t.generated ? "Generated" : "Pasted"} · ${t.n_tokens} tokens · ${t.spans.length} spans in ${t.groups.length} groups · `,
+    `searched ${t.sources_searched.join(", ") || "nothing"}`,
+    skipped.length ? ` · not searched: ${skipped.join(", ")}` : "",
+    t.experts_off.length ? ` · experts off: ${t.experts_off.join(", ")}` : "",
+    ` · ${Math.round(t.timings_ms.total || 0)} ms · trace ${t.trace_id}`,
+  );
+  $("result-prompt").replaceChildren(t.prompt ? el("p", { class: "prompt" }, el("b", {}, "Prompt: "), t.prompt) : "");
+
+  const cps = Array.from(t.response);
+  const parts = [];
+  let pos = 0;
+  for (const g of t.groups) {
+    if (g.char_start > pos) parts.push(cps.slice(pos, g.char_start).join(""));
+    parts.push(el("mark", {
+      class: `g${g.index % 6}`, tabindex: "0", title: `${g.spans.length} span(s): click for documents and experts`,
+      "data-group": g.index,
+      on: { click: () => showGroup(g.index), keydown: (e) => { if (e.key === "Enter") showGroup(g.index); } },
+    }, cps.slice(g.char_start, g.char_end).join("")));
+    pos = Math.max(pos, g.char_end);
+  }
+  if (pos < cps.length) parts.push(cps.slice(pos).join(""));
+  $("response").replaceChildren(...parts);
+  if (!t.spans.length) $("response").append(el("p", { class: "muted" }, "No span of this response was found in the training data."));
+}
+
+function showGroup(index) {
+  const g = current.groups[index];
+  for (const m of document.querySelectorAll("#response mark")) m.classList.toggle("selected", Number(m.dataset.group) === index);
+  const spans = g.spans.map((i) => current.spans[i]).sort((a, b) => (b.end - b.start) - (a.end - a.start));
+  $("detail").hidden = false;
+  $("detail").replaceChildren(
+    el("h2", {}, spans.length > 1 ? `${spans.length} overlapping spans` : "Span"),
+    ...spans.map(spanCard),
+  );
+  $("detail").scrollIntoView({ behavior: "smooth", block: "nearest" });
+}
+
+function spanCard(s) {
+  const found = Object.entries(s.count_by_source).filter(([, n]) => n > 0);
+  return el("article", { class: "span" },
+    el("blockquote", {}, s.text),
+    el("p", { class: "muted" },
+      `${s.end - s.start} tokens · ${s.count} occurrence${s.count === 1 ? "" : "s"}: `,
+      found.map(([src, n]) => `${src} ${n}`).join(", "),
+      s.agreement === null ? "" : s.agreement ? " · top expert's source contains it ✓" : " · top expert's source does not contain it ✗"),
+    el("div", { class: "columns" },
+      el("div", {}, el("h3", {}, "Documents"), documentsList(s)),
+      el("div", {}, el("h3", {}, "Experts"), expertsTable(s)),
+    ),
+  );
+}
+
+function documentsList(s) {
+  if (!s.documents.length) return el("p", { class: "muted" }, "No documents shown (the sources show counts only).");
+  return el("ul", { class: "docs" }, s.documents.map((d) => {
+    const head = el("div", { class: "doc-head" },
+      el("span", { class: "source" }, d.source), " ",
+      el("code", {}, d.doc_id ?? "—"),
+      d.title ? el("span", { class: "muted" }, ` ${d.title}`) : "",
+      d.blocked ? el("span", { class: "badge blocked" }, "blocked") : el("span", { class: `badge ${d.bucket}` }, `${d.bucket} relevance`),
+    );
+    let body;
+    if (d.blocked) body = el("p", { class: "muted" }, "Taken down by its owner: no text is shown.");
+    else if (d.snippet && d.snippet_span) {
+      const [a, b, c] = cut(d.snippet, d.snippet_span[0], d.snippet_span[1]);
+      body = el("p", { class: "snippet" }, "…", a, el("mark", {}, b), c, "…");
+    } else body = el("p", { class: "muted" }, "No text (source policy).");
+    return el("li", { class: d.blocked ? "doc is-blocked" : "doc" }, head, body);
+  }));
+}
+
+function expertsTable(s) {
+  if (!s.experts.length) return el("p", { class: "muted" }, "No model loaded: expert linkage unavailable.");
+  const rows = [...s.experts].sort((a, b) => b.routing_share - a.routing_share);
+  return el("table", { class: "experts" },
+    el("thead", {}, el("tr", {}, el("th", {}, "expert"), el("th", {}, "routing share"), el("th", { title: "drop in the span's log-probability with this expert off" }, "drop if off"))),
+    el("tbody", {}, rows.map((e) => el("tr", { class: e.active ? "" : "off" },
+      el("td", {}, e.source, e.active ? "" : " (off)"),
+      el("td", {}, el("div", { class: "bar" }, el("div", { style: `width:${pct(e.routing_share)}` })), ` ${pct(e.routing_share)}`),
+      el("td", { class: "num" }, e.counterfactual === null ? "—" : e.counterfactual.toFixed(2)),
+    ))),
+  );
+}
+
+$("trace-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  runTrace("/api/trace", { text: $("trace-text").value, prompt: $("trace-prompt").value || null }, "Tracing");
+});
+$("generate-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  runTrace("/api/generate", { prompt: $("gen-prompt").value, max_new_tokens: Number($("gen-tokens").value) || 60 }, "Generating");
+});
+
+// ---------------------------------------------------------------------------------------
+// owner view
+
+async function loadSources() {
+  const sources = await api("GET", "/api/sources");
+  const sel = $("owner-source");
+  const keep = sel.value;
+  sel.replaceChildren(...sources.map((s) => el("option", { value: s.name }, `${s.name}${s.available ? "" : " (off)"}`)));
+  if (keep) sel.value = keep;
+  return sources;
+}
+
+async function showOwner() {
+  const name = $("owner-source").value;
+  if (!name) return;
+  status("owner-status", "");
+  try {
+    const s = await api("GET", `/api/sources/${encodeURIComponent(name)}`);
+    showPolicy(s);
+    showTakedowns(name, await api("GET", `/api/sources/${encodeURIComponent(name)}/takedowns`));
+  } catch (e) {
+    status("owner-status", e.message, true);
+  }
+  try {
+    showContribution(await api("GET", `/api/sources/${encodeURIComponent(name)}/contribution`));
+  } catch (e) {
+    $("owner-contribution").replaceChildren(el("h2", {}, "Contribution"), el("p", { class: "muted" }, e.message));
+  }
+}
+
+function showPolicy(s) {
+  const toggle = el("button", {
+    class: s.active ? "danger" : "",
+    on: { click: () => setPolicy(s.name, { active: !s.active }) },
+  }, s.active ? "Switch off" : "Switch on");
+  const vis = el("select", { on: { change: (e) => setPolicy(s.name, { visibility: e.target.value }) } },
+    ["full", "snippets", "counts"].map((v) => el("option", { value: v, selected: v === s.visibility }, v)));
+  $("owner-policy").replaceChildren(
+    el("dl", {},
+      el("dt", {}, "owner"), el("dd", {}, s.owner),
+      el("dt", {}, "domain"), el("dd", {}, s.domain),
+      el("dt", {}, "licence"), el("dd", {}, s.licence),
+      el("dt", {}, "documents"), el("dd", {}, `${s.n_docs_train} train, ${s.n_docs_valid} validation`),
+      el("dt", {}, "expires"), el("dd", {}, s.expires ?? "never"),
+      el("dt", {}, "status"), el("dd", {}, el("span", { class: `badge ${s.available ? "on" : "blocked"}` }, s.available ? "searched and routed" : (s.active ? "expired" : "switched off"))),
+      el("dt", {}, "visibility"), el("dd", {}, vis),
+    ),
+    toggle,
+    el("p", { class: "muted" }, `last changed ${s.updated_at.replace("T", " ")} by ${s.updated_by}`),
+  );
+}
+
+async function setPolicy(name, change) {
+  status("owner-status", "Saving… (the tracer reopens with the new policy)");
+  try {
+    await api("PATCH", `/api/sources/${encodeURIComponent(name)}`, change);
+    await loadSources();
+    status("owner-status", "Saved: later traces follow the new policy.");
+    await showOwner();
+    await loadHealth();
+  } catch (e) {
+    status("owner-status", e.message, true);
+  }
+}
+
+function showContribution(c) {
+  const fmt = (x, f) => (x === null ? "—" : f(x));
+  $("owner-contribution").replaceChildren(
+    el("h2", {}, `Contribution of ${c.source}`),
+    el("div", { class: "stats" },
+      stat(`${c.traces_matched} / ${c.n_traces}`, "stored traces matched"),
+      stat(c.spans_matched, "spans found in it"),
+      stat(c.documents_matched, "distinct documents retrieved"),
+      stat(c.blocked_hits, "blocked hits"),
+      stat(fmt(c.mean_routing_share, pct), "mean routing share of its expert"),
+      stat(fmt(c.mean_counterfactual, (x) => x.toFixed(2)), "mean log-prob drop with its expert off"),
+      stat(fmt(c.agreement_rate, pct), "of its spans routed mostly to its expert"),
+    ),
+    c.top_spans.length ? el("table", { class: "top-spans" },
+      el("thead", {}, el("tr", {}, el("th", {}, "tokens"), el("th", {}, "count"), el("th", {}, "top expert"), el("th", {}, "span"))),
+      el("tbody", {}, c.top_spans.map((s) => el("tr", {},
+        el("td", { class: "num" }, s.n_tokens), el("td", { class: "num" }, s.count),
+        el("td", {}, s.top_expert_source ?? "—"), el("td", { class: "span-text" }, s.text))))) : el("p", { class: "muted" }, "No span of a stored trace was found in this source."),
+  );
+}
+
+const stat = (value, label) => el("div", { class: "stat" }, el("b", {}, String(value)), el("span", {}, label));
+
+function showTakedowns(name, list) {
+  const docId = el("input", { type: "text", placeholder: "doc_id", required: true });
+  const reason = el("input", { type: "text", placeholder: "reason", required: true });
+  const form = el("form", { class: "inline", on: { submit: async (e) => {
+    e.preventDefault();
+    status("owner-status", "Taking the document down…");
+    try {
+      await api("POST", `/api/sources/${encodeURIComponent(name)}/takedowns`, { doc_id: docId.value, reason: reason.value });
+      status("owner-status", `Taken down: ${docId.value}`);
+      await showOwner();
+    } catch (err) {
+      status("owner-status", err.message, true);
+    }
+  } } }, docId, reason, el("button", { type: "submit", class: "danger" }, "Take down"));
+  $("owner-takedowns").replaceChildren(
+    el("h2", {}, "Takedowns"),
+    list.length ? el("ul", {}, list.map((t) => el("li", {}, el("code", {}, t.doc_id), ` — ${t.reason} (${t.requested_by}, ${String(t.created_at).replace("T", " ")})`)))
+      : el("p", { class: "muted" }, "No document taken down."),
+    form,
+  );
+}
+
+$("owner-source").addEventListener("change", showOwner);
+
+// ---------------------------------------------------------------------------------------
+// tabs and health
+
+for (const tab of document.querySelectorAll(".tab")) {
+  tab.addEventListener("click", async () => {
+    for (const t of document.querySelectorAll(".tab")) t.classList.toggle("active", t === tab);
+    for (const v of document.querySelectorAll(".view")) v.hidden = v.id !== tab.dataset.view;
+    if (tab.dataset.view === "owner-view") {
+      try { await loadSources(); await showOwner(); } catch (e) { status("owner-status", e.message, true); }
+    }
+  });
+}
+
+async function loadHealth() {
+  try {
+    const h = await api("GET", "/api/health");
+    $("health").textContent = h.tracer_open
+      ? `${h.sources_searched.length} sources searched${h.model ? " · model loaded" : " · no model"}`
+      : `tracer not open: ${h.error}`;
+    $("health").classList.toggle("error", !h.tracer_open);
+  } catch (e) {
+    $("health").textContent = e.message;
+  }
+}
+loadHealth();
