@@ -1,33 +1,127 @@
-"""`flexolmo demo`: the whole pipeline on the sample federation, step by step."""
+"""`flexolmo demo`: the whole pipeline on the sample federation, step by step.
+
+Each step keeps what an earlier run built when its inputs did not change (the tokenizer,
+indexes, the public model, expert packages), so a second `make demo` only traces.
+"""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated
 
 import typer
 
 from flexolmo import tokenizer as tok_lib
+from flexolmo.workspace import Workspace
 
 from .common import console, ws
 from .data import build_and_report
+
+DEMO_PROMPTS = (
+    "Fellow-Citizens of the Senate and House of Representatives:",
+    "To be, or not to be,",
+    "def __init__(self",
+    "The theorem states that",
+)
 
 
 def register(app: typer.Typer) -> None:
     app.command("demo")(demo)
 
 
+def _current(card_path, **expected) -> bool:
+    """An earlier artefact is kept when its card records the same inputs."""
+    if not card_path.exists():
+        return False
+    card = json.loads(card_path.read_text())
+    return all(card.get(k) == v for k, v in expected.items())
+
+
 def demo(
+    profile: Annotated[str, typer.Option(help="Model profile: tiny | demo | paper.")] = "demo",
+    retrain: Annotated[bool, typer.Option(help="Retrain the models even if they are current.")] = False,
     vocab_size: Annotated[int, typer.Option(help="Tokenizer vocabulary size.")] = tok_lib.DEFAULT_VOCAB,
 ) -> None:
-    """Build the sample federation and its shared tokenizer, then print a summary."""
+    """Build the sample federation, train and merge the model, index every source, trace outputs."""
+    from flexolmo.merge import merge
+    from flexolmo.sources import list_sources
+    from flexolmo.train import train_expert, train_public
+    from index.build import build_all, catalog_table
+
+    from .index_cmds import _RichProgress, catalog_rich_table
+    from .trace_cmds import show_trace
+
+    w: Workspace = ws()
     t0 = time.time()
+    steps: dict[str, float] = {}
+
+    def mark(name: str, since: float) -> None:
+        steps[name] = time.time() - since
+
     console.rule("1. sample sources")
+    s = time.time()
     results = build_and_report()
     missing = [r for r in results if not r.ok]
     if missing:
         console.print(f"[yellow]{len(missing)} sample source(s) missing; run `make data-deps` and retry[/]")
+    mark("sources", s)
+
     console.rule("2. shared tokenizer (public source only)")
-    info = tok_lib.train_tokenizer(ws(), vocab_size=vocab_size)
-    console.print(f"{info.vocab_size:,} ids ({info.n_bow:,} begin a word), trained in {info.seconds:.1f}s")
-    console.rule(f"done in {time.time() - t0:.0f}s; workspace {ws().root}")
+    s = time.time()
+    info = tok_lib.train_tokenizer(w, vocab_size=vocab_size)
+    console.print(f"{info.vocab_size:,} ids ({info.n_bow:,} begin a word)")
+    mark("tokenizer", s)
+
+    console.rule("3. per-source indexes (train split)")
+    s = time.time()
+    build_all(w, progress=_RichProgress())
+    console.print(catalog_rich_table(catalog_table(w)))
+    mark("indexes", s)
+
+    console.rule(f"4. public model ({profile} profile)")
+    s = time.time()
+    tok_hash = tok_lib.tokenizer_hash(w)
+    public_card = w.models_dir / "public" / "card.json"
+    if not retrain and _current(public_card, profile=profile, tokenizer_sha256=tok_hash):
+        console.print("public model is current, kept")
+    else:
+        r = train_public(w, profile)
+        console.print(f"public: {r.tokens:,} tokens, {r.steps} steps, loss {r.final_loss:.3f}, {r.tokens_per_s:,.0f} tokens/s")
+    public_hash = json.loads(public_card.read_text())["shared_weights_sha256"]
+    mark("public model", s)
+
+    console.rule("5. one expert per data owner, trained against the frozen public model")
+    s = time.time()
+    owners = [src.name for src in list_sources(w) if src.name != "public"]
+    for name in owners:
+        card = w.experts_dir / name / "card.json"
+        if not retrain and _current(card, profile=profile, public_hash=public_hash, tokenizer_sha256=tok_hash):
+            console.print(f"{name}: expert package is current, kept")
+            continue
+        r = train_expert(w, name, profile)
+        console.print(f"{name}: {r.tokens:,} tokens, loss {r.final_loss:.3f}, {r.tokens_per_s:,.0f} tokens/s")
+    mark("experts", s)
+
+    console.rule("6. merge")
+    s = time.time()
+    m = merge(w, owners)
+    console.print(f"merged {len(m.experts)} experts (top-{m.top_k}): " + ", ".join(f"{i}={n}" for i, n in enumerate(m.experts)))
+    mark("merge", s)
+
+    console.rule("7. generate and trace")
+    s = time.time()
+    from tracing.trace import Tracer
+
+    tracer = Tracer.open(w)
+    new_tokens = min(48, tracer.model.config.max_position_embeddings - 24)  # the tiny profile has 64 positions
+    traces = [tracer.generate_and_trace(p, max_new_tokens=new_tokens) for p in DEMO_PROMPTS]
+    show_trace(max(traces, key=lambda t: len(t.spans)))
+    n_spans = sum(len(t.spans) for t in traces)
+    agree = sum(bool(sp.agreement) for t in traces for sp in t.spans)
+    console.print(f"{len(traces)} responses traced and stored: {n_spans} spans, top expert matches a source "
+                  f"containing the span on {agree}/{n_spans}. Query them: flexolmo query \"SELECT * FROM spans\"")
+    mark("trace", s)
+
+    console.rule(f"done in {time.time() - t0:.0f}s; workspace {w.root}")
+    console.print("  ".join(f"{k} {v:.0f}s" for k, v in steps.items()))
