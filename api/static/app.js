@@ -88,11 +88,13 @@ function showTrace(t) {
   let pos = 0;
   for (const g of t.groups) {
     if (g.char_start > pos) parts.push(cps.slice(pos, g.char_start).join(""));
-    parts.push(el("mark", {
+    // spans usually start with the space before a word: keep it (and trailing space) outside the mark
+    const [, lead, body, trail] = cps.slice(g.char_start, g.char_end).join("").match(/^(\s*)([\s\S]*?)(\s*)$/);
+    parts.push(lead, el("mark", {
       class: `g${g.index % 6}`, tabindex: "0", title: `${g.spans.length} span(s): click for documents and experts`,
       "data-group": g.index,
       on: { click: () => showGroup(g.index), keydown: (e) => { if (e.key === "Enter") showGroup(g.index); } },
-    }, cps.slice(g.char_start, g.char_end).join("")));
+    }, body), trail);
     pos = Math.max(pos, g.char_end);
   }
   if (pos < cps.length) parts.push(cps.slice(pos).join(""));
@@ -115,7 +117,7 @@ function showGroup(index) {
 function spanCard(s) {
   const found = Object.entries(s.count_by_source).filter(([, n]) => n > 0);
   return el("article", { class: "span" },
-    el("blockquote", {}, s.text),
+    el("blockquote", {}, s.text.trim()),
     el("p", { class: "muted" },
       `${s.end - s.start} tokens · ${s.count} occurrence${s.count === 1 ? "" : "s"}: `,
       found.map(([src, n]) => `${src} ${n}`).join(", "),
@@ -225,9 +227,9 @@ async function setPolicy(name, change) {
   try {
     await api("PATCH", `/api/sources/${encodeURIComponent(name)}`, change);
     await loadSources();
-    status("owner-status", "Saved: later traces follow the new policy.");
     await showOwner();
     await loadHealth();
+    status("owner-status", "Saved: later traces follow the new policy.");
   } catch (e) {
     status("owner-status", e.message, true);
   }
@@ -264,8 +266,9 @@ function showTakedowns(name, list) {
     status("owner-status", "Taking the document down…");
     try {
       await api("POST", `/api/sources/${encodeURIComponent(name)}/takedowns`, { doc_id: docId.value, reason: reason.value });
-      status("owner-status", `Taken down: ${docId.value}`);
+      const done = docId.value;
       await showOwner();
+      status("owner-status", `Taken down: ${done}. Later traces show it as blocked.`);
     } catch (err) {
       status("owner-status", err.message, true);
     }
