@@ -17,7 +17,7 @@ from typing import Annotated, Callable, TypeVar
 from fastapi import Depends, HTTPException, Request
 
 from flexolmo.errors import FlexolmoError
-from flexolmo.workspace import ENV_VAR, Workspace
+from flexolmo.workspace import Workspace
 from tracing.trace import Tracer
 
 T = TypeVar("T")
@@ -25,14 +25,13 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Settings:
-    """Service settings; `from_env` reads them as `flexolmo` does (FLEXOLMO_HOME)."""
+    """Service settings; `from_env` reads them as `flexolmo` does (the workspace: $FLEXOLMO_HOME)."""
 
     workspace: Workspace
 
     @classmethod
     def from_env(cls, workspace: str | os.PathLike | Workspace | None = None) -> "Settings":
-        ws = workspace if isinstance(workspace, Workspace) else Workspace.resolve(workspace or os.environ.get(ENV_VAR))
-        return cls(workspace=ws)
+        return cls(workspace=workspace if isinstance(workspace, Workspace) else Workspace.resolve(workspace))
 
 
 class Service:

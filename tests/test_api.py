@@ -55,11 +55,12 @@ def _trace(client: TestClient, text: str, prompt: str | None = None) -> dict:
 def test_page_and_script_are_served(client):
     r = client.get("/")
     assert r.status_code == 200 and "text/html" in r.headers["content-type"]
-    assert '<script src="/static/app.js">' in r.text and "http" not in r.text.replace("http-equiv", "")
-    js = client.get("/static/app.js")
-    assert js.status_code == 200 and "javascript" in js.headers["content-type"]
+    assert '<script src="/static/app.js">' in r.text
+    js, css = client.get("/static/app.js"), client.get("/static/style.css")
+    assert js.status_code == 200 and "javascript" in js.headers["content-type"] and css.status_code == 200
     assert "/api/trace" in js.text and "/api/generate" in js.text and "/contribution" in js.text
-    assert client.get("/static/style.css").status_code == 200
+    for body in (r.text, js.text, css.text):  # nothing is fetched from elsewhere
+        assert "http://" not in body and "https://" not in body and "//cdn" not in body
 
 
 def test_trace_points_at_the_document_and_is_stored(client, fed):
@@ -154,3 +155,14 @@ def test_generate_and_contribution(client, fed):
     news = client.get("/api/sources/news/contribution").json()
     assert news["blocked_hits"] >= 1  # the takedown above
     assert client.get("/api/sources/nope/contribution").status_code == 404
+
+
+def test_workspace_from_environment_and_serve_command(fed, monkeypatch):
+    from typer.testing import CliRunner
+
+    from cli.main import app as cli
+
+    monkeypatch.setenv("FLEXOLMO_HOME", str(fed.root))
+    assert create_app().state.service.ws.root == fed.root
+    r = CliRunner().invoke(cli, ["serve", "--help"])
+    assert r.exit_code == 0 and "127.0.0.1" in r.output
