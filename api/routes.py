@@ -123,17 +123,5 @@ def health(svc: ServiceDep) -> Health:
 
 
 def _trace_rows(ws, trace_id: str) -> dict[str, QueryResponse]:
-    """Every table's rows for `trace_id` (validated hex by the route, so safe to inline).
-
-    Belongs in tracing/store.py as a parameterised query; kept here until it moves.
-    """
-    from flexolmo.errors import NotFoundError
-
-    out = {}
-    for table in store.TABLES:
-        res = store.query(ws, f"SELECT * FROM {table} WHERE trace_id = '{trace_id}'", limit=None)
-        out[table] = QueryResponse(columns=res.columns, rows=[list(r) for r in res.rows])
-    if not out["traces"].rows:
-        raise NotFoundError(f"no stored trace {trace_id!r}; list them with POST /api/query "
-                            "{\"sql\": \"SELECT trace_id, created_at FROM traces\"}")
-    return out
+    return {t: QueryResponse(columns=r.columns, rows=[list(x) for x in r.rows])
+            for t, r in store.trace_rows(ws, trace_id).items()}

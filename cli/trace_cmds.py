@@ -132,10 +132,10 @@ def contribution(
                       f"top expert on {c.agreement_rate:.0%} of the spans found in it" if c.agreement_rate is not None
                       else f"its expert: mean routing share {c.mean_routing_share:.1%}")
     table = Table(title="top matched spans")
-    for col in ("tokens", "count", "top expert", "span"):
+    for col in ("tokens", "count", "traced", "top expert", "span"):
         table.add_column(col, overflow="fold")
     for s in c.top_spans:
-        table.add_row(str(s["n_tokens"]), str(s["count"]), str(s["top_expert_source"] or ""), repr(s["text"].strip())[1:-1][:100])
+        table.add_row(str(s["n_tokens"]), str(s["count"]), str(s["times_traced"]), str(s["top_expert_source"] or ""), repr(s["text"].strip())[1:-1][:100])
     console.print(table)
 
 

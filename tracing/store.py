@@ -156,6 +156,19 @@ def query(ws: Workspace, sql: str, limit: int | None = 1000) -> QueryResult:
         return QueryResult([d[0] for d in cur.description], rows)
 
 
+def trace_rows(ws: Workspace, trace_id: str) -> dict[str, QueryResult]:
+    """Every table's rows for one stored trace (NotFoundError when there is none)."""
+    out = {}
+    with connect(ws, read_only=True) as con:
+        for table in TABLES:
+            cur = con.execute(f"SELECT * FROM {table} WHERE trace_id = ?", [trace_id])
+            out[table] = QueryResult([d[0] for d in cur.description], cur.fetchall())
+    if not out["traces"].rows:
+        raise NotFoundError(f"no stored trace {trace_id!r}; list them with "
+                            "flexolmo query \"SELECT trace_id, created_at FROM traces\"")
+    return out
+
+
 def export_parquet(ws: Workspace, out: Path) -> list[Path]:
     """Write every table to `out/<table>.parquet`."""
     out = Path(out)
@@ -177,7 +190,7 @@ class Contribution:
     n_traces: int  # stored traces
     traces_matched: int  # traces with at least one span found in the source
     spans_matched: int  # spans found in the source
-    documents_matched: int  # distinct documents of the source retrieved for spans
+    documents_matched: int  # distinct documents of the source retrieved for spans (not taken down)
     blocked_hits: int  # retrieved windows that were blocked by a takedown
     mean_routing_share: float | None  # the source's expert, over every traced span
     mean_counterfactual: float | None  # mean log-prob drop of a span with the expert off
@@ -191,17 +204,19 @@ def contribution(ws: Workspace, source: str, top: int = 10) -> Contribution:
         n_traces = con.execute("SELECT count(*) FROM traces").fetchone()[0]
         traces_matched = one("SELECT count(DISTINCT trace_id) FROM span_sources WHERE source = ? AND count > 0")
         spans_matched = one("SELECT count(*) FROM span_sources WHERE source = ? AND count > 0")
-        docs = one("SELECT count(DISTINCT doc_id) FROM span_documents WHERE source = ? AND doc_id IS NOT NULL")
+        docs = one("SELECT count(DISTINCT doc_id) FROM span_documents WHERE source = ? AND doc_id IS NOT NULL AND NOT blocked")
         blocked = one("SELECT count(*) FROM span_documents WHERE source = ? AND blocked")
         share, cf = con.execute("SELECT avg(routing_share), avg(counterfactual) FROM span_experts WHERE source = ?",
                                 [source]).fetchone()
         agree = one("""SELECT avg(CASE WHEN s.top_expert_source = ss.source THEN 1.0 ELSE 0.0 END)
                        FROM span_sources ss JOIN spans s USING (trace_id, span_index)
                        WHERE ss.source = ? AND ss.count > 0 AND s.top_expert IS NOT NULL""")
-        cur = con.execute("""SELECT s.text, s.n_tokens, ss.count, s.trace_id, s.top_expert_source
-                             FROM span_sources ss JOIN spans s USING (trace_id, span_index)
+        # one row per distinct span text: how often it was traced, its latest top expert
+        cur = con.execute("""SELECT s.text, any_value(s.n_tokens) AS n_tokens, max(ss.count) AS count,
+                                    count(*) AS times_traced, arg_max(s.top_expert_source, t.created_at) AS top_expert_source
+                             FROM span_sources ss JOIN spans s USING (trace_id, span_index) JOIN traces t USING (trace_id)
                              WHERE ss.source = ? AND ss.count > 0
-                             ORDER BY s.n_tokens DESC, ss.count ASC LIMIT ?""", [source, top])
+                             GROUP BY s.text ORDER BY n_tokens DESC, count ASC LIMIT ?""", [source, top])
         cols = [d[0] for d in cur.description]
         top_spans = [dict(zip(cols, r)) for r in cur.fetchall()]
     return Contribution(source, n_traces, traces_matched, spans_matched, docs, blocked,
