@@ -115,7 +115,9 @@ def demo(
 
     tracer = Tracer.open(w)
     new_tokens = min(48, tracer.model.config.max_position_embeddings - 24)  # the tiny profile has 64 positions
-    traces = [tracer.generate_and_trace(p, max_new_tokens=new_tokens) for p in DEMO_PROMPTS]
+    # sampled (seeded): greedy decoding of a model this small falls into repetition
+    traces = [tracer.generate_and_trace(p, max_new_tokens=new_tokens, do_sample=True, seed=i)
+              for i, p in enumerate(DEMO_PROMPTS)]
     show_trace(max(traces, key=lambda t: len(t.spans)))
     n_spans = sum(len(t.spans) for t in traces)
     agree = sum(bool(sp.agreement) for t in traces for sp in t.spans)

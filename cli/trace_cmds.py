@@ -35,6 +35,8 @@ def trace(
     prompt: Annotated[Optional[str], typer.Option(help="The prompt the response answered (used for relevance).")] = None,
     generate: Annotated[Optional[str], typer.Option("--generate", help="Generate a response to this prompt, then trace it.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="With --generate: tokens to generate.")] = 60,
+    sample: Annotated[bool, typer.Option("--sample", help="With --generate: sample (temperature 0.8, top-p 0.95).")] = False,
+    seed: Annotated[int, typer.Option(help="With --sample: the random seed.")] = 0,
     exclude: Annotated[str, typer.Option(help="Switch these experts off, e.g. 'news,forum'.")] = "",
     no_counterfactual: Annotated[bool, typer.Option("--no-counterfactual", help="Skip the per-expert passes.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the full trace record as JSON.")] = False,
@@ -46,7 +48,7 @@ def trace(
     if no_counterfactual:
         tracer.settings = replace(tracer.settings, counterfactual=False)
     if generate is not None:
-        t = tracer.generate_and_trace(generate, max_new_tokens=max_new_tokens)
+        t = tracer.generate_and_trace(generate, max_new_tokens=max_new_tokens, do_sample=sample, seed=seed)
     else:
         if text is None or text == "-":
             if sys.stdin.isatty():

@@ -108,14 +108,14 @@ class Tracer:
     # -- entry points ----------------------------------------------------------------------
 
     def generate_and_trace(self, prompt: str, max_new_tokens: int = 60, do_sample: bool = False, seed: int = 0,
-                           store: bool = True) -> Trace:
-        """Generate a response with routing capture, then trace it."""
+                           temperature: float = 0.8, top_p: float = 0.95, store: bool = True) -> Trace:
+        """Generate a response with routing capture (greedy, or sampled with a seed), then trace it."""
         from flexolmo.generate import generate
 
         if self.model is None:
             raise InputError("no merged model to generate with; run `flexolmo merge` first, or trace --text")
         gen = generate(self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                       seed=seed)
+                       seed=seed, temperature=temperature, top_p=top_p)
         if not gen.token_ids:
             raise InputError("the model generated nothing for this prompt; try another prompt")
         routing = (np.asarray([r.experts for r in gen.routing]), np.asarray([r.weights for r in gen.routing]))
