@@ -196,8 +196,8 @@ class SourceIndex:
         pos = ptr // 2
         lo, hi = max(d0, pos - left), min(d1, pos + needle_len + right)
         if doc.blocked:
-            return DocWindow(self.name, shard, ptr, doc, [], 0, needle_len, True)
-        return DocWindow(self.name, shard, ptr, doc, [int(x) for x in sh.ds[lo:hi]], pos - lo, needle_len, False)
+            return DocWindow(self.name, shard, ptr, doc, [], 0, needle_len, True, pos - d0)
+        return DocWindow(self.name, shard, ptr, doc, [int(x) for x in sh.ds[lo:hi]], pos - lo, needle_len, False, pos - d0)
 
     def engine_windows(self, docs: Sequence[SpanDoc], span_ids: Sequence[int], max_ctx_len: int) -> list[DocWindow]:
         """Windows as the engine serves them (`get_docs_by_ptrs_2[_grouped]`, symmetric context).
@@ -219,8 +219,9 @@ class SourceIndex:
         for d, r in zip(docs, results):
             doc = self.doc_at(d.shard, d.ptr)
             blocked = bool(r["blocked"]) or doc.blocked
+            doc_start = int(self._shards[d.shard].od[doc.doc_ix]) // 2 + 1
             out.append(DocWindow(self.name, d.shard, d.ptr, doc, [] if blocked else list(r["token_ids"]),
-                                 int(r["needle_offset"]), len(span_ids), blocked))
+                                 int(r["needle_offset"]), len(span_ids), blocked, d.ptr // 2 - doc_start))
         return out
 
     def is_blocked(self, shard: int, ptr: int) -> bool:

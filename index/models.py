@@ -167,6 +167,7 @@ class DocWindow:
     needle_offset: int  # index of the first matched token within token_ids
     needle_len: int
     blocked: bool
+    doc_offset: int = 0  # where the match starts within its document, in tokens
 
 
 @dataclass(frozen=True)

@@ -214,7 +214,7 @@ class Tracer:
         w = self.fed.window(shard.source, shard.index, ptr, needle_len, st.context_tokens, st.context_tokens)
         doc = w.doc
         hit = DocHit(source=shard.source, doc_id=doc.doc_id, title=doc.title, shard=shard.index, doc_ix=doc.doc_ix,
-                     token_offset=ptr // 2 - (int(self.fed.source(shard.source)._shards[shard.index].od[doc.doc_ix]) // 2 + 1),
+                     token_offset=w.doc_offset,
                      blocked=w.blocked, snippet=None, snippet_span=None, context=None, context_span=None)
         if w.blocked:
             return hit, None
