@@ -3,6 +3,7 @@
     flexolmo train public --profile demo
     flexolmo train expert --source news --profile demo
     flexolmo merge --experts news,code --top-k 2
+    flexolmo tune-router --steps 100 --docs-per-source 64      # models/merged in place
     flexolmo generate "The river" --exclude news --json
     torchrun --nproc_per_node 2 -m cli.main train public --profile tiny
 """
@@ -102,6 +103,24 @@ def merge_cmd(
     console.print(f"written to {r.out_dir}")
 
 
+def tune_router_cmd(
+    model_dir: Annotated[Optional[Path], typer.Option("--model", help="Merged model (default: <workspace>/models/merged).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: in place, untuned kept as <model>-untuned).")] = None,
+    docs_per_source: Annotated[int, typer.Option("--docs-per-source", help="Training documents per source in the proxy set.")] = 64,
+    steps: Annotated[int, typer.Option("--steps")] = 100,
+    lr: Annotated[float, typer.Option("--lr")] = 3e-3,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Tune only the routers of a merged model on a small proxy set of each source's training data."""
+    from flexolmo.router_tuning import tune_router
+
+    r = tune_router(ws(), model_dir, out=out, docs_per_source=docs_per_source, steps=steps, lr=lr, seed=seed)
+    console.print(f"[bold green]router tuned[/] {r.steps} steps on {sum(r.proxy_docs.values())} proxy documents, "
+                  f"{r.seconds:.0f}s: proxy loss {r.loss_before:.3f} -> {r.loss_after:.3f}")
+    console.print("routing share: " + ", ".join(f"{n} {r.share_before[n]:.0%}->{r.share_after[n]:.0%}" for n in r.experts))
+    console.print(f"written to {r.out_dir}" + (f" (untuned model kept in {r.untuned_dir})" if r.untuned_dir else ""))
+
+
 def generate_cmd(
     prompt: Annotated[str, typer.Argument(help="Text to continue.")],
     exclude: Annotated[Optional[str], typer.Option("--exclude", help="Comma-separated sources to switch off.")] = None,
@@ -148,4 +167,5 @@ def register(app: typer.Typer) -> None:
     _quiet_hf()
     app.add_typer(train_app, name="train")
     app.command("merge")(merge_cmd)
+    app.command("tune-router")(tune_router_cmd)
     app.command("generate")(generate_cmd)

@@ -1,0 +1,306 @@
+"""Router tuning (the FlexOlmo paper's optional last step): train only the routers of a merged
+model on a small proxy set of every domain, everything else frozen.
+
+    flexolmo tune-router                                  # models/merged, in place
+    flexolmo tune-router --out models/merged-tuned --steps 100 --docs-per-source 64
+
+Why: every owner trained its router row against the public expert alone, never against
+the other owners' experts, so in the merged model the rows are not calibrated against each
+other (docs/bench-model.md: the demo model never routes to the public expert).
+
+Proxy set: `docs_per_source` documents sampled (seeded) from the *training split* of every
+source in the merged model. The paper assumes a small public proxy set per domain; here it
+is a sample of each owner's own training data, so this step needs the owners' consent (or
+a public proxy set put in the workspace under the source's name). Validation documents are
+never read. Sources the catalog marks inactive or expired give no data: their experts are
+switched off during tuning and their router rows stay as they were.
+
+What trains: in every layer the router rows of experts 1..E-1 and their biases (clamped to
+<= 0). Row 0 and bias 0 (the public expert) stay fixed, so the tuned model keeps the public
+hash (`shared_weights_hash`) merge recorded. That loses nothing: the softmax is invariant
+to adding the same vector to every row, so any router (W, b) has an equivalent with row 0
+fixed (the bias clamp aside: owners' biases can only go below the public one). Embeddings,
+attention, norms, lm_head and every expert FFN are frozen (`requires_grad=False`; the test
+checks them bit-for-bit). Loss: next-token cross-entropy on random windows of the proxy
+stream, where each source's proxy stream is repeated to the same length so that every domain
+weighs the same. The loop, LR schedule, resume state (`runs/router-tune/`) and progress
+bar are train.py's.
+
+Output: an ordinary merged-model folder (same format, `load_merged` loads it, opt-out works
+as before), written atomically, in place of the input (the untuned model is kept beside it
+as `<name>-untuned`, e.g. `models/merged-untuned`) or to `out`. Its card.json is the merged
+card plus a `router_tuning` section: proxy documents and tokens per source, steps, losses,
+time, and the proxy-set loss and per-expert routing share before and after.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import distributed
+from .config import TrainConfig
+from .errors import InputError, IntegrityError, NotFoundError
+from .generate import RoutingCapture
+from .merge import load_merged
+from .model import expert_names, load_model, save_model, set_active, routers, shared_weights_hash
+from .sources import get_source, iter_texts
+from .tokenizer import load_raw_tokenizer, tokenizer_info
+from .train import _fit, _Run, file_sha256
+from .workspace import Workspace, atomic_dir
+
+RUN_NAME = "router-tune"
+
+
+@dataclass
+class RouterTuneResult:
+    out_dir: Path
+    untuned_dir: Path | None  # where the untuned model was kept (in-place tuning), else None
+    experts: list[str]
+    steps: int
+    proxy_docs: dict[str, int]  # source -> documents in the proxy set
+    loss_before: float  # mean next-token loss on the proxy windows
+    loss_after: float
+    share_before: dict[str, float]  # expert -> share of top-k selections on the proxy windows
+    share_after: dict[str, float]
+    seconds: float
+    card: dict
+
+
+# ---------------------------------------------------------------------------------------
+# the proxy set
+
+
+def proxy_streams(ws: Workspace, sources: list[str], docs_per_source: int, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Per source: up to `docs_per_source` seeded training documents as one id stream (each
+    document followed by eos). Only the train split is read."""
+    tok = load_raw_tokenizer(ws)
+    eos = tokenizer_info(ws).eos_id
+    streams, n_docs = {}, {}
+    for k, source in enumerate(sources):
+        texts = list(iter_texts(ws, source, split="train"))
+        if not texts:
+            raise InputError(f"source {source!r} has no training documents for the proxy set")
+        g = torch.Generator().manual_seed(seed * 1_000_003 + k)
+        pick = sorted(torch.randperm(len(texts), generator=g)[:docs_per_source].tolist())
+        ids: list[int] = []
+        for enc in tok.encode_batch([texts[i] for i in pick], add_special_tokens=False):
+            ids.extend(enc.ids)
+            ids.append(eos)
+        streams[source], n_docs[source] = torch.tensor(ids, dtype=torch.long), len(pick)
+    return streams, n_docs
+
+
+def balanced_stream(streams: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each source's stream repeated (cyclically) to the longest one's length, concatenated:
+    random windows then come from every domain equally often."""
+    n = max(len(s) for s in streams.values())
+    return torch.cat([s.repeat(-(-n // len(s)))[:n] for s in streams.values()])
+
+
+def eval_windows(stream: torch.Tensor, seq_len: int, n: int) -> torch.Tensor:
+    """Up to `n` non-overlapping windows (n, seq_len + 1) from the start of a stream."""
+    m = min(n, (len(stream) - 1) // seq_len)
+    return torch.stack([stream[i * seq_len : i * seq_len + seq_len + 1] for i in range(m)])
+
+
+@torch.no_grad()
+def proxy_eval(model, windows: dict[str, torch.Tensor]) -> dict:
+    """Next-token loss and share of top-k selections per expert, per source and overall."""
+    names = expert_names(model)
+    was_training = model.training
+    model.eval()
+    per_source, total_counts, losses = {}, torch.zeros(len(names)), []
+    for source, w in windows.items():
+        with RoutingCapture(model) as cap:
+            logits = model(input_ids=w[:, :-1], use_cache=False).logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), w[:, 1:].reshape(-1)).item()
+        idx, _, _ = cap.stacked()  # (N, L, k)
+        counts = torch.bincount(idx.reshape(-1), minlength=len(names)).float()
+        total_counts += counts
+        losses.append(loss)
+        per_source[source] = {"loss": round(loss, 4), "share": _shares(names, counts)}
+    model.train(was_training)
+    return {"loss": round(sum(losses) / len(losses), 4), "share": _shares(names, total_counts), "per_source": per_source}
+
+
+def _shares(names: list[str], counts: torch.Tensor) -> dict[str, float]:
+    s = counts.sum().item() or 1.0
+    return {n: round(counts[i].item() / s, 4) for i, n in enumerate(names)}
+
+
+# ---------------------------------------------------------------------------------------
+# what trains
+
+
+def router_params(model, frozen_rows: list[int]) -> tuple[list[torch.nn.Parameter], Callable[[], None]]:
+    """Make only the router weights and biases trainable; mask the gradient of `frozen_rows`
+    (expert indices) and return a post-step that restores those rows exactly and clamps
+    every bias to <= 0."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = []
+    for r in routers(model):
+        params += [r.weight, r.bias]
+    saved = [p.detach()[frozen_rows].clone() for p in params]
+    mask_rows = torch.tensor(frozen_rows, dtype=torch.long)
+    for p in params:
+        p.requires_grad_(True)
+        mask = torch.ones_like(p)
+        mask[mask_rows] = 0
+        p.register_hook(lambda g, m=mask: g * m)
+
+    @torch.no_grad()
+    def post_step() -> None:
+        for p, s in zip(params, saved):
+            p[mask_rows] = s
+            if p.ndim == 1:  # bias (E,)
+                p.clamp_(max=0.0)
+
+    return params, post_step
+
+
+# ---------------------------------------------------------------------------------------
+# tune
+
+
+def tune_router(
+    ws: Workspace,
+    model_dir: Path | None = None,
+    *,
+    out: Path | None = None,
+    docs_per_source: int = 64,
+    steps: int = 100,
+    lr: float = 3e-3,
+    batch_size: int = 16,
+    seq_len: int = 128,
+    eval_windows_per_source: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> RouterTuneResult:
+    """Tune the routers of a merged model on a small proxy set; everything else frozen.
+
+    :param model_dir: the merged model (default `<workspace>/models/merged`)
+    :param out: output folder; default: in place of `model_dir`, keeping the untuned model
+        as `<model_dir>-untuned` (not overwritten if it exists already)
+    :param docs_per_source: training documents sampled per source for the proxy set
+    :param steps: optimizer steps (AdamW, warmup then cosine decay, no weight decay)
+    :param lr: peak learning rate
+    :param batch_size: windows per step
+    :param seq_len: tokens per window (at most the model's positions)
+    :param eval_windows_per_source: fixed proxy windows per source for the before/after
+        loss and routing share in the card
+    :param seed: proxy sampling and batch order
+    :param stop_after: simulate an interruption after this step (tests)
+    """
+    for name, v in (("steps", steps), ("docs_per_source", docs_per_source), ("batch_size", batch_size),
+                    ("eval_windows_per_source", eval_windows_per_source)):
+        if v < 1:
+            raise InputError(f"{name} must be at least 1, got {v}")
+    if lr <= 0:
+        raise InputError(f"lr must be positive, got {lr}")
+    model_dir = Path(model_dir) if model_dir else ws.models_dir / "merged"
+    if not (model_dir / "config.json").exists():
+        raise NotFoundError(f"no merged model in {model_dir}; run `flexolmo merge --experts ...` first")
+    model = load_merged(model_dir, ws=ws)  # switches off what the catalog marks inactive/expired
+    if not 8 <= seq_len <= model.config.max_position_embeddings - 1:
+        raise InputError(f"seq_len must be in 8..{model.config.max_position_embeddings - 1}, got {seq_len}")
+    names = expert_names(model)
+    if len(names) < 2:
+        raise InputError(f"{model_dir} holds one expert: nothing to route")
+    public_hash = shared_weights_hash(model)
+    off = dict(model.flexolmo_off)
+    sources = [n for n in names if n not in off]
+    for s in sources:
+        get_source(ws, s)  # NotFoundError names the missing source
+    d = distributed.setup()
+
+    # data: the proxy set (train split only), balanced over domains
+    t0 = time.time()
+    streams, n_docs = proxy_streams(ws, sources, docs_per_source, seed)
+    short = [s for s, st in streams.items() if len(st) < 2]
+    if short:
+        raise InputError(f"proxy set of {', '.join(short)} is empty after tokenizing; raise docs_per_source")
+    windows = {s: eval_windows(st, min(seq_len, len(st) - 1), eval_windows_per_source) for s, st in streams.items()}
+    stream = balanced_stream(streams)
+    if len(stream) < seq_len + 2:
+        raise InputError(f"the proxy set has only {len(stream)} tokens, fewer than seq_len={seq_len}; raise docs_per_source or lower seq_len")
+
+    # model: only router rows 1.. of switched-on experts and their biases train
+    frozen = [0] + [i for i, n in enumerate(names) if n in off]
+    before = proxy_eval(model, windows)
+    params, post_step = router_params(model, frozen)
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup_steps=max(1, steps // 10),
+                      weight_decay=0.0, seed=seed, checkpoint_every=max(0, min(50, steps - 1)),
+                      log_every=max(1, steps // 20))
+    config_dict = {"kind": "router-tune", "model": str(model_dir), "model_sha256": file_sha256(model_dir / "model.safetensors"),
+                   "sources": sources, "docs_per_source": docs_per_source, "train": cfg.__dict__}
+    run = _Run(name=RUN_NAME, cfg=cfg, config_dict=config_dict, stream=stream, post_step=post_step)
+    stats, run_dir = _fit(ws, d, model, params, run, progress, stop_after)
+    model.eval()
+    for p in params:
+        p.requires_grad_(False)
+    after = proxy_eval(model, windows)
+    assert shared_weights_hash(model) == public_hash  # row 0 and everything shared untouched
+
+    card = json.loads((model_dir / "card.json").read_text()) if (model_dir / "card.json").exists() else {"kind": "merged"}
+    previous = card.pop("router_tuning", None)
+    seconds = round(time.time() - t0, 2)
+    card["router_tuning"] = {
+        "proxy_set": {
+            "split": "train (validation documents are never used)",
+            "note": "a seeded sample of each owner's training data: needs the owners' consent, or a public proxy set",
+            "docs": n_docs,
+            "tokens": {s: len(st) for s, st in streams.items()},
+            "docs_per_source": docs_per_source,
+            "seed": seed,
+        },
+        "trained": "router rows and biases of experts " + ", ".join(n for i, n in enumerate(names) if i not in frozen)
+        + " in every layer (biases clamped <= 0); row 0 / bias 0 (public) and all other weights frozen",
+        "not_tuned": {n: r for n, r in off.items()},
+        "from": str(model_dir),
+        "from_sha256": config_dict["model_sha256"],
+        "previous_tuning": previous,
+        "steps": steps, "lr": lr, "batch_size": batch_size, "seq_len": seq_len,
+        "losses": stats["losses"],
+        "proxy_loss": {"before": before["loss"], "after": after["loss"]},
+        "routing_share": {"what": "share of top-k selections over all layers on the proxy eval windows",
+                          "before": before["share"], "after": after["share"]},
+        "per_source": {s: {"before": before["per_source"][s], "after": after["per_source"][s]} for s in sources},
+        "seconds": seconds,
+        "train_seconds": stats["seconds"],
+        "created_at": dt.datetime.now().replace(microsecond=0).isoformat(),
+    }
+
+    untuned = None
+    target = Path(out) if out else model_dir
+    if d.is_main:
+        model.flexolmo_off = {}
+        set_active(model, [True] * len(names))  # saved with every expert on; load_merged applies the catalog again
+        if out is None:
+            untuned = model_dir.parent / f"{model_dir.name}-untuned"
+            if not (untuned / "config.json").exists():
+                with atomic_dir(untuned) as tmp:
+                    shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
+        with atomic_dir(target) as tmp:
+            save_model(model, tmp, experts=names, extra={"public_hash": public_hash})
+            (tmp / "card.json").write_text(json.dumps(card, indent=2))
+            check = load_model(tmp)  # verify before the rename
+            if shared_weights_hash(check) != public_hash or expert_names(check) != names:
+                raise IntegrityError(f"the tuned checkpoint written to {tmp} does not read back identically; disk problem?")
+        shutil.rmtree(run_dir, ignore_errors=True)
+    distributed.barrier(d)
+    return RouterTuneResult(
+        out_dir=target, untuned_dir=untuned, experts=names, steps=steps, proxy_docs=n_docs,
+        loss_before=before["loss"], loss_after=after["loss"], share_before=before["share"],
+        share_after=after["share"], seconds=seconds, card=card,
+    )
