@@ -78,58 +78,174 @@ def _synthetic_index(folders: list[Path], target: int, out: Path) -> int:
     return len(ds) - len(starts)
 
 
-def _latency(folder: Path, queries: list[list[int]], eos: int, bow: Path, delim: list[int]) -> dict:
+def _build_synthetic(folders: list[str], target: int, out: str) -> dict:
+    """`_synthetic_index` in a fresh process, with its peak memory (python / rust_indexing children)."""
+    t0 = time.perf_counter()
+    n = _synthetic_index([Path(f) for f in folders], target, Path(out))
+    secs = time.perf_counter() - t0
+    return {"n_tokens": n, "build_s": secs,
+            "build_peak_mb_python": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "build_peak_mb_rust": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
+def _engine_worker(conn, folder: str, eos: int, bow: str, delim: list[int]) -> None:
+    """Serve count / attribute on one index; times are taken here, around the engine call only."""
     from infini_gram.engine import InfiniGramEngine
 
-    with fmt.loader_path(folder) as p:
+    t0 = time.perf_counter()
+    with fmt.loader_path(Path(folder)) as p:
+        eng = InfiniGramEngine(index_dir=p, eos_token_id=eos, bow_ids_path=bow, precompute_unigram_logprobs=True)
+    load_s = time.perf_counter() - t0
+    eng.count(input_ids=[0])  # first call outside the timings
+    conn.send(load_s)
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            return
+        op, q = msg
+        t = time.perf_counter()
+        if op == "count":
+            r = eng.count(input_ids=q)
+            conn.send((time.perf_counter() - t, r["count"]))
+        else:
+            r = eng.attribute(input_ids=q, delim_ids=delim, min_len=1, max_cnt=1_000_000, enforce_bow=True)
+            secs = time.perf_counter() - t
+            conn.send((secs, [(s["l"], s["r"], s["count"], float(s["unigram_logprob_sum"])) for s in r["spans"]],
+                       sum(len(s["docs"]) for s in r["spans"])))
+
+
+def _proc_kb(pid: int, field: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class _Engine:
+    """infini-gram in a child process, so that a query can be given a time and memory budget.
+
+    A query over budget kills the child (its own pid); the next query starts a new one.
+    """
+
+    def __init__(self, folder: Path, eos: int, bow: Path, delim: list[int], max_rss_gb: float):
+        self.args = (str(folder), eos, str(bow), list(delim))
+        self.max_rss_kb = int(max_rss_gb * 1024 * 1024)
+        self.proc = None
+        self.conn = None
+        self.load_s: list[float] = []
+        self.peak_rss_mb = 0.0
+        self.restarts = 0
+
+    def _start(self) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_engine_worker, args=(child, *self.args), daemon=True)
+        self.proc.start()
+        child.close()
+        self.load_s.append(self.conn.recv())
+
+    def _kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()  # SIGKILL to the child started above, by its pid
+            self.proc.join()
+            self.proc, self.conn = None, None
+            self.restarts += 1
+
+    def call(self, op: str, q: list[int], budget_s: float):
+        """(result, None) or (None, 'timeout' | 'memory')."""
+        if self.proc is None:
+            self._start()
+        self.conn.send((op, q))
         t0 = time.perf_counter()
-        eng = InfiniGramEngine(index_dir=p, eos_token_id=eos, bow_ids_path=str(bow), precompute_unigram_logprobs=True)
-        load = time.perf_counter() - t0
-    eng.count(input_ids=queries[0])  # warm the page cache a little
-    c, a, spans = [], [], []
-    for q in queries:
+        while not self.conn.poll(0.1):
+            rss = _proc_kb(self.proc.pid, "VmRSS")
+            self.peak_rss_mb = max(self.peak_rss_mb, rss / 1024)
+            if rss > self.max_rss_kb:
+                self._kill()
+                return None, "memory"
+            if time.perf_counter() - t0 > budget_s:
+                self.peak_rss_mb = max(self.peak_rss_mb, _proc_kb(self.proc.pid, "VmHWM") / 1024)
+                self._kill()
+                return None, "timeout"
+        out = self.conn.recv()
+        self.peak_rss_mb = max(self.peak_rss_mb, _proc_kb(self.proc.pid, "VmHWM") / 1024)
+        return out, None
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.conn.send(None)
+            self.proc.join(10)
+            if self.proc.is_alive():
+                self._kill()
+            self.proc = None
+
+
+def _pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(xs, q)) if xs else float("nan")
+
+
+def _load() -> str:
+    """The load averages (1, 5, 15 min), as `uptime` prints them."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def _warm(folder: Path) -> None:
+    """Read the token and suffix-array files once, so both searches start from the page cache."""
+    for name in ("tokenized.0", "table.0"):
+        with open(folder / name, "rb") as f:
+            while f.read(1 << 24):
+                pass
+
+
+def _latency(folder: Path, queries: list[list[int]], n_attr: int, budget_s: float, max_rss_gb: float,
+             eos: int, bow_file: Path, bow: np.ndarray, delim: list[int]) -> dict:
+    from tracing.spans import Shard, find_spans, unigram_logprobs
+
+    _warm(folder)
+    eng = _Engine(folder, eos, bow_file, delim, max_rss_gb)
+    shard = Shard.open("synthetic", 0, folder / "tokenized.0", folder / "table.0")
+    ulp = unigram_logprobs(fmt.read_unigram(folder / "unigram.0"))
+    find_spans([shard], queries[0], delim, bow, ulp)  # compile (or load numba's cache) and warm
+    c, a, f, fails, identical, compared, n_spans, n_ptrs = [], [], [], [], 0, 0, [], []
+    for i, q in enumerate(queries):
+        (secs, _), _ = eng.call("count", q, budget_s)
+        c.append(secs)
         t = time.perf_counter()
-        eng.count(input_ids=q)
-        c.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        r = eng.attribute(input_ids=q, delim_ids=delim, min_len=1, max_cnt=1_000_000, enforce_bow=True)
-        a.append(time.perf_counter() - t)
-        spans.append(len(r["spans"]))
-    return {"load_s": load, "count_ms_median": 1e3 * statistics.median(c), "attribute_ms_median": 1e3 * statistics.median(a),
-            "attribute_ms_max": 1e3 * max(a), "spans_mean": statistics.mean(spans)}
+        mine = find_spans([shard], q, delim, bow, ulp)
+        f.append(time.perf_counter() - t)
+        n_spans.append(len(mine))
+        if i >= n_attr:
+            continue
+        res, why = eng.call("attribute", q, budget_s)
+        if res is None:
+            fails.append(why)
+            print(f"    query {i}: attribute stopped ({why}, budget {budget_s:.0f} s / {max_rss_gb:.0f} GB)", flush=True)
+            continue
+        secs, ref, ptrs = res
+        a.append(secs)
+        n_ptrs.append(ptrs)
+        compared += 1
+        same = ([(l, r, n) for l, r, n, _ in ref] == [(s.l, s.r, s.count) for s in mine]
+                and np.allclose([x[3] for x in ref], [s.unigram_logprob_sum for s in mine]))
+        identical += same
+        print(f"    query {i}: attribute {secs:8.2f} s ({len(ref)} spans, {ptrs:,} doc pointers), "
+              f"find_spans {1e3 * f[-1]:7.1f} ms, identical {same}", flush=True)
+    eng.close()
+    return {"load_s": eng.load_s[0], "count_ms_p50": 1e3 * _pct(c, 50), "count_ms_p95": 1e3 * _pct(c, 95),
+            "attribute_queries": min(n_attr, len(queries)), "attribute_finished": len(a), "attribute_stopped": fails,
+            "attribute_budget_s": budget_s,
+            "attribute_ms_p50": 1e3 * _pct(a, 50), "attribute_ms_max": 1e3 * max(a) if a else float("nan"),
+            "attribute_doc_pointers_mean": statistics.mean(n_ptrs) if n_ptrs else float("nan"),
+            "attribute_peak_rss_mb": eng.peak_rss_mb,
+            "find_spans_queries": len(f), "find_spans_ms_p50": 1e3 * _pct(f, 50), "find_spans_ms_p95": 1e3 * _pct(f, 95),
+            "find_spans_ms_max": 1e3 * max(f), "spans_mean": statistics.mean(n_spans),
+            "spans_identical": identical, "spans_compared": compared}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workspace", default="flexolmo-work")
-    ap.add_argument("--scratch", default="/tmp/flexolmo-bench-index")
-    ap.add_argument("--sizes", default="1e6,1e7,1e8")
-    ap.add_argument("--queries", type=int, default=20)
-    ap.add_argument("--json", default=None, help="also write the figures to this file")
-    args = ap.parse_args()
-
-    src_ws = Workspace.resolve(args.workspace)
-    scratch = Path(args.scratch).resolve()
-    shutil.rmtree(scratch, ignore_errors=True)
-    ws = Workspace(scratch / "ws").ensure()
-    for part in ("sources", "tokenizer"):
-        shutil.copytree(src_ws.root / part, ws.root / part)
-    shutil.copyfile(src_ws.catalog_path, ws.catalog_path)
-    names = [s.name for s in src_lib.list_sources(ws)]
-    print(f"sources: {', '.join(names)}; tokenizer vocab {tok_lib.tokenizer_info(ws).vocab_size}")
-
-    rows = []
-    ctx = mp.get_context("spawn")
-    for name in names:
-        with ctx.Pool(1, maxtasksperchild=1) as pool:
-            r = pool.apply(_build_one, (str(ws.root), name))
-        r["bare_sa_s"] = _bare_sa(Path(r["path"]), scratch, r["n_shards"])
-        r["ratio"] = r["seconds"] / r["bare_sa_s"] if r["bare_sa_s"] else float("nan")
-        rows.append(r)
-        print(f"{name:12s} {r['n_tokens']:>11,} tok {r['seconds']:7.2f}s {r['tokens_per_second']:>11,.0f} tok/s "
-              f"peak py {r['peak_mb_python']:6.0f} MB rust {r['peak_mb_rust']:6.0f} MB "
-              f"{r['bytes_per_token']:5.2f} B/tok  tokenize {r['tokenize_seconds']:5.2f}s SA {r['suffix_array_seconds']:5.2f}s "
-              f"verify {r['verify_seconds']:4.2f}s bare SA {r['bare_sa_s']:5.2f}s ratio {r['ratio']:.2f}", flush=True)
+def _totals(rows: list[dict]) -> dict:
     tot_tok = sum(r["n_tokens"] for r in rows)
     tot_s = sum(r["seconds"] for r in rows)
     tot_bare = sum(r["bare_sa_s"] for r in rows)
@@ -140,11 +256,63 @@ def main() -> None:
     print(f"{'TOTAL':12s} {tot_tok:>11,} tok {tot_s:7.2f}s {total['tokens_per_second']:>11,.0f} tok/s "
           f"peak py {total['peak_mb_python']:6.0f} MB rust {total['peak_mb_rust']:6.0f} MB {total['bytes_per_token']:5.2f} B/tok "
           f"bare SA {tot_bare:5.2f}s ratio {total['ratio']:.2f}", flush=True)
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workspace", default="flexolmo-work")
+    ap.add_argument("--scratch", default="/tmp/flexolmo-bench-index")
+    ap.add_argument("--sizes", default="1e6,1e7", help="index sizes (tokens) for the latency section")
+    ap.add_argument("--with-100m", action="store_true", help="add the 100M-token index (about 10 min more)")
+    ap.add_argument("--queries", type=int, default=20)
+    ap.add_argument("--large", type=float, default=5e7, help="from this size on, attribute runs on fewer queries")
+    ap.add_argument("--large-queries", type=int, default=5, help="attribute queries at sizes >= --large")
+    ap.add_argument("--attr-budget", type=float, default=90.0, help="seconds per attribute query before it is stopped")
+    ap.add_argument("--attr-max-rss-gb", type=float, default=8.0, help="memory per attribute query before it is stopped")
+    ap.add_argument("--reuse-build", action="store_true",
+                    help="skip the build section and reuse the source indexes already in --scratch")
+    ap.add_argument("--json", default=None, help="also write the figures to this file")
+    args = ap.parse_args()
+
+    scratch = Path(args.scratch).resolve()
+    if not args.reuse_build:
+        src_ws = Workspace.resolve(args.workspace)
+        shutil.rmtree(scratch, ignore_errors=True)
+        ws = Workspace(scratch / "ws").ensure()
+        for part in ("sources", "tokenizer"):
+            shutil.copytree(src_ws.root / part, ws.root / part)
+        shutil.copyfile(src_ws.catalog_path, ws.catalog_path)
+    else:
+        ws = Workspace(scratch / "ws")
+    names = [s.name for s in src_lib.list_sources(ws)]
+    print(f"sources: {', '.join(names)}; tokenizer vocab {tok_lib.tokenizer_info(ws).vocab_size}; load {_load()}")
+
+    rows = []
+    ctx = mp.get_context("spawn")
+    for name in [] if args.reuse_build else names:
+        with ctx.Pool(1, maxtasksperchild=1) as pool:
+            r = pool.apply(_build_one, (str(ws.root), name))
+        r["bare_sa_s"] = _bare_sa(Path(r["path"]), scratch, r["n_shards"])
+        r["ratio"] = r["seconds"] / r["bare_sa_s"] if r["bare_sa_s"] else float("nan")
+        rows.append(r)
+        print(f"{name:12s} {r['n_tokens']:>11,} tok {r['seconds']:7.2f}s {r['tokens_per_second']:>11,.0f} tok/s "
+              f"peak py {r['peak_mb_python']:6.0f} MB rust {r['peak_mb_rust']:6.0f} MB "
+              f"{r['bytes_per_token']:5.2f} B/tok  tokenize {r['tokenize_seconds']:5.2f}s SA {r['suffix_array_seconds']:5.2f}s "
+              f"verify {r['verify_seconds']:4.2f}s bare SA {r['bare_sa_s']:5.2f}s ratio {r['ratio']:.2f}", flush=True)
+    if args.reuse_build:
+        rows = [{"name": n, "path": str(build.index_dir(ws, n))} for n in names]
+        total = None
+    else:
+        total = _totals(rows)
 
     # latency by index size
+    from tracing.trace import delimiter_ids
+
     tok = tok_lib.load_raw_tokenizer(ws)
     info = tok_lib.tokenizer_info(ws)
-    delim = [i for i in (tok.token_to_id("Ċ"), tok.token_to_id(".")) if i is not None]  # byte-level '\n' and '.'
+    delim = delimiter_ids(tok_lib.load_tokenizer(ws))  # the pipeline's: every newline-only token, and '.'
+    bow = np.asarray(tok_lib.read_bow_ids(ws))
     vtexts = [t for n in names for t in src_lib.iter_texts(ws, n, split="validation")]
     vids = [tok.encode(t, add_special_tokens=False).ids for t in vtexts]
     vids = [v for v in vids if len(v) >= 450]
@@ -154,19 +322,34 @@ def main() -> None:
         v = vids[int(rng.integers(len(vids)))]
         s = int(rng.integers(0, len(v) - 450 + 1))
         queries.append(v[s:s + 450])
-    folders = [Path(r["path"]) for r in rows]
+    sizes = [int(float(x)) for x in args.sizes.split(",") if x]
+    if args.with_100m and int(1e8) not in sizes:
+        sizes.append(int(1e8))
+    print(f"latency: {len(queries)} queries of 450 tokens, delimiters {delim}; attribute budget {args.attr_budget:.0f} s "
+          f"and {args.attr_max_rss_gb:.0f} GB per query; at >= {args.large:.0e} tokens attribute runs on the first "
+          f"{args.large_queries} queries only (find_spans and count on all)", flush=True)
+    folders = [str(r["path"]) for r in rows]
     lat = []
-    for size in [int(float(x)) for x in args.sizes.split(",")]:
+    for size in sizes:
         out = scratch / f"size-{size}"
-        t0 = time.perf_counter()
-        n = _synthetic_index(folders, size, out)
-        built_s = time.perf_counter() - t0
-        res = _latency(out, queries, info.eos_id, ws.tokenizer_dir / "bow_ids.txt", delim)
-        res.update({"target": size, "n_tokens": n, "build_s": built_s})
+        with ctx.Pool(1, maxtasksperchild=1) as pool:
+            b = pool.apply(_build_synthetic, (folders, size, str(out)))
+        load_before = _load()
+        n_attr = args.large_queries if size >= args.large else len(queries)
+        print(f"index {b['n_tokens']:>12,} tokens: built in {b['build_s']:6.1f}s, peak RSS python "
+              f"{b['build_peak_mb_python']:,.0f} MB, rust_indexing {b['build_peak_mb_rust']:,.0f} MB; load {load_before}",
+              flush=True)
+        res = _latency(out, queries, n_attr, args.attr_budget, args.attr_max_rss_gb, info.eos_id,
+                       ws.tokenizer_dir / "bow_ids.txt", bow, delim)
+        res.update({"target": size, **b, "load_before": load_before, "load_after": _load()})
         lat.append(res)
-        print(f"index {n:>12,} tokens (built in {built_s:6.1f}s, loaded in {res['load_s']:.2f}s): "
-              f"count {res['count_ms_median']:.2f} ms, attribute {res['attribute_ms_median']:.1f} ms median "
-              f"({res['attribute_ms_max']:.1f} max, {res['spans_mean']:.0f} spans) per 450-token query", flush=True)
+        print(f"index {b['n_tokens']:>12,} tokens (engine loaded in {res['load_s']:.2f}s): "
+              f"count p50 {res['count_ms_p50']:.2f} ms; attribute p50 {res['attribute_ms_p50']:,.0f} ms max "
+              f"{res['attribute_ms_max']:,.0f} ms ({res['attribute_finished']}/{res['attribute_queries']} queries "
+              f"finished within {args.attr_budget:.0f} s, peak RSS {res['attribute_peak_rss_mb']:,.0f} MB); "
+              f"find_spans p50 {res['find_spans_ms_p50']:.1f} ms p95 {res['find_spans_ms_p95']:.1f} ms "
+              f"({res['find_spans_queries']} queries, {res['spans_mean']:.0f} spans); identical spans "
+              f"{res['spans_identical']}/{res['spans_compared']}; load after {res['load_after']}", flush=True)
         shutil.rmtree(out, ignore_errors=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"sources": rows, "total": total, "latency": lat}, indent=2, default=str))
