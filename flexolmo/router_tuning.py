@@ -181,7 +181,7 @@ def tune_router(
     steps: int = 100,
     lr: float = 3e-3,
     batch_size: int = 16,
-    seq_len: int = 128,
+    seq_len: int | None = None,
     eval_windows_per_source: int = 8,
     seed: int = 0,
     progress: bool = True,
@@ -196,7 +196,7 @@ def tune_router(
     :param steps: optimizer steps (AdamW, warmup then cosine decay, no weight decay)
     :param lr: peak learning rate
     :param batch_size: windows per step
-    :param seq_len: tokens per window (at most the model's positions)
+    :param seq_len: tokens per window (default: 128, or the model's positions - 1 if fewer)
     :param eval_windows_per_source: fixed proxy windows per source for the before/after
         loss and routing share in the card
     :param seed: proxy sampling and batch order
@@ -212,6 +212,7 @@ def tune_router(
     if not (model_dir / "config.json").exists():
         raise NotFoundError(f"no merged model in {model_dir}; run `flexolmo merge --experts ...` first")
     model = load_merged(model_dir, ws=ws)  # switches off what the catalog marks inactive/expired
+    seq_len = seq_len or min(128, model.config.max_position_embeddings - 1)
     if not 8 <= seq_len <= model.config.max_position_embeddings - 1:
         raise InputError(f"seq_len must be in 8..{model.config.max_position_embeddings - 1}, got {seq_len}")
     names = expert_names(model)
