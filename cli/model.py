@@ -3,7 +3,7 @@
     flexolmo train public --profile demo
     flexolmo train expert --source news --profile demo
     flexolmo merge --experts news,code --top-k 2
-    flexolmo tune-router --steps 100 --docs-per-source 64      # models/merged in place
+    flexolmo tune-router --steps 200 --docs-per-source 64      # models/merged in place
     flexolmo generate "The river" --exclude news --json
     torchrun --nproc_per_node 2 -m cli.main train public --profile tiny
 """
@@ -107,7 +107,7 @@ def tune_router_cmd(
     model_dir: Annotated[Optional[Path], typer.Option("--model", help="Merged model (default: <workspace>/models/merged).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: in place, untuned kept as <model>-untuned).")] = None,
     docs_per_source: Annotated[int, typer.Option("--docs-per-source", help="Training documents per source in the proxy set.")] = 64,
-    steps: Annotated[int, typer.Option("--steps")] = 100,
+    steps: Annotated[int, typer.Option("--steps")] = 200,
     lr: Annotated[float, typer.Option("--lr")] = 3e-3,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:

@@ -2,7 +2,7 @@
 model on a small proxy set of every domain, everything else frozen.
 
     flexolmo tune-router                                  # models/merged, in place
-    flexolmo tune-router --out models/merged-tuned --steps 100 --docs-per-source 64
+    flexolmo tune-router --out flexolmo-work/models/merged-tuned --steps 200 --docs-per-source 64
 
 Why: every owner trained its router row against the public expert alone, never against
 the other owners' experts, so in the merged model the rows are not calibrated against each
@@ -178,7 +178,7 @@ def tune_router(
     *,
     out: Path | None = None,
     docs_per_source: int = 64,
-    steps: int = 100,
+    steps: int = 200,
     lr: float = 3e-3,
     batch_size: int = 16,
     seq_len: int | None = None,
