@@ -54,7 +54,10 @@ def _bare_sa(folder: Path, scratch: Path, n_shards: int) -> float:
     return secs
 
 
-def _synthetic_index(folders: list[Path], target: int, out: Path) -> int:
+MARK_EVERY = 128
+
+
+def _synthetic_index(folders: list[Path], target: int, out: Path, marker: int) -> int:
     """An index of about `target` tokens made by repeating the sample token files."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -63,7 +66,19 @@ def _synthetic_index(folders: list[Path], target: int, out: Path) -> int:
         cut = int(np.flatnonzero(base[:target] == fmt.DOC_SEP)[-1]) if target < len(base) else len(base)
         ds = base[:cut] if cut > 0 else base
     else:
-        ds = np.tile(base, int(np.ceil(target / len(base))))
+        # Copies after the first get an id outside the vocabulary (`marker`) every MARK_EVERY tokens, at a
+        # different offset per copy, so no two copies share a run longer than MARK_EVERY tokens. With exact
+        # copies every suffix has a twin with a common prefix of ~30M tokens, and rust_indexing's merge,
+        # which compares suffixes byte by byte, did not finish in 13 minutes at 100M tokens.
+        copies = []
+        for c in range(int(np.ceil(target / len(base)))):
+            x = base.copy()
+            if c:
+                pos = np.arange(c % MARK_EVERY, len(x), MARK_EVERY)
+                pos = pos[x[pos] != fmt.DOC_SEP]
+                x[pos] = marker
+            copies.append(x)
+        ds = np.concatenate(copies)
     ds.tofile(out / "tokenized.0")
     starts = np.flatnonzero(ds == fmt.DOC_SEP).astype(np.uint64) * 2
     starts.tofile(out / "offset.0")
@@ -78,10 +93,10 @@ def _synthetic_index(folders: list[Path], target: int, out: Path) -> int:
     return len(ds) - len(starts)
 
 
-def _build_synthetic(folders: list[str], target: int, out: str) -> dict:
+def _build_synthetic(folders: list[str], target: int, out: str, marker: int) -> dict:
     """`_synthetic_index` in a fresh process, with its peak memory (python / rust_indexing children)."""
     t0 = time.perf_counter()
-    n = _synthetic_index([Path(f) for f in folders], target, Path(out))
+    n = _synthetic_index([Path(f) for f in folders], target, Path(out), marker)
     secs = time.perf_counter() - t0
     return {"n_tokens": n, "build_s": secs,
             "build_peak_mb_python": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -333,7 +348,7 @@ def main() -> None:
     for size in sizes:
         out = scratch / f"size-{size}"
         with ctx.Pool(1, maxtasksperchild=1) as pool:
-            b = pool.apply(_build_synthetic, (folders, size, str(out)))
+            b = pool.apply(_build_synthetic, (folders, size, str(out), info.vocab_size))
         load_before = _load()
         n_attr = args.large_queries if size >= args.large else len(queries)
         print(f"index {b['n_tokens']:>12,} tokens: built in {b['build_s']:6.1f}s, peak RSS python "
