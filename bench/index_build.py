@@ -225,15 +225,15 @@ def _latency(folder: Path, queries: list[list[int]], n_attr: int, budget_s: floa
     ulp = unigram_logprobs(fmt.read_unigram(folder / "unigram.0"))
     find_spans([shard], queries[0], delim, bow, ulp)  # compile (or load numba's cache) and warm
     c, a, f, fails, identical, compared, n_spans, n_ptrs = [], [], [], [], 0, 0, [], []
-    for i, q in enumerate(queries):
+    found = []
+    for q in queries:  # count and find_spans first: an attribute call just before slowed the next count 100x
         (secs, _), _ = eng.call("count", q, budget_s)
         c.append(secs)
         t = time.perf_counter()
-        mine = find_spans([shard], q, delim, bow, ulp)
+        found.append(find_spans([shard], q, delim, bow, ulp))
         f.append(time.perf_counter() - t)
-        n_spans.append(len(mine))
-        if i >= n_attr:
-            continue
+        n_spans.append(len(found[-1]))
+    for i, (q, mine) in enumerate(zip(queries[:n_attr], found)):
         res, why = eng.call("attribute", q, budget_s)
         if res is None:
             fails.append(why)
@@ -247,7 +247,7 @@ def _latency(folder: Path, queries: list[list[int]], n_attr: int, budget_s: floa
                 and np.allclose([x[3] for x in ref], [s.unigram_logprob_sum for s in mine]))
         identical += same
         print(f"    query {i}: attribute {secs:8.2f} s ({len(ref)} spans, {ptrs:,} doc pointers), "
-              f"find_spans {1e3 * f[-1]:7.1f} ms, identical {same}", flush=True)
+              f"find_spans {1e3 * f[i]:7.1f} ms, identical {same}", flush=True)
     eng.close()
     return {"load_s": eng.load_s[0], "count_ms_p50": 1e3 * _pct(c, 50), "count_ms_p95": 1e3 * _pct(c, 95),
             "attribute_queries": min(n_attr, len(queries)), "attribute_finished": len(a), "attribute_stopped": fails,
