@@ -1,15 +1,21 @@
 """Benchmark: build the sample federation's indexes, compare with bare rust_indexing, query latency by size.
 
-    .venv/bin/python bench/index_build.py --workspace flexolmo-work [--scratch /tmp/fx-bench] [--sizes 1e6,1e7,1e8]
+    .venv/bin/python bench/index_build.py --workspace flexolmo-work [--scratch /tmp/fx-bench] [--with-100m] [--json F]
 
 The sample workspace (after `flexolmo data samples` and `flexolmo tokenizer train`) is
 copied (sources, tokenizer, catalog) into the scratch folder, so the workspace itself is
 not touched. Prints, per source and in total: tokens, seconds, tokens/s, peak memory
 (this process and the rust_indexing children, each build in a fresh process), bytes per
 token, and the ratio of the whole build's time to the bare rust_indexing steps run on the
-same token files. Then count and attribute latency of 450-token queries (validation text:
-held out, so partly novel, like model output) on indexes of about 1M, 10M and 100M tokens,
-made by repeating the sample token files.
+same token files.
+
+Then latency by index size on 450-token queries (validation text: held out, so partly
+novel, like model output), on indexes of about 1M and 10M tokens (prefixes of the sample
+token files) and, with --with-100m, ~100M (repeated copies, see `_synthetic_index`):
+`count`; bare `engine.attribute` with OLMoTrace's production settings, in a child process
+with a per-query time and memory budget (fewer queries from --large tokens on); and the
+pipeline's compiled `tracing.spans.find_spans` on the same queries, checked against
+attribute's spans wherever attribute finished. Load averages are printed per size.
 """
 
 from __future__ import annotations
