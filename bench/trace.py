@@ -61,13 +61,26 @@ def main() -> None:
     ap.add_argument("--bare", type=int, default=20)
     ap.add_argument("--responses", type=int, default=200)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--model", default=None, help="A merged model folder (default: <workspace>/models/merged).")
+    ap.add_argument("--agreement-only", action="store_true", help="Skip the latency parts.")
     args = ap.parse_args()
     ws = Workspace.resolve(args.workspace)
-    tracer = Tracer.open(ws)
+    model = "auto"
+    if args.model:
+        from flexolmo.merge import load_merged
+
+        model = load_merged(args.model, ws=ws)
+    tracer = Tracer.open(ws, model=model)
     if tracer.model is None:
         raise SystemExit("no merged model: run `make demo` first")
     print(f"workspace {ws.root}: {len(tracer.fed.names)} sources, "
           f"{sum(tracer.fed.source(n).n_tokens for n in tracer.fed.names):,} indexed tokens")
+    if not args.agreement_only:
+        latency(ws, tracer, args)
+    agreement(ws, tracer, args)
+
+
+def latency(ws: Workspace, tracer: Tracer, args) -> None:
     data = inputs(ws, tracer, args.inputs)
     dec = tracer.tokenizer.decode
     tracer.trace_ids(data[0], prompt=None, prompt_ids=[], routing=None, generated=False, store=False)  # JIT warm-up
@@ -109,7 +122,10 @@ def main() -> None:
     print(f"speed-up: span search {pct(bare_ms, 50) / pct(pipe_ms, 50):.0f}x, whole pipeline without model "
           f"{pct(bare_ms, 50) / p50_pipe:.0f}x (p50/p50); identical spans on {same}/{len(bare_ms)} inputs")
 
-    # 4. source-expert agreement over generated responses
+
+
+def agreement(ws: Workspace, tracer: Tracer, args) -> None:
+    """4. source-expert agreement over generated responses, against a uniformly drawn expert."""
     t = replace(tracer, settings=replace(tracer.settings, counterfactual=False))
     rng = random.Random(1)
     names = sorted(tracer.fed.names)
@@ -119,19 +135,21 @@ def main() -> None:
         words = rng.choice(texts).split()
         a = rng.randint(0, max(0, len(words) - 12))
         prompts.append(" ".join(words[a: a + 12]))
-    agree = chance = n = 0
-    experts = set()
+    # all spans, and spans found in exactly one source (where agreement is informative)
+    agree, chance, n = [0, 0], [0.0, 0.0], [0, 0]
     t0 = time.perf_counter()
     for i, p in enumerate(prompts):
         tr = t.generate_and_trace(p, max_new_tokens=args.new_tokens, do_sample=True, seed=i, store=False)
         for s in tr.spans:
-            active = [e for e in s.experts if e.active]
-            experts = {e.source for e in active}
-            agree += bool(s.agreement)
-            chance += len(set(s.sources) & experts) / len(active)
-            n += 1
-    print(f"agreement over {n} spans of {len(prompts)} generated responses ({time.perf_counter() - t0:.0f}s): "
-          f"{agree / max(1, n):.1%} (chance: {chance / max(1, n):.1%}, ratio {agree / max(chance, 1e-9):.2f}x)")
+            active = {e.source for e in s.experts if e.active}
+            for j in (0, 1) if len(s.sources) == 1 else (0,):
+                agree[j] += bool(s.agreement)
+                chance[j] += len(set(s.sources) & active) / len(active)
+                n[j] += 1
+    print(f"agreement, {len(prompts)} generated responses ({time.perf_counter() - t0:.0f}s), model {args.model or 'models/merged'}:")
+    for j, label in enumerate(("all spans", "single-source spans")):
+        print(f"  {label:20s} {n[j]:5d} spans: {agree[j] / max(1, n[j]):.1%} "
+              f"(chance {chance[j] / max(1, n[j]):.1%}, ratio {agree[j] / max(chance[j], 1e-9):.2f}x)")
 
 
 if __name__ == "__main__":
