@@ -158,7 +158,26 @@ def test_store_query_report_and_cli(fed, tmp_path):
     assert r.exit_code == 0 and "top matched spans" in r.output
     r = runner.invoke(app, base + ["query", "DROP TABLE spans"])
     assert r.exit_code == 1 and "read-only" in r.output
+    # nothing outside the store either: not the catalog, not a file, not a source's text
+    for sql in (f"ATTACH '{fed.catalog_path}' AS c (READ_WRITE)",
+                f"COPY spans TO '{tmp_path / 'leak.parquet'}'",
+                f"SELECT * FROM read_parquet('{fed.source_dir('news') / 'documents.parquet'}')",
+                "SET enable_external_access = true"):
+        with pytest.raises(Exception) as err:
+            store.query(fed, sql)
+        assert "query failed" in str(err.value)
+    assert not (tmp_path / "leak.parquet").exists()
     r = runner.invoke(app, base + ["traces", "export", "--out", str(tmp_path / "x")])
     assert r.exit_code == 0 and (tmp_path / "x" / "span_experts.parquet").exists()
     r = runner.invoke(app, base + ["trace", "--text", "   "])
     assert r.exit_code == 1 and "empty" in r.output
+
+
+def test_single_expert_left_on_still_traces(fed):
+    tracer = Tracer.open(fed, include=("public",))  # every owner's expert off
+    t = tracer.trace(" " + " ".join(_doc(fed, "public", 2)["text"].split(" ")[2:20]), store=False)
+    assert t.spans and sorted(t.experts_off) == ["code", "math", "news"]
+    for s in t.spans:
+        by = {e.source: e for e in s.experts}
+        assert by["public"].routing_share == 1 and by["public"].counterfactual is None
+        assert all(by[n].counterfactual == 0 and by[n].routing_share == 0 for n in ("code", "math", "news"))

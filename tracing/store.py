@@ -23,7 +23,7 @@ from typing import Iterator
 
 import duckdb
 
-from flexolmo.errors import InputError, NotFoundError
+from flexolmo.errors import ConflictError, InputError, NotFoundError
 from flexolmo.workspace import Workspace
 
 from .models import Trace
@@ -95,11 +95,17 @@ TABLES = ("traces", "spans", "span_sources", "span_documents", "span_experts")
 
 @contextlib.contextmanager
 def connect(ws: Workspace, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Open the store. Read-only connections also get no access outside the file: no ATTACH
+    of the catalog, no COPY TO a path, no read_parquet of a source's documents."""
     path = ws.traces_path
     if read_only and not path.exists():
         raise NotFoundError(f"no traces stored yet in {path}; run `flexolmo trace` first")
     path.parent.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect(str(path), read_only=read_only)
+    config = {"enable_external_access": False, "lock_configuration": True} if read_only else {}
+    try:
+        con = duckdb.connect(str(path), read_only=read_only, config=config)
+    except duckdb.IOException as e:
+        raise ConflictError(f"the provenance store {path} is busy ({str(e).splitlines()[0]}); retry") from None
     try:
         if not read_only:
             con.execute(SCHEMA)
@@ -171,13 +177,19 @@ def trace_rows(ws: Workspace, trace_id: str) -> dict[str, QueryResult]:
 
 def export_parquet(ws: Workspace, out: Path) -> list[Path]:
     """Write every table to `out/<table>.parquet`."""
+    import os
+
+    import pyarrow.parquet as pq
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     with connect(ws, read_only=True) as con:
         for table in TABLES:
             path = out / f"{table}.parquet"
-            con.execute(f"COPY {table} TO '{path.as_posix()}' (FORMAT PARQUET)")
+            tmp = out / f".tmp-{table}.parquet"
+            pq.write_table(con.sql(f"SELECT * FROM {table}").to_arrow_table(), tmp)
+            os.replace(tmp, path)
             paths.append(path)
     return paths
 

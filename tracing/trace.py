@@ -250,11 +250,14 @@ class Tracer:
             return np.concatenate([token_logprobs(model, seq[a:b], exclude=exclude)[s - a - 1: e - a - 1].numpy()
                                    for a, b, s, e in windows])
 
-        base = logprobs([])
-        drops = {}
+        # counterfactual: one forward pass of the whole response per expert that is on. An
+        # expert already off changes nothing when switched off (0); the last expert on cannot
+        # be switched off (None).
+        drops: dict[int, np.ndarray | None] = {}
         if self.settings.counterfactual:
-            for e in range(E):  # one forward pass of the whole response per expert
-                drops[e] = base - logprobs([e])
+            base = logprobs([])
+            for e in range(E):
+                drops[e] = (base - logprobs([e])) if on[e] and sum(on) > 1 else (np.zeros(n) if not on[e] else None)
         for span in spans:
             sel_e = experts[span.start: span.end].reshape(-1)
             sel_w = weights[span.start: span.end].reshape(-1).astype(np.float64)
@@ -262,7 +265,7 @@ class Tracer:
             share = share / share.sum() if share.sum() > 0 else share
             rows = slice(span.start, span.end)
             span.experts = [ExpertLink(expert=e, source=names[e], routing_share=round(float(share[e]), 5),
-                                       counterfactual=round(float(drops[e][rows].sum()), 5) if drops else None,
+                                       counterfactual=None if drops.get(e) is None else round(float(drops[e][rows].sum()), 5),
                                        active=on[e]) for e in range(E)]
             span.top_expert = int(np.argmax(share))
             span.agreement = names[span.top_expert] in span.sources
