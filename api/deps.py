@@ -75,6 +75,8 @@ class Service:
     def traced(self, fn: Callable[..., T], *args, **kwargs) -> T:
         """Call `fn(tracer, ...)` under the lock; 503 when no tracer could be opened."""
         with self.lock:
+            if self.tracer is not None and self.tracer.stale():  # changed from the CLI, or expired
+                self.open()
             if self.tracer is None:
                 raise HTTPException(503, detail=f"the tracer is not open: {self.error or 'not started'}")
             return fn(self.tracer, *args, **kwargs)

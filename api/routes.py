@@ -22,7 +22,8 @@ from fastapi import APIRouter, Path
 
 from flexolmo import sources as src_lib
 from index.models import Takedown
-from index.takedown import list_takedowns, takedown
+from index.takedown import list_takedowns
+from tracing import governance
 from tracing import store
 from tracing.models import Trace
 from tracing.store import Contribution
@@ -84,7 +85,7 @@ def source(name: SourceName, svc: ServiceDep) -> dict:
 @router.patch("/sources/{name}", response_model=SourceOut)
 def set_policy(name: SourceName, req: PolicyUpdate, svc: ServiceDep) -> dict:
     """Change a source's policy; later traces follow it (an inactive source is neither searched nor routed)."""
-    return svc.run_and_reopen(src_lib.set_policy, svc.ws, name, **req.model_dump(exclude_none=True)).to_dict()
+    return svc.run_and_reopen(governance.set_policy, svc.ws, name, **req.model_dump(exclude_none=True)).to_dict()
 
 
 @router.get("/sources/{name}/takedowns", response_model=list[Takedown])
@@ -96,7 +97,7 @@ def takedowns(name: SourceName, svc: ServiceDep) -> list[Takedown]:
 @router.post("/sources/{name}/takedowns", response_model=Takedown, status_code=201)
 def add_takedown(name: SourceName, req: TakedownRequest, svc: ServiceDep) -> Takedown:
     """Take a document down: later traces show it as blocked, with no text."""
-    return svc.run_and_reopen(takedown, svc.ws, name, req.doc_id, req.reason, by=req.by)
+    return svc.run_and_reopen(governance.takedown, svc.ws, name, req.doc_id, req.reason, by=req.by)
 
 
 @router.get("/sources/{name}/policy-log")

@@ -85,7 +85,9 @@ def takedown(
     by: Annotated[Optional[str], typer.Option(help="Who asks (default: the OS user).")] = None,
 ) -> None:
     """Take a document down: traces will show its windows as blocked."""
-    t = td.takedown(ws(), source, doc_id, reason, by=by)
+    from tracing.governance import takedown as take_down
+
+    t = take_down(ws(), source, doc_id, reason, by=by)
     console.print(f"took down {t.source}/{t.doc_id} ({t.reason}) at {t.created_at} by {t.requested_by}")
 
 

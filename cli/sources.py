@@ -64,9 +64,9 @@ def set_(
     by: Annotated[Optional[str], typer.Option(help="Who makes the change (default: the OS user).")] = None,
 ) -> None:
     """Change a source's policy; the change is logged with who and when."""
-    clear = expires is not None and expires.strip().lower() in ("never", "none", "")
-    src = lib.set_policy(ws(), name, active=active, visibility=visibility, expires=None if clear else expires,
-                         clear_expiry=clear, by=by)
+    from tracing.governance import set_policy
+
+    src = set_policy(ws(), name, active=active, visibility=visibility, expires=expires, by=by)
     console.print(f"{src.name}: active={src.active} visibility={src.visibility} expires={src.expires or 'never'}")
 
 

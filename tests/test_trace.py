@@ -14,8 +14,7 @@ from flexolmo import sources
 from flexolmo.merge import merge
 from flexolmo.train import train_expert, train_public
 from index.build import build_source, index_dir
-from index.takedown import takedown
-from tracing import store
+from tracing import governance, store
 from tracing.trace import Tracer
 
 NAMES = ("public", "news", "code", "math")
@@ -113,8 +112,12 @@ def test_generate_and_trace_uses_captured_routing(fed):
 def test_policy_inactive_counts_and_takedown(fed):
     doc = _doc(fed, "news", 6)
     passage = " " + " ".join(doc["text"].split(" ")[4:24])
+    Tracer.open(fed).trace(passage)  # stored while news is fully visible
     try:
-        sources.set_policy(fed, "news", visibility="counts")
+        governance.set_policy(fed, "news", visibility="counts")
+        stored = store.query(fed, "SELECT count(*) FROM span_documents WHERE source = 'news' "
+                                  "AND (doc_id IS NOT NULL OR snippet IS NOT NULL)")
+        assert stored.rows[0][0] == 0  # stored traces keep counts only
         t = Tracer.open(fed).trace(passage, store=False)
         news_spans = [s for s in t.spans if s.count_by_source.get("news")]
         assert news_spans and all(d.source != "news" for s in news_spans for d in s.documents)
@@ -134,12 +137,18 @@ def test_policy_inactive_counts_and_takedown(fed):
     finally:
         sources.set_policy(fed, "news", active=True, visibility="full")
 
-    takedown(fed, "news", doc["doc_id"], reason="owner request")
+    before = Tracer.open(fed)
+    stored = before.trace(passage)  # stored with the document's text
+    assert store.query(fed, f"SELECT count(*) FROM span_documents WHERE trace_id = '{stored.trace_id}' "
+                            f"AND doc_id = '{doc['doc_id']}' AND snippet IS NOT NULL").rows[0][0] > 0
+    governance.takedown(fed, "news", doc["doc_id"], reason="owner request")
+    assert before.stale()  # a long-running service reopens before its next trace
     t = Tracer.open(fed).trace(passage)
     hits = [d for s in t.spans for d in s.documents if d.doc_id == doc["doc_id"]]
     assert hits and all(d.blocked and d.snippet is None and d.context is None for d in hits)
-    stored = store.query(fed, f"SELECT blocked, snippet FROM span_documents WHERE doc_id = '{doc['doc_id']}'")
-    assert stored.rows and all(r == (True, None) for r in stored.rows)
+    # every stored row of it, older traces included, is blocked with no text
+    rows = store.query(fed, f"SELECT blocked, snippet, title FROM span_documents WHERE doc_id = '{doc['doc_id']}'").rows
+    assert len(rows) >= 2 and all(r == (True, None, None) for r in rows)
 
 
 def test_store_query_report_and_cli(fed, tmp_path):

@@ -141,6 +141,24 @@ def save_trace(ws: Workspace, t: Trace) -> None:
         con.execute("COMMIT")
 
 
+def redact(ws: Workspace, source: str, doc_id: str | None = None) -> int:
+    """Strip stored text of a taken-down document (doc_id) or of a whole `counts` source.
+
+    A taken-down document keeps its doc_id and becomes `blocked`; a `counts` source keeps
+    only counts (doc_id, title and snippet are cleared). Returns the rows changed.
+    """
+    if not ws.traces_path.exists():
+        return 0
+    with connect(ws) as con:
+        if doc_id is not None:
+            q = ("UPDATE span_documents SET snippet = NULL, title = NULL, blocked = TRUE "
+                 "WHERE source = ? AND doc_id = ?", [source, doc_id])
+        else:
+            q = ("UPDATE span_documents SET snippet = NULL, title = NULL, doc_id = NULL "
+                 "WHERE source = ? AND (snippet IS NOT NULL OR doc_id IS NOT NULL)", [source])
+        return con.execute(*q).fetchone()[0]
+
+
 @dataclass(frozen=True)
 class QueryResult:
     columns: list[str]

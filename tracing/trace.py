@@ -78,6 +78,7 @@ class Tracer:
     model: object | None = None
     model_name: str | None = None
     settings: TraceSettings = field(default_factory=TraceSettings)
+    fingerprint: tuple = ()  # the catalog state this tracer was opened under (see `stale`)
 
     @classmethod
     def open(cls, ws: Workspace, *, model: object | None | str = "auto", exclude: tuple[str, ...] = (),
@@ -103,7 +104,15 @@ class Tracer:
         return cls(ws=ws, fed=fed, shards=shards, tokenizer=tok, bow=np.asarray(tok_lib.read_bow_ids(ws)),
                    delims=delimiter_ids(tok), ulp=unigram_logprobs(fed.unigram_counts()),
                    policies={s.name: s for s in src_lib.list_sources(ws)}, model=model, model_name=name,
-                   settings=settings or TraceSettings())
+                   settings=settings or TraceSettings(), fingerprint=catalog_fingerprint(ws))
+
+    def stale(self) -> bool:
+        """Has a policy, a takedown, an index or the date changed since this tracer opened?
+
+        A long-running service checks this before each trace and reopens: a source switched
+        off from the command line, or one whose licence expires at midnight, stops at once.
+        """
+        return catalog_fingerprint(self.ws) != self.fingerprint
 
     # -- entry points ----------------------------------------------------------------------
 
@@ -216,7 +225,8 @@ class Tracer:
         hit = DocHit(source=shard.source, doc_id=doc.doc_id, title=doc.title, shard=shard.index, doc_ix=doc.doc_ix,
                      token_offset=w.doc_offset,
                      blocked=w.blocked, snippet=None, snippet_span=None, context=None, context_span=None)
-        if w.blocked:
+        if w.blocked:  # nothing of a taken-down document leaves the service but its id
+            hit.title = None
             return hit, None
         toks, a, n = w.token_ids, w.needle_offset, w.needle_len
         side = max(0, (st.snippet_tokens - n) // 2)
@@ -269,6 +279,16 @@ class Tracer:
                                        active=on[e]) for e in range(E)]
             span.top_expert = int(np.argmax(share))
             span.agreement = names[span.top_expert] in span.sources
+
+
+def catalog_fingerprint(ws: Workspace) -> tuple:
+    """Everything a tracer's behaviour depends on that can change while it is open."""
+    from index.catalog import list_indexes, list_takedowns
+
+    return (dt.date.today(),
+            tuple((s.name, s.active, s.visibility, s.expires, s.updated_at) for s in src_lib.list_sources(ws)),
+            len(list_takedowns(ws)),
+            tuple(sorted((r.source, r.build_id) for r in list_indexes(ws))))
 
 
 def _windows(P: int, n: int, limit: int) -> list[tuple[int, int, int, int]]:
