@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import catalog
-from .errors import ConflictError, InputError, NotFoundError
+from .errors import ConflictError, InputError, IntegrityError, NotFoundError
 from .workspace import Workspace, atomic_dir
 
 VISIBILITIES = ("full", "snippets", "counts")
@@ -307,22 +307,25 @@ def add_records(
     now = dt.datetime.now().replace(microsecond=0)
     by = by or _user()
     final = ws.source_dir(name)
-    with atomic_dir(final) as tmp:
-        pq.write_table(table, tmp / DOCUMENTS_FILE, compression="zstd")
-        back = pq.read_metadata(tmp / DOCUMENTS_FILE)
-        assert back.num_rows == table.num_rows
-        with catalog.connect(ws) as con:
-            con.execute("BEGIN")
-            con.execute("DELETE FROM sources WHERE name = ?", [name])
-            con.execute(
-                "INSERT INTO sources VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [name, owner, domain, licence, visibility, active, expires, origin, content_hash(table),
-                 stats["n_docs_train"], stats["n_docs_valid"], stats["n_chars_train"], stats["n_chars_valid"],
-                 n_synth, now, now, by],
-            )
-            # The folder is renamed into place when this block exits; commit last so that a
-            # failure before then leaves no catalog row.
+    with catalog.connect(ws) as con:
+        con.execute("BEGIN")
+        try:
+            with atomic_dir(final) as tmp:
+                pq.write_table(table, tmp / DOCUMENTS_FILE, compression="zstd")
+                if pq.read_metadata(tmp / DOCUMENTS_FILE).num_rows != table.num_rows:
+                    raise IntegrityError(f"{tmp / DOCUMENTS_FILE} did not read back whole; nothing was registered")
+                con.execute("DELETE FROM sources WHERE name = ?", [name])
+                con.execute(
+                    "INSERT INTO sources VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [name, owner, domain, licence, visibility, active, expires, origin, content_hash(table),
+                     stats["n_docs_train"], stats["n_docs_valid"], stats["n_chars_train"], stats["n_chars_valid"],
+                     n_synth, now, now, by],
+                )
+            # the documents are in place: only now does the catalog row become visible
             con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
     return get_source(ws, name)
 
 

@@ -99,14 +99,35 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 
 
 def replace_dir(src: Path, final: Path) -> None:
-    """Move folder `src` to `final`, replacing what was there with two renames."""
-    old = None
-    if final.exists():
-        old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
-        os.rename(final, old)
+    """Move folder `src` to `final`, replacing what was there.
+
+    Where the kernel offers it (Linux renameat2 RENAME_EXCHANGE) the two folders swap in
+    one atomic step, so a reader always finds either the old or the new folder at `final`;
+    elsewhere two renames, with a brief moment between them where `final` is missing.
+    """
+    if not final.exists():
+        os.rename(src, final)
+        return
+    if _exchange(src, final):
+        shutil.rmtree(src, ignore_errors=True)  # `src` now holds the previous content
+        return
+    old = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
+    os.rename(final, old)
     os.rename(src, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 with RENAME_EXCHANGE); False if unsupported."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    return renameat2(AT_FDCWD, os.fsencode(str(a)), AT_FDCWD, os.fsencode(str(b)), RENAME_EXCHANGE) == 0
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

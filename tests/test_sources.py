@@ -171,3 +171,21 @@ def test_workspace_from_environment(tmp_path, monkeypatch):
     monkeypatch.delenv("FLEXOLMO_HOME")
     monkeypatch.chdir(tmp_path)
     assert Workspace.resolve().root == tmp_path / "flexolmo-work"
+
+
+def test_replace_dir_swaps_atomically(tmp_path):
+    from flexolmo.workspace import atomic_dir
+
+    final = tmp_path / "thing"
+    with atomic_dir(final) as tmp:
+        (tmp / "v").write_text("1")
+    inode = final.stat().st_ino
+    with atomic_dir(final) as tmp:
+        (tmp / "v").write_text("2")
+    assert (final / "v").read_text() == "2" and final.stat().st_ino != inode
+    assert [p.name for p in tmp_path.iterdir()] == ["thing"]  # no leftovers
+    with pytest.raises(RuntimeError):
+        with atomic_dir(final) as tmp:
+            (tmp / "v").write_text("3")
+            raise RuntimeError("interrupted")
+    assert (final / "v").read_text() == "2" and [p.name for p in tmp_path.iterdir()] == ["thing"]
