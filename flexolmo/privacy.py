@@ -15,6 +15,7 @@ throughput, but it is exact and needs no changes to the transformers model.
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +44,12 @@ def _mask0(g: torch.Tensor) -> torch.Tensor:
 
 
 def make_dp_step(dp: DPConfig, params: list[torch.nn.Parameter], cfg: TrainConfig, n_windows: int):
-    """A replacement for loss.backward(): sets `p.grad` to the clipped, noised mean gradient."""
+    """A replacement for loss.backward(): sets `p.grad` to the clipped, noised mean gradient.
+
+    The noise comes from a generator seeded from the operating system's secret randomness,
+    never from the run's (published) seed: whoever holds the package cannot regenerate it.
+    """
+    g_noise = torch.Generator().manual_seed(secrets.randbits(63))
 
     def clip_and_noise(model, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
         summed = [torch.zeros_like(p_) for p_ in params]
@@ -57,9 +63,8 @@ def make_dp_step(dp: DPConfig, params: list[torch.nn.Parameter], cfg: TrainConfi
             for s, g in zip(summed, grads):
                 s.add_(g, alpha=factor)
             losses.append(loss.detach())
-        g_noise = torch.Generator(device=x.device).manual_seed(cfg.seed * 31 + step)
         for p_, s in zip(params, summed):
-            noise = torch.randn(s.shape, generator=g_noise, device=s.device) * (dp.noise_multiplier * dp.max_grad_norm)
+            noise = torch.randn(s.shape, generator=g_noise).to(s.device) * (dp.noise_multiplier * dp.max_grad_norm)
             p_.grad = (s + _mask0(noise)) / x.size(0)  # noise on the trainable slices only
         return torch.stack(losses).mean()
 
@@ -85,4 +90,7 @@ def privacy_report(dp: DPConfig, cfg: TrainConfig, n_windows: int, steps: int) -
         "steps": steps,
         "accountant": "opacus RDPAccountant",
         "unit": f"one training window of {cfg.seq_len} tokens (not one document)",
+        "noise_seed": "secret (operating-system randomness), not recorded",
+        "not_covered": "the router row's initial value, a mean hidden state over up to embed_docs of the "
+                       "owner's documents, is computed without DP and ships in the package",
     }

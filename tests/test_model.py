@@ -185,6 +185,7 @@ def test_dp_expert(fed):
     res = train_expert(ws, "math", "tiny", steps=3, dp=DPConfig(noise_multiplier=1.0), progress=False)
     priv = res.card["privacy"]
     assert priv["dp"] and 0 < priv["epsilon"] < float("inf") and priv["accountant"] == "opacus RDPAccountant"
+    assert priv["noise_seed"].startswith("secret")
     pub = load_model(fed["public"].out_dir).state_dict()
     for name, t in res.model.state_dict().items():
         if is_expert_tensor(name):
