@@ -44,7 +44,11 @@ def trace(
     """Trace a response back to the training documents and the experts that shaped it."""
     from dataclasses import replace
 
+    if generate is not None and (text is not None or prompt is not None):
+        raise InputError("--generate PROMPT generates its own response: drop --text/--prompt, or drop --generate")
     tracer = Tracer.open(ws(), exclude=tuple(x for x in exclude.split(",") if x.strip()))
+    if exclude.strip() and tracer.model is None:
+        raise InputError("--exclude switches experts off, but there is no merged model; run `flexolmo merge` first")
     if no_counterfactual:
         tracer.settings = replace(tracer.settings, counterfactual=False)
     if generate is not None:

@@ -53,7 +53,13 @@ def connect(ws: Workspace, read_only: bool = False) -> Iterator[duckdb.DuckDBPyC
         con.execute(SCHEMA)
     else:
         ws.ensure()
-        con = duckdb.connect(str(ws.catalog_path), read_only=read_only)
+        try:
+            con = duckdb.connect(str(ws.catalog_path), read_only=read_only)
+        except duckdb.IOException as e:
+            from .errors import ConflictError
+
+            raise ConflictError(f"the catalog {ws.catalog_path} is busy ({str(e).splitlines()[0]}); "
+                                "another flexolmo process holds it: retry when it has finished") from None
         if not read_only:
             con.execute(SCHEMA)
     try:

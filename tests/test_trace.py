@@ -190,3 +190,8 @@ def test_single_expert_left_on_still_traces(fed):
         by = {e.source: e for e in s.experts}
         assert by["public"].routing_share == 1 and by["public"].counterfactual is None
         assert all(by[n].counterfactual == 0 and by[n].routing_share == 0 for n in ("code", "math", "news"))
+
+
+def test_trace_cli_refuses_conflicting_options(fed):
+    r = CliRunner().invoke(app, ["--workspace", str(fed.root), "trace", "--generate", "The", "--text", "x"])
+    assert r.exit_code == 1 and "--generate" in r.output

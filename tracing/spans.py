@@ -50,7 +50,10 @@ class Shard:
         sa = np.memmap(table, dtype=np.uint8, mode="r")
         tok_cnt = ds.shape[0] // 2
         if tok_cnt == 0 or sa.shape[0] % tok_cnt:
-            raise ValueError(f"{table}: size {sa.shape[0]} is not a multiple of the token count {tok_cnt}")
+            from flexolmo.errors import IntegrityError
+
+            raise IntegrityError(f"{table}: size {sa.shape[0]} is not a multiple of the token count {tok_cnt}; "
+                                 f"rebuild the index of {source!r} with `flexolmo index build --source {source} --force`")
         return cls(source, index, ds, sa, sa.shape[0] // tok_cnt)
 
 

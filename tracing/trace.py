@@ -125,10 +125,14 @@ class Tracer:
             raise InputError("no merged model to generate with; run `flexolmo merge` first, or trace --text")
         gen = generate(self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens, do_sample=do_sample,
                        seed=seed, temperature=temperature, top_p=top_p)
-        if not gen.token_ids:
+        ids = list(gen.token_ids)
+        if ids and ids[-1] == self.tokenizer.eos_token_id:  # the end-of-text token is not part of the text
+            ids.pop()
+        if not ids:
             raise InputError("the model generated nothing for this prompt; try another prompt")
-        routing = (np.asarray([r.experts for r in gen.routing]), np.asarray([r.weights for r in gen.routing]))
-        return self.trace_ids(gen.token_ids, prompt=prompt, prompt_ids=gen.prompt_ids, routing=routing,
+        kept = gen.routing[: len(ids)]
+        routing = (np.asarray([r.experts for r in kept]), np.asarray([r.weights for r in kept]))
+        return self.trace_ids(ids, prompt=prompt, prompt_ids=gen.prompt_ids, routing=routing,
                               generated=True, store=store)
 
     def trace(self, response: str, prompt: str | None = None, store: bool = True) -> Trace:
