@@ -31,8 +31,8 @@ from safetensors.torch import load_file
 
 from .errors import ConflictError, InputError, IntegrityError, NotFoundError
 from .model import build_model, expert_names, is_expert_tensor, load_model, num_parameters, save_model, set_active, shared_weights_hash
-from .train import PACKAGE_FILE, file_sha256, public_model_dir
-from .workspace import Workspace, atomic_dir
+from .train import PACKAGE_FILE, public_model_dir
+from .workspace import Workspace, atomic_dir, file_sha256
 
 
 @dataclass

@@ -54,8 +54,8 @@ from .merge import load_merged
 from .model import expert_names, load_model, save_model, set_active, routers, shared_weights_hash
 from .sources import get_source, iter_texts
 from .tokenizer import load_raw_tokenizer, tokenizer_info
-from .train import _fit, _Run, file_sha256
-from .workspace import Workspace, atomic_dir
+from .train import _fit, _Run
+from .workspace import Workspace, atomic_dir, file_sha256
 
 RUN_NAME = "router-tune"
 

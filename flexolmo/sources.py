@@ -17,7 +17,6 @@ it writes anything: a bad input leaves the catalog and the workspace as they wer
 from __future__ import annotations
 
 import datetime as dt
-import getpass
 import hashlib
 import json
 import re
@@ -30,7 +29,7 @@ import pyarrow.parquet as pq
 
 from . import catalog
 from .errors import ConflictError, InputError, IntegrityError, NotFoundError
-from .workspace import Workspace, atomic_dir
+from .workspace import Workspace, atomic_dir, current_user
 
 VISIBILITIES = ("full", "snippets", "counts")
 VALIDATION_PER_MILLE = 20  # about 2% of documents are held out for evaluation
@@ -305,7 +304,7 @@ def add_records(
     stats = _stats(table)
     n_synth = sum(1 for r in records if (r.get("metadata") or {}).get("synthetic"))
     now = dt.datetime.now().replace(microsecond=0)
-    by = by or _user()
+    by = by or current_user()
     final = ws.source_dir(name)
     with catalog.connect(ws) as con:
         con.execute("BEGIN")
@@ -399,7 +398,7 @@ def set_policy(
             changes["expires"] = new
     if not changes:
         return src
-    by = by or _user()
+    by = by or current_user()
     now = dt.datetime.now().replace(microsecond=0)
     with catalog.connect(ws) as con:
         con.execute("BEGIN")
@@ -425,13 +424,6 @@ def policy_log(ws: Workspace, name: str | None = None) -> list[dict]:
 def available_sources(ws: Workspace, today: dt.date | None = None) -> list[Source]:
     """Sources that may route and return documents today (active and not expired)."""
     return [s for s in list_sources(ws) if s.available(today)]
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:
-        return "unknown"
 
 
 def iter_texts(ws: Workspace, name: str, split: str | None = "train") -> Iterable[str]:

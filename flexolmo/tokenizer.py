@@ -16,7 +16,6 @@ Files in `<workspace>/tokenizer/`:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .errors import InputError, NotFoundError
 from .sources import get_source, iter_texts
-from .workspace import Workspace, atomic_dir
+from .workspace import Workspace, atomic_dir, file_sha256
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -91,7 +90,7 @@ def train_tokenizer(
         tok.save(str(tmp / "tokenizer.json"))
         bow = bow_ids(tok)
         (tmp / "bow_ids.txt").write_text("".join(f"{i}\n" for i in bow))
-        sha = _sha256(tmp / "tokenizer.json")
+        sha = file_sha256(tmp / "tokenizer.json")
         card = {
             "kind": "byte-level BPE (HF tokenizers)",
             "vocab_size": tok.get_vocab_size(),
@@ -126,10 +125,6 @@ def bow_ids(tok: Tokenizer) -> list[int]:
     return sorted(out)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def _require(ws: Workspace) -> Path:
     path = ws.tokenizer_dir / "tokenizer.json"
     if not path.exists():
@@ -154,7 +149,7 @@ def tokenizer_info(ws: Workspace) -> TokenizerInfo:
 
 def tokenizer_hash(ws: Workspace) -> str:
     """sha256 of tokenizer.json as it is on disk now (indexes record it to detect staleness)."""
-    return _sha256(_require(ws))
+    return file_sha256(_require(ws))
 
 
 def load_raw_tokenizer(ws: Workspace) -> Tokenizer:

@@ -25,8 +25,6 @@ dict: optimizer, step, config, RNG, losses) and restarts from it after an interr
 from __future__ import annotations
 
 import datetime as dt
-import getpass
-import hashlib
 import json
 import math
 import shutil
@@ -54,7 +52,7 @@ from .model import (
 )
 from .sources import get_source, iter_texts
 from .tokenizer import load_raw_tokenizer, tokenizer_hash, tokenizer_info
-from .workspace import Workspace, atomic_dir
+from .workspace import Workspace, atomic_dir, current_user, file_sha256
 
 PACKAGE_FILE = "expert.safetensors"
 PACKAGE_FORMAT = 1
@@ -477,7 +475,7 @@ def train_expert(
         ),
         "privacy": privacy,
         "created_at": dt.datetime.now().replace(microsecond=0).isoformat(),
-        "created_by": _user(),
+        "created_by": current_user(),
     }
     out = ws.experts_dir / source
     if d.is_main:
@@ -504,16 +502,3 @@ def write_package(model, folder: Path, card: dict) -> dict:
     return card
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:
-        return "unknown"

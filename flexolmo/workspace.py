@@ -18,6 +18,8 @@ so an interrupted command never leaves a half-written folder where a reader look
 from __future__ import annotations
 
 import contextlib
+import getpass
+import hashlib
 import os
 import shutil
 import uuid
@@ -128,6 +130,20 @@ def _exchange(a: Path, b: Path) -> bool:
         return False
     AT_FDCWD, RENAME_EXCHANGE = -100, 2
     return renameat2(AT_FDCWD, os.fsencode(str(a)), AT_FDCWD, os.fsencode(str(b)), RENAME_EXCHANGE) == 0
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, streamed."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def current_user() -> str:
+    """Who runs this command, for the catalog's who-and-when records."""
+    try:
+        return getpass.getuser()
+    except Exception:
+        return "unknown"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -21,7 +21,6 @@ infini-gram's C++ loader classifies a folder's files by *substring of the whole 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -37,6 +36,7 @@ import numpy as np
 import infini_gram
 
 from flexolmo.errors import IntegrityError, NotFoundError
+from flexolmo.workspace import file_sha256
 
 DOC_SEP = 0xFFFF  # infini-gram's document separator in u16 indexes
 TOKEN_WIDTH = 2  # bytes per id (u16)
@@ -178,17 +178,12 @@ def _wait(p: subprocess.Popen, step: str) -> None:
         raise IntegrityError(f"rust_indexing {step} failed (exit {p.returncode}): {' | '.join(tail)}")
 
 
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def file_table(folder: Path) -> dict[str, dict]:
     """name -> {bytes, sha256} for every file of an index folder except the manifest."""
     out = {}
     for p in sorted(Path(folder).iterdir()):
         if p.is_file() and p.name != MANIFEST:
-            out[p.name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            out[p.name] = {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
     return out
 
 
@@ -215,7 +210,7 @@ def check_files(folder: Path, manifest: dict, checksums: bool = False) -> list[s
             problems.append(f"{name} is missing")
         elif p.stat().st_size != info["bytes"]:
             problems.append(f"{name} has {p.stat().st_size:,} bytes, expected {info['bytes']:,} (truncated or altered)")
-        elif checksums and sha256_file(p) != info["sha256"]:
+        elif checksums and file_sha256(p) != info["sha256"]:
             problems.append(f"{name} fails its sha256 checksum (corrupted)")
     for p in Path(folder).iterdir():
         if p.name not in manifest["files"] and p.name != MANIFEST and any(k in p.name for k in KINDS):

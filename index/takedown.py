@@ -10,7 +10,6 @@ of the main index (copied from it, so they match token for token), which is what
 
 from __future__ import annotations
 
-import getpass
 import json
 import shutil
 import uuid
@@ -22,7 +21,7 @@ import numpy as np
 from flexolmo import sources as src_lib
 from flexolmo import tokenizer as tok_lib
 from flexolmo.errors import ConflictError, InputError, IntegrityError, NotFoundError
-from flexolmo.workspace import Workspace, atomic_dir, replace_dir
+from flexolmo.workspace import Workspace, current_user, replace_dir
 
 from . import catalog, format as fmt
 from .models import Takedown
@@ -43,7 +42,7 @@ def takedown(ws: Workspace, source: str, doc_id: str, reason: str, by: str | Non
     existing = {t.doc_id for t in catalog.list_takedowns(ws, source)}
     if doc_id in existing:
         raise ConflictError(f"document {doc_id!r} of {source!r} is already taken down")
-    by = by or _user()
+    by = by or current_user()
     now = catalog.now()
     tmp = _build_diff_tmp(ws, source, existing | {doc_id})
     final = diff_dir(ws, source)
@@ -144,10 +143,3 @@ def _build_diff_tmp(ws: Workspace, source: str, doc_ids: set[str]) -> Path | Non
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return tmp
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:
-        return "unknown"
