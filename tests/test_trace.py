@@ -195,3 +195,22 @@ def test_single_expert_left_on_still_traces(fed):
 def test_trace_cli_refuses_conflicting_options(fed):
     r = CliRunner().invoke(app, ["--workspace", str(fed.root), "trace", "--generate", "The", "--text", "x"])
     assert r.exit_code == 1 and "--generate" in r.output
+
+
+def test_copy_of_a_taken_down_document_is_blocked_too(tmp_path):
+    """A takedown blocks by content (the diff index), not only by doc_id: a copy is caught."""
+    ws = build_federation(tmp_path / "copy", sources=("public", "news"), n_docs=30)
+    news = sources.load_documents(ws, "news").to_pylist()
+    original = next(d for d in news if d["split"] == "train")
+    copies = [{"doc_id": d["doc_id"], "text": d["text"]} for d in news]
+    copies.append({"doc_id": "reposted-copy", "text": original["text"]})
+    sources.add_records(ws, "news", copies, owner="o", domain="news", licence="CC0", origin="test", replace=True)
+    assert sources.split_of("reposted-copy") == "train"
+    for s in ("public", "news"):
+        build_source(ws, s, force=True)
+    governance.takedown(ws, "news", original["doc_id"], reason="owner request")
+    passage = " " + " ".join(original["text"].split(" ")[5:30])
+    t = Tracer.open(ws, model=None).trace(passage, store=False)
+    hits = [d for s in t.spans for d in s.documents if d.doc_id in (original["doc_id"], "reposted-copy")]
+    assert {d.doc_id for d in hits} == {original["doc_id"], "reposted-copy"}
+    assert all(d.blocked and d.snippet is None for d in hits)

@@ -32,6 +32,7 @@ from flexolmo import tokenizer as tok_lib
 from flexolmo.errors import InputError
 from flexolmo.workspace import Workspace
 from index.engine import Federation
+from index.models import SpanDoc
 
 from . import relevance
 from .models import DocHit, ExpertLink, Span, SpanGroup, Trace
@@ -225,11 +226,12 @@ class Tracer:
         """The hit at (shard, ptr), its text cut to the source's visibility, and the window text."""
         st = self.settings
         w = self.fed.window(shard.source, shard.index, ptr, needle_len, st.context_tokens, st.context_tokens)
+        blocked = w.blocked or self._diff_blocked(shard, ptr, w)
         doc = w.doc
         hit = DocHit(source=shard.source, doc_id=doc.doc_id, title=doc.title, shard=shard.index, doc_ix=doc.doc_ix,
                      token_offset=w.doc_offset,
-                     blocked=w.blocked, snippet=None, snippet_span=None, context=None, context_span=None)
-        if w.blocked:  # nothing of a taken-down document leaves the service but its id
+                     blocked=blocked, snippet=None, snippet_span=None, context=None, context_span=None)
+        if blocked:  # nothing of a taken-down document leaves the service but its id
             hit.title = None
             return hit, None
         toks, a, n = w.token_ids, w.needle_offset, w.needle_len
@@ -240,6 +242,18 @@ class Tracer:
         if self.policies[shard.source].visibility == "full":
             hit.context, hit.context_span = context, context_span
         return hit, context
+
+    def _diff_blocked(self, shard: Shard, ptr: int, w) -> bool:
+        """Is this window a window of a taken-down document, by content (the diff index)?
+
+        Catches a copy of a removed document under another doc_id: InfiniGramEngineDiff marks
+        a window blocked when its text (with `context_tokens` of context) is in the diff index.
+        """
+        index = self.fed.source(shard.source)
+        if index.diff_folder is None:
+            return False
+        needle = w.token_ids[w.needle_offset: w.needle_offset + w.needle_len]
+        return index.engine_windows([SpanDoc(shard.index, ptr)], needle, self.settings.context_tokens)[0].blocked
 
     def _link_experts(self, spans: list[Span], ids: list[int], prompt_ids: list[int],
                       routing: tuple[np.ndarray, np.ndarray] | None) -> None:
