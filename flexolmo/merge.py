@@ -183,13 +183,18 @@ def merge(
         "router_bias": "router_bias.safetensors, applied by flexolmo.merge.load_merged (stock from_pretrained ignores it)",
         "created_at": dt.datetime.now().replace(microsecond=0).isoformat(),
     }
+    write_merged(model, out, sources, public_hash, card)
+    return MergeResult(out_dir=out, experts=sources, top_k=k, public_hash=public_hash, n_params=card["n_params"], card=card)
+
+
+def write_merged(model, out: Path, names: list[str], public_hash: str, card: dict) -> None:
+    """Save a merged model with its card atomically, after checking that it reads back whole."""
     with atomic_dir(out) as tmp:
-        save_model(model, tmp, experts=sources, extra={"public_hash": public_hash})
+        save_model(model, tmp, experts=names, extra={"public_hash": public_hash})
         (tmp / "card.json").write_text(json.dumps(card, indent=2))
         check = load_model(tmp)  # verify before the rename
-        if shared_weights_hash(check) != public_hash or expert_names(check) != sources:
+        if shared_weights_hash(check) != public_hash or expert_names(check) != names:
             raise IntegrityError(f"the merged checkpoint written to {tmp} does not read back identically; disk problem?")
-    return MergeResult(out_dir=out, experts=sources, top_k=k, public_hash=public_hash, n_params=card["n_params"], card=card)
 
 
 def _layer(name: str) -> int:

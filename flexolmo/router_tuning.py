@@ -48,10 +48,10 @@ import torch.nn.functional as F
 
 from . import distributed
 from .config import TrainConfig
-from .errors import InputError, IntegrityError, NotFoundError
+from .errors import InputError, NotFoundError
 from .generate import RoutingCapture
-from .merge import load_merged
-from .model import expert_names, load_model, save_model, set_active, routers, shared_weights_hash
+from .merge import load_merged, write_merged
+from .model import expert_names, routers, set_active, shared_weights_hash
 from .sources import get_source, iter_texts
 from .tokenizer import load_raw_tokenizer, tokenizer_info
 from .train import _fit, _Run
@@ -289,15 +289,13 @@ def tune_router(
         set_active(model, [True] * len(names))  # saved with every expert on; load_merged applies the catalog again
         if out is None:
             untuned = model_dir.parent / f"{model_dir.name}-untuned"
-            if not (untuned / "config.json").exists():
+            # keep the untuned model: a fresh merge replaces an older copy; a model that was
+            # itself tuned already leaves the copy of its untuned original alone
+            already_tuned = "router_tuning" in json.loads((model_dir / "card.json").read_text())
+            if not (already_tuned and (untuned / "config.json").exists()):
                 with atomic_dir(untuned) as tmp:
                     shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
-        with atomic_dir(target) as tmp:
-            save_model(model, tmp, experts=names, extra={"public_hash": public_hash})
-            (tmp / "card.json").write_text(json.dumps(card, indent=2))
-            check = load_model(tmp)  # verify before the rename
-            if shared_weights_hash(check) != public_hash or expert_names(check) != names:
-                raise IntegrityError(f"the tuned checkpoint written to {tmp} does not read back identically; disk problem?")
+        write_merged(model, target, names, public_hash, card)
         shutil.rmtree(run_dir, ignore_errors=True)
     distributed.barrier(d)
     return RouterTuneResult(

@@ -11,6 +11,15 @@ import pytest
 from flexolmo.workspace import Workspace
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _quiet_transformers() -> None:
+    """No progress bars or load reports from transformers in test output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 @pytest.fixture
 def ws(tmp_path: Path) -> Workspace:
     return Workspace(tmp_path / "ws")

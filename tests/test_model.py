@@ -5,31 +5,20 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest_model import build_federation  # noqa: E402
+from conftest_model import build_federation
 
-from flexolmo.config import Profile, get_profile  # noqa: E402
-from flexolmo.errors import ConflictError, InputError, IntegrityError  # noqa: E402
-from flexolmo.generate import generate, route, token_logprobs  # noqa: E402
-from flexolmo.merge import load_merged, merge  # noqa: E402
-from flexolmo.model import is_expert_tensor, load_model, routers, shared_weights_hash  # noqa: E402
-from flexolmo.sources import set_policy  # noqa: E402
-from flexolmo.tokenizer import load_tokenizer  # noqa: E402
-from flexolmo.train import domain_embedding, train_expert, train_public  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _quiet():
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+from flexolmo.config import Profile, get_profile
+from flexolmo.errors import ConflictError, InputError, IntegrityError
+from flexolmo.generate import generate, route, token_logprobs
+from flexolmo.merge import load_merged, merge
+from flexolmo.model import is_expert_tensor, load_model, routers, shared_weights_hash
+from flexolmo.sources import set_policy
+from flexolmo.tokenizer import load_tokenizer
+from flexolmo.train import domain_embedding, train_expert, train_public
 
 
 @pytest.fixture(scope="module")

@@ -5,29 +5,18 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest_model import build_federation  # noqa: E402
+from conftest_model import build_federation
 
-import flexolmo.router_tuning as rt  # noqa: E402
-from flexolmo.generate import route  # noqa: E402
-from flexolmo.merge import load_merged, merge  # noqa: E402
-from flexolmo.model import load_model, shared_weights_hash  # noqa: E402
-from flexolmo.sources import set_policy  # noqa: E402
-from flexolmo.train import train_expert, train_public  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _quiet():
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+import flexolmo.router_tuning as rt
+from flexolmo.generate import route
+from flexolmo.merge import load_merged, merge
+from flexolmo.model import load_model, shared_weights_hash
+from flexolmo.sources import set_policy
+from flexolmo.train import train_expert, train_public
 
 
 @pytest.fixture(scope="module")
