@@ -344,6 +344,28 @@ def _result(kind, source, out, p: Profile, stats: dict, card: dict, model) -> Tr
     )
 
 
+def _card_matches(card_path: Path, **expected) -> bool:
+    if not card_path.exists():
+        return False
+    card = json.loads(card_path.read_text())
+    return all(card.get(k) == v for k, v in expected.items())
+
+
+def public_is_current(ws: Workspace, profile: str) -> bool:
+    """Is there a public model of this profile, trained with the workspace's tokenizer?"""
+    return _card_matches(ws.models_dir / "public" / "card.json", profile=profile, tokenizer_sha256=tokenizer_hash(ws))
+
+
+def expert_is_current(ws: Workspace, source: str, profile: str) -> bool:
+    """Is there an expert package of this profile, trained against the current public model?"""
+    card = ws.models_dir / "public" / "card.json"
+    if not card.exists():
+        return False
+    public_hash = json.loads(card.read_text())["shared_weights_sha256"]
+    return _card_matches(ws.experts_dir / source / "card.json", profile=profile, public_hash=public_hash,
+                         tokenizer_sha256=tokenizer_hash(ws))
+
+
 def public_model_dir(ws: Workspace) -> Path:
     path = ws.models_dir / "public"
     if not (path / "config.json").exists():

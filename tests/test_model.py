@@ -225,3 +225,12 @@ def test_load_expert_model_rebuilds_owner_model(fed):
     for (n, a), (_, b) in zip(own.state_dict().items(), rebuilt.state_dict().items()):
         assert torch.equal(a, b), n
     assert rebuilt.flexolmo_experts == ["public", "code"]
+
+
+def test_current_checks_for_a_rerun(fed):
+    from flexolmo.train import expert_is_current, public_is_current
+
+    ws = fed["ws"]
+    assert public_is_current(ws, "tiny") and not public_is_current(ws, "demo")
+    assert expert_is_current(ws, "news", "tiny") and not expert_is_current(ws, "news", "demo")
+    assert not expert_is_current(ws, "math", "tiny")  # never trained in this fixture
