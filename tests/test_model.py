@@ -233,4 +233,4 @@ def test_current_checks_for_a_rerun(fed):
     ws = fed["ws"]
     assert public_is_current(ws, "tiny") and not public_is_current(ws, "demo")
     assert expert_is_current(ws, "news", "tiny") and not expert_is_current(ws, "news", "demo")
-    assert not expert_is_current(ws, "math", "tiny")  # never trained in this fixture
+    assert not expert_is_current(ws, "forum", "tiny")  # no package for it
