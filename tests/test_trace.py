@@ -71,6 +71,7 @@ def test_spans_respect_word_boundaries_delimiters_and_k(fed):
     bow, delims = set(tracer.bow.tolist()), set(tracer.delims)
     assert 0 < len(t.spans) <= math.ceil(0.05 * len(ids))
     for s in t.spans:
+        assert len({(d.source, d.doc_id) for d in s.documents}) == len(s.documents) <= 10  # distinct documents
         assert ids[s.start] in bow
         assert s.end == len(ids) or ids[s.end] in bow
         assert not any(i in delims for i in ids[s.start: s.end - 1])

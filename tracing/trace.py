@@ -203,23 +203,32 @@ class Tracer:
                     documents=self._documents(raw, windows))
 
     def _documents(self, raw: RawSpan, windows: list[tuple[DocHit, str]]) -> list[DocHit]:
-        """Up to max_docs occurrences, sampled with a fixed seed over sources that show documents."""
+        """Up to max_docs distinct documents containing the span, sampled with a fixed seed from
+        its occurrences in sources that show documents (a document matched twice counts once)."""
         st = self.settings
         eligible = [(i, lo, hi) for i, (lo, hi) in enumerate(raw.rank_range_by_shard)
                     if hi > lo and self.policies[self.shards[i].source].visibility != "counts"]
         total = sum(hi - lo for _, lo, hi in eligible)
-        picks = range(total) if total <= st.max_docs else sorted(random.Random(st.seed).sample(range(total), st.max_docs))
-        out = []
-        for g in picks:
+        # a seeded order over occurrences (all of them when few); walk it until max_docs documents
+        order = random.Random(st.seed).sample(range(total), min(total, 4 * st.max_docs))
+        out, seen = [], set()
+        for g in order:
             for i, lo, hi in eligible:
                 if g < hi - lo:
                     break
                 g -= hi - lo
             shard = self.shards[i]
-            hit, text = self._hit(shard, rank_to_ptr(shard, lo + g), raw.length)
+            ptr = rank_to_ptr(shard, lo + g)
+            doc = self.fed.doc_at(shard.source, shard.index, ptr)
+            if (shard.source, doc.doc_id) in seen:
+                continue
+            seen.add((shard.source, doc.doc_id))
+            hit, text = self._hit(shard, ptr, raw.length)
             out.append(hit)
             if text is not None:
                 windows.append((hit, text))
+            if len(out) == st.max_docs:
+                break
         return out
 
     def _hit(self, shard: Shard, ptr: int, needle_len: int) -> tuple[DocHit, str | None]:
@@ -336,8 +345,12 @@ def _rate(windows: list[tuple[DocHit, str]], query: str, response_chars: int) ->
 
 
 def _marked(tok, left: list[int], mid: list[int], right: list[int]) -> tuple[str, tuple[int, int]]:
-    a, b, c = tok.decode(left), tok.decode(mid), tok.decode(right)
-    return a + b + c, (len(a), len(a) + len(b))
+    """Decode left + mid + right as one text (a character split across the pieces stays whole)
+    and the character range of `mid` in it."""
+    text = tok.decode(left + mid + right)
+    a = len(tok.decode(left))
+    b = len(tok.decode(left + mid))
+    return text, (a, b)
 
 
 def _groups(spans: list[Span], ids: list[int], tok) -> list[SpanGroup]:
