@@ -22,7 +22,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/index_build.py
-	$(BIN)/python bench/generate_overhead.py
+	$(BIN)/python bench/generate_overhead.py -w flexolmo-work
 	$(BIN)/python bench/trace.py
 
 clean-work:
