@@ -4,7 +4,8 @@
     FLEXOLMO_HOME=work uvicorn --factory api.app:create_app
 
 The Tracer (indexes memory-mapped, merged model loaded, policies read) is opened once when
-the app starts and reopened when a policy or a takedown changes through the API. Library
+the app starts and reopened when a policy or a takedown changes, through the API or from
+the command line (checked before each trace), or when a licence expires at midnight. Library
 errors (`FlexolmoError`) become HTTP errors with the error's status and message.
 """
 
