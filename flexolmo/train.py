@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
@@ -52,6 +53,7 @@ from .model import (
 )
 from .sources import get_source, iter_texts
 from .tokenizer import load_raw_tokenizer, tokenizer_hash, tokenizer_info
+from .tokens import source_tokens
 from .workspace import Workspace, atomic_dir, current_user, file_sha256
 
 PACKAGE_FILE = "expert.safetensors"
@@ -81,17 +83,16 @@ class TrainResult:
 
 
 def token_stream(ws: Workspace, source: str, split: str = "train") -> torch.Tensor:
-    """All documents of a split as one 1-D id stream, each document followed by eos."""
-    tok = load_raw_tokenizer(ws)
-    eos = tokenizer_info(ws).eos_id
-    texts = list(iter_texts(ws, source, split=split))
-    if not texts:
+    """All documents of a split as one 1-D id stream, each document followed by eos.
+
+    The ids come from the source's token cache (`flexolmo.tokens`), shared with indexing.
+    """
+    toks = source_tokens(ws, source, split)
+    if toks.n_docs == 0:
         raise InputError(f"source {source!r} has no {split} documents to train on")
-    ids: list[int] = []
-    for enc in tok.encode_batch(texts, add_special_tokens=False):
-        ids.extend(enc.ids)
-        ids.append(eos)
-    return torch.tensor(ids, dtype=torch.long)
+    eos = tokenizer_info(ws).eos_id
+    stream = np.insert(np.asarray(toks.ids, dtype=np.int64), toks.offsets[1:], eos)  # eos after each document
+    return torch.from_numpy(stream)
 
 
 def get_batch(stream: torch.Tensor, cfg: TrainConfig, step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

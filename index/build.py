@@ -28,14 +28,14 @@ import numpy as np
 from flexolmo import sources as src_lib
 from flexolmo import tokenizer as tok_lib
 from flexolmo.errors import FlexolmoError, InputError, IntegrityError
+from flexolmo.tokens import source_tokens
 from flexolmo.workspace import Workspace, atomic_dir
 
 from . import catalog, format as fmt
 from .models import BuildResult, IndexRecord, VerifyResult
 
 MAX_SHARDS = 10  # shard files sort by name in the loader: tokenized.10 < tokenized.2
-ENCODE_BATCH = 1024  # documents per encode_batch call (the Rust tokenizer uses every core)
-ENCODE_CHARS = 4_000_000  # characters per encode_batch call
+WRITE_BATCH = 1024  # documents per write to the shard files
 
 
 class Progress(Protocol):
@@ -109,13 +109,14 @@ def build_source(
     if docs.num_rows == 0:
         raise InputError(f"source {name!r} has no train documents to index "
                          f"({source.n_docs_valid} validation documents are never indexed)")
-    tok = tok_lib.load_raw_tokenizer(ws)
     _clean_stale_tmp(ws, name)
     build_id = uuid.uuid4().hex[:12]
 
     with atomic_dir(final) as tmp:
         t0 = time.perf_counter()
-        n_docs, n_tokens, shard_stats = _write_shards(tmp, name, docs, tok, shards, progress)
+        # the source's ids, tokenized once per tokenizer and shared with training
+        toks = source_tokens(ws, name, "train", progress=lambda done, total: progress(name, "tokenize", done, total, "chars"))
+        n_docs, n_tokens, shard_stats = _write_shards(tmp, name, docs, toks, shards)
         tokenize_seconds = time.perf_counter() - t0
 
         sa_seconds = 0.0
@@ -186,40 +187,26 @@ def build_all(
     return [build_source(ws, n, shards=shards, force=force, progress=progress) for n in names]
 
 
-def _write_shards(tmp: Path, name: str, docs, tok, shards: int, progress: Progress) -> tuple[int, int, list[dict]]:
-    """Tokenize the documents in batches and stream them into `shards` contiguous shards."""
+def _write_shards(tmp: Path, name: str, docs, toks, shards: int) -> tuple[int, int, list[dict]]:
+    """Stream the documents' cached ids into `shards` contiguous shards, balanced by size."""
     doc_ids = docs.column("doc_id").to_pylist()
-    texts = docs.column("text").to_pylist()
     titles = docs.column("title").to_pylist()
     metas = docs.column("metadata").to_pylist()
-    n = len(texts)
-    # contiguous shards balanced by characters
-    sizes = np.fromiter((len(t) for t in texts), dtype=np.int64, count=n)
+    n = len(doc_ids)
+    assert toks.n_docs == n, "token cache and documents disagree"
+    sizes = np.diff(toks.offsets)
     cum = np.cumsum(sizes) - sizes
     shard_of = np.minimum((cum * shards) // max(int(sizes.sum()), 1), shards - 1)
     writers = [fmt.ShardWriter(tmp, k, name) for k in range(shards)]
-    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
-    total_chars = int(sizes.sum())
-    done_chars = 0
     try:
-        b = 0
-        while b < n:
-            # batches of up to ENCODE_BATCH documents and ENCODE_CHARS characters (bounds memory:
-            # an Encoding costs far more than its ids)
-            e = min(b + ENCODE_BATCH, n)
-            e = max(b + 1, min(e, int(np.searchsorted(cum, cum[b] + ENCODE_CHARS, side="left"))))
-            encs = encode(texts[b:e], add_special_tokens=False)
+        for b in range(0, n, WRITE_BATCH):
             batch: dict[int, list] = {}
-            for i, enc in zip(range(b, e), encs):
-                ids = np.asarray(enc.ids, dtype=np.uint16)
+            for i in range(b, min(n, b + WRITE_BATCH)):
                 k = int(shard_of[i])
                 meta = _meta_line(name, doc_ids[i], titles[i], metas[i], k, len(batch.get(k, [])) + writers[k].n_docs)
-                batch.setdefault(k, []).append((ids, meta))
+                batch.setdefault(k, []).append((toks.doc(i), meta))
             for k, items in batch.items():
                 writers[k].add_many(items)
-            done_chars += int(sizes[b:e].sum())
-            progress(name, "tokenize", done_chars, total_chars, "chars")
-            b = e
     finally:
         for w in writers:
             w.close()
