@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
+import numba
 import numpy as np
 
 from flexolmo import sources as src_lib
@@ -332,9 +333,9 @@ def verify_folder(folder: Path, manifest: dict, *, docs_tokens=None, n_ngrams: i
     tok_cnt = sum(engine.engine.get_tok_cnt(s=s) for s in range(engine.engine.get_num_shards()))
     if tok_cnt != manifest["n_tokens"] + manifest["n_docs"]:
         problems.append(f"the engine sees {tok_cnt} positions, expected {manifest['n_tokens'] + manifest['n_docs']}")
-    for q in sample_ngrams(arrays, n_ngrams, rng):
+    queries = sample_ngrams(arrays, n_ngrams, rng)
+    for q, want in zip(queries, brute_counts(arrays, queries)):
         got = engine.count(input_ids=q)
-        want = brute_count(arrays, q)
         if "error" in got or got["count"] != want:
             problems.append(f"count({q}) = {got.get('count', got.get('error'))}, brute force {want}")
             break
@@ -361,17 +362,42 @@ def sample_ngrams(arrays: list[np.ndarray], n: int, rng: np.random.Generator) ->
     return out
 
 
-def brute_count(arrays: list[np.ndarray], q: list[int]) -> int:
-    """Occurrences of `q` in the token arrays, by direct comparison."""
-    total = 0
+def brute_counts(arrays: list[np.ndarray], queries: list[list[int]]) -> list[int]:
+    """Occurrences of every query in the token arrays, by direct comparison, in one pass."""
+    if not queries:
+        return []
+    width = max(len(q) for q in queries)
+    qs = np.full((len(queries), width), -1, dtype=np.int64)
+    for i, q in enumerate(queries):
+        qs[i, : len(q)] = q
+    lens = np.array([len(q) for q in queries], dtype=np.int64)
+    # queries grouped by their first id: the scan looks only at those starting with a[i]
+    order = np.argsort(qs[:, 0], kind="stable")
+    first = qs[order, 0]
+    ids = np.arange(65536)
+    start, end = np.searchsorted(first, ids, "left"), np.searchsorted(first, ids, "right")
+    counts = np.zeros(len(queries), dtype=np.int64)
     for a in arrays:
-        if len(a) < len(q):
-            continue
-        cand = np.flatnonzero(a[: len(a) - len(q) + 1] == q[0])
-        for j in range(1, len(q)):
-            cand = cand[a[cand + j] == q[j]]
-        total += len(cand)
-    return total
+        _count_pass(np.asarray(a), qs, lens, order, start, end, counts)
+    return counts.tolist()
+
+
+@numba.njit(cache=True)
+def _count_pass(a, qs, lens, order, start, end, counts):
+    n = a.shape[0]
+    for i in range(n):
+        t = a[i]
+        for j in range(start[t], end[t]):  # the queries that start with id t
+            q = order[j]
+            m = lens[q]
+            if i + m <= n:
+                ok = True
+                for k in range(1, m):
+                    if a[i + k] != qs[q, k]:
+                        ok = False
+                        break
+                if ok:
+                    counts[q] += 1
 
 
 def verify_index(ws: Workspace, name: str, *, n_ngrams: int = 64) -> VerifyResult:
