@@ -3,6 +3,7 @@
     <workspace>/                    --workspace, else $FLEXOLMO_HOME, else ./flexolmo-work
       catalog.duckdb                sources, policy changes, index builds, takedowns
       sources/<name>/documents.parquet
+      sources/<name>/tokens-<split>-<hash>/   ids tokenized once per tokenizer (flexolmo/tokens.py)
       tokenizer/tokenizer.json      shared byte-level BPE (+ bow_ids.txt, card.json)
       models/public/                public model (HF checkpoint + card.json)
       models/merged/                merged FlexOlmo checkpoint
