@@ -61,10 +61,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from transformers.utils import logging as hf_logging
+    from flexolmo.hflog import quiet_transformers
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    quiet_transformers()
     model, tok, prompt, what = _model(args.workspace)
     kw = dict(max_new_tokens=args.new_tokens, stop_at_eos=False)
     for capture in (False, True):  # warm-up

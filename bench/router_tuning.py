@@ -82,10 +82,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from transformers.utils import logging as hf_logging
+    from flexolmo.hflog import quiet_transformers
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    quiet_transformers()
     ws = Workspace.resolve(args.workspace)
     merged, tuned = ws.models_dir / "merged", ws.models_dir / "merged-tuned"
 

@@ -64,6 +64,9 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="A merged model folder (default: <workspace>/models/merged).")
     ap.add_argument("--agreement-only", action="store_true", help="Skip the latency parts.")
     args = ap.parse_args()
+    from flexolmo.hflog import quiet_transformers
+
+    quiet_transformers()
     ws = Workspace.resolve(args.workspace)
     model = "auto"
     if args.model:

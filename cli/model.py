@@ -27,13 +27,6 @@ def _names(value: str | None) -> list[str]:
     return [x.strip() for x in (value or "").split(",") if x.strip()]
 
 
-def _quiet_hf() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-
-
 def _is_main() -> bool:
     import os
 
@@ -164,7 +157,9 @@ def _print_generation(r, off: dict) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    _quiet_hf()
+    from flexolmo.hflog import quiet_transformers
+
+    quiet_transformers()
     app.add_typer(train_app, name="train")
     app.command("merge")(merge_cmd)
     app.command("tune-router")(tune_router_cmd)

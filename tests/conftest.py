@@ -14,10 +14,9 @@ from flexolmo.workspace import Workspace
 @pytest.fixture(scope="session", autouse=True)
 def _quiet_transformers() -> None:
     """No progress bars or load reports from transformers in test output."""
-    from transformers.utils import logging as hf_logging
+    from flexolmo.hflog import quiet_transformers
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    quiet_transformers()
 
 
 @pytest.fixture
