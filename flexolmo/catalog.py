@@ -3,16 +3,24 @@
 Other packages add their own tables to the same file (`index/catalog.py` adds index builds
 and takedowns). Connections are short-lived: open, do one unit of work, close, so that a
 CLI command and a running service never hold the file at the same time for long.
+
+Within one process, connections are taken one at a time (a process-wide lock): DuckDB
+refuses a read-only and a read-write connection to the same file at once in one process,
+and the service runs catalog reads and owner changes on several threads. Across processes,
+a connection that finds the file locked retries for `BUSY_WAIT_S` before giving up.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 from typing import Iterator
 
 import duckdb
 
-from .workspace import Workspace
+from .errors import InputError
+from .workspace import Workspace, current_user
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sources (
@@ -45,24 +53,71 @@ CREATE TABLE IF NOT EXISTS policy_log (
 """
 
 
+BUSY_WAIT_S = 3.0  # how long a connection waits for another process to release the file
+
+_LOCK = threading.RLock()  # one catalog connection at a time in this process
+
+
 @contextlib.contextmanager
 def connect(ws: Workspace, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
     """Open the workspace catalog (creating it and its tables when writable)."""
-    if read_only and not ws.catalog_path.exists():
-        con = duckdb.connect(":memory:")
-        con.execute(SCHEMA)
-    else:
-        ws.ensure()
-        try:
-            con = duckdb.connect(str(ws.catalog_path), read_only=read_only)
-        except duckdb.IOException as e:
-            from .errors import ConflictError
-
-            raise ConflictError(f"the catalog {ws.catalog_path} is busy ({str(e).splitlines()[0]}); "
-                                "another flexolmo process holds it: retry when it has finished") from None
-        if not read_only:
+    with _LOCK:
+        if read_only and not ws.catalog_path.exists():
+            con = duckdb.connect(":memory:")
             con.execute(SCHEMA)
+        else:
+            ws.ensure()
+            con = _open(ws, read_only)
+            if not read_only:
+                con.execute(SCHEMA)
+        try:
+            yield con
+        finally:
+            con.close()
+
+
+def _open(ws: Workspace, read_only: bool) -> duckdb.DuckDBPyConnection:
+    """Connect, retrying while another process holds the file's lock."""
+    deadline = time.monotonic() + BUSY_WAIT_S
+    delay = 0.01
+    while True:
+        try:
+            return duckdb.connect(str(ws.catalog_path), read_only=read_only)
+        except (duckdb.IOException, duckdb.ConnectionException) as e:
+            if time.monotonic() + delay > deadline:
+                from .errors import ConflictError
+
+                raise ConflictError(f"the catalog {ws.catalog_path} is busy ({str(e).splitlines()[0]}); "
+                                    "another flexolmo process holds it: retry when it has finished") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+
+# -- who wrote a row ---------------------------------------------------------------------------
+
+BY_MAX = 100  # characters of a `by` (who made a change)
+
+
+def check_text(value: str, what: str, max_len: int) -> str:
+    """Caller-supplied text that is stored and shown: one line of printable characters."""
+    if not isinstance(value, str) or not value.strip():
+        raise InputError(f"{what} is empty; give a short description")
+    value = value.strip()
+    if len(value) > max_len:
+        raise InputError(f"{what} is {len(value):,} characters; the limit is {max_len}")
     try:
-        yield con
-    finally:
-        con.close()
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"{what} is not valid Unicode (a lone surrogate); send UTF-8 text") from None
+    bad = next((c for c in value if not c.isprintable()), None)
+    if bad is not None:
+        raise InputError(f"{what} holds a control or invisible character ({bad!r}, e.g. a newline); "
+                         "give one line of printable text")
+    return value
+
+
+def check_by(by: str | None) -> str:
+    """Who makes a change: validated until keys identify callers (the default: the OS user).
+
+    Stored as data and shown escaped, never as markup."""
+    return current_user() if by is None else check_text(by, "by (who makes the change)", BY_MAX)

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import catalog
+from .catalog import check_by, check_text  # noqa: F401  (validated caller text, re-exported)
 from .errors import ConflictError, InputError, IntegrityError, NotFoundError
 from .workspace import Workspace, atomic_dir, current_user
 
@@ -381,6 +382,7 @@ def set_policy(
     by: str | None = None,
 ) -> Source:
     """Change a source's policy (on/off, visibility, expiry), logging who and when."""
+    by = check_by(by)
     src = get_source(ws, name)
     changes: dict[str, object] = {}
     if active is not None and active != src.active:
@@ -398,7 +400,6 @@ def set_policy(
             changes["expires"] = new
     if not changes:
         return src
-    by = by or current_user()
     now = dt.datetime.now().replace(microsecond=0)
     with catalog.connect(ws) as con:
         con.execute("BEGIN")

@@ -1,7 +1,10 @@
-"""The provenance store: every trace in a DuckDB file, queryable in SQL, exportable to Parquet.
+"""The provenance store: every trace as rows of five tables, queryable in SQL, exportable to Parquet.
 
     flexolmo query "SELECT source, count(*) FROM span_sources GROUP BY 1"
     flexolmo report contribution --source news
+    flexolmo traces repair                      # finish pending redactions, drop leftovers
+    with store.reader(ws, sandbox=False) as con: # a notebook: the five tables in DuckDB
+        con.sql("SELECT * FROM spans").df()
 
 Tables (one row per ...):
     traces          trace: prompt, response, model, sources searched, experts off, timings
@@ -10,27 +13,39 @@ Tables (one row per ...):
     span_documents  retrieved document: source, doc_id, blocked, snippet, BM25 relevance
     span_experts    (span, expert): routing share and counterfactual log-prob drop
 
-Blocked text is never stored: a blocked document row has no snippet.
+On disk the tables are append-only Parquet parts under `traces/` (tracing/parts.py): a
+reader never locks anything, so no notebook, query or export can make a trace fail.
+
+Owner guarantees. The catalog says what the store must not hold (`demands`): the text of a
+taken-down document, and the documents of a `counts` source. `sync` makes the store agree
+with it and records what it applied in the manifest. Every writer and every reader runs it
+first, so a redaction that a crash interrupted is finished by the next trace, query or
+`flexolmo traces repair`, and a new trace is redacted before it is committed (a trace
+computed just before a takedown cannot bring the text back).
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
-from dataclasses import dataclass
+import shutil
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
 import duckdb
+import pyarrow as pa
 
-from flexolmo.errors import ConflictError, InputError, NotFoundError
+from flexolmo.errors import ConflictError, NotFoundError
 from flexolmo.workspace import Workspace
 
+from . import parts
 from .models import Trace
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS traces (
-    trace_id          VARCHAR PRIMARY KEY,
+CREATE TABLE traces (
+    trace_id          VARCHAR NOT NULL,
     created_at        TIMESTAMP NOT NULL,
     prompt            VARCHAR,
     response          VARCHAR NOT NULL,
@@ -40,10 +55,10 @@ CREATE TABLE IF NOT EXISTS traces (
     sources_searched  VARCHAR[] NOT NULL,
     experts_off       VARCHAR[] NOT NULL,
     n_spans           INTEGER NOT NULL,
-    timings_ms        JSON,
-    settings          JSON
+    timings_ms        VARCHAR,            -- JSON text
+    settings          VARCHAR             -- JSON text
 );
-CREATE TABLE IF NOT EXISTS spans (
+CREATE TABLE spans (
     trace_id            VARCHAR NOT NULL,
     span_index          INTEGER NOT NULL,
     group_index         INTEGER NOT NULL,  -- top-level group of overlapping spans
@@ -57,21 +72,20 @@ CREATE TABLE IF NOT EXISTS spans (
     unigram_logprob_sum DOUBLE NOT NULL,
     top_expert          INTEGER,
     top_expert_source   VARCHAR,
-    agreement           BOOLEAN,           -- top expert's source contains the span
-    PRIMARY KEY (trace_id, span_index)
+    agreement           BOOLEAN            -- top expert's source contains the span
 );
-CREATE TABLE IF NOT EXISTS span_sources (
+CREATE TABLE span_sources (
     trace_id    VARCHAR NOT NULL,
     span_index  INTEGER NOT NULL,
     source      VARCHAR NOT NULL,
     count       BIGINT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS span_documents (
+CREATE TABLE span_documents (
     trace_id        VARCHAR NOT NULL,
     span_index      INTEGER NOT NULL,
     position        INTEGER NOT NULL,
     source          VARCHAR NOT NULL,
-    doc_id          VARCHAR,
+    doc_id          VARCHAR,           -- null for a `counts` source
     title           VARCHAR,
     token_offset    INTEGER NOT NULL,
     blocked         BOOLEAN NOT NULL,
@@ -80,7 +94,7 @@ CREATE TABLE IF NOT EXISTS span_documents (
     relevance_norm  DOUBLE NOT NULL,
     bucket          VARCHAR NOT NULL
 );
-CREATE TABLE IF NOT EXISTS span_experts (
+CREATE TABLE span_experts (
     trace_id        VARCHAR NOT NULL,
     span_index      INTEGER NOT NULL,
     expert          INTEGER NOT NULL,
@@ -93,162 +107,238 @@ CREATE TABLE IF NOT EXISTS span_experts (
 TABLES = ("traces", "spans", "span_sources", "span_documents", "span_experts")
 
 
+@lru_cache(maxsize=1)
+def schemas() -> dict[str, pa.Schema]:
+    """The Arrow schema of each table, as DuckDB derives it from SCHEMA (one definition)."""
+    con = duckdb.connect(":memory:")
+    con.execute(SCHEMA)
+    out = {t: con.sql(f"SELECT * FROM {t}").to_arrow_table().schema for t in TABLES}
+    con.close()
+    return out
+
+
+# -- what the store must not hold -------------------------------------------------------------
+
+
+def demands(ws: Workspace) -> list[tuple]:
+    """The redactions the catalog asks for now: ('takedown', source, doc_id) for every
+    takedown, ('counts', source, since) for every `counts` source (a new key when its policy
+    row changes, so a source switched back to counts is redacted again)."""
+    from flexolmo.sources import list_sources
+    from index.catalog import list_takedowns
+
+    keys = [("takedown", t.source, t.doc_id) for t in list_takedowns(ws)]
+    keys += [("counts", s.name, s.updated_at.isoformat()) for s in list_sources(ws) if s.visibility == "counts"]
+    return sorted(keys)
+
+
+def _split(keys) -> tuple[set[tuple[str, str]], set[str]]:
+    down = {(k[1], k[2]) for k in keys if k[0] == "takedown"}
+    return down, {k[1] for k in keys if k[0] == "counts"}
+
+
+def redact_documents(table: pa.Table, keys) -> tuple[pa.Table, int]:
+    """span_documents rows with `keys` applied: a taken-down document keeps its doc_id and is
+    blocked, with no title or snippet; a `counts` source keeps counts only. (table, rows changed)."""
+    down, counts = _split(keys)
+    srcs = table.column("source").to_pylist()
+    if not (down or counts) or not ({s for s, _ in down} | counts) & set(srcs):
+        return table, 0
+    col = {n: table.column(n).to_pylist() for n in ("doc_id", "title", "blocked", "snippet")}
+    changed = 0
+    for i, s in enumerate(srcs):
+        before = (col["doc_id"][i], col["title"][i], col["blocked"][i], col["snippet"][i])
+        if (s, col["doc_id"][i]) in down:
+            col["title"][i] = col["snippet"][i] = None
+            col["blocked"][i] = True
+        if s in counts:
+            col["doc_id"][i] = col["title"][i] = col["snippet"][i] = None
+        changed += before != (col["doc_id"][i], col["title"][i], col["blocked"][i], col["snippet"][i])
+    if not changed:
+        return table, 0
+    for n, values in col.items():
+        f = table.schema.field(n)
+        table = table.set_column(table.schema.get_field_index(n), f, pa.array(values, f.type))
+    return table, changed
+
+
+def redact_trace(t: Trace, keys) -> None:
+    """Apply `keys` to a trace in memory (what is returned matches what is stored)."""
+    down, counts = _split(keys)
+    for s in t.spans:
+        s.documents = [d for d in s.documents if d.source not in counts]  # as a `counts` trace has none
+        for d in s.documents:
+            if (d.source, d.doc_id) in down:
+                d.blocked, d.title, d.snippet, d.snippet_span, d.context, d.context_span = True, None, None, None, None, None
+
+
+# -- writing ----------------------------------------------------------------------------------
+
+
+def _tables(t: Trace) -> dict[str, pa.Table]:
+    rows: dict[str, list[dict]] = {n: [] for n in TABLES}
+    rows["traces"].append(dict(
+        trace_id=t.trace_id, created_at=dt.datetime.fromisoformat(t.created_at), prompt=t.prompt,
+        response=t.response, n_tokens=t.n_tokens, generated=t.generated, model=t.model,
+        sources_searched=list(t.sources_searched), experts_off=list(t.experts_off), n_spans=len(t.spans),
+        timings_ms=json.dumps(t.timings_ms), settings=json.dumps(t.settings, default=str)))
+    for s in t.spans:
+        top_src = s.experts[s.top_expert].source if s.top_expert is not None and s.experts else None
+        rows["spans"].append(dict(
+            trace_id=t.trace_id, span_index=s.index, group_index=s.group, start_token=s.start, end_token=s.end,
+            char_start=s.char_start, char_end=s.char_end, text=s.text, n_tokens=s.end - s.start, count=s.count,
+            unigram_logprob_sum=s.unigram_logprob_sum, top_expert=s.top_expert, top_expert_source=top_src,
+            agreement=s.agreement))
+        rows["span_sources"] += [dict(trace_id=t.trace_id, span_index=s.index, source=src, count=n)
+                                 for src, n in s.count_by_source.items()]
+        rows["span_documents"] += [dict(
+            trace_id=t.trace_id, span_index=s.index, position=i, source=d.source, doc_id=d.doc_id, title=d.title,
+            token_offset=d.token_offset, blocked=d.blocked, snippet=None if d.blocked else d.snippet,
+            relevance=d.relevance, relevance_norm=d.relevance_norm, bucket=d.bucket) for i, d in enumerate(s.documents)]
+        rows["span_experts"] += [dict(
+            trace_id=t.trace_id, span_index=s.index, expert=e.expert, source=e.source, routing_share=e.routing_share,
+            counterfactual=e.counterfactual, active=e.active) for e in s.experts]
+    sch = schemas()
+    return {n: pa.Table.from_pylist(r, schema=sch[n]) for n, r in rows.items()}
+
+
+def save_trace(ws: Workspace, t: Trace) -> None:
+    """Store a trace (one part, committed whole), redacted as the catalog asks now; `t` too."""
+    with parts.writer(ws) as r:
+        m = _manifest(ws, r)
+        _sync(ws, r, m)
+        redact_trace(t, m.applied)
+        part_id, tmp = parts.new_part_dir(ws)
+        try:
+            parts.write_tables(tmp, _tables(t))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        parts.commit(r, m, part_id, tmp, 1)
+        parts.compact(r, m, TABLES)
+
+
+def _manifest(ws: Workspace, r: Path) -> parts.Manifest:
+    """The manifest, created on first use (importing a store of the DuckDB-file era, if any)."""
+    m = parts.Manifest.read(r)
+    if m is not None:
+        return m
+    m, legacy = parts.Manifest(), ws.traces_path
+    sch = schemas()
+    tables = {n: sch[n].empty_table() for n in TABLES}
+    if legacy.exists():
+        try:
+            con = duckdb.connect(str(legacy), read_only=True)
+        except duckdb.Error as e:
+            raise ConflictError(f"the old store {legacy} is held by another process ({str(e).splitlines()[0]}); "
+                                "close it, then run `flexolmo traces repair` to import it") from None
+        with contextlib.closing(con):
+            for n in TABLES:
+                cols = ", ".join(f'CAST("{f.name}" AS {_sql_type(n, f.name)}) AS "{f.name}"' for f in sch[n])
+                tables[n] = con.sql(f"SELECT {cols} FROM {n}").to_arrow_table().cast(sch[n])
+    part_id, tmp = parts.new_part_dir(ws)
+    parts.write_tables(tmp, tables)
+    parts.commit(r, m, part_id, tmp, tables["traces"].num_rows)
+    if legacy.exists():  # imported: the old file (perhaps unredacted, see issue 10) goes
+        for p in (legacy, legacy.with_name(legacy.name + ".wal")):
+            p.unlink(missing_ok=True)
+    return m
+
+
+def _sql_type(table: str, column: str) -> str:
+    con = duckdb.connect(":memory:")
+    con.execute(SCHEMA)
+    ty = con.execute("SELECT data_type FROM information_schema.columns WHERE table_name = ? AND column_name = ?",
+                     [table, column]).fetchone()[0]
+    con.close()
+    return ty
+
+
+def _sync(ws: Workspace, r: Path, m: parts.Manifest, everything: bool = False) -> int:
+    """Apply the catalog's pending redactions to every committed part (writer lock held).
+
+    A catalog that stays busy leaves them pending (the next writer or reader applies them).
+    Returns the rows changed."""
+    try:
+        want = [tuple(k) for k in demands(ws)]
+    except ConflictError:
+        return 0
+    applied = {tuple(k) for k in m.applied}
+    todo = want if everything else [k for k in want if k not in applied]
+    changed = 0
+    if todo:
+        parts.sweep(r, m)  # no unlisted copy of the text may outlive the redaction
+        for p in m.parts:
+            def fn(table: pa.Table) -> pa.Table | None:
+                nonlocal changed
+                new, n = redact_documents(table, todo)
+                changed += n
+                return new if n else None
+            parts.rewrite_table(r / "parts" / p["id"] / "span_documents.parquet", fn)
+    if set(want) != applied:
+        m.applied = [list(k) for k in want]
+        m.write(r)
+    return changed
+
+
+def sync(ws: Workspace) -> int:
+    """Make the store agree with the catalog's takedowns and `counts` sources now (rows changed)."""
+    with parts.writer(ws) as r:
+        return _sync(ws, r, _manifest(ws, r))
+
+
+def repair(ws: Workspace) -> dict:
+    """Import an old DuckDB-file store, re-apply every redaction to every part, remove what
+    crashed writers left; safe to run at any time (readers are not disturbed)."""
+    legacy = ws.traces_path.exists()
+    with parts.writer(ws) as r:
+        m = _manifest(ws, r)
+        changed = _sync(ws, r, m, everything=True)
+        removed = parts.sweep(r, m)
+        return {"imported_old_store": legacy, "rows_redacted": changed, "removed": removed,
+                "parts": len(m.parts), "traces": sum(p["n"] for p in m.parts), "redactions": len(m.applied)}
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+
 @contextlib.contextmanager
-def connect(ws: Workspace, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-    """Open the store. Read-only connections also get no access outside the file: no ATTACH
-    of the catalog, no COPY TO a path, no read_parquet of a source's documents."""
-    path = ws.traces_path
-    if read_only and not path.exists():
-        raise NotFoundError(f"no traces stored yet in {path}; run `flexolmo trace` first")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    config = {"enable_external_access": False, "lock_configuration": True} if read_only else {}
+def reader(ws: Workspace, sandbox: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
+    """An in-memory DuckDB whose five tables are views over the committed parts.
+
+    Pending redactions are applied first. With `sandbox` the connection reads nothing but the
+    store (no ATTACH, no COPY TO, no other file), on one thread, and its settings are locked.
+    """
+    r = parts.root(ws)
+    m = parts.Manifest.read(r)
+    if m is None and not ws.traces_path.exists():
+        raise NotFoundError(f"no traces stored yet in {r}; run `flexolmo trace` first")
+    if m is None or _pending(ws, m):
+        with parts.writer(ws):
+            m = _manifest(ws, r)
+            _sync(ws, r, m)
+    con = duckdb.connect(":memory:", config={"threads": 1} if sandbox else {})
     try:
-        con = duckdb.connect(str(path), read_only=read_only, config=config)
-    except duckdb.IOException as e:
-        raise ConflictError(f"the provenance store {path} is busy ({str(e).splitlines()[0]}); retry") from None
-    try:
-        if not read_only:
-            con.execute(SCHEMA)
+        for t in TABLES:
+            files = ", ".join("'" + f.replace("'", "''") + "'" for f in parts.part_files(ws, m, t))
+            con.execute(f"CREATE VIEW {t} AS SELECT * FROM read_parquet([{files}])")
+        if sandbox:
+            con.execute(f"SET allowed_directories = ['{r / 'parts'}/']")
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
         yield con
     finally:
         con.close()
 
 
-def save_trace(ws: Workspace, t: Trace) -> None:
-    """Store a trace and all its rows in one transaction."""
-    with connect(ws) as con:
-        con.execute("BEGIN")
-        con.execute("INSERT INTO traces VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [t.trace_id, t.created_at, t.prompt, t.response, t.n_tokens, t.generated, t.model,
-                     t.sources_searched, t.experts_off, len(t.spans), json.dumps(t.timings_ms),
-                     json.dumps(t.settings)])
-        for s in t.spans:
-            top_src = s.experts[s.top_expert].source if s.top_expert is not None and s.experts else None
-            con.execute("INSERT INTO spans VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        [t.trace_id, s.index, s.group, s.start, s.end, s.char_start, s.char_end, s.text,
-                         s.end - s.start, s.count, s.unigram_logprob_sum, s.top_expert, top_src, s.agreement])
-            con.executemany("INSERT INTO span_sources VALUES (?, ?, ?, ?)",
-                            [[t.trace_id, s.index, src, n] for src, n in s.count_by_source.items()])
-            if s.documents:
-                con.executemany("INSERT INTO span_documents VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                                [[t.trace_id, s.index, i, d.source, d.doc_id, d.title, d.token_offset, d.blocked,
-                                  None if d.blocked else d.snippet, d.relevance, d.relevance_norm, d.bucket]
-                                 for i, d in enumerate(s.documents)])
-            if s.experts:
-                con.executemany("INSERT INTO span_experts VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                [[t.trace_id, s.index, e.expert, e.source, e.routing_share, e.counterfactual, e.active]
-                                 for e in s.experts])
-        con.execute("COMMIT")
+def _pending(ws: Workspace, m: parts.Manifest) -> bool:
+    return bool({tuple(k) for k in demands(ws)} - {tuple(k) for k in m.applied})
 
 
-def redact(ws: Workspace, source: str, doc_id: str | None = None) -> int:
-    """Strip stored text of a taken-down document (doc_id) or of a whole `counts` source.
+# The read side lives in tracing/queries.py; its names are also the store's (store.query, ...).
+from .queries import (Contribution, QueryResult, QueryTimeout, check_sql, contribution,  # noqa: E402
+                      export_parquet, query, trace_rows)
 
-    A taken-down document keeps its doc_id and becomes `blocked`; a `counts` source keeps
-    only counts (doc_id, title and snippet are cleared). Returns the rows changed.
-    """
-    if not ws.traces_path.exists():
-        return 0
-    with connect(ws) as con:
-        if doc_id is not None:
-            q = ("UPDATE span_documents SET snippet = NULL, title = NULL, blocked = TRUE "
-                 "WHERE source = ? AND doc_id = ?", [source, doc_id])
-        else:
-            q = ("UPDATE span_documents SET snippet = NULL, title = NULL, doc_id = NULL "
-                 "WHERE source = ? AND (snippet IS NOT NULL OR doc_id IS NOT NULL)", [source])
-        return con.execute(*q).fetchone()[0]
-
-
-@dataclass(frozen=True)
-class QueryResult:
-    columns: list[str]
-    rows: list[tuple]
-
-
-def query(ws: Workspace, sql: str, limit: int | None = 1000) -> QueryResult:
-    """Run read-only SQL over the provenance store (writes are refused by the connection)."""
-    if not sql.strip():
-        raise InputError("the query is empty; e.g. flexolmo query \"SELECT * FROM spans LIMIT 5\"")
-    with connect(ws, read_only=True) as con:
-        try:
-            cur = con.execute(sql)
-        except duckdb.Error as e:
-            raise InputError(f"query failed: {str(e).splitlines()[0]} (tables: {', '.join(TABLES)})") from None
-        if cur.description is None:
-            return QueryResult([], [])
-        rows = cur.fetchmany(limit) if limit else cur.fetchall()
-        return QueryResult([d[0] for d in cur.description], rows)
-
-
-def trace_rows(ws: Workspace, trace_id: str) -> dict[str, QueryResult]:
-    """Every table's rows for one stored trace (NotFoundError when there is none)."""
-    out = {}
-    with connect(ws, read_only=True) as con:
-        for table in TABLES:
-            cur = con.execute(f"SELECT * FROM {table} WHERE trace_id = ?", [trace_id])
-            out[table] = QueryResult([d[0] for d in cur.description], cur.fetchall())
-    if not out["traces"].rows:
-        raise NotFoundError(f"no stored trace {trace_id!r}; list them with "
-                            "flexolmo query \"SELECT trace_id, created_at FROM traces\"")
-    return out
-
-
-def export_parquet(ws: Workspace, out: Path) -> list[Path]:
-    """Write every table to `out/<table>.parquet`."""
-    import os
-
-    import pyarrow.parquet as pq
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    with connect(ws, read_only=True) as con:
-        for table in TABLES:
-            path = out / f"{table}.parquet"
-            tmp = out / f".tmp-{table}.parquet"
-            pq.write_table(con.sql(f"SELECT * FROM {table}").to_arrow_table(), tmp)
-            os.replace(tmp, path)
-            paths.append(path)
-    return paths
-
-
-@dataclass(frozen=True)
-class Contribution:
-    """What one source contributed over every stored trace."""
-
-    source: str
-    n_traces: int  # stored traces
-    traces_matched: int  # traces with at least one span found in the source
-    spans_matched: int  # spans found in the source
-    documents_matched: int  # distinct documents of the source retrieved for spans (not taken down)
-    blocked_hits: int  # retrieved windows that were blocked by a takedown
-    mean_routing_share: float | None  # the source's expert, over every traced span
-    mean_counterfactual: float | None  # mean log-prob drop of a span with the expert off
-    agreement_rate: float | None  # of spans found in the source, top expert is the source's
-    top_spans: list[dict]
-
-
-def contribution(ws: Workspace, source: str, top: int = 10) -> Contribution:
-    with connect(ws, read_only=True) as con:
-        one = lambda q: con.execute(q, [source]).fetchone()[0]  # noqa: E731
-        n_traces = con.execute("SELECT count(*) FROM traces").fetchone()[0]
-        traces_matched = one("SELECT count(DISTINCT trace_id) FROM span_sources WHERE source = ? AND count > 0")
-        spans_matched = one("SELECT count(*) FROM span_sources WHERE source = ? AND count > 0")
-        docs = one("SELECT count(DISTINCT doc_id) FROM span_documents WHERE source = ? AND doc_id IS NOT NULL AND NOT blocked")
-        blocked = one("SELECT count(*) FROM span_documents WHERE source = ? AND blocked")
-        share, cf = con.execute("SELECT avg(routing_share), avg(counterfactual) FROM span_experts WHERE source = ?",
-                                [source]).fetchone()
-        agree = one("""SELECT avg(CASE WHEN s.top_expert_source = ss.source THEN 1.0 ELSE 0.0 END)
-                       FROM span_sources ss JOIN spans s USING (trace_id, span_index)
-                       WHERE ss.source = ? AND ss.count > 0 AND s.top_expert IS NOT NULL""")
-        # one row per distinct span text: how often it was traced, its latest top expert
-        cur = con.execute("""SELECT s.text, any_value(s.n_tokens) AS n_tokens, max(ss.count) AS count,
-                                    count(*) AS times_traced, arg_max(s.top_expert_source, t.created_at) AS top_expert_source
-                             FROM span_sources ss JOIN spans s USING (trace_id, span_index) JOIN traces t USING (trace_id)
-                             WHERE ss.source = ? AND ss.count > 0
-                             GROUP BY s.text ORDER BY n_tokens DESC, count ASC LIMIT ?""", [source, top])
-        cols = [d[0] for d in cur.description]
-        top_spans = [dict(zip(cols, r)) for r in cur.fetchall()]
-    return Contribution(source, n_traces, traces_matched, spans_matched, docs, blocked,
-                        None if share is None else round(share, 4), None if cf is None else round(cf, 4),
-                        None if agree is None else round(agree, 4), top_spans)
+__all__ = ["SCHEMA", "TABLES", "Contribution", "QueryResult", "QueryTimeout", "check_sql", "contribution", "demands",
+           "export_parquet", "query", "reader", "redact_documents", "redact_trace", "repair", "save_trace", "sync",
+           "trace_rows"]

@@ -1,0 +1,165 @@
+"""The provenance store on disk: append-only Parquet parts, a manifest, and one writer lock.
+
+    traces/manifest.json                 the committed parts and the redactions they all satisfy
+    traces/parts/<part>/<table>.parquet  one folder per commit (a trace, or a compaction)
+    traces/tmp/                          parts being written, under the lock (never read)
+    traces/.lock                         writers' lock (flock): held for milliseconds per commit
+
+Why parts and not one DuckDB file: DuckDB lets one process write a file only while no other
+process has it open, so an analyst's notebook or `flexolmo query` holding the file made
+traces fail. Here readers never lock anything: they read the manifest (replaced atomically)
+and query its files through an in-memory DuckDB (`reader`). Writers never wait for readers.
+
+Invariants, kept under the writer lock:
+- a part is visible only once it is in the manifest (a crashed writer leaves an orphan
+  folder, removed by the next compaction or `flexolmo traces repair`);
+- every committed part satisfies every redaction listed in `applied`: a new part is
+  redacted against `applied` before it is committed, and a redaction is added to `applied`
+  only after every committed part has been rewritten (each file by `os.replace`, so a
+  reader sees the old or the new file, whole);
+- compaction writes the merged part, swaps the manifest, then deletes the old folders; a
+  reader that raced it retries with the new manifest (store reads do; a notebook holding a
+  connection across a compaction reopens it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from flexolmo.errors import ConflictError
+from flexolmo.workspace import Workspace
+
+WRITE_WAIT_S = 30.0  # a writer waits this long for another writer (commits take milliseconds)
+COMPACT_AT = 48  # merge the small parts when there are more than this many
+SMALL_PART = 2000  # traces: a part with fewer is "small" and will be merged
+
+_THREAD_LOCK = threading.RLock()  # flock excludes other processes; this, other threads
+
+
+@dataclass
+class Manifest:
+    parts: list[dict] = field(default_factory=list)  # {"id": ..., "n": traces in the part}
+    applied: list[list] = field(default_factory=list)  # redaction keys every part satisfies
+
+    @classmethod
+    def read(cls, root: Path) -> "Manifest | None":
+        try:
+            d = json.loads((root / "manifest.json").read_text())
+        except FileNotFoundError:
+            return None
+        return cls(parts=d["parts"], applied=d["applied"])
+
+    def write(self, root: Path) -> None:
+        tmp = root / f".manifest-{uuid.uuid4().hex[:8]}.json"
+        with open(tmp, "w") as f:
+            json.dump({"version": 1, "parts": self.parts, "applied": self.applied}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, root / "manifest.json")
+
+
+def root(ws: Workspace) -> Path:
+    return ws.traces_path.parent
+
+
+def part_files(ws: Workspace, m: Manifest, table: str) -> list[str]:
+    return [str(root(ws) / "parts" / p["id"] / f"{table}.parquet") for p in m.parts]
+
+
+@contextlib.contextmanager
+def writer(ws: Workspace, wait_s: float = WRITE_WAIT_S) -> Iterator[Path]:
+    """Hold the writer lock (this thread and process only); yields the store's folder."""
+    r = root(ws)
+    r.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait_s
+    with _THREAD_LOCK:
+        with open(r / ".lock", "a+") as fh:
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise ConflictError(f"another process has been writing the provenance store {r} for over "
+                                            f"{wait_s:.0f} s; retry, or see `flexolmo traces repair`") from None
+                    time.sleep(0.01)
+            try:
+                yield r
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def new_part_dir(ws: Workspace) -> tuple[str, Path]:
+    """A fresh temporary folder for a part being written (outside the lock)."""
+    part_id = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+    tmp = root(ws) / "tmp" / part_id
+    tmp.mkdir(parents=True)
+    return part_id, tmp
+
+
+def write_tables(folder: Path, tables: dict[str, pa.Table]) -> None:
+    for name, t in tables.items():
+        pq.write_table(t, folder / f"{name}.parquet")
+
+
+def commit(r: Path, m: Manifest, part_id: str, tmp: Path, n: int) -> None:
+    """Move a written part into place and list it (caller holds the writer lock)."""
+    (r / "parts").mkdir(exist_ok=True)
+    os.rename(tmp, r / "parts" / part_id)
+    m.parts.append({"id": part_id, "n": n})
+    m.write(r)
+
+
+def rewrite_table(path: Path, fn: Callable[[pa.Table], pa.Table | None]) -> bool:
+    """Replace a part's table by fn(table) when fn returns a new one (atomic per file)."""
+    t = fn(pq.read_table(path))
+    if t is None:
+        return False
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(t, tmp)
+    os.replace(tmp, path)
+    return True
+
+
+def compact(r: Path, m: Manifest, tables: tuple[str, ...]) -> None:
+    """Merge the small parts into one (caller holds the writer lock), and drop orphans."""
+    small = [p for p in m.parts if p["n"] < SMALL_PART]
+    if len(small) > COMPACT_AT:
+        part_id = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+        tmp = r / "tmp" / part_id
+        tmp.mkdir(parents=True)
+        for name in tables:
+            merged = pa.concat_tables([pq.read_table(r / "parts" / p["id"] / f"{name}.parquet") for p in small])
+            pq.write_table(merged, tmp / f"{name}.parquet")
+        ids = {p["id"] for p in small}
+        os.rename(tmp, r / "parts" / part_id)
+        m.parts = [p for p in m.parts if p["id"] not in ids] + [{"id": part_id, "n": sum(p["n"] for p in small)}]
+        m.write(r)
+    sweep(r, m)
+
+
+def sweep(r: Path, m: Manifest) -> list[str]:
+    """Remove what no reader can see: part folders the manifest does not list, temporary
+    parts and manifests (caller holds the writer lock, and parts are only written under it,
+    so all of these are a crashed or superseded writer's)."""
+    listed = {p["id"] for p in m.parts}
+    gone = [d for d in (r / "parts").glob("*") if d.name not in listed] + list((r / "tmp").glob("*"))
+    for d in gone:
+        shutil.rmtree(d, ignore_errors=True)
+    stale = list(r.glob(".manifest-*.json")) + list((r / "parts").glob("*/*.parquet.tmp"))
+    for f in stale:
+        f.unlink(missing_ok=True)
+    return [str(p) for p in gone + stale]
