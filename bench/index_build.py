@@ -14,7 +14,7 @@ novel, like model output), on indexes of about 1M and 10M tokens (prefixes of th
 token files) and, with --with-100m, ~100M (repeated copies, see `_synthetic_index`):
 `count`; bare `engine.attribute` with OLMoTrace's production settings, in a child process
 with a per-query time and memory budget (fewer queries from --large tokens on); and the
-pipeline's compiled `tracing.spans.find_spans` on the same queries, checked against
+compiled span search of `index/search.py` (one source's matches, merged) on the same queries, checked against
 attribute's spans wherever attribute finished. Load averages are printed per size.
 """
 
@@ -54,8 +54,8 @@ def _bare_sa(folder: Path, scratch: Path, n_shards: int) -> float:
         d = scratch / f"bare-{folder.name}"
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
-        shutil.copyfile(folder / f"tokenized.{k}", d / "tokenized.0")
-        secs += fmt.build_suffix_array(d / "tokenized.0", d / "table.0", d / "work")
+        shutil.copyfile(fmt.shard_file(folder, "tokenized", k), fmt.shard_file(d, "tokenized", 0))
+        secs += fmt.build_suffix_array(fmt.shard_file(d, "tokenized", 0), fmt.shard_file(d, "table", 0), d / "work")
         shutil.rmtree(d, ignore_errors=True)
     return secs
 
@@ -67,7 +67,7 @@ def _synthetic_index(folders: list[Path], target: int, out: Path, marker: int) -
     """An index of about `target` tokens made by repeating the sample token files."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    base = np.concatenate([np.fromfile(f / "tokenized.0", dtype=np.uint16) for f in folders])
+    base = np.concatenate([np.fromfile(fmt.shard_file(f, "tokenized", 0), dtype=np.uint16) for f in folders])
     if len(base) >= target:
         cut = int(np.flatnonzero(base[:target] == fmt.DOC_SEP)[-1]) if target < len(base) else len(base)
         ds = base[:cut] if cut > 0 else base
@@ -85,16 +85,16 @@ def _synthetic_index(folders: list[Path], target: int, out: Path, marker: int) -
                 x[pos] = marker
             copies.append(x)
         ds = np.concatenate(copies)
-    ds.tofile(out / "tokenized.0")
+    ds.tofile(fmt.shard_file(out, "tokenized", 0))
     starts = np.flatnonzero(ds == fmt.DOC_SEP).astype(np.uint64) * 2
-    starts.tofile(out / "offset.0")
+    starts.tofile(fmt.shard_file(out, "offset", 0))
     lines = [f'{{"doc_id":"synthetic-{i}"}}\n'.encode() for i in range(len(starts))]
     om = np.cumsum([0] + [len(x) for x in lines[:-1]]).astype(np.uint64)
-    (out / "metadata.0").write_bytes(b"".join(lines))
-    om.tofile(out / "metaoff.0")
+    fmt.shard_file(out, "metadata", 0).write_bytes(b"".join(lines))
+    om.tofile(fmt.shard_file(out, "metaoff", 0))
     counts = np.bincount(ds, minlength=65536)
-    (out / "unigram.0").write_text("".join(f"{i} {counts[i]}\n" for i in np.flatnonzero(counts)))
-    fmt.build_suffix_array(out / "tokenized.0", out / "table.0", out / "work")
+    fmt.shard_file(out, "unigram", 0).write_text("".join(f"{i} {counts[i]}\n" for i in np.flatnonzero(counts)))
+    fmt.build_suffix_array(fmt.shard_file(out, "tokenized", 0), fmt.shard_file(out, "table", 0), out / "work")
     shutil.rmtree(out / "work", ignore_errors=True)
     return len(ds) - len(starts)
 
@@ -215,20 +215,23 @@ def _load() -> str:
 
 def _warm(folder: Path) -> None:
     """Read the token and suffix-array files once, so both searches start from the page cache."""
-    for name in ("tokenized.0", "table.0"):
-        with open(folder / name, "rb") as f:
+    for kind in ("tokenized", "table"):
+        with open(fmt.shard_file(folder, kind, 0), "rb") as f:
             while f.read(1 << 24):
                 pass
 
 
 def _latency(folder: Path, queries: list[list[int]], n_attr: int, budget_s: float, max_rss_gb: float,
              eos: int, bow_file: Path, bow: np.ndarray, delim: list[int]) -> dict:
-    from tracing.spans import Shard, find_spans, unigram_logprobs
+    from index.search import Shard, merge_matches, source_matches, unigram_logprobs
+
+    def find_spans(shards, q, delim, bow, ulp):  # one source: its matches are the spans
+        return merge_matches([source_matches("synthetic", shards, q, delim, bow)], q, ulp)
 
     _warm(folder)
     eng = _Engine(folder, eos, bow_file, delim, max_rss_gb)
-    shard = Shard.open("synthetic", 0, folder / "tokenized.0", folder / "table.0")
-    ulp = unigram_logprobs(fmt.read_unigram(folder / "unigram.0"))
+    shard = Shard.open("synthetic", 0, fmt.shard_file(folder, "tokenized", 0), fmt.shard_file(folder, "table", 0))
+    ulp = unigram_logprobs(fmt.read_unigram(fmt.shard_file(folder, "unigram", 0)))
     find_spans([shard], queries[0], delim, bow, ulp)  # compile (or load numba's cache) and warm
     c, a, f, fails, identical, compared, n_spans, n_ptrs = [], [], [], [], 0, 0, [], []
     found = []

@@ -28,8 +28,7 @@ import numpy as np
 
 from flexolmo import sources
 from flexolmo.workspace import Workspace
-from index.build import index_dir
-from tracing.spans import find_spans
+from index.format import index_dir
 from tracing.trace import Tracer
 
 
@@ -115,7 +114,7 @@ def latency(ws: Workspace, tracer: Tracer, args) -> None:
         ref = eng.attribute(ids, delim_ids=tracer.delims, min_len=1, max_cnt=1_000_000, enforce_bow=True)["spans"]
         bare_ms.append((time.perf_counter() - t0) * 1000)
         t0 = time.perf_counter()
-        mine = find_spans(tracer.shards, ids, tracer.delims, tracer.bow, tracer.ulp)
+        mine = tracer.fed.find_spans(ids, tracer.delims, tracer.bow)
         pipe_ms.append((time.perf_counter() - t0) * 1000)
         same += [(s["l"], s["r"], s["count"]) for s in ref] == [(s.l, s.r, s.count) for s in mine]
     p50_pipe = pct(rows["spans+docs+BM25"][: args.bare], 50)

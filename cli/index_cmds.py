@@ -11,6 +11,7 @@ from rich.table import Table
 from flexolmo.errors import InputError
 from index import build as lib
 from index import takedown as td
+from index import verify as checks
 
 from .common import console, print_json, ws
 
@@ -61,7 +62,7 @@ def build(
 @app.command("verify")
 def verify(source: Annotated[Optional[str], typer.Option("--source", help="Verify only this source.")] = None) -> None:
     """Recheck checksums, structure, the engine and sampled counts of built indexes."""
-    results = lib.verify_all(ws(), [source] if source else None)
+    results = checks.verify_all(ws(), [source] if source else None)
     bad = 0
     for r in results:
         if r.ok:

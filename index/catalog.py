@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import json
+from pathlib import Path
 from typing import Iterator
 
 import duckdb
@@ -20,6 +21,7 @@ import duckdb
 from flexolmo import catalog as base
 from flexolmo.workspace import Workspace
 
+from . import format as fmt
 from .models import IndexRecord, Takedown
 
 SCHEMA = """
@@ -110,3 +112,32 @@ def list_takedowns(ws: Workspace, source: str | None = None) -> list[Takedown]:
 
 def now() -> dt.datetime:
     return dt.datetime.now().replace(microsecond=0)
+
+
+def record_from_manifest(folder: Path, m: dict, total_bytes: int, seconds: float, tok_s: float, sa_s: float) -> IndexRecord:
+    """The `indexes` row of an index folder, from its manifest and the build's timings."""
+    return IndexRecord(
+        source=m["source"], path=str(folder), build_id=m["build_id"], n_docs=m["n_docs"], n_tokens=m["n_tokens"],
+        n_shards=m["n_shards"], bytes=total_bytes, tokenizer_hash=m["tokenizer_hash"],
+        content_hash=m["content_hash"], files=m["files"], built_at=dt.datetime.fromisoformat(m["built_at"]),
+        build_seconds=seconds, tokenize_seconds=tok_s, suffix_array_seconds=sa_s,
+        tokens_per_second=m["n_tokens"] / seconds if seconds > 0 else 0.0,
+    )
+
+
+def record(ws: Workspace, rec: IndexRecord) -> None:
+    """Write the source's row in its own transaction."""
+    with connect(ws) as con:
+        con.execute("BEGIN")
+        upsert_index(con, rec)
+        con.execute("COMMIT")
+
+
+def rerecord(ws: Workspace, folder: Path, m: dict) -> IndexRecord:
+    """Bring the catalog row in line with the folder (after a kill between rename and record)."""
+    old = get_index(ws, m["source"])
+    total = sum(f["bytes"] for f in m["files"].values()) + (Path(folder) / fmt.MANIFEST).stat().st_size
+    rec = record_from_manifest(folder, m, total, old.build_seconds if old else 0.0,
+                               old.tokenize_seconds if old else 0.0, old.suffix_array_seconds if old else 0.0)
+    record(ws, rec)
+    return rec

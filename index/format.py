@@ -21,12 +21,14 @@ infini-gram's C++ loader classifies a folder's files by *substring of the whole 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
 import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -35,8 +37,8 @@ import numpy as np
 
 import infini_gram
 
-from flexolmo.errors import IntegrityError, NotFoundError
-from flexolmo.workspace import file_sha256
+from flexolmo.errors import ConflictError, IntegrityError, NotFoundError
+from flexolmo.workspace import Workspace, file_sha256
 
 DOC_SEP = 0xFFFF  # infini-gram's document separator in u16 indexes
 TOKEN_WIDTH = 2  # bytes per id (u16)
@@ -64,8 +66,71 @@ def ptr_size(ds_size: int) -> int:
     return max(1, math.ceil(math.log2(max(ds_size, 2)) / 8))
 
 
-def shard_names(k: int) -> dict[str, str]:
-    return {kind: f"{kind}.{k}" for kind in KINDS}
+def shard_file(folder: Path, kind: str, k: int) -> Path:
+    """The file of one kind (`tokenized`, `table`, ...) of shard k: the only place its name is made."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown index file kind {kind!r}; one of {', '.join(KINDS)}")
+    return Path(folder) / f"{kind}.{k}"
+
+
+# ---------------------------------------------------------------------------------------
+# where indexes live, and who may write them
+
+
+def index_dir(ws: Workspace, name: str) -> Path:
+    """The served index of a source."""
+    return ws.indexes_dir / name
+
+
+def diff_dir(ws: Workspace, name: str) -> Path:
+    """The takedown (diff) index of a source. Source names cannot hold '-', so no clash."""
+    return ws.indexes_dir / f"{name}-removed"
+
+
+def leftover_dirs(ws: Workspace, name: str) -> list[Path]:
+    """Temporary folders of builds and takedowns of `name` (`.tmp-<name>-*`, `.old-<name>-*`)."""
+    if not ws.indexes_dir.exists():
+        return []
+    return [p for pat in (f".tmp-{name}-*", f".old-{name}-*") for p in ws.indexes_dir.glob(pat) if p.is_dir()]
+
+
+_held = threading.local()  # lock file path -> depth, per thread (a build calls rebuild_diff under its lock)
+
+
+@contextlib.contextmanager
+def source_lock(ws: Workspace, name: str) -> Iterator[None]:
+    """Hold the exclusive write lock of a source's index folders (builds and takedowns).
+
+    While it is held nobody else writes `indexes/<name>*`, so every `.tmp-<name>-*` folder
+    found by the holder is a leftover of a killed process. Re-entrant within a thread;
+    another process or thread gets a ConflictError at once rather than waiting.
+    """
+    ws.indexes_dir.mkdir(parents=True, exist_ok=True)
+    path = str(ws.indexes_dir / f".lock-{name}")
+    depth = getattr(_held, "locks", {})
+    _held.locks = depth
+    if depth.get(path):
+        depth[path] += 1
+        try:
+            yield
+        finally:
+            depth[path] -= 1
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConflictError(f"another index build or takedown of {name!r} is running; "
+                                "try again when it has finished") from None
+        depth[path] = 1
+        try:
+            yield
+        finally:
+            depth.pop(path, None)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------
@@ -77,11 +142,10 @@ class ShardWriter:
 
     def __init__(self, folder: Path, k: int, source: str):
         self.folder, self.k, self.source = Path(folder), k, source
-        names = shard_names(k)
-        self._ds = open(self.folder / names["tokenized"], "wb")
-        self._od = open(self.folder / names["offset"], "wb")
-        self._mt = open(self.folder / names["metadata"], "wb")
-        self._om = open(self.folder / names["metaoff"], "wb")
+        self._ds = open(shard_file(self.folder, "tokenized", k), "wb")
+        self._od = open(shard_file(self.folder, "offset", k), "wb")
+        self._mt = open(shard_file(self.folder, "metadata", k), "wb")
+        self._om = open(shard_file(self.folder, "metaoff", k), "wb")
         self.ds_size = 0
         self.mt_size = 0
         self.n_docs = 0
@@ -118,7 +182,7 @@ class ShardWriter:
             f.close()
         # The same text format as infini-gram's own indexer: "<id> <count>", ascending ids.
         nz = np.flatnonzero(self.counts)
-        with open(self.folder / f"unigram.{self.k}", "w") as f:
+        with open(shard_file(self.folder, "unigram", self.k), "w") as f:
             f.write("".join(f"{i} {self.counts[i]}\n" for i in nz))
 
 

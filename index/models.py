@@ -3,6 +3,10 @@
 The CLI prints them, the API serialises them (`dataclasses.asdict`), and tracing consumes
 them. Pointers follow infini-gram's conventions: `shard` is the shard number (the `N` of
 `tokenized.N`), `ptr` a *byte* offset into `tokenized.N` (always even: u16 ids).
+
+The search shapes (`SourceMatches`, `SpanMatch`, `SpanDocument`) are what a source
+answers for a trace; they hold plain ints and strings so that an owner node can send them
+over the wire as they are.
 """
 
 from __future__ import annotations
@@ -10,15 +14,6 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-
-@dataclass(frozen=True)
-class FileInfo:
-    """One file of an index folder, as recorded at build time."""
-
-    name: str
-    bytes: int
-    sha256: str
 
 
 @dataclass(frozen=True)
@@ -114,29 +109,6 @@ class Takedown:
 
 
 @dataclass(frozen=True)
-class IndexFiles:
-    """Where a source's index lives on disk, for code that memory-maps it directly.
-
-    `tokenized[k]`, `table[k]`, `offset[k]` belong to shard k. `table` entries are
-    `ptr_size[k]` bytes wide (little-endian byte offsets into `tokenized[k]`), sorted by the
-    little-endian bytes of the u16 ids that follow. `unigram_counts` has 65536 entries and
-    includes the document separator (id 65535) once per document.
-    """
-
-    source: str
-    folder: Path
-    tokenized: list[Path]
-    table: list[Path]
-    offset: list[Path]
-    metadata: list[Path]
-    metaoff: list[Path]
-    unigram: list[Path]
-    ptr_size: list[int]
-    bow_ids: Path
-    diff_folder: Path | None  # the takedown (diff) index, when the source has takedowns
-
-
-@dataclass(frozen=True)
 class DocRef:
     """A document of an index, mapped back to its source."""
 
@@ -149,25 +121,6 @@ class DocRef:
     metadata: dict  # the whole metadata line of the index
     n_tokens: int
     blocked: bool
-
-
-@dataclass(frozen=True)
-class DocWindow:
-    """Tokens around a match: `left` context, the `needle_len` matched tokens, `right` context.
-
-    When the document is taken down, `blocked` is true and `token_ids` is empty: blocked
-    text never leaves the service.
-    """
-
-    source: str
-    shard: int
-    ptr: int
-    doc: DocRef
-    token_ids: list[int]
-    needle_offset: int  # index of the first matched token within token_ids
-    needle_len: int
-    blocked: bool
-    doc_offset: int = 0  # where the match starts within its document, in tokens
 
 
 @dataclass(frozen=True)
@@ -189,3 +142,57 @@ class AttributedSpan:
     count: int
     unigram_logprob_sum: float
     docs: list[SpanDoc] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SourceMatches:
+    """One source's answer to a span search, for every position l of the query.
+
+    `lengths[l]` is the longest match of ids[l:] in the source after OLMoTrace's rules (cut
+    after the first delimiter inside it; backed off to a word boundary; 0 where l does not
+    begin a word or nothing matches) and `counts[l]` its occurrences in the source.
+    """
+
+    source: str
+    lengths: list[int]
+    counts: list[int]
+
+
+@dataclass(frozen=True)
+class SpanMatch:
+    """A maximal span of the query found in the federation, merged over its sources."""
+
+    l: int  # noqa: E741 -- first token of the span in the query
+    r: int  # one past the last token
+    ids: tuple[int, ...]  # the span's token ids, query[l:r]
+    count: int  # occurrences over every source searched
+    count_by_source: dict[str, int]  # every source searched, in federation order (0 where absent)
+    unigram_logprob_sum: float
+
+    @property
+    def length(self) -> int:
+        return self.r - self.l
+
+
+@dataclass(frozen=True)
+class SpanDocument:
+    """One document containing a span, with only the text its source's policy lets out.
+
+    `token_ids` is the match with context cut to the visibility: `full` up to the
+    requested context a side, `snippets` up to half the snippet length a side; empty when
+    the document is taken down (`blocked`: by doc_id, or by content through the diff
+    index), and then `title` is None too. `counts` sources return no documents at all.
+    """
+
+    source: str
+    doc_id: str
+    title: str | None
+    shard: int
+    doc_ix: int  # position within its shard
+    token_offset: int  # where the match starts in the document, in tokens
+    blocked: bool
+    visibility: str  # the source's visibility the text was cut to
+    token_ids: list[int]
+    needle_offset: int  # index of the first matched token within token_ids
+    needle_len: int
+    draw: int  # position of the occurrence in the seeded sample it was drawn from

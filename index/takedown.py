@@ -24,7 +24,9 @@ from flexolmo.errors import ConflictError, InputError, IntegrityError, NotFoundE
 from flexolmo.workspace import Workspace, current_user, replace_dir
 
 from . import catalog, format as fmt
+from .format import diff_dir
 from .models import Takedown
+from .verify import verify_folder
 
 
 def takedown(ws: Workspace, source: str, doc_id: str, reason: str, by: str | None = None) -> Takedown:
@@ -44,12 +46,18 @@ def takedown(ws: Workspace, source: str, doc_id: str, reason: str, by: str | Non
         raise ConflictError(f"document {doc_id!r} of {source!r} is already taken down")
     by = by or current_user()
     now = catalog.now()
-    tmp = _build_diff_tmp(ws, source, existing | {doc_id})
+    with fmt.source_lock(ws, source):  # not while a build (or another takedown) writes the folders
+        _record_takedown(ws, source, doc_id, reason.strip(), by, now, existing | {doc_id})
+    return Takedown(source, doc_id, reason.strip(), by, now)
+
+
+def _record_takedown(ws: Workspace, source: str, doc_id: str, reason: str, by: str, now, doc_ids: set[str]) -> None:
+    tmp = _build_diff_tmp(ws, source, doc_ids)
     final = diff_dir(ws, source)
     with catalog.connect(ws) as con:
         con.execute("BEGIN")
         try:
-            con.execute("INSERT INTO takedowns VALUES (?, ?, ?, ?, ?)", [source, doc_id, reason.strip(), by, now])
+            con.execute("INSERT INTO takedowns VALUES (?, ?, ?, ?, ?)", [source, doc_id, reason, by, now])
             if tmp is not None:
                 replace_dir(tmp, final)
         except (duckdb.Error, OSError):
@@ -58,7 +66,6 @@ def takedown(ws: Workspace, source: str, doc_id: str, reason: str, by: str | Non
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
         con.execute("COMMIT")
-    return Takedown(source, doc_id, reason.strip(), by, now)
 
 
 def list_takedowns(ws: Workspace, source: str | None = None) -> list[Takedown]:
@@ -67,23 +74,18 @@ def list_takedowns(ws: Workspace, source: str | None = None) -> list[Takedown]:
     return catalog.list_takedowns(ws, source)
 
 
-def diff_dir(ws: Workspace, name: str) -> Path:
-    from .build import diff_dir as _d
-
-    return _d(ws, name)
-
-
 def rebuild_diff(ws: Workspace, source: str) -> Path | None:
     """Rebuild the diff index from the catalog's takedowns (after a main-index rebuild)."""
-    doc_ids = {t.doc_id for t in catalog.list_takedowns(ws, source)}
-    final = diff_dir(ws, source)
-    tmp = _build_diff_tmp(ws, source, doc_ids)
-    if tmp is None:
-        if final.exists() and not doc_ids:
-            shutil.rmtree(final, ignore_errors=True)
-        return None
-    replace_dir(tmp, final)
-    return final
+    with fmt.source_lock(ws, source):
+        doc_ids = {t.doc_id for t in catalog.list_takedowns(ws, source)}
+        final = diff_dir(ws, source)
+        tmp = _build_diff_tmp(ws, source, doc_ids)
+        if tmp is None:
+            if final.exists() and not doc_ids:
+                shutil.rmtree(final, ignore_errors=True)
+            return None
+        replace_dir(tmp, final)
+        return final
 
 
 def _build_diff_tmp(ws: Workspace, source: str, doc_ids: set[str]) -> Path | None:
@@ -92,7 +94,7 @@ def _build_diff_tmp(ws: Workspace, source: str, doc_ids: set[str]) -> Path | Non
     Documents of the validation split (or of an unbuilt index) are recorded but have no
     tokens to block.
     """
-    main = ws.indexes_dir / source
+    main = fmt.index_dir(ws, source)
     if not doc_ids or not main.exists():
         return None
     m = fmt.read_manifest(main)
@@ -102,7 +104,7 @@ def _build_diff_tmp(ws: Workspace, source: str, doc_ids: set[str]) -> Path | Non
     found = []  # (shard, doc_ix, metadata line)
     for st in m["shards"]:
         k = st["shard"]
-        with open(main / f"metadata.{k}", "rb") as f:
+        with open(fmt.shard_file(main, "metadata", k), "rb") as f:
             for ix, line in enumerate(f):
                 if json.loads(line)["doc_id"] in doc_ids:
                     found.append((k, ix, line))
@@ -114,14 +116,14 @@ def _build_diff_tmp(ws: Workspace, source: str, doc_ids: set[str]) -> Path | Non
         w = fmt.ShardWriter(tmp, 0, source)
         items = []
         for k, ix, line in found:
-            ds = np.memmap(main / f"tokenized.{k}", dtype=np.uint16, mode="r")
-            od = np.fromfile(main / f"offset.{k}", dtype=np.uint64)
+            ds = np.memmap(fmt.shard_file(main, "tokenized", k), dtype=np.uint16, mode="r")
+            od = np.fromfile(fmt.shard_file(main, "offset", k), dtype=np.uint64)
             start = int(od[ix]) // 2 + 1  # skip the separator
             end = int(od[ix + 1]) // 2 if ix + 1 < len(od) else len(ds)
             items.append((np.array(ds[start:end], dtype=np.uint16), json.loads(line)))
         w.add_many(items)
         w.close()
-        fmt.build_suffix_array(tmp / "tokenized.0", tmp / "table.0", tmp / ".work", cpus=1)
+        fmt.build_suffix_array(fmt.shard_file(tmp, "tokenized", 0), fmt.shard_file(tmp, "table", 0), tmp / ".work", cpus=1)
         shutil.rmtree(tmp / ".work", ignore_errors=True)
         shutil.copyfile(main / fmt.BOW_FILE, tmp / fmt.BOW_FILE)
         manifest = {
@@ -134,8 +136,6 @@ def _build_diff_tmp(ws: Workspace, source: str, doc_ids: set[str]) -> Path | Non
             "files": fmt.file_table(tmp),
         }
         fmt.write_manifest(tmp, manifest)
-        from .build import verify_folder
-
         problems = verify_folder(tmp, manifest, n_ngrams=8, checksums=False)
         if problems:
             raise IntegrityError(f"the takedown index of {source!r} failed verification: {'; '.join(problems[:3])}")

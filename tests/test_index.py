@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from typer.testing import CliRunner
 from flexolmo import sources, tokenizer
 from flexolmo.errors import ConflictError, InputError, IntegrityError, NotFoundError
 from flexolmo.workspace import Workspace
-from index import build, catalog, format as fmt, takedown
+from index import build, catalog, format as fmt, takedown, verify
 from index.engine import Federation
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,15 +131,20 @@ def test_each_document_maps_back_to_its_doc_id(built: Workspace):
         assert ref.metadata["meta"]["path"] == ref.path == f"f/{int(doc_id[1:])}.txt"
         assert ix.document_tokens(ref) == toks
         # the pointer of its first token maps back to it
-        start = int(np.fromfile(ix.files.offset[0], dtype=np.uint64)[ref.doc_ix]) + 2
+        start = int(np.fromfile(fmt.shard_file(ix.folder, "offset", 0), dtype=np.uint64)[ref.doc_ix]) + 2
         assert ix.doc_at(0, start).doc_id == doc_id
     # attribute -> pointers -> documents containing the span
     some = list(ids)[5]
     spans = ix.attribute(ids[some][:40], enforce_bow=False)
     assert spans and any(ix.doc_at(d.shard, d.ptr).doc_id == some for s in spans for d in s.docs)
-    w = ix.window(spans[0].docs[0].shard, spans[0].docs[0].ptr, spans[0].length, left=3, right=4)
-    assert w.token_ids[w.needle_offset:w.needle_offset + w.needle_len] == ids[some][spans[0].l:spans[0].r] or \
-        w.doc.doc_id != some
+    # every occurrence of a span, as `documents` returns it, holds the span at its offset
+    fed = Federation.open(built, ["forum"])
+    span = max(fed.find_spans(ids[some][:40], [], None, enforce_bow=False), key=lambda s: s.length)
+    docs = fed.documents(span, n=1000, context_tokens=3)
+    assert some in {d.doc_id for d in docs} and len(docs) == len({d.doc_id for d in docs})
+    for d in docs:
+        assert d.token_ids[d.needle_offset:d.needle_offset + d.needle_len] == list(span.ids)
+        assert ids[d.doc_id][d.token_offset:d.token_offset + span.length] == list(span.ids)
 
 
 def test_validation_documents_are_not_findable(built: Workspace):
@@ -166,7 +172,13 @@ def test_unchanged_source_is_skipped_and_shards_agree(built: Workspace, copy_ws:
         d = rng.choice(docs)
         q = d[5:5 + rng.randint(1, 6)]
         assert fed.count(q)["news"] == _brute(docs, q)
-    assert sorted(fed.document("news", "n0007").metadata) and len(fed.files("news").table) == 3
+    assert sorted(fed.document("news", "n0007").metadata) and len(fed.source("news").manifest["shards"]) == 3
+    # the compiled search over three shards finds what infini-gram's attribute finds
+    fed = Federation.open(copy_ws, ["news"])
+    for d in docs[:10]:
+        ref = fed.source("news").attribute(d[:60], min_len=1, enforce_bow=False)
+        mine = fed.find_spans(d[:60], [], None, enforce_bow=False)
+        assert [(s.l, s.r, s.count) for s in ref] == [(s.l, s.r, s.count) for s in mine]
     with pytest.raises(InputError):
         build.build_source(copy_ws, "news", shards=11)
 
@@ -204,9 +216,37 @@ def test_build_killed_partway_leaves_the_old_index(copy_ws: Workspace, tmp_path:
     after = catalog.get_index(copy_ws, "news")
     assert after == before
     assert fmt.read_manifest(copy_ws.indexes_dir / "news")["build_id"] == before.build_id
-    assert build.verify_index(copy_ws, "news").ok
+    assert verify.verify_index(copy_ws, "news").ok
     docs = list(_train_ids(copy_ws, "news").values())
     assert Federation.open(copy_ws).count(docs[0][:3])["news"] == _brute(docs, docs[0][:3])
+    # the killed build's folder stays until the next build of the source removes it
+    assert list(copy_ws.indexes_dir.glob(".tmp-news-*"))
+    assert build.build_source(copy_ws, "news").skipped
+    assert not list(copy_ws.indexes_dir.glob(".tmp-news-*"))
+
+
+def test_a_running_build_holds_the_source(copy_ws: Workspace):
+    """The next build removes every leftover folder, so two builds of a source may not overlap."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with fmt.source_lock(copy_ws, "news"):
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert held.wait(30)
+        with pytest.raises(ConflictError, match="running"):
+            build.build_source(copy_ws, "news")
+        with pytest.raises(ConflictError, match="running"):
+            takedown.takedown(copy_ws, "news", "n0003", reason="r")
+        assert build.build_source(copy_ws, "forum").skipped  # other sources are free
+    finally:
+        release.set()
+        t.join()
+    assert build.build_source(copy_ws, "news").skipped
 
 
 def test_takedown_makes_the_document_blocked(copy_ws: Workspace):
@@ -222,7 +262,8 @@ def test_takedown_makes_the_document_blocked(copy_ws: Workspace):
         takedown.takedown(copy_ws, "news", victim, reason="again")
     assert [x.doc_id for x in takedown.list_takedowns(copy_ws)] == [victim]
 
-    ix = Federation.open(copy_ws).source("news")
+    fed = Federation.open(copy_ws)
+    ix = fed.source("news")
     assert ix.diff_folder is not None and ix.document(victim).blocked
     q = ids[victim][:30]
     spans = ix.attribute(q, enforce_bow=False)
@@ -233,25 +274,25 @@ def test_takedown_makes_the_document_blocked(copy_ws: Workspace):
     raw = ix.engine.get_docs_by_ptrs_2_grouped([{"docs": [{"s": doc.shard, "ptr": doc.ptr}], "span_ids": q[span.l:span.r],
                                                  "needle_len": span.length, "max_ctx_len": 20}])
     assert raw[0][0]["blocked"] and raw[0][0]["token_ids"] == []
-    assert ix.engine_windows([doc], q[span.l:span.r], 20)[0].blocked
-    w = ix.window(doc.shard, doc.ptr, span.length)
-    assert w.blocked and w.token_ids == [] and ix.is_blocked(doc.shard, doc.ptr)
-    other = next(d for s in spans for d in s.docs if ix.doc_at(d.shard, d.ptr).doc_id != victim) if any(
-        ix.doc_at(d.shard, d.ptr).doc_id != victim for s in spans for d in s.docs) else None
-    if other is not None:
-        assert not ix.window(other.shard, other.ptr, 1).blocked
+    # the first token of the victim is common (a 40-word vocabulary): the victim among many
+    two = fed.find_spans(q[:1], [], None, enforce_bow=False)[0]
+    assert two.count_by_source["news"] > 10
+    docs = fed.documents(two, n=1000)
+    blocked = [d for d in docs if d.blocked]
+    assert [d.doc_id for d in blocked] == [victim] and blocked[0].title is None and blocked[0].token_ids == []
+    assert len(docs) > 10 and all(d.token_ids and d.title for d in docs if d.doc_id != victim)
     # a rebuild keeps the takedown in force
     build.build_source(copy_ws, "news", force=True)
     assert Federation.open(copy_ws).source("news").document(victim).blocked
 
 
 def test_verify_catches_a_corrupted_table(copy_ws: Workspace):
-    assert build.verify_index(copy_ws, "news").ok
+    assert verify.verify_index(copy_ws, "news").ok
     table = copy_ws.indexes_dir / "news" / "table.0"
     data = bytearray(table.read_bytes())
     data[len(data) // 2], data[len(data) // 2 + 1] = data[len(data) // 2 + 1] ^ 0xFF, data[len(data) // 2] ^ 0x55
     table.write_bytes(bytes(data))
-    r = build.verify_index(copy_ws, "news")
+    r = verify.verify_index(copy_ws, "news")
     assert not r.ok and any("table.0" in p for p in r.problems)
     res = CliRunner().invoke(_app(), ["-w", str(copy_ws.root), "index", "verify", "--source", "news"])
     assert res.exit_code == 1 and "FAILED" in res.output
@@ -264,13 +305,44 @@ def test_verify_catches_a_corrupted_table(copy_ws: Workspace):
         Federation.open(copy_ws, ["news"])
 
 
+@pytest.mark.parametrize("damage", ["table", "metadata"])
+def test_a_same_size_damaged_index_is_refused_and_only_its_source_skipped(copy_ws: Workspace, damage: str):
+    """A file overwritten with other bytes of the same size: the table (caught by the sampled
+    suffix-array order at open) or one byte of a title (caught by the build's checksum)."""
+    folder = copy_ws.indexes_dir / "news"
+    if damage == "table":
+        path = folder / "table.0"
+        path.write_bytes(bytes(reversed(path.read_bytes())))
+    else:
+        path = folder / "metadata.0"
+        data = path.read_bytes()
+        i = data.index(b"n title 5")
+        path.write_bytes(data[:i] + b"N" + data[i + 1:])
+    with pytest.raises(IntegrityError, match=path.name):
+        Federation.open(copy_ws)
+    fed = Federation.open(copy_ws, strict=False)
+    assert fed.names == ["forum"] and fed.skipped["news"].startswith("damaged index") and path.name in fed.skipped["news"]
+    docs = list(_train_ids(copy_ws, "forum").values())
+    assert fed.count(docs[0][:3]) == {"forum": _brute(docs, docs[0][:3])}
+    assert fed.find_spans(docs[0][:20], [], None, enforce_bow=False)  # the other source still searches
+
+    from tracing.trace import Tracer
+
+    t = Tracer.open(copy_ws, model=None).trace("the cat sat on a mat", store=False)
+    assert t.sources_searched == ["forum"] and "damaged index" in t.sources_skipped["news"]
+    assert all(set(s.count_by_source) == {"forum"} for s in t.spans)
+
+
 def test_changed_tokenizer_refuses_to_serve(copy_ws: Workspace):
     tokenizer.train_tokenizer(copy_ws, vocab_size=350, source="forum")
     with pytest.raises(ConflictError, match="rebuild"):
         Federation.open(copy_ws)
-    assert not build.verify_index(copy_ws, "news").ok
+    assert not verify.verify_index(copy_ws, "news").ok
     assert not build.build_source(copy_ws, "forum").skipped  # stale: rebuilt, not skipped
-    assert Federation.open(copy_ws, ["forum"]).count([1])["forum"] >= 0
+    docs = list(_train_ids(copy_ws, "forum").values())  # tokenized with the new tokenizer
+    fed = Federation.open(copy_ws, ["forum"])
+    for q in ([1], docs[0][:3], docs[7][2:4]):
+        assert fed.count(q)["forum"] == _brute(docs, q)
 
 
 def test_bad_input_and_policy(copy_ws: Workspace):

@@ -11,16 +11,16 @@ documents per span (seeded sample), 250 tokens of context a side and a 40-token 
 BM25 relevance over the retrieved windows. Beyond OLMoTrace, each span is linked to the
 experts that routed its tokens and to the drop in its log-probability without each expert.
 
-Source policy is applied here: sources that are inactive or expired are neither searched
-nor routed; `counts` sources contribute counts only, `snippets` sources no long context;
-taken-down documents come back `blocked` with no text.
+The index does the search (`Federation.find_spans`, `Federation.documents`) and enforces
+source policy on its side: sources that are inactive or expired are neither searched nor
+routed (a source whose index is damaged is not searched); `counts` sources contribute counts only,
+`snippets` sources no long context; taken-down documents come back `blocked` with no text.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import math
-import random
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -32,11 +32,10 @@ from flexolmo import tokenizer as tok_lib
 from flexolmo.errors import InputError
 from flexolmo.workspace import Workspace
 from index.engine import Federation
-from index.models import SpanDoc
+from index.models import SpanDocument, SpanMatch
 
 from . import relevance
 from .models import DocHit, ExpertLink, Span, SpanGroup, Trace
-from .spans import RawSpan, Shard, find_spans, rank_to_ptr, unigram_logprobs
 
 
 @dataclass(frozen=True)
@@ -69,12 +68,10 @@ class Tracer:
     """Everything a trace needs, opened once: indexes (memory-mapped), tokenizer, model."""
 
     ws: Workspace
-    fed: Federation
-    shards: list[Shard]
+    fed: Federation  # the indexes' search: spans, and documents cut to each source's policy
     tokenizer: object  # transformers.PreTrainedTokenizerFast
     bow: np.ndarray
     delims: list[int]
-    ulp: np.ndarray
     policies: dict[str, src_lib.Source]
     model: object | None = None
     model_name: str | None = None
@@ -90,9 +87,7 @@ class Tracer:
         :param exclude: sources whose expert is switched off for these traces (their documents
             are still searched: switching an expert off is a model decision, not a policy)
         """
-        fed = Federation.open(ws, today=today, strict=False)
-        shards = [Shard.open(name, k, f.tokenized[k], f.table[k])
-                  for name in fed.names for f in [fed.files(name)] for k in range(len(f.tokenized))]
+        fed = Federation.open(ws, today=today, strict=False)  # a damaged index is skipped, not fatal
         tok = tok_lib.load_tokenizer(ws)
         name = None
         if model == "auto":
@@ -102,9 +97,8 @@ class Tracer:
 
                 model = load_merged(ws, exclude=exclude, include=include, today=today)
                 name = str(ws.models_dir / "merged")
-        return cls(ws=ws, fed=fed, shards=shards, tokenizer=tok, bow=np.asarray(tok_lib.read_bow_ids(ws)),
-                   delims=delimiter_ids(tok), ulp=unigram_logprobs(fed.unigram_counts()),
-                   policies={s.name: s for s in src_lib.list_sources(ws)}, model=model, model_name=name,
+        return cls(ws=ws, fed=fed, tokenizer=tok, bow=np.asarray(tok_lib.read_bow_ids(ws)),
+                   delims=delimiter_ids(tok), policies={s.name: s for s in src_lib.list_sources(ws)}, model=model, model_name=name,
                    settings=settings or TraceSettings(), fingerprint=catalog_fingerprint(ws))
 
     def stale(self) -> bool:
@@ -154,8 +148,8 @@ class Tracer:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         response = response if response is not None else self.tokenizer.decode(ids)
-        raw = find_spans(self.shards, ids, self.delims, self.bow, self.ulp, min_len=st.min_len,
-                         max_cnt=st.max_cnt, enforce_bow=st.enforce_bow)
+        raw = self.fed.find_spans(ids, self.delims, self.bow, min_len=st.min_len, max_cnt=st.max_cnt,
+                                  enforce_bow=st.enforce_bow)
         k = math.ceil(st.span_density * len(ids))
         kept = sorted(sorted(raw, key=lambda s: s.unigram_logprob_sum)[:k], key=lambda s: (s.l, s.r))
         timings["spans"] = _ms(t0)
@@ -190,79 +184,43 @@ class Tracer:
             save_trace(self.ws, trace)
         return trace
 
-    def _span(self, index: int, raw: RawSpan, ids: list[int], windows: list[tuple[DocHit, str]]) -> Span:
-        by_source: dict[str, int] = {}
-        for sh, n in zip(self.shards, raw.count_by_shard):
-            by_source[sh.source] = by_source.get(sh.source, 0) + n
+    def _span(self, index: int, raw: SpanMatch, ids: list[int], windows: list[tuple[DocHit, str]]) -> Span:
         dec = self.tokenizer.decode
         char_start = len(dec(ids[: raw.l]))
         text = dec(ids[raw.l: raw.r])
         return Span(index=index, start=raw.l, end=raw.r, char_start=char_start, char_end=char_start + len(text),
-                    text=text, count=raw.count, count_by_source=by_source,
+                    text=text, count=raw.count, count_by_source=dict(raw.count_by_source),
                     unigram_logprob_sum=raw.unigram_logprob_sum, group=-1,
                     documents=self._documents(raw, windows))
 
-    def _documents(self, raw: RawSpan, windows: list[tuple[DocHit, str]]) -> list[DocHit]:
+    def _documents(self, raw: SpanMatch, windows: list[tuple[DocHit, str]]) -> list[DocHit]:
         """Up to max_docs distinct documents containing the span, sampled with a fixed seed from
-        its occurrences in sources that show documents (a document matched twice counts once)."""
+        its occurrences in sources that show documents; each source cuts the text to its policy."""
         st = self.settings
-        eligible = [(i, lo, hi) for i, (lo, hi) in enumerate(raw.rank_range_by_shard)
-                    if hi > lo and self.policies[self.shards[i].source].visibility != "counts"]
-        total = sum(hi - lo for _, lo, hi in eligible)
-        # a seeded order over occurrences (all of them when few); walk it until max_docs documents
-        order = random.Random(st.seed).sample(range(total), min(total, 4 * st.max_docs))
-        out, seen = [], set()
-        for g in order:
-            for i, lo, hi in eligible:
-                if g < hi - lo:
-                    break
-                g -= hi - lo
-            shard = self.shards[i]
-            ptr = rank_to_ptr(shard, lo + g)
-            doc = self.fed.doc_at(shard.source, shard.index, ptr)
-            if (shard.source, doc.doc_id) in seen:
-                continue
-            seen.add((shard.source, doc.doc_id))
-            hit, text = self._hit(shard, ptr, raw.length)
+        out = []
+        for d in self.fed.documents(raw, st.max_docs, st.seed, context_tokens=st.context_tokens,
+                                    snippet_tokens=st.snippet_tokens):
+            hit, text = self._hit(d)
             out.append(hit)
             if text is not None:
                 windows.append((hit, text))
-            if len(out) == st.max_docs:
-                break
         return out
 
-    def _hit(self, shard: Shard, ptr: int, needle_len: int) -> tuple[DocHit, str | None]:
-        """The hit at (shard, ptr), its text cut to the source's visibility, and the window text."""
-        st = self.settings
-        w = self.fed.window(shard.source, shard.index, ptr, needle_len, st.context_tokens, st.context_tokens)
-        blocked = w.blocked or self._diff_blocked(shard, ptr, w)
-        doc = w.doc
-        hit = DocHit(source=shard.source, doc_id=doc.doc_id, title=doc.title, shard=shard.index, doc_ix=doc.doc_ix,
-                     token_offset=w.doc_offset,
-                     blocked=blocked, snippet=None, snippet_span=None, context=None, context_span=None)
-        if blocked:  # nothing of a taken-down document leaves the service but its id
-            hit.title = None
+    def _hit(self, d: SpanDocument) -> tuple[DocHit, str | None]:
+        """A document as the trace shows it, and the text BM25 rates it on (None when blocked)."""
+        hit = DocHit(source=d.source, doc_id=d.doc_id, title=d.title, shard=d.shard, doc_ix=d.doc_ix,
+                     token_offset=d.token_offset, blocked=d.blocked, snippet=None, snippet_span=None, context=None,
+                     context_span=None)
+        if d.blocked:  # nothing of a taken-down document leaves the index but its id
             return hit, None
-        toks, a, n = w.token_ids, w.needle_offset, w.needle_len
-        side = max(0, (st.snippet_tokens - n) // 2)
+        toks, a, n = d.token_ids, d.needle_offset, d.needle_len
+        side = max(0, (self.settings.snippet_tokens - n) // 2)
         hit.snippet, hit.snippet_span = _marked(self.tokenizer, toks[max(0, a - side): a], toks[a: a + n],
                                                 toks[a + n: a + n + side])
-        context, context_span = _marked(self.tokenizer, toks[:a], toks[a: a + n], toks[a + n:])
-        if self.policies[shard.source].visibility == "full":
-            hit.context, hit.context_span = context, context_span
-        return hit, context
-
-    def _diff_blocked(self, shard: Shard, ptr: int, w) -> bool:
-        """Is this window a window of a taken-down document, by content (the diff index)?
-
-        Catches a copy of a removed document under another doc_id: InfiniGramEngineDiff marks
-        a window blocked when its text (with `context_tokens` of context) is in the diff index.
-        """
-        index = self.fed.source(shard.source)
-        if index.diff_folder is None:
-            return False
-        needle = w.token_ids[w.needle_offset: w.needle_offset + w.needle_len]
-        return index.engine_windows([SpanDoc(shard.index, ptr)], needle, self.settings.context_tokens)[0].blocked
+        text, span = _marked(self.tokenizer, toks[:a], toks[a: a + n], toks[a + n:])
+        if d.visibility == "full":
+            hit.context, hit.context_span = text, span
+        return hit, text
 
     def _link_experts(self, spans: list[Span], ids: list[int], prompt_ids: list[int],
                       routing: tuple[np.ndarray, np.ndarray] | None) -> None:

@@ -1,4 +1,4 @@
-"""Maximal matching spans: OLMoTrace's `attribute` step, compiled, over memory-mapped indexes.
+"""The span search, compiled: OLMoTrace's `attribute` step over memory-mapped indexes.
 
 infini-gram's `engine.attribute(ids, delim_ids, min_len, max_cnt, enforce_bow)` returns, for
 every word-initial position l of the input, the longest prefix of ids[l:] that occurs in the
@@ -13,10 +13,14 @@ of that known part is found with two binary searches comparing whole token runs,
 extended one token at a time by narrowing the range. Counts come free from the ranges;
 document pointers are fetched later, only for the spans tracing keeps.
 
+It runs per source (`source_matches`: the longest match after the cut rules, and its count,
+at every position), and the answers are merged (`merge_matches`: longest over sources,
+counts summed over the sources that hold that length). The cut rules are monotone in the
+match length, so the merge gives exactly what one search over every index at once gives,
+and a source can answer for itself (an owner node, later).
+
 The suffix array (`table.N`) orders suffixes of `tokenized.N` by their little-endian
 bytes, not by token value: comparisons here use the byte-swapped id (low byte first).
-
-    spans = find_spans(shards, ids, delim_ids, bow, unigram_logprobs)
 """
 
 from __future__ import annotations
@@ -24,10 +28,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numba
 import numpy as np
 from numba.typed import List as TypedList
+
+from flexolmo.errors import IntegrityError
+
+from .models import SourceMatches, SpanMatch
+
+NO_CAP = np.iinfo(np.int64).max  # max_cnt of a per-source search: the cap applies to merged counts
 
 
 @dataclass(frozen=True)
@@ -50,27 +61,9 @@ class Shard:
         sa = np.memmap(table, dtype=np.uint8, mode="r")
         tok_cnt = ds.shape[0] // 2
         if tok_cnt == 0 or sa.shape[0] % tok_cnt:
-            from flexolmo.errors import IntegrityError
-
             raise IntegrityError(f"{table}: size {sa.shape[0]} is not a multiple of the token count {tok_cnt}; "
                                  f"rebuild the index of {source!r} with `flexolmo index build --source {source} --force`")
         return cls(source, index, ds, sa, sa.shape[0] // tok_cnt)
-
-
-@dataclass(frozen=True)
-class RawSpan:
-    """A maximal matching span of the input, [l, r) in token positions."""
-
-    l: int
-    r: int
-    count: int  # occurrences over all shards searched
-    count_by_shard: tuple[int, ...]
-    rank_range_by_shard: tuple[tuple[int, int], ...]  # suffix-array [start, end) per shard
-    unigram_logprob_sum: float
-
-    @property
-    def length(self) -> int:
-        return self.r - self.l
 
 
 # ---------------------------------------------------------------------------------------
@@ -230,52 +223,86 @@ def _spans_kernel(ds_list, sa_list, ptr_sizes, ids, is_delim, is_bow, enforce_bo
     return lens, counts, ranges
 
 
+
+@numba.njit(cache=True)
+def _ranges_kernel(ds_list, sa_list, ptr_sizes, ids):
+    """Suffix-array range [lo, hi) of the whole run `ids` in every shard, (S, 2)."""
+    keys = ((ids & 0xFF) << 8) | (ids >> 8)
+    S = len(ds_list)
+    out = np.zeros((S, 2), dtype=np.int64)
+    for s in range(S):
+        ds = ds_list[s]
+        lo, hi = _range_of_run(ds, sa_list[s], ptr_sizes[s], ds.shape[0] // 2, keys, 0, ids.shape[0])
+        out[s, 0] = lo
+        out[s, 1] = hi
+    return out
+
+
 # ---------------------------------------------------------------------------------------
 # the Python face
 
 
-def find_spans(
-    shards: list[Shard],
-    ids: list[int] | np.ndarray,
-    delim_ids: list[int],
-    bow_ids: set[int] | np.ndarray | None,
-    unigram_logprobs: np.ndarray,
-    min_len: int = 1,
-    max_cnt: int = 1_000_000,
-    enforce_bow: bool = True,
-) -> list[RawSpan]:
-    """The maximal spans `engine.attribute` would return, with counts and ranges per shard.
-
-    :param unigram_logprobs: log-probability per token id over the searched shards
-        (tokens never seen: -10000, as infini-gram does).
-    """
-    ids = np.asarray(ids, dtype=np.int64)
-    if ids.size and (ids.min() < 0 or ids.max() >= 0xFFFF):
-        raise ValueError("token ids must lie in [0, 65534] (u16 index, 0xFFFF separates documents)")
-    if not shards or ids.size == 0:
-        return []
-    delim = np.isin(ids, np.asarray(sorted(delim_ids), dtype=np.int64))
-    if bow_ids is None:
-        bow = np.ones(ids.shape[0], dtype=np.bool_)
-    else:
-        bow = np.isin(ids, np.asarray(sorted(bow_ids) if isinstance(bow_ids, set) else bow_ids, dtype=np.int64))
+def _typed(shards: Sequence[Shard]):
     ds_list, sa_list = TypedList(), TypedList()
     for sh in shards:
         ds_list.append(np.asarray(sh.ds))
         sa_list.append(np.asarray(sh.sa))
-    ptr_sizes = np.array([sh.ptr_size for sh in shards], dtype=np.int64)
-    lens, counts, ranges = _spans_kernel(ds_list, sa_list, ptr_sizes, ids, delim, bow, enforce_bow, min_len, max_cnt)
-    out: list[RawSpan] = []
+    return ds_list, sa_list, np.array([sh.ptr_size for sh in shards], dtype=np.int64)
+
+
+def source_matches(source: str, shards: Sequence[Shard], ids: Sequence[int], delim_ids: Sequence[int],
+                   bow_ids: Sequence[int] | None, enforce_bow: bool = True) -> SourceMatches:
+    """One source's longest match (after the cut rules) and its count at every position of `ids`.
+
+    :param ids: query ids, already checked to lie in [0, 65534].
+    :param bow_ids: the ids that begin a word (None: every id does).
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    if not len(shards) or ids.size == 0:
+        return SourceMatches(source, [0] * int(ids.size), [0] * int(ids.size))
+    delim = np.isin(ids, np.asarray(sorted(delim_ids), dtype=np.int64))
+    bow = np.ones(ids.shape[0], dtype=np.bool_) if bow_ids is None else np.isin(ids, np.asarray(bow_ids, dtype=np.int64))
+    lens, counts, _ = _spans_kernel(*_typed(shards), ids, delim, bow, bool(enforce_bow), 1, NO_CAP)
+    return SourceMatches(source, lens.tolist(), counts.tolist())
+
+
+def merge_matches(answers: Sequence[SourceMatches], ids: Sequence[int], ulp: np.ndarray, min_len: int = 1,
+                  max_cnt: int = 1_000_000) -> list[SpanMatch]:
+    """The maximal spans `engine.attribute` returns over all the sources at once.
+
+    At each position the longest match over the sources wins and its count is summed over
+    the sources that hold that same length; spans shorter than `min_len`, more frequent
+    than `max_cnt`, or ending no later than the span kept before them are dropped.
+
+    :param ulp: log-probability per token id over the sources searched (`unigram_logprobs`).
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    if not answers or ids.size == 0:
+        return []
+    lens = np.array([a.lengths for a in answers], dtype=np.int64).reshape(len(answers), ids.size)  # (S, L)
+    counts = np.array([a.counts for a in answers], dtype=np.int64).reshape(len(answers), ids.size)
+    best = lens.max(axis=0)
+    holds = (lens == best) & (best > 0)
+    total = np.where(holds, counts, 0).sum(axis=0)
+    out: list[SpanMatch] = []
     last_r = 0
-    for l in np.flatnonzero(lens):
-        r = int(l + lens[l])
+    for l in np.flatnonzero((best > 0) & (best >= min_len) & (total <= max_cnt)):
+        r = int(l + best[l])
         if r <= last_r:  # contained in the span kept before it
             continue
         last_r = r
-        rr = tuple((int(a), int(b)) for a, b in ranges[l])
-        out.append(RawSpan(int(l), r, int(counts[l]), tuple(b - a for a, b in rr), rr,
-                           float(unigram_logprobs[ids[l:r]].sum())))
+        by_source = {a.source: int(counts[s, l]) if holds[s, l] else 0 for s, a in enumerate(answers)}
+        out.append(SpanMatch(int(l), r, tuple(int(x) for x in ids[l:r]), int(total[l]), by_source,
+                             float(ulp[ids[l:r]].sum())))
     return out
+
+
+def rank_ranges(shards: Sequence[Shard], span_ids: Sequence[int]) -> list[tuple[int, int]]:
+    """Suffix-array range [lo, hi) of `span_ids` in each shard (hi - lo occurrences)."""
+    if not len(shards):
+        return []
+    out = _ranges_kernel(*_typed(shards), np.asarray(span_ids, dtype=np.int64))
+    return [(int(a), int(b)) for a, b in out]
 
 
 def rank_to_ptr(shard: Shard, rank: int) -> int:

@@ -1,0 +1,295 @@
+"""One source's index, opened once: counts, the span search, and documents cut to its policy.
+
+`SourceIndex.matches` and `SourceIndex.documents` are the two questions a trace asks a
+source (`index/engine.py`'s Federation asks them of every source and merges the answers);
+an owner node will answer the same two for its own source over HTTP. Policy is enforced
+here, on the source's side: `counts` sources return no documents, `snippets` sources no
+more than a snippet, and taken-down documents (by doc_id, or by content through the
+takedown diff index) come back `blocked` with no text and no title.
+
+Opening refuses an index that cannot be trusted (`IntegrityError`: files missing or of
+the wrong size, suffix array out of order at sampled ranks; `ConflictError`: another
+tokenizer). The full checksums recorded at build are checked in a background thread, each
+file once per process, and collected by `settle()`.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from flexolmo import sources as src_lib
+from flexolmo import tokenizer as tok_lib
+from flexolmo.errors import ConflictError, InputError, IntegrityError, NotFoundError
+from flexolmo.workspace import Workspace, file_sha256
+
+from . import catalog, format as fmt, search
+from .models import AttributedSpan, DocRef, SourceMatches, SpanDoc, SpanDocument
+from .verify import quick_check
+
+MAX_ID = 0xFFFE  # u16 ids; 0xFFFF is the document separator
+
+
+def check_ids(ids: Iterable[int], what: str = "input_ids") -> list[int]:
+    """Query ids as a list of ints in [0, 65534], or an InputError naming the range."""
+    try:
+        out = [int(i) for i in ids]
+    except (TypeError, ValueError):
+        raise InputError(f"{what} must be a list of integers in [0, {MAX_ID}]") from None
+    if any(i < 0 or i > MAX_ID for i in out):
+        raise InputError(f"{what} must be a list of integers in [0, {MAX_ID}]")
+    return out
+
+
+def _ok(result):
+    """infini-gram returns {'error': ...} instead of raising: turn it into our exception, here only."""
+    if isinstance(result, dict) and "error" in result:
+        raise InputError(f"index query rejected: {result['error']}")
+    return result
+
+
+# -- checksums, in the background ----------------------------------------------------------
+
+_checked: dict[tuple, bool] = {}  # (path, inode, size, mtime_ns, sha256) -> matches: each file hashed once per process
+_pool: ThreadPoolExecutor | None = None
+
+
+def _checksum_problems(folder: Path, manifest: dict) -> list[str]:
+    problems = []
+    for name, info in manifest["files"].items():
+        p = folder / name
+        try:
+            st = p.stat()
+        except OSError:
+            problems.append(f"{name} is missing")
+            continue
+        key = (str(p), st.st_ino, st.st_size, st.st_mtime_ns, info["sha256"])
+        if key not in _checked:
+            _checked[key] = file_sha256(p) == info["sha256"]
+        if not _checked[key]:
+            problems.append(f"{name} fails its sha256 checksum (altered since the build)")
+    return problems
+
+
+def _check_in_background(folders: list[tuple[Path, dict]]) -> Future:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-checksums")
+    return _pool.submit(lambda: [p for f, m in folders for p in _checksum_problems(f, m)])
+
+
+@dataclass
+class _Shard:
+    ds: np.ndarray  # u16 ids, separators included
+    od: np.ndarray  # u64 byte offsets of documents
+    mt: np.ndarray  # metadata bytes
+    om: np.ndarray  # u64 byte offsets of metadata lines
+
+
+class SourceIndex:
+    """One source's index (and its takedown diff index), opened once."""
+
+    def __init__(self, ws: Workspace, name: str, *, visibility: str = "full", load_to_ram: bool = False):
+        from infini_gram.engine import InfiniGramEngine, InfiniGramEngineDiff
+
+        self.name = name
+        self.visibility = src_lib.check_visibility(visibility)
+        self.folder = fmt.index_dir(ws, name)
+        if not self.folder.exists():
+            raise NotFoundError(f"source {name!r} has no index; run `flexolmo index build --source {name}`")
+        self.manifest = fmt.read_manifest(self.folder)
+        self._refuse(quick_check(self.folder, self.manifest), "index")
+        if self.manifest["tokenizer_hash"] != tok_lib.tokenizer_hash(ws):
+            raise ConflictError(f"the index of {name!r} was built with another tokenizer than the workspace's; "
+                                f"refusing to serve it: rebuild with `flexolmo index build --source {name}`")
+        self.diff_folder: Path | None = None
+        self.blocked_doc_ids: set[str] = {t.doc_id for t in catalog.list_takedowns(ws, name)}
+        checked = [(self.folder, self.manifest)]
+        dfolder = fmt.diff_dir(ws, name)
+        if dfolder.exists():
+            dm = fmt.read_manifest(dfolder)
+            self._refuse(quick_check(dfolder, dm), "takedown index")
+            self.diff_folder = dfolder
+            self.blocked_doc_ids |= set(dm["doc_ids"])
+            checked.append((dfolder, dm))
+        self.checksums = _check_in_background(checked)
+        eos = int(self.manifest["eos_id"])
+        bow = str(self.folder / fmt.BOW_FILE)
+        common = dict(eos_token_id=eos, version=4, token_dtype="u16", load_to_ram=load_to_ram, bow_ids_path=bow,
+                      precompute_unigram_logprobs=True)
+        with fmt.loader_path(self.folder) as path:
+            if self.diff_folder is not None:
+                with fmt.loader_path(self.diff_folder) as dpath:
+                    self.engine = InfiniGramEngineDiff(index_dir=path, index_dir_diff=dpath, **common)
+            else:
+                self.engine = InfiniGramEngine(index_dir=path, **common)
+        self._shards: list[_Shard] = []
+        self._search: list[search.Shard] = []
+        for st in self.manifest["shards"]:
+            k = st["shard"]
+            f = lambda kind: fmt.shard_file(self.folder, kind, k)  # noqa: E731
+            self._shards.append(_Shard(ds=np.memmap(f("tokenized"), dtype=np.uint16, mode="r"),
+                                       od=np.fromfile(f("offset"), dtype=np.uint64),
+                                       mt=np.memmap(f("metadata"), dtype=np.uint8, mode="r"),
+                                       om=np.fromfile(f("metaoff"), dtype=np.uint64)))
+            self._search.append(search.Shard.open(name, k, f("tokenized"), f("table")))
+        self._by_doc_id: dict[str, tuple[int, int]] | None = None
+        self._unigram: np.ndarray | None = None
+
+    def _refuse(self, problems: list[str], what: str) -> None:
+        if problems:
+            raise IntegrityError(f"the {what} of {self.name!r} is damaged ({'; '.join(problems[:3])}); "
+                                 f"rebuild it with `flexolmo index build --source {self.name} --force`")
+
+    def settle(self) -> None:
+        """Wait for the background checksums; IntegrityError if a file changed since its build."""
+        self._refuse(self.checksums.result(), "index")
+
+    # -- counts and spans ----------------------------------------------------------------
+
+    @property
+    def n_docs(self) -> int:
+        return int(self.manifest["n_docs"])
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.manifest["n_tokens"])
+
+    def count(self, ids: Sequence[int]) -> int:
+        """Occurrences of the n-gram `ids` in the source (takedowns included: counts are not text)."""
+        return int(_ok(self.engine.count(input_ids=check_ids(ids)))["count"])
+
+    def attribute(self, ids: Sequence[int], delim_ids: Sequence[int] = (), min_len: int = 1,
+                  max_cnt: int = 1_000_000, enforce_bow: bool = True) -> list[AttributedSpan]:
+        """infini-gram's own `attribute` (slow on frequent spans; the reference `matches` is checked against)."""
+        if min_len < 0 or max_cnt <= 0:
+            raise InputError("min_len must be >= 0 and max_cnt > 0")
+        res = _ok(self.engine.attribute(input_ids=check_ids(ids), delim_ids=check_ids(delim_ids, "delim_ids"),
+                                        min_len=int(min_len), max_cnt=int(max_cnt), enforce_bow=bool(enforce_bow)))
+        return [AttributedSpan(source=self.name, l=s["l"], r=s["r"], length=s["length"], count=s["count"],
+                               unigram_logprob_sum=float(s["unigram_logprob_sum"]),
+                               docs=[SpanDoc(shard=d["s"], ptr=d["ptr"]) for d in s["docs"]])
+                for s in res["spans"]]
+
+    def matches(self, ids: Sequence[int], delim_ids: Sequence[int], bow_ids: Sequence[int] | None,
+                enforce_bow: bool = True) -> SourceMatches:
+        """The longest match (after OLMoTrace's cut rules) and its count at every position of `ids`."""
+        return search.source_matches(self.name, self._search, check_ids(ids), check_ids(delim_ids, "delim_ids"),
+                                     bow_ids, enforce_bow)
+
+    @property
+    def unigram_counts(self) -> np.ndarray:
+        """65536 counts summed over shards; index 65535 counts the document separators."""
+        if self._unigram is None:
+            self._unigram = sum(fmt.read_unigram(fmt.shard_file(self.folder, "unigram", st["shard"]))
+                                for st in self.manifest["shards"])
+        return self._unigram
+
+    # -- documents -----------------------------------------------------------------------
+
+    def documents(self, span_ids: Sequence[int], picks: Sequence[int], n: int = 10, context_tokens: int = 250,
+                  snippet_tokens: int = 40) -> list[SpanDocument]:
+        """Up to `n` distinct documents at the span's occurrences `picks`, in the order first picked.
+
+        :param picks: occurrence numbers in [0, count) (suffix-array order over the shards);
+            a document picked twice counts once. `draw` of each result is its pick's position.
+        :param context_tokens: context a side for `full` sources (also what the takedown
+            diff index compares windows on); `snippets` sources get half of `snippet_tokens`.
+        """
+        span_ids = check_ids(span_ids, "span_ids")
+        if not span_ids or n < 0 or context_tokens < 0 or snippet_tokens < 0:
+            raise InputError("span_ids must not be empty; n, context_tokens and snippet_tokens must be >= 0")
+        if self.visibility == "counts" or not picks or n == 0:
+            return []
+        ranges = search.rank_ranges(self._search, span_ids)
+        sizes = [hi - lo for lo, hi in ranges]
+        found: list[tuple[int, int, int, int]] = []  # (pick position, shard, ptr, doc_ix), distinct documents
+        seen: set[tuple[int, int]] = set()
+        for p, j in enumerate(picks):
+            if not 0 <= j < sum(sizes):
+                raise InputError(f"occurrence {j} is out of range: the span occurs {sum(sizes)} times in {self.name!r}")
+            k = 0
+            while j >= sizes[k]:
+                j -= sizes[k]
+                k += 1
+            ptr = search.rank_to_ptr(self._search[k], ranges[k][0] + int(j))
+            doc_ix = int(np.searchsorted(self._shards[k].od, np.uint64(ptr), side="right")) - 1
+            if (k, doc_ix) not in seen:
+                seen.add((k, doc_ix))
+                found.append((p, k, ptr, doc_ix))
+                if len(found) == n:
+                    break
+        docs = [self._doc(k, ix) for _, k, _, ix in found]  # one metadata read per document
+        blocked = self._blocked(found, docs, span_ids, context_tokens)
+        side = context_tokens if self.visibility == "full" else min(context_tokens, max(0, (snippet_tokens - len(span_ids)) // 2))
+        out = []
+        for (p, k, ptr, ix), doc, b in zip(found, docs, blocked):
+            sh = self._shards[k]
+            d0 = int(sh.od[ix]) // 2 + 1  # first token of the document
+            pos = ptr // 2
+            lo, hi = max(d0, pos - side), min(d0 + doc.n_tokens, pos + len(span_ids) + side)
+            out.append(SpanDocument(source=self.name, doc_id=doc.doc_id, title=None if b else doc.title, shard=k,
+                                    doc_ix=ix, token_offset=pos - d0, blocked=b, visibility=self.visibility,
+                                    token_ids=[] if b else sh.ds[lo:hi].tolist(), needle_offset=0 if b else pos - lo,
+                                    needle_len=len(span_ids), draw=p))
+        return out
+
+    def _blocked(self, found: list[tuple[int, int, int, int]], docs: list[DocRef], span_ids: list[int],
+                 context_tokens: int) -> list[bool]:
+        """Taken down by doc_id, or by content: InfiniGramEngineDiff marks a window blocked when it
+        (with `context_tokens` a side) equals one of a removed document. One engine call per span."""
+        blocked = [d.blocked for d in docs]
+        ask = [i for i, b in enumerate(blocked) if not b]
+        if self.diff_folder is None or not ask:
+            return blocked
+        req = [{"docs": [{"s": found[i][1], "ptr": found[i][2]} for i in ask], "span_ids": span_ids,
+                "needle_len": len(span_ids), "max_ctx_len": int(context_tokens)}]
+        for i, r in zip(ask, _ok(self.engine.get_docs_by_ptrs_2_grouped(req))[0]):
+            blocked[i] = bool(r["blocked"])
+        return blocked
+
+    def _doc(self, shard: int, doc_ix: int) -> DocRef:
+        sh = self._shards[shard]
+        m0 = int(sh.om[doc_ix])
+        m1 = int(sh.om[doc_ix + 1]) if doc_ix + 1 < len(sh.om) else sh.mt.size
+        meta = json.loads(bytes(sh.mt[m0:m1]))
+        start = int(sh.od[doc_ix]) // 2
+        end = int(sh.od[doc_ix + 1]) // 2 if doc_ix + 1 < len(sh.od) else sh.ds.size
+        return DocRef(source=self.name, doc_id=meta["doc_id"], shard=shard, doc_ix=doc_ix, title=meta.get("title"),
+                      path=meta.get("path"), metadata=meta, n_tokens=end - start - 1,
+                      blocked=meta["doc_id"] in self.blocked_doc_ids)
+
+    def doc_at(self, shard: int, ptr: int) -> DocRef:
+        """The document that contains byte `ptr` of shard `shard`."""
+        if not 0 <= shard < len(self._shards):
+            raise InputError(f"shard must be in [0, {len(self._shards)}) for source {self.name!r}")
+        sh = self._shards[shard]
+        if not (0 <= ptr < sh.ds.size * 2 and ptr % 2 == 0):
+            raise InputError(f"ptr must be an even byte offset in [0, {sh.ds.size * 2}) for {self.name!r} shard {shard}")
+        return self._doc(shard, int(np.searchsorted(sh.od, np.uint64(ptr), side="right")) - 1)
+
+    def document(self, doc_id: str) -> DocRef:
+        """A document of this index by its doc_id (NotFoundError if it is not indexed)."""
+        if self._by_doc_id is None:
+            index = {}
+            for k, sh in enumerate(self._shards):
+                for ix, line in enumerate(bytes(sh.mt).splitlines()):
+                    index[json.loads(line)["doc_id"]] = (k, ix)
+            self._by_doc_id = index
+        if doc_id not in self._by_doc_id:
+            raise NotFoundError(f"doc_id {doc_id!r} is not in the index of {self.name!r} "
+                                "(unknown, or in the validation split, which is never indexed)")
+        return self._doc(*self._by_doc_id[doc_id])
+
+    def document_tokens(self, doc: DocRef) -> list[int]:
+        """All ids of a document; empty when it is taken down."""
+        if doc.blocked:
+            return []
+        sh = self._shards[doc.shard]
+        start = int(sh.od[doc.doc_ix]) // 2 + 1
+        return [int(x) for x in sh.ds[start:start + doc.n_tokens]]
