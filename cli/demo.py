@@ -1,7 +1,8 @@
 """`flexolmo demo`: the whole pipeline on the sample federation, step by step.
 
 Each step keeps what an earlier run built when its inputs did not change (the tokenizer,
-indexes, the public model, expert packages), so a second `make demo` only traces.
+indexes, the public model, expert packages, the merged model), so a second `make demo` only
+traces. Whether a model artifact is current is its card's answer (flexolmo/artifacts/).
 Measured on a fresh workspace: 589 s in all, of which 564 s training (docs/benchmarks.md).
 """
 
@@ -36,9 +37,11 @@ def demo(
     vocab_size: Annotated[int, typer.Option(help="Tokenizer vocabulary size.")] = tok_lib.DEFAULT_VOCAB,
 ) -> None:
     """Build the sample federation, train and merge the model, index every source, trace outputs."""
+    from flexolmo.artifacts import expert_package, merged_model, public_model
+    from flexolmo.config import get_profile
     from flexolmo.merge import merge
     from flexolmo.sources import list_sources
-    from flexolmo.train import expert_is_current, public_is_current, train_expert, train_public
+    from flexolmo.train import train_expert, train_public
     from index.build import build_all, catalog_table
 
     from .index_cmds import _RichProgress, catalog_rich_table
@@ -73,9 +76,12 @@ def demo(
 
     console.rule(f"4. public model ({profile} profile)")
     s = time.time()
-    if not retrain and public_is_current(w, profile):
+    p = get_profile(profile)
+    why = public_model.status(w, p)
+    if not retrain and why is None:
         console.print("public model is current, kept")
     else:
+        console.print(f"training: {'--retrain' if retrain else why}")
         r = train_public(w, profile)
         console.print(f"public: {r.tokens:,} tokens, {r.steps} steps, loss {r.final_loss:.3f}, {r.tokens_per_s:,.0f} tokens/s")
     mark("public model", s)
@@ -83,8 +89,10 @@ def demo(
     console.rule("5. one expert per data owner, trained against the frozen public model")
     s = time.time()
     owners = [src.name for src in list_sources(w) if src.name != "public"]
+    public_hash = public_model.read(w).weights
     for name in owners:
-        if not retrain and expert_is_current(w, name, profile):
+        why = expert_package.status(w, p, name, public_hash)
+        if not retrain and why is None:
             console.print(f"{name}: expert package is current, kept")
             continue
         r = train_expert(w, name, profile)
@@ -93,8 +101,11 @@ def demo(
 
     console.rule("6. merge")
     s = time.time()
-    m = merge(w, owners)
-    console.print(f"merged {len(m.experts)} experts (top-{m.top_k}): " + ", ".join(f"{i}={n}" for i, n in enumerate(m.experts)))
+    if merged_model.status(w, public_hash, owners, top_k=min(p.model.top_k, 1 + len(owners))) is None:
+        console.print("merged model is current, kept")
+    else:
+        m = merge(w, owners)
+        console.print(f"merged {len(m.experts)} experts (top-{m.top_k}): " + ", ".join(f"{i}={n}" for i, n in enumerate(m.experts)))
     mark("merge", s)
 
     console.rule("7. generate and trace")

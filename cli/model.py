@@ -2,7 +2,7 @@
 
     flexolmo train public --profile demo
     flexolmo train expert --source news --profile demo
-    flexolmo merge --experts news,code --top-k 2
+    flexolmo merge --experts news,code --top-k 2            # default top-k: 4, at most the experts
     flexolmo tune-router --steps 200 --docs-per-source 64      # models/merged in place
     flexolmo generate "The river" --exclude news --json
     torchrun --nproc_per_node 2 -m cli.main train public --profile tiny
@@ -35,6 +35,9 @@ def _is_main() -> bool:
 
 def _report(result) -> None:
     if not _is_main():
+        return
+    if result.stopped:
+        console.print(f"[yellow]{result.kind} {result.source}: {result.stopped}; run the command again to resume[/]")
         return
     console.print(
         f"[bold green]{result.kind}[/] {result.source}: {result.steps} steps, {result.tokens:,} tokens, "
@@ -79,13 +82,13 @@ def train_expert_cmd(
     result = train_expert(ws(), source, profile, steps=steps, owner=owner, dp=dp)
     _report(result)
     if dp is not None and _is_main():
-        console.print(f"privacy: epsilon {result.card['privacy']['epsilon']:.2f} at delta {dp.delta:g}")
+        console.print(f"privacy: epsilon {result.card.privacy['epsilon']:.2f} at delta {dp.delta:g}")
 
 
 def merge_cmd(
     experts: Annotated[str, typer.Option("--experts", "-e", help="Comma-separated sources whose packages to merge.")],
     out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: <workspace>/models/merged).")] = None,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Experts per token (default: the profile's).")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Experts per token (default: the profile's, 4, at most the number of experts).")] = None,
 ) -> None:
     """Merge the public model and expert packages into one checkpoint."""
     from flexolmo.merge import merge
@@ -135,9 +138,9 @@ def generate_cmd(
     r = generate(model, load_tokenizer(w), prompt, max_new_tokens=max_new_tokens, do_sample=sample,
                  temperature=temperature, seed=seed)
     if as_json:
-        print_json({**r.to_dict(), "switched_off": model.flexolmo_off})
+        print_json({**r.to_dict(), "switched_off": model.off})
         return
-    _print_generation(r, model.flexolmo_off)
+    _print_generation(r, model.off)
 
 
 def _print_generation(r, off: dict) -> None:

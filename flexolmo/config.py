@@ -30,7 +30,8 @@ class ModelConfig:
     num_kv_heads: int = 4  # no grouped-query attention at these sizes: it saves nothing on CPU
     max_seq_len: int = 256  # RoPE positions; training windows are at most this long
     rope_theta: float = 10_000.0  # OLMo 2 uses 500k for 4k contexts; 10k suits 256 tokens
-    top_k: int = 2  # experts per token in the merged model (the paper's 2-expert training uses both)
+    top_k: int = 4  # experts per token in the merged model, clamped to the number of experts (the
+    # paper's final model runs 4 of 8, gains plateau at 4); a 2-expert owner model uses both
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.02
 
@@ -62,6 +63,12 @@ class ModelConfig:
         )
 
 
+ROUTER_INITS = ("domain_mean", "domain_unit", "random")
+# the recipe before issue 9 (a bias starting at 0, no z-loss, a unit-length router row): what
+# cards written by that code were trained with (flexolmo/artifacts reads them)
+PREVIOUS_RECIPE = {"router_bias_init": 0.0, "router_z_loss": 0.0, "router_init": "domain_unit"}
+
+
 @dataclass
 class TrainConfig:
     steps: int = 200
@@ -70,12 +77,26 @@ class TrainConfig:
     lr: float = 3e-3  # small models tolerate (and need) a high LR to learn in a few hundred steps
     min_lr_ratio: float = 0.1  # cosine decay to lr * this
     warmup_steps: int = 20
-    weight_decay: float = 0.1  # on matrices only; never on norms, embeddings or the router bias
+    weight_decay: float = 0.1  # on matrices only; never on norms or the router bias (experts: 0, the paper's)
     grad_clip: float = 1.0
     seed: int = 1234
     checkpoint_every: int = 50  # steps between resume checkpoints (0: only at the end)
     log_every: int = 10  # loss-curve points recorded in the card
     embed_docs: int = 1000  # documents sampled for the domain embedding (router init)
+    # router recipe of an owner's expert (paper section 3.3.2, appendix D.2); the public model
+    # has one expert and a frozen router row, so these apply to expert training only, except
+    # router_init, which also sets the public model's row 0 at the end of its training
+    router_bias_init: float = -2.0  # start of the owner expert's bias b_i (<= 0): chosen where r_i.x + b_i > r_pub.x
+    router_z_loss: float = 1e-3  # coefficient of the router z-loss (mean logsumexp(router logits)^2)
+    router_init: str = "domain_mean"  # router row: "domain_mean" (paper), "domain_unit" (old recipe) or "random"
+
+    def __post_init__(self) -> None:
+        if self.router_init not in ROUTER_INITS:
+            raise InputError(f"router_init {self.router_init!r} is unknown: use one of {', '.join(ROUTER_INITS)}")
+        if self.router_bias_init > 0:
+            raise InputError(f"router_bias_init must be <= 0 (the bias is clamped to <= 0), got {self.router_bias_init}")
+        if self.router_z_loss < 0:
+            raise InputError(f"router_z_loss must be >= 0, got {self.router_z_loss}")
 
     def tokens_per_step(self, world_size: int = 1) -> int:
         return self.batch_size * self.seq_len * world_size
@@ -86,10 +107,16 @@ class Profile:
     name: str
     model: ModelConfig
     public: TrainConfig
-    expert: TrainConfig = field(default_factory=TrainConfig)
+    expert: TrainConfig = field(default_factory=lambda: TrainConfig(weight_decay=0.0))
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def recipe(self, part: str) -> dict:
+        """What a model trained with part `public` or `expert` depends on: the model's shape
+        (top_k aside: an inference setting) and that part's training config."""
+        shape = {k: v for k, v in asdict(self.model).items() if k != "top_k"}
+        return {"model": shape, "train": asdict(getattr(self, part))}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Profile":
@@ -107,7 +134,8 @@ def _tiny() -> Profile:
         name="tiny",
         model=model,
         public=TrainConfig(steps=12, batch_size=4, seq_len=32, warmup_steps=2, checkpoint_every=5, log_every=2, embed_docs=50),
-        expert=TrainConfig(steps=10, batch_size=4, seq_len=32, warmup_steps=2, checkpoint_every=5, log_every=2, embed_docs=50),
+        expert=TrainConfig(steps=10, batch_size=4, seq_len=32, warmup_steps=2, checkpoint_every=5, log_every=2, embed_docs=50,
+                           weight_decay=0.0),
     )
 
 
@@ -121,7 +149,8 @@ def _demo() -> Profile:
         model=model,
         public=TrainConfig(steps=300, batch_size=16, seq_len=128, warmup_steps=30, checkpoint_every=100),
         # experts start from a trained public FFN: fewer steps, a lower LR
-        expert=TrainConfig(steps=120, batch_size=16, seq_len=128, lr=2e-3, warmup_steps=10, checkpoint_every=60),
+        expert=TrainConfig(steps=120, batch_size=16, seq_len=128, lr=2e-3, warmup_steps=10, checkpoint_every=60,
+                           weight_decay=0.0),
     )
 
 
@@ -134,7 +163,8 @@ def _paper() -> Profile:
         name="paper",
         model=model,
         public=TrainConfig(steps=500, batch_size=16, seq_len=256, lr=2e-3, warmup_steps=50, checkpoint_every=100),
-        expert=TrainConfig(steps=100, batch_size=16, seq_len=256, lr=1e-3, warmup_steps=10, checkpoint_every=50),
+        expert=TrainConfig(steps=100, batch_size=16, seq_len=256, lr=1e-3, warmup_steps=10, checkpoint_every=50,
+                           weight_decay=0.0),
     )
 
 

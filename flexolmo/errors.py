@@ -31,3 +31,7 @@ class IntegrityError(FlexolmoError):
     """Stored data failed a check (a checksum, a hash of shared weights, a truncated file)."""
 
     http_status = 500
+
+
+class OutdatedError(ConflictError):
+    """An artifact was written by another version of flexolmo and cannot be read; rebuild it."""

@@ -25,7 +25,7 @@ from typing import Iterable
 import torch
 
 from .errors import InputError
-from .model import active_experts, expert_names, experts_off, routers
+from .model import active_experts, as_module, expert_names, experts_off, routers
 
 
 class RoutingCapture:
@@ -182,6 +182,7 @@ def generate(
 ) -> GenerationResult:
     """Generate a continuation of `prompt`, recording the router decisions for every new token.
 
+    :param model: a `LoadedModel` (e.g. from `load_merged`) or a bare torch module
     :param tokenizer: the shared tokenizer (`flexolmo.tokenizer.load_tokenizer(ws)`)
     :param capture: record routing (False: plain `model.generate`, for the overhead benchmark)
     :param stop_at_eos: stop at the end-of-text token (False: always `max_new_tokens` tokens)
@@ -211,10 +212,11 @@ def generate(
         kwargs.update(temperature=temperature, top_p=top_p)
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
-    model.eval()
+    module = as_module(model)
+    module.eval()
     t0 = time.perf_counter()
-    with RoutingCapture(model) if capture else contextlib.nullcontext() as cap:
-        out = model.generate(ids, **kwargs)
+    with RoutingCapture(module) if capture else contextlib.nullcontext() as cap:
+        out = module.generate(ids, **kwargs)
     seconds = time.perf_counter() - t0
     new = out[0, len(prompt_ids):].tolist()
     routing: list[TokenRouting] = []

@@ -18,15 +18,16 @@ loader (`load_model`) applies:
     router_bias.safetensors   `bias` (num_layers, num_experts), every entry <= 0
     experts.json              expert index -> source name, top_k, public-model hash
 
-A stock `from_pretrained` therefore runs the same model *without* the router bias (and
+`load_model` returns a `LoadedModel`: the torch module, the experts' names and which of
+them are switched off and why (merge.load_merged fills that in). A stock `from_pretrained` therefore runs the same model *without* the router bias (and
 with every expert on): routing can differ where a bias is far below 0.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -68,10 +69,6 @@ class FlexRouter(FlexOlmoTopKRouter):
         self.n_on = sum(bool(x) for x in on)
 
 
-def routers(model) -> list[FlexRouter]:
-    return [layer.mlp.gate for layer in model.model.layers]
-
-
 def install_routers(model: FlexOlmoForCausalLM) -> FlexOlmoForCausalLM:
     """Replace each stock router by a `FlexRouter` that shares its weight (bias starts at 0)."""
     for layer in model.model.layers:
@@ -94,17 +91,58 @@ def build_model(hf_config, seed: int | None = None) -> FlexOlmoForCausalLM:
 
 
 def num_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in as_module(model).parameters())
 
 
 # ---------------------------------------------------------------------------------------
-# expert names and switching experts on/off
+# a loaded model: the torch module, its experts' names, which are off and why
+
+
+@dataclass
+class LoadedModel:
+    """A FlexOlmo model as loaded from a folder: the torch module plus what the project knows
+    about it (flexolmo functions take a `LoadedModel` or a bare module alike)."""
+
+    module: FlexOlmoForCausalLM
+    experts: list[str]  # source name of each expert index; index 0 is the public model
+    off: dict[str, str] = field(default_factory=dict)  # switched-off source -> why
+    folder: Path | None = None
+
+    @property
+    def config(self):
+        return self.module.config
+
+    @property
+    def flexolmo_off(self) -> dict[str, str]:
+        """Deprecated alias of `off`, for callers written before LoadedModel (tracing/trace.py)."""
+        return self.off
+
+    @property
+    def active(self) -> list[bool]:
+        return active_experts(self.module)
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def eval(self) -> "LoadedModel":
+        self.module.eval()
+        return self
+
+
+def as_module(model) -> FlexOlmoForCausalLM:
+    """The torch module of a `LoadedModel` (or the module itself)."""
+    return model.module if isinstance(model, LoadedModel) else model
+
+
+def routers(model) -> list[FlexRouter]:
+    return [layer.mlp.gate for layer in as_module(model).model.layers]
 
 
 def expert_names(model) -> list[str]:
     """Source name of each expert index (index 0 is the public model)."""
-    names = getattr(model, "flexolmo_experts", None)
-    return list(names) if names else ["public"] + [f"expert{i}" for i in range(1, model.config.num_experts)]
+    if isinstance(model, LoadedModel):
+        return list(model.experts)
+    return ["public"] + [f"expert{i}" for i in range(1, model.config.num_experts)]
 
 
 def active_experts(model) -> list[bool]:
@@ -151,55 +189,21 @@ def experts_off(model, indices: Iterable[int]) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------
-# the shared weights and their hash
-
-
-def is_expert_tensor(name: str) -> bool:
-    return name.endswith("mlp.experts.gate_up_proj") or name.endswith("mlp.experts.down_proj")
-
-
-def is_router_tensor(name: str) -> bool:
-    return name.endswith("mlp.gate.weight") or name.endswith("mlp.gate.bias")
-
-
-def public_view(model) -> dict[str, torch.Tensor]:
-    """The public model's weights inside any FlexOlmo model: everything shared, plus slice /
-    row 0 of the fused expert tensors and routers (the router bias is not part of it)."""
-    out = {}
-    for name, t in model.state_dict().items():
-        if name.endswith("mlp.gate.bias"):
-            continue
-        out[name] = t[0:1] if (is_expert_tensor(name) or name.endswith("mlp.gate.weight")) else t
-    return out
-
-
-def shared_weights_hash(model) -> str:
-    """sha256 over the public model's weights (names, shapes, dtypes, bytes), in name order.
-
-    Every expert package records the hash of the public model it was trained against; merge
-    refuses packages whose hash differs from the public model's."""
-    h = hashlib.sha256()
-    for name, t in sorted(public_view(model).items()):
-        t = t.detach().contiguous().cpu()
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}\n".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------
 # save and load
 
 
 def save_model(model, folder: Path, experts: list[str] | None = None, extra: dict | None = None) -> None:
     """Write an HF checkpoint (without the router bias) plus the bias and experts sidecars."""
     folder = Path(folder)
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith("mlp.gate.bias")}
-    model.save_pretrained(folder, state_dict=state)
-    bias = torch.stack([r.bias.detach().cpu() for r in routers(model)])  # (L, E)
+    names = experts or expert_names(model)
+    module = as_module(model)
+    state = {k: v for k, v in module.state_dict().items() if not k.endswith("mlp.gate.bias")}
+    module.save_pretrained(folder, state_dict=state)
+    bias = torch.stack([r.bias.detach().cpu() for r in routers(module)])  # (L, E)
     save_file({"bias": bias.contiguous()}, str(folder / BIAS_FILE))
     meta = {
-        "experts": [{"index": i, "source": n} for i, n in enumerate(experts or expert_names(model))],
-        "top_k": model.config.num_experts_per_tok,
+        "experts": [{"index": i, "source": n} for i, n in enumerate(names)],
+        "top_k": module.config.num_experts_per_tok,
         "bias_file": BIAS_FILE,
         "note": "router_bias.safetensors is applied by flexolmo.model.load_model; a stock "
         "AutoModelForCausalLM.from_pretrained runs without it",
@@ -207,24 +211,27 @@ def save_model(model, folder: Path, experts: list[str] | None = None, extra: dic
     (folder / EXPERTS_FILE).write_text(json.dumps({**meta, **(extra or {})}, indent=2))
 
 
-def load_model(folder: Path) -> FlexOlmoForCausalLM:
+def load_model(folder: Path) -> LoadedModel:
     """Load a model folder written by `save_model` (HF checkpoint + bias + expert names)."""
     from transformers import AutoModelForCausalLM
 
     folder = Path(folder)
     if not (folder / "config.json").exists():
         raise NotFoundError(f"no model in {folder}: train or merge one first (`flexolmo train public`, `flexolmo merge`)")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    install_routers(model)
+    module = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    install_routers(module)
     if (folder / BIAS_FILE).exists():
         bias = load_file(str(folder / BIAS_FILE))["bias"]
-        if tuple(bias.shape) != (model.config.num_hidden_layers, model.config.num_experts):
+        if tuple(bias.shape) != (module.config.num_hidden_layers, module.config.num_experts):
             raise IntegrityError(f"{folder / BIAS_FILE}: shape {tuple(bias.shape)} does not fit the model; re-merge it")
         with torch.no_grad():
-            for r, b in zip(routers(model), bias):
+            for r, b in zip(routers(module), bias):
                 r.bias.copy_(b)
+    names = expert_names(module)
     if (folder / EXPERTS_FILE).exists():
-        meta = json.loads((folder / EXPERTS_FILE).read_text())
-        model.flexolmo_experts = [e["source"] for e in meta["experts"]]
-    model.eval()
-    return model
+        names = [e["source"] for e in json.loads((folder / EXPERTS_FILE).read_text())["experts"]]
+    if len(names) != module.config.num_experts:
+        raise IntegrityError(f"{folder / EXPERTS_FILE} names {len(names)} experts, the model has "
+                             f"{module.config.num_experts}; re-merge or retrain it")
+    module.eval()
+    return LoadedModel(module=module, experts=names, folder=folder)

@@ -10,19 +10,21 @@ uniformly, the usual approximation. A document longer than one window appears in
 windows, so the guarantee is per window, not per document (group privacy would scale it).
 
 Per-sample gradients come from a loop over the batch (one backward per window). That costs
-throughput, but it is exact and needs no changes to the transformers model.
+throughput, but it is exact and needs no changes to the transformers model. `DPStep` is the
+Trainer callback (flexolmo/trainer.py) that replaces the plain backward with this.
 """
 
 from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 
 from .config import TrainConfig
 from .errors import InputError
+from .trainer import Callback, Trainer
 
 
 @dataclass
@@ -36,39 +38,58 @@ class DPConfig:
             raise InputError("DP settings out of range: noise multiplier >= 0, max grad norm > 0, 0 < delta < 1")
 
 
-def _mask0(g: torch.Tensor) -> torch.Tensor:
-    """Zero slice 0 (the frozen public expert / router row / bias) of a fused gradient."""
+def clip_sample(grads: list[torch.Tensor], max_grad_norm: float) -> tuple[list[torch.Tensor], float]:
+    """One sample's gradients scaled to total L2 norm at most C; returns (clipped, the raw norm)."""
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).item()
+    factor = min(1.0, max_grad_norm / (norm + 1e-6))
+    return [g * factor for g in grads], norm
+
+
+def per_sample_grads(model, loss_fn, params: list[torch.nn.Parameter], x: torch.Tensor, y: torch.Tensor,
+                     frozen_rows: list[int]) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+    """(gradients, loss) of each window of the batch, with the frozen rows' gradient zeroed:
+    the clipping norm covers the trainable slices only."""
+    for i in range(x.size(0)):
+        loss = loss_fn(model, x[i : i + 1], y[i : i + 1])
+        grads = [_zero_rows(g, frozen_rows) for g in torch.autograd.grad(loss, params)]
+        yield grads, loss.detach()
+
+
+def _zero_rows(g: torch.Tensor, rows: list[int]) -> torch.Tensor:
     g = g.clone()
-    g[0] = 0
+    g[rows] = 0
     return g
 
 
-def make_dp_step(dp: DPConfig, params: list[torch.nn.Parameter], cfg: TrainConfig, n_windows: int):
-    """A replacement for loss.backward(): sets `p.grad` to the clipped, noised mean gradient.
+class DPStep(Callback):
+    """DP-SGD in place of the plain backward: per-sample clipping to C, Gaussian noise of std
+    sigma * C on the trainable slices, mean over the batch (`p.grad`).
 
     The noise comes from a generator seeded from the operating system's secret randomness,
     never from the run's (published) seed: whoever holds the package cannot regenerate it.
     """
-    g_noise = torch.Generator().manual_seed(secrets.randbits(63))
 
-    def clip_and_noise(model, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
-        summed = [torch.zeros_like(p_) for p_ in params]
+    def __init__(self, dp: DPConfig, params: list[torch.nn.Parameter], frozen_rows: list[int]):
+        self.dp, self.params, self.frozen_rows = dp, params, frozen_rows
+        self.g_noise = torch.Generator().manual_seed(secrets.randbits(63))
+
+    def pre_train(self, tr: Trainer) -> None:
+        if tr.d.enabled:
+            raise InputError("DP-SGD training runs in one process; run it without torchrun")
+
+    def backward(self, tr: Trainer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        dp = self.dp
+        summed = [torch.zeros_like(p) for p in self.params]
         losses = []
-        for i in range(x.size(0)):  # per-sample gradients
-            logits = model(input_ids=x[i : i + 1], use_cache=False).logits
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y[i].reshape(-1))
-            grads = [_mask0(g) for g in torch.autograd.grad(loss, params)]
-            norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).item()
-            factor = min(1.0, dp.max_grad_norm / (norm + 1e-6))  # clip to C
-            for s, g in zip(summed, grads):
-                s.add_(g, alpha=factor)
-            losses.append(loss.detach())
-        for p_, s in zip(params, summed):
-            noise = torch.randn(s.shape, generator=g_noise).to(s.device) * (dp.noise_multiplier * dp.max_grad_norm)
-            p_.grad = (s + _mask0(noise)) / x.size(0)  # noise on the trainable slices only
+        for grads, loss in per_sample_grads(tr.model, tr.loss_fn, self.params, x, y, self.frozen_rows):
+            clipped, _ = clip_sample(grads, dp.max_grad_norm)
+            for s, g in zip(summed, clipped):
+                s.add_(g)
+            losses.append(loss)
+        for p, s in zip(self.params, summed):
+            noise = torch.randn(s.shape, generator=self.g_noise).to(s.device) * (dp.noise_multiplier * dp.max_grad_norm)
+            p.grad = (s + _zero_rows(noise, self.frozen_rows)) / x.size(0)  # noise on the trainable slices only
         return torch.stack(losses).mean()
-
-    return clip_and_noise, None
 
 
 def privacy_report(dp: DPConfig, cfg: TrainConfig, n_windows: int, steps: int) -> dict:

@@ -24,7 +24,7 @@ attention, norms, lm_head and every expert FFN are frozen (`requires_grad=False`
 checks them bit-for-bit). Loss: next-token cross-entropy on random windows of the proxy
 stream, where each source's proxy stream is repeated to the same length so that every domain
 weighs the same. The loop, LR schedule, resume state (`runs/router-tune/`) and progress
-bar are train.py's.
+bar are the Trainer's (trainer.py), with the `FrozenRows` callback on the router tensors.
 
 Output: an ordinary merged-model folder (same format, `load_merged` loads it, opt-out works
 as before), written atomically, in place of the input (the untuned model is kept beside it
@@ -36,25 +36,27 @@ time, and the proxy-set loss and per-expert routing share before and after.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from . import distributed
+from .artifacts import merged_model
+from .artifacts.merged_model import MergedModelCard
+from .callbacks import standard_callbacks, train_rows
 from .config import TrainConfig
 from .errors import InputError, NotFoundError
 from .generate import RoutingCapture
-from .merge import load_merged, write_merged
-from .model import expert_names, routers, set_active, shared_weights_hash
+from .layout import shared_weights_hash
+from .merge import load_merged
+from .model import as_module, expert_names, set_active
 from .sources import get_source, iter_texts
 from .tokenizer import load_raw_tokenizer, tokenizer_info
-from .train import _fit, _Run
+from .trainer import Trainer
 from .workspace import Workspace, atomic_dir, file_sha256
 
 RUN_NAME = "router-tune"
@@ -72,7 +74,8 @@ class RouterTuneResult:
     share_before: dict[str, float]  # expert -> share of top-k selections on the proxy windows
     share_after: dict[str, float]
     seconds: float
-    card: dict
+    card: MergedModelCard
+    stopped: str | None = None  # why tuning stopped early (then nothing was written)
 
 
 # ---------------------------------------------------------------------------------------
@@ -116,8 +119,9 @@ def eval_windows(stream: torch.Tensor, seq_len: int, n: int) -> torch.Tensor:
 def proxy_eval(model, windows: dict[str, torch.Tensor]) -> dict:
     """Next-token loss and share of top-k selections per expert, per source and overall."""
     names = expert_names(model)
-    was_training = model.training
-    model.eval()
+    module = as_module(model)
+    was_training = module.training
+    module.eval()
     per_source, total_counts, losses = {}, torch.zeros(len(names)), []
     for source, w in windows.items():
         with RoutingCapture(model) as cap:
@@ -128,44 +132,13 @@ def proxy_eval(model, windows: dict[str, torch.Tensor]) -> dict:
         total_counts += counts
         losses.append(loss)
         per_source[source] = {"loss": round(loss, 4), "share": _shares(names, counts)}
-    model.train(was_training)
+    module.train(was_training)
     return {"loss": round(sum(losses) / len(losses), 4), "share": _shares(names, total_counts), "per_source": per_source}
 
 
 def _shares(names: list[str], counts: torch.Tensor) -> dict[str, float]:
     s = counts.sum().item() or 1.0
     return {n: round(counts[i].item() / s, 4) for i, n in enumerate(names)}
-
-
-# ---------------------------------------------------------------------------------------
-# what trains
-
-
-def router_params(model, frozen_rows: list[int]) -> tuple[list[torch.nn.Parameter], Callable[[], None]]:
-    """Make only the router weights and biases trainable; mask the gradient of `frozen_rows`
-    (expert indices) and return a post-step that restores those rows exactly and clamps
-    every bias to <= 0."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = []
-    for r in routers(model):
-        params += [r.weight, r.bias]
-    saved = [p.detach()[frozen_rows].clone() for p in params]
-    mask_rows = torch.tensor(frozen_rows, dtype=torch.long)
-    for p in params:
-        p.requires_grad_(True)
-        mask = torch.ones_like(p)
-        mask[mask_rows] = 0
-        p.register_hook(lambda g, m=mask: g * m)
-
-    @torch.no_grad()
-    def post_step() -> None:
-        for p, s in zip(params, saved):
-            p[mask_rows] = s
-            if p.ndim == 1:  # bias (E,)
-                p.clamp_(max=0.0)
-
-    return params, post_step
 
 
 # ---------------------------------------------------------------------------------------
@@ -200,7 +173,8 @@ def tune_router(
     :param eval_windows_per_source: fixed proxy windows per source for the before/after
         loss and routing share in the card
     :param seed: proxy sampling and batch order
-    :param stop_after: simulate an interruption after this step (tests)
+    :param stop_after: stop after this step (an interruption, in tests): the resume state is
+        kept, nothing is written, and the result's `stopped` says so
     """
     for name, v in (("steps", steps), ("docs_per_source", docs_per_source), ("batch_size", batch_size),
                     ("eval_windows_per_source", eval_windows_per_source)):
@@ -211,6 +185,7 @@ def tune_router(
     model_dir = Path(model_dir) if model_dir else ws.models_dir / "merged"
     if not (model_dir / "config.json").exists():
         raise NotFoundError(f"no merged model in {model_dir}; run `flexolmo merge --experts ...` first")
+    card = MergedModelCard.read(model_dir)
     model = load_merged(model_dir, ws=ws)  # switches off what the catalog marks inactive/expired
     seq_len = seq_len or min(128, model.config.max_position_embeddings - 1)
     if not 8 <= seq_len <= model.config.max_position_embeddings - 1:
@@ -219,7 +194,7 @@ def tune_router(
     if len(names) < 2:
         raise InputError(f"{model_dir} holds one expert: nothing to route")
     public_hash = shared_weights_hash(model)
-    off = dict(model.flexolmo_off)
+    off = dict(model.off)
     sources = [n for n in names if n not in off]
     for s in sources:
         get_source(ws, s)  # NotFoundError names the missing source
@@ -239,24 +214,28 @@ def tune_router(
     # model: only router rows 1.. of switched-on experts and their biases train
     frozen = [0] + [i for i, n in enumerate(names) if n in off]
     before = proxy_eval(model, windows)
-    params, post_step = router_params(model, frozen)
+    params, frozen_rows = train_rows(model, frozen, routers_only=True)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup_steps=max(1, steps // 10),
                       weight_decay=0.0, seed=seed, checkpoint_every=max(0, min(50, steps - 1)),
                       log_every=max(1, steps // 20))
     config_dict = {"kind": "router-tune", "model": str(model_dir), "model_sha256": file_sha256(model_dir / "model.safetensors"),
                    "sources": sources, "docs_per_source": docs_per_source, "train": cfg.__dict__}
-    run = _Run(name=RUN_NAME, cfg=cfg, config_dict=config_dict, stream=stream, post_step=post_step)
-    stats, run_dir = _fit(ws, d, model, params, run, progress, stop_after)
+    callbacks, ckpt = standard_callbacks(ws, RUN_NAME, config_dict, progress, stop_after)
+    fit = Trainer(model, params, cfg, stream, callbacks=[frozen_rows, *callbacks], dist=d).fit()
+    if not fit.completed:  # an interruption (tests): resume state kept, nothing written
+        return RouterTuneResult(
+            out_dir=Path(out) if out else model_dir, untuned_dir=None, experts=names, steps=fit.steps_done,
+            proxy_docs=n_docs, loss_before=before["loss"], loss_after=before["loss"], share_before=before["share"],
+            share_after=before["share"], seconds=round(time.time() - t0, 2), card=card, stopped=fit.stopped)
     model.eval()
     for p in params:
         p.requires_grad_(False)
     after = proxy_eval(model, windows)
     assert shared_weights_hash(model) == public_hash  # row 0 and everything shared untouched
 
-    card = json.loads((model_dir / "card.json").read_text()) if (model_dir / "card.json").exists() else {"kind": "merged"}
-    previous = card.pop("router_tuning", None)
+    previous = card.router_tuning
     seconds = round(time.time() - t0, 2)
-    card["router_tuning"] = {
+    tuning = {
         "proxy_set": {
             "split": "train (validation documents are never used)",
             "note": "a seeded sample of each owner's training data: needs the owners' consent, or a public proxy set",
@@ -272,31 +251,32 @@ def tune_router(
         "from_sha256": config_dict["model_sha256"],
         "previous_tuning": previous,
         "steps": steps, "lr": lr, "batch_size": batch_size, "seq_len": seq_len,
-        "losses": stats["losses"],
+        "losses": fit.losses,
         "proxy_loss": {"before": before["loss"], "after": after["loss"]},
         "routing_share": {"what": "share of top-k selections over all layers on the proxy eval windows",
                           "before": before["share"], "after": after["share"]},
         "per_source": {s: {"before": before["per_source"][s], "after": after["per_source"][s]} for s in sources},
         "seconds": seconds,
-        "train_seconds": stats["seconds"],
+        "train_seconds": fit.seconds,
         "created_at": dt.datetime.now().replace(microsecond=0).isoformat(),
     }
+    card = card.model_copy(update={"router_tuning": tuning})
 
     untuned = None
     target = Path(out) if out else model_dir
     if d.is_main:
-        model.flexolmo_off = {}
+        model.off = {}
         set_active(model, [True] * len(names))  # saved with every expert on; load_merged applies the catalog again
         if out is None:
             untuned = model_dir.parent / f"{model_dir.name}-untuned"
             # keep the untuned model: a fresh merge replaces an older copy; a model that was
             # itself tuned already leaves the copy of its untuned original alone
-            already_tuned = "router_tuning" in json.loads((model_dir / "card.json").read_text())
+            already_tuned = previous is not None
             if not (already_tuned and (untuned / "config.json").exists()):
                 with atomic_dir(untuned) as tmp:
                     shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
-        write_merged(model, target, names, public_hash, card)
-        shutil.rmtree(run_dir, ignore_errors=True)
+        merged_model.write(model, target, names, card)
+        ckpt.clear()
     distributed.barrier(d)
     return RouterTuneResult(
         out_dir=target, untuned_dir=untuned, experts=names, steps=steps, proxy_docs=n_docs,

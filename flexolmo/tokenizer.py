@@ -9,23 +9,24 @@ Files in `<workspace>/tokenizer/`:
     bow_ids.txt      one id per line: the ids that begin a word (decoded text starts with
                      whitespace, the byte-level analogue of sentencepiece's '▁'); tracing uses
                      it for infini-gram's `enforce_bow`
-    card.json        vocabulary size, training source and its content hash, the file hash
+    card.json        `flexolmo.artifacts.tokenizer.TokenizerCard`: inputs (source content, size),
+                     vocabulary size, special ids, file hashes
 
     python -m cli.main tokenizer train --vocab-size 8192
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from .artifacts import tokenizer as artifact
 from .errors import InputError, NotFoundError
 from .sources import get_source, iter_texts
-from .workspace import Workspace, atomic_dir, file_sha256
+from .workspace import Workspace, file_sha256
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -55,23 +56,22 @@ def train_tokenizer(
 ) -> TokenizerInfo:
     """Train the shared byte-level BPE on one source's train split and save it atomically.
 
-    Every index and model depends on the tokenizer, so an existing one trained on the same
-    content with the same size is kept unless `force`.
+    Every index and model depends on the tokenizer, so an existing one that is current (its
+    card's inputs: the same source content and size) is kept unless `force`.
 
     :param texts: train on these texts instead (tests); `source` is then only recorded.
     """
     if not 256 + len(SPECIAL_TOKENS) < vocab_size <= MAX_VOCAB:
         raise InputError(f"--vocab-size {vocab_size} is out of range: use {257 + len(SPECIAL_TOKENS)}..{MAX_VOCAB} (u16 index ids)")
-    content_hash = None
     if texts is None:
         src = get_source(ws, source)
-        content_hash = src.content_hash
-        card_path = ws.tokenizer_dir / "card.json"
-        if not force and card_path.exists():
-            card = json.loads(card_path.read_text())
-            if (card.get("source_content_hash"), card.get("vocab_size")) == (content_hash, vocab_size):
-                return tokenizer_info(ws)
+        inputs = artifact.inputs_for(src.content_hash, vocab_size)
+        card = artifact.TokenizerCard.find(artifact.folder(ws)) if not force else None
+        if card is not None and card.is_current(inputs):
+            return tokenizer_info(ws)
         texts = list(iter_texts(ws, source, split="train"))
+    else:
+        inputs = artifact.texts_inputs(texts, vocab_size)
     if not texts:
         raise InputError(f"source {source!r} has no training text to learn a tokenizer from")
     t0 = time.time()
@@ -85,33 +85,13 @@ def train_tokenizer(
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    seconds = time.time() - t0
-    with atomic_dir(ws.tokenizer_dir) as tmp:
-        tok.save(str(tmp / "tokenizer.json"))
-        bow = bow_ids(tok)
-        (tmp / "bow_ids.txt").write_text("".join(f"{i}\n" for i in bow))
-        sha = file_sha256(tmp / "tokenizer.json")
-        card = {
-            "kind": "byte-level BPE (HF tokenizers)",
-            "vocab_size": tok.get_vocab_size(),
-            "eos_token": EOS_TOKEN,
-            "eos_id": tok.token_to_id(EOS_TOKEN),
-            "pad_token": PAD_TOKEN,
-            "pad_id": tok.token_to_id(PAD_TOKEN),
-            "trained_on": source,
-            "source_content_hash": content_hash,
-            "n_texts": len(texts),
-            "n_bow_ids": len(bow),
-            "bow_rule": "decoded token starts with whitespace",
-            "sha256": sha,
-            "seconds": round(seconds, 2),
-        }
-        (tmp / "card.json").write_text(json.dumps(card, indent=2))
-        # verify before the rename: it loads and round-trips
-        check = Tokenizer.from_file(str(tmp / "tokenizer.json"))
-        sample = texts[0][:2000]
-        if check.decode(check.encode(sample).ids) != sample:
-            raise InputError("the trained tokenizer does not round-trip its own training text; this is a bug")
+    bow = bow_ids(tok)
+    card = dict(
+        inputs=inputs, vocab_size=tok.get_vocab_size(), eos_token=EOS_TOKEN, eos_id=tok.token_to_id(EOS_TOKEN),
+        pad_token=PAD_TOKEN, pad_id=tok.token_to_id(PAD_TOKEN), trained_on=source, n_texts=len(texts),
+        n_bow_ids=len(bow), seconds=round(time.time() - t0, 2),
+    )
+    artifact.write(ws, tok, bow, card, check_text=texts[0][:2000])
     return tokenizer_info(ws)
 
 
@@ -126,7 +106,7 @@ def bow_ids(tok: Tokenizer) -> list[int]:
 
 
 def _require(ws: Workspace) -> Path:
-    path = ws.tokenizer_dir / "tokenizer.json"
+    path = artifact.folder(ws) / artifact.TOKENIZER_FILE
     if not path.exists():
         raise NotFoundError(f"no tokenizer in {ws.tokenizer_dir}; run `flexolmo tokenizer train` first")
     return path
@@ -134,17 +114,9 @@ def _require(ws: Workspace) -> Path:
 
 def tokenizer_info(ws: Workspace) -> TokenizerInfo:
     path = _require(ws)
-    card = json.loads((ws.tokenizer_dir / "card.json").read_text())
-    return TokenizerInfo(
-        path=path,
-        vocab_size=card["vocab_size"],
-        eos_id=card["eos_id"],
-        pad_id=card["pad_id"],
-        sha256=card["sha256"],
-        n_bow=card["n_bow_ids"],
-        source=card["trained_on"],
-        seconds=card["seconds"],
-    )
+    card = artifact.read(ws)
+    return TokenizerInfo(path=path, vocab_size=card.vocab_size, eos_id=card.eos_id, pad_id=card.pad_id,
+                         sha256=card.sha256, n_bow=card.n_bow_ids, source=card.trained_on, seconds=card.seconds)
 
 
 def tokenizer_hash(ws: Workspace) -> str:
@@ -161,8 +133,8 @@ def load_tokenizer(ws_or_dir: Workspace | Path):
     """The shared tokenizer as a `transformers.PreTrainedTokenizerFast`."""
     from transformers import PreTrainedTokenizerFast
 
-    folder = ws_or_dir.tokenizer_dir if isinstance(ws_or_dir, Workspace) else Path(ws_or_dir)
-    path = folder / "tokenizer.json"
+    folder = artifact.folder(ws_or_dir) if isinstance(ws_or_dir, Workspace) else Path(ws_or_dir)
+    path = folder / artifact.TOKENIZER_FILE
     if not path.exists():
         raise NotFoundError(f"no tokenizer in {folder}; run `flexolmo tokenizer train` first")
     return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
@@ -170,4 +142,4 @@ def load_tokenizer(ws_or_dir: Workspace | Path):
 
 def read_bow_ids(ws: Workspace) -> list[int]:
     _require(ws)
-    return [int(x) for x in (ws.tokenizer_dir / "bow_ids.txt").read_text().split()]
+    return [int(x) for x in (artifact.folder(ws) / artifact.BOW_FILE).read_text().split()]

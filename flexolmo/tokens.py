@@ -4,23 +4,23 @@
     toks.doc(i)            # uint16 ids of document i (stored doc_id order), no separator
 
 The cache is a folder `sources/<name>/tokens-<split>-<tokenizer sha256[:16]>/` holding
-`ids.npy` (uint16, every document's ids concatenated) and `offsets.npy` (int64, n_docs + 1).
-It lives inside the source's folder, which re-registering a source replaces whole, and its
-name carries the tokenizer's hash, so a stale cache is never read. Written atomically.
+`ids.npy` (uint16, every document's ids concatenated) and `offsets.npy` (int64, n_docs + 1)
+and a `TokenCacheCard` (flexolmo/artifacts/token_cache.py) naming its inputs (tokenizer and
+source content); a cache that is not current is rebuilt. Written atomically.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
-from .sources import load_documents
+from .artifacts import token_cache as artifact
+from .sources import get_source, load_documents
 from .tokenizer import load_raw_tokenizer, tokenizer_hash
-from .workspace import Workspace, atomic_dir
+from .workspace import Workspace
 
 BATCH_DOCS = 256
 BATCH_CHARS = 4_000_000  # bounds memory: an Encoding costs far more than its ids
@@ -48,10 +48,11 @@ def source_tokens(ws: Workspace, name: str, split: str = "train",
     :param progress: called with (characters done, characters in all) while tokenizing
     """
     t0 = time.perf_counter()
-    folder = ws.source_dir(name) / f"tokens-{split}-{tokenizer_hash(ws)[:16]}"
-    if (folder / "offsets.npy").exists():
-        return SourceTokens(np.load(folder / "ids.npy", mmap_mode="r"), np.load(folder / "offsets.npy"), True,
-                            time.perf_counter() - t0)
+    tok_sha = tokenizer_hash(ws)
+    folder = artifact.folder(ws, name, split, tok_sha)
+    inputs = artifact.inputs_for(tok_sha, get_source(ws, name).content_hash)
+    if artifact.is_current(folder, inputs):
+        return SourceTokens(*artifact.read(folder), True, time.perf_counter() - t0)
     texts = load_documents(ws, name, split=split, columns=["text"]).column("text").to_pylist()
     tok = load_raw_tokenizer(ws)
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
@@ -73,13 +74,10 @@ def source_tokens(ws: Workspace, name: str, split: str = "train",
         b = e
     ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
     offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    card = artifact.TokenCacheCard(inputs=inputs, source=name, split=split, n_docs=len(texts), n_tokens=int(len(ids)))
     try:
-        with atomic_dir(folder) as tmp:
-            np.save(tmp / "ids.npy", ids)
-            np.save(tmp / "offsets.npy", offsets)
-            (tmp / "card.json").write_text(json.dumps({"source": name, "split": split, "n_docs": len(texts),
-                                                       "n_tokens": int(len(ids)), "tokenizer_sha256": tokenizer_hash(ws)}))
+        artifact.write(folder, ids, offsets, card)
     except OSError:
-        if not (folder / "offsets.npy").exists():  # else another process (a DDP rank) wrote the same cache
+        if not artifact.is_current(folder, inputs):  # else another process (a DDP rank) wrote the same cache
             raise
     return SourceTokens(ids, offsets, False, time.perf_counter() - t0)

@@ -1,5 +1,6 @@
-"""Model side on the tiny profile: expert freezing, merge equivalence, integrity checks,
-routing capture, opt-out, resume, CLI. Data and tokenizer are built in tmp folders."""
+"""Model side on the tiny profile: expert freezing, the router recipe (negative bias, z-loss),
+merge equivalence, integrity checks, routing capture, opt-out, resume, CLI. Data and
+tokenizer are built in tmp folders. Artifact cards: tests/test_artifacts.py."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ from flexolmo.config import Profile, get_profile
 from flexolmo.errors import ConflictError, InputError, IntegrityError
 from flexolmo.generate import generate, route, token_logprobs
 from flexolmo.merge import load_merged, merge
-from flexolmo.model import is_expert_tensor, load_model, routers, shared_weights_hash
+from flexolmo.domain import domain_embedding
+from flexolmo.layout import SLICE_KEYS, get_slice, is_expert_tensor, shared_weights_hash, slice_shapes
+from flexolmo.model import load_model, routers
 from flexolmo.sources import set_policy
 from flexolmo.tokenizer import load_tokenizer
-from flexolmo.train import domain_embedding, train_expert, train_public
+from flexolmo.train import train_expert, train_public
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +56,12 @@ def test_public_checkpoint(fed):
 def test_expert_training_freezes_public_half(fed):
     ws = fed["ws"]
     public = load_model(fed["public"].out_dir)
-    pub = public.state_dict()
+    pub = public.module.state_dict()
     res = fed["experts"]["news"]
     model = res.model
-    for name, t in model.state_dict().items():
+    for name, t in model.module.state_dict().items():
         if name.endswith("mlp.gate.bias"):
-            assert t[0].item() == 0.0 and (t <= 0).all()
+            assert t[0].item() == 0.0 and t[1].item() < 0  # the public bias never moves; the owner's is negative
         elif is_expert_tensor(name):
             assert torch.equal(t[0], pub[name][0]), name  # public slice bit-for-bit
             assert not torch.equal(t[1], pub[name][0]), name  # own slice trained
@@ -70,11 +73,19 @@ def test_expert_training_freezes_public_half(fed):
     init, _ = domain_embedding(public, ws, "news", cfg.embed_docs, cfg.seq_len, seed=cfg.seed)
     assert not torch.equal(routers(model)[0].weight[1], init)  # router row trained
     card = json.loads((res.out_dir / "card.json").read_text())
-    assert card["public_hash"] == shared_weights_hash(public)
-    assert "domain embedding" in card["router_init"] and card["privacy"] == {"dp": False}
-    # the package holds tensors only: no training text
-    blob = (res.out_dir / "expert.safetensors").read_bytes()
-    assert b"president" not in blob and set(json.loads((res.out_dir / "card.json").read_text())["files"]) == {"expert.safetensors"}
+    assert card["inputs"]["public_model"] == shared_weights_hash(public)
+    assert "domain embedding (domain_mean)" in card["router_init"] and card["privacy"] == {"dp": False}
+    # the package is expert 1's slice and nothing else: four tensors of the layout's shapes,
+    # bit-for-bit the trained model's, and metadata naming only the source and public model
+    from safetensors import safe_open
+
+    with safe_open(str(res.out_dir / "expert.safetensors"), "pt") as f:
+        assert set(f.keys()) == set(SLICE_KEYS)
+        assert f.metadata() == {"source": "news", "public_model": shared_weights_hash(public)}
+        own = get_slice(model, 1)
+        for k, shape in slice_shapes(public.config).items():
+            assert tuple(f.get_tensor(k).shape) == shape and torch.equal(f.get_tensor(k), own[k]), k
+    assert set(card["files"]) == {"expert.safetensors"}
 
 
 @pytest.mark.parametrize("top_k", [2, 1])
@@ -84,7 +95,7 @@ def test_merged_minus_others_equals_owner_model(fed, top_k):
     for k, source in enumerate(("news", "code"), start=1):
         own = fed["experts"][source].model.eval()
         merged = load_merged(ws, include=[source])
-        assert merged.flexolmo_off == {("code" if source == "news" else "news"): "not included"}
+        assert merged.off == {("code" if source == "news" else "news"): "not included"}
         for r in routers(own) + routers(merged):
             r.top_k = top_k
         with torch.no_grad():
@@ -100,7 +111,7 @@ def test_merge_refuses_foreign_and_corrupted_packages(fed, tmp_path):
     shutil.copytree(ws.experts_dir, pkgs)
     card_path = pkgs / "news" / "card.json"
     card = json.loads(card_path.read_text())
-    card_path.write_text(json.dumps({**card, "public_hash": "0" * 64}))
+    card_path.write_text(json.dumps({**card, "inputs": {**card["inputs"], "public_model": "0" * 64}}))
     with pytest.raises(ConflictError, match="'news' was trained against a different public model"):
         merge(ws, ["news", "code"], out=tmp_path / "m", packages_dir=pkgs)
     card_path.write_text(json.dumps(card))
@@ -146,7 +157,8 @@ def test_switched_off_expert_never_selected(fed):
     lp_off = token_logprobs(full, r.token_ids, exclude=[1])
     torch.testing.assert_close(lp_off, token_logprobs(model, r.token_ids), atol=1e-5, rtol=0)
     assert not torch.allclose(token_logprobs(full, r.token_ids), lp_off)
-    assert all(full.flexolmo_off == {} for _ in [0]) and all(routers(full)[0].off == 0)  # restored
+    assert full.off == {} and full.active == [True, True, True]  # restored after the call
+    assert all((r.off == 0).all() for r in routers(full))
 
 
 def test_catalog_switches_sources_off(fed):
@@ -154,13 +166,13 @@ def test_catalog_switches_sources_off(fed):
     set_policy(ws, "code", active=False)
     try:
         model = load_merged(ws)
-        assert model.flexolmo_off == {"code": "inactive in the catalog"}
-        assert load_merged(ws, respect_catalog=False).flexolmo_off == {}
+        assert model.off == {"code": "inactive in the catalog"}
+        assert load_merged(ws, respect_catalog=False).off == {}
     finally:
         set_policy(ws, "code", active=True)
     set_policy(ws, "news", expires="2001-01-01")
     try:
-        assert "news" in load_merged(ws).flexolmo_off
+        assert "news" in load_merged(ws).off
     finally:
         set_policy(ws, "news", clear_expiry=True)
     with pytest.raises(InputError, match="no expert for source 'nope'"):
@@ -172,11 +184,11 @@ def test_dp_expert(fed):
 
     ws = fed["ws"]
     res = train_expert(ws, "math", "tiny", steps=3, dp=DPConfig(noise_multiplier=1.0), progress=False)
-    priv = res.card["privacy"]
+    priv = res.card.privacy
     assert priv["dp"] and 0 < priv["epsilon"] < float("inf") and priv["accountant"] == "opacus RDPAccountant"
     assert priv["noise_seed"].startswith("secret")
-    pub = load_model(fed["public"].out_dir).state_dict()
-    for name, t in res.model.state_dict().items():
+    pub = load_model(fed["public"].out_dir).module.state_dict()
+    for name, t in res.model.module.state_dict().items():
         if is_expert_tensor(name):
             assert torch.equal(t[0], pub[name][0]) and not torch.equal(t[1], pub[name][0])
 
@@ -185,13 +197,15 @@ def test_resume_after_interruption(tmp_path):
     ws = build_federation(tmp_path / "a", sources=("public",))
     ref = train_public(ws, "tiny", progress=False)
     ref_hash = shared_weights_hash(ref.model)
-    with pytest.raises(KeyboardInterrupt):
-        train_public(ws, "tiny", progress=False, stop_after=7)
+    shutil.rmtree(ws.models_dir / "public")
+    stopped = train_public(ws, "tiny", progress=False, stop_after=7)
+    assert stopped.stopped == "stopped after step 7 (stop_after)" and stopped.card is None
+    assert stopped.fit.steps_done == 7 and not (ws.models_dir / "public").exists()  # nothing written
     assert (ws.root / "runs" / "public" / "state.pt").exists()
     state = torch.load(ws.root / "runs" / "public" / "state.pt", weights_only=False)
     assert state["step"] == 7 and {"optimizer", "config", "rng"} <= set(state)
     res = train_public(ws, "tiny", progress=False)
-    assert res.resumed_from == 7
+    assert res.resumed_from == 7 and res.stopped is None
     assert res.losses == ref.losses
     assert shared_weights_hash(res.model) == ref_hash
     assert not (ws.root / "runs" / "public").exists()
@@ -222,15 +236,94 @@ def test_load_expert_model_rebuilds_owner_model(fed):
 
     own = fed["experts"]["code"].model
     rebuilt = load_expert_model(fed["ws"], "code")
-    for (n, a), (_, b) in zip(own.state_dict().items(), rebuilt.state_dict().items()):
-        assert torch.equal(a, b), n
-    assert rebuilt.flexolmo_experts == ["public", "code"]
+    a, b = own.module.state_dict(), rebuilt.module.state_dict()
+    assert list(a) == list(b)
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+    assert rebuilt.experts == own.experts == ["public", "code"]
 
 
-def test_current_checks_for_a_rerun(fed):
-    from flexolmo.train import expert_is_current, public_is_current
+def test_owner_bias_starts_negative_and_never_leaks_to_public(fed):
+    cfg = get_profile("tiny").expert
+    assert cfg.router_bias_init < 0 and cfg.weight_decay == 0.0
+    for source, res in fed["experts"].items():
+        for r in routers(res.model):
+            assert r.bias[0].item() == 0.0  # the public expert's bias: exactly 0
+            assert r.bias[1].item() < 0  # still negative after training (clamped <= 0)
+        assert res.card.router_bias_init == cfg.router_bias_init
+    # merged: bias 0 and router row 0 are the public model's; every owner's bias is its own
+    merged = load_merged(fed["ws"])
+    public = load_model(fed["public"].out_dir)
+    for r, rp in zip(routers(merged), routers(public)):
+        assert r.bias[0].item() == 0.0 and torch.equal(r.weight[0], rp.weight[0])
+        assert (r.bias[1:] < 0).all()
+    with pytest.raises(InputError, match="router_bias_init must be <= 0"):
+        get_profile("tiny").expert.__class__(router_bias_init=0.5)
 
-    ws = fed["ws"]
-    assert public_is_current(ws, "tiny") and not public_is_current(ws, "demo")
-    assert expert_is_current(ws, "news", "tiny") and not expert_is_current(ws, "news", "demo")
-    assert not expert_is_current(ws, "forum", "tiny")  # no package for it
+
+def test_router_z_loss_is_part_of_the_loss(fed):
+    from flexolmo.losses import WithRouterZLoss, lm_loss
+    from flexolmo.generate import RoutingCapture
+
+    model = fed["experts"]["news"].model.module
+    x = torch.randint(2, 300, (2, 16))
+    y = torch.randint(2, 300, (2, 16))
+    with torch.no_grad():
+        with RoutingCapture(model, keep_logits=True) as cap:
+            ce = lm_loss(model, x, y)
+        _, _, logits = cap.stacked()  # (N, L, E): the FlexRouter's own logits
+        z = torch.logsumexp(logits, dim=-1).pow(2).mean(0).mean()  # per layer over tokens, then over layers
+        fn = WithRouterZLoss(model, coef=0.5)
+        total = fn(model, x, y)
+    assert z > 0
+    torch.testing.assert_close(total, ce + 0.5 * z, rtol=1e-5, atol=1e-6)
+    assert fn.last_z == pytest.approx(z.item(), rel=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(WithRouterZLoss(model, coef=0.0)(model, x, y), ce)
+    # the z-loss reaches the owner's router row through its gradient
+    w = routers(model)[0].weight
+    grads = []
+    for coef in (0.0, 1.0):
+        w.grad = None
+        WithRouterZLoss(model, coef)(model, x, y).backward()
+        grads.append(w.grad[1].clone())
+    assert not torch.allclose(grads[0], grads[1])
+
+
+def test_dp_clipping_bounds_each_per_sample_gradient(fed):
+    from flexolmo.callbacks import train_rows
+    from flexolmo.losses import lm_loss
+    from flexolmo.privacy import DPConfig, DPStep, clip_sample, per_sample_grads
+    from flexolmo.trainer import Trainer
+
+    model = load_expert_model_copy(fed)
+    params, _ = train_rows(model, frozen=[0])
+    x, y = torch.randint(2, 300, (4, 16)), torch.randint(2, 300, (4, 16))
+    C = 1e-3
+    samples = list(per_sample_grads(model, lm_loss, params, x, y, frozen_rows=[0]))
+    assert len(samples) == 4
+    clipped_sum = [torch.zeros_like(p) for p in params]
+    for grads, _ in samples:
+        assert all((g[0] == 0).all() for g in grads)  # the frozen public slice is outside the norm
+        clipped, raw = clip_sample(grads, C)
+        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in clipped)).item()
+        assert raw > C and norm <= C * (1 + 1e-6)  # each sample's gradient is bounded by C
+        same, _ = clip_sample(grads, 1e9)  # a large C leaves the gradient as it is
+        assert all(torch.equal(a, b) for a, b in zip(same, grads))
+        for s_, g in zip(clipped_sum, clipped):
+            s_.add_(g)
+    # DPStep without noise: p.grad is the mean of the clipped per-sample gradients
+    cfg = get_profile("tiny").expert
+    dp = DPStep(DPConfig(noise_multiplier=0.0, max_grad_norm=C), params, frozen_rows=[0])
+    tr = Trainer(model, params, cfg, torch.zeros(100, dtype=torch.long), callbacks=[dp])
+    dp.backward(tr, x, y)
+    for p, s_ in zip(params, clipped_sum):
+        torch.testing.assert_close(p.grad, s_ / 4, rtol=1e-5, atol=1e-9)
+    total = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params)).item()
+    assert total <= C * (1 + 1e-6)
+
+
+def load_expert_model_copy(fed):
+    from flexolmo.merge import load_expert_model
+
+    return load_expert_model(fed["ws"], "news").module

@@ -12,7 +12,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest_model import build_federation  # noqa: E402
 
 from flexolmo.merge import load_merged, merge  # noqa: E402
-from flexolmo.model import load_model, shared_weights_hash  # noqa: E402
+from flexolmo.layout import shared_weights_hash  # noqa: E402
+from flexolmo.model import load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +36,7 @@ def test_two_process_torchrun(tmp_path):
         assert (pub_dir / f).exists(), f
     card = json.loads((ws.experts_dir / "news" / "card.json").read_text())
     assert card["world_size"] == 2 and card["tokens"] == 2 * card["steps"] * 4 * 32
-    assert card["public_hash"] == shared_weights_hash(load_model(pub_dir))
+    assert card["inputs"]["public_model"] == shared_weights_hash(load_model(pub_dir))
     assert sorted(os.listdir(ws.experts_dir / "news")) == ["card.json", "expert.safetensors"]
     merge(ws, ["news"])
     assert load_merged(ws).config.num_experts == 2

@@ -3,7 +3,6 @@ data only, the proxy loss goes down, opt-out and load_merged still work, CLI."""
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
@@ -12,9 +11,11 @@ import torch
 from conftest_model import build_federation
 
 import flexolmo.router_tuning as rt
+from flexolmo.artifacts.merged_model import MergedModelCard
 from flexolmo.generate import route
 from flexolmo.merge import load_merged, merge
-from flexolmo.model import load_model, shared_weights_hash
+from flexolmo.layout import shared_weights_hash
+from flexolmo.model import load_model
 from flexolmo.sources import set_policy
 from flexolmo.train import train_expert, train_public
 
@@ -29,7 +30,7 @@ def fed(tmp_path_factory):
         train_expert(ws, s, "tiny", progress=False)
     merge(ws, ["news", "code"])
     merged = ws.models_dir / "merged"
-    original = load_model(merged).state_dict()
+    original = load_model(merged).module.state_dict()
     splits = []
     real = rt.iter_texts
 
@@ -49,7 +50,7 @@ def fed(tmp_path_factory):
 def test_only_router_tensors_change(fed):
     res = fed["res"]
     assert res.out_dir == fed["ws"].models_dir / "merged"
-    tuned = load_model(res.out_dir).state_dict()
+    tuned = load_model(res.out_dir).module.state_dict()
     changed = set()
     for name, t in fed["original"].items():
         if name.endswith("mlp.gate.weight") or name.endswith("mlp.gate.bias"):
@@ -61,22 +62,23 @@ def test_only_router_tensors_change(fed):
         else:
             assert torch.equal(t, tuned[name]), name  # experts, attention, embeddings, norms: bit-for-bit
     assert changed == {"weight", "bias"}
-    assert shared_weights_hash(load_model(res.out_dir)) == res.card["public_hash"]
+    assert shared_weights_hash(load_model(res.out_dir)) == res.card.public_model == res.card.inputs["public_model"]
 
 
 def test_untuned_model_kept(fed):
     res = fed["res"]
     assert res.untuned_dir == fed["ws"].models_dir / "merged-untuned"
-    for name, t in load_model(res.untuned_dir).state_dict().items():
+    for name, t in load_model(res.untuned_dir).module.state_dict().items():
         assert torch.equal(t, fed["original"][name]), name
-    assert "router_tuning" not in json.loads((res.untuned_dir / "card.json").read_text())
+    assert MergedModelCard.read(res.untuned_dir).router_tuning is None
+    assert MergedModelCard.read(res.out_dir).router_tuning["steps"] == 30
 
 
 def test_proxy_set_is_training_data_only(fed):
     splits = fed["splits"]
     assert sorted({s for s, _ in splits}) == ["code", "news", "public"]
     assert {sp for _, sp in splits} == {"train"}
-    card = fed["res"].card["router_tuning"]
+    card = fed["res"].card.router_tuning
     assert card["proxy_set"]["docs"] == {"public": 20, "news": 20, "code": 20}
     assert "validation documents are never used" in card["proxy_set"]["split"]
 
@@ -84,7 +86,7 @@ def test_proxy_set_is_training_data_only(fed):
 def test_proxy_loss_decreases(fed):
     res = fed["res"]
     assert res.loss_after < res.loss_before
-    card = res.card["router_tuning"]
+    card = res.card.router_tuning
     assert card["proxy_loss"] == {"before": res.loss_before, "after": res.loss_after}
     assert card["steps"] == 30 and card["losses"]
     assert abs(sum(res.share_after.values()) - 1) < 1e-3 and set(res.share_after) == {"public", "news", "code"}
@@ -94,11 +96,11 @@ def test_proxy_loss_decreases(fed):
 def test_opt_out_and_load_merged_on_tuned_model(fed):
     ws = fed["ws"]
     model = load_merged(ws, exclude=["news"])
-    assert model.flexolmo_off == {"news": "excluded"}
+    assert model.off == {"news": "excluded"}
     r = route(model, list(range(3, 40)))
     assert torch.isneginf(r.logits[..., 1]).all()
     assert not (r.experts == 1).any()
-    assert (load_merged(ws).flexolmo_off == {})
+    assert load_merged(ws).off == {}
 
 
 def test_inactive_source_is_not_used_nor_tuned(fed, tmp_path):
@@ -111,12 +113,12 @@ def test_inactive_source_is_not_used_nor_tuned(fed, tmp_path):
     finally:
         set_policy(ws, "code", active=True)
     assert res.untuned_dir is None and set(res.proxy_docs) == {"public", "news"}
-    assert res.card["router_tuning"]["not_tuned"] == {"code": "inactive in the catalog"}
-    before, after = load_model(ws.models_dir / "merged-untuned").state_dict(), load_model(out).state_dict()
+    assert res.card.router_tuning["not_tuned"] == {"code": "inactive in the catalog"}
+    before, after = load_model(ws.models_dir / "merged-untuned").module.state_dict(), load_model(out).module.state_dict()
     for name, t in before.items():
         if name.endswith("mlp.gate.weight") or name.endswith("mlp.gate.bias"):
             assert torch.equal(t[2], after[name][2]), name  # code's row untouched
-    assert load_model(out).flexolmo_experts == ["public", "news", "code"]
+    assert load_model(out).experts == ["public", "news", "code"]
 
 
 def test_cli_tune_router(fed, tmp_path):

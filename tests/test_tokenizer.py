@@ -63,11 +63,17 @@ def test_files_card_and_bow_ids(ws, trained):
     assert tokenizer.tokenizer_hash(ws) == trained.sha256
 
 
-def test_vocab_size_bounds(ws, trained):
-    with pytest.raises(InputError, match="65535"):
-        tokenizer.train_tokenizer(ws, vocab_size=70000)
-    # the failed call left the trained tokenizer in place
-    assert tokenizer.tokenizer_hash(ws) == trained.sha256
+def test_vocab_size_bounds(ws):
+    texts = [f"Entry {i}: the river city had {i * 3} bridges and one king." for i in range(50)]
+    # 256 byte ids + 2 special tokens fill 258 ids: the smallest vocabulary that learns a merge is 259
+    with pytest.raises(InputError, match=r"259\.\.65535"):
+        tokenizer.train_tokenizer(ws, vocab_size=258, texts=texts)
+    with pytest.raises(InputError, match="u16 index ids"):
+        tokenizer.train_tokenizer(ws, vocab_size=65536, texts=texts)
+    info = tokenizer.train_tokenizer(ws, vocab_size=259, texts=texts)
+    assert info.vocab_size == 259
+    ids = tokenizer.load_raw_tokenizer(ws).encode(texts[7]).ids
+    assert max(ids) < 259 and len(ids) < len(texts[7].encode())  # the one merge is used
 
 
 def test_missing_tokenizer_says_what_to_run(tmp_path):
@@ -75,6 +81,20 @@ def test_missing_tokenizer_says_what_to_run(tmp_path):
 
     with pytest.raises(NotFoundError, match="tokenizer train"):
         tokenizer.load_tokenizer(Workspace(tmp_path / "empty"))
+
+
+def test_tokenizer_card_decides_freshness(ws, trained):
+    from flexolmo.artifacts import tokenizer as artifact
+
+    card = artifact.read(ws)
+    src = sources.get_source(ws, "public")
+    assert card.sha256 == trained.sha256 == tokenizer.tokenizer_hash(ws)
+    assert card.is_current(artifact.inputs_for(src.content_hash, 400))
+    assert not card.is_current(artifact.inputs_for(src.content_hash, 420))
+    assert "settings" in card.stale_reason(artifact.inputs_for(src.content_hash, 420))
+    # trained from given texts (tests): names the texts, so never current for a source
+    tokenizer.train_tokenizer(ws, vocab_size=400, texts=["some text", "more text"])
+    assert not artifact.read(ws).is_current(artifact.inputs_for(src.content_hash, 400))
 
 
 def test_unchanged_source_keeps_tokenizer(ws, trained):

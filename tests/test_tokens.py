@@ -6,7 +6,7 @@ import numpy as np
 
 from flexolmo import sources, tokenizer
 from flexolmo.tokens import source_tokens
-from flexolmo.train import token_stream
+from flexolmo.stream import token_stream
 
 
 def _setup(ws, n=40):
@@ -45,3 +45,23 @@ def test_cache_follows_tokenizer_and_source_content(ws):
     sources.add_records(ws, "public", docs[:10], owner="o", domain="d", licence="l", origin="test", replace=True)
     assert caches() == []
     assert source_tokens(ws, "public", "train").n_docs == sum(1 for d in docs[:10] if sources.split_of(d["doc_id"]) == "train")
+
+
+def test_cache_card_decides_freshness(ws):
+    from flexolmo.artifacts import token_cache
+    from flexolmo.artifacts.token_cache import TokenCacheCard
+
+    _setup(ws)
+    first = source_tokens(ws, "public", "train")
+    folder = next(ws.source_dir("public").glob("tokens-train-*"))
+    card = TokenCacheCard.read(folder)
+    src = sources.get_source(ws, "public")
+    tok = tokenizer.tokenizer_hash(ws)
+    assert card.inputs == {"tokenizer": tok, "source": src.content_hash}
+    assert token_cache.is_current(folder, token_cache.inputs_for(tok, src.content_hash))
+    assert not token_cache.is_current(folder, token_cache.inputs_for(tok, "0" * 64))
+    # a cache whose card names other inputs is rebuilt, not read
+    card.model_copy(update={"inputs": {**card.inputs, "source": "0" * 64}}).save(folder)
+    again = source_tokens(ws, "public", "train")
+    assert not again.cached and again.ids.tolist() == first.ids.tolist()
+    assert source_tokens(ws, "public", "train").cached

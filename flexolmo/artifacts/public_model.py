@@ -1,0 +1,99 @@
+"""The public model artifact: `models/public/` (an HF checkpoint written by
+`flexolmo.model.save_model`, plus card.json).
+
+Inputs: `tokenizer`, `source` (the public source's content) and `config` (the profile's model
+shape and public training config, `Profile.recipe("public")`). Its identity, which every
+expert package names as its `public_model` input, is `weights`: the hash of its weights
+(`flexolmo.layout.shared_weights_hash`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from ..config import PREVIOUS_RECIPE, Profile
+from ..errors import InputError, IntegrityError, NotFoundError
+from ..layout import shared_weights_hash
+from ..model import LoadedModel, load_model, save_model
+from ..sources import get_source
+from ..tokenizer import tokenizer_hash
+from ..workspace import Workspace, atomic_dir
+from .card import Card, Inputs, sha256_json
+
+
+class PublicModelCard(Card):
+    KIND = "public model"
+    REBUILD = "flexolmo train public"
+
+    kind: Literal["public_model"] = "public_model"
+    source: str
+    profile: str
+    config: dict  # the whole profile (Profile.to_dict)
+    weights: str  # shared_weights_hash of the model
+    n_params: int
+    steps: int
+    tokens: int
+    final_loss: float
+    losses: list[tuple[int, float]]
+    seconds: float
+    tokens_per_s: float
+    throughput: str
+    resumed_from: int | None = None
+    world_size: int = 1
+    router_init: str
+
+    @classmethod
+    def upgrade(cls, old: dict) -> dict:
+        # previous keys: tokenizer_sha256, shared_weights_sha256; the source's content was not recorded
+        config = old["config"]
+        recipe = Profile.from_dict({**config, "public": {**PREVIOUS_RECIPE, **config["public"]},
+                                    "expert": {**PREVIOUS_RECIPE, **config["expert"]}}).recipe("public")
+        keep = ("source", "profile", "config", "n_params", "steps", "tokens", "final_loss", "losses", "seconds",
+                "tokens_per_s", "throughput", "resumed_from", "world_size", "router_init", "created_at")
+        return {"kind": "public_model", "format": 1, **{k: old[k] for k in keep if k in old},
+                "inputs": {"tokenizer": old["tokenizer_sha256"], "config": sha256_json(recipe)},
+                "weights": old["shared_weights_sha256"]}
+
+
+def folder(ws: Workspace) -> Path:
+    return ws.models_dir / "public"
+
+
+def inputs(ws: Workspace, profile: Profile, source: str = "public") -> Inputs:
+    """What a public model trained now with this profile would be built from."""
+    return {"tokenizer": tokenizer_hash(ws), "source": get_source(ws, source).content_hash,
+            "config": sha256_json(profile.recipe("public"))}
+
+
+def status(ws: Workspace, profile: Profile, source: str = "public") -> str | None:
+    """None when the public model is current for this profile; else why not."""
+    return PublicModelCard.status(folder(ws), inputs(ws, profile, source))
+
+
+def read(ws: Workspace) -> PublicModelCard:
+    return PublicModelCard.read(folder(ws))
+
+
+def load(ws: Workspace) -> tuple[LoadedModel, PublicModelCard]:
+    """The public model and its card; refuses a model of another tokenizer or with > 1 expert."""
+    path = folder(ws)
+    if not (path / "config.json").exists():
+        raise NotFoundError(f"no public model in {path}; run `flexolmo train public` first")
+    card = read(ws)
+    if card.inputs.get("tokenizer") != tokenizer_hash(ws):
+        raise InputError(f"the public model in {path} was trained with another tokenizer; retrain it with "
+                         "`flexolmo train public`")
+    model = load_model(path)
+    if model.config.num_experts != 1:
+        raise InputError(f"{path} holds {model.config.num_experts} experts, not a public model; retrain it")
+    return model, card
+
+
+def write(ws: Workspace, model, card: PublicModelCard, source: str) -> None:
+    """Write atomically: temp folder, verify (reads back with the same weights hash), rename."""
+    with atomic_dir(folder(ws)) as tmp:
+        save_model(model, tmp, experts=[source], extra={"public_model": card.weights})
+        card.save(tmp)
+        if shared_weights_hash(load_model(tmp)) != card.weights:
+            raise IntegrityError(f"the public model written to {tmp} does not read back identically; disk problem?")

@@ -1,0 +1,64 @@
+"""Router rows from a *domain embedding*: the mean hidden state of a source's documents.
+
+    row, how = router_row(public_model, ws, "news", cfg)
+
+The paper (section 3.3.2) starts each expert's router row at the mean embedding of about
+1,000 of the owner's documents, not normalised. Here the embedder is the public model
+itself (its final hidden state after the last norm); `TrainConfig.router_init` chooses:
+
+    domain_mean   the mean hidden state, as is (default; the paper's recipe, this embedder)
+    domain_unit   the same, scaled to unit length (the recipe before issue 9)
+    random        a seeded random row (N(0, initializer_range)), for the ablation
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import TrainConfig
+from .errors import InputError
+from .model import as_module
+from .sources import iter_texts
+from .tokenizer import load_raw_tokenizer
+from .workspace import Workspace
+
+
+@torch.no_grad()
+def domain_embedding(model, ws: Workspace, source: str, max_docs: int, seq_len: int, seed: int = 0,
+                     unit: bool = False) -> tuple[torch.Tensor, int]:
+    """Mean of the model's final hidden state over up to `max_docs` sampled training documents
+    (each truncated to `seq_len` tokens); unit length if `unit`. Returns (vector (H,), n_docs)."""
+    module = as_module(model)
+    texts = list(iter_texts(ws, source, split="train"))
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(texts), generator=g)[:max_docs].tolist()
+    tok = load_raw_tokenizer(ws)
+    was_training = module.training
+    module.eval()
+    total = torch.zeros(module.config.hidden_size, dtype=torch.float64)
+    n = 0
+    for enc in tok.encode_batch([texts[i] for i in pick], add_special_tokens=False):
+        ids = enc.ids[:seq_len]
+        if not ids:
+            continue
+        h = module.model(input_ids=torch.tensor([ids]), use_cache=False).last_hidden_state[0]  # (T, H)
+        total += h.mean(0).double()
+        n += 1
+    module.train(was_training)
+    if n == 0:
+        raise InputError(f"source {source!r} has no non-empty training documents")
+    v = (total / n).float()
+    return (v / v.norm().clamp_min(1e-8) if unit else v), n
+
+
+def router_row(model, ws: Workspace, source: str, cfg: TrainConfig) -> tuple[torch.Tensor, str]:
+    """The starting router row for `source` by `cfg.router_init`, and a sentence for the card."""
+    if cfg.router_init == "random":
+        g = torch.Generator().manual_seed(cfg.seed)
+        std = as_module(model).config.initializer_range
+        return torch.randn(as_module(model).config.hidden_size, generator=g) * std, f"random: N(0, {std}^2), seed {cfg.seed}"
+    unit = cfg.router_init == "domain_unit"
+    row, n = domain_embedding(model, ws, source, cfg.embed_docs, cfg.seq_len, seed=cfg.seed, unit=unit)
+    how = "unit-length mean" if unit else "mean (not normalised)"
+    return row, (f"domain embedding ({cfg.router_init}): {how} of the public model's final hidden state over {n} "
+                 f"sampled {source} training documents (first {cfg.seq_len} tokens each)")
