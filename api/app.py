@@ -1,12 +1,14 @@
 """The web service: the trace API, the owner and analyst endpoints, and the web page.
 
     flexolmo serve                                   # http://127.0.0.1:8000
+    flexolmo serve --workers 2                       # two processes over the same indexes
     FLEXOLMO_HOME=work uvicorn --factory api.app:create_app
 
 The Tracer (indexes memory-mapped, merged model loaded, policies read) is opened once when
-the app starts and reopened when a policy or a takedown changes, through the API or from
-the command line (checked before each trace), or when a licence expires at midnight. Library
-errors (`FlexolmoError`) become HTTP errors with the error's status and message.
+the app starts, on its own thread (api/worker.py), and reopened when a policy or a takedown
+changes, through the API or from the command line (checked before each trace), or when a
+licence expires at midnight. Library errors (`FlexolmoError`) become HTTP errors with the
+error's status and message; budgets and caps come from the environment (api/deps.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Callable
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -26,21 +29,31 @@ from flexolmo.workspace import Workspace
 from tracing.trace import Tracer
 
 from .deps import Service, Settings
+from .limits import BodyLimit, validation_error
 from .routes import router
+from .worker import ServiceTracer
 
 STATIC = Path(__file__).parent / "static"
 
 
 def create_app(workspace: str | os.PathLike | Workspace | None = None,
-               open_tracer: Callable[[Workspace], Tracer] = Tracer.open) -> FastAPI:
+               open_tracer: Callable[[Workspace], Tracer] = ServiceTracer.open,
+               settings: Settings | None = None) -> FastAPI:
     """The FastAPI app over `workspace` (default: $FLEXOLMO_HOME, else ./flexolmo-work).
 
     :param open_tracer: how to open the Tracer (tests and experiments may pass settings)
+    :param settings: budgets and caps (default: from the environment)
     """
-    service = Service(Settings.from_env(workspace), open_tracer)
+    service = Service(settings or Settings.from_env(workspace), open_tracer)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        threads = os.environ.get("FLEXOLMO_TORCH_THREADS")  # set by `serve --workers N`: cores / N each
+        if threads:
+            import torch
+
+            torch.set_num_threads(int(threads))
+        _finish_pending(service.ws)
         service.open()
         yield
         service.close()
@@ -49,10 +62,14 @@ def create_app(workspace: str | os.PathLike | Workspace | None = None,
                   lifespan=lifespan)
     app.state.service = service
     app.include_router(router)
+    app.add_middleware(BodyLimit, max_bytes=service.settings.max_body_bytes)
+    app.add_exception_handler(RequestValidationError, validation_error)
 
     @app.exception_handler(FlexolmoError)
     async def library_error(request: Request, e: FlexolmoError):
-        return await http_exception_handler(request, HTTPException(status_code=e.http_status, detail=str(e)))
+        headers = {"Retry-After": "5"} if e.http_status == 503 else None
+        return await http_exception_handler(request, HTTPException(status_code=e.http_status, detail=str(e),
+                                                                   headers=headers))
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
@@ -60,3 +77,14 @@ def create_app(workspace: str | os.PathLike | Workspace | None = None,
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+def _finish_pending(ws: Workspace) -> None:
+    """Owner changes a crash left half-applied are finished before the first request."""
+    from tracing import store
+
+    if (ws.traces_path.parent / "manifest.json").exists() or ws.traces_path.exists():
+        try:
+            store.sync(ws)
+        except FlexolmoError:  # busy: the first writer or reader finishes them
+            pass

@@ -1,26 +1,43 @@
-"""What every route shares: settings from the environment, and the one open Tracer.
+"""What every route shares: settings from the environment, the tracer thread, the budgets.
 
-The Tracer holds memory-mapped indexes, the merged model and the source policies, so it
-is opened once (in the app's lifespan) and reopened only when a policy or a takedown
-changes what it may search, route or show. One lock serialises the library calls: the
-Tracer is not thread-safe, and DuckDB refuses a read-only and a read-write connection to
-the same file at once within one process.
+Every request has a time budget (`Settings`): traces and generations run on the one tracer
+thread (api/worker.py) and are stopped at their deadline; reads (SQL, stored traces,
+reports, sources) run on the server's thread pool against the store's committed parts, with
+DuckDB interrupted at the deadline, so neither kind holds the other. Input caps follow from
+the budgets: a text is accepted only if an idle service can trace it within its budget.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
+import time
 from dataclasses import dataclass
-from typing import Annotated, Callable, TypeVar
+from typing import Annotated, Any, Callable
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, Request
 
-from flexolmo.errors import FlexolmoError
+from flexolmo.errors import InputError
 from flexolmo.workspace import Workspace
 from tracing.trace import Tracer
 
-T = TypeVar("T")
+from .worker import Busy, Job, ServiceTracer, Stopped, TraceWorker
+
+GRACE_S = 2.0  # after a deadline, how long a route waits for the tracer thread to stop the job
+
+
+def _env(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InputError(f"${name}={raw!r} is not a number") from None
+    if value <= 0:
+        raise InputError(f"${name} must be positive, got {raw}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -28,58 +45,112 @@ class Settings:
     """Service settings; `from_env` reads them as `flexolmo` does (the workspace: $FLEXOLMO_HOME)."""
 
     workspace: Workspace
+    trace_budget_s: float = 30.0  # FLEXOLMO_TRACE_BUDGET_S: a trace, queueing included
+    generate_budget_s: float = 60.0  # FLEXOLMO_GENERATE_BUDGET_S: generation + its trace
+    query_budget_s: float = 10.0  # FLEXOLMO_QUERY_BUDGET_S: SQL, stored traces, reports
+    # Trace speed of an idle service, conservative: the demo workspace (8 experts, every
+    # counterfactual pass) traces 300-word passages at about 500 characters/s (issue 10).
+    chars_per_s: float = 400.0  # FLEXOLMO_TRACE_CHARS_PER_S
+    tokens_per_s: float = 20.0  # FLEXOLMO_GENERATE_TOKENS_PER_S: generation on the demo model
+    max_body_bytes: int = 1_000_000  # FLEXOLMO_MAX_BODY_BYTES
+    max_queries: int = 2  # SQL statements running at once (each on one DuckDB thread)
 
     @classmethod
     def from_env(cls, workspace: str | os.PathLike | Workspace | None = None) -> "Settings":
-        return cls(workspace=workspace if isinstance(workspace, Workspace) else Workspace.resolve(workspace))
+        ws = workspace if isinstance(workspace, Workspace) else Workspace.resolve(workspace)
+        return cls(workspace=ws, trace_budget_s=_env("FLEXOLMO_TRACE_BUDGET_S", cls.trace_budget_s),
+                   generate_budget_s=_env("FLEXOLMO_GENERATE_BUDGET_S", cls.generate_budget_s),
+                   query_budget_s=_env("FLEXOLMO_QUERY_BUDGET_S", cls.query_budget_s),
+                   chars_per_s=_env("FLEXOLMO_TRACE_CHARS_PER_S", cls.chars_per_s),
+                   tokens_per_s=_env("FLEXOLMO_GENERATE_TOKENS_PER_S", cls.tokens_per_s),
+                   max_body_bytes=int(_env("FLEXOLMO_MAX_BODY_BYTES", cls.max_body_bytes)))
+
+    @property
+    def max_trace_chars(self) -> int:
+        """The longest response (or prompt) a trace accepts: what an idle service traces in budget."""
+        return int(self.trace_budget_s * self.chars_per_s)
+
+    @property
+    def max_new_tokens(self) -> int:
+        """Generation cap: generate n tokens and trace them (~4 characters each) within budget."""
+        per_token = 1 / self.tokens_per_s + 4 / self.chars_per_s
+        return max(1, min(1024, int(self.generate_budget_s / per_token)))
+
+    def caps(self) -> dict[str, Any]:
+        return {"trace_budget_s": self.trace_budget_s, "generate_budget_s": self.generate_budget_s,
+                "query_budget_s": self.query_budget_s, "max_trace_chars": self.max_trace_chars,
+                "max_new_tokens": self.max_new_tokens, "max_body_bytes": self.max_body_bytes}
 
 
 class Service:
-    """The workspace and its open Tracer, shared by every request."""
+    """The workspace, its tracer thread and the readers' limits, shared by every request."""
 
-    def __init__(self, settings: Settings, open_tracer: Callable[[Workspace], Tracer] = Tracer.open):
+    def __init__(self, settings: Settings, open_tracer: Callable[[Workspace], Tracer] = ServiceTracer.open):
         self.settings = settings
         self.ws = settings.workspace
-        self._open_tracer = open_tracer
-        self.tracer: Tracer | None = None
-        self.error: str | None = None  # why the tracer could not be opened
-        self.lock = threading.RLock()
+        self.worker = TraceWorker(self.ws, open_tracer)
+        self._queries = threading.BoundedSemaphore(settings.max_queries)
+
+    @property
+    def tracer(self) -> Tracer | None:
+        return self.worker.tracer
+
+    @property
+    def error(self) -> str | None:
+        return self.worker.error
 
     def open(self) -> None:
-        """(Re)open the Tracer: indexes, model and policies as the catalog says now."""
-        with self.lock:
-            self.tracer, self.error = None, None
-            try:
-                self.tracer = self._open_tracer(self.ws)
-            except FlexolmoError as e:  # served anyway: /api/health and the sources still answer
-                self.error = str(e)
+        self.worker.start()
 
     def close(self) -> None:
-        with self.lock:
-            if self.tracer is not None:
-                self.tracer.fed.close()
-            self.tracer = None
+        self.worker.close()
 
-    def run(self, fn: Callable[..., T], *args, **kwargs) -> T:
-        """Call a library function under the lock."""
-        with self.lock:
+    async def traced(self, request: Request, what: str, budget_s: float, fn: Callable[[Tracer, Job], Any]) -> Any:
+        """Run fn(tracer, job) on the tracer thread within `budget_s`, queueing included.
+
+        503 when it could not start in time, 504 when it was stopped at its deadline; a
+        client that disconnects stops it too."""
+        job, fut = self.worker.submit(fn, what, budget_s)
+        afut = asyncio.wrap_future(fut)
+        try:
+            while True:
+                done, _ = await asyncio.wait({afut}, timeout=0.25)
+                if done:
+                    return afut.result()
+                now = time.monotonic()
+                if await request.is_disconnected():
+                    job.cancel.set()
+                    fut.cancel()
+                    raise Stopped(f"the client went away; the {what} was stopped and not stored")
+                if now > job.deadline and not job.started and fut.cancel():
+                    raise Busy(f"the tracer was busy with earlier requests for this {what}'s whole "
+                               f"{budget_s:g} s budget; retry in a moment")
+                if now > job.deadline + GRACE_S:
+                    job.cancel.set()
+                    raise Stopped(f"the {what} ran past its {budget_s:g} s budget and was stopped; nothing was stored")
+        except asyncio.CancelledError:
+            job.cancel.set()
+            fut.cancel()
+            raise
+
+    def read(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a store read (SQL, report) when one of `max_queries` slots frees within budget."""
+        if not self._queries.acquire(timeout=self.settings.query_budget_s):
+            raise Busy(f"{self.settings.max_queries} queries were running for the whole "
+                       f"{self.settings.query_budget_s:g} s budget; retry in a moment")
+        try:
             return fn(*args, **kwargs)
+        finally:
+            self._queries.release()
 
-    def run_and_reopen(self, fn: Callable[..., T], *args, **kwargs) -> T:
-        """Call a library function that changes policy or takedowns, then reopen the Tracer."""
-        with self.lock:
-            out = fn(*args, **kwargs)
-            self.open()
-            return out
-
-    def traced(self, fn: Callable[..., T], *args, **kwargs) -> T:
-        """Call `fn(tracer, ...)` under the lock; 503 when no tracer could be opened."""
-        with self.lock:
-            if self.tracer is not None and self.tracer.stale():  # changed from the CLI, or expired
-                self.open()
-            if self.tracer is None:
-                raise HTTPException(503, detail=f"the tracer is not open: {self.error or 'not started'}")
-            return fn(self.tracer, *args, **kwargs)
+    def reopen(self) -> None:
+        """After a policy change or a takedown: reopen the tracer (waits up to a trace budget)."""
+        self.worker.reopen_soon()
+        _, fut = self.worker.submit(lambda t, j: None, "reopen", self.settings.trace_budget_s)
+        try:
+            fut.result(timeout=self.settings.trace_budget_s + GRACE_S)
+        except Exception:  # noqa: BLE001  the next trace reopens anyway (reopen_soon)
+            pass
 
 
 def get_service(request: Request) -> Service:

@@ -16,9 +16,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, HTTPException, Path, Request
 
 from flexolmo import sources as src_lib
 from index.models import Takedown
@@ -32,38 +33,77 @@ from tracing.trace import Tracer
 from .deps import ServiceDep
 from .schemas import (GenerateRequest, Health, PolicyUpdate, QueryRequest, QueryResponse, SourceOut, StoredTrace,
                       TakedownRequest, TraceRequest)
+from .worker import Job
 
 router = APIRouter(prefix="/api")
 
-SourceName = Annotated[str, Path(description="A source name, e.g. 'news'.")]
+SourceName = Annotated[str, Path(description="A source name, e.g. 'news'.", max_length=40)]
 TraceId = Annotated[str, Path(pattern=r"^[0-9a-f]{1,32}$", description="The trace_id of a stored trace.")]
 
 
-# -- tracing ---------------------------------------------------------------------------------
+def _cap(what: str, text: str | None, limit: int, budget_s: float) -> None:
+    if text is not None and len(text) > limit:
+        raise HTTPException(422, detail=f"the {what} is {len(text):,} characters; this service traces at most "
+                                        f"{limit:,} within its {budget_s:g} s budget: split it, or use "
+                                        "`flexolmo trace` on the command line (no budget)")
+
+
+# -- tracing (on the tracer thread, within a budget) -------------------------------------------
 
 
 @router.post("/trace", response_model=Trace)
-def trace(req: TraceRequest, svc: ServiceDep) -> Trace:
+async def trace(req: TraceRequest, svc: ServiceDep, request: Request) -> Trace:
     """Trace a response to the training documents and experts that shaped it; the record is stored."""
-    return svc.traced(Tracer.trace, req.text, prompt=req.prompt)
+    st = svc.settings
+    _cap("text", req.text, st.max_trace_chars, st.trace_budget_s)
+    _cap("prompt", req.prompt, st.max_trace_chars, st.trace_budget_s)
+
+    def run(tracer: Tracer, job: Job) -> Trace:
+        settings = tracer.settings
+        if not req.counterfactual:
+            tracer.settings = dataclasses.replace(settings, counterfactual=False)
+        try:
+            t = tracer.trace(req.text, prompt=req.prompt, store=False)
+        finally:
+            tracer.settings = settings
+        job.check()  # stopped or abandoned: not stored
+        store.save_trace(tracer.ws, t)
+        return t
+
+    return await svc.traced(request, "trace", st.trace_budget_s, run)
 
 
 @router.post("/generate", response_model=Trace)
-def generate(req: GenerateRequest, svc: ServiceDep) -> Trace:
+async def generate(req: GenerateRequest, svc: ServiceDep, request: Request) -> Trace:
     """Generate a response with the merged model (routing captured), then trace it; the record is stored."""
-    return svc.traced(Tracer.generate_and_trace, req.prompt, max_new_tokens=req.max_new_tokens)
+    st = svc.settings
+    _cap("prompt", req.prompt, st.max_trace_chars, st.generate_budget_s)
+    if req.max_new_tokens > st.max_new_tokens:
+        raise HTTPException(422, detail=f"max_new_tokens is {req.max_new_tokens}; this service generates and traces "
+                                        f"at most {st.max_new_tokens} within its {st.generate_budget_s:g} s budget")
+
+    def run(tracer: Tracer, job: Job) -> Trace:
+        t = tracer.generate_and_trace(req.prompt, max_new_tokens=req.max_new_tokens, store=False)
+        job.check()
+        store.save_trace(tracer.ws, t)
+        return t
+
+    return await svc.traced(request, "generation", st.generate_budget_s, run)
+
+
+# -- reading the store (thread pool, never the tracer thread) ----------------------------------
 
 
 @router.get("/traces/{trace_id}", response_model=StoredTrace)
 def stored_trace(trace_id: TraceId, svc: ServiceDep) -> StoredTrace:
     """The stored rows of one trace, from every provenance table."""
-    return StoredTrace(trace_id=trace_id, tables=svc.run(_trace_rows, svc.ws, trace_id))
+    return StoredTrace(trace_id=trace_id, tables=svc.read(_trace_rows, svc.ws, trace_id))
 
 
 @router.post("/query", response_model=QueryResponse)
 def query(req: QueryRequest, svc: ServiceDep) -> QueryResponse:
-    """Run read-only SQL over the provenance store (writes are refused)."""
-    res = svc.run(store.query, svc.ws, req.sql, limit=req.limit)
+    """Run one read-only SQL statement over the provenance store (writes are refused; stopped at its budget)."""
+    res = svc.read(store.query, svc.ws, req.sql, limit=req.limit, timeout_s=svc.settings.query_budget_s)
     return QueryResponse(columns=res.columns, rows=[list(r) for r in res.rows])
 
 
@@ -73,54 +113,61 @@ def query(req: QueryRequest, svc: ServiceDep) -> QueryResponse:
 @router.get("/sources", response_model=list[SourceOut])
 def sources(svc: ServiceDep) -> list[dict]:
     """Every source with its policy."""
-    return [s.to_dict() for s in svc.run(src_lib.list_sources, svc.ws)]
+    return [s.to_dict() for s in src_lib.list_sources(svc.ws)]
 
 
 @router.get("/sources/{name}", response_model=SourceOut)
 def source(name: SourceName, svc: ServiceDep) -> dict:
     """One source with its policy."""
-    return svc.run(src_lib.get_source, svc.ws, name).to_dict()
+    return src_lib.get_source(svc.ws, name).to_dict()
 
 
 @router.patch("/sources/{name}", response_model=SourceOut)
 def set_policy(name: SourceName, req: PolicyUpdate, svc: ServiceDep) -> dict:
     """Change a source's policy; later traces follow it (an inactive source is neither searched nor routed)."""
-    return svc.run_and_reopen(governance.set_policy, svc.ws, name, **req.model_dump(exclude_none=True)).to_dict()
+    src = governance.set_policy(svc.ws, name, **req.model_dump(exclude_none=True))
+    svc.reopen()
+    return src.to_dict()
 
 
 @router.get("/sources/{name}/takedowns", response_model=list[Takedown])
 def takedowns(name: SourceName, svc: ServiceDep) -> list[Takedown]:
     """The documents taken down from a source."""
-    return svc.run(list_takedowns, svc.ws, name)
+    return list_takedowns(svc.ws, name)
 
 
 @router.post("/sources/{name}/takedowns", response_model=Takedown, status_code=201)
 def add_takedown(name: SourceName, req: TakedownRequest, svc: ServiceDep) -> Takedown:
-    """Take a document down: later traces show it as blocked, with no text."""
-    return svc.run_and_reopen(governance.takedown, svc.ws, name, req.doc_id, req.reason, by=req.by)
+    """Take a document down: later traces show it as blocked, and stored traces lose its text.
+
+    A retry of a takedown whose redaction was interrupted finishes it; once whole, a repeat is 409."""
+    t = governance.takedown(svc.ws, name, req.doc_id, req.reason, by=req.by)
+    svc.reopen()
+    return t
 
 
 @router.get("/sources/{name}/policy-log")
 def policy_log(name: SourceName, svc: ServiceDep) -> list[dict[str, Any]]:
-    """Every policy change of a source: who, when, what."""
-    svc.run(src_lib.get_source, svc.ws, name)
-    return svc.run(src_lib.policy_log, svc.ws, name)
+    """Every policy change of a source: who, when, what (as stored data, never markup)."""
+    src_lib.get_source(svc.ws, name)
+    return src_lib.policy_log(svc.ws, name)
 
 
 @router.get("/sources/{name}/contribution", response_model=Contribution)
 def contribution(name: SourceName, svc: ServiceDep) -> Contribution:
     """What a source contributed over every stored trace: matches, routing share, counterfactual drop."""
-    svc.run(src_lib.get_source, svc.ws, name)
-    return svc.run(store.contribution, svc.ws, name)
+    src_lib.get_source(svc.ws, name)
+    return svc.read(store.contribution, svc.ws, name, timeout_s=svc.settings.query_budget_s)
 
 
 @router.get("/health", response_model=Health)
-def health(svc: ServiceDep) -> Health:
-    """Whether the tracer is open, and what it searches."""
+async def health(svc: ServiceDep) -> Health:
+    """Whether the tracer is open and what it searches; answers at once (never waits on a trace)."""
     t = svc.tracer
     return Health(status="ok" if t is not None else "degraded", workspace=str(svc.ws.root), tracer_open=t is not None,
-                  error=svc.error, sources_searched=t.fed.names if t else [],
-                  sources_skipped=dict(t.fed.skipped) if t else {}, model=t.model_name if t else None)
+                  error=svc.error, sources_searched=list(t.fed.names) if t else [],
+                  sources_skipped=dict(t.fed.skipped) if t else {}, model=t.model_name if t else None,
+                  queued=svc.worker.queued, limits=svc.settings.caps())
 
 
 def _trace_rows(ws, trace_id: str) -> dict[str, QueryResponse]:

@@ -8,24 +8,42 @@ models). This file holds what only the API needs: request bodies and a few envel
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
+
+# Hard limits of the schema; the service's budgets set lower caps (api/deps.py Settings).
+TEXT_MAX = 200_000
+
+
+def _unicode(value: str) -> str:
+    """JSON may carry a lone surrogate ("\\ud800"), which is not text: refuse it clearly."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"holds a lone surrogate (U+{ord(value[e.start]):04X} at character {e.start}), "
+                         "which is not valid Unicode; send UTF-8 text") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
 
 
 class TraceRequest(BaseModel):
-    text: str = Field(description="The response to trace.", max_length=100_000)
-    prompt: str | None = Field(None, description="The prompt it answered (used for relevance).", max_length=100_000)
+    text: Text = Field(description="The response to trace.", max_length=TEXT_MAX)
+    prompt: Text | None = Field(None, description="The prompt it answered (used for relevance).", max_length=TEXT_MAX)
+    counterfactual: bool = Field(True, description="Run the per-expert counterfactual passes (most of a trace's time).")
 
 
 class GenerateRequest(BaseModel):
-    prompt: str = Field(min_length=1, max_length=100_000)
+    prompt: Text = Field(min_length=1, max_length=TEXT_MAX)
     max_new_tokens: int = Field(60, ge=1, le=1024)
 
 
 class QueryRequest(BaseModel):
-    sql: str = Field(description="Read-only SQL over traces, spans, span_sources, span_documents, span_experts.")
-    limit: int = Field(1000, ge=1, le=100_000)
+    sql: Text = Field(description="One read-only SQL statement over traces, spans, span_sources, span_documents, "
+                                  "span_experts.", max_length=20_000)
+    limit: int = Field(1000, ge=1, le=10_000)
 
 
 class QueryResponse(BaseModel):
@@ -63,14 +81,15 @@ class PolicyUpdate(BaseModel):
 
     active: bool | None = None
     visibility: Literal["full", "snippets", "counts"] | None = None
-    expires: str | None = Field(None, description="YYYY-MM-DD, or 'never' to clear the expiry date.")
-    by: str | None = Field(None, description="Who made the change (logged).")
+    expires: Text | None = Field(None, description="YYYY-MM-DD, or 'never' to clear the expiry date.", max_length=20)
+    by: Text | None = Field(None, description="Who made the change (logged; one printable line, at most 100 characters).",
+                            max_length=100)
 
 
 class TakedownRequest(BaseModel):
-    doc_id: str = Field(min_length=1)
-    reason: str = Field(min_length=1)
-    by: str | None = None
+    doc_id: Text = Field(min_length=1, max_length=1000)
+    reason: Text = Field(min_length=1, max_length=500)
+    by: Text | None = Field(None, max_length=100)
 
 
 class Health(BaseModel):
@@ -81,3 +100,5 @@ class Health(BaseModel):
     sources_searched: list[str]
     sources_skipped: dict[str, str]
     model: str | None
+    queued: int = 0  # traces and generations waiting or running in this process
+    limits: dict[str, Any] = {}  # budgets (seconds) and input caps

@@ -2,13 +2,22 @@
 
     flexolmo serve                       # http://127.0.0.1:8000, loopback only
     flexolmo -w work serve --port 8080
+    flexolmo serve --workers 2           # N processes over the same memory-mapped indexes
+
+Each worker process opens its own tracer (the indexes are memory-mapped, so their pages are
+shared) and runs one trace at a time; the provenance store takes commits from all of them
+(append-only parts under a writer lock held for milliseconds). Budgets and caps come from
+the environment (FLEXOLMO_TRACE_BUDGET_S, ... see api/deps.py).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
+
+from flexolmo.errors import InputError
 
 from .common import console, ws
 
@@ -20,15 +29,25 @@ def register(app: typer.Typer) -> None:
 def serve(
     host: Annotated[str, typer.Option(help="Address to bind; the default serves this machine only.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    workers: Annotated[int, typer.Option(help="Worker processes (each traces one request at a time); "
+                                              "up to the number of cores is useful.")] = 1,
 ) -> None:
     """Serve the web page and the trace API over the workspace."""
     import uvicorn
 
     from api.app import create_app
 
-    app = create_app(ws())
+    if not 1 <= workers <= 64:
+        raise InputError(f"--workers must be between 1 and 64, got {workers}")
+    root = ws()
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/] binding {host}: the API has no authentication, and owner "
-                      "endpoints can switch sources off and take documents down")
-    console.print(f"serving {app.state.service.ws.root} on http://{host}:{port}")
-    uvicorn.run(app, host=host, port=port)
+                      "endpoints can switch sources off and take documents down", highlight=False)
+    console.print(f"serving {root.root} on http://{host}:{port} with {workers} worker process"
+                  f"{'es' if workers > 1 else ''}", highlight=False)
+    if workers == 1:
+        uvicorn.run(create_app(root), host=host, port=port)
+        return
+    os.environ["FLEXOLMO_HOME"] = str(root.root)  # the workers build their app from the environment
+    os.environ.setdefault("FLEXOLMO_TORCH_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers)

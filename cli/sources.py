@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from flexolmo import sources as lib
 
@@ -47,12 +48,14 @@ def show(name: str, as_json: Annotated[bool, typer.Option("--json", help="Print 
     if as_json:
         print_json({**src.to_dict(), "policy_log": log})
         return
-    t = Table(show_header=False, title=f"source {name}")
+    t = Table(show_header=False, title=Text(f"source {src.name}"))
     for k, v in src.to_dict().items():
-        t.add_row(k, f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v))
+        t.add_row(k, Text(f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else _one_line(v)))
     console.print(t)
-    for entry in log:
-        console.print(f"  {entry['changed_at']}  {entry['changed_by']}: {entry['field']} {entry['old_value']} -> {entry['new_value']}")
+    for e in log:  # stored as data: shown literally, one line each, never as markup
+        console.print(Text("  " + "  ".join((str(e["changed_at"]), _one_line(e["changed_by"]) + ":", e["field"],
+                                             _one_line(e["old_value"]), "->", _one_line(e["new_value"])))),
+                      highlight=False, soft_wrap=True)
 
 
 @app.command("set")
@@ -76,7 +79,7 @@ def sources_table(rows: list[lib.Source]) -> Table:
         t.add_column(col, justify="right" if col.startswith(("docs", "chars")) else "left", no_wrap=col == "name")
     for s in rows:
         on = "yes" if s.available() else ("expired" if s.active else "no")
-        t.add_row(s.name, s.domain, s.visibility, on, f"{s.n_docs_train:,}", f"{s.n_docs_valid:,}",
+        t.add_row(s.name, Text(_one_line(s.domain, 40)), s.visibility, on, f"{s.n_docs_train:,}", f"{s.n_docs_valid:,}",
                   _mchars(s.n_chars_train), _mchars(s.n_chars_valid))
     if rows:
         t.add_section()
@@ -84,6 +87,14 @@ def sources_table(rows: list[lib.Source]) -> Table:
                   f"{sum(s.n_docs_valid for s in rows):,}", _mchars(sum(s.n_chars_train for s in rows)),
                   _mchars(sum(s.n_chars_valid for s in rows)))
     return t
+
+
+def _one_line(v: object, limit: int = 200) -> str:
+    """A stored value for display: escapes for control characters (no forged lines), clipped
+    (rows written before `by` was validated may be long)."""
+    s = "" if v is None else str(v)
+    s = s if s.isprintable() else repr(s)[1:-1]
+    return s if len(s) <= limit else s[:limit] + f"... (+{len(s) - limit:,} characters)"
 
 
 def _mchars(n: int) -> str:

@@ -1,4 +1,4 @@
-"""`flexolmo trace`, `flexolmo query`, `flexolmo report ...`, `flexolmo traces export`."""
+"""`flexolmo trace`, `flexolmo query`, `flexolmo report ...`, `flexolmo traces export|repair`."""
 
 from __future__ import annotations
 
@@ -57,7 +57,11 @@ def trace(
         if text is None or text == "-":
             if sys.stdin.isatty():
                 raise InputError("give the response with --text TEXT, on stdin, or use --generate PROMPT")
-            text = sys.stdin.read()
+            text = read_text(sys.stdin.buffer.read(), "stdin")
+        else:
+            _check_unicode(text, "--text")
+        if prompt is not None:
+            _check_unicode(prompt, "--prompt")
         t = tracer.trace(text, prompt=prompt)
     if as_json:
         print_json(t.to_dict())
@@ -65,10 +69,29 @@ def trace(
         show_trace(t)
 
 
+def read_text(data: bytes, where: str) -> str:
+    """Bytes given as a response to trace, as text; binary input is refused with a clear error."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{where} is not UTF-8 text (byte {e.start} is 0x{data[e.start]:02x}); "
+                         "pipe a text file, or convert it first (e.g. iconv -t UTF-8)") from None
+    if "\x00" in text:
+        raise InputError(f"{where} holds NUL bytes: it looks binary, not a response to trace")
+    return text
+
+
+def _check_unicode(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # undecodable bytes in argv arrive as lone surrogates
+        raise InputError(f"{where} is not valid UTF-8 text (character {e.start}); pass UTF-8 text") from None
+
+
 def show_trace(t: Trace, max_docs: int = 3) -> None:
     """The response with its spans highlighted, then a table of spans, sources, documents, experts."""
     if t.prompt:
-        console.print(f"[bold]prompt:[/] {t.prompt}")
+        console.print(Text.assemble(("prompt: ", "bold"), t.prompt))  # caller text: never markup
     body = Text(t.response)
     for g in t.groups:
         body.stylize(STYLES[g.index % len(STYLES)], g.char_start, g.char_end)
@@ -80,15 +103,15 @@ def show_trace(t: Trace, max_docs: int = 3) -> None:
         table.add_column(col, overflow="fold")
     for s in t.spans:
         srcs = ", ".join(f"{k} ({v})" for k, v in s.count_by_source.items() if v)
-        docs = "\n".join(("[red]blocked[/] " if d.blocked else "") + f"{d.source}:{d.doc_id} [{d.bucket}]"
-                         for d in s.documents[:max_docs])
+        docs = Text("\n").join(Text.assemble(("blocked " if d.blocked else "", "red"), f"{d.source}:{d.doc_id} [{d.bucket}]")
+                                for d in s.documents[:max_docs])
         if len(s.documents) > max_docs:
-            docs += f"\n+{len(s.documents) - max_docs} more"
+            docs.append(f"\n+{len(s.documents) - max_docs} more")
         experts = "\n".join(
             f"{e.source} {e.routing_share:.0%}" + (f", {e.counterfactual:+.2f}" if e.counterfactual is not None else "")
             for e in sorted(s.experts, key=lambda e: -e.routing_share)[:3] if e.routing_share > 0)
         mark = "" if s.agreement is None else (" ✓" if s.agreement else " ✗")
-        table.add_row(f"{s.index}{mark}", repr(s.text.strip())[1:-1][:80], srcs, docs, experts)
+        table.add_row(f"{s.index}{mark}", Text(repr(s.text.strip())[1:-1][:80]), Text(srcs), docs, Text(experts))
     console.print(table)
     off = f"; experts off: {', '.join(t.experts_off)}" if t.experts_off else ""
     skipped = "; not searched: " + ", ".join(f"{k} ({v})" for k, v in t.sources_skipped.items()) if t.sources_skipped else ""
@@ -102,6 +125,7 @@ def query(
     limit: Annotated[int, typer.Option(help="At most this many rows.")] = 1000,
 ) -> None:
     """Run read-only SQL over the provenance store."""
+    _check_unicode(sql, "the query")
     res = store.query(ws(), sql, limit=limit)
     if as_json:
         print_json([dict(zip(res.columns, r)) for r in res.rows])
@@ -110,8 +134,12 @@ def query(
     for c in res.columns:
         table.add_column(c, overflow="fold")
     for r in res.rows:
-        table.add_row(*["" if v is None else str(v) for v in r])
+        table.add_row(*[Text("" if v is None else _clip(str(v))) for v in r])  # stored data: never markup
     console.print(table)
+
+
+def _clip(v: str, n: int = 2000) -> str:
+    return v if len(v) <= n else v[:n] + f"... (+{len(v) - n:,} characters; --json shows all)"
 
 
 @report_app.command("contribution")
@@ -141,12 +169,31 @@ def contribution(
     for col in ("tokens", "count", "traced", "top expert", "span"):
         table.add_column(col, overflow="fold")
     for s in c.top_spans:
-        table.add_row(str(s["n_tokens"]), str(s["count"]), str(s["times_traced"]), str(s["top_expert_source"] or ""), repr(s["text"].strip())[1:-1][:100])
+        table.add_row(str(s["n_tokens"]), str(s["count"]), str(s["times_traced"]), Text(str(s["top_expert_source"] or "")),
+                      Text(repr(s["text"].strip())[1:-1][:100]))
     console.print(table)
 
 
 @traces_app.command("export")
-def export(out: Annotated[Path, typer.Option(help="Folder for one Parquet file per table.")] = Path("provenance-export")) -> None:
-    """Export every provenance table to Parquet."""
-    for p in store.export_parquet(ws(), out):
-        console.print(f"wrote {p}")
+def export(
+    out: Annotated[Path, typer.Option(help="Folder for one Parquet file per table.")] = Path("provenance-export"),
+    force: Annotated[bool, typer.Option("--force", help="Replace a file at --out, or an earlier export in it.")] = False,
+) -> None:
+    """Export every provenance table to Parquet (a consistent snapshot; the store is not locked)."""
+    for p in store.export_parquet(ws(), out, force=force):
+        console.print(f"wrote {p}", highlight=False)
+
+
+@traces_app.command("repair")
+def repair(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Finish owner changes a crash left half-applied (takedowns, `counts` sources) in stored
+    traces, import a store of the DuckDB-file era, and remove what crashed writers left."""
+    from tracing.governance import repair as run
+
+    r = run(ws())
+    if as_json:
+        print_json(r)
+        return
+    console.print(f"store: {r['traces']:,} traces in {r['parts']} parts, {r['redactions']} redactions in force; "
+                  f"{r['rows_redacted']} rows redacted now, {len(r['removed'])} leftovers removed"
+                  f"{'; the old provenance.duckdb was imported' if r['imported_old_store'] else ''}", highlight=False)

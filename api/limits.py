@@ -1,0 +1,52 @@
+"""Limits at the door: a body-size cap, and 422s that say what was wrong without echoing it.
+
+FastAPI's default 422 repeats the offending input (a 50 MB body came back as a 50 MB
+reply). Here each error keeps its location, message and type only.
+"""
+
+from __future__ import annotations
+
+from fastapi import HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+class BodyLimit:
+    """Refuse request bodies over `max_bytes` with 413, by Content-Length or while reading."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self) -> HTTPException:
+        return HTTPException(413, detail=f"the request body is over {self.max_bytes:,} bytes, this service's limit; "
+                                         "send a shorter text")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            e = self._too_large()
+            return await JSONResponse({"detail": e.detail}, status_code=413, headers={"Connection": "close"})(
+                scope, receive, send)
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_bytes:
+                    raise self._too_large()  # FastAPI re-raises HTTPExceptions from body reading
+            return msg
+
+        await self.app(scope, limited, send)
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 with where and what, never the input itself."""
+    errors = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))[:300], "type": e.get("type", "")}
+              for e in exc.errors()[:20]]
+    return JSONResponse(status_code=422, content={"detail": errors})
