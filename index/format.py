@@ -12,6 +12,8 @@ One shard k of an index folder is
                   bytes of the ids that follow; built by the package's `rust_indexing`
 
 plus `bow_ids.txt` (one id per line) and `manifest.json` (counts, hashes, checksums).
+`shard_file` is the one place these names are made; `index_dir`/`diff_dir` say where a
+source's index and its takedown index live, and `source_lock` who may write them.
 
 infini-gram's C++ loader classifies a folder's files by *substring of the whole path*
 (`path.find("table")`), so a folder whose path contains e.g. `table` (a pytest tmp path

@@ -242,12 +242,21 @@ def _ranges_kernel(ds_list, sa_list, ptr_sizes, ids):
 # the Python face
 
 
+class Shards(tuple):
+    """A source's shards with the typed lists the kernels take, built once (not per query)."""
+
+    def __new__(cls, shards: Sequence[Shard]):
+        self = super().__new__(cls, shards)
+        ds_list, sa_list = TypedList(), TypedList()
+        for sh in shards:
+            ds_list.append(np.asarray(sh.ds))
+            sa_list.append(np.asarray(sh.sa))
+        self.typed = (ds_list, sa_list, np.array([sh.ptr_size for sh in shards], dtype=np.int64))
+        return self
+
+
 def _typed(shards: Sequence[Shard]):
-    ds_list, sa_list = TypedList(), TypedList()
-    for sh in shards:
-        ds_list.append(np.asarray(sh.ds))
-        sa_list.append(np.asarray(sh.sa))
-    return ds_list, sa_list, np.array([sh.ptr_size for sh in shards], dtype=np.int64)
+    return (shards if isinstance(shards, Shards) else Shards(shards)).typed
 
 
 def source_matches(source: str, shards: Sequence[Shard], ids: Sequence[int], delim_ids: Sequence[int],

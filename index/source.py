@@ -65,12 +65,12 @@ def _checksum_problems(folder: Path, manifest: dict) -> list[str]:
         p = folder / name
         try:
             st = p.stat()
-        except OSError:
-            problems.append(f"{name} is missing")
+            key = (str(p), st.st_ino, st.st_size, st.st_mtime_ns, info["sha256"])
+            if key not in _checked:
+                _checked[key] = file_sha256(p) == info["sha256"]
+        except OSError as e:
+            problems.append(f"{name} cannot be read ({e.strerror})")
             continue
-        key = (str(p), st.st_ino, st.st_size, st.st_mtime_ns, info["sha256"])
-        if key not in _checked:
-            _checked[key] = file_sha256(p) == info["sha256"]
         if not _checked[key]:
             problems.append(f"{name} fails its sha256 checksum (altered since the build)")
     return problems
@@ -129,7 +129,7 @@ class SourceIndex:
             else:
                 self.engine = InfiniGramEngine(index_dir=path, **common)
         self._shards: list[_Shard] = []
-        self._search: list[search.Shard] = []
+        self._search: list[search.Shard] | search.Shards = []
         for st in self.manifest["shards"]:
             k = st["shard"]
             f = lambda kind: fmt.shard_file(self.folder, kind, k)  # noqa: E731
@@ -138,6 +138,7 @@ class SourceIndex:
                                        mt=np.memmap(f("metadata"), dtype=np.uint8, mode="r"),
                                        om=np.fromfile(f("metaoff"), dtype=np.uint64)))
             self._search.append(search.Shard.open(name, k, f("tokenized"), f("table")))
+        self._search = search.Shards(self._search)
         self._by_doc_id: dict[str, tuple[int, int]] | None = None
         self._unigram: np.ndarray | None = None
 
