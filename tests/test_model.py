@@ -1,6 +1,6 @@
 """Model side on the tiny profile: expert freezing, the router recipe (negative bias, z-loss),
 merge equivalence, integrity checks, routing capture, opt-out, resume, CLI. Data and
-tokenizer are built in tmp folders. Artifact cards: tests/test_artifacts.py."""
+tokenizer are built in tmp folders. Artifact cards and old workspaces: tests/test_artifacts.py."""
 
 from __future__ import annotations
 
