@@ -1,0 +1,255 @@
+"""The provenance store under readers and faults: real DuckDB, real Parquet parts, a real tracer
+on a tiny federation (indexes only: these tests need no model).
+
+    .venv/bin/python -m pytest tests/test_store.py -x -q
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+from conftest_model import build_federation
+from typer.testing import CliRunner
+
+from cli.main import app
+from flexolmo import sources
+from flexolmo.errors import ConflictError, InputError
+from index import takedown as td
+from index.build import build_source
+from tracing import governance, parts, store
+from tracing.trace import Tracer
+
+NAMES = ("public", "news", "code")
+
+READER = textwrap.dedent("""
+    # A hostile analyst: holds a connection to the store open and queries it in a loop,
+    # as a notebook would, until the stop file appears; reports what it saw.
+    import json, sys, time
+    from pathlib import Path
+    from flexolmo.workspace import Workspace
+    from tracing import store
+    ws, stop, out = Workspace(Path(sys.argv[1])), Path(sys.argv[2]), Path(sys.argv[3])
+    ok = errors = 0
+    last = None
+    while not stop.exists():
+        try:
+            with store.reader(ws, sandbox=False) as con:
+                for _ in range(5):
+                    last = con.execute("SELECT count(*) FROM traces").fetchone()[0]
+                    con.execute("SELECT * FROM span_documents").fetchall()
+                    ok += 1
+                    time.sleep(0.02)
+        except Exception as e:  # a compaction between manifest and read: reopen
+            errors += 1
+            print(repr(e), file=sys.stderr)
+    out.write_text(json.dumps({"ok": ok, "errors": errors, "last": last}))
+""")
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory):
+    ws = build_federation(tmp_path_factory.mktemp("store"), sources=NAMES, n_docs=30)
+    for s in NAMES:
+        build_source(ws, s)
+    return ws
+
+
+@pytest.fixture(scope="module")
+def tracer(fed) -> Tracer:
+    return Tracer.open(fed, model=None)
+
+
+def _doc(ws, source: str, i: int) -> dict:
+    return sources.load_documents(ws, source, split="train").to_pylist()[i]
+
+
+def _passage(ws, source: str, i: int) -> str:
+    return " " + " ".join(_doc(ws, source, i)["text"].split(" ")[4:26])
+
+
+def _raw_rows(ws, doc_id: str) -> list[dict]:
+    """Every span_documents row of `doc_id` in every Parquet file under traces/, read directly."""
+    rows = []
+    for f in parts.root(ws).rglob("span_documents.parquet"):
+        rows += [r for r in pq.read_table(f).to_pylist() if r["doc_id"] == doc_id]
+    return rows
+
+
+class Reader:
+    """A concurrent reader process holding the store (started once the store exists)."""
+
+    def __init__(self, ws, tmp: Path):
+        self.stop, self.out = tmp / "stop", tmp / "reader.json"
+        self.proc = subprocess.Popen([sys.executable, "-c", READER, str(ws.root), str(self.stop), str(self.out)],
+                                     stderr=subprocess.PIPE, text=True)
+        time.sleep(1.5)  # imported and reading
+
+    def finish(self) -> dict:
+        self.stop.touch()
+        _, err = self.proc.communicate(timeout=60)
+        assert self.proc.returncode == 0, err
+        return json.loads(self.out.read_text())
+
+
+def test_traces_succeed_while_a_reader_holds_the_store(fed, tracer, tmp_path):
+    tracer.trace(_passage(fed, "code", 1))  # the store exists
+    before = store.query(fed, "SELECT count(*) FROM traces").rows[0][0]
+    reader = Reader(fed, tmp_path)
+    ids = [tracer.trace(_passage(fed, src, i)).trace_id for i in range(6) for src in ("news", "code")]
+    seen = reader.finish()
+    assert seen["ok"] > 10 and seen["errors"] == 0 and seen["last"] >= before
+    rows = store.query(fed, "SELECT trace_id, count(*) FROM traces GROUP BY 1").rows
+    counts = dict(rows)
+    assert all(counts.get(i) == 1 for i in ids) and len(rows) == before + len(ids)
+
+
+def test_takedown_while_a_reader_holds_the_store_redacts_every_stored_row(fed, tracer, tmp_path):
+    doc = _doc(fed, "news", 6)
+    t = tracer.trace(_passage(fed, "news", 6))
+    assert any(r["snippet"] for r in _raw_rows(fed, doc["doc_id"]))
+    reader = Reader(fed, tmp_path)
+    governance.takedown(fed, "news", doc["doc_id"], reason="owner request", by="news-owner")
+    reader.finish()
+    rows = _raw_rows(fed, doc["doc_id"])
+    assert rows and all(r["blocked"] and r["snippet"] is None and r["title"] is None for r in rows)
+    stored = store.trace_rows(fed, t.trace_id)["span_documents"]
+    assert doc["text"][20:60] not in json.dumps(stored.rows, default=str)
+    with pytest.raises(ConflictError, match="already taken down"):  # whole: a repeat is refused
+        governance.takedown(fed, "news", doc["doc_id"], reason="again")
+
+
+def test_half_applied_takedown_is_finished_by_a_retry_a_reader_or_repair(fed, tracer):
+    docs = [_doc(fed, "code", i) for i in (10, 11, 12)]
+    for i in (10, 11, 12):
+        tracer.trace(_passage(fed, "code", i))
+    # a crash between the catalog and the store: the takedown is recorded, the store untouched
+    for d in docs:
+        td.takedown(fed, "code", d["doc_id"], reason="owner request")
+        assert any(r["snippet"] for r in _raw_rows(fed, d["doc_id"]))
+    # 1. the retry finishes it (not refused), and the takedown comes back as recorded
+    t = governance.takedown(fed, "code", docs[0]["doc_id"], reason="retry")
+    assert t.doc_id == docs[0]["doc_id"] and t.reason == "owner request"
+    # ... and every pending one with it: the store agrees with the catalog as a whole
+    assert all(not r["snippet"] for d in docs for r in _raw_rows(fed, d["doc_id"]))
+
+
+def test_pending_redaction_is_applied_before_any_read_or_by_repair(fed, tracer):
+    a, b = _doc(fed, "public", 3), _doc(fed, "public", 4)
+    tracer.trace(_passage(fed, "public", 3))
+    tracer.trace(_passage(fed, "public", 4))
+    td.takedown(fed, "public", a["doc_id"], reason="x")  # recorded, store not yet redacted
+    res = store.query(fed, f"SELECT count(*) FROM span_documents WHERE doc_id = '{a['doc_id']}' AND snippet IS NOT NULL")
+    assert res.rows[0][0] == 0  # the reader finished it first
+    td.takedown(fed, "public", b["doc_id"], reason="x")
+    r = CliRunner().invoke(app, ["--workspace", str(fed.root), "traces", "repair", "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    assert report["rows_redacted"] >= 1 and report["redactions"] >= 2
+    assert all(not x["snippet"] for x in _raw_rows(fed, b["doc_id"]))
+
+
+def test_trace_computed_before_a_takedown_is_redacted_when_stored(fed):
+    doc = _doc(fed, "news", 9)
+    stale = Tracer.open(fed, model=None)
+    t = stale.trace(_passage(fed, "news", 9), store=False)  # computed with the text
+    assert any(d.snippet for s in t.spans for d in s.documents if d.doc_id == doc["doc_id"])
+    governance.takedown(fed, "news", doc["doc_id"], reason="owner request")
+    store.save_trace(fed, t)
+    hits = [d for s in t.spans for d in s.documents if d.doc_id == doc["doc_id"]]
+    assert hits and all(d.blocked and d.snippet is None and d.context is None for d in hits)
+    assert all(r["blocked"] and r["snippet"] is None for r in _raw_rows(fed, doc["doc_id"]))
+
+
+def test_counts_policy_recorded_but_not_applied_is_applied_and_reapplied(fed, tracer):
+    passage = _passage(fed, "code", 20)
+    count = "SELECT count(*) FROM span_documents WHERE source = 'code' AND doc_id IS NOT NULL"
+    try:
+        tracer.trace(passage)
+        sources.set_policy(fed, "code", visibility="counts")  # the catalog only (as if crashed)
+        assert store.query(fed, count).rows[0][0] == 0
+        sources.set_policy(fed, "code", visibility="full")
+        Tracer.open(fed, model=None).trace(passage)
+        assert store.query(fed, count).rows[0][0] > 0  # full again: new traces keep documents
+        governance.set_policy(fed, "code", visibility="counts")  # switched back: redacted again
+        assert store.query(fed, count).rows[0][0] == 0
+    finally:
+        sources.set_policy(fed, "code", visibility="full")
+
+
+def test_sql_errors_are_clear_and_a_slow_query_is_interrupted(fed):
+    with pytest.raises(InputError, match="no SQL statement"):
+        store.query(fed, "-- only a comment")
+    with pytest.raises(InputError, match="no SQL statement"):
+        store.query(fed, "   ")
+    with pytest.raises(InputError, match="one statement at a time"):
+        store.query(fed, "SELECT 1; SELECT 2")
+    with pytest.raises(InputError, match="read-only"):
+        store.query(fed, "CREATE TABLE x (a INT)")
+    t0 = time.perf_counter()
+    with pytest.raises(store.QueryTimeout, match="budget"):
+        store.query(fed, "SELECT count(*) FROM range(1000000000) a, range(1000) b WHERE a.range + b.range = 7",
+                    timeout_s=0.5)
+    assert time.perf_counter() - t0 < 3
+    r = CliRunner().invoke(app, ["--workspace", str(fed.root), "query", "/* nothing */"])
+    assert r.exit_code == 1 and "no SQL statement" in r.output and "Traceback" not in r.output
+
+
+def test_export_refuses_to_overwrite_without_force(fed, tmp_path):
+    base = ["--workspace", str(fed.root), "traces", "export", "--out"]
+    f = tmp_path / "taken"
+    f.write_text("keep me")
+    r = CliRunner().invoke(app, base + [str(f)])
+    assert r.exit_code == 1 and "is a file" in r.output and f.read_text() == "keep me"
+    assert CliRunner().invoke(app, base + [str(f), "--force"]).exit_code == 0 and (f / "spans.parquet").exists()
+    r = CliRunner().invoke(app, base + [str(f)])
+    assert r.exit_code == 1 and "already holds an export" in r.output
+    n = store.query(fed, "SELECT count(*) FROM traces").rows[0][0]
+    assert pq.read_table(f / "traces.parquet").num_rows == n
+
+
+def test_binary_stdin_is_refused_clearly(fed):
+    r = CliRunner().invoke(app, ["--workspace", str(fed.root), "trace"], input=b"\xff\xfe\x00\x01binary")
+    assert r.exit_code == 1 and "not UTF-8" in r.output and "Traceback" not in r.output
+
+
+def test_compaction_keeps_every_trace_once(fed, tracer, monkeypatch, tmp_path):
+    monkeypatch.setattr(parts, "COMPACT_AT", 3)
+    ids = [tracer.trace(_passage(fed, "public", i)).trace_id for i in range(10, 16)]
+    m = parts.Manifest.read(parts.root(fed))
+    assert len([p for p in m.parts if p["n"] < parts.SMALL_PART]) <= 4
+    on_disk = {d.name for d in (parts.root(fed) / "parts").iterdir()}
+    assert on_disk == {p["id"] for p in m.parts}  # merged parts removed
+    rows = dict(store.query(fed, "SELECT trace_id, count(*) FROM traces GROUP BY 1", limit=None).rows)
+    assert all(rows[i] == 1 for i in ids) and set(rows.values()) == {1}
+
+
+def test_old_duckdb_store_is_imported_and_redacted(tmp_path):
+    ws = build_federation(tmp_path / "old", sources=("public", "news"), n_docs=20)
+    for s in ("public", "news"):
+        build_source(ws, s)
+    doc = _doc(ws, "news", 2)
+    t = Tracer.open(ws, model=None).trace(_passage(ws, "news", 2), store=False)
+    # the store as the DuckDB-file era wrote it (JSON columns, primary keys)
+    ws.traces_path.parent.mkdir(parents=True)
+    con = duckdb.connect(str(ws.traces_path))
+    con.execute(store.SCHEMA.replace("timings_ms        VARCHAR", "timings_ms        JSON")
+                .replace("trace_id          VARCHAR NOT NULL,", "trace_id          VARCHAR PRIMARY KEY,"))
+    for name, table in store._tables(t).items():
+        con.register("x", table)
+        con.execute(f"INSERT INTO {name} SELECT * FROM x")
+        con.unregister("x")
+    con.close()
+    td.takedown(ws, "news", doc["doc_id"], reason="taken down while the old store held it")
+    report = governance.repair(ws)
+    assert report["imported_old_store"] and report["traces"] == 1 and not ws.traces_path.exists()
+    rows = store.trace_rows(ws, t.trace_id)
+    assert len(rows["spans"].rows) == len(t.spans)
+    assert all(r["blocked"] and r["snippet"] is None for r in _raw_rows(ws, doc["doc_id"]))
