@@ -93,7 +93,7 @@ def main() -> None:
         t0 = time.time()
         r = tune_router(ws, merged, out=tuned, docs_per_source=args.docs_per_source, steps=args.steps, lr=args.lr,
                         seq_len=args.seq_len)
-        tune = {**r.card["router_tuning"], "wall_seconds": round(time.time() - t0, 1)}
+        tune = {**r.card.router_tuning, "wall_seconds": round(time.time() - t0, 1)}
     else:
         tune = json.loads((tuned / "card.json").read_text())["router_tuning"]
 

@@ -11,7 +11,7 @@ import pytest
 
 from conftest_model import build_federation
 
-from flexolmo.artifacts import expert_package, merged_model, public_model, token_cache
+from flexolmo.artifacts import expert_package, merged_model, public_model
 from flexolmo.artifacts import tokenizer as tok_artifact
 from flexolmo.artifacts.expert_package import ExpertPackageCard
 from flexolmo.artifacts.merged_model import MergedModelCard
