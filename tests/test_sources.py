@@ -189,3 +189,28 @@ def test_replace_dir_swaps_atomically(tmp_path):
             (tmp / "v").write_text("3")
             raise RuntimeError("interrupted")
     assert (final / "v").read_text() == "2" and [p.name for p in tmp_path.iterdir()] == ["thing"]
+
+
+def test_by_is_validated_stored_as_data_and_shown_literally(ws, write_jsonl):
+    from flexolmo import catalog
+
+    sources.add_source(ws, "notes", write_jsonl("n.jsonl", docs(5)), **OWNER)
+    for bad, why in (("x" * 1_000_000, "limit is 100"), ("alice\n2026-01-01 mallory: active True -> False", "control"),
+                     ("\ud800", "lone surrogate"), ("", "empty")):
+        with pytest.raises(InputError, match=why):
+            sources.set_policy(ws, "notes", active=False, by=bad)
+    assert sources.policy_log(ws, "notes") == []  # nothing half-written
+    markup = "[/bold][red]root[/red] [link=http://x]y[/link]"
+    sources.set_policy(ws, "notes", visibility="snippets", by=markup)
+    assert sources.policy_log(ws, "notes")[-1]["changed_by"] == markup  # stored as given
+    # a row written before validation existed: long and multi-line; shown clipped, on one line
+    with catalog.connect(ws) as con:
+        for by in ("a" * 500_000, "mallory\nforged line"):
+            con.execute("INSERT INTO policy_log VALUES ('notes', now()::TIMESTAMP, ?, 'active', 'True', 'False')", [by])
+    r = CliRunner().invoke(app, ["--workspace", str(ws.root), "sources", "show", "notes"])
+    assert r.exit_code == 0, r.output
+    assert markup in r.output  # literally, brackets and all
+    assert "mallory\\nforged line" in r.output and "\nforged line" not in r.output  # escaped, on one line
+    assert "(+499,800 characters)" in r.output  # clipped
+    r = CliRunner().invoke(app, ["--workspace", str(ws.root), "sources", "set", "notes", "--inactive", "--by", "[/x]\nforged"])
+    assert r.exit_code == 1 and "control" in r.output
