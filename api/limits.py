@@ -47,6 +47,11 @@ class BodyLimit:
 
 async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     """422 with where and what, never the input itself."""
-    errors = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))[:300], "type": e.get("type", "")}
-              for e in exc.errors()[:20]]
+    errors = [{"loc": list(e.get("loc", ())), "msg": _msg(e), "type": e.get("type", "")} for e in exc.errors()[:20]]
     return JSONResponse(status_code=422, content={"detail": errors})
+
+
+def _msg(e: dict) -> str:
+    if e.get("type") == "string_unicode":  # e.g. a lone surrogate "\\ud800" in the JSON
+        return "not valid Unicode text (a lone surrogate such as \\ud800?); send UTF-8 text"
+    return str(e.get("msg", ""))[:300]

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Request
@@ -167,7 +168,7 @@ async def health(svc: ServiceDep) -> Health:
     return Health(status="ok" if t is not None else "degraded", workspace=str(svc.ws.root), tracer_open=t is not None,
                   error=svc.error, sources_searched=list(t.fed.names) if t else [],
                   sources_skipped=dict(t.fed.skipped) if t else {}, model=t.model_name if t else None,
-                  queued=svc.worker.queued, limits=svc.settings.caps())
+                  queued=svc.worker.queued, pid=os.getpid(), limits=svc.settings.caps())
 
 
 def _trace_rows(ws, trace_id: str) -> dict[str, QueryResponse]:

@@ -101,4 +101,5 @@ class Health(BaseModel):
     sources_skipped: dict[str, str]
     model: str | None
     queued: int = 0  # traces and generations waiting or running in this process
+    pid: int = 0  # this worker process (`serve --workers N` runs N)
     limits: dict[str, Any] = {}  # budgets (seconds) and input caps
