@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Iterator
 
 import httpx
@@ -299,3 +300,18 @@ def test_a_job_that_cannot_start_within_its_budget_never_runs(fed):
         assert not ran and worker.queued == 0
     finally:
         worker.close()
+
+
+def test_load_bench_runs_on_a_tiny_workspace(fed):
+    """bench/load_api.py end to end, briefly: its own server on 127.0.0.1, a reader, the checks."""
+    bench = Path(__file__).resolve().parent.parent / "bench" / "load_api.py"
+    r = subprocess.run([sys.executable, str(bench), "-w", str(fed.root), "--levels", "1,3", "--seconds", "3",
+                        "--words", "40", "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert report["reader"]["errors"] == 0 and report["reader"]["ok"] > 0
+    assert [lv["clients"] for lv in report["levels"]] == [1, 3]
+    for lv in report["levels"]:
+        assert lv["requests"] > 0 and lv["stored_exactly_once"] and lv["req_per_s"] > 0
+        # only budget refusals may count as errors on a loaded machine, never a failure
+        assert set(lv["errors_by_status"]) <= {"503", "504"}, lv
