@@ -329,6 +329,23 @@ def add_records(
     return get_source(ws, name)
 
 
+def insert_remote_row(con, name: str, *, owner: str, domain: str, licence: str, origin: str, content_hash: str,
+                      n_docs: int, visibility: str = "full", by: str | None = None) -> None:
+    """The `sources` row of a source whose documents stay with their owner (`index/remote.py`
+    registers it, with its node, in the caller's transaction `con`): no documents here."""
+    check_name(name)
+    check_visibility(visibility)
+    for field, value in (("owner", owner), ("domain", domain), ("licence", licence)):
+        if not value or not value.strip():
+            raise InputError(f"--{field} is required and may not be empty")
+    if con.execute("SELECT 1 FROM sources WHERE name = ?", [name]).fetchone():
+        raise ConflictError(f"source {name!r} already exists; choose another name")
+    now = dt.datetime.now().replace(microsecond=0)
+    con.execute("INSERT INTO sources VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [name, owner, domain, licence, visibility, True, None, origin, content_hash, int(n_docs), 0, 0, 0, 0,
+                 now, now, check_by(by)])
+
+
 def add_source(ws: Workspace, name: str, path: str | Path, **kwargs) -> Source:
     """Register a user's folder or file of JSONL/Parquet documents as source `name`."""
     check_name(name)
