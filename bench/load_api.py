@@ -206,13 +206,15 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
     seen = json.loads((tmp / "r.json").read_text()) if (tmp / "r.json").exists() else {"ok": 0, "errors": -1}
+    if reader is not None and seen["errors"]:
+        seen["messages"] = reader.stderr.read().decode().strip().splitlines()[-3:]
     report = {"workspace": str(ws.root), "workers": args.workers, "model": has_model, "words": args.words,
               "seconds_per_level": seconds, "cores": os.cpu_count(), "reader": seen, "levels": results}
     if args.json:
         print(json.dumps(report))
         return
     print(f"{ws.root}: {args.workers} worker(s), model: {'yes' if has_model else 'no'}, {args.words}-word passages, "
-          f"{seconds:g} s per level; reader: {seen['ok']} reads, {seen['errors']} failures")
+          f"{seconds:g} s per level; reader: {seen['ok']} reads, {seen['errors']} failures {seen.get('messages', '')}")
     print(f"{'C':>3} {'req/s':>6} {'req':>5} {'traces':>6} {'p50 s':>6} {'p99 s':>6} {'all p99':>7} "
           f"{'errors':>6}  stored once")
     for r in results:

@@ -226,7 +226,10 @@ def test_compaction_keeps_every_trace_once(fed, tracer, monkeypatch, tmp_path):
     m = parts.Manifest.read(parts.root(fed))
     assert len([p for p in m.parts if p["n"] < parts.SMALL_PART]) <= 4
     on_disk = {d.name for d in (parts.root(fed) / "parts").iterdir()}
-    assert on_disk == {p["id"] for p in m.parts}  # merged parts removed
+    assert m.retired and on_disk == {p["id"] for p in m.parts} | {p["id"] for p in m.retired}  # kept for readers
+    store.repair(fed)  # no grace: merged-away parts go
+    m = parts.Manifest.read(parts.root(fed))
+    assert not m.retired and {d.name for d in (parts.root(fed) / "parts").iterdir()} == {p["id"] for p in m.parts}
     rows = dict(store.query(fed, "SELECT trace_id, count(*) FROM traces GROUP BY 1", limit=None).rows)
     assert all(rows[i] == 1 for i in ids) and set(rows.values()) == {1}
 

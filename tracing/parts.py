@@ -17,9 +17,9 @@ Invariants, kept under the writer lock:
   redacted against `applied` before it is committed, and a redaction is added to `applied`
   only after every committed part has been rewritten (each file by `os.replace`, so a
   reader sees the old or the new file, whole);
-- compaction writes the merged part, swaps the manifest, then deletes the old folders; a
-  reader that raced it retries with the new manifest (store reads do; a notebook holding a
-  connection across a compaction reopens it).
+- compaction writes the merged part and swaps the manifest; the merged-away folders stay
+  for RETIRED_GRACE_S for readers still holding them (a redaction removes them at once:
+  a reader holding one then fails and reopens, store reads retry by themselves).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from flexolmo.workspace import Workspace
 WRITE_WAIT_S = 30.0  # a writer waits this long for another writer (commits take milliseconds)
 COMPACT_AT = 48  # merge the small parts when there are more than this many
 SMALL_PART = 2000  # traces: a part with fewer is "small" and will be merged
+RETIRED_GRACE_S = 600  # merged-away parts stay this long for readers still holding them
 
 _THREAD_LOCK = threading.RLock()  # flock excludes other processes; this, other threads
 
@@ -53,6 +54,7 @@ _THREAD_LOCK = threading.RLock()  # flock excludes other processes; this, other 
 class Manifest:
     parts: list[dict] = field(default_factory=list)  # {"id": ..., "n": traces in the part}
     applied: list[list] = field(default_factory=list)  # redaction keys every part satisfies
+    retired: list[dict] = field(default_factory=list)  # {"id": ..., "at": unix time}: merged away
 
     @classmethod
     def read(cls, root: Path) -> "Manifest | None":
@@ -60,12 +62,12 @@ class Manifest:
             d = json.loads((root / "manifest.json").read_text())
         except FileNotFoundError:
             return None
-        return cls(parts=d["parts"], applied=d["applied"])
+        return cls(parts=d["parts"], applied=d["applied"], retired=d.get("retired", []))
 
     def write(self, root: Path) -> None:
         tmp = root / f".manifest-{uuid.uuid4().hex[:8]}.json"
         with open(tmp, "w") as f:
-            json.dump({"version": 1, "parts": self.parts, "applied": self.applied}, f)
+            json.dump({"version": 1, "parts": self.parts, "applied": self.applied, "retired": self.retired}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, root / "manifest.json")
@@ -147,16 +149,22 @@ def compact(r: Path, m: Manifest, tables: tuple[str, ...]) -> None:
         ids = {p["id"] for p in small}
         os.rename(tmp, r / "parts" / part_id)
         m.parts = [p for p in m.parts if p["id"] not in ids] + [{"id": part_id, "n": sum(p["n"] for p in small)}]
+        m.retired += [{"id": i, "at": time.time()} for i in sorted(ids)]
         m.write(r)
-    sweep(r, m)
+    sweep(r, m, grace_s=RETIRED_GRACE_S)
 
 
-def sweep(r: Path, m: Manifest) -> list[str]:
-    """Remove what no reader can see: part folders the manifest does not list, temporary
-    parts and manifests (caller holds the writer lock, and parts are only written under it,
-    so all of these are a crashed or superseded writer's)."""
-    listed = {p["id"] for p in m.parts}
-    gone = [d for d in (r / "parts").glob("*") if d.name not in listed] + list((r / "tmp").glob("*"))
+def sweep(r: Path, m: Manifest, grace_s: float = 0.0) -> list[str]:
+    """Remove what no new reader can see: part folders the manifest does not list (merged-away
+    parts once `grace_s` has passed, for readers that still hold them), temporary parts and
+    manifests (caller holds the writer lock, and parts are only written under it, so these
+    are a crashed or superseded writer's). A redaction sweeps with no grace: no copy of
+    redacted text outlives it."""
+    keep = {p["id"] for p in m.parts} | {p["id"] for p in m.retired if time.time() - p["at"] < grace_s}
+    if len(m.retired) != len([p for p in m.retired if p["id"] in keep]):
+        m.retired = [p for p in m.retired if p["id"] in keep]
+        m.write(r)
+    gone = [d for d in (r / "parts").glob("*") if d.name not in keep] + list((r / "tmp").glob("*"))
     for d in gone:
         shutil.rmtree(d, ignore_errors=True)
     stale = list(r.glob(".manifest-*.json")) + list((r / "parts").glob("*/*.parquet.tmp"))
