@@ -21,7 +21,7 @@ class DocHit:
     context: str | None  # up to 250 tokens a side (None unless visibility is `full`)
     context_span: tuple[int, int] | None
     relevance: float = 0.0  # BM25 score against prompt + response
-    relevance_norm: float = 0.0  # relevance / (0.18 * response characters)
+    relevance_norm: float = 0.0  # relevance / the query's BM25 bound (tracing/relevance.py)
     bucket: str = "low"  # high | medium | low
 
 
@@ -32,7 +32,10 @@ class ExpertLink:
     expert: int
     source: str  # the source whose owner trained this expert ('public' for expert 0)
     routing_share: float  # share of router weight over the span's tokens, layers and top-k slots
-    counterfactual: float | None  # drop in the span's log-probability with this expert off
+    # drop in the span's log-probability with this expert off; 0 for an expert already off;
+    # None when not computed: counterfactuals off, the last expert on (it cannot be switched
+    # off), or an expert the router gave no weight on any kept span (skipped, tracing/experts.py)
+    counterfactual: float | None
     active: bool  # False when the expert was switched off for this trace
 
 
@@ -52,7 +55,10 @@ class Span:
     group: int  # index of the top-level group of overlapping spans this span belongs to
     documents: list[DocHit] = field(default_factory=list)
     experts: list[ExpertLink] = field(default_factory=list)
-    top_expert: int | None = None
+    top_expert: int | None = None  # by the signal `top_expert_by` names
+    top_expert_by: str | None = None  # "counterfactual" (argmax of the drop, when computed) | "routing"
+    top_by_routing: int | None = None  # argmax of the routing share
+    top_by_counterfactual: int | None = None  # argmax of the drop over switched-on experts (None: not computed)
     agreement: bool | None = None  # top expert's source is among the sources containing the span
 
     @property

@@ -4,12 +4,16 @@
     t = tracer.trace("pasted response", prompt="...")
     t = tracer.generate_and_trace("prompt", max_new_tokens=60)
 
-OLMoTrace's production settings (DESIGN.md, Tracing): only the response is traced; maximal
-spans with delimiters newline and '.', min_len 1, max_cnt 1,000,000, word boundaries
-enforced; keep the K = ceil(0.05 L) spans with the lowest unigram log-prob sum; up to 10
-documents per span (seeded sample), 250 tokens of context a side and a 40-token snippet;
-BM25 relevance over the retrieved windows. Beyond OLMoTrace, each span is linked to the
-experts that routed its tokens and to the drop in its log-probability without each expert.
+OLMoTrace's production settings (DESIGN.md, Tracing; `TraceOptions` in tracing/options.py):
+only the response is traced; maximal spans cut at delimiters, min_len 1, max_cnt 1,000,000,
+word boundaries enforced; keep the K = ceil(0.05 L) spans with the lowest unigram log-prob
+sum; up to 10 documents per span (seeded sample), 250 tokens of context a side and a
+40-token snippet; BM25 relevance over the retrieved windows (tracing/relevance.py, buckets
+calibrated for this federation). Two adaptations: every token that *contains* a newline is
+a delimiter, as is '.' (the byte-level BPE merges newlines with indentation), and spans
+made only of whitespace and punctuation are not kept. Beyond OLMoTrace, each span is linked
+to the experts that routed its tokens and to the drop in its log-probability without each
+expert (tracing/experts.py); the counterfactual, when computed, names the top expert.
 
 The index does the search (`Federation.find_spans`, `Federation.documents`) and enforces
 source policy on its side: sources that are inactive or expired are neither searched nor
@@ -23,7 +27,8 @@ import datetime as dt
 import math
 import time
 import uuid
-from dataclasses import dataclass, field
+import unicodedata
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -35,32 +40,20 @@ from index.engine import Federation
 from index.models import SpanDocument, SpanMatch
 
 from . import relevance
-from .models import DocHit, ExpertLink, Span, SpanGroup, Trace
-
-
-@dataclass(frozen=True)
-class TraceSettings:
-    """OLMoTrace's published production settings; change them only to experiment."""
-
-    min_len: int = 1
-    max_cnt: int = 1_000_000
-    enforce_bow: bool = True
-    span_density: float = 0.05  # keep K = ceil(0.05 * response tokens) spans
-    max_docs: int = 10  # documents per span, sampled with `seed` when more
-    context_tokens: int = 250  # context a side of the match in the long view
-    snippet_tokens: int = 40
-    seed: int = 0
-    counterfactual: bool = True
+from .experts import link_experts
+from .models import DocHit, Span, SpanGroup, Trace
+from .options import TraceOptions
 
 
 def delimiter_ids(tok) -> list[int]:
-    """Ids of tokens that are only newlines, and of '.' (OLMoTrace's delimiters)."""
-    out = []
-    for token, i in tok.get_vocab().items():
-        text = tok.decode([i])
-        if text == "." or (text and set(text) == {"\n"}):
-            out.append(i)
-    return sorted(out)
+    """Ids of every token that contains a newline, and of '.' (OLMoTrace cuts at newline and
+    '.' tokens; this byte-level BPE merges a newline with indentation, e.g. "\n    ")."""
+    return sorted(i for i in tok.get_vocab().values() if "\n" in (text := tok.decode([i])) or text == ".")
+
+
+def has_words(text: str) -> bool:
+    """Does the text hold a letter, digit or symbol, i.e. more than whitespace and punctuation?"""
+    return any(not (c.isspace() or unicodedata.category(c).startswith("P")) for c in text)
 
 
 @dataclass
@@ -73,20 +66,29 @@ class Tracer:
     bow: np.ndarray
     delims: list[int]
     policies: dict[str, src_lib.Source]
-    model: object | None = None
+    model: object | None = None  # a flexolmo.model.LoadedModel
     model_name: str | None = None
-    settings: TraceSettings = field(default_factory=TraceSettings)
+    settings: TraceOptions = field(default_factory=TraceOptions)
     fingerprint: tuple = ()  # the catalog state this tracer was opened under (see `stale`)
 
     @classmethod
-    def open(cls, ws: Workspace, *, model: object | None | str = "auto", exclude: tuple[str, ...] = (),
+    def open(cls, ws: Workspace, *, model: object | None | str = "auto", exclude: tuple[str, ...] | None = None,
              include: tuple[str, ...] | None = None, today: dt.date | None = None,
-             settings: TraceSettings | None = None) -> "Tracer":
+             options: TraceOptions | None = None) -> "Tracer":
         """Open the available sources' indexes and (with model='auto') the merged model if built.
 
         :param exclude: sources whose expert is switched off for these traces (their documents
-            are still searched: switching an expert off is a model decision, not a policy)
+            are still searched: switching an expert off is a model decision, not a policy);
+            given here, it overrides `options.exclude` (as `include` does `options.include`)
+        :param model: 'auto', None (no expert linkage) or a `LoadedModel` (`load_merged`)
         """
+        from flexolmo.model import LoadedModel
+
+        opts = (options or TraceOptions()).replace(exclude=tuple(exclude) if exclude is not None else None,
+                                                   include=tuple(include) if include is not None else None)
+        if model is not None and model != "auto" and not isinstance(model, LoadedModel):
+            raise InputError(f"Tracer.open(model=...) takes a LoadedModel (flexolmo.merge.load_merged), "
+                             f"'auto' or None, not {type(model).__name__}")
         fed = Federation.open(ws, today=today, strict=False)  # a damaged index is skipped, not fatal
         tok = tok_lib.load_tokenizer(ws)
         name = None
@@ -95,11 +97,13 @@ class Tracer:
             if (ws.models_dir / "merged" / "config.json").exists():
                 from flexolmo.merge import load_merged
 
-                model = load_merged(ws, exclude=exclude, include=include, today=today)
+                model = load_merged(ws, exclude=opts.exclude, include=opts.include, today=today)
                 name = str(ws.models_dir / "merged")
+        elif model is not None:
+            name = str(model.folder) if model.folder else None
         return cls(ws=ws, fed=fed, tokenizer=tok, bow=np.asarray(tok_lib.read_bow_ids(ws)),
-                   delims=delimiter_ids(tok), policies={s.name: s for s in src_lib.list_sources(ws)}, model=model, model_name=name,
-                   settings=settings or TraceSettings(), fingerprint=catalog_fingerprint(ws))
+                   delims=delimiter_ids(tok), policies={s.name: s for s in src_lib.list_sources(ws)}, model=model,
+                   model_name=name, settings=opts, fingerprint=catalog_fingerprint(ws))
 
     def stale(self) -> bool:
         """Has a policy, a takedown, an index or the date changed since this tracer opened?
@@ -111,15 +115,20 @@ class Tracer:
 
     # -- entry points ----------------------------------------------------------------------
 
-    def generate_and_trace(self, prompt: str, max_new_tokens: int = 60, do_sample: bool = False, seed: int = 0,
-                           temperature: float = 0.8, top_p: float = 0.95, store: bool = True) -> Trace:
-        """Generate a response with routing capture (greedy, or sampled with a seed), then trace it."""
+    def generate_and_trace(self, prompt: str, max_new_tokens: int | None = None, do_sample: bool | None = None,
+                           seed: int | None = None, temperature: float | None = None, top_p: float | None = None,
+                           store: bool = True) -> Trace:
+        """Generate a response with routing capture (greedy, or sampled with a seed), then trace it.
+
+        Arguments left None take the tracer's `TraceOptions` (`seed` is `generation_seed`)."""
         from flexolmo.generate import generate
 
+        o = self.settings.replace(max_new_tokens=max_new_tokens, do_sample=do_sample, generation_seed=seed,
+                                  temperature=temperature, top_p=top_p)
         if self.model is None:
             raise InputError("no merged model to generate with; run `flexolmo merge` first, or trace --text")
-        gen = generate(self.model, self.tokenizer, prompt, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                       seed=seed, temperature=temperature, top_p=top_p)
+        gen = generate(self.model, self.tokenizer, prompt, max_new_tokens=o.max_new_tokens, do_sample=o.do_sample,
+                       seed=o.generation_seed, temperature=o.temperature, top_p=o.top_p)
         ids = list(gen.token_ids)
         if ids and ids[-1] == self.tokenizer.eos_token_id:  # the end-of-text token is not part of the text
             ids.pop()
@@ -150,6 +159,7 @@ class Tracer:
         response = response if response is not None else self.tokenizer.decode(ids)
         raw = self.fed.find_spans(ids, self.delims, self.bow, min_len=st.min_len, max_cnt=st.max_cnt,
                                   enforce_bow=st.enforce_bow)
+        raw = [s for s in raw if has_words(self.tokenizer.decode(list(s.ids)))]  # not only whitespace/punctuation
         k = math.ceil(st.span_density * len(ids))
         kept = sorted(sorted(raw, key=lambda s: s.unigram_logprob_sum)[:k], key=lambda s: (s.l, s.r))
         timings["spans"] = _ms(t0)
@@ -161,14 +171,16 @@ class Tracer:
         timings["documents"] = _ms(t1)
 
         t2 = time.perf_counter()
-        _rate(windows, (prompt or "") + " " + response, len(response))
+        relevance.rate(windows, (prompt or "") + " " + response, len(response))
         timings["relevance"] = _ms(t2)
 
-        off = sorted(getattr(self.model, "flexolmo_off", {}) or {}) if self.model is not None else []
+        off = sorted(self.model.off) if self.model is not None else []
         if self.model is not None and spans:
             t3 = time.perf_counter()
-            self._link_experts(spans, ids, prompt_ids, routing)
+            sub = link_experts(self.model, spans, ids, prompt_ids, routing, counterfactual=st.counterfactual,
+                               bos_id=int(self.tokenizer.eos_token_id))
             timings["experts"] = _ms(t3)
+            timings.update({f"experts.{k}": v for k, v in sub.items()})
         timings["total"] = _ms(t0)
         trace = Trace(
             trace_id=uuid.uuid4().hex[:16],
@@ -176,7 +188,7 @@ class Tracer:
             prompt=prompt, response=response, n_tokens=len(ids), generated=generated, model=self.model_name,
             sources_searched=self.fed.names, sources_skipped=dict(self.fed.skipped), experts_off=off,
             spans=spans, groups=groups, timings_ms=timings,
-            settings={**st.__dict__, "delimiter_ids": self.delims, "k": k},
+            settings={**asdict(st), "delimiter_ids": self.delims, "k": k, "relevance": relevance.FORMULA},
         )
         if store:
             from .store import save_trace
@@ -222,49 +234,6 @@ class Tracer:
             hit.context, hit.context_span = text, span
         return hit, text
 
-    def _link_experts(self, spans: list[Span], ids: list[int], prompt_ids: list[int],
-                      routing: tuple[np.ndarray, np.ndarray] | None) -> None:
-        from flexolmo.generate import route, token_logprobs
-        from flexolmo.model import active_experts, expert_names
-
-        model = self.model
-        names, on = expert_names(model), active_experts(model)
-        E = len(names)
-        # the full sequence; an end-of-text token in front gives the first token a producing step
-        ctx = list(prompt_ids) if prompt_ids else [int(self.tokenizer.eos_token_id)]
-        seq, P, n = ctx + list(ids), len(ctx), len(ids)
-        windows = _windows(P, n, model.config.max_position_embeddings)
-        if routing is None:  # pasted text: one forward pass per window; the step at t-1 produced token t
-            parts = [route(model, seq[a:b]) for a, b, _, _ in windows]
-            experts = np.concatenate([r.experts[s - a - 1: e - a - 1].numpy() for r, (a, _, s, e) in zip(parts, windows)])
-            weights = np.concatenate([r.weights[s - a - 1: e - a - 1].numpy() for r, (a, _, s, e) in zip(parts, windows)])
-        else:
-            experts, weights = routing
-
-        def logprobs(exclude: list[int]) -> np.ndarray:  # log p of each response token, (n,)
-            return np.concatenate([token_logprobs(model, seq[a:b], exclude=exclude)[s - a - 1: e - a - 1].numpy()
-                                   for a, b, s, e in windows])
-
-        # counterfactual: one forward pass of the whole response per expert that is on. An
-        # expert already off changes nothing when switched off (0); the last expert on cannot
-        # be switched off (None).
-        drops: dict[int, np.ndarray | None] = {}
-        if self.settings.counterfactual:
-            base = logprobs([])
-            for e in range(E):
-                drops[e] = (base - logprobs([e])) if on[e] and sum(on) > 1 else (np.zeros(n) if not on[e] else None)
-        for span in spans:
-            sel_e = experts[span.start: span.end].reshape(-1)
-            sel_w = weights[span.start: span.end].reshape(-1).astype(np.float64)
-            share = np.bincount(sel_e, weights=sel_w, minlength=E)
-            share = share / share.sum() if share.sum() > 0 else share
-            rows = slice(span.start, span.end)
-            span.experts = [ExpertLink(expert=e, source=names[e], routing_share=round(float(share[e]), 5),
-                                       counterfactual=None if drops.get(e) is None else round(float(drops[e][rows].sum()), 5),
-                                       active=on[e]) for e in range(E)]
-            span.top_expert = int(np.argmax(share))
-            span.agreement = names[span.top_expert] in span.sources
-
 
 def catalog_fingerprint(ws: Workspace) -> tuple:
     """Everything a tracer's behaviour depends on that can change while it is open."""
@@ -274,32 +243,6 @@ def catalog_fingerprint(ws: Workspace) -> tuple:
             tuple((s.name, s.active, s.visibility, s.expires, s.updated_at) for s in src_lib.list_sources(ws)),
             len(list_takedowns(ws)),
             tuple(sorted((r.source, r.build_id) for r in list_indexes(ws))))
-
-
-def _windows(P: int, n: int, limit: int) -> list[tuple[int, int, int, int]]:
-    """Model windows over prompt (P tokens) + response (n tokens) for a model of `limit` positions.
-
-    Each (a, b, s, e): run the model on seq[a:b] and keep its predictions for tokens s..e-1
-    (in sequence coordinates). One window when it all fits; otherwise consecutive chunks of
-    the response, each with as much preceding text as context as fits (at least half).
-    """
-    if P + n <= limit:
-        return [(0, P + n, P, P + n)]
-    step = max(1, limit // 2)
-    out = []
-    for s in range(P, P + n, step):
-        e = min(P + n, s + step)
-        out.append((max(0, e - limit), e, s, e))
-    return out
-
-
-def _rate(windows: list[tuple[DocHit, str]], query: str, response_chars: int) -> None:
-    """BM25 of every retrieved window against prompt + response, normalised and bucketed."""
-    scores = relevance.bm25_scores([text for _, text in windows], query)
-    for (hit, _), score in zip(windows, scores):
-        hit.relevance = round(float(score), 4)
-        hit.relevance_norm = round(relevance.normalise(score, response_chars), 4)
-        hit.bucket = relevance.bucket(hit.relevance_norm)
 
 
 def _marked(tok, left: list[int], mid: list[int], right: list[int]) -> tuple[str, tuple[int, int]]:

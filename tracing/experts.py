@@ -1,0 +1,189 @@
+"""Expert linkage: which experts shaped each kept span, by routing and by counterfactual.
+
+For every span and every expert of the merged model:
+
+    routing_share    share of the router weight over the span's tokens, layers and top-k slots
+                     (where the router *sent* the tokens)
+    counterfactual   drop in the span's log-probability when that expert is switched off
+                     (whose expert the span *needs*: the causal answer)
+
+When counterfactuals are computed the span's top expert is the argmax of the drop over the
+switched-on experts (`top_expert_by="counterfactual"`), else the argmax of the routing share
+(`"routing"`); both argmaxes are kept on the span (`top_by_routing`, `top_by_counterfactual`).
+
+Cost (issue 8). One routing pass over the response gives the routing *and* the base
+log-probabilities. The counterfactuals are one batched pass: row b is the response with
+expert b switched off (`flexolmo.model.experts_off_per_row`), cut after the last kept span's
+last token (the model is causal: later tokens change nothing before them) and with the
+vocabulary projection only at the kept spans' tokens. Experts the router gave no weight on
+any kept span's token are skipped: their `counterfactual` is None, like the last expert on
+(which cannot be switched off); an expert already off has a drop of 0. `method="per_expert"`
+runs the former one-full-pass-per-expert computation (the reference the tests and
+`bench/trace.py` compare against).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import numpy as np
+import torch
+
+from .models import ExpertLink, Span
+
+Method = Literal["batched", "per_expert"]
+MAX_ROWS = 8  # experts switched off per batched call (bounds the batch's memory)
+
+
+def model_windows(P: int, n: int, limit: int) -> list[tuple[int, int, int, int]]:
+    """Model windows over prompt (P tokens) + response (n tokens) for a model of `limit` positions.
+
+    Each (a, b, s, e): run the model on seq[a:b] and keep its predictions for tokens s..e-1
+    (in sequence coordinates). One window when it all fits; otherwise consecutive chunks of
+    the response, each with as much preceding text as context as fits (at least half).
+    """
+    if P + n <= limit:
+        return [(0, P + n, P, P + n)]
+    step = max(1, limit // 2)
+    out = []
+    for s in range(P, P + n, step):
+        e = min(P + n, s + step)
+        out.append((max(0, e - limit), e, s, e))
+    return out
+
+
+def link_experts(model, spans: list[Span], ids: list[int], prompt_ids: list[int],
+                 routing: tuple[np.ndarray, np.ndarray] | None, *, counterfactual: bool, bos_id: int,
+                 method: Method = "batched") -> dict[str, float]:
+    """Fill `experts`, `top_expert`, `top_expert_by`, `agreement` of every span; return timings (ms).
+
+    :param model: a `flexolmo.model.LoadedModel`
+    :param routing: (experts (n, L, k), weights (n, L, k)) of the step that produced each
+        response token, captured while generating; None: computed here by one forward pass
+    :param bos_id: put in front of a response without a prompt, so its first token has a
+        producing step (the end-of-text token)
+    """
+    names, on = list(model.experts), list(model.active)
+    E, n = len(names), len(ids)
+    ctx = list(prompt_ids) if prompt_ids else [int(bos_id)]
+    seq, P = ctx + list(ids), len(ctx)
+    windows = model_windows(P, n, model.config.max_position_embeddings)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    base = None
+    if routing is None or (counterfactual and method == "batched"):
+        r_experts, r_weights, base = routing_pass(model, seq, windows)
+        if routing is None:
+            routing = (r_experts, r_weights)
+    experts, weights = routing
+    timings["routing"] = _ms(t0)
+
+    drops: dict[int, np.ndarray | None] = {}
+    if counterfactual:
+        t1 = time.perf_counter()
+        if sum(on) > 1:
+            need = np.zeros(n, dtype=bool)
+            for s in spans:
+                need[s.start: s.end] = True
+            if method == "batched":
+                used = routed_experts(experts, weights, need, E)
+                run = [e for e in range(E) if on[e] and used[e]]
+                drops.update(batched_drops(model, seq, windows, P, need, run, base))
+            else:
+                drops.update(per_expert_drops(model, seq, windows, [e for e in range(E) if on[e]]))
+        drops.update({e: np.zeros(n) for e in range(E) if not on[e]})  # already off: switching it off changes nothing
+        timings["counterfactual"] = _ms(t1)
+
+    for span in spans:
+        rows = slice(span.start, span.end)
+        sel_e = experts[rows].reshape(-1)
+        sel_w = weights[rows].reshape(-1).astype(np.float64)
+        share = np.bincount(sel_e, weights=sel_w, minlength=E)
+        share = share / share.sum() if share.sum() > 0 else share
+        cf = {e: float(d[rows].sum()) for e, d in drops.items() if d is not None}
+        span.experts = [ExpertLink(expert=e, source=names[e], routing_share=round(float(share[e]), 5),
+                                   counterfactual=round(cf[e], 5) if e in cf else None, active=on[e])
+                        for e in range(E)]
+        span.top_by_routing = int(np.argmax(share))
+        candidates = [e for e in cf if on[e]]
+        span.top_by_counterfactual = max(candidates, key=lambda e: cf[e]) if candidates else None
+        if span.top_by_counterfactual is not None:
+            span.top_expert, span.top_expert_by = span.top_by_counterfactual, "counterfactual"
+        else:
+            span.top_expert, span.top_expert_by = span.top_by_routing, "routing"
+        span.agreement = names[span.top_expert] in span.sources
+    return timings
+
+
+def routed_experts(experts: np.ndarray, weights: np.ndarray, need: np.ndarray, E: int) -> np.ndarray:
+    """(E,) bool: experts the router gave weight to on some token where `need` is True."""
+    sel = experts[need][weights[need] > 0]
+    return np.bincount(sel.reshape(-1), minlength=E) > 0
+
+
+@torch.no_grad()
+def routing_pass(model, seq: list[int], windows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One forward pass per window: routing (n, L, k) of the step producing each response
+    token, with its weights, and the response tokens' log-probabilities (n,)."""
+    from flexolmo.generate import RoutingCapture
+
+    module = model.module
+    ex, wt, lp = [], [], []
+    for a, b, s, e in windows:
+        keep = torch.arange(s - a - 1, e - a - 1)  # positions predicting tokens s..e-1
+        with RoutingCapture(module) as cap:
+            logits = module(input_ids=torch.tensor([seq[a:b]]), use_cache=False, logits_to_keep=keep).logits[0]
+        idx, w, _ = cap.stacked()
+        ex.append(idx[keep].numpy())
+        wt.append(w[keep].numpy())
+        lp.append(_logprobs(logits, seq[s:e]))
+    return np.concatenate(ex), np.concatenate(wt), np.concatenate(lp)
+
+
+@torch.no_grad()
+def batched_drops(model, seq: list[int], windows, P: int, need: np.ndarray, run: list[int],
+                  base: np.ndarray) -> dict[int, np.ndarray]:
+    """Drop of each needed response token's log-prob with each expert in `run` off, batched:
+    one call per window holding needed tokens (and per MAX_ROWS experts)."""
+    from flexolmo.model import experts_off_per_row
+
+    module = model.module
+    out = {e: np.zeros(len(need)) for e in run}
+    for a, b, s, e in windows:
+        targets = [t for t in range(s, e) if need[t - P]]  # sequence positions of needed tokens
+        if not targets or not run:
+            continue
+        inp = seq[a: targets[-1]]  # nothing after the last needed token matters
+        keep = torch.tensor([t - 1 - a for t in targets])
+        resp = np.asarray(targets) - P
+        for i in range(0, len(run), MAX_ROWS):
+            chunk = run[i: i + MAX_ROWS]
+            batch = torch.tensor([inp]).expand(len(chunk), -1)
+            with experts_off_per_row(model, chunk, len(inp)):
+                logits = module(input_ids=batch, use_cache=False, logits_to_keep=keep).logits  # (B, K, V)
+            for row, x in enumerate(chunk):
+                out[x][resp] = base[resp] - _logprobs(logits[row], [seq[t] for t in targets])
+    return out
+
+
+@torch.no_grad()
+def per_expert_drops(model, seq: list[int], windows, run: list[int]) -> dict[int, np.ndarray]:
+    """The reference: one full forward pass of the response per expert (and one for the base)."""
+    from flexolmo.generate import token_logprobs
+
+    def logprobs(exclude: list[int]) -> np.ndarray:
+        return np.concatenate([token_logprobs(model, seq[a:b], exclude=exclude)[s - a - 1: e - a - 1].numpy()
+                               for a, b, s, e in windows])
+
+    base = logprobs([])
+    return {e: base - logprobs([e]) for e in run}
+
+
+def _logprobs(logits: torch.Tensor, targets: list[int]) -> np.ndarray:
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    return lp.gather(1, torch.tensor(targets)[:, None])[:, 0].double().numpy()
+
+
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000, 2)
