@@ -18,14 +18,29 @@ app = typer.Typer(help="Register and inspect sources (one per data owner).", no_
 @app.command("add")
 def add(
     name: Annotated[str, typer.Argument(help="Source name: lowercase letters, digits, '_'.")],
-    path: Annotated[str, typer.Option("--path", help="A JSONL or Parquet file, or a folder of them, with a 'text' column.")],
     owner: Annotated[str, typer.Option(help="The data owner.")],
     domain: Annotated[str, typer.Option(help="The domain, e.g. news, code, math.")],
     licence: Annotated[str, typer.Option(help="Licence of the documents.")],
+    path: Annotated[Optional[str], typer.Option("--path", help="A JSONL or Parquet file, or a folder of them, with a 'text' column.")] = None,
     visibility: Annotated[str, typer.Option(help="full | snippets | counts: what traces may show.")] = "full",
     expires: Annotated[Optional[str], typer.Option(help="Licence expiry, YYYY-MM-DD.")] = None,
+    remote: Annotated[Optional[str], typer.Option("--remote", help="Instead of --path: the owner node's URL "
+                                                                   "(`flexolmo index serve`); no documents come here.")] = None,
+    key_file: Annotated[Optional[str], typer.Option("--key-file", help="With --remote: the key the owner issued.")] = None,
 ) -> None:
-    """Register a folder or file of documents as a new source."""
+    """Register a folder or file of documents as a new source, or an owner's node (--remote)."""
+    if remote is not None:
+        from index.remote import add_remote
+
+        if path is not None or expires is not None or key_file is None:
+            raise lib.InputError("--remote takes --key-file and no --path or --expires (set an expiry afterwards "
+                                 "with `flexolmo sources set NAME --expires`)")
+        src = add_remote(ws(), name, remote, key_file, owner=owner, domain=domain, licence=licence, visibility=visibility)
+        console.print(f"added remote source [bold]{src.name}[/] at {remote}: {src.n_docs_train:,} documents stay "
+                      "with their owner")
+        return
+    if path is None:
+        raise lib.InputError("give --path (documents) or --remote (an owner node)")
     src = lib.add_source(ws(), name, path, owner=owner, domain=domain, licence=licence, visibility=visibility, expires=expires)
     console.print(f"added source [bold]{src.name}[/]: {src.n_docs_train:,} train + {src.n_docs_valid:,} validation documents")
 
