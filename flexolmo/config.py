@@ -86,14 +86,21 @@ class TrainConfig:
     # router recipe of an owner's expert (paper section 3.3.2, appendix D.2); the public model
     # has one expert and a frozen router row, so these apply to expert training only, except
     # router_init, which also sets the public model's row 0 at the end of its training
-    router_bias_init: float = -2.0  # start of the owner expert's bias b_i (<= 0): chosen where r_i.x + b_i > r_pub.x
+    # start of the owner expert's bias b_i (<= 0; chosen where r_i.x + b_i > r_pub.x): None
+    # calibrates it per layer so that the owner's model starts by preferring the public expert
+    # on `router_bias_target` of public-text tokens (flexolmo/bias.py); a number fixes it
+    router_bias_init: float | None = None
+    router_bias_target: float = 0.8
+    calibration_windows: int = 24  # windows of public and of own text for the calibration and the end check
     router_z_loss: float = 1e-3  # coefficient of the router z-loss (mean logsumexp(router logits)^2)
     router_init: str = "domain_mean"  # router row: "domain_mean" (paper), "domain_unit" (old recipe) or "random"
 
     def __post_init__(self) -> None:
         if self.router_init not in ROUTER_INITS:
             raise InputError(f"router_init {self.router_init!r} is unknown: use one of {', '.join(ROUTER_INITS)}")
-        if self.router_bias_init > 0:
+        if not 0.5 <= self.router_bias_target < 1:
+            raise InputError(f"router_bias_target must be in [0.5, 1), got {self.router_bias_target}")
+        if self.router_bias_init is not None and self.router_bias_init > 0:
             raise InputError(f"router_bias_init must be <= 0 (the bias is clamped to <= 0), got {self.router_bias_init}")
         if self.router_z_loss < 0:
             raise InputError(f"router_z_loss must be >= 0, got {self.router_z_loss}")
@@ -140,17 +147,19 @@ def _tiny() -> Profile:
 
 
 def _demo() -> Profile:
-    # 3.1M parameters with an 8192 vocabulary (2.1M of them embeddings + lm_head); 3.9M as a
-    # 2-expert model. Measured on 2 shared (busy) cores, 1 torch thread: public ~3.1k tokens/s
-    # (300 steps: 200 s), an expert ~3.8k tokens/s (120 steps: 65 s + ~20 s set-up).
-    model = ModelConfig(hidden_size=128, intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=4, max_seq_len=256)
+    # 8.4M parameters with an 8192 vocabulary (4.2M of them embeddings + lm_head); 11.5M as a
+    # 2-expert model. Measured on 2 idle cores (bench-model): public ~3.3k tokens/s, a
+    # 2-expert owner model ~2.3k. The public model is trained once, at length, and shipped
+    # with the repository (assets/public-model/); the demo trains only the owners' experts.
+    model = ModelConfig(hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4, num_kv_heads=4, max_seq_len=256)
     return Profile(
         name="demo",
         model=model,
-        public=TrainConfig(steps=300, batch_size=16, seq_len=128, warmup_steps=30, checkpoint_every=100),
+        # 1,000 steps x 4,096 tokens = 4.1M tokens, ~3.5 epochs of the public source
+        public=TrainConfig(steps=1000, batch_size=16, seq_len=256, lr=2e-3, warmup_steps=60, checkpoint_every=100),
         # experts start from a trained public FFN: fewer steps, a lower LR
-        expert=TrainConfig(steps=120, batch_size=16, seq_len=128, lr=2e-3, warmup_steps=10, checkpoint_every=60,
-                           weight_decay=0.0),
+        expert=TrainConfig(steps=120, batch_size=16, seq_len=256, lr=1e-3, warmup_steps=10, checkpoint_every=60,
+                           weight_decay=0.0, embed_docs=256),
     )
 
 

@@ -13,8 +13,12 @@ Expert (FlexOlmo recipe, arXiv 2507.07024 section 3.3.2, appendix D.2): a 2-expe
 [public | copy of the public FFN]. Embeddings, attention, norms, lm_head, expert 0's FFN
 slice, router row 0 and bias 0 are frozen (`FrozenRows`: masked gradients, restored bit
 for bit after each step); expert 1's FFN slice, router row 1 and its bias train. The bias
-starts *negative* (`router_bias_init`) and is clamped to <= 0, so the owner's expert is
-chosen only where r_1.x + b_1 > r_0.x and trains on the tokens where it is really better.
+starts *negative* and is clamped to <= 0, so the owner's expert is chosen only where
+r_1.x + b_1 > r_0.x and trains on the tokens where it is really better. Its starting value
+is calibrated per layer on public text (flexolmo/bias.py: the owner's model starts by
+preferring the public expert on `router_bias_target` of public-text tokens), or fixed by
+`router_bias_init`; at the end, the card records how often the owner's model prefers the
+public expert on public text and its own expert on its own text.
 Router row 1 starts from the source's domain embedding (`router_init`). Loss: next-token
 cross-entropy + `router_z_loss` x router z-loss; weight decay 0 (the profiles). Output:
 the expert package `experts/<source>/` (flexolmo/artifacts/expert_package.py).
@@ -33,6 +37,7 @@ from . import distributed
 from .artifacts import expert_package, public_model
 from .artifacts.expert_package import ExpertPackageCard
 from .artifacts.public_model import PublicModelCard
+from .bias import bias_summary, calibrate, routing_check, sample_windows
 from .callbacks import standard_callbacks, train_rows
 from .config import Profile, get_profile, override
 from .domain import router_row
@@ -188,7 +193,7 @@ def train_expert(
     with torch.no_grad():
         for r in routers(model):
             r.weight[1].copy_(row)
-            r.bias[1] = cfg.router_bias_init
+    bias_report = _start_bias(ws, model, public_name, stream, cfg)
     params, frozen = train_rows(model, frozen=[0])
     callbacks, ckpt = standard_callbacks(ws, f"expert-{source}", {"kind": "expert", "inputs": inputs}, progress, stop_after)
     callbacks.append(frozen)
@@ -207,6 +212,8 @@ def train_expert(
         return TrainResult("expert", source, out, p.name, fit, num_parameters(model), None, loaded)
 
     # the package
+    bias_report["at_end"] = routing_check(model, *_check_windows(ws, public_name, stream, cfg, seed=cfg.seed + 1)).to_dict()
+    bias_report["bias_at_end"] = bias_summary(model)
     privacy = {"dp": False}
     if dp is not None:
         from .privacy import privacy_report
@@ -216,10 +223,29 @@ def train_expert(
         inputs=inputs, source=source, owner=owner or src.owner, domain=src.domain, profile=p.name,
         config=p.to_dict(), n_params=num_parameters(model), n_trainable=sum(p_[1:].numel() for p_ in params),
         router_z_loss=round(loss_fn.last_z, 4), router_init=f"router row = {how}",
-        router_bias_init=cfg.router_bias_init, privacy=privacy, created_by=current_user(), **_throughput(fit),
+        router_bias_init=cfg.router_bias_init, router_bias=bias_report, privacy=privacy, created_by=current_user(), **_throughput(fit),
     )
     if d.is_main:
         card = expert_package.write(out, model, card)
         ckpt.clear()
     distributed.barrier(d)
     return TrainResult("expert", source, out, p.name, fit, card.n_params, card, loaded)
+
+
+def _check_windows(ws: Workspace, public_source: str, own: torch.Tensor, cfg, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded windows of public text and of the owner's own text (data the owner has)."""
+    n = cfg.calibration_windows
+    public = token_stream(ws, public_source)
+    return sample_windows(public, cfg.seq_len, n, seed), sample_windows(own, cfg.seq_len, n, seed)
+
+
+def _start_bias(ws: Workspace, model, public_source: str, own: torch.Tensor, cfg) -> dict:
+    """Set the owner expert's starting bias: calibrated per layer, or the fixed value."""
+    pub_w, own_w = _check_windows(ws, public_source, own, cfg, seed=cfg.seed)
+    if cfg.router_bias_init is None:
+        _, report = calibrate(model, pub_w, own_w, cfg.router_bias_target)
+        return report
+    with torch.no_grad():
+        for r in routers(model):
+            r.bias[1] = cfg.router_bias_init
+    return {"fixed": cfg.router_bias_init, "at_start": routing_check(model, pub_w, own_w).to_dict()}

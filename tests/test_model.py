@@ -245,12 +245,17 @@ def test_load_expert_model_rebuilds_owner_model(fed):
 
 def test_owner_bias_starts_negative_and_never_leaks_to_public(fed):
     cfg = get_profile("tiny").expert
-    assert cfg.router_bias_init < 0 and cfg.weight_decay == 0.0
+    assert cfg.router_bias_init is None and cfg.weight_decay == 0.0  # calibrated
     for source, res in fed["experts"].items():
         for r in routers(res.model):
             assert r.bias[0].item() == 0.0  # the public expert's bias: exactly 0
             assert r.bias[1].item() < 0  # still negative after training (clamped <= 0)
-        assert res.card.router_bias_init == cfg.router_bias_init
+        calib = res.card.router_bias
+        assert all(b < 0 for b in calib["bias_per_layer"])
+        # by construction, at the start every layer prefers the public expert on >= target of public text
+        assert all(pub >= cfg.router_bias_target for pub, _ in calib["at_start"]["per_layer"])
+        assert calib["bias_at_end"] == [round(float(r.bias[1]), 4) for r in routers(res.model)]
+        assert 0 <= calib["at_end"]["own_text_to_own_expert"] <= 1
     # merged: bias 0 and router row 0 are the public model's; every owner's bias is its own
     merged = load_merged(fed["ws"])
     public = load_model(fed["public"].out_dir)

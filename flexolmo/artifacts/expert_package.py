@@ -53,7 +53,8 @@ class ExpertPackageCard(Card):
     resumed_from: int | None = None
     world_size: int = 1
     router_init: str
-    router_bias_init: float = 0.0
+    router_bias_init: float | None = 0.0  # None: calibrated per layer (flexolmo/bias.py)
+    router_bias: dict = {}  # the calibration, the bias at the end, and the routing check on public and own text
     privacy: dict
     files: dict[str, str] = {}  # file name -> sha256
     created_by: str = "unknown"
