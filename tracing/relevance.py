@@ -29,7 +29,7 @@ import bm25s
 import numpy as np
 
 # calibrated by bench/relevance.py on the 8-source workspace (docs/bench-trace.md)
-HIGH, MEDIUM = 0.16, 0.06
+HIGH, MEDIUM = 0.12, 0.08
 FORMULA = f"bm25 / sum(idf(query words)); high >= {HIGH}, medium >= {MEDIUM}"
 # OLMoTrace's published formula, kept for comparison (bench/relevance.py "before")
 OLMOTRACE_NORM_FACTOR, OLMOTRACE_HIGH, OLMOTRACE_MEDIUM = 0.18, 0.7, 0.5
