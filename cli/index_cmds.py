@@ -138,3 +138,22 @@ def catalog_rich_table(rows: list[dict]) -> Table:
                   num(r["bytes_per_token"], "{:.1f}"), num(r["build_seconds"], "{:.1f}"),
                   num(r["tokens_per_second"], "{:,.0f}"), str(r["takedowns"]), state)
     return t
+
+
+@app.command("serve")
+def serve(
+    source: Annotated[str, typer.Option("--source", help="The source of this workspace to serve.")],
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0: a free one, printed at start).")] = 8701,
+    keys: Annotated[Optional[str], typer.Option("--keys", help="The keys file (default: $FLEXOLMO_KEYS or "
+                                                                "<workspace>/keys.json).")] = None,
+) -> None:
+    """Serve one source's index as an owner node (protocol /v1, keyed): its text stays here.
+
+    Tracers register it with `flexolmo sources add NAME --remote http://HOST:PORT --key-file F ...`,
+    using a key from `flexolmo keys create --owner OWNER`. The owner's policy (on/off,
+    visibility, takedowns) is applied on this side and followed by the next answer.
+    """
+    from index.node import serve as run
+
+    run(ws(), source, host=host, port=port, keys=keys)

@@ -141,3 +141,38 @@ def rerecord(ws: Workspace, folder: Path, m: dict) -> IndexRecord:
                                old.tokenize_seconds if old else 0.0, old.suffix_array_seconds if old else 0.0)
     record(ws, rec)
     return rec
+
+
+# -- remote sources: indexes held by their owners' nodes (index/remote.py) ------------------
+
+REMOTE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS remote_sources (
+    source          VARCHAR PRIMARY KEY,  -- also a row of `sources` (origin 'remote:<url>')
+    url             VARCHAR NOT NULL,     -- the owner node, e.g. http://127.0.0.1:8701
+    key_path        VARCHAR NOT NULL,     -- the key the owner issued to this tracer (file, mode 0600)
+    owner           VARCHAR NOT NULL,
+    tokenizer_hash  VARCHAR NOT NULL,     -- the node's, checked equal to ours when added
+    build_id        VARCHAR NOT NULL,     -- the node's index build when added
+    n_tokens        BIGINT NOT NULL,
+    added_at        TIMESTAMP NOT NULL
+);
+"""
+
+_REMOTE_COLS = ["source", "url", "key_path", "owner", "tokenizer_hash", "build_id", "n_tokens", "added_at"]
+
+
+def list_remote_sources(ws: Workspace) -> dict[str, dict]:
+    """source -> its `remote_sources` row (empty when none was ever added)."""
+    with base.connect(ws, read_only=True) as con:
+        tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        if "remote_sources" not in tables:
+            return {}
+        rows = con.execute(f"SELECT {', '.join(_REMOTE_COLS)} FROM remote_sources ORDER BY source").fetchall()
+    return {r[0]: dict(zip(_REMOTE_COLS, r)) for r in rows}
+
+
+def insert_remote(con: duckdb.DuckDBPyConnection, row: dict) -> None:
+    """Add a remote source's row (inside the caller's transaction, with its `sources` row)."""
+    con.execute(REMOTE_SCHEMA)
+    con.execute(f"INSERT INTO remote_sources ({', '.join(_REMOTE_COLS)}) VALUES ({', '.join('?' * len(_REMOTE_COLS))})",
+                [row[c] for c in _REMOTE_COLS])

@@ -1,0 +1,68 @@
+"""`flexolmo keys ...`: keys an owner issues to tracers (scope `index`) and to people (scope `owner`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from index.keys import SCOPES, KeyStore, write_secret
+
+from .common import console, print_json, ws
+
+app = typer.Typer(help="Keys an owner issues: to tracers for its node, to people for owner actions.",
+                  no_args_is_help=True)
+
+KeysOpt = Annotated[Optional[str], typer.Option("--keys", help="The keys file (default: $FLEXOLMO_KEYS or "
+                                                                "<workspace>/keys.json).")]
+
+
+def register(app_: typer.Typer) -> None:
+    app_.add_typer(app, name="keys")
+
+
+@app.command("create")
+def create(
+    owner: Annotated[str, typer.Option(help="The owner issuing the key (as in its sources' `owner`).")],
+    scope: Annotated[str, typer.Option(help=f"{' | '.join(SCOPES)}: a tracer asking this owner's node, or a "
+                                            "person acting as the owner.")] = "index",
+    label: Annotated[str, typer.Option(help="Who the key is for (shown in `keys list`).")] = "",
+    out: Annotated[Optional[str], typer.Option("--out", help="Also write the key to this file (mode 0600).")] = None,
+    keys: KeysOpt = None,
+) -> None:
+    """Issue a key. It is printed once and stored only hashed: save it now."""
+    store = KeyStore.for_workspace(ws(), keys)
+    rec, key = store.create(owner, scope, label)
+    if out:
+        write_secret(Path(out), key)
+    print(key)
+    typer.echo(f"key {rec.key_id} for owner {rec.owner!r}, scope {rec.scope}: shown once, stored hashed in "
+               f"{store.path}" + (f"; also written to {out}" if out else ""), err=True)
+
+
+@app.command("list")
+def list_(
+    owner: Annotated[Optional[str], typer.Option(help="Only this owner's keys.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    keys: KeysOpt = None,
+) -> None:
+    """List issued keys (ids, owners, scopes; never the keys)."""
+    rows = KeyStore.for_workspace(ws(), keys).list(owner)
+    if as_json:
+        print_json([r.public() for r in rows])
+        return
+    t = Table(title="keys")
+    for c in ("key_id", "owner", "scope", "label", "created", "revoked"):
+        t.add_column(c)
+    for r in rows:
+        t.add_row(r.key_id, r.owner, r.scope, r.label, r.created_at, "yes" if r.revoked else "")
+    console.print(t)
+
+
+@app.command("revoke")
+def revoke(key_id: str, keys: KeysOpt = None) -> None:
+    """Revoke a key: the next request that carries it gets 401."""
+    rec = KeyStore.for_workspace(ws(), keys).revoke(key_id)
+    console.print(f"revoked key {rec.key_id} of {rec.owner!r}")

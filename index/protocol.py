@@ -1,0 +1,120 @@
+"""The owner-node protocol, version 1: request and response shapes, and their limits.
+
+    GET  /v1/identity    -> Identity         who the node is: source, owner, tokenizer, counts, build
+    POST /v1/matches     -> MatchesAnswer    longest match and its count at every query position
+    POST /v1/documents   -> DocumentsAnswer  sampled occurrences of kept spans, cut to the owner's policy
+
+Every request carries `Authorization: Bearer <key>` (a key the source's owner issued with
+scope `index`): 401 without a valid one, 403 with another owner's. Errors are JSON
+`{"detail": "..."}` with a 4xx status; a source its owner switched off answers 409.
+
+What crosses the wire is only what these models hold: token ids of the query and of the
+kept spans, per-position lengths and counts, unigram counts, and per document the ids of
+its window as its owner's policy allows (none for `counts` sources or taken-down
+documents). Both sides import this module: the node (`index/node.py`) to answer, the
+tracer (`index/remote.py`) to check each answer before it is used.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PROTOCOL = "flexolmo-node/1"
+MAX_QUERY_TOKENS = 16_384  # ids per matches request (a long response; the API caps traces lower)
+MAX_DOCS = 100  # documents per span
+MAX_PICKS = 4 * MAX_DOCS  # occurrences sampled per span (the tracer draws 4 per wanted document)
+MAX_SPANS = 256  # spans per documents request
+MAX_CONTEXT = 1_000  # context tokens a side
+MAX_SNIPPET = 500
+MAX_BODY_BYTES = 2_000_000  # a request body larger than this is refused with 413
+VISIBILITY_ORDER = ("counts", "snippets", "full")  # least to most text
+
+
+def stricter(a: str, b: str) -> str:
+    """The visibility that lets out less of two."""
+    return min(a, b, key=VISIBILITY_ORDER.index)
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Unigrams(_Wire):
+    """Sparse unigram counts over the index (id 65535 counts the document separators)."""
+
+    ids: list[int]
+    counts: list[int]
+
+
+class Identity(_Wire):
+    protocol: str = PROTOCOL
+    source: str
+    owner: str
+    domain: str
+    licence: str
+    visibility: Literal["full", "snippets", "counts"]
+    available: bool  # False: the owner switched it off, or its licence expired
+    tokenizer_hash: str
+    n_tokens: int
+    n_docs: int
+    n_shards: int
+    build_id: str  # the index build: changes when the index is rebuilt
+    content_hash: str
+    takedowns: int
+    unigrams: Unigrams
+
+
+class MatchesRequest(_Wire):
+    ids: list[int] = Field(max_length=MAX_QUERY_TOKENS)
+    delim_ids: list[int] = Field(default_factory=list, max_length=MAX_QUERY_TOKENS)
+    bow_ids: list[int] | None = Field(default=None, max_length=65_536)  # None: every id begins a word
+    enforce_bow: bool = True
+
+
+class MatchesAnswer(_Wire):
+    protocol: str = PROTOCOL
+    source: str
+    build_id: str
+    visibility: Literal["full", "snippets", "counts"]
+    lengths: list[int]
+    counts: list[int]
+
+
+class SpanRequest(_Wire):
+    span_ids: list[int] = Field(min_length=1, max_length=MAX_QUERY_TOKENS)
+    picks: list[int] = Field(max_length=MAX_PICKS)  # occurrence numbers in [0, count)
+    n: int = Field(default=10, ge=0, le=MAX_DOCS)
+
+
+class DocumentsRequest(_Wire):
+    spans: list[SpanRequest] = Field(max_length=MAX_SPANS)
+    context_tokens: int = Field(default=250, ge=0, le=MAX_CONTEXT)
+    snippet_tokens: int = Field(default=40, ge=0, le=MAX_SNIPPET)
+    max_visibility: Literal["full", "snippets", "counts"] = "full"  # the tracer's own cap, if stricter
+
+
+class WireDocument(_Wire):
+    """`index.models.SpanDocument` as it crosses the wire (the same fields)."""
+
+    source: str
+    doc_id: str
+    title: str | None
+    shard: int
+    doc_ix: int
+    token_offset: int
+    blocked: bool
+    visibility: Literal["full", "snippets", "counts"]
+    token_ids: list[int]
+    needle_offset: int
+    needle_len: int
+    draw: int
+
+
+class DocumentsAnswer(_Wire):
+    protocol: str = PROTOCOL
+    source: str
+    build_id: str
+    visibility: Literal["full", "snippets", "counts"]
+    documents: list[list[WireDocument]]  # one list per requested span, in request order

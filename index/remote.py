@@ -1,0 +1,372 @@
+"""A source whose index stays on its owner's machine, asked over the node protocol.
+
+    add_remote(ws, "lab", "http://127.0.0.1:8701", key_file="lab.key", owner="Lab A",
+               domain="biology", licence="CC BY 4.0")         # checks the node, then registers it
+    rs = RemoteSource("lab", url, key, tokenizer_hash=...)    # what Federation.open builds for it
+    rs.matches(ids, delim_ids, bow_ids)                       # SourceMatches, as SourceIndex.matches
+    rs.documents_many([(span_ids, picks, n)], 250, 40)        # [[SpanDocument]], one round trip
+
+`RemoteSource` answers the same questions as `index/source.py`'s `SourceIndex` (identity:
+name, visibility, counts, unigram counts, build; `matches`; `documents`), so the
+Federation merges local and remote answers the same way. Each call has a deadline
+(retries included: a lost connection or a 502/503/504 is retried a bounded number of
+times while time is left), the answer is read with a size cap and checked against the
+protocol before it is used; anything else raises `RemoteUnavailable` with the reason, and
+the Federation marks the source `unavailable` for that trace. After a timeout the node is
+not asked again for `cooldown_s` (a slow node costs one deadline, not one per trace);
+otherwise every call tries again, so a node that comes back is used at once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+from pydantic import BaseModel, ValidationError
+
+from flexolmo import catalog as base_catalog
+from flexolmo import sources as src_lib
+from flexolmo import tokenizer as tok_lib
+from flexolmo.errors import ConflictError, FlexolmoError, InputError, NotFoundError
+from flexolmo.workspace import Workspace
+
+from . import catalog
+from . import protocol as P
+from .keys import read_key_file, write_secret
+from .models import SourceMatches, SpanDocument
+from .source import check_ids
+
+MAX_ANSWER_BYTES = 64_000_000  # an answer larger than this is garbage
+
+
+@dataclass(frozen=True)
+class RemoteSettings:
+    """How the tracer talks to owner nodes."""
+
+    deadline_s: float = 5.0  # per call, retries included
+    retries: int = 1  # extra attempts after a lost connection or a 502/503/504, while time is left
+    connect_s: float = 1.0  # loopback or LAN: a node that does not accept within 1 s is down
+    cooldown_s: float = 2.0  # after a timeout, answer `unavailable` at once for this long
+
+
+class RemoteUnavailable(FlexolmoError):
+    """A node did not give a usable answer (down, slow, refused the key, or answered garbage)."""
+
+    http_status = 503
+
+
+def check_url(url: str) -> str:
+    """A node's base URL, http(s)://host[:port] (a trailing slash is dropped)."""
+    parts = urlsplit((url or "").strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment \
+            or parts.path not in ("", "/"):
+        raise InputError(f"--remote {url!r} is not a node URL; give http://HOST:PORT (e.g. http://127.0.0.1:8701)")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+class NodeClient:
+    """HTTP to one node: keyed, with a deadline, bounded retries, size cap and answer checks."""
+
+    def __init__(self, url: str, key: str, settings: RemoteSettings | None = None):
+        self.url, self.settings = check_url(url), settings or RemoteSettings()
+        self._key = key
+        # TCP_NODELAY: a request's headers and body go out as two writes; without it Nagle's
+        # algorithm holds the body until the node's delayed ACK (40 ms per call, measured).
+        transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+                                        limits=httpx.Limits(max_connections=8, max_keepalive_connections=4))
+        self._http = httpx.Client(headers={"Authorization": f"Bearer {key}"}, trust_env=False, transport=transport)
+        self._down_until = 0.0
+        self._down_why = ""
+        self.bytes_sent = 0  # request and answer bodies, for the benchmark
+        self.bytes_received = 0
+
+    def call(self, method: str, path: str, model: type[BaseModel], body: dict | None = None) -> BaseModel:
+        st = self.settings
+        now = time.monotonic()
+        if now < self._down_until:
+            raise RemoteUnavailable(f"{self._down_why} (not asked again for {self._down_until - now:.1f}s)")
+        deadline = now + st.deadline_s
+        payload = None if body is None else json.dumps(body, separators=(",", ":")).encode()
+        why = ""
+        for attempt in range(1 + st.retries):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                status, raw = self._once(method, path, payload, deadline)
+            except httpx.TimeoutException:
+                self._down_until, self._down_why = time.monotonic() + st.cooldown_s, \
+                    f"no answer from {self.url} within {st.deadline_s:g}s"
+                raise RemoteUnavailable(self._down_why) from None
+            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as e:
+                why = f"cannot reach {self.url} ({type(e).__name__}: {str(e)[:120] or 'connection failed'})"
+                time.sleep(min(0.05 * (attempt + 1), max(0.0, deadline - time.monotonic())))
+                continue
+            if status in (502, 503, 504):
+                why = f"{self.url} answered {status}"
+                continue
+            return self._parse(status, raw, path, model)
+        raise RemoteUnavailable(why or f"no answer from {self.url} within {st.deadline_s:g}s")
+
+    def _once(self, method: str, path: str, payload: bytes | None, deadline: float) -> tuple[int, bytes]:
+        left = max(0.01, deadline - time.monotonic())
+        timeout = httpx.Timeout(left, connect=min(left, self.settings.connect_s))
+        headers = {"Content-Type": "application/json"} if payload is not None else None
+        with self._http.stream(method, self.url + path, content=payload, headers=headers, timeout=timeout) as r:
+            chunks, size = [], 0
+            for chunk in r.iter_bytes():
+                size += len(chunk)
+                if size > MAX_ANSWER_BYTES:
+                    raise RemoteUnavailable(f"{self.url} sent an answer over {MAX_ANSWER_BYTES:,} bytes")
+                if time.monotonic() > deadline:
+                    raise httpx.ReadTimeout("deadline passed while reading the answer")
+                chunks.append(chunk)
+        self.bytes_sent += len(payload or b"")
+        self.bytes_received += size
+        return r.status_code, b"".join(chunks)
+
+    def _parse(self, status: int, raw: bytes, path: str, model: type[BaseModel]) -> BaseModel:
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            data = None
+        detail = data.get("detail") if isinstance(data, dict) else None
+        if status == 401:
+            raise RemoteUnavailable(f"{self.url} refused the key (401): {detail or 'no valid key'}")
+        if status == 403:
+            raise RemoteUnavailable(f"{self.url} refused the key (403): {detail or 'another owner'}")
+        if status != 200:
+            if detail is None:
+                raise RemoteUnavailable(f"{self.url} is not a flexolmo owner node ({path} answered {status})")
+            raise RemoteUnavailable(f"{self.url} answered {status}: {str(detail)[:300]}")
+        if not isinstance(data, dict) or data.get("protocol") != P.PROTOCOL:
+            raise RemoteUnavailable(f"{self.url} is not a flexolmo owner node speaking {P.PROTOCOL} "
+                                    f"({path} answered something else)")
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            raise RemoteUnavailable(f"{self.url} answered garbage ({str(e.errors()[0].get('msg'))[:120]})") from None
+
+    def close(self) -> None:
+        self._http.close()
+
+
+class RemoteSource:
+    """One source served by its owner's node, with the face of a `SourceIndex`."""
+
+    def __init__(self, name: str, url: str, key: str, *, tokenizer_hash: str, visibility: str = "full",
+                 settings: RemoteSettings | None = None):
+        self.name = name
+        self.client = NodeClient(url, key, settings)
+        self.url = self.client.url
+        self.tokenizer_hash = tokenizer_hash  # the tracer's: a node with another is not used
+        self.local_visibility = src_lib.check_visibility(visibility)  # the tracer's own cap
+        self.node_visibility = "full"  # the owner's, as its last answer said
+        self._identity: P.Identity | None = None
+        self._unigram: np.ndarray | None = None
+        self._mu = threading.Lock()
+
+    @property
+    def visibility(self) -> str:
+        return P.stricter(self.local_visibility, self.node_visibility)
+
+    # -- identity --------------------------------------------------------------------------
+
+    def identity(self, refresh: bool = False) -> P.Identity:
+        """The node's identity (cached; fetched again when its build changes or on `refresh`)."""
+        with self._mu:
+            if self._identity is None or refresh:
+                ident = self.client.call("GET", "/v1/identity", P.Identity)
+                self._check(ident)
+                u = np.zeros(65536, dtype=np.int64)
+                ids = np.asarray(ident.unigrams.ids, dtype=np.int64)
+                if len(ids) != len(ident.unigrams.counts) or (ids.size and (ids.min() < 0 or ids.max() > 65535)):
+                    raise RemoteUnavailable(f"{self.url} answered garbage (unigram ids out of range)")
+                u[ids] = ident.unigrams.counts
+                self._identity, self._unigram, self.node_visibility = ident, u, ident.visibility
+            return self._identity
+
+    def _check(self, ident: P.Identity) -> None:
+        if ident.source != self.name:
+            raise RemoteUnavailable(f"{self.url} serves source {ident.source!r}, not {self.name!r}")
+        if ident.tokenizer_hash != self.tokenizer_hash:
+            raise RemoteUnavailable(f"{self.url} tokenizes with {ident.tokenizer_hash[:12]}, this tracer with "
+                                    f"{self.tokenizer_hash[:12]}; the owner must import the shared tokenizer and rebuild")
+
+    @property
+    def build_id(self) -> str:
+        return self.identity().build_id
+
+    @property
+    def n_tokens(self) -> int:
+        return self.identity().n_tokens
+
+    @property
+    def n_docs(self) -> int:
+        return self.identity().n_docs
+
+    @property
+    def unigram_counts(self) -> np.ndarray:
+        self.identity()
+        return self._unigram
+
+    def settle(self) -> None:
+        """Nothing to wait for: the node checks its own files."""
+
+    # -- the two questions of a trace ------------------------------------------------------
+
+    def matches(self, ids: Sequence[int], delim_ids: Sequence[int], bow_ids: Sequence[int] | None,
+                enforce_bow: bool = True) -> SourceMatches:
+        """As `SourceIndex.matches`, asked of the node (only the delimiter and word-start ids that
+        occur in the query are sent: the answer is the same)."""
+        ids = check_ids(ids)
+        present = set(ids)
+        body = {"ids": ids, "delim_ids": sorted(present.intersection(check_ids(delim_ids, "delim_ids"))),
+                "bow_ids": None if bow_ids is None else sorted(present.intersection(int(i) for i in bow_ids)),
+                "enforce_bow": bool(enforce_bow)}
+        ident = self.identity()
+        a = self.client.call("POST", "/v1/matches", P.MatchesAnswer, body)
+        L = len(ids)
+        if a.source != self.name or len(a.lengths) != L or len(a.counts) != L or any(
+                not 0 <= n <= L - l or c < 0 or (n == 0) != (c == 0) for l, (n, c) in enumerate(zip(a.lengths, a.counts))):
+            raise RemoteUnavailable(f"{self.url} answered garbage (matches that do not fit the query)")
+        self.node_visibility = a.visibility
+        if a.build_id != ident.build_id:  # rebuilt since: its unigram counts changed too
+            self.identity(refresh=True)
+        return SourceMatches(self.name, list(a.lengths), list(a.counts))
+
+    def documents(self, span_ids: Sequence[int], picks: Sequence[int], n: int = 10, context_tokens: int = 250,
+                  snippet_tokens: int = 40) -> list[SpanDocument]:
+        return self.documents_many([(span_ids, picks, n)], context_tokens, snippet_tokens)[0]
+
+    def documents_many(self, requests: Sequence[tuple[Sequence[int], Sequence[int], int]], context_tokens: int = 250,
+                       snippet_tokens: int = 40) -> list[list[SpanDocument]]:
+        """Documents of several spans in one round trip: one list per (span_ids, picks, n)."""
+        if self.visibility == "counts" or not requests:
+            return [[] for _ in requests]
+        body = {"spans": [{"span_ids": check_ids(s, "span_ids"), "picks": [int(p) for p in ps], "n": int(n)}
+                          for s, ps, n in requests],
+                "context_tokens": int(context_tokens), "snippet_tokens": int(snippet_tokens),
+                "max_visibility": self.local_visibility}
+        a = self.client.call("POST", "/v1/documents", P.DocumentsAnswer, body)
+        self.node_visibility = a.visibility
+        if a.source != self.name or len(a.documents) != len(requests):
+            raise RemoteUnavailable(f"{self.url} answered garbage (documents for other spans)")
+        out = []
+        for (span_ids, picks, n), docs in zip(requests, a.documents):
+            for d in docs:
+                text = bool(d.token_ids) or d.title is not None
+                if (d.source != self.name or d.needle_len != len(span_ids) or not 0 <= d.draw < len(picks)
+                        or P.VISIBILITY_ORDER.index(d.visibility) > P.VISIBILITY_ORDER.index(self.visibility)
+                        or d.visibility == "counts" or (d.blocked and text) or len(docs) > n):
+                    raise RemoteUnavailable(f"{self.url} answered garbage (a document outside its policy or request)")
+            out.append([SpanDocument(**d.model_dump()) for d in docs])
+        return out
+
+    def count(self, ids: Sequence[int]) -> int:
+        raise ConflictError(f"source {self.name!r} is held by its owner's node, which answers only matches "
+                            "and documents; counts come with each trace's spans")
+
+    def document(self, doc_id: str):
+        raise ConflictError(f"source {self.name!r} is held by its owner's node; its documents are seen only "
+                            "through traces, cut to the owner's policy")
+
+    doc_at = attribute = document_tokens = document
+
+    def close(self) -> None:
+        self.client.close()
+
+
+# -- registering a remote source at the tracer ---------------------------------------------
+
+
+def remotes_dir(ws: Workspace) -> Path:
+    return ws.root / "remotes"
+
+
+def add_remote(ws: Workspace, name: str, url: str, key_file: str | os.PathLike, *, owner: str, domain: str,
+               licence: str, visibility: str = "full", by: str | None = None,
+               settings: RemoteSettings | None = None) -> src_lib.Source:
+    """Register a source held by its owner's node: checked first (reachable, speaks the protocol,
+    same source name and owner, same tokenizer), then its key and rows are stored; nothing is
+    stored when a check fails."""
+    src_lib.check_name(name)
+    src_lib.check_visibility(visibility)
+    url = check_url(url)
+    key = read_key_file(key_file)
+    try:
+        ours = tok_lib.tokenizer_hash(ws)
+    except NotFoundError:
+        raise ConflictError("this workspace has no tokenizer; bring in the shared one first with "
+                            "`flexolmo tokenizer import DIR`") from None
+    with base_catalog.connect(ws, read_only=True) as con:
+        if con.execute("SELECT 1 FROM sources WHERE name = ?", [name]).fetchone():
+            raise ConflictError(f"source {name!r} already exists; choose another name")
+    client = NodeClient(url, key, settings)
+    try:
+        ident = client.call("GET", "/v1/identity", P.Identity)
+    except RemoteUnavailable as e:
+        raise InputError(f"cannot add {name!r}: {e}") from None
+    finally:
+        client.close()
+    if ident.source != name:
+        raise ConflictError(f"the node at {url} serves source {ident.source!r}, not {name!r}; "
+                            f"add it as {ident.source!r} or ask its owner")
+    if ident.owner != owner:
+        raise ConflictError(f"the node at {url} belongs to owner {ident.owner!r}, not {owner!r}")
+    if ident.tokenizer_hash != ours:
+        raise ConflictError(f"the node at {url} tokenizes with {ident.tokenizer_hash}, this workspace with {ours}; "
+                            "both must use the shared tokenizer (`flexolmo tokenizer import DIR`, then the owner "
+                            "rebuilds the index)")
+    path = remotes_dir(ws) / f"{name}.key"
+    write_secret(path, key)
+    try:
+        with catalog.connect(ws) as con:
+            con.execute("BEGIN")
+            try:
+                src_lib.insert_remote_row(con, name, owner=owner, domain=domain, licence=licence,
+                                          origin=f"remote:{url}", content_hash=ident.content_hash,
+                                          n_docs=ident.n_docs, visibility=visibility, by=by)
+                catalog.insert_remote(con, {"source": name, "url": url, "key_path": str(path), "owner": owner,
+                                            "tokenizer_hash": ident.tokenizer_hash, "build_id": ident.build_id,
+                                            "n_tokens": ident.n_tokens,
+                                            "added_at": dt.datetime.now().replace(microsecond=0)})
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return src_lib.get_source(ws, name)
+
+
+def open_remotes(ws: Workspace, names: Sequence[str], visibility: dict[str, str],
+                 settings: RemoteSettings | None = None) -> tuple[dict[str, RemoteSource], dict[str, str]]:
+    """The RemoteSource of each of `names` registered as remote; (opened, skipped with why).
+    Opening asks no node anything: each is asked on first use."""
+    rows = catalog.list_remote_sources(ws)
+    wanted = [n for n in names if n in rows]
+    if not wanted:
+        return {}, {}
+    ours = tok_lib.tokenizer_hash(ws)
+    opened, skipped = {}, {}
+    for n in wanted:
+        try:
+            key = read_key_file(rows[n]["key_path"])
+        except InputError as e:
+            skipped[n] = f"unavailable: its key cannot be read ({e})"
+            continue
+        opened[n] = RemoteSource(n, rows[n]["url"], key, tokenizer_hash=ours, visibility=visibility.get(n, "full"),
+                                 settings=settings)
+    return opened, skipped
