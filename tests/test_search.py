@@ -212,3 +212,54 @@ def test_taken_down_document_and_its_copy_are_blocked(fed, policy_ws):
     common = _common_span(f)
     others = [d for d in f.documents(common, n=10) if d.doc_id not in mine]
     assert others and not any(d.blocked for d in others)
+
+
+# -- delimiters: every token that contains a newline (issue 14) ------------------------------
+
+
+@pytest.fixture(scope="module")
+def code_fed(tmp_path_factory):
+    """Prose and indented code: this tokenizer merges a newline with the indentation after it."""
+    from textcorpus import build_workspace
+
+    from tracing.trace import delimiter_ids
+
+    ws = build_workspace(tmp_path_factory.mktemp("code") / "ws")
+    tok = tokenizer.load_tokenizer(ws)
+    names = ("public", "news", "code")
+    engine = InfiniGramEngine(index_dir=[str(fmt.index_dir(ws, n)) for n in names], eos_token_id=0, vocab_size=65535,
+                              bow_ids_path=str(ws.tokenizer_dir / "bow_ids.txt"), precompute_unigram_logprobs=True)
+    docs = [d for n in names for d in sources.load_documents(ws, n, split="train").column("text").to_pylist()]
+    return dict(ws=ws, tok=tok, engine=engine, fed=Federation.open(ws), docs=docs, delim=delimiter_ids(tok),
+                bow=sorted(set(tokenizer.read_bow_ids(ws))))
+
+
+def _code_inputs(f, n: int, seed: int):
+    rng = random.Random(seed)
+    for _ in range(n):
+        parts = []
+        for _ in range(rng.randint(1, 4)):
+            d = rng.choice(f["docs"])
+            a = rng.randint(0, len(d) - 1)
+            parts.append(d[a: a + rng.randint(20, 400)])
+            parts.append(rng.choice(["\n", "\n    ", " zzq.\n\n", "\n        qqx "]))
+        yield f["tok"](("".join(parts)), add_special_tokens=False)["input_ids"]
+
+
+def test_newline_delimiters_cut_spans_and_equal_engine_attribute(code_fed):
+    f, tok = code_fed, code_fed["tok"]
+    merged = [i for i in f["delim"] if "\n" in tok.decode([i]) and set(tok.decode([i])) != {"\n"}]
+    assert merged, "the tokenizer should merge a newline with indentation (the case issue 14 is about)"
+    assert all("\n" in tok.decode([i]) or tok.decode([i]) == "." for i in f["delim"])
+    nl_only = [i for i in f["delim"] if set(tok.decode([i])) <= {"\n", "."}]  # OLMoTrace's set on this tokenizer
+    crossed = checked = 0
+    for ids in _code_inputs(f, 30, seed=11):
+        ref = f["engine"].attribute(ids, delim_ids=f["delim"], min_len=1, max_cnt=1_000_000, enforce_bow=True)["spans"]
+        mine = f["fed"].find_spans(ids, f["delim"], f["bow"])
+        assert [(s["l"], s["r"], s["count"]) for s in ref] == [(s.l, s.r, s.count) for s in mine]
+        for s in mine:  # a token with a newline ends a span; it is never inside one
+            assert not any(i in f["delim"] for i in ids[s.l: s.r - 1])
+        checked += len(mine)
+        old = f["fed"].find_spans(ids, nl_only, f["bow"])
+        crossed += sum(any(i in merged for i in ids[s.l: s.r - 1]) for s in old)
+    assert checked > 30 and crossed > 0  # the old delimiter set let spans cross lines here
