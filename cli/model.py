@@ -102,7 +102,8 @@ def merge_cmd(
 def tune_router_cmd(
     model_dir: Annotated[Optional[Path], typer.Option("--model", help="Merged model (default: <workspace>/models/merged).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: in place, untuned kept as <model>-untuned).")] = None,
-    docs_per_source: Annotated[int, typer.Option("--docs-per-source", help="Training documents per source in the proxy set.")] = 64,
+    docs_per_source: Annotated[int, typer.Option("--docs-per-source", help="Proxy documents per domain (public documents picked by each owner's classifier).")] = 64,
+    consent: Annotated[Optional[str], typer.Option("--consent", help="Comma-separated owners who agree to share a sample of their own training documents instead.")] = None,
     steps: Annotated[int, typer.Option("--steps")] = 200,
     lr: Annotated[float, typer.Option("--lr")] = 3e-3,
     seed: Annotated[int, typer.Option()] = 0,
@@ -110,7 +111,8 @@ def tune_router_cmd(
     """Tune only the routers of a merged model on a small proxy set of each source's training data."""
     from flexolmo.router_tuning import tune_router
 
-    r = tune_router(ws(), model_dir, out=out, docs_per_source=docs_per_source, steps=steps, lr=lr, seed=seed)
+    r = tune_router(ws(), model_dir, out=out, docs_per_source=docs_per_source, steps=steps, lr=lr, seed=seed,
+                    consent=tuple(c.strip() for c in (consent or "").split(",") if c.strip()))
     console.print(f"[bold green]router tuned[/] {r.steps} steps on {sum(r.proxy_docs.values())} proxy documents, "
                   f"{r.seconds:.0f}s: proxy loss {r.loss_before:.3f} -> {r.loss_after:.3f}")
     console.print("routing share: " + ", ".join(f"{n} {r.share_before[n]:.0%}->{r.share_after[n]:.0%}" for n in r.experts))

@@ -8,12 +8,17 @@ Why: every owner trained its router row against the public expert alone, never a
 the other owners' experts, so in the merged model the rows are not calibrated against each
 other (docs/bench-model.md: the demo model never routes to the public expert).
 
-Proxy set: `docs_per_source` documents sampled (seeded) from the *training split* of every
-source in the merged model. The paper assumes a small public proxy set per domain; here it
-is a sample of each owner's own training data, so this step needs the owners' consent (or
-a public proxy set put in the workspace under the source's name). Validation documents are
+Proxy set, as in the paper (section 3.3.3): no owner's text is needed. Each owner's
+package carries a small domain classifier (flexolmo/proxy.py, trained at home: own vs
+public documents); for every switched-on owner, the `docs_per_source` public training
+documents its classifier scores highest stand in for its domain, and a seeded sample of
+the remaining public documents stands for public text. An owner who consents (`consent`)
+contributes a seeded sample of its own training documents instead. Validation documents are
 never read. Sources the catalog marks inactive or expired give no data: their experts are
 switched off during tuning and their router rows stay as they were.
+
+While tuning, every switched-on expert is active (top-k = their number), so each router
+row receives gradient on every token, as in the paper; the saved model keeps its top-k.
 
 What trains: in every layer the router rows of experts 1..E-1 and their biases (clamped to
 <= 0). Row 0 and bias 0 (the public expert) stay fixed, so the tuned model keeps the public
@@ -41,6 +46,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -53,9 +59,9 @@ from .errors import InputError, NotFoundError
 from .generate import RoutingCapture
 from .layout import shared_weights_hash
 from .merge import load_merged
-from .model import as_module, expert_names, set_active
-from .sources import get_source, iter_texts
-from .tokenizer import load_raw_tokenizer, tokenizer_info
+from .model import as_module, expert_names, routers, set_active
+from .sources import get_source
+from .tokenizer import tokenizer_info
 from .trainer import Trainer
 from .workspace import Workspace, atomic_dir, file_sha256
 
@@ -82,24 +88,50 @@ class RouterTuneResult:
 # the proxy set
 
 
-def proxy_streams(ws: Workspace, sources: list[str], docs_per_source: int, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """Per source: up to `docs_per_source` seeded training documents as one id stream (each
-    document followed by eos). Only the train split is read."""
-    tok = load_raw_tokenizer(ws)
+def proxy_streams(ws: Workspace, sources: list[str], public_source: str, docs_per_source: int, seed: int,
+                  consent: set[str] = frozenset()) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, str]]:
+    """Per source: its proxy documents as one id stream (each document followed by eos), the
+    number of documents, and where they came from. Only train splits are read."""
+    from .artifacts import expert_package
+    from .proxy import pick_proxy
+    from .tokens import source_tokens
+
     eos = tokenizer_info(ws).eos_id
-    streams, n_docs = {}, {}
+    pub = source_tokens(ws, public_source)
+    pub_docs = [pub.doc(i) for i in range(pub.n_docs)]
+    picks: dict[str, list[np.ndarray]] = {}
+    how: dict[str, str] = {}
+    taken: set[int] = set()
     for k, source in enumerate(sources):
-        texts = list(iter_texts(ws, source, split="train"))
-        if not texts:
-            raise InputError(f"source {source!r} has no training documents for the proxy set")
         g = torch.Generator().manual_seed(seed * 1_000_003 + k)
-        pick = sorted(torch.randperm(len(texts), generator=g)[:docs_per_source].tolist())
-        ids: list[int] = []
-        for enc in tok.encode_batch([texts[i] for i in pick], add_special_tokens=False):
-            ids.extend(enc.ids)
-            ids.append(eos)
-        streams[source], n_docs[source] = torch.tensor(ids, dtype=torch.long), len(pick)
-    return streams, n_docs
+        if source == public_source:
+            continue
+        if source in consent:
+            own = source_tokens(ws, source)
+            if own.n_docs == 0:
+                raise InputError(f"source {source!r} has no training documents for the proxy set")
+            idx = sorted(torch.randperm(own.n_docs, generator=g)[:docs_per_source].tolist())
+            picks[source] = [own.doc(i) for i in idx]
+            how[source] = "a seeded sample of the owner's own training documents (the owner consented)"
+            continue
+        clf = expert_package.read(expert_package.folder(ws, source)).classifier()
+        if clf is None:
+            raise InputError(f"the expert package of {source!r} has no domain classifier (it predates them); "
+                             f"retrain it with `flexolmo train expert --source {source}`, or pass --consent {source} "
+                             "if its owner agrees to share a sample of its data")
+        idx = pick_proxy(clf, pub_docs, docs_per_source, exclude=taken)
+        taken |= set(idx)
+        picks[source] = [pub_docs[i] for i in idx]
+        how[source] = (f"the {len(idx)} public documents its owner's classifier scores most like its domain "
+                       f"(held-out accuracy {clf.accuracy:.3f})")
+    if public_source in sources:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + len(sources))
+        rest = [i for i in torch.randperm(len(pub_docs), generator=g).tolist() if i not in taken][:docs_per_source]
+        picks[public_source] = [pub_docs[i] for i in sorted(rest)]
+        how[public_source] = "a seeded sample of the other public documents"
+    streams = {s: torch.from_numpy(np.concatenate([np.append(np.asarray(d, dtype=np.int64), eos) for d in docs]))
+               for s, docs in picks.items()}
+    return streams, {s: len(d) for s, d in picks.items()}, how
 
 
 def balanced_stream(streams: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -157,6 +189,7 @@ def tune_router(
     seq_len: int | None = None,
     eval_windows_per_source: int = 8,
     seed: int = 0,
+    consent: tuple[str, ...] = (),
     progress: bool = True,
     stop_after: int | None = None,
 ) -> RouterTuneResult:
@@ -173,6 +206,8 @@ def tune_router(
     :param eval_windows_per_source: fixed proxy windows per source for the before/after
         loss and routing share in the card
     :param seed: proxy sampling and batch order
+    :param consent: owners who agree to share a sample of their own training documents;
+        every other owner is represented by public documents its classifier picks
     :param stop_after: stop after this step (an interruption, in tests): the resume state is
         kept, nothing is written, and the result's `stopped` says so
     """
@@ -202,7 +237,10 @@ def tune_router(
 
     # data: the proxy set (train split only), balanced over domains
     t0 = time.time()
-    streams, n_docs = proxy_streams(ws, sources, docs_per_source, seed)
+    unknown = sorted(set(consent) - set(names))
+    if unknown:
+        raise InputError(f"--consent names no expert of this model: {', '.join(unknown)} (experts: {', '.join(names)})")
+    streams, n_docs, how = proxy_streams(ws, sources, names[0], docs_per_source, seed, set(consent))
     short = [s for s, st in streams.items() if len(st) < 2]
     if short:
         raise InputError(f"proxy set of {', '.join(short)} is empty after tokenizing; raise docs_per_source")
@@ -221,7 +259,14 @@ def tune_router(
     config_dict = {"kind": "router-tune", "model": str(model_dir), "model_sha256": file_sha256(model_dir / "model.safetensors"),
                    "sources": sources, "docs_per_source": docs_per_source, "train": cfg.__dict__}
     callbacks, ckpt = standard_callbacks(ws, RUN_NAME, config_dict, progress, stop_after)
-    fit = Trainer(model, params, cfg, stream, callbacks=[frozen_rows, *callbacks], dist=d).fit()
+    top_k = [r.top_k for r in routers(model)]
+    for r in routers(model):  # every switched-on expert active while tuning (the paper)
+        r.top_k = len(sources)
+    try:
+        fit = Trainer(model, params, cfg, stream, callbacks=[frozen_rows, *callbacks], dist=d).fit()
+    finally:
+        for r, k in zip(routers(model), top_k):
+            r.top_k = k
     if not fit.completed:  # an interruption (tests): resume state kept, nothing written
         return RouterTuneResult(
             out_dir=Path(out) if out else model_dir, untuned_dir=None, experts=names, steps=fit.steps_done,
@@ -238,12 +283,13 @@ def tune_router(
     tuning = {
         "proxy_set": {
             "split": "train (validation documents are never used)",
-            "note": "a seeded sample of each owner's training data: needs the owners' consent, or a public proxy set",
+            "from": how,
             "docs": n_docs,
             "tokens": {s: len(st) for s, st in streams.items()},
             "docs_per_source": docs_per_source,
             "seed": seed,
         },
+        "active_while_tuning": f"all {len(sources)} switched-on experts (top-k {len(sources)}); saved with top-k {top_k[0]}",
         "trained": "router rows and biases of experts " + ", ".join(n for i, n in enumerate(names) if i not in frozen)
         + " in every layer (biases clamped <= 0); row 0 / bias 0 (public) and all other weights frozen",
         "not_tuned": {n: r for n, r in off.items()},

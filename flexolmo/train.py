@@ -226,7 +226,7 @@ def train_expert(
         router_bias_init=cfg.router_bias_init, router_bias=bias_report, privacy=privacy, created_by=current_user(), **_throughput(fit),
     )
     if d.is_main:
-        card = expert_package.write(out, model, card)
+        card = expert_package.write(out, model, card, classifier=_domain_classifier(ws, source, public_name))
         ckpt.clear()
     distributed.barrier(d)
     return TrainResult("expert", source, out, p.name, fit, card.n_params, card, loaded)
@@ -249,3 +249,14 @@ def _start_bias(ws: Workspace, model, public_source: str, own: torch.Tensor, cfg
         for r in routers(model):
             r.bias[1] = cfg.router_bias_init
     return {"fixed": cfg.router_bias_init, "at_start": routing_check(model, pub_w, own_w).to_dict()}
+
+
+def _domain_classifier(ws: Workspace, source: str, public_source: str):
+    """The owner's domain classifier (own vs public training documents), for router tuning's
+    proxy selection: it ships in the package instead of any text (flexolmo/proxy.py)."""
+    from .proxy import DomainClassifier
+    from .tokens import source_tokens
+
+    own, pub = source_tokens(ws, source), source_tokens(ws, public_source)
+    return DomainClassifier.train([own.doc(i) for i in range(own.n_docs)], [pub.doc(i) for i in range(pub.n_docs)],
+                                  tokenizer_info(ws).vocab_size)

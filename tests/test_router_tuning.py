@@ -12,6 +12,7 @@ from conftest_model import build_federation
 
 import flexolmo.router_tuning as rt
 from flexolmo.artifacts.merged_model import MergedModelCard
+from flexolmo.errors import InputError
 from flexolmo.generate import route
 from flexolmo.merge import load_merged, merge
 from flexolmo.layout import shared_weights_hash
@@ -32,14 +33,16 @@ def fed(tmp_path_factory):
     merged = ws.models_dir / "merged"
     original = load_model(merged).module.state_dict()
     splits = []
-    real = rt.iter_texts
+    import flexolmo.tokens as tokens
 
-    def spy(ws_, source, split="train"):
+    real = tokens.source_tokens
+
+    def spy(ws_, source, split="train", **kw):
         splits.append((source, split))
-        return real(ws_, source, split=split)
+        return real(ws_, source, split, **kw)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(rt, "iter_texts", spy)
+    mp.setattr(tokens, "source_tokens", spy)
     try:
         res = rt.tune_router(ws, docs_per_source=20, steps=30, lr=2e-2, batch_size=6, seq_len=32, progress=False)
     finally:
@@ -74,13 +77,40 @@ def test_untuned_model_kept(fed):
     assert MergedModelCard.read(res.out_dir).router_tuning["steps"] == 30
 
 
-def test_proxy_set_is_training_data_only(fed):
+def test_proxy_set_is_public_data_picked_by_the_owners_classifiers(fed):
     splits = fed["splits"]
-    assert sorted({s for s, _ in splits}) == ["code", "news", "public"]
-    assert {sp for _, sp in splits} == {"train"}
+    assert set(splits) == {("public", "train")}  # no owner's text without consent, never validation
     card = fed["res"].card.router_tuning
     assert card["proxy_set"]["docs"] == {"public": 20, "news": 20, "code": 20}
+    assert "classifier" in card["proxy_set"]["from"]["news"] and "classifier" in card["proxy_set"]["from"]["code"]
     assert "validation documents are never used" in card["proxy_set"]["split"]
+    assert card["active_while_tuning"].startswith("all 3 switched-on experts")
+
+
+def test_classifier_picks_public_documents_like_the_domain(fed):
+    from flexolmo.artifacts import expert_package
+    from flexolmo.proxy import pick_proxy
+    from flexolmo.tokens import source_tokens
+
+    ws = fed["ws"]
+    clf = expert_package.read(expert_package.folder(ws, "code")).classifier()
+    own, pub = source_tokens(ws, "code"), source_tokens(ws, "public")
+    # the owner's own documents score above public ones on average
+    own_s = clf.scores([own.doc(i) for i in range(own.n_docs)]).mean()
+    pub_docs = [pub.doc(i) for i in range(pub.n_docs)]
+    assert own_s > clf.scores(pub_docs).mean()
+    top = pick_proxy(clf, pub_docs, 5)
+    assert clf.scores([pub_docs[i] for i in top]).min() >= clf.scores(pub_docs).median()
+
+
+def test_consenting_owner_contributes_its_own_sample(fed, tmp_path):
+    ws = fed["ws"]
+    res = rt.tune_router(ws, ws.models_dir / "merged-untuned", out=tmp_path / "t", docs_per_source=5, steps=2,
+                         batch_size=4, seq_len=16, consent=("news",), progress=False)
+    frm = res.card.router_tuning["proxy_set"]["from"]
+    assert "consented" in frm["news"] and "classifier" in frm["code"]
+    with pytest.raises(InputError, match="--consent names no expert"):
+        rt.tune_router(ws, ws.models_dir / "merged-untuned", out=tmp_path / "u", steps=2, consent=("nobody",), progress=False)
 
 
 def test_proxy_loss_decreases(fed):

@@ -111,13 +111,26 @@ class ExpertPackage:
     card: ExpertPackageCard
     tensors: dict[str, torch.Tensor] = field(repr=False)  # the slice (layout.get_slice format)
 
+    def classifier(self):
+        """The owner's domain classifier (flexolmo/proxy.py), verified with the package; None if absent."""
+        from ..proxy import CLASSIFIER_FILE, DomainClassifier
 
-def write(folder_: Path, model, card: ExpertPackageCard, expert: int = 1) -> ExpertPackageCard:
-    """Write expert `expert`'s slice of `model` and the card atomically (verify: read back)."""
+        return DomainClassifier.load(self.folder / CLASSIFIER_FILE) if CLASSIFIER_FILE in self.card.files else None
+
+
+def write(folder_: Path, model, card: ExpertPackageCard, expert: int = 1, classifier=None) -> ExpertPackageCard:
+    """Write expert `expert`'s slice of `model`, the owner's domain classifier (flexolmo/proxy.py,
+    if given) and the card atomically (verify: read back)."""
+    from ..proxy import CLASSIFIER_FILE
+
     with atomic_dir(folder_) as tmp:
         save_file(get_slice(model, expert), str(tmp / PACKAGE_FILE),
                   metadata={"source": card.source, "public_model": card.public_model or ""})
-        card = card.model_copy(update={"files": {PACKAGE_FILE: file_sha256(tmp / PACKAGE_FILE)}})
+        files = {PACKAGE_FILE: file_sha256(tmp / PACKAGE_FILE)}
+        if classifier is not None:
+            classifier.save(tmp / CLASSIFIER_FILE)
+            files[CLASSIFIER_FILE] = file_sha256(tmp / CLASSIFIER_FILE)
+        card = card.model_copy(update={"files": files})
         card.save(tmp)
         read(tmp)
     return card
