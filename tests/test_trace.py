@@ -14,7 +14,11 @@ from flexolmo import sources
 from flexolmo.merge import merge
 from flexolmo.train import train_expert, train_public
 from index.build import build_source, index_dir
+from flexolmo.errors import InputError
+from flexolmo.model import experts_off_per_row
 from tracing import governance, store
+from tracing.experts import link_experts
+from tracing.options import TraceOptions
 from tracing.trace import Tracer
 
 NAMES = ("public", "news", "code", "math")
@@ -99,7 +103,91 @@ def test_expert_linkage(fed):
         off = next(e for e in s.experts if e.source == "math")
         assert off.counterfactual == 0 and not off.active
         assert s.agreement == (s.experts[s.top_expert].source in s.sources)
+        assert s.top_expert_by == "counterfactual" and s.top_expert == s.top_by_counterfactual
     assert any(e.counterfactual != 0 for s in t.spans for e in s.experts if e.active)
+
+
+def _spans_of(tracer, text):
+    return tracer.trace(text, prompt="a prompt", store=False)
+
+
+def test_top_expert_is_the_argmax_of_the_counterfactual_drop(fed):
+    tracer = Tracer.open(fed)
+    text = " " + " ".join(_doc(fed, "news", 5)["text"].split(" ")[2:40]) + " " + _doc(fed, "math", 1)["text"][:150]
+    t = _spans_of(tracer, text)
+    assert t.spans
+    differ = 0
+    for s in t.spans:
+        cf = {e.expert: e.counterfactual for e in s.experts if e.active and e.counterfactual is not None}
+        share = [e.routing_share for e in s.experts]
+        assert s.top_expert_by == "counterfactual" and s.top_expert == max(cf, key=cf.get)
+        assert s.top_by_routing == share.index(max(share))
+        differ += s.top_by_routing != s.top_by_counterfactual
+    record = t.to_dict()["spans"][0]
+    assert record["top_expert_by"] == "counterfactual" and {"top_by_routing", "top_by_counterfactual"} <= set(record)
+    # without counterfactuals the routing share names it, and says so
+    tracer.settings = tracer.settings.replace(counterfactual=False)
+    for s in _spans_of(tracer, text).spans:
+        assert s.top_expert_by == "routing" and s.top_by_counterfactual is None
+        assert s.top_expert == s.top_by_routing and all(e.counterfactual is None for e in s.experts if e.active)
+
+
+def test_batched_counterfactuals_equal_one_pass_per_expert(fed):
+    tracer = Tracer.open(fed, exclude=("code",))
+    for prompt, text in ((None, " " + " ".join(_doc(fed, "public", 3)["text"].split(" ")[1:45])),
+                         ("tell me", " " + " ".join(_doc(fed, "math", 6)["text"].split(" ")[4:30]))):
+        t = tracer.trace(text, prompt=prompt, store=False)
+        ids = tracer.tokenizer(text, add_special_tokens=False)["input_ids"]
+        pids = tracer.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+        ref = [s.__class__(**{**s.__dict__, "experts": []}) for s in t.spans]
+        link_experts(tracer.model, ref, ids, pids, None, counterfactual=True, bos_id=tracer.tokenizer.eos_token_id,
+                     method="per_expert")
+        computed = 0
+        for mine, theirs in zip(t.spans, ref):
+            for a, b in zip(mine.experts, theirs.experts):
+                assert a.routing_share == b.routing_share and a.active == b.active
+                if a.counterfactual is None and a.active:  # skipped: the router never chose it on a kept span
+                    assert all(e.routing_share == 0 for s in t.spans for e in s.experts if e.expert == a.expert)
+                    continue
+                assert a.counterfactual == pytest.approx(b.counterfactual, abs=1e-4), (a, b)
+                computed += a.active
+            assert mine.top_expert == theirs.top_expert or (
+                max(e.counterfactual or 0 for e in theirs.experts) - (theirs.experts[mine.top_expert].counterfactual or 0) < 1e-3)
+        assert computed > 0
+
+
+def test_per_row_expert_mask_refuses_bad_rows(fed):
+    tracer = Tracer.open(fed, exclude=("code",))
+    code = tracer.model.experts.index("code")
+    with pytest.raises(InputError, match="not switched on"):
+        with experts_off_per_row(tracer.model, [code], 4):
+            pass
+    with pytest.raises(InputError, match="at least one row"):
+        with experts_off_per_row(tracer.model, [], 4):
+            pass
+    assert tracer.model.active[code] is False and sum(tracer.model.active) == 3  # restored as it was
+
+
+def test_trace_options_validate_with_clear_errors(fed):
+    with pytest.raises(InputError, match="max_docs"):
+        TraceOptions.parse(max_docs=-1)
+    with pytest.raises(InputError, match="both excluded and included"):
+        TraceOptions.parse(exclude="news", include=["news"])
+    with pytest.raises(InputError, match="top_p"):
+        TraceOptions.parse(top_p=1.5)
+    opts = TraceOptions(max_docs=2, counterfactual=False, exclude=("math",), max_new_tokens=8)
+    tracer = Tracer.open(fed, options=opts)
+    assert tracer.model.off == {"math": "excluded"}
+    t = tracer.trace(" " + " ".join(_doc(fed, "news", 3)["text"].split(" ")[5:30]), store=False)
+    assert t.spans and all(len(s.documents) <= 2 for s in t.spans)
+    assert all(e.counterfactual is None for s in t.spans for e in s.experts if e.active)
+    assert t.settings["max_docs"] == 2 and t.settings["exclude"] == ("math",)
+    g = tracer.generate_and_trace("The president", store=False)
+    assert 1 <= g.n_tokens <= 8
+    with pytest.raises(InputError, match="temperature"):
+        tracer.generate_and_trace("The president", do_sample=True, temperature=0, store=False)
+    with pytest.raises(InputError, match="LoadedModel"):
+        Tracer.open(fed, model=tracer.model.module)
 
 
 def test_generate_and_trace_uses_captured_routing(fed):
