@@ -194,7 +194,7 @@ def main() -> None:
         has_model, cap = health["model"] is not None, health["limits"]["max_trace_chars"]
         httpx.post(url + "/api/trace", json={"text": texts[0]}, timeout=180)  # warm up; the store exists
         reader = subprocess.Popen([sys.executable, "-c", READER, str(ws.root), str(tmp / "stop"), str(tmp / "r.json")],
-                                  cwd=Path(__file__).resolve().parent.parent, stderr=subprocess.PIPE)
+                                  cwd=Path(__file__).resolve().parent.parent, stderr=open(tmp / "reader.err", "w"))
         results = [run_level(url, ws, c, seconds, texts, has_model, cap) for c in levels]
     finally:
         (tmp / "stop").touch()
@@ -207,7 +207,7 @@ def main() -> None:
             proc.kill()
     seen = json.loads((tmp / "r.json").read_text()) if (tmp / "r.json").exists() else {"ok": 0, "errors": -1}
     if reader is not None and seen["errors"]:
-        seen["messages"] = reader.stderr.read().decode().strip().splitlines()[-3:]
+        seen["messages"] = sorted(set((tmp / "reader.err").read_text().strip().splitlines()))[:3]
     report = {"workspace": str(ws.root), "workers": args.workers, "model": has_model, "words": args.words,
               "seconds_per_level": seconds, "cores": os.cpu_count(), "reader": seen, "levels": results}
     if args.json:
