@@ -1,35 +1,47 @@
-"""Trace latency, speed-up over the bare `engine.attribute`, and source-expert agreement.
+"""Trace latency before/after batched counterfactuals, first trace of a new process, speed-up
+over the bare `engine.attribute`, and source-expert agreement by routing and by counterfactual.
 
-    .venv/bin/python bench/trace.py [--workspace flexolmo-work] [--inputs 40] [--bare 20] [--responses 200]
+    .venv/bin/python bench/trace.py [--workspace W] [--inputs 40] [--bare 20] [--responses 200]
+    .venv/bin/python bench/trace.py --workspace W --random-model demo --skip-agreement
 
-Needs the demo federation (`make demo`): indexes of every sample source and the merged model.
+Needs indexes of every source and a merged model (`make demo`); `--random-model demo` builds
+a demo-sized 8-expert model with random weights instead (latency only: its routing means
+nothing, so agreement is skipped). Nothing is written: traces are not stored.
 
-1. Inputs: 450-token windows of held-out (validation) documents of every source: text in the
-   style of the training data that was never indexed, so spans are the n-grams it shares.
-2. Latency p50/p95 of the pipeline: spans + documents + relevance; + routing (one forward
-   pass); + counterfactual passes (one per expert).
-3. The bare `InfiniGramEngine.attribute` over the same indexes with OLMoTrace's production
-   settings on the first --bare inputs: its latency, the speed-up, and whether its spans are
-   identical to the pipeline's (before the K cap).
-4. Agreement: --responses generated responses (prompts: starts of validation documents of
-   every source); for each span, does the expert with the highest routing share belong to a
-   source whose index contains the span? Against chance: a uniformly drawn active expert.
+1. Inputs: 450-token windows of held-out (validation) documents of every source.
+2. Latency p50/p95: spans + documents + relevance; + routing pass; + counterfactuals as
+   before (one full forward pass per switched-on expert, plus one for the base log-probs)
+   and as now (one batched pass, tracing/experts.py), and the largest difference between
+   the two drops (the same numbers, to float tolerance).
+3. First trace of a new process against a warm one (fresh interpreter, run twice: the first
+   run may fill numba's on-disk cache, the second shows a normal start).
+4. The bare `InfiniGramEngine.attribute` with the same delimiters: latency, speed-up, same spans.
+5. Agreement on generated responses: does the top expert's source hold the span, with the
+   top expert by routing share and by counterfactual drop; all spans and single-source spans,
+   against a uniformly drawn switched-on expert.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import random
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
-from flexolmo import sources
-from flexolmo.workspace import Workspace
-from index.format import index_dir
-from tracing.trace import Tracer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flexolmo import sources  # noqa: E402
+from flexolmo.workspace import Workspace  # noqa: E402
+from tracing.experts import link_experts  # noqa: E402
+from tracing.trace import Tracer  # noqa: E402
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -53,6 +65,32 @@ def inputs(ws: Workspace, tracer: Tracer, n: int, length: int = 450, seed: int =
     return out
 
 
+def random_model(ws: Workspace, tracer: Tracer, profile: str):
+    """A `profile`-sized merged model with random weights, one expert per served source."""
+    from flexolmo.config import get_profile
+    from flexolmo.model import LoadedModel, build_model
+
+    names = ["public"] + [n for n in tracer.fed.names if n != "public"]
+    tok = tracer.tokenizer
+    cfg = get_profile(profile).model.hf_config(vocab_size=len(tok), eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                                               num_experts=len(names))
+    return LoadedModel(module=build_model(cfg, seed=0).eval(), experts=names)
+
+
+def open_tracer(ws: Workspace, args) -> Tracer:
+    if args.random_model:
+        tracer = Tracer.open(ws, model=None)
+        tracer.model = random_model(ws, tracer, args.random_model)
+        tracer.model_name = f"random {args.random_model}"
+        return tracer
+    model = "auto"
+    if args.model:
+        from flexolmo.merge import load_merged
+
+        model = load_merged(args.model, ws=ws)
+    return Tracer.open(ws, model=model)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workspace", default=None)
@@ -61,55 +99,117 @@ def main() -> None:
     ap.add_argument("--responses", type=int, default=200)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--model", default=None, help="A merged model folder (default: <workspace>/models/merged).")
+    ap.add_argument("--random-model", choices=["tiny", "demo", "paper"], default=None,
+                    help="Latency with a random-weight model of this profile (no merged model needed).")
     ap.add_argument("--agreement-only", action="store_true", help="Skip the latency parts.")
+    ap.add_argument("--skip-agreement", action="store_true")
+    ap.add_argument("--first-trace-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    t_import = time.perf_counter()
     from flexolmo.hflog import quiet_transformers
 
     quiet_transformers()
     ws = Workspace.resolve(args.workspace)
-    model = "auto"
-    if args.model:
-        from flexolmo.merge import load_merged
-
-        model = load_merged(args.model, ws=ws)
-    tracer = Tracer.open(ws, model=model)
+    if args.first_trace_child:
+        return first_trace_child(ws, args, t_import)
+    tracer = open_tracer(ws, args)
     if tracer.model is None:
-        raise SystemExit("no merged model: run `make demo` first")
+        raise SystemExit("no merged model: run `make demo` first, or pass --random-model demo")
     print(f"workspace {ws.root}: {len(tracer.fed.names)} sources, "
-          f"{sum(tracer.fed.source(n).n_tokens for n in tracer.fed.names):,} indexed tokens")
+          f"{sum(tracer.fed.source(n).n_tokens for n in tracer.fed.names):,} indexed tokens; model {tracer.model_name}, "
+          f"{len(tracer.model.experts)} experts, top-{tracer.model.config.num_experts_per_tok}")
     if not args.agreement_only:
         latency(ws, tracer, args)
-    agreement(ws, tracer, args)
+        first_trace(args)
+        bare(ws, tracer, args)
+    if not args.skip_agreement and not args.random_model:
+        agreement(ws, tracer, args)
 
 
 def latency(ws: Workspace, tracer: Tracer, args) -> None:
+    """2. pipeline latency, counterfactuals before (one pass per expert) and after (batched)."""
     data = inputs(ws, tracer, args.inputs)
     dec = tracer.tokenizer.decode
-    tracer.trace_ids(data[0], prompt=None, prompt_ids=[], routing=None, generated=False, store=False)  # JIT warm-up
-
-    # 2. pipeline latency at three depths
-    rows = {}
-    for label, use_model, cf in (("spans+docs+BM25", False, False), ("+ routing pass", True, False),
-                                 ("+ counterfactuals", True, True)):
-        t = replace(tracer, model=tracer.model if use_model else None,
-                    settings=replace(tracer.settings, counterfactual=cf))
-        ms, n_spans = [], []
-        for ids in data:
+    tracer.trace_ids(data[0], prompt=None, prompt_ids=[], routing=None, generated=False, store=False)  # warm-up
+    eos = tracer.tokenizer.eos_token_id
+    rows: dict[str, list[float]] = {k: [] for k in ("spans+docs+BM25", "+ routing pass", "+ counterfactuals, before",
+                                                  "+ counterfactuals, now")}
+    diffs, skipped, n_spans = [], 0, []
+    bare_tracer = replace(tracer, model=None)
+    for ids in data:
+        t0 = time.perf_counter()
+        tr = bare_tracer.trace_ids(ids, prompt=None, prompt_ids=[], routing=None, generated=False, store=False,
+                                   response=dec(ids))
+        base_ms = (time.perf_counter() - t0) * 1000
+        rows["spans+docs+BM25"].append(base_ms)
+        n_spans.append(len(tr.spans))
+        out = {}
+        for label, cf, method in (("+ routing pass", False, "batched"), ("+ counterfactuals, before", True, "per_expert"),
+                                  ("+ counterfactuals, now", True, "batched")):
+            spans = copy.deepcopy(tr.spans)
             t0 = time.perf_counter()
-            tr = t.trace_ids(ids, prompt=None, prompt_ids=[], routing=None, generated=False, store=False, response=dec(ids))
-            ms.append((time.perf_counter() - t0) * 1000)
-            n_spans.append(len(tr.spans))
-        rows[label] = ms
-        print(f"pipeline {label:18s} p50 {pct(ms, 50):8.1f} ms  p95 {pct(ms, 95):8.1f} ms  "
-              f"(spans kept per input: {statistics.mean(n_spans):.1f})")
+            if spans:
+                link_experts(tracer.model, spans, ids, [], None, counterfactual=cf, bos_id=eos, method=method)
+            rows[label].append(base_ms + (time.perf_counter() - t0) * 1000)
+            out[method if cf else "routing"] = spans
+        for a, b in zip(out["batched"], out["per_expert"]):
+            for x, y in zip(a.experts, b.experts):
+                if x.counterfactual is None:
+                    skipped += x.active
+                else:
+                    diffs.append(abs(x.counterfactual - y.counterfactual))
+    for label, ms in rows.items():
+        print(f"pipeline {label:26s} p50 {pct(ms, 50):8.1f} ms  p95 {pct(ms, 95):8.1f} ms")
+    print(f"  spans kept per input: {statistics.mean(n_spans):.1f}; batched vs per-expert drops: max |diff| "
+          f"{max(diffs, default=0):.2e} over {len(diffs)} (span, expert) pairs; skipped (no routing weight on any "
+          f"kept span): {skipped}")
+    b, a = pct(rows["+ counterfactuals, before"], 50), pct(rows["+ counterfactuals, now"], 50)
+    print(f"  full trace with counterfactuals p50: {b:.0f} ms -> {a:.0f} ms ({b / a:.1f}x)")
 
-    # 3. the bare engine call with the production settings
+
+def first_trace(args) -> None:
+    """3. the first trace of a new process against a warm one, in fresh interpreters."""
+    cmd = [sys.executable, __file__, "--first-trace-child"]
+    for k in ("workspace", "model", "random_model"):
+        if getattr(args, k):
+            cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+    for run in (1, 2):
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            print(f"first-trace run {run} failed: {r.stderr[-500:]}")
+            return
+        d = json.loads(r.stdout.strip().splitlines()[-1])
+        print(f"new process, run {run}: imports {d['import_s']:.1f} s, open {d['open_s']:.1f} s; first trace "
+              f"{d['first_ms']:.0f} ms, warm p50 {d['warm_ms']:.0f} ms ({d['first_ms'] / d['warm_ms']:.2f}x); "
+              f"first trace's stages {d['first_timings']}")
+
+
+def first_trace_child(ws: Workspace, args, t_import: float) -> None:
+    t0 = time.perf_counter()
+    tracer = open_tracer(ws, args)
+    t1 = time.perf_counter()
+    data = inputs(ws, tracer, 6, seed=7)
+    ms, first = [], None
+    for ids in data:
+        t = time.perf_counter()
+        tr = tracer.trace_ids(ids, prompt=None, prompt_ids=[], routing=None, generated=False, store=False)
+        ms.append((time.perf_counter() - t) * 1000)
+        first = first or tr.timings_ms
+    print(json.dumps(dict(import_s=t0 - t_import, open_s=t1 - t0, first_ms=ms[0], warm_ms=statistics.median(ms[1:]),
+                          first_timings=first)))
+
+
+def bare(ws: Workspace, tracer: Tracer, args) -> None:
+    """4. the bare engine call with the production settings and the same delimiters."""
     from infini_gram.engine import InfiniGramEngine
 
+    from index.format import index_dir
+
+    data = inputs(ws, tracer, args.bare)
     eng = InfiniGramEngine(index_dir=[str(index_dir(ws, n)) for n in tracer.fed.names], eos_token_id=0,
                            bow_ids_path=str(ws.tokenizer_dir / "bow_ids.txt"), precompute_unigram_logprobs=True)
     bare_ms, pipe_ms, same = [], [], 0
-    for ids in data[: args.bare]:
+    for ids in data:
         t0 = time.perf_counter()
         ref = eng.attribute(ids, delim_ids=tracer.delims, min_len=1, max_cnt=1_000_000, enforce_bow=True)["spans"]
         bare_ms.append((time.perf_counter() - t0) * 1000)
@@ -117,18 +217,14 @@ def latency(ws: Workspace, tracer: Tracer, args) -> None:
         mine = tracer.fed.find_spans(ids, tracer.delims, tracer.bow)
         pipe_ms.append((time.perf_counter() - t0) * 1000)
         same += [(s["l"], s["r"], s["count"]) for s in ref] == [(s.l, s.r, s.count) for s in mine]
-    p50_pipe = pct(rows["spans+docs+BM25"][: args.bare], 50)
-    print(f"bare engine.attribute      p50 {pct(bare_ms, 50):8.1f} ms  p95 {pct(bare_ms, 95):8.1f} ms  "
-          f"on {len(bare_ms)} inputs")
-    print(f"span search alone          p50 {pct(pipe_ms, 50):8.1f} ms  p95 {pct(pipe_ms, 95):8.1f} ms")
-    print(f"speed-up: span search {pct(bare_ms, 50) / pct(pipe_ms, 50):.0f}x, whole pipeline without model "
-          f"{pct(bare_ms, 50) / p50_pipe:.0f}x (p50/p50); identical spans on {same}/{len(bare_ms)} inputs")
-
+    print(f"bare engine.attribute      p50 {pct(bare_ms, 50):8.1f} ms  p95 {pct(bare_ms, 95):8.1f} ms  on {len(bare_ms)} inputs")
+    print(f"span search alone          p50 {pct(pipe_ms, 50):8.1f} ms  p95 {pct(pipe_ms, 95):8.1f} ms; speed-up "
+          f"{pct(bare_ms, 50) / pct(pipe_ms, 50):.0f}x; identical spans on {same}/{len(bare_ms)} inputs "
+          f"({len(tracer.delims)} delimiter ids)")
 
 
 def agreement(ws: Workspace, tracer: Tracer, args) -> None:
-    """4. source-expert agreement over generated responses, against a uniformly drawn expert."""
-    t = replace(tracer, settings=replace(tracer.settings, counterfactual=False))
+    """5. source-expert agreement over generated responses, by routing and by counterfactual."""
     rng = random.Random(1)
     names = sorted(tracer.fed.names)
     prompts = []
@@ -137,21 +233,24 @@ def agreement(ws: Workspace, tracer: Tracer, args) -> None:
         words = rng.choice(texts).split()
         a = rng.randint(0, max(0, len(words) - 12))
         prompts.append(" ".join(words[a: a + 12]))
-    # all spans, and spans found in exactly one source (where agreement is informative)
-    agree, chance, n = [0, 0], [0.0, 0.0], [0, 0]
+    # [all spans, single-source spans] x [routing, counterfactual]
+    agree = {k: [0, 0] for k in ("routing", "counterfactual")}
+    chance, n = [0.0, 0.0], [0, 0]
     t0 = time.perf_counter()
     for i, p in enumerate(prompts):
-        tr = t.generate_and_trace(p, max_new_tokens=args.new_tokens, do_sample=True, seed=i, store=False)
+        tr = tracer.generate_and_trace(p, max_new_tokens=args.new_tokens, do_sample=True, seed=i, store=False)
         for s in tr.spans:
             active = {e.source for e in s.experts if e.active}
             for j in (0, 1) if len(s.sources) == 1 else (0,):
-                agree[j] += bool(s.agreement)
+                agree["routing"][j] += s.experts[s.top_by_routing].source in s.sources
+                if s.top_by_counterfactual is not None:
+                    agree["counterfactual"][j] += s.experts[s.top_by_counterfactual].source in s.sources
                 chance[j] += len(set(s.sources) & active) / len(active)
                 n[j] += 1
-    print(f"agreement, {len(prompts)} generated responses ({time.perf_counter() - t0:.0f}s), model {args.model or 'models/merged'}:")
+    print(f"agreement, {len(prompts)} generated responses ({time.perf_counter() - t0:.0f}s), model {tracer.model_name}:")
     for j, label in enumerate(("all spans", "single-source spans")):
-        print(f"  {label:20s} {n[j]:5d} spans: {agree[j] / max(1, n[j]):.1%} "
-              f"(chance {chance[j] / max(1, n[j]):.1%}, ratio {agree[j] / max(chance[j], 1e-9):.2f}x)")
+        by = ", ".join(f"by {k} {agree[k][j] / max(1, n[j]):.1%}" for k in agree)
+        print(f"  {label:20s} {n[j]:5d} spans: {by} (chance {chance[j] / max(1, n[j]):.1%})")
 
 
 if __name__ == "__main__":
