@@ -20,9 +20,9 @@ otherwise every call tries again, so a node that comes back is used at once.
 from __future__ import annotations
 
 import datetime as dt
+import http.client
 import json
 import os
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Sequence
 from urllib.parse import urlsplit
 
-import httpx
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
@@ -75,20 +74,26 @@ def check_url(url: str) -> str:
 
 
 class NodeClient:
-    """HTTP to one node: keyed, with a deadline, bounded retries, size cap and answer checks."""
+    """HTTP to one node: keyed, with a deadline, bounded retries, size cap and answer checks.
+
+    Plain `http.client` with kept-alive connections (it sets TCP_NODELAY, without which a
+    request's body waits for the node's delayed ACK: 40 ms a call). Connections are pooled,
+    so a call still running past the Federation's wait does not block the next one.
+    """
 
     def __init__(self, url: str, key: str, settings: RemoteSettings | None = None):
         self.url, self.settings = check_url(url), settings or RemoteSettings()
-        self._key = key
-        # TCP_NODELAY: a request's headers and body go out as two writes; without it Nagle's
-        # algorithm holds the body until the node's delayed ACK (40 ms per call, measured).
-        transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-                                        limits=httpx.Limits(max_connections=8, max_keepalive_connections=4))
-        self._http = httpx.Client(headers={"Authorization": f"Bearer {key}"}, trust_env=False, transport=transport)
+        parts = urlsplit(self.url)
+        self._conn_cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        self._host, self._port = parts.hostname, parts.port
+        self._headers = {"Authorization": f"Bearer {key}", "Accept": "application/json"}
+        self._idle: list[http.client.HTTPConnection] = []
+        self._mu = threading.Lock()
         self._down_until = 0.0
         self._down_why = ""
-        self.bytes_sent = 0  # request and answer bodies, for the benchmark
+        self.bytes_sent = 0  # request and answer bodies (HTTP headers not counted), for the benchmark
         self.bytes_received = 0
+        self.requests = 0
 
     def call(self, method: str, path: str, model: type[BaseModel], body: dict | None = None) -> BaseModel:
         st = self.settings
@@ -99,17 +104,17 @@ class NodeClient:
         payload = None if body is None else json.dumps(body, separators=(",", ":")).encode()
         why = ""
         for attempt in range(1 + st.retries):
-            left = deadline - time.monotonic()
-            if left <= 0:
+            if deadline - time.monotonic() <= 0:
                 break
             try:
                 status, raw = self._once(method, path, payload, deadline)
-            except httpx.TimeoutException:
+            except TimeoutError:
                 self._down_until, self._down_why = time.monotonic() + st.cooldown_s, \
                     f"no answer from {self.url} within {st.deadline_s:g}s"
                 raise RemoteUnavailable(self._down_why) from None
-            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as e:
-                why = f"cannot reach {self.url} ({type(e).__name__}: {str(e)[:120] or 'connection failed'})"
+            except (OSError, http.client.HTTPException) as e:  # refused, reset, closed mid-answer
+                why = f"cannot reach {self.url} ({type(e).__name__}: {str(e)[:120] or 'connection lost'})"
+                self._drop_idle()  # kept-alive connections to a node that went away are all stale
                 time.sleep(min(0.05 * (attempt + 1), max(0.0, deadline - time.monotonic())))
                 continue
             if status in (502, 503, 504):
@@ -119,21 +124,51 @@ class NodeClient:
         raise RemoteUnavailable(why or f"no answer from {self.url} within {st.deadline_s:g}s")
 
     def _once(self, method: str, path: str, payload: bytes | None, deadline: float) -> tuple[int, bytes]:
-        left = max(0.01, deadline - time.monotonic())
-        timeout = httpx.Timeout(left, connect=min(left, self.settings.connect_s))
-        headers = {"Content-Type": "application/json"} if payload is not None else None
-        with self._http.stream(method, self.url + path, content=payload, headers=headers, timeout=timeout) as r:
+        def left() -> float:
+            t = deadline - time.monotonic()
+            if t <= 0:
+                raise TimeoutError("deadline passed")
+            return t
+
+        with self._mu:
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
+            conn = self._conn_cls(self._host, self._port, timeout=min(left(), self.settings.connect_s))
+            conn.connect()
+        try:
+            sock = conn.sock  # getresponse() lets go of it when the node closes the connection after answering
+            sock.settimeout(left())
+            headers = dict(self._headers, **({"Content-Type": "application/json"} if payload is not None else {}))
+            conn.request(method, path, body=payload, headers=headers)
+            r = conn.getresponse()
             chunks, size = [], 0
-            for chunk in r.iter_bytes():
+            while not r.isclosed():  # closed once the whole answer is read
+                sock.settimeout(left())
+                chunk = r.read(1 << 16)
+                if not chunk:
+                    break
                 size += len(chunk)
                 if size > MAX_ANSWER_BYTES:
                     raise RemoteUnavailable(f"{self.url} sent an answer over {MAX_ANSWER_BYTES:,} bytes")
-                if time.monotonic() > deadline:
-                    raise httpx.ReadTimeout("deadline passed while reading the answer")
                 chunks.append(chunk)
+        except BaseException:
+            conn.close()
+            raise
+        if r.will_close:
+            conn.close()
+        else:
+            with self._mu:
+                self._idle.append(conn)
+        self.requests += 1
         self.bytes_sent += len(payload or b"")
         self.bytes_received += size
-        return r.status_code, b"".join(chunks)
+        return r.status, b"".join(chunks)
+
+    def _drop_idle(self) -> None:
+        with self._mu:
+            idle, self._idle = self._idle, []
+        for c in idle:
+            c.close()
 
     def _parse(self, status: int, raw: bytes, path: str, model: type[BaseModel]) -> BaseModel:
         try:
@@ -158,7 +193,7 @@ class NodeClient:
             raise RemoteUnavailable(f"{self.url} answered garbage ({str(e.errors()[0].get('msg'))[:120]})") from None
 
     def close(self) -> None:
-        self._http.close()
+        self._drop_idle()
 
 
 class RemoteSource:
