@@ -10,6 +10,7 @@ the budgets: a text is accepted only if an idle service can trace it within its 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import threading
 import time
@@ -18,8 +19,10 @@ from typing import Annotated, Any, Callable
 
 from fastapi import Depends, Request
 
+from flexolmo import sources as src_lib
 from flexolmo.errors import InputError
 from flexolmo.workspace import Workspace
+from index.keys import KeyRecord, KeyStore, check_owner_key
 from tracing.trace import Tracer
 
 from .worker import Busy, Job, ServiceTracer, Stopped, TraceWorker
@@ -158,3 +161,21 @@ def get_service(request: Request) -> Service:
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+@functools.lru_cache(maxsize=8)
+def _keys(path: str) -> KeyStore:
+    return KeyStore(path)
+
+
+def owner_key(name: str, request: Request) -> KeyRecord | None:
+    """Owner routes: the key of the source's owner (401 without a valid one, 403 with another's);
+    open while no owner key was ever issued (see `index.keys.check_owner_key`)."""
+    svc = get_service(request)
+    store = KeyStore.for_workspace(svc.ws)
+    return check_owner_key(_keys(str(store.path)), request.headers.get("authorization"),
+                           src_lib.get_source(svc.ws, name).owner)
+
+
+OwnerKey = Annotated[KeyRecord | None, Depends(owner_key)]
+

@@ -31,7 +31,7 @@ from tracing.models import Trace
 from tracing.store import Contribution
 from tracing.trace import Tracer
 
-from .deps import ServiceDep
+from .deps import OwnerKey, ServiceDep
 from .schemas import (GenerateRequest, Health, PolicyUpdate, QueryRequest, QueryResponse, SourceOut, StoredTrace,
                       TakedownRequest, TraceRequest)
 from .worker import Job
@@ -124,7 +124,7 @@ def source(name: SourceName, svc: ServiceDep) -> dict:
 
 
 @router.patch("/sources/{name}", response_model=SourceOut)
-def set_policy(name: SourceName, req: PolicyUpdate, svc: ServiceDep) -> dict:
+def set_policy(name: SourceName, req: PolicyUpdate, svc: ServiceDep, _: OwnerKey) -> dict:
     """Change a source's policy; later traces follow it (an inactive source is neither searched nor routed)."""
     src = governance.set_policy(svc.ws, name, **req.model_dump(exclude_none=True))
     svc.reopen()
@@ -138,7 +138,7 @@ def takedowns(name: SourceName, svc: ServiceDep) -> list[Takedown]:
 
 
 @router.post("/sources/{name}/takedowns", response_model=Takedown, status_code=201)
-def add_takedown(name: SourceName, req: TakedownRequest, svc: ServiceDep) -> Takedown:
+def add_takedown(name: SourceName, req: TakedownRequest, svc: ServiceDep, _: OwnerKey) -> Takedown:
     """Take a document down: later traces show it as blocked, and stored traces lose its text.
 
     A retry of a takedown whose redaction was interrupted finishes it; once whole, a repeat is 409."""
@@ -155,7 +155,7 @@ def policy_log(name: SourceName, svc: ServiceDep) -> list[dict[str, Any]]:
 
 
 @router.get("/sources/{name}/contribution", response_model=Contribution)
-def contribution(name: SourceName, svc: ServiceDep) -> Contribution:
+def contribution(name: SourceName, svc: ServiceDep, _: OwnerKey) -> Contribution:
     """What a source contributed over every stored trace: matches, routing share, counterfactual drop."""
     src_lib.get_source(svc.ws, name)
     return svc.read(store.contribution, svc.ws, name, timeout_s=svc.settings.query_budget_s)
