@@ -129,3 +129,53 @@ def restart_node(ws: Workspace, node: NodeProcess, keys_file: Path, nice: int = 
 def stop_nodes(nodes: dict[str, NodeProcess]) -> None:
     for n in nodes.values():
         n.stop()
+
+
+def federate_workspace(owners: Workspace, tracer: Workspace, names: Sequence[str] | None = None,
+                       base_port: int = 8701) -> dict[str, NodeProcess]:
+    """The demo's federation on one machine: a node process per source of `owners` (which is only
+    read), and `tracer` set up to use them (the shared tokenizer, every source added as remote).
+
+    Ports are `base_port + i` in name order and keys are kept in `<tracer>/federation/`, so a
+    second run reuses the registration. (Real owners each run `index serve` on their machine.)
+    """
+    from flexolmo import sources as src_lib
+    from flexolmo import tokenizer as tok_lib
+
+    from . import catalog, format as fmt
+    from .keys import write_secret
+    from .remote import add_remote
+
+    srcs = {s.name: s for s in src_lib.available_sources(owners)}
+    names = sorted(names or [n for n in srcs if fmt.index_dir(owners, n).exists()])
+    missing = [n for n in names if n not in srcs or not fmt.index_dir(owners, n).exists()]
+    if missing or not names:
+        raise ConflictError(f"no index to serve for {', '.join(missing) or 'any source'} in {owners.root}; "
+                            "build them there with `flexolmo index build --all`")
+    home = tracer.root / "federation"
+    keys_file = home / "keys.json"
+    registered = catalog.list_remote_sources(tracer)
+    urls = {n: f"http://127.0.0.1:{base_port + i}" for i, n in enumerate(names)}
+    for n in names:
+        if n in registered and registered[n]["url"] != urls[n]:
+            raise ConflictError(f"{tracer.root} has {n!r} at {registered[n]['url']}, not {urls[n]}; "
+                                "use the --base-port of the first run or a fresh tracer workspace")
+    if not (tracer.tokenizer_dir / "tokenizer.json").exists():
+        from cli.tokenizer import import_tokenizer  # noqa: PLC0415 -- the import lives with its command
+
+        import_tokenizer(tracer, owners.tokenizer_dir)
+    elif tok_lib.tokenizer_hash(tracer) != tok_lib.tokenizer_hash(owners):
+        raise ConflictError(f"{tracer.root} has another tokenizer than {owners.root}; use a fresh tracer workspace")
+    new = [n for n in names if n not in registered]
+    keys = issue_keys(owners, keys_file, [srcs[n].owner for n in new]) if new else {}
+    nodes = {n: spawn_node(owners, n, keys_file, home / "logs", port=base_port + i) for i, n in enumerate(names)}
+    try:
+        wait_ready(list(nodes.values()))
+        for n in new:
+            write_secret(home / f"{n}.key", keys[srcs[n].owner])
+            s = srcs[n]
+            add_remote(tracer, n, urls[n], home / f"{n}.key", owner=s.owner, domain=s.domain, licence=s.licence)
+    except BaseException:
+        stop_nodes(nodes)
+        raise
+    return nodes

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Iterator
 
 from flexolmo.catalog import check_text
-from flexolmo.errors import InputError, IntegrityError, NotFoundError
+from flexolmo.errors import FlexolmoError, InputError, IntegrityError, NotFoundError
 from flexolmo.workspace import Workspace
 
 ENV_VAR = "FLEXOLMO_KEYS"
@@ -185,3 +185,44 @@ def write_secret(path: str | os.PathLike, text: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# -- people acting as an owner (the API's owner routes) ---------------------------------------
+
+REQUIRE_ENV = "FLEXOLMO_REQUIRE_OWNER_KEYS"  # "1": owner routes need a key even before any is issued
+
+
+class KeyRequired(FlexolmoError):
+    """No valid key (401)."""
+
+    http_status = 401
+
+
+class KeyForbidden(FlexolmoError):
+    """A valid key that may not do this (403)."""
+
+    http_status = 403
+
+
+def check_owner_key(store: KeyStore, authorization: str | None, owner: str) -> KeyRecord | None:
+    """The key acting for `owner` on an owner route, from an `Authorization: Bearer` header.
+
+    Owner routes are open (None) while the keys file holds no key of scope `owner` and
+    $FLEXOLMO_REQUIRE_OWNER_KEYS is not 1 (a fresh workspace on loopback, as before keys);
+    once an owner key is issued, every owner route needs that source owner's key.
+
+    :raises KeyRequired: no key or an invalid one (401)
+    :raises KeyForbidden: another owner's key, or a tracer's key of scope `index` (403)
+    """
+    required = os.environ.get(REQUIRE_ENV) == "1" or any(r.scope == "owner" for r in store.records().values())
+    key = authorization[7:].strip() if authorization and authorization[:7].lower() == "bearer " else None
+    if key is None and not required:
+        return None
+    rec = store.verify(key)
+    if rec is None:
+        raise KeyRequired("this owner action needs the owner's key (Authorization: Bearer <key>); the owner "
+                          "issues one with `flexolmo keys create --owner OWNER --scope owner`")
+    if rec.scope != "owner" or rec.owner != owner:
+        raise KeyForbidden(f"this key {'is a tracer key' if rec.scope != 'owner' else 'belongs to another owner'}; "
+                           f"only a key of scope 'owner' issued by {owner!r} may do this")
+    return rec

@@ -416,3 +416,31 @@ def test_node_killed_mid_trace_costs_only_its_source_and_comes_back(fx):
     assert fed.find_spans(ids, fx["delim"], fx["bow"]) == Federation.open(fx["ws"]).find_spans(ids, fx["delim"], fx["bow"])
     assert not fed.unavailable and "alpha" in fed.names
     fed.close()
+
+
+def test_api_owner_routes_need_that_owners_key(fx, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    tws = _tracer_ws(tmp_path / "t", fx["ws"], fx["records"]["public"])
+    with TestClient(create_app(tws)) as client:
+        patch = lambda key=None: client.patch("/api/sources/public", json={"visibility": "snippets", "by": "x"},  # noqa: E731
+                                              headers={"Authorization": f"Bearer {key}"} if key else {})
+        assert patch().status_code == 200  # no owner key issued yet: open on loopback, as before
+        store = KeyStore.for_workspace(tws)
+        _, wiki = store.create("Wiki", "owner")
+        _, lab = store.create("Lab A", "owner")
+        _, tracer_key = store.create("Wiki", "index")
+        assert patch().status_code == 401 and "owner's key" in patch().json()["detail"]
+        assert patch("flx_00000000_" + "y" * 43).status_code == 401
+        assert patch(lab).status_code == 403 and patch(tracer_key).status_code == 403
+        assert patch(wiki).status_code == 200
+        doc = fx["records"]["public"][0]
+        body = {"doc_id": doc["doc_id"], "reason": "owner request"}
+        assert client.post("/api/sources/public/takedowns", json=body).status_code == 401
+        assert client.post("/api/sources/public/takedowns", json=body,
+                           headers={"Authorization": f"Bearer {lab}"}).status_code == 403
+        assert catalog.list_takedowns(tws) == []  # nothing changed by the refused calls
+        assert client.get("/api/sources/public/contribution").status_code == 401
+        assert client.get("/api/sources/public").status_code == 200  # read routes stay open
