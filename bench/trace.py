@@ -98,6 +98,7 @@ def main() -> None:
     ap.add_argument("--bare", type=int, default=20)
     ap.add_argument("--responses", type=int, default=200)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompt-words", type=int, default=12)
     ap.add_argument("--model", default=None, help="A merged model folder (default: <workspace>/models/merged).")
     ap.add_argument("--random-model", choices=["tiny", "demo", "paper"], default=None,
                     help="Latency with a random-weight model of this profile (no merged model needed).")
@@ -229,10 +230,11 @@ def agreement(ws: Workspace, tracer: Tracer, args) -> None:
     names = sorted(tracer.fed.names)
     prompts = []
     for i in range(args.responses):
-        texts = sources.load_documents(ws, names[i % len(names)], split="validation", columns=["text"]).column("text").to_pylist()
-        words = rng.choice(texts).split()
-        a = rng.randint(0, max(0, len(words) - 12))
-        prompts.append(" ".join(words[a: a + 12]))
+        load = lambda split: sources.load_documents(ws, names[i % len(names)], split=split,  # noqa: E731
+                                                    columns=["text"]).column("text").to_pylist()
+        words = rng.choice(load("validation") or load("train")).split()  # tiny test federations hold no validation
+        a = rng.randint(0, max(0, len(words) - args.prompt_words))
+        prompts.append(" ".join(words[a: a + args.prompt_words]))
     # [all spans, single-source spans] x [routing, counterfactual]
     agree = {k: [0, 0] for k in ("routing", "counterfactual")}
     chance, n = [0.0, 0.0], [0, 0]
