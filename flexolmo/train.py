@@ -35,6 +35,7 @@ import torch
 
 from . import distributed
 from .artifacts import expert_package, public_model
+from .artifacts.card import sha256_json
 from .artifacts.expert_package import ExpertPackageCard
 from .artifacts.public_model import PublicModelCard
 from .bias import bias_summary, calibrate, routing_check, sample_windows
@@ -163,11 +164,14 @@ def train_expert(
     steps: int | None = None,
     owner: str | None = None,
     dp: "object | None" = None,
+    packages_dir: Path | None = None,
     progress: bool = True,
     stop_after: int | None = None,
 ) -> TrainResult:
     """Train `source`'s expert against the frozen public model; write `experts/<source>/`.
 
+    :param packages_dir: write the package to `<packages_dir>/<source>/` instead (the
+        evaluation's ablations keep their packages apart)
     :param dp: a `flexolmo.privacy.DPConfig` to train with DP-SGD (per-sample clipping + noise)
     :param stop_after: stop after this step, keeping the resume state (tests); nothing is written
     """
@@ -195,7 +199,8 @@ def train_expert(
             r.weight[1].copy_(row)
     bias_report = _start_bias(ws, model, public_name, stream, cfg)
     params, frozen = train_rows(model, frozen=[0])
-    callbacks, ckpt = standard_callbacks(ws, f"expert-{source}", {"kind": "expert", "inputs": inputs}, progress, stop_after)
+    run = f"expert-{source}" if packages_dir is None else f"expert-{source}-{sha256_json(str(packages_dir))[:8]}"
+    callbacks, ckpt = standard_callbacks(ws, run, {"kind": "expert", "inputs": inputs}, progress, stop_after)
     callbacks.append(frozen)
     if dp is not None:
         from .privacy import DPStep
@@ -206,7 +211,7 @@ def train_expert(
     # train
     fit = Trainer(model, params, cfg, stream, callbacks=callbacks, loss_fn=loss_fn, dist=d).fit()
     model.eval()
-    out = expert_package.folder(ws, source)
+    out = expert_package.folder(ws, source, packages_dir)
     loaded = LoadedModel(module=model, experts=[public_name, source])
     if not fit.completed:
         return TrainResult("expert", source, out, p.name, fit, num_parameters(model), None, loaded)

@@ -85,7 +85,7 @@ def test_expert_training_freezes_public_half(fed):
         own = get_slice(model, 1)
         for k, shape in slice_shapes(public.config).items():
             assert tuple(f.get_tensor(k).shape) == shape and torch.equal(f.get_tensor(k), own[k]), k
-    assert set(card["files"]) == {"expert.safetensors"}
+    assert set(card["files"]) == {"expert.safetensors", "domain_classifier.safetensors"}
 
 
 @pytest.mark.parametrize("top_k", [2, 1])

@@ -37,7 +37,7 @@ def test_two_process_torchrun(tmp_path):
     card = json.loads((ws.experts_dir / "news" / "card.json").read_text())
     assert card["world_size"] == 2 and card["tokens"] == 2 * card["steps"] * 4 * 32
     assert card["inputs"]["public_model"] == shared_weights_hash(load_model(pub_dir))
-    assert sorted(os.listdir(ws.experts_dir / "news")) == ["card.json", "expert.safetensors"]
+    assert sorted(os.listdir(ws.experts_dir / "news")) == ["card.json", "domain_classifier.safetensors", "expert.safetensors"]
     merge(ws, ["news"])
     assert load_merged(ws).config.num_experts == 2
     assert not (ws.root / "runs" / "public").exists()

@@ -97,11 +97,12 @@ def inputs(ws: Workspace, profile: Profile, source: str, public_model: str, dp: 
             "source": get_source(ws, source).content_hash, "config": config_hash(profile, dp)}
 
 
-def status(ws: Workspace, profile: Profile, source: str, public_model: str | None, dp: dict | None = None) -> str | None:
-    """None when `source`'s package is current; else why not."""
+def status(ws: Workspace, profile: Profile, source: str, public_model: str | None, dp: dict | None = None,
+           packages_dir: Path | None = None) -> str | None:
+    """None when `source`'s package (in `packages_dir`, default the workspace's) is current; else why not."""
     if public_model is None:
         return "no public model yet"
-    return ExpertPackageCard.status(folder(ws, source), inputs(ws, profile, source, public_model, dp))
+    return ExpertPackageCard.status(folder(ws, source, packages_dir), inputs(ws, profile, source, public_model, dp))
 
 
 @dataclass

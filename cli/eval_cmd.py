@@ -1,0 +1,44 @@
+"""`flexolmo eval`: held-out perplexity of every comparison row, routing, opt-out, a task.
+
+    flexolmo eval --profile demo                 # trains what is missing, writes docs/results.md
+    flexolmo eval --rows public,flexolmo --json  # the result object on stdout
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import console, print_json, ws
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_cmd)
+
+
+def eval_cmd(
+    profile: Annotated[str, typer.Option("--profile", "-p", help="Model/training profile of the models to evaluate.")] = "demo",
+    rows: Annotated[Optional[str], typer.Option("--rows", help="Comma-separated rows (default: all): public, experts, "
+                                                "soup, btm, dense, flexolmo, flexolmo_tuned, no_bias, random_init, optout, task.")] = None,
+    tokens_per_domain: Annotated[int, typer.Option("--tokens-per-domain", help="Validation tokens per domain (at most).")] = 16_384,
+    task_lines: Annotated[int, typer.Option("--task-lines", help="Held-out code lines for the next-line task.")] = 100,
+    report: Annotated[Optional[Path], typer.Option("--report", help="Write results.md and results/ (JSON, PNG) into this folder.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result object as JSON (progress goes to stderr).")] = False,
+) -> None:
+    """Evaluate the FlexOlmo model against its baselines on every source's validation split."""
+    import sys
+
+    from flexolmo.evaluation.report import write_report
+    from flexolmo.evaluation.run import run_eval
+
+    log = (lambda m: print(m, file=sys.stderr)) if as_json else console.print
+    chosen = [r.strip() for r in rows.split(",") if r.strip()] if rows else None
+    result = run_eval(ws(), profile, rows=chosen, tokens_per_domain=tokens_per_domain, task_lines=task_lines,
+                      progress=not as_json, log=log)
+    if report is not None:
+        paths = write_report(result, report)
+        log(f"report: {paths['markdown']}, {paths['json']}")
+    if as_json:
+        print_json(result)

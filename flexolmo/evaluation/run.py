@@ -1,0 +1,180 @@
+"""`flexolmo eval`: the FlexOlmo paper's comparison on this federation, on held-out text.
+
+    result = run_eval(ws, "demo")                 # every row; models trained where missing
+    result = run_eval(ws, "tiny", rows=["public", "flexolmo"])
+
+Models, each trained only when no current one exists (so a second run only measures):
+    public          the workspace's public model
+    expert:<s>      owner s's own 2-expert model [public | s], from the workspace's packages
+    soup, btm       from those packages (flexolmo/evaluation/baselines.py, metrics.py)
+    dense           public model trained further on all data, the owners' token budget
+    flexolmo        public + every owner's expert merged (top-k of the profile)
+    flexolmo_tuned  flexolmo + router tuning as in the paper (proxy data picked by classifiers)
+    no_bias         owners retrained with the router bias fixed at 0 (the previous recipe)
+    random_init     owners retrained with random router rows instead of domain embeddings
+Everything the evaluation trains lives in `<workspace>/eval/<profile>/`. Opt-out removes
+each owner's expert from the flexolmo model in turn. The task measure is next-line exact
+match on code (metrics in flexolmo/evaluation/task.py).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..artifacts import expert_package, public_model
+from ..config import get_profile, override
+from ..errors import InputError
+from ..layout import shared_weights_hash
+from ..merge import load_expert_model, load_merged, merge
+from ..sources import list_sources
+from ..workspace import Workspace
+from . import baselines, metrics
+
+ALL_ROWS = ("public", "experts", "soup", "btm", "dense", "flexolmo", "flexolmo_tuned", "no_bias", "random_init",
+            "optout", "task")
+ABLATIONS = {"no_bias": {"router_bias_init": 0.0}, "random_init": {"router_init": "random"}}
+
+
+def _owners(ws: Workspace, public_source: str) -> list[str]:
+    return [s.name for s in list_sources(ws) if s.name != public_source]
+
+
+def _ensure_experts(ws: Workspace, profile, owners: list[str], public_hash: str, packages_dir: Path | None,
+                    progress: bool, log: Callable[[str], None]) -> None:
+    from ..train import train_expert
+
+    for s in owners:
+        why = expert_package.status(ws, profile, s, public_hash, packages_dir=packages_dir)
+        if why is None:
+            continue
+        log(f"  training expert {s} ({why})")
+        r = train_expert(ws, s, profile, packages_dir=packages_dir, progress=progress)
+        log(f"  {s}: {r.tokens:,} tokens, loss {r.final_loss:.3f}, {r.tokens_per_s:,.0f} tokens/s")
+
+
+def _merged(ws: Workspace, profile, owners: list[str], out: Path, packages_dir: Path | None):
+    merge(ws, owners, out=out, top_k=min(profile.model.top_k, 1 + len(owners)), packages_dir=packages_dir)
+    return load_merged(out, respect_catalog=False)
+
+
+def run_eval(ws: Workspace, profile: str = "demo", *, rows: list[str] | None = None, tokens_per_domain: int = 16_384,
+             task_lines: int = 100, tune_steps: int = 200, progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Train what is missing, measure every row on every domain's validation split; the result
+    dict of flexolmo/evaluation/report.py."""
+    t0 = time.time()
+    p = get_profile(profile)
+    rows = list(rows or ALL_ROWS)
+    bad = sorted(set(rows) - set(ALL_ROWS))
+    if bad:
+        raise InputError(f"unknown row(s) {', '.join(bad)}: use {', '.join(ALL_ROWS)}")
+    public, _ = public_model.load(ws)
+    public_source = public.experts[0]
+    public_hash = shared_weights_hash(public)
+    owners = _owners(ws, public_source)
+    if not owners:
+        raise InputError("the workspace has no owner sources besides the public one: nothing to evaluate")
+    domains = [public_source] + owners
+    seq_len = min(256, public.config.max_position_embeddings)
+    val = metrics.validation_set(ws, domains, seq_len, tokens_per_domain)
+    root = ws.root / "eval" / p.name
+    res: dict = {"profile": p.name, "domains": domains, "public_domain": public_source, "rows": {}, "bpb": {},
+                 "public_in_topk": {}, "routing_share": {}, "optout": {}}
+    lp_cache: dict[str, dict[str, "np.ndarray"]] = {}
+
+    def measure(name: str, model, routing: bool = False) -> None:
+        t = time.time()
+        lps = {d: metrics.window_logprobs(model, val.windows[d]) for d in domains}
+        lp_cache[name] = lps
+        scores = {d: metrics.score(lps[d], val.target_bytes[d]) for d in domains}
+        res["rows"][name] = {d: round(s.ppl, 3) for d, s in scores.items()}
+        res["bpb"][name] = {d: round(s.bpb, 4) for d, s in scores.items()}
+        if routing:
+            names = model.experts
+            share, topk = {}, {}
+            for d in domains:
+                sh, with_pub = metrics.routing_stats(model, val.windows[d])
+                share[d] = {n: round(float(sh[i]), 4) for i, n in enumerate(names)}
+                topk[d] = round(with_pub, 4)
+            res["routing_share"][name], res["public_in_topk"][name] = share, topk
+        gm = math.exp(sum(math.log(v) for v in res["rows"][name].values()) / len(domains))
+        log(f"{name:>16}: geometric-mean perplexity {gm:,.1f}  ({time.time() - t:.0f}s)")
+
+    log(f"evaluating on {', '.join(f'{d} {val.windows[d].numel():,}' for d in domains)} validation tokens")
+    measure("public", public)
+    need_experts = any(r in rows for r in ("experts", "soup", "btm", "flexolmo", "flexolmo_tuned", "optout", "task"))
+    if need_experts:
+        _ensure_experts(ws, p, owners, public_hash, None, progress, log)
+    if "experts" in rows or "btm" in rows:
+        for s in owners:
+            measure(f"expert:{s}", load_expert_model(ws, s))
+    if "btm" in rows:
+        mix = {d: metrics.btm_mixture([lp_cache[f"expert:{s}"][d] for s in owners], top_k=2) for d in domains}
+        scores = {d: metrics.score(mix[d], val.target_bytes[d]) for d in domains}
+        res["rows"]["btm"] = {d: round(s.ppl, 3) for d, s in scores.items()}
+        res["bpb"]["btm"] = {d: round(s.bpb, 4) for d, s in scores.items()}
+        log(f"{'btm':>16}: ensemble of {len(owners)} owner models, top-2 by domain posterior")
+    if "soup" in rows:
+        measure("soup", baselines.soup_model(ws, owners))
+    flex = None
+    if any(r in rows for r in ("flexolmo", "flexolmo_tuned", "optout")):
+        flex = _merged(ws, p, owners, root / "flexolmo", None)
+        measure("flexolmo", flex, routing=True)
+    if "flexolmo_tuned" in rows:
+        from ..router_tuning import tune_router
+
+        tuned_dir = root / "flexolmo_tuned"
+        tune_router(ws, root / "flexolmo", out=tuned_dir, steps=tune_steps, progress=progress)
+        measure("flexolmo_tuned", load_merged(tuned_dir, respect_catalog=False), routing=True)
+    if "optout" in rows and flex is not None:
+        for s in owners:
+            off = load_merged(root / "flexolmo", exclude=[s], respect_catalog=False)
+            lps = {d: metrics.window_logprobs(off, val.windows[d]) for d in domains}
+            res["optout"][s] = {d: round(metrics.score(lps[d], val.target_bytes[d]).ppl, 3) for d in domains}
+            log(f"{'opt-out ' + s:>16}: {s} {res['optout'][s][s]:,.1f} vs {res['rows']['flexolmo'][s]:,.1f} with it")
+    if "dense" in rows:
+        steps = len(owners) * p.expert.steps
+        dense, card = baselines.dense_model(ws, p, domains, steps, root / "dense", progress=progress)
+        measure("dense", dense)
+        res.setdefault("meta", {})["dense"] = {"tokens": card["tokens"], "steps": card["steps"]}
+    for name, change in ABLATIONS.items():
+        if name not in rows:
+            continue
+        variant = get_profile(p.name)
+        variant.expert = override(variant.expert, **change)
+        pk = root / name / "experts"
+        log(f"ablation {name}: owners retrained with {change}")
+        _ensure_experts(ws, variant, owners, public_hash, pk, progress, log)
+        measure(name, _merged(ws, variant, owners, root / name / "merged", pk), routing=True)
+    if "task" in rows:
+        from .task import next_line_task
+
+        res["task"] = next_line_task(ws, {n: m for n, m in _task_models(ws, root, owners, res).items()},
+                                     n_lines=task_lines, log=log)
+    res["meta"] = {**res.get("meta", {}), "command": f"flexolmo eval --profile {p.name}",
+                   "date": dt.date.today().isoformat(), "seconds": round(time.time() - t0, 1),
+                   "tokens_per_domain": {d: int(val.windows[d][:, 1:].numel()) for d in domains},
+                   "top_k": p.model.top_k, "expert_steps": p.expert.steps,
+                   "expert_tokens": p.expert.steps * p.expert.tokens_per_step()}
+    return res
+
+
+def _task_models(ws: Workspace, root: Path, owners: list[str], res: dict) -> dict:
+    """The models the task measure runs on (those that were evaluated, loaded anew)."""
+    out = {"public": public_model.load(ws)[0]}
+    if "code" in owners:
+        out["expert:code"] = load_expert_model(ws, "code")
+    for name, folder in (("flexolmo", root / "flexolmo"), ("flexolmo_tuned", root / "flexolmo_tuned"),
+                         ("no_bias", root / "no_bias" / "merged"), ("random_init", root / "random_init" / "merged")):
+        if name in res["rows"]:
+            out[name] = load_merged(folder, respect_catalog=False)
+    if "dense" in res["rows"]:
+        from ..model import load_model
+
+        out["dense"] = load_model(root / "dense")
+    return out
