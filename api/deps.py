@@ -115,6 +115,7 @@ class Service:
         client that disconnects stops it too."""
         job, fut = self.worker.submit(fn, what, budget_s)
         afut = asyncio.wrap_future(fut)
+        afut.add_done_callback(lambda f: f.cancelled() or f.exception())  # read, even when abandoned
         try:
             while True:
                 done, _ = await asyncio.wait({afut}, timeout=0.25)

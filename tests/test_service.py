@@ -177,15 +177,16 @@ def _send_and_leave(url: str, text: str) -> socket.socket:
 
 
 def test_clients_that_go_away_stop_their_traces(fed, live):
-    srv = live(replace(Settings.from_env(fed.root), chars_per_s=2_000))
+    srv = live(replace(Settings.from_env(fed.root), chars_per_s=10_000))
     store.sync(fed)
     before = _n_traces(fed)
-    text = _text(fed, "news", 20_000) + _text(fed, "code", 20_000)  # seconds of work, even unloaded
+    text = 8 * (_text(fed, "news", 20_000) + _text(fed, "code", 20_000))  # ~110k characters: seconds, even idle
     running = _send_and_leave(srv.url, text)
     time.sleep(0.2)
     waiting = _send_and_leave(srv.url, text)
     time.sleep(0.5)
-    assert httpx.get(srv.url + "/api/health").json()["queued"] == 2
+    h = httpx.get(srv.url + "/api/health").json()
+    assert h["queued"] == 2, h
     running.close()
     waiting.close()
     deadline = time.monotonic() + 10  # stopped at the next layer, not after the whole trace
@@ -273,7 +274,11 @@ def test_serve_with_two_worker_processes(fed, tmp_path):
             pids = {r.json()["pid"] for r in pool.map(lambda _: httpx.get(url + "/api/health"), range(20))}
         assert all(r.status_code == 200 for r in res), [r.text[:200] for r in res]
         assert _stored_once(fed, [r.json()["trace_id"] for r in res])
-        assert len(pids) == 2  # both processes answer
+        deadline = time.monotonic() + 30  # the kernel hands connections to either process
+        while len(pids) < 2 and time.monotonic() < deadline:
+            with cf.ThreadPoolExecutor(8) as pool:
+                pids |= {r.json()["pid"] for r in pool.map(lambda _: httpx.get(url + "/api/health"), range(16))}
+        assert len(pids) == 2, pids  # both processes answer
     finally:
         proc.send_signal(signal.SIGINT)
         try:
