@@ -80,7 +80,13 @@ def demo(
     why = public_model.status(w, p)
     if not retrain and why is None:
         console.print("public model is current, kept")
+    elif not retrain and (not_shipped := public_model.install_shipped(w, p)) is None:
+        card = public_model.read(w)
+        console.print(f"installed the shipped public model ({card.n_params:,} parameters, {card.tokens:,} tokens, "
+                      f"loss {card.final_loss:.3f}; assets/public-model/README.md says how it was trained)")
     else:
+        if not retrain:
+            console.print(f"[yellow]{not_shipped}[/]")
         console.print(f"training: {'--retrain' if retrain else why}")
         r = train_public(w, profile)
         console.print(f"public: {r.tokens:,} tokens, {r.steps} steps, loss {r.final_loss:.3f}, {r.tokens_per_s:,.0f} tokens/s")

@@ -59,6 +59,17 @@ def train_public_cmd(
     _report(train_public(ws(), profile, source=source, steps=steps))
 
 
+@train_app.command("ship-public")
+def ship_public_cmd(
+    out: Annotated[Path, typer.Option("--out", help="Where to write the shipped copy.")] = Path("assets/public-model"),
+    command: Annotated[str, typer.Option("--command", help="The exact command that trained it, for the README.")] = "flexolmo train public --profile demo",
+) -> None:
+    """Copy the workspace's public model, with its loss curve and a README, for shipping with the repository."""
+    from flexolmo.artifacts import public_model
+
+    console.print(f"written to {public_model.export(ws(), out, command)}")
+
+
 @train_app.command("expert")
 def train_expert_cmd(
     source: Annotated[str, typer.Option("--source", "-s", help="The owner's source to train an expert on.")],

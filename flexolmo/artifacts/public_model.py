@@ -9,6 +9,7 @@ expert package names as its `public_model` input, is `weights`: the hash of its 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -97,3 +98,85 @@ def write(ws: Workspace, model, card: PublicModelCard, source: str) -> None:
         card.save(tmp)
         if shared_weights_hash(load_model(tmp)) != card.weights:
             raise IntegrityError(f"the public model written to {tmp} does not read back identically; disk problem?")
+
+
+# ---------------------------------------------------------------------------------------
+# the public model shipped with the repository
+
+SHIPPED = Path(__file__).resolve().parents[2] / "assets" / "public-model"
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "router_bias.safetensors", "experts.json",
+               "card.json")
+
+
+def install_shipped(ws: Workspace, profile: Profile, source: str = "public", shipped: Path = SHIPPED) -> str | None:
+    """Put the shipped public model into the workspace when it was trained from exactly this
+    workspace's inputs (tokenizer, public source, profile recipe); verified by its weights
+    hash. Returns None when installed, else why not (the caller then trains one)."""
+    if not (shipped / "card.json").exists():
+        return f"no shipped public model in {shipped}"
+    card = PublicModelCard.read(shipped)
+    why = card.stale_reason(inputs(ws, profile, source))
+    if why is not None:
+        return f"the shipped public model does not fit this workspace: {why}"
+    with atomic_dir(folder(ws)) as tmp:
+        for name in MODEL_FILES:
+            if (shipped / name).exists():
+                shutil.copyfile(shipped / name, tmp / name)
+        if shared_weights_hash(load_model(tmp)) != card.weights:
+            raise IntegrityError(f"the shipped public model in {shipped} does not match its card's weights hash; "
+                                 "restore it from git (`git checkout -- assets/public-model`) or train one")
+    return None
+
+
+def export(ws: Workspace, out: Path, command: str) -> Path:
+    """Copy the workspace's public model to `out` for shipping, with its loss curve (PNG)
+    and a README that names the exact command, the data and the hashes."""
+    card = read(ws)
+    src = folder(ws)
+    with atomic_dir(Path(out)) as tmp:
+        for name in MODEL_FILES:
+            if (src / name).exists():
+                shutil.copyfile(src / name, tmp / name)
+        _loss_plot(card, tmp / "loss.png")
+        (tmp / "README.md").write_text(_readme(card, command))
+    return Path(out)
+
+
+def _loss_plot(card: PublicModelCard, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, losses = zip(*card.losses)
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    ax.plot(steps, losses)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.set_title(f"public model, {card.profile} profile: {card.tokens:,} tokens, {card.n_params / 1e6:.1f}M parameters")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _readme(card: PublicModelCard, command: str) -> str:
+    return "\n".join([
+        "# The shipped public model",
+        "",
+        "The FlexOlmo public model (expert 0 of every merged model), trained once with the project's own",
+        "command and shipped so that `make demo` trains only the owners' experts. `make demo` installs it",
+        "only when its recorded inputs equal the workspace's (same tokenizer, same public source, same",
+        "profile recipe) and its weights hash checks out; otherwise it trains a public model itself.",
+        "",
+        f"- command: `{command}`",
+        f"- profile: `{card.profile}`; {card.n_params:,} parameters; {card.steps} steps, {card.tokens:,} tokens;"
+        f" final training loss {card.final_loss:.3f}",
+        f"- trained in {card.seconds:,.0f} s ({card.throughput}) on 2 shared CPU cores; created {card.created_at}",
+        f"- inputs: " + ", ".join(f"{k} `{v[:16]}`" for k, v in card.inputs.items()),
+        f"- weights hash (shared_weights_hash): `{card.weights}`",
+        f"- {card.router_init}",
+        "",
+        "![loss curve](loss.png)",
+        "",
+    ])
