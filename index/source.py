@@ -33,6 +33,7 @@ from .models import AttributedSpan, DocRef, SourceMatches, SpanDoc, SpanDocument
 from .verify import quick_check
 
 MAX_ID = 0xFFFE  # u16 ids; 0xFFFF is the document separator
+NTD_CONTEXT = 20  # next tokens: context a side on which a copy of a taken-down document is recognised
 
 
 def check_ids(ids: Iterable[int], what: str = "input_ids") -> list[int]:
@@ -294,3 +295,90 @@ class SourceIndex:
         sh = self._shards[doc.shard]
         start = int(sh.od[doc.doc_ix]) // 2 + 1
         return [int(x) for x in sh.ds[start:start + doc.n_tokens]]
+
+    # -- searching the training data (index/query.py) -------------------------------------
+
+    def count_cnf(self, cnf: list[list[list[int]]], max_clause_freq: int, max_diff_tokens: int) -> tuple[int, bool]:
+        """infini-gram's `count_cnf`: occurrences of an AND of ORs of phrases; (count, approx).
+        Counts include taken-down documents (counts are not text)."""
+        r = _ok(self.engine.count_cnf(cnf=cnf, max_clause_freq=int(max_clause_freq), max_diff_tokens=int(max_diff_tokens)))
+        return int(r["count"]), bool(r["approx"])
+
+    def cnf_documents(self, cnf: list[list[list[int]]], n: int, seed: int, snippet_tokens: int,
+                      max_clause_freq: int, max_diff_tokens: int) -> list[SpanDocument]:
+        """Up to `n` distinct documents where the CNF holds (infini-gram's `find_cnf` pointers,
+        sampled with `seed`), each cut to a snippet around the phrase found there; none for a
+        `counts` source; taken-down documents `blocked`, with no text."""
+        import random
+
+        if self.visibility == "counts" or n <= 0:
+            return []
+        r = _ok(self.engine.find_cnf(cnf=cnf, max_clause_freq=int(max_clause_freq), max_diff_tokens=int(max_diff_tokens)))
+        ptrs = [(k, int(p)) for k, ps in enumerate(r["ptrs_by_shard"]) for p in ps]
+        terms = sorted({tuple(t) for clause in cnf for t in clause}, key=len, reverse=True)
+        found: list[tuple[int, int, int, int]] = []  # (draw, shard, ptr, doc_ix)
+        needles: list[tuple[int, ...]] = []
+        seen: set[tuple[int, int]] = set()
+        for draw, j in enumerate(random.Random(seed).sample(range(len(ptrs)), len(ptrs))):
+            k, ptr = ptrs[j]
+            sh = self._shards[k]
+            doc_ix = int(np.searchsorted(sh.od, np.uint64(ptr), side="right")) - 1
+            if (k, doc_ix) in seen:
+                continue
+            seen.add((k, doc_ix))
+            pos = ptr // 2
+            needles.append(next((t for t in terms if sh.ds[pos: pos + len(t)].tolist() == list(t)), terms[-1]))
+            found.append((draw, k, ptr, doc_ix))
+            if len(found) == n:
+                break
+        docs = [self._doc(k, ix) for _, k, _, ix in found]
+        blocked = [d.blocked for d in docs]
+        for needle in set(needles):  # the takedown diff index compares windows around each phrase
+            at = [i for i, t in enumerate(needles) if t == needle]
+            side = max(0, (snippet_tokens - len(needle)) // 2)
+            for i, b in zip(at, self._blocked([found[i] for i in at], [docs[i] for i in at], list(needle), side)):
+                blocked[i] = b
+        out = []
+        for (draw, k, ptr, ix), doc, b, needle in zip(found, docs, blocked, needles):
+            sh = self._shards[k]
+            d0, pos = int(sh.od[ix]) // 2 + 1, ptr // 2
+            side = max(0, (snippet_tokens - len(needle)) // 2)
+            lo, hi = max(d0, pos - side), min(d0 + doc.n_tokens, pos + len(needle) + side)
+            out.append(SpanDocument(source=self.name, doc_id=doc.doc_id, title=None if b else doc.title, shard=k,
+                                    doc_ix=ix, token_offset=pos - d0, blocked=b, visibility=self.visibility,
+                                    token_ids=[] if b else sh.ds[lo:hi].tolist(), needle_offset=0 if b else pos - lo,
+                                    needle_len=len(needle), draw=draw))
+        return out
+
+    def next_token_counts(self, ids: Sequence[int], max_support: int) -> tuple[int, bool, dict[int, int]]:
+        """infini-gram's `ntd`: how often each token follows the phrase `ids`, counted over up to
+        `max_support` occurrences (evenly spaced in suffix-array order when there are more:
+        approx). Occurrences in taken-down documents are left out (a continuation is text).
+        Returns (occurrences of the phrase, approx, {token id: count})."""
+        ids = check_ids(ids)
+        if not ids or max_support <= 0:
+            raise InputError("next tokens need a non-empty phrase and max_support > 0")
+        ranges = search.rank_ranges(self._search, ids)
+        total = sum(hi - lo for lo, hi in ranges)
+        step = max(1, -(-total // max_support))
+        occ: list[tuple[int, int, int, int, int]] = []  # (draw, shard, ptr, doc_ix, next id)
+        for k, (lo, hi) in enumerate(ranges):
+            sh = self._shards[k]
+            for rank in range(lo, hi, step):
+                ptr = search.rank_to_ptr(self._search[k], rank)
+                pos = ptr // 2 + len(ids)
+                if pos >= sh.ds.size or int(sh.ds[pos]) == 0xFFFF:  # the phrase ends its document
+                    continue
+                doc_ix = int(np.searchsorted(sh.od, np.uint64(ptr), side="right")) - 1
+                occ.append((len(occ), k, ptr, doc_ix, int(sh.ds[pos])))
+        docs: dict[tuple[int, int], DocRef] = {}
+        for _, k, _, ix, _ in occ:
+            if (k, ix) not in docs:
+                docs[(k, ix)] = self._doc(k, ix)
+        # a copy of a removed document's text is blocked by content: windows of NTD_CONTEXT a side
+        blocked = self._blocked([o[:4] for o in occ], [docs[(o[1], o[3])] for o in occ], ids, NTD_CONTEXT) if occ else []
+        counts: dict[int, int] = {}
+        for o, b in zip(occ, blocked):
+            if not b:
+                counts[o[4]] = counts.get(o[4], 0) + 1
+        return total, step > 1, counts
