@@ -72,7 +72,8 @@ def test_report_json_and_plots_are_written(evaluated, tmp_path):
     assert json.loads(paths["json"].read_text()) == json.loads(json.dumps(res))
     md = paths["markdown"].read_text()
     assert "| flexolmo |" in md and "## Opt-out" in md and "## Reading" in md and "FlexOlmo beats the public model" in md
-    for png in ("ppl-change.png", "optout.png", "routing.png"):
+    assert set(res["loss_curves"]) >= {"public", "expert:news", "expert:code", "dense"}
+    for png in ("ppl-change.png", "optout.png", "routing.png", "loss-curves.png"):
         assert (paths["folder"] / png).stat().st_size > 1000
 
 

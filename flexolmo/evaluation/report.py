@@ -99,7 +99,9 @@ def markdown(result: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(f"{100 * v:.1f}%" for v in r.values()) + " |")
         lines.append("")
     lines += ["## Reading", ""] + [f"- {c}" for c in checks(result)] + [""]
-    lines += ["Plots: `results/ppl-change.png`, `results/optout.png`, `results/routing.png`.", ""]
+    lines += ["Plots: `results/ppl-change.png`, `results/optout.png`, `results/routing.png`, `results/loss-curves.png`.", "",
+              "![perplexity change](results/ppl-change.png)", "", "![opt-out](results/optout.png)", "",
+              "![routing](results/routing.png)", "", "![loss curves](results/loss-curves.png)", ""]
     return "\n".join(lines)
 
 
@@ -167,6 +169,22 @@ def plots(result: dict, folder: Path) -> list[Path]:
         ax.legend(fontsize=8, ncol=4)
         fig.tight_layout()
         written.append(folder / "ppl-change.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    curves = result.get("loss_curves")
+    if curves:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for name, pts in curves.items():
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, label=name, lw=2 if name in ("public", "dense") else 1)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (nats/token)")
+        ax.set_title("Training loss: the public model, each owner's expert (from the public model), dense")
+        ax.legend(fontsize=7, ncol=3)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        written.append(folder / "loss-curves.png")
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
     heat = []

@@ -156,12 +156,27 @@ def run_eval(ws: Workspace, profile: str = "demo", *, rows: list[str] | None = N
 
         res["task"] = next_line_task(ws, {n: m for n, m in _task_models(ws, root, owners, res).items()},
                                      n_lines=task_lines, log=log)
+    res["loss_curves"] = _loss_curves(ws, owners, root)
     res["meta"] = {**res.get("meta", {}), "command": f"flexolmo eval --profile {p.name}",
                    "date": dt.date.today().isoformat(), "seconds": round(time.time() - t0, 1),
                    "tokens_per_domain": {d: int(val.windows[d][:, 1:].numel()) for d in domains},
                    "top_k": p.model.top_k, "expert_steps": p.expert.steps,
                    "expert_tokens": p.expert.steps * p.expert.tokens_per_step()}
     return res
+
+
+def _loss_curves(ws: Workspace, owners: list[str], root: Path) -> dict[str, list]:
+    """Training loss curves from the cards: the public model, every owner's expert, dense."""
+    import json
+
+    out = {"public": public_model.read(ws).losses}
+    for s in owners:
+        card_path = expert_package.folder(ws, s) / "card.json"
+        if card_path.exists():
+            out[f"expert:{s}"] = expert_package.ExpertPackageCard.read(card_path.parent).losses
+    if (root / "dense" / "card.json").exists():
+        out["dense"] = json.loads((root / "dense" / "card.json").read_text())["losses"]
+    return {k: [list(x) for x in v] for k, v in out.items()}
 
 
 def _task_models(ws: Workspace, root: Path, owners: list[str], res: dict) -> dict:
