@@ -76,23 +76,35 @@ def train_expert_cmd(
     profile: ProfileOpt = "demo",
     steps: StepsOpt = None,
     owner: Annotated[Optional[str], typer.Option(help="Owner recorded in the card (default: the catalog's).")] = None,
-    dp_noise_multiplier: Annotated[
-        Optional[float], typer.Option("--dp-noise-multiplier", help="Train with DP-SGD at this noise multiplier.")
+    dp_epsilon: Annotated[
+        Optional[float], typer.Option("--dp-epsilon", help="Train the whole package with DP to this epsilon (the noise is derived).")
     ] = None,
+    dp_delta: Annotated[float, typer.Option("--dp-delta", help="DP delta (in (0, 1)).")] = 1e-5,
     dp_max_grad_norm: Annotated[float, typer.Option("--dp-max-grad-norm", help="DP-SGD per-sample clipping norm.")] = 1.0,
-    dp_delta: Annotated[float, typer.Option("--dp-delta", help="delta at which epsilon is reported.")] = 1e-5,
+    dp_noise_multiplier: Annotated[
+        Optional[float], typer.Option("--dp-noise-multiplier", help="A fixed DP-SGD noise multiplier instead of --dp-epsilon.")
+    ] = None,
 ) -> None:
-    """Train SOURCE's expert against the frozen public model; write the expert package."""
+    """Train SOURCE's expert against the frozen public model; write the expert package.
+
+    With --dp-epsilon E --dp-delta D the whole package (expert, router row, domain classifier)
+    is (E, D)-DP per window of the source's token stream; the card says how the budget is split."""
     from flexolmo.train import train_expert
 
     dp = None
-    if dp_noise_multiplier is not None:
+    if dp_epsilon is not None or dp_noise_multiplier is not None:
+        from flexolmo.errors import InputError
         from flexolmo.privacy import DPConfig
 
-        dp = DPConfig(noise_multiplier=dp_noise_multiplier, max_grad_norm=dp_max_grad_norm, delta=dp_delta)
+        if dp_epsilon is not None and dp_noise_multiplier is not None:
+            raise InputError("give --dp-epsilon or --dp-noise-multiplier, not both")
+        dp = DPConfig(epsilon=dp_epsilon, noise_multiplier=dp_noise_multiplier, max_grad_norm=dp_max_grad_norm, delta=dp_delta)
     result = train_expert(ws(), source, profile, steps=steps, owner=owner, dp=dp)
     _report(result)
     if dp is not None and _is_main():
+        pr = result.card.privacy
+        console.print(f"privacy: noise multiplier {pr['noise_multiplier']:.3f}, "
+                      f"sampling rate {pr['sample_rate']:.4g} (Poisson), {pr['steps']} steps")
         console.print(f"privacy: epsilon {result.card.privacy['epsilon']:.2f} at delta {dp.delta:g}")
 
 

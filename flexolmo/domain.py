@@ -9,6 +9,9 @@ itself (its final hidden state after the last norm); `TrainConfig.router_init` c
     domain_mean   the mean hidden state, as is (default; the paper's recipe, this embedder)
     domain_unit   the same, scaled to unit length (the recipe before issue 9)
     random        a seeded random row (N(0, initializer_range)), for the ablation
+
+Under DP (`--dp-epsilon`), `dp_router_row` replaces the mean by a clipped, noised sum over
+Poisson-sampled windows, one of the three mechanisms of the package's budget (privacy.py).
 """
 
 from __future__ import annotations
@@ -62,3 +65,36 @@ def router_row(model, ws: Workspace, source: str, cfg: TrainConfig) -> tuple[tor
     how = "unit-length mean" if unit else "mean (not normalised)"
     return row, (f"domain embedding ({cfg.router_init}): {how} of the public model's final hidden state over {n} "
                  f"sampled {source} training documents (first {cfg.seq_len} tokens each)")
+
+
+@torch.no_grad()
+def mean_hidden(model, ids: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """(n, H) mean final hidden state of each row of `ids` (n, T)."""
+    module = as_module(model)
+    was = module.training
+    module.eval()
+    out = [module.model(input_ids=ids[b : b + batch_size], use_cache=False).last_hidden_state.double().mean(1)
+           for b in range(0, len(ids), batch_size)]
+    module.train(was)
+    return torch.cat(out) if out else torch.zeros(0, module.config.hidden_size, dtype=torch.float64)
+
+
+def dp_router_row(model, own_windows: torch.Tensor, public_windows: torch.Tensor, plan, g: torch.Generator) -> tuple[torch.Tensor, str]:
+    """The router row's starting value under DP (flexolmo/privacy.py, the `router_row` mechanism):
+    a Poisson sample of the owner's windows (rate `plan.router_rate`), each window's mean
+    hidden state clipped to C_r, summed, Gaussian noise of std `plan.router_sigma` x C_r,
+    divided by the expected count. C_r is the median norm over public windows (public text:
+    no privacy cost); it is recorded in `plan.router_clip`."""
+    from .privacy import gaussian_sum, poisson_sample
+
+    seq_len = plan.seq_len
+    clip = float(mean_hidden(model, public_windows[:, :seq_len]).norm(dim=1).median())
+    pick = poisson_sample(len(own_windows), plan.router_rate, g)
+    rows = mean_hidden(model, own_windows[pick][:, :seq_len])
+    noisy, _ = gaussian_sum(rows, clip, plan.router_sigma, g)
+    expected = plan.router_rate * len(own_windows)
+    plan.router_clip = clip
+    return (noisy / expected).float(), (
+        f"DP domain embedding: a Poisson sample (rate {plan.router_rate:.4g}, expected {expected:.0f}) of the owner's "
+        f"windows, each window's mean final hidden state of the public model clipped to norm {clip:.4g} (median over "
+        f"public windows), summed + Gaussian noise of std {plan.router_sigma:.4g} x {clip:.4g}, / {expected:.1f}")

@@ -63,6 +63,27 @@ class DomainClassifier:
         clf.accuracy = float(((s_own > 0).float().mean() + (s_pub <= 0).float().mean()) / 2)
         return clf
 
+    @classmethod
+    def train_dp(cls, own_windows: torch.Tensor, public: Sequence[np.ndarray], vocab_size: int, *, sigma: float,
+                 g: torch.Generator, clip: float | None = None, alpha: float = 1.0) -> tuple["DomainClassifier", float]:
+        """Fit from noisy clipped counts of the owner's windows (N, T) vs public documents;
+        returns the classifier and the clip C_c used."""
+        if len(own_windows) < 1 or len(public) < 2:
+            raise InputError("the domain classifier needs at least 1 own window and 2 public documents")
+        clip = float(clip if clip is not None else own_windows.size(1) ** 0.5)
+        total = torch.zeros(vocab_size, dtype=torch.float64)
+        for b in range(0, len(own_windows), 256):
+            w = own_windows[b : b + 256].long()
+            if w.numel() and (w.min() < 0 or w.max() >= vocab_size):
+                raise InputError(f"token ids must be in [0, {vocab_size})")
+            c = torch.zeros(len(w), vocab_size, dtype=torch.float64).scatter_add_(1, w, torch.ones_like(w, dtype=torch.float64))
+            total += (c * (clip / c.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)[:, None]).sum(0)
+        noise = torch.randn(vocab_size, generator=g, dtype=torch.float64) * (sigma * clip)
+        c_own = (total + noise).clamp_min(0).numpy() + alpha
+        c_pub = _counts(public, vocab_size) + alpha
+        lr = torch.from_numpy(np.log(c_own / c_own.sum()) - np.log(c_pub / c_pub.sum())).float()
+        return cls(lr, float("nan")), clip
+
     def scores(self, docs: Sequence[np.ndarray]) -> torch.Tensor:
         """Mean per-token log-likelihood ratio (own vs public) of each document."""
         lr = self.log_ratio.numpy()

@@ -28,7 +28,7 @@ The loop, resume state (`runs/<name>/`) and progress bar are the Trainer's (trai
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -172,7 +172,8 @@ def train_expert(
 
     :param packages_dir: write the package to `<packages_dir>/<source>/` instead (the
         evaluation's ablations keep their packages apart)
-    :param dp: a `flexolmo.privacy.DPConfig` to train with DP-SGD (per-sample clipping + noise)
+    :param dp: a `flexolmo.privacy.DPConfig`: the whole package under one (epsilon, delta) budget
+        (DP-SGD, the router row's start and the domain classifier; flexolmo/privacy.py)
     :param stop_after: stop after this step, keeping the resume state (tests); nothing is written
     """
     # settings
@@ -182,16 +183,25 @@ def train_expert(
     src = get_source(ws, source)
     public, _ = public_model.load(ws)
     public_hash, public_name = shared_weights_hash(public), public.experts[0]
-    dp_settings = asdict(dp) if dp is not None else None
+    dp_settings = dp.settings() if dp is not None else None
     inputs = expert_package.inputs(ws, p, source, public_hash, dp_settings)
 
     # data
     stream = token_stream(ws, source)
     check_stream(stream, cfg, source)
+    plan = own_windows = None
+    if dp is not None:  # the budget first: a target out of reach fails before anything runs
+        from .privacy import plan as dp_plan, windows
+
+        own_windows = windows(stream, cfg.seq_len)
+        plan = dp_plan(dp, len(own_windows), cfg.batch_size, cfg.steps, cfg.embed_docs, cfg.seq_len)
 
     # model: [public | copy of the public FFN]; router row 1 from the domain embedding, its
     # bias negative; everything but slice 1 of the fused tensors frozen
-    row, how = router_row(public, ws, source, cfg)
+    if plan is not None and cfg.router_init != "random":
+        row, how = _dp_router_row(ws, public, public_name, own_windows, plan, cfg)
+    else:
+        row, how = router_row(public, ws, source, cfg)
     model = with_experts(public, 2, top_k=p.model.top_k).to(d.device)
     del public
     with torch.no_grad():
@@ -205,7 +215,8 @@ def train_expert(
     if dp is not None:
         from .privacy import DPStep
 
-        callbacks.append(DPStep(dp, params, frozen_rows=[0]))
+        dp_step = DPStep(dp, params, frozen_rows=[0], plan=plan, windows=own_windows, z_coef=cfg.router_z_loss)
+        callbacks.append(dp_step)
     loss_fn = WithRouterZLoss(model, cfg.router_z_loss)
 
     # train
@@ -220,18 +231,22 @@ def train_expert(
     bias_report["at_end"] = routing_check(model, *_check_windows(ws, public_name, stream, cfg, seed=cfg.seed + 1)).to_dict()
     bias_report["bias_at_end"] = bias_summary(model)
     privacy = {"dp": False}
+    classifier = _domain_classifier(ws, source, public_name, plan, own_windows)
     if dp is not None:
         from .privacy import privacy_report
 
-        privacy = privacy_report(dp, cfg, n_windows=len(stream) // cfg.seq_len, steps=cfg.steps)
+        bs = dp_step.batch_sizes or [0]
+        plan.notes["batch_sizes_this_run"] = {"mean": round(sum(bs) / len(bs), 2), "min": min(bs), "max": max(bs)}
+        privacy = privacy_report(plan)
+        bias_report = _public_only(bias_report)
     card = ExpertPackageCard(
         inputs=inputs, source=source, owner=owner or src.owner, domain=src.domain, profile=p.name,
         config=p.to_dict(), n_params=num_parameters(model), n_trainable=sum(p_[1:].numel() for p_ in params),
-        router_z_loss=round(loss_fn.last_z, 4), router_init=f"router row = {how}",
+        router_z_loss=None if dp is not None else round(loss_fn.last_z, 4), router_init=f"router row = {how}",
         router_bias_init=cfg.router_bias_init, router_bias=bias_report, privacy=privacy, created_by=current_user(), **_throughput(fit),
     )
     if d.is_main:
-        card = expert_package.write(out, model, card, classifier=_domain_classifier(ws, source, public_name))
+        card = expert_package.write(out, model, card, classifier=classifier)
         ckpt.clear()
     distributed.barrier(d)
     return TrainResult("expert", source, out, p.name, fit, card.n_params, card, loaded)
@@ -256,12 +271,41 @@ def _start_bias(ws: Workspace, model, public_source: str, own: torch.Tensor, cfg
     return {"fixed": cfg.router_bias_init, "at_start": routing_check(model, pub_w, own_w).to_dict()}
 
 
-def _domain_classifier(ws: Workspace, source: str, public_source: str):
+def _domain_classifier(ws: Workspace, source: str, public_source: str, plan=None, own_windows=None):
     """The owner's domain classifier (own vs public training documents), for router tuning's
-    proxy selection: it ships in the package instead of any text (flexolmo/proxy.py)."""
+    proxy selection: it ships in the package instead of any text (flexolmo/proxy.py). Under
+    DP, from noisy clipped counts of the owner's windows (its clip recorded in `plan`)."""
     from .proxy import DomainClassifier
     from .tokens import source_tokens
 
     own, pub = source_tokens(ws, source), source_tokens(ws, public_source)
+    if plan is not None:
+        from .privacy import secret_generator
+
+        clf, plan.classifier_clip = DomainClassifier.train_dp(
+            own_windows, [pub.doc(i) for i in range(pub.n_docs)], tokenizer_info(ws).vocab_size,
+            sigma=plan.classifier_sigma, g=secret_generator())
+        return clf
     return DomainClassifier.train([own.doc(i) for i in range(own.n_docs)], [pub.doc(i) for i in range(pub.n_docs)],
                                   tokenizer_info(ws).vocab_size)
+
+
+def _dp_router_row(ws: Workspace, public, public_source: str, own_windows: torch.Tensor, plan, cfg) -> tuple[torch.Tensor, str]:
+    """Router row 1's start under DP (flexolmo/domain.py `dp_router_row`); unit length for domain_unit."""
+    from .domain import dp_router_row
+    from .privacy import secret_generator
+
+    pub_w = sample_windows(token_stream(ws, public_source), cfg.seq_len, 64, seed=cfg.seed)
+    row, how = dp_router_row(public, own_windows, pub_w, plan, secret_generator())
+    if cfg.router_init == "domain_unit":
+        row, how = row / row.norm().clamp_min(1e-8), how + ", scaled to unit length"
+    return row, how
+
+
+def _public_only(report):
+    """The bias report without own-text shares: under DP they would be statistics of the
+    owner's data outside the budget (they are not published)."""
+    if isinstance(report, dict):
+        return {k: ("not measured under DP" if k == "own_text_to_own_expert" else
+                    [r[0] for r in v] if k == "per_layer" else _public_only(v)) for k, v in report.items()}
+    return report
