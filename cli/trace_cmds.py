@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,10 +13,11 @@ from rich.text import Text
 
 from flexolmo.errors import InputError
 from tracing import store
-from tracing.models import Trace
+from tracing.models import Span, Trace
+from tracing.options import TraceOptions
 from tracing.trace import Tracer
 
-from .common import console, print_json, ws
+from .common import console, err_console, print_json, ws
 
 report_app = typer.Typer(help="Reports for data owners.", no_args_is_help=True)
 traces_app = typer.Typer(help="The provenance store.", no_args_is_help=True)
@@ -35,24 +37,28 @@ def trace(
     prompt: Annotated[Optional[str], typer.Option(help="The prompt the response answered (used for relevance).")] = None,
     generate: Annotated[Optional[str], typer.Option("--generate", help="Generate a response to this prompt, then trace it.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="With --generate: tokens to generate.")] = 60,
-    sample: Annotated[bool, typer.Option("--sample", help="With --generate: sample (temperature 0.8, top-p 0.95).")] = False,
+    sample: Annotated[bool, typer.Option("--sample", help="With --generate: sample (see --temperature, --top-p).")] = False,
     seed: Annotated[int, typer.Option(help="With --sample: the random seed.")] = 0,
+    temperature: Annotated[float, typer.Option(help="With --sample: the sampling temperature.")] = 0.8,
+    top_p: Annotated[float, typer.Option(help="With --sample: the nucleus mass.")] = 0.95,
     exclude: Annotated[str, typer.Option(help="Switch these experts off, e.g. 'news,forum'.")] = "",
+    include: Annotated[Optional[str], typer.Option(help="Only these experts (plus public) stay on, e.g. 'news'.")] = None,
     no_counterfactual: Annotated[bool, typer.Option("--no-counterfactual", help="Skip the per-expert passes.")] = False,
+    max_docs: Annotated[int, typer.Option(help="Documents per span.")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="Print the full trace record as JSON.")] = False,
 ) -> None:
     """Trace a response back to the training documents and the experts that shaped it."""
-    from dataclasses import replace
-
     if generate is not None and (text is not None or prompt is not None):
         raise InputError("--generate PROMPT generates its own response: drop --text/--prompt, or drop --generate")
-    tracer = Tracer.open(ws(), exclude=tuple(x for x in exclude.split(",") if x.strip()))
-    if exclude.strip() and tracer.model is None:
-        raise InputError("--exclude switches experts off, but there is no merged model; run `flexolmo merge` first")
-    if no_counterfactual:
-        tracer.settings = replace(tracer.settings, counterfactual=False)
+    # the same options model, and so the same validation, as POST /api/trace and /api/generate
+    opts = TraceOptions.parse(max_new_tokens=max_new_tokens, do_sample=sample, generation_seed=seed,
+                              temperature=temperature, top_p=top_p, exclude=exclude, include=include,
+                              counterfactual=not no_counterfactual, max_docs=max_docs)
+    tracer = Tracer.open(ws(), options=opts)
+    if (opts.exclude or opts.include is not None) and tracer.model is None:
+        raise InputError("--exclude/--include switch experts off, but there is no merged model; run `flexolmo merge` first")
     if generate is not None:
-        t = tracer.generate_and_trace(generate, max_new_tokens=max_new_tokens, do_sample=sample, seed=seed)
+        t = tracer.generate_and_trace(generate)
     else:
         if text is None or text == "-":
             if sys.stdin.isatty():
@@ -99,17 +105,19 @@ def show_trace(t: Trace, max_docs: int = 3) -> None:
     console.print(body)
     table = Table(title=f"trace {t.trace_id}: {len(t.spans)} spans of {t.n_tokens} tokens, "
                         f"searched {', '.join(t.sources_searched) or 'nothing'}")
-    for col in ("#", "span", "sources (count)", "documents (relevance)", "top experts (share, drop)"):
+    for col in ("#", "span", "sources (count)", "documents (relevance)", "experts (share, drop)"):
         table.add_column(col, overflow="fold")
     for s in t.spans:
         srcs = ", ".join(f"{k} ({v})" for k, v in s.count_by_source.items() if v)
-        docs = Text("\n").join(Text.assemble(("blocked " if d.blocked else "", "red"), f"{d.source}:{d.doc_id} [{d.bucket}]")
-                                for d in s.documents[:max_docs])
-        if len(s.documents) > max_docs:
-            docs.append(f"\n+{len(s.documents) - max_docs} more")
-        experts = "\n".join(
+        shown = [d for d in s.documents if d.repeat_of is None]
+        docs = Text("\n").join(Text.assemble(("blocked " if d.blocked else "", "red"), f"{d.source}:{d.doc_id} [{d.bucket}]",
+                                              (f" repeated {d.repeats} times" if d.repeats > 1 else "", "yellow"))
+                                for d in shown[:max_docs])
+        if len(shown) > max_docs:
+            docs.append(f"\n+{len(shown) - max_docs} more")
+        experts = "\n".join([top_line(s)] * bool(s.experts) + [
             f"{e.source} {e.routing_share:.0%}" + (f", {e.counterfactual:+.2f}" if e.counterfactual is not None else "")
-            for e in sorted(s.experts, key=lambda e: -e.routing_share)[:3] if e.routing_share > 0)
+            for e in sorted(s.experts, key=lambda e: -e.routing_share)[:3] if e.routing_share > 0])
         mark = "" if s.agreement is None else (" ✓" if s.agreement else " ✗")
         table.add_row(f"{s.index}{mark}", Text(repr(s.text.strip())[1:-1][:80]), Text(srcs), docs, Text(experts))
     console.print(table)
@@ -117,6 +125,13 @@ def show_trace(t: Trace, max_docs: int = 3) -> None:
     skipped = "; not searched: " + ", ".join(f"{k} ({v})" for k, v in t.sources_skipped.items()) if t.sources_skipped else ""
     console.print(f"[dim]{t.timings_ms.get('total', 0):.0f} ms{off}{skipped}. ✓/✗: the top expert is / is not "
                   "the one trained on a source containing the span.[/]")
+
+
+def top_line(s: Span) -> str:
+    """'top: news (by counterfactual)': the span's top expert and the signal that chose it."""
+    if s.top_expert is None or not s.experts:
+        return "top: —"
+    return f"top: {s.experts[s.top_expert].source} (by {s.top_expert_by or 'routing'})"
 
 
 def query(
@@ -146,12 +161,20 @@ def _clip(v: str, n: int = 2000) -> str:
 def contribution(
     source: Annotated[str, typer.Option(help="The source (data owner) to report on.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    plot: Annotated[Optional[Path], typer.Option(help="Also draw it as a PNG here: matches over time, routing "
+                                                      "share and counterfactual drop per domain.")] = None,
 ) -> None:
     """What a source contributed over all stored traces: matches, routing share, counterfactuals."""
     from flexolmo.sources import get_source
 
     get_source(ws(), source)
     c = store.contribution(ws(), source)
+    if plot is not None:
+        from tracing.plots import contribution_png
+
+        if plot.suffix.lower() != ".png":
+            raise InputError(f"--plot writes a PNG: give a path ending in .png, not {plot.name!r}")
+        err_console.print(f"wrote {contribution_png(c, plot)}", highlight=False)
     if as_json:
         from dataclasses import asdict
 
@@ -197,3 +220,57 @@ def repair(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
     console.print(f"store: {r['traces']:,} traces in {r['parts']} parts, {r['redactions']} redactions in force; "
                   f"{r['rows_redacted']} rows redacted now, {len(r['removed'])} leftovers removed"
                   f"{'; the old provenance.duckdb was imported' if r['imported_old_store'] else ''}", highlight=False)
+
+
+@traces_app.command("list")
+def list_traces(
+    source: Annotated[Optional[str], typer.Option(help="Found in this source.")] = None,
+    owner: Annotated[Optional[str], typer.Option(help="Found in a source of this owner.")] = None,
+    licence: Annotated[Optional[str], typer.Option(help="Found in a source under this licence.")] = None,
+    bucket: Annotated[Optional[str], typer.Option(help="With a document of this relevance: high, medium or low.")] = None,
+    since: Annotated[Optional[datetime], typer.Option(formats=["%Y-%m-%d"], help="Traced on or after this day.")] = None,
+    until: Annotated[Optional[datetime], typer.Option(formats=["%Y-%m-%d"], help="Traced on or before this day.")] = None,
+    level: Annotated[str, typer.Option(help="List traces, spans or documents.")] = "traces",
+    limit: Annotated[int, typer.Option(help="At most this many rows.")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="Print rows as JSON objects.")] = False,
+) -> None:
+    """Stored traces, spans or documents filtered by source, owner, licence, relevance and date."""
+    from tracing.provenance import TraceFilter, list_provenance
+
+    f = TraceFilter(source=source, owner=owner, licence=licence, bucket=bucket, since=since and since.date(),
+                    until=until and until.date(), level=level, limit=limit)
+    res = list_provenance(ws(), f)
+    if as_json:
+        print_json([dict(zip(res.columns, r)) for r in res.rows])
+        return
+    table = Table(title=f"{len(res.rows)} {level}")
+    for c in res.columns:
+        table.add_column(c, overflow="fold")
+    for r in res.rows:
+        table.add_row(*[Text("" if v is None else _clip(str(v), 200)) for v in r])
+    console.print(table)
+
+
+@traces_app.command("report")
+def report(
+    trace_id: Annotated[str, typer.Argument(help="The trace_id of a stored trace.")],
+    fmt: Annotated[str, typer.Option("--format", help="json or csv.")] = "json",
+    out: Annotated[Optional[Path], typer.Option(help="Write to this file (default: stdout).")] = None,
+) -> None:
+    """One response's provenance: its spans, their sources, top expert and documents (repeats grouped)."""
+    from tracing.provenance import report as build, report_csv
+
+    if fmt not in ("json", "csv"):
+        raise InputError(f"--format is json or csv, not {fmt!r}")
+    rep = build(ws(), trace_id)
+    if fmt == "csv":
+        body = report_csv(rep)
+    else:
+        import json
+
+        body = json.dumps(rep, indent=2, default=str, ensure_ascii=False) + "\n"
+    if out is None:
+        sys.stdout.write(body)
+    else:
+        out.write_text(body, encoding="utf-8")
+        err_console.print(f"wrote {out}", highlight=False)

@@ -23,6 +23,8 @@ class DocHit:
     relevance: float = 0.0  # BM25 score against prompt + response
     relevance_norm: float = 0.0  # relevance / the query's BM25 bound (tracing/relevance.py)
     bucket: str = "low"  # high | medium | low
+    repeats: int = 1  # hits of this span with this same text under other doc_ids, this one included
+    repeat_of: int | None = None  # position of the first hit with the same text (None: this is the first)
 
 
 @dataclass

@@ -144,7 +144,9 @@ def compact(r: Path, m: Manifest, tables: tuple[str, ...]) -> None:
         tmp = r / "tmp" / part_id
         tmp.mkdir(parents=True)
         for name in tables:
-            merged = pa.concat_tables([pq.read_table(r / "parts" / p["id"] / f"{name}.parquet") for p in small])
+            # parts written before a column was added lack it: promoted to nulls
+            merged = pa.concat_tables([pq.read_table(r / "parts" / p["id"] / f"{name}.parquet") for p in small],
+                                      promote_options="default")
             pq.write_table(merged, tmp / f"{name}.parquet")
         ids = {p["id"] for p in small}
         os.rename(tmp, r / "parts" / part_id)

@@ -12,7 +12,7 @@ read-only statement, checked before it runs, with a time budget enforced by Duck
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -164,15 +164,25 @@ class Contribution:
     mean_counterfactual: float | None  # mean log-prob drop of a span with the expert off
     agreement_rate: float | None  # of spans found in the source, top expert is the source's
     top_spans: list[dict]
+    # for plots: per day, traces and spans matched in the source; per domain of the text (the
+    # domain of a source the span was found in), this source's expert's mean routing share
+    # and mean counterfactual drop over those spans
+    over_time: list[dict] = field(default_factory=list)  # {day, traces, spans}
+    by_domain: list[dict] = field(default_factory=list)  # {domain, spans, routing_share, counterfactual}
 
 
 def contribution(ws: Workspace, source: str, top: int = 10, timeout_s: float | None = None) -> Contribution:
+    """What `source` contributed over every stored trace (counts, means, top spans, series for plots)."""
+    from flexolmo.sources import list_sources
+
+    domains = {s.name: s.domain for s in list_sources(ws)}
+
     def run(con: duckdb.DuckDBPyConnection) -> Contribution:
         timer = threading.Timer(timeout_s, con.interrupt) if timeout_s else None
         if timer:
             timer.start()
         try:
-            return _contribution(con, source, top)
+            return _contribution(con, source, top, domains)
         except duckdb.InterruptException:
             raise QueryTimeout(f"the contribution report ran past its {timeout_s:g} s budget; "
                                f"run `flexolmo report contribution --source {source}`") from None
@@ -183,7 +193,7 @@ def contribution(ws: Workspace, source: str, top: int = 10, timeout_s: float | N
     return _read(ws, run)
 
 
-def _contribution(con: duckdb.DuckDBPyConnection, source: str, top: int) -> Contribution:
+def _contribution(con: duckdb.DuckDBPyConnection, source: str, top: int, domains: dict[str, str]) -> Contribution:
     one = lambda q: con.execute(q, [source]).fetchone()[0]  # noqa: E731
     n_traces = con.execute("SELECT count(*) FROM traces").fetchone()[0]
     traces_matched = one("SELECT count(DISTINCT trace_id) FROM span_sources WHERE source = ? AND count > 0")
@@ -203,6 +213,22 @@ def _contribution(con: duckdb.DuckDBPyConnection, source: str, top: int) -> Cont
                          GROUP BY s.text ORDER BY n_tokens DESC, count ASC LIMIT ?""", [source, top])
     cols = [d[0] for d in cur.description]
     top_spans = [dict(zip(cols, r)) for r in cur.fetchall()]
+    over_time = [dict(day=str(d), traces=n, spans=m) for d, n, m in con.execute(
+        """SELECT CAST(t.created_at AS DATE) AS day, count(DISTINCT ss.trace_id), count(*)
+           FROM span_sources ss JOIN traces t USING (trace_id) WHERE ss.source = ? AND ss.count > 0
+           GROUP BY 1 ORDER BY 1""", [source]).fetchall()]
+    per_found: dict[str, list] = {}  # domain -> [spans, sum share, sum drop, spans with a drop]
+    for found_in, n, s_share, s_cf, n_cf in con.execute(
+            """SELECT ss.source, count(*), sum(e.routing_share), sum(e.counterfactual), count(e.counterfactual)
+               FROM span_experts e JOIN span_sources ss USING (trace_id, span_index)
+               WHERE e.source = ? AND ss.count > 0 GROUP BY 1""", [source]).fetchall():
+        acc = per_found.setdefault(domains.get(found_in, found_in), [0, 0.0, 0.0, 0])
+        acc[0] += n
+        acc[1] += s_share or 0.0
+        acc[2] += s_cf or 0.0
+        acc[3] += n_cf
+    by_domain = [dict(domain=d, spans=n, routing_share=round(sh / n, 4), counterfactual=round(cf / k, 4) if k else None)
+                 for d, (n, sh, cf, k) in sorted(per_found.items())]
     return Contribution(source, n_traces, traces_matched, spans_matched, docs, blocked,
                         None if share is None else round(share, 4), None if cf is None else round(cf, 4),
-                        None if agree is None else round(agree, 4), top_spans)
+                        None if agree is None else round(agree, 4), top_spans, over_time, by_domain)

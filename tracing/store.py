@@ -72,7 +72,10 @@ CREATE TABLE spans (
     unigram_logprob_sum DOUBLE NOT NULL,
     top_expert          INTEGER,
     top_expert_source   VARCHAR,
-    agreement           BOOLEAN            -- top expert's source contains the span
+    agreement           BOOLEAN,           -- top expert's source contains the span
+    top_expert_by       VARCHAR,           -- the signal that chose top_expert: counterfactual | routing
+    top_by_routing      INTEGER,           -- argmax of the routing share
+    top_by_counterfactual INTEGER          -- argmax of the counterfactual drop (null: not computed)
 );
 CREATE TABLE span_sources (
     trace_id    VARCHAR NOT NULL,
@@ -92,7 +95,8 @@ CREATE TABLE span_documents (
     snippet         VARCHAR,           -- null when blocked
     relevance       DOUBLE NOT NULL,
     relevance_norm  DOUBLE NOT NULL,
-    bucket          VARCHAR NOT NULL
+    bucket          VARCHAR NOT NULL,
+    repeat_of       INTEGER            -- position of the first document of the span with the same text
 );
 CREATE TABLE span_experts (
     trace_id        VARCHAR NOT NULL,
@@ -188,13 +192,15 @@ def _tables(t: Trace) -> dict[str, pa.Table]:
             trace_id=t.trace_id, span_index=s.index, group_index=s.group, start_token=s.start, end_token=s.end,
             char_start=s.char_start, char_end=s.char_end, text=s.text, n_tokens=s.end - s.start, count=s.count,
             unigram_logprob_sum=s.unigram_logprob_sum, top_expert=s.top_expert, top_expert_source=top_src,
-            agreement=s.agreement))
+            agreement=s.agreement, top_expert_by=s.top_expert_by, top_by_routing=s.top_by_routing,
+            top_by_counterfactual=s.top_by_counterfactual))
         rows["span_sources"] += [dict(trace_id=t.trace_id, span_index=s.index, source=src, count=n)
                                  for src, n in s.count_by_source.items()]
         rows["span_documents"] += [dict(
             trace_id=t.trace_id, span_index=s.index, position=i, source=d.source, doc_id=d.doc_id, title=d.title,
             token_offset=d.token_offset, blocked=d.blocked, snippet=None if d.blocked else d.snippet,
-            relevance=d.relevance, relevance_norm=d.relevance_norm, bucket=d.bucket) for i, d in enumerate(s.documents)]
+            relevance=d.relevance, relevance_norm=d.relevance_norm, bucket=d.bucket, repeat_of=d.repeat_of)
+            for i, d in enumerate(s.documents)]
         rows["span_experts"] += [dict(
             trace_id=t.trace_id, span_index=s.index, expert=e.expert, source=e.source, routing_share=e.routing_share,
             counterfactual=e.counterfactual, active=e.active) for e in s.experts]
@@ -234,7 +240,10 @@ def _manifest(ws: Workspace, r: Path) -> parts.Manifest:
                                 "close it, then run `flexolmo traces repair` to import it") from None
         with contextlib.closing(con):
             for n in TABLES:
-                cols = ", ".join(f'CAST("{f.name}" AS {_sql_type(n, f.name)}) AS "{f.name}"' for f in sch[n])
+                have = {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns "
+                                                  "WHERE table_name = ?", [n]).fetchall()}
+                src = {f.name: f'"{f.name}"' if f.name in have else "NULL" for f in sch[n]}  # later columns: NULL
+                cols = ", ".join(f'CAST({src[f.name]} AS {_sql_type(n, f.name)}) AS "{f.name}"' for f in sch[n])
                 tables[n] = con.sql(f"SELECT {cols} FROM {n}").to_arrow_table().cast(sch[n])
     part_id, tmp = parts.new_part_dir(ws)
     parts.write_tables(tmp, tables)
@@ -321,7 +330,9 @@ def reader(ws: Workspace, sandbox: bool = True) -> Iterator[duckdb.DuckDBPyConne
     try:
         for t in TABLES:
             files = ", ".join("'" + f.replace("'", "''") + "'" for f in parts.part_files(ws, m, t))
-            con.execute(f"CREATE VIEW {t} AS SELECT * FROM read_parquet([{files}])")
+            # union_by_name: parts written before a column was added read it as NULL
+            cols = ", ".join(f'"{f.name}"' for f in schemas()[t])
+            con.execute(f"CREATE VIEW {t} AS SELECT {cols} FROM read_parquet([{files}], union_by_name = true)")
         if sandbox:
             con.execute(f"SET allowed_directories = ['{r / 'parts'}/']")
             con.execute("SET enable_external_access = false")

@@ -23,12 +23,14 @@ routed (a source whose index is damaged is not searched); `counts` sources contr
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import math
 import time
 import uuid
 import unicodedata
 from dataclasses import asdict, dataclass, field
+from typing import Iterator
 
 import numpy as np
 
@@ -38,6 +40,7 @@ from flexolmo.errors import InputError
 from flexolmo.workspace import Workspace
 from index.engine import Federation
 from index.models import SpanDocument, SpanMatch
+from index.snippets import marked
 
 from . import relevance
 from .experts import link_experts
@@ -139,14 +142,56 @@ class Tracer:
         return self.trace_ids(ids, prompt=prompt, prompt_ids=gen.prompt_ids, routing=routing,
                               generated=True, store=store)
 
-    def trace(self, response: str, prompt: str | None = None, store: bool = True) -> Trace:
-        """Trace a response that the model did not generate here (routing by one forward pass)."""
+    def trace(self, response: str, prompt: str | None = None, store: bool = True,
+              options: TraceOptions | None = None) -> Trace:
+        """Trace a response that the model did not generate here (routing by one forward pass).
+
+        :param options: this call's options (see `using`); None: the tracer's own"""
         if not response or not response.strip():
             raise InputError("the response to trace is empty; pass --text TEXT or pipe text on stdin")
         ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
         prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-        return self.trace_ids(ids, prompt=prompt, prompt_ids=prompt_ids, routing=None, generated=False,
-                              store=store, response=response)
+        with self.using(options):
+            return self.trace_ids(ids, prompt=prompt, prompt_ids=prompt_ids, routing=None, generated=False,
+                                  store=store, response=response)
+
+    @contextlib.contextmanager
+    def using(self, options: TraceOptions | None) -> Iterator["Tracer"]:
+        """Run with `options` for the calls inside (the API's per-request options): its settings,
+        and the experts its `exclude`/`include` switch off on top of those already off (an
+        expert off by policy or when the tracer opened stays off)."""
+        if options is None or options == self.settings:
+            yield self
+            return
+        from flexolmo.model import experts_off, resolve_experts
+
+        want = set(options.exclude)
+        if self.model is None:
+            if want or options.include is not None:
+                raise InputError("exclude/include switch experts off, but there is no merged model; "
+                                 "run `flexolmo merge` first")
+            extra: list[int] = []
+        else:
+            names = list(self.model.experts)
+            if options.include is not None:
+                resolve_experts(self.model, options.include)  # unknown names are refused
+                want |= {n for n in names[1:] if n not in options.include}
+            on = self.model.active
+            extra = [i for i in resolve_experts(self.model, sorted(want)) if on[i]]
+        saved, off = self.settings, dict(self.model.off) if self.model is not None else {}
+        self.settings = options
+        try:
+            if extra:
+                with experts_off(self.model, extra):
+                    self.model.off.update({self.model.experts[i]: "excluded for this trace" for i in extra})
+                    yield self
+            else:
+                yield self
+        finally:
+            self.settings = saved
+            if self.model is not None:
+                self.model.off.clear()
+                self.model.off.update(off)
 
     # -- the pipeline ----------------------------------------------------------------------
 
@@ -166,7 +211,9 @@ class Tracer:
 
         t1 = time.perf_counter()
         windows: list[tuple[DocHit, str]] = []  # every hit with its window text (for relevance only)
-        spans = [self._span(i, s, ids, windows) for i, s in enumerate(kept)]
+        docs = self.fed.documents_many(kept, st.max_docs, st.seed, context_tokens=st.context_tokens,
+                                       snippet_tokens=st.snippet_tokens)  # one round trip per owner node
+        spans = [self._span(i, s, ids, d, windows) for i, (s, d) in enumerate(zip(kept, docs))]
         groups = _groups(spans, ids, self.tokenizer)
         timings["documents"] = _ms(t1)
 
@@ -196,23 +243,29 @@ class Tracer:
             save_trace(self.ws, trace)
         return trace
 
-    def _span(self, index: int, raw: SpanMatch, ids: list[int], windows: list[tuple[DocHit, str]]) -> Span:
+    def _span(self, index: int, raw: SpanMatch, ids: list[int], docs: list[SpanDocument],
+              windows: list[tuple[DocHit, str]]) -> Span:
         dec = self.tokenizer.decode
         char_start = len(dec(ids[: raw.l]))
         text = dec(ids[raw.l: raw.r])
         return Span(index=index, start=raw.l, end=raw.r, char_start=char_start, char_end=char_start + len(text),
                     text=text, count=raw.count, count_by_source=dict(raw.count_by_source),
                     unigram_logprob_sum=raw.unigram_logprob_sum, group=-1,
-                    documents=self._documents(raw, windows))
+                    documents=self._documents(docs, windows))
 
-    def _documents(self, raw: SpanMatch, windows: list[tuple[DocHit, str]]) -> list[DocHit]:
-        """Up to max_docs distinct documents containing the span, sampled with a fixed seed from
-        its occurrences in sources that show documents; each source cuts the text to its policy."""
-        st = self.settings
-        out = []
-        for d in self.fed.documents(raw, st.max_docs, st.seed, context_tokens=st.context_tokens,
-                                    snippet_tokens=st.snippet_tokens):
+    def _documents(self, docs: list[SpanDocument], windows: list[tuple[DocHit, str]]) -> list[DocHit]:
+        """The span's documents (up to max_docs distinct ones, sampled with a fixed seed from its
+        occurrences in sources that show documents, each cut to its source's policy) as hits;
+        hits with the same text under other doc_ids point at the first (`repeat_of`)."""
+        out, first = [], {}
+        for d in docs:
             hit, text = self._hit(d)
+            key = (tuple(d.token_ids), d.needle_offset, d.token_offset)
+            if not d.blocked and key in first:
+                hit.repeat_of = first[key]
+                out[first[key]].repeats += 1
+            elif not d.blocked:
+                first[key] = len(out)
             out.append(hit)
             if text is not None:
                 windows.append((hit, text))
@@ -227,9 +280,9 @@ class Tracer:
             return hit, None
         toks, a, n = d.token_ids, d.needle_offset, d.needle_len
         side = max(0, (self.settings.snippet_tokens - n) // 2)
-        hit.snippet, hit.snippet_span = _marked(self.tokenizer, toks[max(0, a - side): a], toks[a: a + n],
-                                                toks[a + n: a + n + side])
-        text, span = _marked(self.tokenizer, toks[:a], toks[a: a + n], toks[a + n:])
+        hit.snippet, hit.snippet_span = marked(self.tokenizer, toks[max(0, a - side): a], toks[a: a + n],
+                                               toks[a + n: a + n + side])
+        text, span = marked(self.tokenizer, toks[:a], toks[a: a + n], toks[a + n:])
         if d.visibility == "full":
             hit.context, hit.context_span = text, span
         return hit, text
@@ -243,15 +296,6 @@ def catalog_fingerprint(ws: Workspace) -> tuple:
             tuple((s.name, s.active, s.visibility, s.expires, s.updated_at) for s in src_lib.list_sources(ws)),
             len(list_takedowns(ws)),
             tuple(sorted((r.source, r.build_id) for r in list_indexes(ws))))
-
-
-def _marked(tok, left: list[int], mid: list[int], right: list[int]) -> tuple[str, tuple[int, int]]:
-    """Decode left + mid + right as one text (a character split across the pieces stays whole)
-    and the character range of `mid` in it."""
-    text = tok.decode(left + mid + right)
-    a = len(tok.decode(left))
-    b = len(tok.decode(left + mid))
-    return text, (a, b)
 
 
 def _groups(spans: list[Span], ids: list[int], tok) -> list[SpanGroup]:
