@@ -262,7 +262,7 @@ def dense_experts(model):
 
 
 def vmap_grads(model, params: list[torch.nn.Parameter], frozen_rows: list[int], x: torch.Tensor, y: torch.Tensor,
-               z_coef: float = 0.0, chunk: int = 8) -> tuple[list[torch.Tensor], torch.Tensor]:
+               z_coef: float = 0.0, chunk: int = 16) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Per-sample gradients of the trainable rows (`torch.func.vmap(grad(...))`): a list of
     (B, n_trainable_rows, ...) tensors, one per param, and the per-sample losses (B,).
     Loss: next-token cross-entropy + z_coef x router z-loss (the owner recipe's loss)."""
