@@ -6,6 +6,8 @@ reply). Here each error keeps its location, message and type only.
 
 from __future__ import annotations
 
+import codecs
+
 from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -32,14 +34,23 @@ class BodyLimit:
             return await JSONResponse({"detail": e.detail}, status_code=413, headers={"Connection": "close"})(
                 scope, receive, send)
         seen = 0
+        ctype = dict(scope.get("headers") or []).get(b"content-type", b"")
+        utf8 = codecs.getincrementaldecoder("utf-8")() if b"json" in ctype else None
 
         async def limited() -> Message:
             nonlocal seen
             msg = await receive()
             if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
+                body = msg.get("body", b"")
+                seen += len(body)
                 if seen > self.max_bytes:
                     raise self._too_large()  # FastAPI re-raises HTTPExceptions from body reading
+                if utf8 is not None:
+                    try:
+                        utf8.decode(body, final=not msg.get("more_body", False))
+                    except UnicodeDecodeError as e:
+                        raise HTTPException(400, detail=f"the request body is not UTF-8 text (byte {seen - len(body) + e.start}"
+                                                        "): send JSON encoded as UTF-8") from None
             return msg
 
         await self.app(scope, limited, send)
@@ -54,4 +65,7 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
 def _msg(e: dict) -> str:
     if e.get("type") == "string_unicode":  # e.g. a lone surrogate "\\ud800" in the JSON
         return "not valid Unicode text (a lone surrogate such as \\ud800?); send UTF-8 text"
+    if e.get("type") == "json_invalid":
+        where = e.get("loc", ("body", None))[-1]
+        return f"the body is not valid JSON (at character {where}); send one JSON object, e.g. {{\"text\": \"...\"}}"
     return str(e.get("msg", ""))[:300]

@@ -2,7 +2,11 @@
 
     POST  /api/trace                          trace a pasted response (stored)
     POST  /api/generate                       generate a response, then trace it (stored)
+    POST  /api/search                         phrase / CNF counts per source, documents under each policy
+    POST  /api/search/next-tokens             next-token distribution after a phrase, per source
+    GET   /api/traces?source=&owner=&licence=&bucket=&since=&until=&level=&limit=
     GET   /api/traces/{trace_id}              a stored trace's rows, table by table
+    GET   /api/traces/{trace_id}/report       one response's provenance report (?format=json|csv)
     POST  /api/query                          read-only SQL over the provenance store
     GET   /api/sources                        every source with its policy
     GET   /api/sources/{name}
@@ -11,29 +15,34 @@
     POST  /api/sources/{name}/takedowns       owner: take a document down
     GET   /api/sources/{name}/policy-log
     GET   /api/sources/{name}/contribution    owner: what the source contributed to stored traces
+    GET   /api/sources/{name}/contribution.png owner: the same as three plots
     GET   /api/health
 """
 
 from __future__ import annotations
 
-import dataclasses
+import datetime as dt
 import os
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Path, Request
+from fastapi import APIRouter, HTTPException, Path, Request, Response
+from fastapi import Query as Query_
 
 from flexolmo import sources as src_lib
 from index.models import Takedown
+from index.query import NextTokens, Query, SearchResult
 from index.takedown import list_takedowns
 from tracing import governance
-from tracing import store
+from tracing import provenance, store
 from tracing.models import Trace
+from tracing.options import TraceOptions
+from tracing.provenance import TraceFilter, list_provenance
 from tracing.store import Contribution
 from tracing.trace import Tracer
 
 from .deps import OwnerKey, ServiceDep
-from .schemas import (GenerateRequest, Health, PolicyUpdate, QueryRequest, QueryResponse, SourceOut, StoredTrace,
-                      TakedownRequest, TraceRequest)
+from .schemas import (GenerateRequest, Health, NextTokensRequest, PolicyUpdate, QueryRequest, QueryResponse,
+                      SearchRequest, SourceOut, StoredTrace, TakedownRequest, TraceRequest)
 from .worker import Job
 
 router = APIRouter(prefix="/api")
@@ -60,13 +69,8 @@ async def trace(req: TraceRequest, svc: ServiceDep, request: Request) -> Trace:
     _cap("prompt", req.prompt, st.max_trace_chars, st.trace_budget_s)
 
     def run(tracer: Tracer, job: Job) -> Trace:
-        settings = tracer.settings
-        if not req.counterfactual:
-            tracer.settings = dataclasses.replace(settings, counterfactual=False)
-        try:
-            t = tracer.trace(req.text, prompt=req.prompt, store=False)
-        finally:
-            tracer.settings = settings
+        opts = (req.options or tracer.settings).replace(counterfactual=req.counterfactual)
+        t = tracer.trace(req.text, prompt=req.prompt, store=False, options=opts)
         job.check()  # stopped or abandoned: not stored
         store.save_trace(tracer.ws, t)
         return t
@@ -79,12 +83,15 @@ async def generate(req: GenerateRequest, svc: ServiceDep, request: Request) -> T
     """Generate a response with the merged model (routing captured), then trace it; the record is stored."""
     st = svc.settings
     _cap("prompt", req.prompt, st.max_trace_chars, st.generate_budget_s)
-    if req.max_new_tokens > st.max_new_tokens:
-        raise HTTPException(422, detail=f"max_new_tokens is {req.max_new_tokens}; this service generates and traces "
+    n = req.max_new_tokens or (req.options.max_new_tokens if req.options else TraceOptions().max_new_tokens)
+    if n > st.max_new_tokens:
+        raise HTTPException(422, detail=f"max_new_tokens is {n}; this service generates and traces "
                                         f"at most {st.max_new_tokens} within its {st.generate_budget_s:g} s budget")
 
     def run(tracer: Tracer, job: Job) -> Trace:
-        t = tracer.generate_and_trace(req.prompt, max_new_tokens=req.max_new_tokens, store=False)
+        opts = (req.options or tracer.settings).replace(max_new_tokens=n)
+        with tracer.using(opts):
+            t = tracer.generate_and_trace(req.prompt, store=False)
         job.check()
         store.save_trace(tracer.ws, t)
         return t
@@ -92,7 +99,56 @@ async def generate(req: GenerateRequest, svc: ServiceDep, request: Request) -> T
     return await svc.traced(request, "generation", st.generate_budget_s, run)
 
 
+# -- searching the training data (on the tracer thread: it owns the indexes) ------------------
+
+
+@router.post("/search", response_model=SearchResult)
+async def search(req: SearchRequest, svc: ServiceDep, request: Request) -> SearchResult:
+    """Count a phrase or an AND of ORs of phrases in every source, with documents under each source's policy."""
+    if (req.query is None) == (req.cnf is None):
+        raise HTTPException(422, detail="give either `query` (a phrase, or `a OR b AND c`) or `cnf` "
+                                        '([["a", "b"], ["c"]]), not both and not neither')
+    q = Query.parse(req.query) if req.query is not None else Query.from_cnf(req.cnf)
+
+    def run(tracer: Tracer, job: Job) -> SearchResult:
+        return tracer.fed.search(tracer.tokenizer, q, source=req.source, n_docs=req.n_docs, seed=req.seed)
+
+    return await svc.traced(request, "search", svc.settings.query_budget_s, run)
+
+
+@router.post("/search/next-tokens", response_model=NextTokens)
+async def next_tokens(req: NextTokensRequest, svc: ServiceDep, request: Request) -> NextTokens:
+    """Which tokens follow a phrase in each source (infini-gram's next-token distribution)."""
+    def run(tracer: Tracer, job: Job) -> NextTokens:
+        return tracer.fed.next_tokens(tracer.tokenizer, req.phrase, source=req.source, top=req.top)
+
+    return await svc.traced(request, "search", svc.settings.query_budget_s, run)
+
+
 # -- reading the store (thread pool, never the tracer thread) ----------------------------------
+
+
+@router.get("/traces", response_model=QueryResponse)
+def traces(svc: ServiceDep, source: str | None = Query_(None, max_length=40), owner: str | None = Query_(None, max_length=200),
+           licence: str | None = Query_(None, max_length=200),
+           bucket: Literal["high", "medium", "low"] | None = None, since: dt.date | None = None,
+           until: dt.date | None = None, level: Literal["traces", "spans", "documents"] = "traces",
+           limit: int = Query_(100, ge=1, le=10_000)) -> QueryResponse:
+    """Stored traces, spans or documents filtered by source, owner, licence, relevance bucket and date (inclusive)."""
+    f = TraceFilter(source=source, owner=owner, licence=licence, bucket=bucket, since=since, until=until,
+                    level=level, limit=limit)
+    res = svc.read(list_provenance, svc.ws, f)
+    return QueryResponse(columns=res.columns, rows=[list(r) for r in res.rows])
+
+
+@router.get("/traces/{trace_id}/report", response_model=None)
+def trace_report(trace_id: TraceId, svc: ServiceDep, format: Literal["json", "csv"] = "json") -> Any:
+    """One response's provenance: spans, sources, top expert (and its signal), documents with repeats grouped."""
+    rep = svc.read(provenance.report, svc.ws, trace_id)
+    if format == "csv":
+        return Response(provenance.report_csv(rep), media_type="text/csv; charset=utf-8",
+                        headers={"Content-Disposition": f'attachment; filename="trace-{trace_id}.csv"'})
+    return rep
 
 
 @router.get("/traces/{trace_id}", response_model=StoredTrace)
@@ -159,6 +215,22 @@ def contribution(name: SourceName, svc: ServiceDep, _: OwnerKey) -> Contribution
     """What a source contributed over every stored trace: matches, routing share, counterfactual drop."""
     src_lib.get_source(svc.ws, name)
     return svc.read(store.contribution, svc.ws, name, timeout_s=svc.settings.query_budget_s)
+
+
+@router.get("/sources/{name}/contribution.png", response_class=Response,
+            responses={200: {"content": {"image/png": {}}}})
+def contribution_png(name: SourceName, svc: ServiceDep, _: OwnerKey) -> Response:
+    """The source's contribution as plots: matches over time, routing share and counterfactual drop per domain."""
+    import tempfile
+    from pathlib import Path as P
+
+    from tracing.plots import contribution_png as draw
+
+    src_lib.get_source(svc.ws, name)
+    c = svc.read(store.contribution, svc.ws, name, timeout_s=svc.settings.query_budget_s)
+    with tempfile.TemporaryDirectory() as d:
+        png = draw(c, P(d) / "c.png").read_bytes()
+    return Response(png, media_type="image/png")
 
 
 @router.get("/health", response_model=Health)

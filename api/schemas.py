@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, Field
 
+from tracing.options import TraceOptions
+
 # Hard limits of the schema; the service's budgets set lower caps (api/deps.py Settings).
 TEXT_MAX = 200_000
 
@@ -32,12 +34,32 @@ Text = Annotated[str, AfterValidator(_unicode)]
 class TraceRequest(BaseModel):
     text: Text = Field(description="The response to trace.", max_length=TEXT_MAX)
     prompt: Text | None = Field(None, description="The prompt it answered (used for relevance).", max_length=TEXT_MAX)
-    counterfactual: bool = Field(True, description="Run the per-expert counterfactual passes (most of a trace's time).")
+    options: TraceOptions | None = Field(None, description="The trace's options, as `flexolmo trace` takes them "
+                                                           "(tracing/options.py); omitted: the service's.")
+    counterfactual: bool | None = Field(None, description="Shorthand for options.counterfactual.")
 
 
 class GenerateRequest(BaseModel):
     prompt: Text = Field(min_length=1, max_length=TEXT_MAX)
-    max_new_tokens: int = Field(60, ge=1, le=1024)
+    options: TraceOptions | None = Field(None, description="Sampling, seed, max_new_tokens, experts off, "
+                                                           "counterfactuals: as `flexolmo trace --generate` takes them.")
+    max_new_tokens: int | None = Field(None, ge=1, le=1024, description="Shorthand for options.max_new_tokens.")
+
+
+class SearchRequest(BaseModel):
+    """A phrase or `a OR b AND c` query (or the CNF as lists), as `flexolmo search` takes it."""
+
+    query: Text | None = Field(None, max_length=2000, description="A phrase, or `a OR b AND c` (AND of ORs).")
+    cnf: list[list[Text]] | None = Field(None, description="The same as lists: [[\"a\", \"b\"], [\"c\"]].")
+    source: str | None = Field(None, max_length=40, description="Search this source only.")
+    n_docs: int = Field(5, ge=0, le=50, description="Documents per source (0: counts only).")
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+
+
+class NextTokensRequest(BaseModel):
+    phrase: Text = Field(min_length=1, max_length=2000, description="The phrase to continue.")
+    source: str | None = Field(None, max_length=40)
+    top: int = Field(20, ge=1, le=200)
 
 
 class QueryRequest(BaseModel):

@@ -7,7 +7,8 @@ deadline and a cancel flag:
 - a job still waiting when its deadline passes never starts (the route answers 503, busy);
 - a running job checks its deadline before every decoder layer of every forward pass
   (generation, routing, the per-expert counterfactual passes: about 90% of a trace) and
-  before every span's documents, and stops with 504; the span search itself is bounded by
+  before each span is assembled (its documents come in one call for all spans), and stops
+  with 504; the span search itself is bounded by
   the input caps, which are derived from the same budget;
 - a job whose client went away is stopped the same way, and what it computed is not stored.
 
@@ -43,7 +44,7 @@ class Stopped(FlexolmoError):
 @dataclass
 class Job:
     fn: Callable[[Tracer, "Job"], Any]
-    what: str  # "trace" | "generate" | "reopen"
+    what: str  # "trace" | "generation" | "search" | "reopen"
     budget_s: float
     deadline: float  # time.monotonic()
     cancel: threading.Event = field(default_factory=threading.Event)

@@ -20,10 +20,16 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
-async function api(method, path, body) {
+// The owner key (owner routes need it once keys are issued): this tab only, never stored on disk.
+function ownerHeaders() {
+  const key = ($("owner-key") && $("owner-key").value.trim()) || sessionStorage.getItem("owner-key") || "";
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+async function api(method, path, body, extraHeaders = {}) {
   const res = await fetch(path, {
     method,
-    headers: body ? { "Content-Type": "application/json" } : {},
+    headers: { ...(body ? { "Content-Type": "application/json" } : {}), ...extraHeaders },
     body: body ? JSON.stringify(body) : undefined,
   });
   const data = await res.json().catch(() => ({}));
@@ -118,6 +124,12 @@ function spanCard(s) {
   const found = Object.entries(s.count_by_source).filter(([, n]) => n > 0);
   return el("article", { class: "span" },
     el("blockquote", {}, s.text.trim()),
+    s.top_expert !== null && s.experts.length
+      ? el("p", { class: "top-expert" }, el("b", {}, `top: ${s.experts[s.top_expert].source}`),
+        ` (by ${s.top_expert_by || "routing"})`,
+        s.top_by_routing !== null && s.top_by_counterfactual !== null && s.top_by_routing !== s.top_by_counterfactual
+          ? el("span", { class: "muted" }, ` · routing alone would say ${s.experts[s.top_by_routing].source}`) : "")
+      : "",
     el("p", { class: "muted" },
       `${s.end - s.start} tokens · ${s.count} occurrence${s.count === 1 ? "" : "s"}: `,
       found.map(([src, n]) => `${src} ${n}`).join(", "),
@@ -131,12 +143,15 @@ function spanCard(s) {
 
 function documentsList(s) {
   if (!s.documents.length) return el("p", { class: "muted" }, "No documents shown (the sources show counts only).");
-  return el("ul", { class: "docs" }, s.documents.map((d) => {
+  // the same text under several doc_ids is one entry, "repeated N times"
+  const same = (i) => s.documents.filter((x) => x.repeat_of === i).map((x) => x.doc_id);
+  return el("ul", { class: "docs" }, s.documents.map((d, i) => [d, i]).filter(([d]) => d.repeat_of === null || d.repeat_of === undefined).map(([d, i]) => {
     const head = el("div", { class: "doc-head" },
       el("span", { class: "source" }, d.source), " ",
       el("code", {}, d.doc_id ?? "—"),
       d.title ? el("span", { class: "muted" }, ` ${d.title}`) : "",
       d.blocked ? el("span", { class: "badge blocked" }, "blocked") : el("span", { class: `badge ${d.bucket}` }, `${d.bucket} relevance`),
+      d.repeats > 1 ? el("span", { class: "badge repeated", title: `same text as ${same(i).join(", ")}` }, `repeated ${d.repeats} times`) : "",
     );
     let body;
     if (d.blocked) body = el("p", { class: "muted" }, "Taken down by its owner: no text is shown.");
@@ -163,11 +178,13 @@ function expertsTable(s) {
 
 $("trace-form").addEventListener("submit", (e) => {
   e.preventDefault();
-  runTrace("/api/trace", { text: $("trace-text").value, prompt: $("trace-prompt").value || null }, "Tracing");
+  runTrace("/api/trace", { text: $("trace-text").value, prompt: $("trace-prompt").value || null,
+    counterfactual: $("trace-cf").checked }, "Tracing");
 });
 $("generate-form").addEventListener("submit", (e) => {
   e.preventDefault();
-  runTrace("/api/generate", { prompt: $("gen-prompt").value, max_new_tokens: Number($("gen-tokens").value) || 60 }, "Generating");
+  runTrace("/api/generate", { prompt: $("gen-prompt").value,
+    options: { max_new_tokens: Number($("gen-tokens").value) || 60, counterfactual: $("trace-cf").checked } }, "Generating");
 });
 
 // ---------------------------------------------------------------------------------------
@@ -194,7 +211,7 @@ async function showOwner() {
     status("owner-status", e.message, true);
   }
   try {
-    showContribution(await api("GET", `/api/sources/${encodeURIComponent(name)}/contribution`));
+    showContribution(await api("GET", `/api/sources/${encodeURIComponent(name)}/contribution`, null, ownerHeaders()));
   } catch (e) {
     $("owner-contribution").replaceChildren(el("h2", {}, "Contribution"), el("p", { class: "muted" }, e.message));
   }
@@ -225,7 +242,7 @@ function showPolicy(s) {
 async function setPolicy(name, change) {
   status("owner-status", "Saving… (the tracer reopens with the new policy)");
   try {
-    await api("PATCH", `/api/sources/${encodeURIComponent(name)}`, change);
+    await api("PATCH", `/api/sources/${encodeURIComponent(name)}`, change, ownerHeaders());
     await loadSources();
     await showOwner();
     await loadHealth();
@@ -248,6 +265,7 @@ function showContribution(c) {
       stat(fmt(c.mean_counterfactual, (x) => x.toFixed(2)), "mean log-prob drop with its expert off"),
       stat(fmt(c.agreement_rate, pct), "of its spans routed mostly to its expert"),
     ),
+    contributionCharts(c),
     c.top_spans.length ? el("table", { class: "top-spans" },
       el("thead", {}, el("tr", {}, el("th", {}, "tokens"), el("th", {}, "count"), el("th", {}, "top expert"), el("th", {}, "span"))),
       el("tbody", {}, c.top_spans.map((s) => el("tr", {},
@@ -265,7 +283,7 @@ function showTakedowns(name, list) {
     e.preventDefault();
     status("owner-status", "Taking the document down…");
     try {
-      await api("POST", `/api/sources/${encodeURIComponent(name)}/takedowns`, { doc_id: docId.value, reason: reason.value });
+      await api("POST", `/api/sources/${encodeURIComponent(name)}/takedowns`, { doc_id: docId.value, reason: reason.value }, ownerHeaders());
       const done = docId.value;
       await showOwner();
       status("owner-status", `Taken down: ${done}. Later traces show it as blocked.`);
@@ -282,6 +300,8 @@ function showTakedowns(name, list) {
 }
 
 $("owner-source").addEventListener("change", showOwner);
+$("owner-key").value = sessionStorage.getItem("owner-key") || "";
+$("owner-key").addEventListener("change", () => { sessionStorage.setItem("owner-key", $("owner-key").value.trim()); showOwner(); });
 
 // ---------------------------------------------------------------------------------------
 // tabs and health
@@ -290,6 +310,7 @@ for (const tab of document.querySelectorAll(".tab")) {
   tab.addEventListener("click", async () => {
     for (const t of document.querySelectorAll(".tab")) t.classList.toggle("active", t === tab);
     for (const v of document.querySelectorAll(".view")) v.hidden = v.id !== tab.dataset.view;
+    if (tab.dataset.view === "search-view") loadSearchSources();
     if (tab.dataset.view === "owner-view") {
       try { await loadSources(); await showOwner(); } catch (e) { status("owner-status", e.message, true); }
     }
