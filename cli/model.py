@@ -155,17 +155,22 @@ def generate_cmd(
 ) -> None:
     """Generate a continuation and show which experts the router chose for every token."""
     from flexolmo.generate import generate
+    from flexolmo.guard import VerbatimGuard
     from flexolmo.merge import load_merged
     from flexolmo.tokenizer import load_tokenizer
 
     w = ws()
+    guard = VerbatimGuard.open(w)  # owners' --max-verbatim limits; checked before the model loads
     model = load_merged(model_dir or w, ws=w, exclude=_names(exclude), include=_names(include) if include else None)
     r = generate(model, load_tokenizer(w), prompt, max_new_tokens=max_new_tokens, do_sample=sample,
-                 temperature=temperature, seed=seed)
+                 temperature=temperature, seed=seed, guard=guard)
     if as_json:
         print_json({**r.to_dict(), "switched_off": model.off})
         return
     _print_generation(r, model.off)
+    for e in r.guard:
+        console.print(f"verbatim guard: token {e['position']}: vetoed {len(e['vetoed'])} token(s) that would "
+                      f"extend a run from {e['source']} past {e['limit']} (probability {e['vetoed_mass']:.2f})")
 
 
 def _print_generation(r, off: dict) -> None:

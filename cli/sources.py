@@ -79,13 +79,21 @@ def set_(
     active: Annotated[Optional[bool], typer.Option("--active/--inactive", help="Switch the source on or off.")] = None,
     visibility: Annotated[Optional[str], typer.Option(help="full | snippets | counts")] = None,
     expires: Annotated[Optional[str], typer.Option(help="Licence expiry, YYYY-MM-DD, or 'never'.")] = None,
+    max_verbatim: Annotated[Optional[int], typer.Option(
+        "--max-verbatim", help="Generation never emits more than N consecutive tokens found in this source.")] = None,
+    no_max_verbatim: Annotated[bool, typer.Option("--no-max-verbatim", help="Remove the verbatim limit.")] = False,
     by: Annotated[Optional[str], typer.Option(help="Who makes the change (default: the OS user).")] = None,
 ) -> None:
     """Change a source's policy; the change is logged with who and when."""
     from tracing.governance import set_policy
 
+    if max_verbatim is not None:
+        lib.check_max_verbatim(max_verbatim)  # before any change is made
     src = set_policy(ws(), name, active=active, visibility=visibility, expires=expires, by=by)
-    console.print(f"{src.name}: active={src.active} visibility={src.visibility} expires={src.expires or 'never'}")
+    if max_verbatim is not None or no_max_verbatim:
+        src = lib.set_policy(ws(), name, max_verbatim=max_verbatim, clear_max_verbatim=no_max_verbatim, by=by)
+    console.print(f"{src.name}: active={src.active} visibility={src.visibility} expires={src.expires or 'never'} "
+                  f"max_verbatim={src.max_verbatim or 'none'}")
 
 
 def sources_table(rows: list[lib.Source]) -> Table:

@@ -46,10 +46,14 @@ CREATE TABLE IF NOT EXISTS policy_log (
     source      VARCHAR NOT NULL,
     changed_at  TIMESTAMP NOT NULL,
     changed_by  VARCHAR NOT NULL,
-    field       VARCHAR NOT NULL,   -- active | visibility | expires
+    field       VARCHAR NOT NULL,   -- active | visibility | expires | max_verbatim
     old_value   VARCHAR,
     new_value   VARCHAR
 );
+-- the verbatim guard (flexolmo/guard.py): generation never emits a run of more than this
+-- many consecutive tokens found in the source; NULL: no limit. Added after the first
+-- catalogs were written, hence ALTER (a no-op once the column exists).
+ALTER TABLE sources ADD COLUMN IF NOT EXISTS max_verbatim INTEGER;
 """
 
 

@@ -88,6 +88,7 @@ class GenerationResult:
     expert_names: list[str]  # index -> source
     active: list[bool]  # switched on?
     seconds: float = 0.0
+    guard: list[dict] = field(default_factory=list)  # where the verbatim guard acted (flexolmo/guard.py)
 
     def expert_shares(self) -> dict[str, float]:
         """Share of all (token, layer, k) routing weight that went to each expert."""
@@ -179,6 +180,8 @@ def generate(
     seed: int = 0,
     capture: bool = True,
     stop_at_eos: bool = True,
+    top_k: int | None = None,
+    guard=None,
 ) -> GenerationResult:
     """Generate a continuation of `prompt`, recording the router decisions for every new token.
 
@@ -186,6 +189,9 @@ def generate(
     :param tokenizer: the shared tokenizer (`flexolmo.tokenizer.load_tokenizer(ws)`)
     :param capture: record routing (False: plain `model.generate`, for the overhead benchmark)
     :param stop_at_eos: stop at the end-of-text token (False: always `max_new_tokens` tokens)
+    :param top_k: sample among the k most likely tokens only (None: transformers' default, 50)
+    :param guard: a `flexolmo.guard.VerbatimGuard` (`VerbatimGuard.open(ws)`): no run longer than
+        a guarded source's `max_verbatim` is emitted; the result's `guard` says where it acted
     """
     import time
 
@@ -209,7 +215,13 @@ def generate(
     )
     if do_sample:
         torch.manual_seed(seed)
-        kwargs.update(temperature=temperature, top_p=top_p)
+    if guard is not None:
+        guard = guard.fresh()
+        k = top_k if top_k is not None else (as_module(model).generation_config.top_k or 50)  # transformers' default
+        off = dict(temperature=1.0, top_p=1.0, top_k=0) if do_sample else dict(temperature=None, top_p=None, top_k=None)
+        kwargs.update(**off, logits_processor=_processors(guard, do_sample, temperature, k, top_p))
+    elif do_sample:
+        kwargs.update(temperature=temperature, top_p=top_p, **({"top_k": top_k} if top_k is not None else {}))
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
     module = as_module(model)
@@ -243,4 +255,21 @@ def generate(
         expert_names=expert_names(model),
         active=active_experts(model),
         seconds=round(seconds, 4),
+        guard=guard.record() if guard is not None else [],
     )
+
+
+def _processors(guard, do_sample: bool, temperature: float, top_k: int | None, top_p: float):
+    """The guard first, then the sampling warpers: the vetoed tokens leave the candidate set
+    before temperature, top-k and top-p form it."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    out = LogitsProcessorList([guard])
+    if do_sample:
+        if temperature != 1.0:
+            out.append(TemperatureLogitsWarper(temperature))
+        if top_k:
+            out.append(TopKLogitsWarper(top_k))
+        if top_p < 1.0:
+            out.append(TopPLogitsWarper(top_p))
+    return out

@@ -52,6 +52,10 @@ DOC_SCHEMA = pa.schema(
 )
 
 
+INSERT_COLUMNS = ("(name, owner, domain, licence, visibility, active, expires, origin, content_hash, n_docs_train, "
+                  "n_docs_valid, n_chars_train, n_chars_valid, n_synthetic, created_at, updated_at, updated_by)")
+
+
 @dataclass(frozen=True)
 class Source:
     """One row of the source registry."""
@@ -73,6 +77,7 @@ class Source:
     created_at: dt.datetime
     updated_at: dt.datetime
     updated_by: str
+    max_verbatim: int | None = None  # the verbatim guard's limit (flexolmo/guard.py); None: none
 
     def available(self, today: dt.date | None = None) -> bool:
         """Active and not past its expiry date: may route and return documents."""
@@ -110,6 +115,12 @@ def check_visibility(visibility: str) -> str:
     if visibility not in VISIBILITIES:
         raise InputError(f"visibility {visibility!r} is not one of {', '.join(VISIBILITIES)}")
     return visibility
+
+
+def check_max_verbatim(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise InputError(f"--max-verbatim must be a whole number of tokens >= 1, got {n!r}")
+    return n
 
 
 def parse_date(value: str | dt.date | None, what: str = "expiry date") -> dt.date | None:
@@ -316,7 +327,7 @@ def add_records(
                     raise IntegrityError(f"{tmp / DOCUMENTS_FILE} did not read back whole; nothing was registered")
                 con.execute("DELETE FROM sources WHERE name = ?", [name])
                 con.execute(
-                    "INSERT INTO sources VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    f"INSERT INTO sources {INSERT_COLUMNS} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [name, owner, domain, licence, visibility, active, expires, origin, content_hash(table),
                      stats["n_docs_train"], stats["n_docs_valid"], stats["n_chars_train"], stats["n_chars_valid"],
                      n_synth, now, now, by],
@@ -341,7 +352,7 @@ def insert_remote_row(con, name: str, *, owner: str, domain: str, licence: str, 
     if con.execute("SELECT 1 FROM sources WHERE name = ?", [name]).fetchone():
         raise ConflictError(f"source {name!r} already exists; choose another name")
     now = dt.datetime.now().replace(microsecond=0)
-    con.execute("INSERT INTO sources VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    con.execute(f"INSERT INTO sources {INSERT_COLUMNS} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [name, owner, domain, licence, visibility, True, None, origin, content_hash, int(n_docs), 0, 0, 0, 0,
                  now, now, check_by(by)])
 
@@ -396,12 +407,22 @@ def set_policy(
     visibility: str | None = None,
     expires: str | dt.date | None = None,
     clear_expiry: bool = False,
+    max_verbatim: int | None = None,
+    clear_max_verbatim: bool = False,
     by: str | None = None,
 ) -> Source:
-    """Change a source's policy (on/off, visibility, expiry), logging who and when."""
+    """Change a source's policy (on/off, visibility, expiry, the verbatim guard's limit),
+    logging who and when."""
     by = check_by(by)
+    if max_verbatim is not None:
+        check_max_verbatim(max_verbatim)
     src = get_source(ws, name)
     changes: dict[str, object] = {}
+    if clear_max_verbatim:
+        if src.max_verbatim is not None:
+            changes["max_verbatim"] = None
+    elif max_verbatim is not None and max_verbatim != src.max_verbatim:
+        changes["max_verbatim"] = int(max_verbatim)
     if active is not None and active != src.active:
         changes["active"] = active
     if visibility is not None:

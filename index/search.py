@@ -332,3 +332,92 @@ def unigram_logprobs(counts: np.ndarray) -> np.ndarray:
     seen = counts > 0
     out[seen] = np.log(counts[seen]) - math.log(total)
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# incremental matching (the verbatim guard, flexolmo/guard.py): one narrowing per token
+
+
+@numba.njit(cache=True)
+def _push_kernel(ds_list, sa_list, ptr_sizes, state, tail, key):
+    """Advance each shard's longest-suffix match by the token `key` (byte order), in place.
+
+    state (S, 3): match length k, suffix-array range [lo, hi) of the matched run. tail: the
+    keys of the last tokens, ending with `key`, at least max(k) + 1 long. The extension is
+    one narrowing of the range; only when it fails is the longest shorter suffix searched."""
+    for s in range(len(ds_list)):
+        ds, sa, ps = ds_list[s], sa_list[s], ptr_sizes[s]
+        tok_cnt = ds.shape[0] // 2
+        k, lo, hi = state[s, 0], state[s, 1], state[s, 2]
+        nlo, nhi = _narrow(ds, sa, ps, lo, hi, k, key)
+        if nlo < nhi:
+            state[s, 0], state[s, 1], state[s, 2] = k + 1, nlo, nhi
+            continue
+        n = tail.shape[0]
+        j = k  # the new longest suffix is at most k long (k + 1 failed)
+        lo, hi = np.int64(0), np.int64(tok_cnt)
+        while j > 0:
+            lo, hi = _range_of_run(ds, sa, ps, tok_cnt, tail, n - j, j)
+            if lo < hi:
+                break
+            j -= 1
+        if j == 0:
+            lo, hi = np.int64(0), np.int64(tok_cnt)
+        state[s, 0], state[s, 1], state[s, 2] = j, lo, hi
+
+
+@numba.njit(cache=True)
+def _next_keys_kernel(ds, sa, ptr_size, lo, hi, k):
+    """The distinct keys at offset k of the suffixes in [lo, hi) (sorted; document
+    separators and the end of data left out): one binary search per distinct key."""
+    out = []
+    m = lo
+    while m < hi:
+        key = _key_at(ds, _ptr(sa, ptr_size, m) + 2 * k)
+        _, b = _narrow(ds, sa, ptr_size, m, hi, k, key)
+        if key >= 0 and key != 0xFFFF:
+            out.append(key)
+        m = b
+    return np.array(out, dtype=np.int64)
+
+
+class IncrementalMatch:
+    """The longest suffix of a growing token sequence that occurs in one source's shards,
+    kept per shard as its length and suffix-array range; `push` narrows the range by one
+    token (a re-search happens only when the match breaks, for its longest shorter suffix).
+
+        m = IncrementalMatch(shards)
+        for t in generated: m.push(t); m.length        # longest verbatim run ending here
+        m.next_tokens(n)                               # tokens that would make a run of n + 1
+    """
+
+    def __init__(self, shards: Sequence[Shard]):
+        self.shards = shards if isinstance(shards, Shards) else Shards(shards)
+        self.state = np.array([[0, 0, sh.tok_cnt] for sh in self.shards], dtype=np.int64).reshape(-1, 3)
+        self.keys: list[int] = []
+
+    @property
+    def length(self) -> int:
+        """Length of the longest run ending at the last token that occurs in the source."""
+        return int(self.state[:, 0].max()) if len(self.state) else 0
+
+    def push(self, token: int) -> int:
+        """Append one token id (in [0, 65534]); returns the new `length`."""
+        self.keys.append(((token & 0xFF) << 8) | (token >> 8))
+        if not len(self.state):
+            return 0
+        need = int(self.state[:, 0].max()) + 1
+        tail = np.asarray(self.keys[-need:], dtype=np.int64)
+        _push_kernel(*self.shards.typed, self.state, tail, tail[-1])
+        return self.length
+
+    def next_tokens(self, at_least: int) -> set[int]:
+        """Token ids that extend, in some shard, a current match of length >= `at_least`
+        (the tokens that would make a verbatim run longer than `at_least`)."""
+        out: set[int] = set()
+        ds_list, sa_list, ps = self.shards.typed
+        for s, (k, lo, hi) in enumerate(self.state.tolist()):
+            if k >= at_least and k > 0:
+                for key in _next_keys_kernel(ds_list[s], sa_list[s], ps[s], lo, hi, k).tolist():
+                    out.add(((key & 0xFF) << 8) | (key >> 8))
+        return out

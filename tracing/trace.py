@@ -125,13 +125,15 @@ class Tracer:
 
         Arguments left None take the tracer's `TraceOptions` (`seed` is `generation_seed`)."""
         from flexolmo.generate import generate
+        from flexolmo.guard import VerbatimGuard
 
         o = self.settings.replace(max_new_tokens=max_new_tokens, do_sample=do_sample, generation_seed=seed,
                                   temperature=temperature, top_p=top_p)
         if self.model is None:
             raise InputError("no merged model to generate with; run `flexolmo merge` first, or trace --text")
+        guard = VerbatimGuard.open(self.ws)  # owners' --max-verbatim limits (flexolmo/guard.py)
         gen = generate(self.model, self.tokenizer, prompt, max_new_tokens=o.max_new_tokens, do_sample=o.do_sample,
-                       seed=o.generation_seed, temperature=o.temperature, top_p=o.top_p)
+                       seed=o.generation_seed, temperature=o.temperature, top_p=o.top_p, guard=guard)
         ids = list(gen.token_ids)
         if ids and ids[-1] == self.tokenizer.eos_token_id:  # the end-of-text token is not part of the text
             ids.pop()
@@ -139,8 +141,15 @@ class Tracer:
             raise InputError("the model generated nothing for this prompt; try another prompt")
         kept = gen.routing[: len(ids)]
         routing = (np.asarray([r.experts for r in kept]), np.asarray([r.weights for r in kept]))
-        return self.trace_ids(ids, prompt=prompt, prompt_ids=gen.prompt_ids, routing=routing,
-                              generated=True, store=store)
+        trace = self.trace_ids(ids, prompt=prompt, prompt_ids=gen.prompt_ids, routing=routing,
+                               generated=True, store=False)
+        if guard is not None:  # where the guard vetoed tokens, and the limits it applied
+            trace.settings["verbatim_guard"] = {"limits": {g.name: g.limit for g in guard.sources}, "acted": gen.guard}
+        if store:
+            from .store import save_trace
+
+            save_trace(self.ws, trace)
+        return trace
 
     def trace(self, response: str, prompt: str | None = None, store: bool = True,
               options: TraceOptions | None = None) -> Trace:
