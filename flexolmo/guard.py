@@ -52,25 +52,34 @@ class GuardedSource:
         self.name, self.shards, self.limit = name, shards, limit
 
 
+def open_shards(ws: Workspace, name: str):
+    """The search shards of source `name`'s local index (`index.search.Shards`)."""
+    from index import format as fmt
+    from index import search
+
+    folder = fmt.index_dir(ws, name)
+    if not folder.exists():
+        raise ConflictError(f"source {name!r} has no index here; run `flexolmo index build --source {name}`")
+    manifest = fmt.read_manifest(folder)
+    return search.Shards([search.Shard.open(name, st["shard"], fmt.shard_file(folder, "tokenized", st["shard"]),
+                                            fmt.shard_file(folder, "table", st["shard"])) for st in manifest["shards"]])
+
+
 def guarded_sources(ws: Workspace) -> list[GuardedSource]:
     """Every source with a `max_verbatim` limit, its local index opened for the guard."""
     from flexolmo import sources as src_lib
-    from index import format as fmt
-    from index import search
 
     out = []
     for s in src_lib.list_sources(ws):
         if s.max_verbatim is None:
             continue
-        folder = fmt.index_dir(ws, s.name)
-        if not folder.exists():
+        try:
+            shards = open_shards(ws, s.name)
+        except ConflictError:
             raise ConflictError(f"source {s.name!r} has --max-verbatim {s.max_verbatim} but no index here, so the "
                                 f"guard cannot check it; run `flexolmo index build --source {s.name}` (or remove the "
-                                f"limit with `flexolmo sources set {s.name} --no-max-verbatim`)")
-        manifest = fmt.read_manifest(folder)
-        shards = [search.Shard.open(s.name, st["shard"], fmt.shard_file(folder, "tokenized", st["shard"]),
-                                    fmt.shard_file(folder, "table", st["shard"])) for st in manifest["shards"]]
-        out.append(GuardedSource(s.name, search.Shards(shards), s.max_verbatim))
+                                f"limit with `flexolmo sources set {s.name} --no-max-verbatim`)") from None
+        out.append(GuardedSource(s.name, shards, s.max_verbatim))
     return out
 
 
