@@ -259,18 +259,23 @@ def next_tokens(fed: "Federation", tok, phrase: str, *, source: str | None = Non
                 max_support: int = MAX_SUPPORT) -> NextTokens:
     """infini-gram's `ntd` per source: which tokens follow `phrase`, and in which sources.
 
-    The phrase is matched as written (its last token decides what may follow; a trailing
-    space is part of it). `counts` sources give the phrase's count only.
+    The phrase is matched in one spelling: as written or after a space, whichever occurs more
+    often (`phrase` of the result says which); its last token decides what may follow. `counts`
+    sources give the phrase's count only.
     """
     if not isinstance(phrase, str) or not phrase.strip():
         raise InputError("give a phrase to continue, e.g. \"the president\"")
     if len(phrase) > MAX_QUERY_CHARS or not 1 <= top <= 200 or not 1 <= max_support <= 10 * MAX_SUPPORT:
         raise InputError(f"the phrase must be at most {MAX_QUERY_CHARS} characters, top in [1, 200] and "
                          f"max_support in [1, {10 * MAX_SUPPORT}]")
-    ids = _encode(tok, phrase)
-    if len(ids) > MAX_PHRASE_TOKENS:
-        raise InputError(f"the phrase is {len(ids)} tokens; at most {MAX_PHRASE_TOKENS}")
     names, notes = _sources(fed, source)
+    # one spelling: as written, or after a space (a word in running text), whichever is more frequent
+    spellings = [_encode(tok, p) for p in _spellings(phrase)]
+    if any(len(ids) > MAX_PHRASE_TOKENS for ids in spellings):
+        raise InputError(f"the phrase is {max(len(i) for i in spellings)} tokens; at most {MAX_PHRASE_TOKENS}")
+    searched = [fed.indexes[n] for n in names if n not in notes]
+    ids = max(spellings, key=lambda i: sum(ix.count(i) for ix in searched))
+    phrase = _spellings(phrase)[spellings.index(ids)]
     prompt_count: dict[str, int | None] = {}
     approx: dict[str, bool] = {}
     merged: dict[int, dict[str, int]] = {}

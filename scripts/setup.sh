@@ -1,9 +1,28 @@
 #!/usr/bin/env bash
-# Creates the virtual environment and installs the project (CPU torch from its exact pin).
+# Creates the virtual environment and installs the project (CPU torch from its exact pin),
+# and the browser the page's test drives (Debian's chromium + chromium-driver).
+#   bash scripts/setup.sh              everything
+#   bash scripts/setup.sh --browser    only the browser (CI runs this before `make test`)
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+
+# tests/test_browser.py drives the page in headless Chromium: Debian's package and its driver,
+# never a browser build downloaded by a tool (Selenium is given the driver's path).
+install_browser() {
+  if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
+    return 0
+  fi
+  echo "== apt-get install chromium chromium-driver (for tests/test_browser.py)"
+  if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }; then
+    echo "warning: chromium and chromium-driver could not be installed; tests/test_browser.py will be skipped" >&2
+  fi
+}
+install_browser
+if [ "${1:-}" = "--browser" ]; then
+  exit 0
+fi
 
 if ! "$PYTHON" -c 'import sys; assert sys.version_info[:2] == (3, 11)' 2>/dev/null; then
   echo "flexolmo-trace needs Python 3.11 (found: $("$PYTHON" --version 2>&1)); set PYTHON=/path/to/python3.11" >&2

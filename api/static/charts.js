@@ -31,7 +31,7 @@ function barChart(title, bars, format, cls) {
   bars.forEach((b, i) => {
     const h = Math.abs(b.value) * scale;
     const x = left + i * bw + bw * 0.15;
-    root.append(svg("rect", { x, y: b.value >= 0 ? zero - h : zero, width: bw * 0.7, height: Math.max(h, 1), class: "bar" },
+    root.append(svg("rect", { x, y: b.value >= 0 ? zero - h : zero, width: bw * 0.7, height: Math.max(h, 1), class: "col" },
       null));
     root.lastChild.append(svg("title", {}, `${b.label}: ${format(b.value)}`));
     root.append(svg("text", { x: x + bw * 0.35, y: (b.value >= 0 ? zero - h : zero + h) + (b.value >= 0 ? -3 : 11),
