@@ -85,8 +85,10 @@ class Query:
         for clause in self.clauses:
             terms: list[list[int]] = []
             for phrase in clause:
-                for spelling in _spellings(phrase):
-                    ids = _encode(tok, spelling)
+                spelled = [_encode(tok, p) for p in _spellings(phrase)]
+                if len(spelled) == 2 and spelled[1][-len(spelled[0]):] == spelled[0]:
+                    spelled = spelled[:1]  # the space is a token of its own: as written covers both
+                for ids in spelled:
                     if len(ids) > MAX_PHRASE_TOKENS:
                         raise InputError(f"the phrase {phrase[:40]!r}... is {len(ids)} tokens; at most {MAX_PHRASE_TOKENS}")
                     if ids and ids not in terms:

@@ -166,3 +166,23 @@ def test_workspace_from_environment_and_serve_command(fed, monkeypatch):
     assert create_app().state.service.ws.root == fed.root
     r = CliRunner().invoke(cli, ["serve", "--help"])
     assert r.exit_code == 0 and "127.0.0.1" in r.output
+
+
+ROUTES = {  # every route, and the test that covers it (here, tests/test_search_api.py, tests/test_browser.py)
+    ("post", "/api/trace"), ("post", "/api/generate"), ("post", "/api/search"), ("post", "/api/search/next-tokens"),
+    ("get", "/api/traces"), ("get", "/api/traces/{trace_id}"), ("get", "/api/traces/{trace_id}/report"),
+    ("post", "/api/query"), ("get", "/api/sources"), ("get", "/api/sources/{name}"), ("patch", "/api/sources/{name}"),
+    ("get", "/api/sources/{name}/takedowns"), ("post", "/api/sources/{name}/takedowns"),
+    ("get", "/api/sources/{name}/policy-log"), ("get", "/api/sources/{name}/contribution"),
+    ("get", "/api/sources/{name}/contribution.png"), ("get", "/api/health"),
+}
+
+
+def test_every_route_is_known_and_sources_are_listed(client):
+    spec = client.get("/openapi.json").json()["paths"]
+    assert {(m, p) for p, ms in spec.items() for m in ms} == ROUTES  # a new route needs its tests (and a row here)
+    listed = client.get("/api/sources").json()
+    assert [s["name"] for s in listed] and set(NAMES) <= {s["name"] for s in listed}
+    assert all({"owner", "licence", "visibility", "available"} <= set(s) for s in listed)
+    r = client.post("/api/trace", content=b"{", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "not valid JSON" in r.text
