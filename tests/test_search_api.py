@@ -256,3 +256,19 @@ def test_bad_input_is_refused_and_nothing_is_stored(client):
     assert client.patch("/api/sources/news", content=b"{bad", headers=h).status_code == 422
     assert _ok(client.post("/api/query", json={"sql": "SELECT count(*) FROM traces"}))["rows"][0][0] == before
     assert _ok(client.get("/api/health"))["status"] == "ok"
+
+
+def test_snippets_never_split_a_character(fed):
+    """A window cut inside a multi-byte character (the byte-level BPE splits them over tokens)
+    shows no U+FFFD, and the marked part is still the match."""
+    from index.snippets import marked
+
+    tok = tokenizer.load_tokenizer(fed)
+    text = " café naïve — 日本語 und 😀 über"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert any("\ufffd" in tok.decode(ids[i:j]) for i in range(len(ids)) for j in range(i, len(ids)))  # the problem
+    for i in range(len(ids)):
+        for j in range(i, len(ids) + 1):
+            for k in range(j, len(ids) + 1):
+                t, (a, b) = marked(tok, ids[i:j], ids[j:k], ids[k:])
+                assert "\ufffd" not in t and t in text and 0 <= a <= b <= len(t) and t[a:b] in text
