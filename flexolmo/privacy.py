@@ -397,7 +397,8 @@ def privacy_report(p: DPPlan) -> dict:
         },
         "noise_seed": "secret (operating-system randomness), not recorded; Poisson sampling likewise",
         "not_covered": "the loss curve in this card (means over DP-SGD batches, for the owner; strip it before "
-                       "publishing); own-text routing shares are not measured under DP",
+                       "publishing) and the number of windows (the dataset size, public as usual in DP-SGD); "
+                       "own-text routing shares are not measured under DP",
         **p.notes,
     }
 
