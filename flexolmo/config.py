@@ -70,6 +70,10 @@ ROUTER_INITS = ("domain_mean", "domain_unit", "random")
 PREVIOUS_RECIPE = {"router_bias_init": 0.0, "router_z_loss": 0.0, "router_init": "domain_unit"}
 
 
+# TrainConfig fields that only owner (expert) training reads: not part of the public recipe
+EXPERT_ONLY = ("router_bias_init", "router_bias_target", "calibration_windows", "router_z_loss")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 200
@@ -122,17 +126,27 @@ class Profile:
 
     def recipe(self, part: str) -> dict:
         """What a model trained with part `public` or `expert` depends on: the model's shape
-        (top_k aside: an inference setting) and that part's training config."""
+        (top_k aside: an inference setting) and that part's training config (for the public
+        model without the settings only owner training reads)."""
         shape = {k: v for k, v in asdict(self.model).items() if k != "top_k"}
-        return {"model": shape, "train": asdict(getattr(self, part))}
+        train = asdict(getattr(self, part))
+        if part == "public":
+            train = {k: v for k, v in train.items() if k not in EXPERT_ONLY}
+        return {"model": shape, "train": train}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Profile":
+        """A profile from `to_dict`'s output; settings a later version added take their defaults,
+        settings it removed are dropped."""
+        def known(kind, values: dict) -> dict:
+            names = {f.name for f in fields(kind)}
+            return {k: v for k, v in values.items() if k in names}
+
         return cls(
             name=d["name"],
-            model=ModelConfig(**d["model"]),
-            public=TrainConfig(**d["public"]),
-            expert=TrainConfig(**d["expert"]),
+            model=ModelConfig(**known(ModelConfig, d["model"])),
+            public=TrainConfig(**known(TrainConfig, d["public"])),
+            expert=TrainConfig(**known(TrainConfig, d["expert"])),
         )
 
 

@@ -66,7 +66,7 @@ class Card(BaseModel):
 
     def is_current(self, inputs: Inputs) -> bool:
         """Was this artifact built from exactly these inputs?"""
-        return self.inputs == inputs
+        return self.stale_reason(inputs) is None
 
     def stale_reason(self, inputs: Inputs) -> str | None:
         """None when current; else which inputs changed, in words."""

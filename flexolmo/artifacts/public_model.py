@@ -44,15 +44,23 @@ class PublicModelCard(Card):
     world_size: int = 1
     router_init: str
 
+    def stale_reason(self, inputs: Inputs) -> str | None:
+        """As `Card.stale_reason`, with the `config` input derived from the recorded profile
+        (`config`) by today's `Profile.recipe("public")`: a setting added later with its
+        default, or one only owner training reads, does not make a public model stale."""
+        recorded = {**self.inputs, "config": sha256_json(Profile.from_dict(self.config).recipe("public"))}
+        return Card.stale_reason(self.model_copy(update={"inputs": recorded}), inputs)
+
     @classmethod
     def upgrade(cls, old: dict) -> dict:
         # previous keys: tokenizer_sha256, shared_weights_sha256; the source's content was not recorded
         config = old["config"]
-        recipe = Profile.from_dict({**config, "public": {**PREVIOUS_RECIPE, **config["public"]},
-                                    "expert": {**PREVIOUS_RECIPE, **config["expert"]}}).recipe("public")
-        keep = ("source", "profile", "config", "n_params", "steps", "tokens", "final_loss", "losses", "seconds",
+        config = {**config, "public": {**PREVIOUS_RECIPE, **config["public"]},
+                  "expert": {**PREVIOUS_RECIPE, **config["expert"]}}  # what it was really trained with
+        recipe = Profile.from_dict(config).recipe("public")
+        keep = ("source", "profile", "n_params", "steps", "tokens", "final_loss", "losses", "seconds",
                 "tokens_per_s", "throughput", "resumed_from", "world_size", "router_init", "created_at")
-        return {"kind": "public_model", "format": 1, **{k: old[k] for k in keep if k in old},
+        return {"kind": "public_model", "format": 1, **{k: old[k] for k in keep if k in old}, "config": config,
                 "inputs": {"tokenizer": old["tokenizer_sha256"], "config": sha256_json(recipe)},
                 "weights": old["shared_weights_sha256"]}
 
