@@ -34,10 +34,11 @@ from index.query import NextTokens, Query, SearchResult
 from index.takedown import list_takedowns
 from tracing import governance
 from tracing import provenance, store
+from tracing import queries
 from tracing.models import Trace
 from tracing.options import TraceOptions
 from tracing.provenance import TraceFilter, list_provenance
-from tracing.store import Contribution
+from tracing.queries import Contribution
 from tracing.trace import Tracer
 
 from .deps import OwnerKey, ServiceDep
@@ -160,7 +161,7 @@ def stored_trace(trace_id: TraceId, svc: ServiceDep) -> StoredTrace:
 @router.post("/query", response_model=QueryResponse)
 def query(req: QueryRequest, svc: ServiceDep) -> QueryResponse:
     """Run one read-only SQL statement over the provenance store (writes are refused; stopped at its budget)."""
-    res = svc.read(store.query, svc.ws, req.sql, limit=req.limit, timeout_s=svc.settings.query_budget_s)
+    res = svc.read(queries.query, svc.ws, req.sql, limit=req.limit, timeout_s=svc.settings.query_budget_s)
     return QueryResponse(columns=res.columns, rows=[list(r) for r in res.rows])
 
 
@@ -214,7 +215,7 @@ def policy_log(name: SourceName, svc: ServiceDep) -> list[dict[str, Any]]:
 def contribution(name: SourceName, svc: ServiceDep, _: OwnerKey) -> Contribution:
     """What a source contributed over every stored trace: matches, routing share, counterfactual drop."""
     src_lib.get_source(svc.ws, name)
-    return svc.read(store.contribution, svc.ws, name, timeout_s=svc.settings.query_budget_s)
+    return svc.read(queries.contribution, svc.ws, name, timeout_s=svc.settings.query_budget_s)
 
 
 @router.get("/sources/{name}/contribution.png", response_class=Response,
@@ -227,7 +228,7 @@ def contribution_png(name: SourceName, svc: ServiceDep, _: OwnerKey) -> Response
     from tracing.plots import contribution_png as draw
 
     src_lib.get_source(svc.ws, name)
-    c = svc.read(store.contribution, svc.ws, name, timeout_s=svc.settings.query_budget_s)
+    c = svc.read(queries.contribution, svc.ws, name, timeout_s=svc.settings.query_budget_s)
     with tempfile.TemporaryDirectory() as d:
         png = draw(c, P(d) / "c.png").read_bytes()
     return Response(png, media_type="image/png")
@@ -245,4 +246,4 @@ async def health(svc: ServiceDep) -> Health:
 
 def _trace_rows(ws, trace_id: str) -> dict[str, QueryResponse]:
     return {t: QueryResponse(columns=r.columns, rows=[list(x) for x in r.rows])
-            for t, r in store.trace_rows(ws, trace_id).items()}
+            for t, r in queries.trace_rows(ws, trace_id).items()}

@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flexolmo import sources  # noqa: E402
 from flexolmo.workspace import Workspace  # noqa: E402
 from tracing import store  # noqa: E402
+from tracing import queries
 
 HOST = "127.0.0.1"  # the only address this bench ever binds or calls
 
@@ -156,7 +157,7 @@ def run_level(url: str, ws: Workspace, c: int, seconds: float, texts: list[str],
     wall = time.perf_counter() - t0
     ok_traces = [r for r in out if r["trace_id"]]
     ids = [r["trace_id"] for r in ok_traces]
-    counts = dict(store.query(ws, "SELECT trace_id, count(*) FROM traces GROUP BY 1", limit=None).rows)
+    counts = dict(queries.query(ws, "SELECT trace_id, count(*) FROM traces GROUP BY 1", limit=None).rows)
     errors = [r for r in out if r["status"] != r["expect"]]
     lat_t = [r["secs"] for r in ok_traces if r["kind"] == "trace"]
     lat_all = [r["secs"] for r in out]

@@ -35,8 +35,9 @@ def eval_cmd(
 
     log = (lambda m: print(m, file=sys.stderr)) if as_json else console.print
     chosen = [r.strip() for r in rows.split(",") if r.strip()] if rows else None
+    on_row = (lambda partial: write_report(partial, report)) if report is not None else None
     result = run_eval(ws(), profile, rows=chosen, tokens_per_domain=tokens_per_domain, task_lines=task_lines,
-                      progress=not as_json, log=log)
+                      progress=not as_json, log=log, on_row=on_row)
     if report is not None:
         paths = write_report(result, report)
         log(f"report: {paths['markdown']}, {paths['json']}")

@@ -13,6 +13,7 @@ from rich.text import Text
 
 from flexolmo.errors import InputError
 from tracing import store
+from tracing import queries
 from tracing.models import Span, Trace
 from tracing.options import TraceOptions
 from tracing.trace import Tracer
@@ -141,7 +142,7 @@ def query(
 ) -> None:
     """Run read-only SQL over the provenance store."""
     _check_unicode(sql, "the query")
-    res = store.query(ws(), sql, limit=limit)
+    res = queries.query(ws(), sql, limit=limit)
     if as_json:
         print_json([dict(zip(res.columns, r)) for r in res.rows])
         return
@@ -168,7 +169,7 @@ def contribution(
     from flexolmo.sources import get_source
 
     get_source(ws(), source)
-    c = store.contribution(ws(), source)
+    c = queries.contribution(ws(), source)
     if plot is not None:
         from tracing.plots import contribution_png
 
@@ -203,7 +204,7 @@ def export(
     force: Annotated[bool, typer.Option("--force", help="Replace a file at --out, or an earlier export in it.")] = False,
 ) -> None:
     """Export every provenance table to Parquet (a consistent snapshot; the store is not locked)."""
-    for p in store.export_parquet(ws(), out, force=force):
+    for p in queries.export_parquet(ws(), out, force=force):
         console.print(f"wrote {p}", highlight=False)
 
 

@@ -35,6 +35,7 @@ from flexolmo.merge import merge
 from flexolmo.train import train_expert, train_public
 from index.build import build_source
 from tracing import store
+from tracing import queries
 
 NAMES = ("public", "news", "code")
 LOOPBACK = "127.0.0.1"
@@ -91,11 +92,11 @@ def live(fed) -> Iterator[callable]:
 
 
 def _n_traces(ws) -> int:
-    return store.query(ws, "SELECT count(*) FROM traces").rows[0][0]
+    return queries.query(ws, "SELECT count(*) FROM traces").rows[0][0]
 
 
 def _stored_once(ws, ids: list[str]) -> bool:
-    counts = dict(store.query(ws, "SELECT trace_id, count(*) FROM traces GROUP BY 1", limit=None).rows)
+    counts = dict(queries.query(ws, "SELECT trace_id, count(*) FROM traces GROUP BY 1", limit=None).rows)
     return all(counts.get(i) == 1 for i in ids)
 
 

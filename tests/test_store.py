@@ -25,6 +25,7 @@ from flexolmo.errors import ConflictError, InputError
 from index import takedown as td
 from index.build import build_source
 from tracing import governance, parts, store
+from tracing import queries
 from tracing.trace import Tracer
 
 NAMES = ("public", "news", "code")
@@ -101,12 +102,12 @@ class Reader:
 
 def test_traces_succeed_while_a_reader_holds_the_store(fed, tracer, tmp_path):
     tracer.trace(_passage(fed, "code", 1))  # the store exists
-    before = store.query(fed, "SELECT count(*) FROM traces").rows[0][0]
+    before = queries.query(fed, "SELECT count(*) FROM traces").rows[0][0]
     reader = Reader(fed, tmp_path)
     ids = [tracer.trace(_passage(fed, src, i)).trace_id for i in range(6) for src in ("news", "code")]
     seen = reader.finish()
     assert seen["ok"] > 10 and seen["errors"] == 0 and seen["last"] >= before
-    rows = store.query(fed, "SELECT trace_id, count(*) FROM traces GROUP BY 1").rows
+    rows = queries.query(fed, "SELECT trace_id, count(*) FROM traces GROUP BY 1").rows
     counts = dict(rows)
     assert all(counts.get(i) == 1 for i in ids) and len(rows) == before + len(ids)
 
@@ -120,7 +121,7 @@ def test_takedown_while_a_reader_holds_the_store_redacts_every_stored_row(fed, t
     reader.finish()
     rows = _raw_rows(fed, doc["doc_id"])
     assert rows and all(r["blocked"] and r["snippet"] is None and r["title"] is None for r in rows)
-    stored = store.trace_rows(fed, t.trace_id)["span_documents"]
+    stored = queries.trace_rows(fed, t.trace_id)["span_documents"]
     assert doc["text"][20:60] not in json.dumps(stored.rows, default=str)
     with pytest.raises(ConflictError, match="already taken down"):  # whole: a repeat is refused
         governance.takedown(fed, "news", doc["doc_id"], reason="again")
@@ -146,7 +147,7 @@ def test_pending_redaction_is_applied_before_any_read_or_by_repair(fed, tracer):
     tracer.trace(_passage(fed, "public", 3))
     tracer.trace(_passage(fed, "public", 4))
     td.takedown(fed, "public", a["doc_id"], reason="x")  # recorded, store not yet redacted
-    res = store.query(fed, f"SELECT count(*) FROM span_documents WHERE doc_id = '{a['doc_id']}' AND snippet IS NOT NULL")
+    res = queries.query(fed, f"SELECT count(*) FROM span_documents WHERE doc_id = '{a['doc_id']}' AND snippet IS NOT NULL")
     assert res.rows[0][0] == 0  # the reader finished it first
     td.takedown(fed, "public", b["doc_id"], reason="x")
     r = CliRunner().invoke(app, ["--workspace", str(fed.root), "traces", "repair", "--json"])
@@ -174,28 +175,28 @@ def test_counts_policy_recorded_but_not_applied_is_applied_and_reapplied(fed, tr
     try:
         tracer.trace(passage)
         sources.set_policy(fed, "code", visibility="counts")  # the catalog only (as if crashed)
-        assert store.query(fed, count).rows[0][0] == 0
+        assert queries.query(fed, count).rows[0][0] == 0
         sources.set_policy(fed, "code", visibility="full")
         Tracer.open(fed, model=None).trace(passage)
-        assert store.query(fed, count).rows[0][0] > 0  # full again: new traces keep documents
+        assert queries.query(fed, count).rows[0][0] > 0  # full again: new traces keep documents
         governance.set_policy(fed, "code", visibility="counts")  # switched back: redacted again
-        assert store.query(fed, count).rows[0][0] == 0
+        assert queries.query(fed, count).rows[0][0] == 0
     finally:
         sources.set_policy(fed, "code", visibility="full")
 
 
 def test_sql_errors_are_clear_and_a_slow_query_is_interrupted(fed):
     with pytest.raises(InputError, match="no SQL statement"):
-        store.query(fed, "-- only a comment")
+        queries.query(fed, "-- only a comment")
     with pytest.raises(InputError, match="no SQL statement"):
-        store.query(fed, "   ")
+        queries.query(fed, "   ")
     with pytest.raises(InputError, match="one statement at a time"):
-        store.query(fed, "SELECT 1; SELECT 2")
+        queries.query(fed, "SELECT 1; SELECT 2")
     with pytest.raises(InputError, match="read-only"):
-        store.query(fed, "CREATE TABLE x (a INT)")
+        queries.query(fed, "CREATE TABLE x (a INT)")
     t0 = time.perf_counter()
-    with pytest.raises(store.QueryTimeout, match="budget"):
-        store.query(fed, "SELECT count(*) FROM range(1000000000) a, range(1000) b WHERE a.range + b.range = 7",
+    with pytest.raises(queries.QueryTimeout, match="budget"):
+        queries.query(fed, "SELECT count(*) FROM range(1000000000) a, range(1000) b WHERE a.range + b.range = 7",
                     timeout_s=0.5)
     assert time.perf_counter() - t0 < 3
     r = CliRunner().invoke(app, ["--workspace", str(fed.root), "query", "/* nothing */"])
@@ -211,7 +212,7 @@ def test_export_refuses_to_overwrite_without_force(fed, tmp_path):
     assert CliRunner().invoke(app, base + [str(f), "--force"]).exit_code == 0 and (f / "spans.parquet").exists()
     r = CliRunner().invoke(app, base + [str(f)])
     assert r.exit_code == 1 and "already holds an export" in r.output
-    n = store.query(fed, "SELECT count(*) FROM traces").rows[0][0]
+    n = queries.query(fed, "SELECT count(*) FROM traces").rows[0][0]
     assert pq.read_table(f / "traces.parquet").num_rows == n
 
 
@@ -230,7 +231,7 @@ def test_compaction_keeps_every_trace_once(fed, tracer, monkeypatch, tmp_path):
     store.repair(fed)  # no grace: merged-away parts go
     m = parts.Manifest.read(parts.root(fed))
     assert not m.retired and {d.name for d in (parts.root(fed) / "parts").iterdir()} == {p["id"] for p in m.parts}
-    rows = dict(store.query(fed, "SELECT trace_id, count(*) FROM traces GROUP BY 1", limit=None).rows)
+    rows = dict(queries.query(fed, "SELECT trace_id, count(*) FROM traces GROUP BY 1", limit=None).rows)
     assert all(rows[i] == 1 for i in ids) and set(rows.values()) == {1}
 
 
@@ -253,7 +254,7 @@ def test_old_duckdb_store_is_imported_and_redacted(tmp_path):
     td.takedown(ws, "news", doc["doc_id"], reason="taken down while the old store held it")
     report = governance.repair(ws)
     assert report["imported_old_store"] and report["traces"] == 1 and not ws.traces_path.exists()
-    rows = store.trace_rows(ws, t.trace_id)
+    rows = queries.trace_rows(ws, t.trace_id)
     assert len(rows["spans"].rows) == len(t.spans)
     assert all(r["blocked"] and r["snippet"] is None for r in _raw_rows(ws, doc["doc_id"]))
 
@@ -277,5 +278,5 @@ def test_parts_from_before_a_column_was_added_still_read_and_compact(fed, tracer
     monkeypatch.setattr(parts, "COMPACT_AT", 0)
     with parts.writer(fed) as r:
         parts.compact(r, parts.Manifest.read(r), store.TABLES)
-    assert {old.trace_id, new.trace_id} <= {r[0] for r in store.query(fed, "SELECT trace_id FROM spans").rows}
-    assert store.trace_rows(fed, old.trace_id)["spans"].rows
+    assert {old.trace_id, new.trace_id} <= {r[0] for r in queries.query(fed, "SELECT trace_id FROM spans").rows}
+    assert queries.trace_rows(fed, old.trace_id)["spans"].rows

@@ -17,6 +17,7 @@ from index.build import build_source, index_dir
 from flexolmo.errors import InputError
 from flexolmo.model import experts_off_per_row
 from tracing import governance, store
+from tracing import queries
 from tracing.experts import link_experts
 from tracing.options import TraceOptions
 from tracing.trace import Tracer
@@ -204,7 +205,7 @@ def test_policy_inactive_counts_and_takedown(fed):
     Tracer.open(fed).trace(passage)  # stored while news is fully visible
     try:
         governance.set_policy(fed, "news", visibility="counts")
-        stored = store.query(fed, "SELECT count(*) FROM span_documents WHERE source = 'news' "
+        stored = queries.query(fed, "SELECT count(*) FROM span_documents WHERE source = 'news' "
                                   "AND (doc_id IS NOT NULL OR snippet IS NOT NULL)")
         assert stored.rows[0][0] == 0  # stored traces keep counts only
         t = Tracer.open(fed).trace(passage, store=False)
@@ -228,7 +229,7 @@ def test_policy_inactive_counts_and_takedown(fed):
 
     before = Tracer.open(fed)
     stored = before.trace(passage)  # stored with the document's text
-    assert store.query(fed, f"SELECT count(*) FROM span_documents WHERE trace_id = '{stored.trace_id}' "
+    assert queries.query(fed, f"SELECT count(*) FROM span_documents WHERE trace_id = '{stored.trace_id}' "
                             f"AND doc_id = '{doc['doc_id']}' AND snippet IS NOT NULL").rows[0][0] > 0
     governance.takedown(fed, "news", doc["doc_id"], reason="owner request")
     assert before.stale()  # a long-running service reopens before its next trace
@@ -236,7 +237,7 @@ def test_policy_inactive_counts_and_takedown(fed):
     hits = [d for s in t.spans for d in s.documents if d.doc_id == doc["doc_id"]]
     assert hits and all(d.blocked and d.snippet is None and d.context is None for d in hits)
     # every stored row of it, older traces included, is blocked with no text
-    rows = store.query(fed, f"SELECT blocked, snippet, title FROM span_documents WHERE doc_id = '{doc['doc_id']}'").rows
+    rows = queries.query(fed, f"SELECT blocked, snippet, title FROM span_documents WHERE doc_id = '{doc['doc_id']}'").rows
     assert len(rows) >= 2 and all(r == (True, None, None) for r in rows)
 
 
@@ -248,9 +249,9 @@ def test_store_query_report_and_cli(fed, tmp_path):
     assert r.exit_code == 0, r.output
     record = json.loads(r.output)
     assert record["spans"] and record["prompt"] == "show me code"
-    q = store.query(fed, f"SELECT count(*) FROM spans WHERE trace_id = '{record['trace_id']}'")
+    q = queries.query(fed, f"SELECT count(*) FROM spans WHERE trace_id = '{record['trace_id']}'")
     assert q.rows[0][0] == len(record["spans"])
-    c = store.contribution(fed, "code")
+    c = queries.contribution(fed, "code")
     assert c.spans_matched >= 1 and c.mean_routing_share is not None and c.top_spans
     r = runner.invoke(app, base + ["report", "contribution", "--source", "code"])
     assert r.exit_code == 0 and "top matched spans" in r.output
@@ -262,7 +263,7 @@ def test_store_query_report_and_cli(fed, tmp_path):
                 f"SELECT * FROM read_parquet('{fed.source_dir('news') / 'documents.parquet'}')",
                 "SET enable_external_access = true"):
         with pytest.raises(Exception) as err:
-            store.query(fed, sql)
+            queries.query(fed, sql)
         assert "query failed" in str(err.value)
     assert not (tmp_path / "leak.parquet").exists()
     r = runner.invoke(app, base + ["traces", "export", "--out", str(tmp_path / "x")])

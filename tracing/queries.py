@@ -21,6 +21,8 @@ import duckdb
 from flexolmo.errors import FlexolmoError, InputError, NotFoundError
 from flexolmo.workspace import Workspace
 
+from .store import reader
+
 T = TypeVar("T")
 
 TABLES = ("traces", "spans", "span_sources", "span_documents", "span_experts")  # as store.TABLES
@@ -41,8 +43,6 @@ def _read(ws: Workspace, fn: Callable[[duckdb.DuckDBPyConnection], T], sandbox: 
     """fn(reader); retried when a compaction removed a part between manifest and read."""
     for attempt in range(4):
         try:
-            from .store import reader  # store imports this module: import at call time
-
             with reader(ws, sandbox=sandbox) as con:
                 return fn(con)
         except duckdb.IOException as e:

@@ -346,10 +346,5 @@ def _pending(ws: Workspace, m: parts.Manifest) -> bool:
     return bool({tuple(k) for k in demands(ws)} - {tuple(k) for k in m.applied})
 
 
-# The read side lives in tracing/queries.py; its names are also the store's (store.query, ...).
-from .queries import (Contribution, QueryResult, QueryTimeout, check_sql, contribution,  # noqa: E402
-                      export_parquet, query, trace_rows)
-
-__all__ = ["SCHEMA", "TABLES", "Contribution", "QueryResult", "QueryTimeout", "check_sql", "contribution", "demands",
-           "export_parquet", "query", "reader", "redact_documents", "redact_trace", "repair", "save_trace", "sync",
-           "trace_rows"]
+# The read side (SQL, contribution, export) lives in tracing/queries.py, over `reader`.
+__all__ = ["SCHEMA", "TABLES", "demands", "reader", "redact_documents", "redact_trace", "repair", "save_trace", "sync"]

@@ -47,6 +47,8 @@ def markdown(result: dict) -> str:
               f"- profile: `{result['profile']}`; date: {meta.get('date', '?')}; wall time: {meta.get('seconds', 0):.0f} s",
               f"- validation tokens per domain: {meta.get('tokens_per_domain', '?')} (the validation split: never trained on, never indexed)",
               ""]
+    if meta.get("complete") is False:
+        lines += ["**Partial: the run is still going (or was stopped); rows appear as they are measured.**", ""]
     if meta.get("notes"):
         lines += [f"- {n}" for n in meta["notes"]] + [""]
     lines += ["## Held-out perplexity per domain", "",

@@ -64,9 +64,11 @@ def _merged(ws: Workspace, profile, owners: list[str], out: Path, packages_dir: 
 
 
 def run_eval(ws: Workspace, profile: str = "demo", *, rows: list[str] | None = None, tokens_per_domain: int = 16_384,
-             task_lines: int = 100, tune_steps: int = 200, progress: bool = True, log: Callable[[str], None] = print) -> dict:
+             task_lines: int = 100, tune_steps: int = 200, progress: bool = True, log: Callable[[str], None] = print,
+             on_row: Callable[[dict], None] | None = None) -> dict:
     """Train what is missing, measure every row on every domain's validation split; the result
-    dict of flexolmo/evaluation/report.py."""
+    dict of flexolmo/evaluation/report.py. `on_row(result so far)` runs after every row (the
+    CLI rewrites the report, so a long run shows its results as they come)."""
     t0 = time.time()
     p = get_profile(profile)
     rows = list(rows or ALL_ROWS)
@@ -87,6 +89,14 @@ def run_eval(ws: Workspace, profile: str = "demo", *, rows: list[str] | None = N
                  "public_in_topk": {}, "routing_share": {}, "optout": {}}
     lp_cache: dict[str, dict[str, "np.ndarray"]] = {}
 
+    def _meta() -> dict:
+        return {**res.get("meta", {}), "command": f"flexolmo eval --profile {p.name}",
+                "date": dt.date.today().isoformat(), "seconds": round(time.time() - t0, 1),
+                "tokens_per_domain": {d: int(val.windows[d][:, 1:].numel()) for d in domains},
+                "top_k": p.model.top_k, "expert_steps": p.expert.steps,
+                "expert_tokens": p.expert.steps * p.expert.tokens_per_step(),
+                "complete": "loss_curves" in res}
+
     def measure(name: str, model, routing: bool = False) -> None:
         t = time.time()
         lps = {d: metrics.window_logprobs(model, val.windows[d]) for d in domains}
@@ -104,6 +114,8 @@ def run_eval(ws: Workspace, profile: str = "demo", *, rows: list[str] | None = N
             res["routing_share"][name], res["public_in_topk"][name] = share, topk
         gm = math.exp(sum(math.log(v) for v in res["rows"][name].values()) / len(domains))
         log(f"{name:>16}: geometric-mean perplexity {gm:,.1f}  ({time.time() - t:.0f}s)")
+        if on_row is not None:
+            on_row({**res, "meta": _meta()})
 
     log(f"evaluating on {', '.join(f'{d} {val.windows[d].numel():,}' for d in domains)} validation tokens")
     measure("public", public)
@@ -157,11 +169,7 @@ def run_eval(ws: Workspace, profile: str = "demo", *, rows: list[str] | None = N
         res["task"] = next_line_task(ws, {n: m for n, m in _task_models(ws, root, owners, res).items()},
                                      n_lines=task_lines, log=log)
     res["loss_curves"] = _loss_curves(ws, owners, root)
-    res["meta"] = {**res.get("meta", {}), "command": f"flexolmo eval --profile {p.name}",
-                   "date": dt.date.today().isoformat(), "seconds": round(time.time() - t0, 1),
-                   "tokens_per_domain": {d: int(val.windows[d][:, 1:].numel()) for d in domains},
-                   "top_k": p.model.top_k, "expert_steps": p.expert.steps,
-                   "expert_tokens": p.expert.steps * p.expert.tokens_per_step()}
+    res["meta"] = _meta()
     return res
 
 
