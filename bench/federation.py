@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cli.tokenizer import import_tokenizer
+from flexolmo.tokenizer import import_tokenizer
 from flexolmo import sources
 from flexolmo.workspace import Workspace
 from index import build

@@ -17,6 +17,7 @@ Files in `<workspace>/tokenizer/`:
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +25,9 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .artifacts import tokenizer as artifact
-from .errors import InputError, NotFoundError
+from .errors import ConflictError, InputError, IntegrityError, NotFoundError
 from .sources import get_source, iter_texts
-from .workspace import Workspace, file_sha256
+from .workspace import Workspace, atomic_dir, file_sha256
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -143,3 +144,39 @@ def load_tokenizer(ws_or_dir: Workspace | Path):
 def read_bow_ids(ws: Workspace) -> list[int]:
     _require(ws)
     return [int(x) for x in (artifact.folder(ws) / artifact.BOW_FILE).read_text().split()]
+
+
+def import_tokenizer(w: Workspace, folder: Path, force: bool = False) -> TokenizerInfo:
+    """Copy a tokenizer folder into the workspace atomically, after checking it is whole: the card
+    reads, tokenizer.json loads and has the card's hash, bow_ids.txt holds ids of its vocabulary."""
+    from tokenizers import Tokenizer
+
+    if not (folder / artifact.TOKENIZER_FILE).is_file() or not (folder / artifact.BOW_FILE).is_file():
+        raise InputError(f"{folder} is not a tokenizer folder: it needs {artifact.TOKENIZER_FILE}, "
+                         f"{artifact.BOW_FILE} and card.json (copy the folder `tokenizer/` of the shared workspace)")
+    card = artifact.TokenizerCard.read(folder)  # NotFoundError/OutdatedError say what is wrong
+    digest = file_sha256(folder / artifact.TOKENIZER_FILE)
+    if digest != card.sha256:
+        raise IntegrityError(f"{folder / artifact.TOKENIZER_FILE} has sha256 {digest}, its card says {card.sha256}: "
+                             "the folder was altered or mixed up; copy it again")
+    if card.files.get(artifact.BOW_FILE) not in (None, file_sha256(folder / artifact.BOW_FILE)):
+        raise IntegrityError(f"{folder / artifact.BOW_FILE} does not match its card; copy the folder again")
+    try:
+        tok = Tokenizer.from_file(str(folder / artifact.TOKENIZER_FILE))
+        bow = [int(x) for x in (folder / artifact.BOW_FILE).read_text().split()]
+    except Exception as e:  # tokenizers raises its own exception type
+        raise InputError(f"{folder} does not load as a tokenizer ({str(e)[:200]})") from None
+    if tok.get_vocab_size() != card.vocab_size or tok.get_vocab_size() > MAX_VOCAB \
+            or any(not 0 <= i < card.vocab_size for i in bow):
+        raise InputError(f"{folder}: vocabulary size or word-start ids disagree with the card (or exceed u16 ids)")
+    current = artifact.TokenizerCard.find(artifact.folder(w)) if (artifact.folder(w) / artifact.TOKENIZER_FILE).exists() else None
+    if current is not None and tokenizer_hash(w) != digest and not force:
+        raise ConflictError(f"this workspace already has another tokenizer ({tokenizer_hash(w)[:12]}, the "
+                            f"import is {digest[:12]}); its indexes and models would need rebuilding: pass --force")
+    with atomic_dir(artifact.folder(w)) as tmp:
+        for name in (artifact.TOKENIZER_FILE, artifact.BOW_FILE):
+            shutil.copyfile(folder / name, tmp / name)
+        card.save(tmp)
+        if file_sha256(tmp / artifact.TOKENIZER_FILE) != digest:
+            raise IntegrityError("the copied tokenizer.json differs from the original; nothing was imported")
+    return tokenizer_info(w)

@@ -161,7 +161,7 @@ def federate_workspace(owners: Workspace, tracer: Workspace, names: Sequence[str
             raise ConflictError(f"{tracer.root} has {n!r} at {registered[n]['url']}, not {urls[n]}; "
                                 "use the --base-port of the first run or a fresh tracer workspace")
     if not (tracer.tokenizer_dir / "tokenizer.json").exists():
-        from cli.tokenizer import import_tokenizer  # noqa: PLC0415 -- the import lives with its command
+        from flexolmo.tokenizer import import_tokenizer
 
         import_tokenizer(tracer, owners.tokenizer_dir)
     elif tok_lib.tokenizer_hash(tracer) != tok_lib.tokenizer_hash(owners):

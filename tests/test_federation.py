@@ -25,7 +25,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from cli.tokenizer import import_tokenizer
+from flexolmo.tokenizer import import_tokenizer
 from flexolmo import sources, tokenizer
 from flexolmo.errors import ConflictError, InputError
 from flexolmo.workspace import Workspace
