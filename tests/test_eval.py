@@ -102,3 +102,16 @@ def test_cli_eval_json(evaluated):
     assert set(out["rows"]) == {"public", "flexolmo"} and out["rows"]["public"] == res["rows"]["public"]
     bad = CliRunner().invoke(app, ["-w", str(ws.root), "eval", "--rows", "nonsense"])
     assert bad.exit_code == 1 and "unknown row" in bad.output
+
+
+def test_task_lines_stop_the_context_before_the_newline(evaluated):
+    from flexolmo.evaluation.task import task_lines
+    from flexolmo.sources import load_documents
+
+    ws, _, _ = evaluated
+    texts = load_documents(ws, "code", split="validation", columns=["text"]).column("text").to_pylist()
+    pairs = task_lines(ws, "code", 5)
+    assert pairs
+    for before, line in pairs:
+        assert not before.endswith("\n") and len(line.strip()) >= 8
+        assert any(t.startswith(before + "\n" + line) for t in texts)

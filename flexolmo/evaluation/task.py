@@ -2,9 +2,12 @@
 
 From the code source's validation documents, `n_lines` lines (seeded; at least 8 visible
 characters, not a document's first line) are each given with up to `context_tokens` tokens
-of the text before them; the model decodes greedily until it emits a newline (at most
-`max_new_tokens` tokens), and the line counts when the decoded line equals the true one
-(leading and trailing whitespace ignored). A code model should complete `return x` or
+of the text before them, up to but not including the newline that ends the previous line:
+this byte-level BPE merges a newline with the next line's indentation into one token, so a
+context ending in a bare newline would be one the model never saw. The model decodes
+greedily (at most `max_new_tokens` tokens) until the text after that first newline holds a
+second one, and the line counts when the decoded line equals the true one (leading and
+trailing whitespace ignored). A code model should complete `return x` or
 `self.assertEqual(` lines; a model that never saw code rarely does.
 """
 
@@ -35,7 +38,7 @@ def task_lines(ws: Workspace, source: str, n_lines: int, seed: int = 0) -> list[
         pos = 0
         for i, line in enumerate(lines):
             if i > 0 and len(line.strip()) >= 8:
-                cands.append((t[:pos], line))
+                cands.append((t[:pos - 1], line))  # the text before the line, without its newline
             pos += len(line) + 1
     if not cands:
         raise InputError(f"source {source!r} has no validation lines for the task")
@@ -45,7 +48,8 @@ def task_lines(ws: Workspace, source: str, n_lines: int, seed: int = 0) -> list[
 
 @torch.no_grad()
 def complete_line(model, tok, prefix_ids: list[int], max_new_tokens: int) -> str:
-    """Greedy decoding with the KV cache until a token containing a newline."""
+    """Greedy decoding with the KV cache of the line after the prefix's end: the text between
+    the first newline generated and the next one."""
     module = as_module(model)
     module.eval()
     # transformers 5.x renames past_key_values to cache (the old name goes in 5.40)
@@ -54,16 +58,19 @@ def complete_line(model, tok, prefix_ids: list[int], max_new_tokens: int) -> str
     new: list[int] = []
     for _ in range(max_new_tokens):
         nxt = int(out.logits[0, -1].argmax())
+        if nxt == tok.eos_token_id:
+            break
         new.append(nxt)
-        if "\n" in tok.decode([nxt]) or nxt == tok.eos_token_id:
+        if tok.decode(new).count("\n") >= 2:
             break
         past = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
         out = module(input_ids=torch.tensor([[nxt]]), use_cache=True, **{kw: past})
-    return tok.decode(new).split("\n")[0]
+    text = tok.decode(new)
+    return text.split("\n")[1] if "\n" in text else ""
 
 
 def next_line_task(ws: Workspace, models: dict, *, source: str = "code", n_lines: int = 100, context_tokens: int = 128,
-                   max_new_tokens: int = 32, log: Callable[[str], None] = print) -> dict:
+                   max_new_tokens: int = 48, log: Callable[[str], None] = print) -> dict:
     """Exact-match rate of every model; {"name", "what", "lines", "rows": {row: {"exact_match": rate}}}."""
     tok = load_tokenizer(ws)
     pairs = task_lines(ws, source, n_lines)
