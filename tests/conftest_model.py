@@ -38,3 +38,21 @@ def build_federation(root: Path, sources=("public", "news", "code"), n_docs: int
     texts = [d["text"] for name in sources for d in _docs(name, n_docs, seed=sources.index(name))]
     train_tokenizer(ws, vocab_size=vocab_size, texts=texts)
     return ws
+
+
+def build_served_federation(root: Path, sources=("public", "news", "code"), n_docs: int = 30) -> Workspace:
+    """A tiny federation ready to serve: public model, one expert per owner, merged, every
+    source indexed (the API, service and browser tests share it)."""
+    from flexolmo.merge import merge
+    from flexolmo.train import train_expert, train_public
+    from index.build import build_source
+
+    ws = build_federation(root, sources=sources, n_docs=n_docs)
+    owners = [s for s in sources if s != "public"]
+    train_public(ws, "tiny", progress=False)
+    for s in owners:
+        train_expert(ws, s, "tiny", progress=False)
+    merge(ws, owners)
+    for s in sources:
+        build_source(ws, s)
+    return ws

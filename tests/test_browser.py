@@ -21,13 +21,10 @@ from typing import Iterator
 
 import pytest
 import uvicorn
-from conftest_model import build_federation
+from conftest_model import build_served_federation
 
 from api.app import create_app
 from flexolmo import sources
-from flexolmo.merge import merge
-from flexolmo.train import train_expert, train_public
-from index.build import build_source
 from index.keys import KeyStore
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -53,14 +50,7 @@ SHOTS = os.environ.get("FLEXOLMO_SCREENSHOTS")  # a folder: save the page's scre
 
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory):
-    ws = build_federation(tmp_path_factory.mktemp("browser"), sources=NAMES, n_docs=30)
-    train_public(ws, "tiny", progress=False)
-    for s in ("news", "code"):
-        train_expert(ws, s, "tiny", progress=False)
-    merge(ws, ["news", "code"])
-    for s in NAMES:
-        build_source(ws, s)
-    return ws
+    return build_served_federation(tmp_path_factory.mktemp("browser"), sources=NAMES)
 
 
 @pytest.fixture(scope="module")

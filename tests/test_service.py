@@ -23,7 +23,7 @@ from typing import Iterator
 import httpx
 import pytest
 import uvicorn
-from conftest_model import build_federation
+from conftest_model import build_served_federation
 from fastapi.testclient import TestClient
 from test_store import Reader
 
@@ -31,9 +31,6 @@ from api.app import create_app
 from api.deps import Settings
 from api.worker import Busy, TraceWorker
 from flexolmo import sources
-from flexolmo.merge import merge
-from flexolmo.train import train_expert, train_public
-from index.build import build_source
 from tracing import store
 from tracing import queries
 
@@ -43,14 +40,7 @@ LOOPBACK = "127.0.0.1"
 
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory):
-    ws = build_federation(tmp_path_factory.mktemp("service"), sources=NAMES, n_docs=30)
-    train_public(ws, "tiny", progress=False)
-    for s in ("news", "code"):
-        train_expert(ws, s, "tiny", progress=False)
-    merge(ws, ["news", "code"])
-    for s in NAMES:
-        build_source(ws, s)
-    return ws
+    return build_served_federation(tmp_path_factory.mktemp("service"), sources=NAMES)
 
 
 def _text(ws, source: str, n_chars: int, start: int = 0) -> str:
