@@ -189,6 +189,10 @@ def contribution(
                       f"when switched off {c.mean_counterfactual if c.mean_counterfactual is not None else 'n/a'}; "
                       f"top expert on {c.agreement_rate:.0%} of the spans found in it" if c.agreement_rate is not None
                       else f"its expert: mean routing share {c.mean_routing_share:.1%}")
+    if c.audit:
+        rows = "; ".join(f"{name} {r['rate_continuation']:.1%} ({r['rate_with_prefix']:.1%} with prefix)"
+                         for name, r in c.audit["rows"].items())
+        console.print(Text(f"extraction audit {c.audit['created_at']} ({c.audit['n_prompts']} prefixes): {rows}"))
     table = Table(title="top matched spans")
     for col in ("tokens", "count", "traced", "top expert", "span"):
         table.add_column(col, overflow="fold")

@@ -89,3 +89,18 @@ def test_cli_and_bad_input(fed):
 
     with pytest.raises(InputError, match="is not a DP package"):  # news's DP package offered for code
         dict(_row_models(ws, "code", fed["dp"]))["merged_dp_expert"]()
+
+
+def test_contribution_report_shows_the_latest_audit(fed):
+    from tracing import queries
+    from tracing.trace import Tracer
+
+    ws = fed["ws"]
+    extraction_audit(ws, "news", cfg=AuditConfig(docs=2, samples=2, prefix_len=8, continuation_len=8, seed=2))
+    tracer = Tracer.open(ws)
+    tracer.trace("President congress nation economy policy tax vote law union state budget report.")
+    c = queries.contribution(ws, "news")
+    want = latest(ws, "news")
+    assert c.audit["created_at"] == want["created_at"] and c.audit["n_prompts"] == 2
+    assert c.audit["rows"]["merged"]["rate_continuation"] == want["rows"]["merged"]["rate_continuation"]
+    assert queries.contribution(ws, "code").audit is None  # never audited

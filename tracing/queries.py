@@ -11,6 +11,7 @@ read-only statement, checked before it runs, with a time budget enforced by Duck
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,6 +170,9 @@ class Contribution:
     # and mean counterfactual drop over those spans
     over_time: list[dict] = field(default_factory=list)  # {day, traces, spans}
     by_domain: list[dict] = field(default_factory=list)  # {domain, spans, routing_share, counterfactual}
+    # the latest extraction audit of the source (`flexolmo audit extraction`): per model row,
+    # the extraction rate continuation-only and with the prefix, and the longest verbatim runs
+    audit: dict | None = None
 
 
 def contribution(ws: Workspace, source: str, top: int = 10, timeout_s: float | None = None) -> Contribution:
@@ -182,7 +186,7 @@ def contribution(ws: Workspace, source: str, top: int = 10, timeout_s: float | N
         if timer:
             timer.start()
         try:
-            return _contribution(con, source, top, domains)
+            return dataclasses.replace(_contribution(con, source, top, domains), audit=_audit_summary(ws, source))
         except duckdb.InterruptException:
             raise QueryTimeout(f"the contribution report ran past its {timeout_s:g} s budget; "
                                f"run `flexolmo report contribution --source {source}`") from None
@@ -232,3 +236,16 @@ def _contribution(con: duckdb.DuckDBPyConnection, source: str, top: int, domains
     return Contribution(source, n_traces, traces_matched, spans_matched, docs, blocked,
                         None if share is None else round(share, 4), None if cf is None else round(cf, 4),
                         None if agree is None else round(agree, 4), top_spans, over_time, by_domain)
+
+
+def _audit_summary(ws: Workspace, source: str) -> dict | None:
+    """The latest extraction audit's figures per model row, or None when none was run."""
+    from flexolmo.audit import latest
+
+    a = latest(ws, source)
+    if a is None:
+        return None
+    rows = {name: {k: r.get(k) for k in ("rate_continuation", "rate_with_prefix", "longest_verbatim_run")}
+            for name, r in a.get("rows", {}).items() if "rate_continuation" in r}
+    return {"created_at": a.get("created_at"), "n_prompts": a.get("n_prompts"), "dp_package": a.get("dp_package"),
+            "rows": rows}
