@@ -229,17 +229,20 @@ class SourceIndex:
         docs = [self._doc(k, ix) for _, k, _, ix in found]  # one metadata read per document
         blocked = self._blocked(found, docs, span_ids, context_tokens)
         side = context_tokens if self.visibility == "full" else min(context_tokens, max(0, (snippet_tokens - len(span_ids)) // 2))
-        out = []
-        for (p, k, ptr, ix), doc, b in zip(found, docs, blocked):
-            sh = self._shards[k]
-            d0 = int(sh.od[ix]) // 2 + 1  # first token of the document
-            pos = ptr // 2
-            lo, hi = max(d0, pos - side), min(d0 + doc.n_tokens, pos + len(span_ids) + side)
-            out.append(SpanDocument(source=self.name, doc_id=doc.doc_id, title=None if b else doc.title, shard=k,
-                                    doc_ix=ix, token_offset=pos - d0, blocked=b, visibility=self.visibility,
-                                    token_ids=[] if b else sh.ds[lo:hi].tolist(), needle_offset=0 if b else pos - lo,
-                                    needle_len=len(span_ids), draw=p))
-        return out
+        return [self._window(f, doc, b, len(span_ids), side) for f, doc, b in zip(found, docs, blocked)]
+
+    def _window(self, found: tuple[int, int, int, int], doc: DocRef, blocked: bool, needle_len: int,
+                side: int) -> SpanDocument:
+        """The occurrence `found` = (draw, shard, ptr, doc_ix) with up to `side` tokens a side
+        within its document; a blocked one carries no tokens and no title."""
+        draw, k, ptr, ix = found
+        sh = self._shards[k]
+        d0, pos = int(sh.od[ix]) // 2 + 1, ptr // 2  # first token of the document, of the match
+        lo, hi = max(d0, pos - side), min(d0 + doc.n_tokens, pos + needle_len + side)
+        return SpanDocument(source=self.name, doc_id=doc.doc_id, title=None if blocked else doc.title, shard=k,
+                            doc_ix=ix, token_offset=pos - d0, blocked=blocked, visibility=self.visibility,
+                            token_ids=[] if blocked else sh.ds[lo:hi].tolist(),
+                            needle_offset=0 if blocked else pos - lo, needle_len=needle_len, draw=draw)
 
     def _blocked(self, found: list[tuple[int, int, int, int]], docs: list[DocRef], span_ids: list[int],
                  context_tokens: int) -> list[bool]:
@@ -338,17 +341,8 @@ class SourceIndex:
             side = max(0, (snippet_tokens - len(needle)) // 2)
             for i, b in zip(at, self._blocked([found[i] for i in at], [docs[i] for i in at], list(needle), side)):
                 blocked[i] = b
-        out = []
-        for (draw, k, ptr, ix), doc, b, needle in zip(found, docs, blocked, needles):
-            sh = self._shards[k]
-            d0, pos = int(sh.od[ix]) // 2 + 1, ptr // 2
-            side = max(0, (snippet_tokens - len(needle)) // 2)
-            lo, hi = max(d0, pos - side), min(d0 + doc.n_tokens, pos + len(needle) + side)
-            out.append(SpanDocument(source=self.name, doc_id=doc.doc_id, title=None if b else doc.title, shard=k,
-                                    doc_ix=ix, token_offset=pos - d0, blocked=b, visibility=self.visibility,
-                                    token_ids=[] if b else sh.ds[lo:hi].tolist(), needle_offset=0 if b else pos - lo,
-                                    needle_len=len(needle), draw=draw))
-        return out
+        return [self._window(f, doc, b, len(needle), max(0, (snippet_tokens - len(needle)) // 2))
+                for f, doc, b, needle in zip(found, docs, blocked, needles)]
 
     def next_token_counts(self, ids: Sequence[int], max_support: int) -> tuple[int, bool, dict[int, int]]:
         """infini-gram's `ntd`: how often each token follows the phrase `ids`, counted over up to
