@@ -25,6 +25,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
+from textcorpus import word_records, word_text
+
 from flexolmo.tokenizer import import_tokenizer
 from flexolmo import sources, tokenizer
 from flexolmo.errors import ConflictError, InputError
@@ -40,19 +42,11 @@ from tracing import governance
 SOURCES = {"public": ("Wiki", "full"), "alpha": ("Lab A", "full"), "beta": ("Lab B", "counts"),
            "gamma": ("Lab C", "snippets")}
 REMOTE = ("alpha", "beta", "gamma")
-WORDS = "the a of to and in is was it for on that with as by at from an be this which or are had".split() + [
-    f"w{i}" for i in range(150)]
 FAST = RemoteSettings(deadline_s=1.5, retries=1, cooldown_s=0.5)
 
 
-def _text(rng: random.Random, sentences: int) -> str:
-    return "".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + rng.choice([". ", ".\n", ", ", " "])
-                   for _ in range(sentences))
-
-
 def _records(name: str, rng: random.Random) -> list[dict]:
-    return [{"doc_id": f"{name}{i}", "title": f"{name} title {i}", "text": _text(rng, rng.randint(5, 30))}
-            for i in range(80)]
+    return word_records(name, rng, n_docs=80, max_sentences=30)
 
 
 def _tracer_ws(root: Path, owner_ws: Workspace, records: dict | None = None) -> Workspace:
@@ -100,7 +94,7 @@ def _inputs(fx, n: int, seed: int):
                 a = rng.randint(0, len(d) - 1)
                 parts.append(d[a: a + rng.randint(5, 300)])
             else:
-                parts.append(_text(rng, 2))
+                parts.append(word_text(rng, 2))
         yield fx["tok"].encode("".join(parts)).ids
 
 

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from infini_gram.engine import InfiniGramEngine
 
+from textcorpus import word_records, word_text
+
 from flexolmo import sources, tokenizer
 from flexolmo.errors import InputError
 from flexolmo.workspace import Workspace
@@ -22,18 +24,8 @@ from index import build, format as fmt, search, takedown
 from index.engine import Federation
 
 NAMES = ("public", "alpha", "beta")
-WORDS = "the a of to and in is was it for on that with as by at from an be this which or are had".split() + [
-    f"w{i}" for i in range(150)]
-
-
-def _text(rng: random.Random, sentences: int) -> str:
-    return "".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + rng.choice([". ", ".\n", ", ", " "])
-                   for _ in range(sentences))
-
-
 def _records(name: str, rng: random.Random) -> list[dict]:
-    return [{"doc_id": f"{name}{i}", "title": f"{name} title {i}", "text": _text(rng, rng.randint(5, 40))}
-            for i in range(120)]
+    return word_records(name, rng, n_docs=120, max_sentences=40)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +56,7 @@ def _random_inputs(fed, n: int, seed: int):
                 a = rng.randint(0, len(d) - 1)
                 parts.append(d[a: a + rng.randint(5, 300)])
             else:  # new text from the same vocabulary
-                parts.append(_text(rng, 2))
+                parts.append(word_text(rng, 2))
         yield fed["tok"].encode("".join(parts)).ids
 
 

@@ -58,3 +58,18 @@ def build_workspace(root: Path, n_docs: int = 80) -> Workspace:
     for name in corpora:
         build.build_source(ws, name)
     return ws
+
+
+WORDS = "the a of to and in is was it for on that with as by at from an be this which or are had".split() + [
+    f"w{i}" for i in range(150)]
+
+
+def word_text(rng: random.Random, sentences: int) -> str:
+    """Sentences of random words, ending in '.', '.\n', ',' or nothing (the span search's tests)."""
+    return "".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + rng.choice([". ", ".\n", ", ", " "])
+                   for _ in range(sentences))
+
+
+def word_records(name: str, rng: random.Random, n_docs: int, max_sentences: int) -> list[dict]:
+    return [{"doc_id": f"{name}{i}", "title": f"{name} title {i}", "text": word_text(rng, rng.randint(5, max_sentences))}
+            for i in range(n_docs)]
