@@ -31,7 +31,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
 try:
     from selenium import webdriver
-    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
@@ -111,6 +111,18 @@ def _press(driver, text: str) -> None:
     _wait(driver, click)
 
 
+def _select_source(driver, name: str) -> None:
+    """Pick `name` in the owner view's source list (the list is rebuilt when the sources reload)."""
+    def pick(d):
+        try:
+            Select(d.find_element(By.ID, "owner-source")).select_by_value(name)
+        except NoSuchElementException:  # the options are not there yet
+            return False
+        return d.find_element(By.ID, "owner-source").get_attribute("value") == name
+
+    _wait(driver, pick)
+
+
 def _shot(driver, tmp_path: Path, name: str) -> None:
     driver.save_screenshot(str(tmp_path / name))
     if SHOTS:
@@ -172,7 +184,7 @@ def test_trace_click_switch_off_and_search(fed, server, browser, owner_key, tmp_
     # as news's owner, switch news off: without the key it is refused, with it done
     d.find_element(By.CSS_SELECTOR, '.tab[data-view="owner-view"]').click()
     _wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#owner-source option"))
-    Select(d.find_element(By.ID, "owner-source")).select_by_value("news")
+    _select_source(d, "news")
     _press(d, "Switch off")
     _wait(d, lambda d: "401" in d.find_element(By.ID, "owner-status").text)
     key = d.find_element(By.ID, "owner-key")
@@ -197,7 +209,7 @@ def test_trace_click_switch_off_and_search(fed, server, browser, owner_key, tmp_
             assert exp["news"] == ("0%", False), exp
     finally:
         d.find_element(By.CSS_SELECTOR, '.tab[data-view="owner-view"]').click()
-        Select(d.find_element(By.ID, "owner-source")).select_by_value("news")
+        _select_source(d, "news")
         _press(d, "Switch on")
         _wait(d, lambda d: d.find_element(By.ID, "owner-status").text.startswith("Saved"))
 
