@@ -67,11 +67,13 @@ class ModelConfig:
 ROUTER_INITS = ("domain_mean", "domain_unit", "random")
 # the recipe before issue 9 (a bias starting at 0, no z-loss, a unit-length router row): what
 # cards written by that code were trained with (flexolmo/artifacts reads them)
-PREVIOUS_RECIPE = {"router_bias_init": 0.0, "router_z_loss": 0.0, "router_init": "domain_unit"}
+PREVIOUS_RECIPE = {"router_bias_init": 0.0, "router_z_loss": 0.0, "router_init": "domain_unit", "router_margin_std": None,
+                   "router_bias_every": 0}
 
 
 # TrainConfig fields that only owner (expert) training reads: not part of the public recipe
-EXPERT_ONLY = ("router_bias_init", "router_bias_target", "calibration_windows", "router_z_loss")
+EXPERT_ONLY = ("router_bias_init", "router_bias_target", "calibration_windows", "router_z_loss", "router_margin_std",
+               "router_bias_every")
 
 
 @dataclass
@@ -96,6 +98,16 @@ class TrainConfig:
     # on `router_bias_target` of public-text tokens (flexolmo/bias.py); a number fixes it
     router_bias_init: float | None = None
     router_bias_target: float = 0.8
+    # the owner's router row is rescaled around the public row, per layer, so that its logit
+    # margin over the public expert has this standard deviation on public text (flexolmo/bias.py
+    # `scale_margin`): every owner's router in one unit; None keeps the embedding's raw scale
+    router_margin_std: float | None = 1.0
+    # steps between recalibrations of a calibrated bias during training (0: only at the start).
+    # The owner's expert moves the residual stream that the next layers' routers read, so a
+    # start-only calibration drifts: measured (creative, demo profile) the owner's model preferred
+    # the public expert on 80% of public-text tokens at the start and on 35% at the end (39% with
+    # the router row frozen). Recalibrating keeps it at the target (flexolmo/bias.py `BiasTracker`)
+    router_bias_every: int = 10
     calibration_windows: int = 24  # windows of public and of own text for the calibration and the end check
     router_z_loss: float = 1e-3  # coefficient of the router z-loss (mean logsumexp(router logits)^2)
     router_init: str = "domain_mean"  # router row: "domain_mean" (paper), "domain_unit" (old recipe) or "random"
@@ -107,6 +119,8 @@ class TrainConfig:
             raise InputError(f"router_bias_target must be in [0.5, 1), got {self.router_bias_target}")
         if self.router_bias_init is not None and self.router_bias_init > 0:
             raise InputError(f"router_bias_init must be <= 0 (the bias is clamped to <= 0), got {self.router_bias_init}")
+        if self.router_margin_std is not None and self.router_margin_std <= 0:
+            raise InputError(f"router_margin_std must be > 0 (or None for the raw scale), got {self.router_margin_std}")
         if self.router_z_loss < 0:
             raise InputError(f"router_z_loss must be >= 0, got {self.router_z_loss}")
 

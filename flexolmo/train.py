@@ -16,8 +16,11 @@ for bit after each step); expert 1's FFN slice, router row 1 and its bias train.
 starts *negative* and is clamped to <= 0, so the owner's expert is chosen only where
 r_1.x + b_1 > r_0.x and trains on the tokens where it is really better. Its starting value
 is calibrated per layer on public text (flexolmo/bias.py: the owner's model starts by
-preferring the public expert on `router_bias_target` of public-text tokens), or fixed by
-`router_bias_init`; at the end, the card records how often the owner's model prefers the
+preferring the public expert on `router_bias_target` of public-text tokens) and kept there
+while the expert trains (recalibrated every `router_bias_every` steps and at the end), or
+fixed by `router_bias_init`. Before that, router row 1 is rescaled around row 0 so that its
+margin has a standard deviation of `router_margin_std` logits on public text (every owner's
+router in one unit; the row then trains at lr times its scale); at the end, the card records how often the owner's model prefers the
 public expert on public text and its own expert on its own text.
 Router row 1 starts from the source's domain embedding (`router_init`). Loss: next-token
 cross-entropy + `router_z_loss` x router z-loss; weight decay 0 (the profiles). Output:
@@ -38,7 +41,7 @@ from .artifacts import expert_package, public_model
 from .artifacts.card import sha256_json
 from .artifacts.expert_package import ExpertPackageCard
 from .artifacts.public_model import PublicModelCard
-from .bias import bias_summary, calibrate, routing_check, sample_windows
+from .bias import BiasTracker, bias_summary, calibrate, routing_check, sample_windows, scale_margin
 from .callbacks import standard_callbacks, train_rows
 from .config import Profile, get_profile, override
 from .domain import router_row
@@ -207,11 +210,18 @@ def train_expert(
     with torch.no_grad():
         for r in routers(model):
             r.weight[1].copy_(row)
-    bias_report = _start_bias(ws, model, public_name, stream, cfg)
+    bias_report, factors = _start_bias(ws, model, public_name, stream, cfg)
     params, frozen = train_rows(model, frozen=[0])
+    # a row rescaled by s_l trains at lr * s_l (and its bias with it): as far relative to its scale as unscaled
+    lr_scale = {id(t): f for r, f in zip(routers(model), factors) for t in (r.weight, r.bias)}
     run = f"expert-{source}" if packages_dir is None else f"expert-{source}-{sha256_json(str(packages_dir))[:8]}"
     callbacks, ckpt = standard_callbacks(ws, run, {"kind": "expert", "inputs": inputs}, progress, stop_after)
     callbacks.append(frozen)
+    tracker = None
+    if cfg.router_bias_init is None:  # keep the calibrated bias at its target as the expert trains
+        pub_w, _ = _check_windows(ws, public_name, stream, cfg, seed=cfg.seed)
+        tracker = BiasTracker(pub_w, cfg.router_bias_target, cfg.router_bias_every)
+        callbacks.append(tracker)
     if dp is not None:
         from .privacy import DPStep
 
@@ -220,7 +230,7 @@ def train_expert(
     loss_fn = WithRouterZLoss(model, cfg.router_z_loss)
 
     # train
-    fit = Trainer(model, params, cfg, stream, callbacks=callbacks, loss_fn=loss_fn, dist=d).fit()
+    fit = Trainer(model, params, cfg, stream, callbacks=callbacks, loss_fn=loss_fn, dist=d, lr_scale=lr_scale).fit()
     model.eval()
     out = expert_package.folder(ws, source, packages_dir)
     loaded = LoadedModel(module=model, experts=[public_name, source])
@@ -230,6 +240,8 @@ def train_expert(
     # the package
     bias_report["at_end"] = routing_check(model, *_check_windows(ws, public_name, stream, cfg, seed=cfg.seed + 1)).to_dict()
     bias_report["bias_at_end"] = bias_summary(model)
+    if tracker is not None:
+        bias_report["recalibrated"] = {"every_steps": cfg.router_bias_every, "mean_abs_move": tracker.moves}
     privacy = {"dp": False}
     classifier = _domain_classifier(ws, source, public_name, plan, own_windows)
     if dp is not None:
@@ -259,16 +271,21 @@ def _check_windows(ws: Workspace, public_source: str, own: torch.Tensor, cfg, se
     return sample_windows(public, cfg.seq_len, n, seed), sample_windows(own, cfg.seq_len, n, seed)
 
 
-def _start_bias(ws: Workspace, model, public_source: str, own: torch.Tensor, cfg) -> dict:
-    """Set the owner expert's starting bias: calibrated per layer, or the fixed value."""
+def _start_bias(ws: Workspace, model, public_source: str, own: torch.Tensor, cfg) -> tuple[dict, list[float]]:
+    """Scale the owner's router row (`router_margin_std`) and set its starting bias, calibrated per
+    layer or the fixed value; the card's report and the row's per-layer scale factors."""
     pub_w, own_w = _check_windows(ws, public_source, own, cfg, seed=cfg.seed)
+    scale, factors = {}, [1.0] * len(routers(model))
+    if cfg.router_margin_std is not None:
+        factors = scale_margin(model, pub_w, cfg.router_margin_std)
+        scale = {"margin_std_on_public_text": cfg.router_margin_std, "row_scale_per_layer": [round(f, 5) for f in factors]}
     if cfg.router_bias_init is None:
         _, report = calibrate(model, pub_w, own_w, cfg.router_bias_target)
-        return report
+        return {**scale, **report}, factors
     with torch.no_grad():
         for r in routers(model):
             r.bias[1] = cfg.router_bias_init
-    return {"fixed": cfg.router_bias_init, "at_start": routing_check(model, pub_w, own_w).to_dict()}
+    return {**scale, "fixed": cfg.router_bias_init, "at_start": routing_check(model, pub_w, own_w).to_dict()}, factors
 
 
 def _domain_classifier(ws: Workspace, source: str, public_source: str, plan=None, own_windows=None):

@@ -96,6 +96,10 @@ class Trainer:
     callbacks: list[Callback] = field(default_factory=list)
     loss_fn: Callable = lm_loss  # (net, x, y) -> scalar loss
     dist: distributed.Dist | None = None
+    # learning-rate multipliers for some parameters (id(param) -> factor), e.g. an owner's router
+    # rows rescaled by flexolmo/bias.py `scale_margin`: Adam's steps do not shrink with a
+    # parameter's scale, so a row scaled by s trains at lr * s to move as much relative to itself
+    lr_scale: dict[int, float] = field(default_factory=dict)
     # the state a checkpoint keeps (a resumed run restores it)
     step: int = 0
     losses: list = field(default_factory=list)
@@ -109,10 +113,12 @@ class Trainer:
         self.model = as_module(self.model)
         self.d = self.dist or distributed.setup()
         self.callbacks = sorted(self.callbacks, key=lambda c: c.order)
-        decay = [p for p in self.params if p.ndim >= 2]
-        no_decay = [p for p in self.params if p.ndim < 2]  # norms, the router bias
+        groups: dict[tuple[float, float], list] = {}  # (weight decay, lr factor) -> params
+        for p in self.params:
+            wd = self.cfg.weight_decay if p.ndim >= 2 else 0.0  # never on norms or the router bias
+            groups.setdefault((wd, self.lr_scale.get(id(p), 1.0)), []).append(p)
         self.opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            [{"params": ps, "weight_decay": wd, "lr_scale": f} for (wd, f), ps in groups.items()],
             lr=self.cfg.lr, betas=(0.9, 0.95),
         )
 
@@ -128,7 +134,7 @@ class Trainer:
             step = self.step
             # learning rate
             for g in self.opt.param_groups:
-                g["lr"] = get_lr(cfg, step)
+                g["lr"] = get_lr(cfg, step) * g.get("lr_scale", 1.0)
             # forward, backward, update
             x, y = get_batch(self.stream, cfg, step, d.rank)
             loss = self._backward(x.to(d.device), y.to(d.device))
