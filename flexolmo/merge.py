@@ -89,7 +89,8 @@ def merge(
         inputs=merged_model.inputs_for(public_hash, {p.source: p.card.files[PACKAGE_FILE] for p in pkgs}, k),
         experts=[{"index": 0, "source": public_source, "from": str(public_model.folder(ws))}]
         + [{"index": j, "source": pkg.source, "owner": pkg.card.owner, "steps": pkg.card.steps,
-            "tokens": pkg.card.tokens, "privacy": pkg.card.privacy, "package_sha256": pkg.card.files[PACKAGE_FILE]}
+            "tokens": pkg.card.tokens, "privacy": pkg.card.privacy, "package_sha256": pkg.card.files[PACKAGE_FILE],
+            "row_scale_per_layer": pkg.card.router_bias.get("row_scale_per_layer")}
            for j, pkg in enumerate(pkgs, start=1)],
         top_k=k, public_model=public_hash, n_params=num_parameters(model),
     )

@@ -177,6 +177,18 @@ def _shares(names: list[str], counts: torch.Tensor) -> dict[str, float]:
 # tune
 
 
+def _row_lr_scale(model, card: MergedModelCard, sources: list[str]) -> dict[int, float]:
+    """Per layer, the median of the switched-on owners' router-row scale factors (their packages
+    rescaled each row so its margin has std 1 on public text; flexolmo/bias.py): Adam moves every
+    entry by about lr per step whatever its scale, so the rows tune at lr times their scale, as
+    each owner trained its own. Packages without factors (the raw-scale recipe) count 1."""
+    per_owner = [e.get("row_scale_per_layer") for e in card.experts[1:] if e["source"] in sources]
+    rs = routers(model)
+    factors = [float(torch.tensor([f[l] if f else 1.0 for f in per_owner]).median()) if per_owner else 1.0
+               for l in range(len(rs))]
+    return {id(t): f for r, f in zip(rs, factors) for t in (r.weight, r.bias)}
+
+
 def tune_router(
     ws: Workspace,
     model_dir: Path | None = None,
@@ -259,11 +271,12 @@ def tune_router(
     config_dict = {"kind": "router-tune", "model": str(model_dir), "model_sha256": file_sha256(model_dir / "model.safetensors"),
                    "sources": sources, "docs_per_source": docs_per_source, "train": cfg.__dict__}
     callbacks, ckpt = standard_callbacks(ws, RUN_NAME, config_dict, progress, stop_after)
+    lr_scale = _row_lr_scale(model, card, sources)
     top_k = [r.top_k for r in routers(model)]
     for r in routers(model):  # every switched-on expert active while tuning (the paper)
         r.top_k = len(sources)
     try:
-        fit = Trainer(model, params, cfg, stream, callbacks=[frozen_rows, *callbacks], dist=d).fit()
+        fit = Trainer(model, params, cfg, stream, callbacks=[frozen_rows, *callbacks], dist=d, lr_scale=lr_scale).fit()
     finally:
         for r, k in zip(routers(model), top_k):
             r.top_k = k
@@ -297,6 +310,7 @@ def tune_router(
         "from_sha256": config_dict["model_sha256"],
         "previous_tuning": previous,
         "steps": steps, "lr": lr, "batch_size": batch_size, "seq_len": seq_len,
+        "lr_factor_per_layer": [round(lr_scale[id(r.weight)], 5) for r in routers(model)],
         "losses": fit.losses,
         "proxy_loss": {"before": before["loss"], "after": after["loss"]},
         "routing_share": {"what": "share of top-k selections over all layers on the proxy eval windows",

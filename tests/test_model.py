@@ -266,6 +266,70 @@ def test_owner_bias_starts_negative_and_never_leaks_to_public(fed):
         get_profile("tiny").expert.__class__(router_bias_init=0.5)
 
 
+def _public_windows(fed, n=8, seq_len=32):
+    from flexolmo.bias import sample_windows
+    from flexolmo.stream import token_stream
+
+    return sample_windows(token_stream(fed["ws"], "public"), seq_len, n, seed=7)
+
+
+def test_router_margin_in_one_unit_and_bias_at_its_target(fed):
+    from flexolmo.bias import logit_margins, scale_margin, set_quantile
+    from flexolmo.merge import load_expert_model
+
+    cfg = get_profile("tiny").expert
+    assert cfg.router_margin_std == 1.0 and cfg.router_bias_every > 0
+    for source, res in fed["experts"].items():
+        calib = res.card.router_bias
+        assert calib["margin_std_on_public_text"] == 1.0 and len(calib["row_scale_per_layer"]) == len(routers(res.model))
+        assert calib["recalibrated"]["every_steps"] == cfg.router_bias_every and calib["recalibrated"]["mean_abs_move"]
+
+    # rescaling: the margin's std on public text becomes what was asked, per layer; row 0 untouched
+    model = load_expert_model(fed["ws"], "news")
+    pub = _public_windows(fed)
+    row0 = [r.weight[0].clone() for r in routers(model)]
+    bias = [float(r.bias.detach()[1]) for r in routers(model)]
+    factors = scale_margin(model, pub, std=2.5)
+    assert all(f > 0 for f in factors)
+    with torch.no_grad():
+        for r in routers(model):
+            r.bias.zero_()
+        stds = logit_margins(model, pub).std(dim=1)
+    assert stds[0].item() == pytest.approx(2.5, rel=1e-3)  # layer 0's input does not depend on any router
+    assert all(torch.equal(r.weight[0], w) for r, w in zip(routers(model), row0))
+    with torch.no_grad():
+        for r, b in zip(routers(model), bias):
+            r.bias[1] = b
+    # the bias set layer by layer: exactly `target` of the public tokens prefer the public expert
+    biases = set_quantile(model, pub, 0.75)
+    assert all(b < 0 for b in biases)
+    share = (logit_margins(model, pub) <= 0).float().mean(dim=1)
+    assert torch.all((share - 0.75).abs() <= 1.5 / pub.numel()) or torch.all(share >= 0.75), share
+    with pytest.raises(InputError, match="must be > 0"):
+        scale_margin(model, pub, std=0.0)
+
+
+def test_trainer_lr_scale_moves_a_parameter_proportionally():
+    from flexolmo.config import TrainConfig
+    from flexolmo.trainer import Trainer
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 50))
+    w0 = [p.detach().clone() for p in net.parameters()]
+    cfg = TrainConfig(steps=1, batch_size=2, seq_len=8, warmup_steps=0, weight_decay=0.0, checkpoint_every=0, lr=1e-2)
+    emb, lin_w, lin_b = net.parameters()
+
+    def loss_fn(model, x, y):
+        return torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+
+    Trainer(net, [emb, lin_w, lin_b], cfg, torch.randint(0, 50, (200,)), loss_fn=loss_fn,
+            lr_scale={id(lin_w): 0.25, id(lin_b): 0.0}).fit()
+    moved = [(p.detach() - w).abs().max().item() for p, w in zip(net.parameters(), w0)]
+    # Adam's first step moves every entry by lr (sign of its gradient): here by lr x factor
+    assert moved[0] == pytest.approx(1e-2, rel=1e-3) and moved[1] == pytest.approx(0.25e-2, rel=1e-3)
+    assert moved[2] == 0.0
+
+
 def test_router_z_loss_is_part_of_the_loss(fed):
     from flexolmo.losses import WithRouterZLoss, lm_loss
     from flexolmo.generate import RoutingCapture
