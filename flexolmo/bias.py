@@ -22,7 +22,7 @@ different one for every owner and layer. Merged, the softmax over eight such log
 saturated (each token goes to one expert) and the owners with the largest rows outbid the
 others on every domain (docs/eval-diagnosis.md). `scale_margin` therefore first rescales the
 owner's row around the public row, per layer, r_1 <- r_0 + s_l (r_1 - r_0), so that the
-margin has a standard deviation of `std` (1 logit by default) on public text: every owner's
+margin has a standard deviation of `std` (3 logits by default) on public text: every owner's
 router then speaks in the same unit, measured on data every owner has, with no data shared.
 The owner's expert then moves the residual stream that later layers' routers read, so a
 calibration at the start alone drifts (measured: 80% of public-text tokens to the public
@@ -32,7 +32,7 @@ exactly at the end, like the bias updates of auxiliary-loss-free load balancing
 `routing_check` measures, at the end of training, how often the owner's model prefers the
 public expert on public text and its own expert on its own text (the card records both).
 
-    scales = scale_margin(model, public_windows, std=1.0)
+    scales = scale_margin(model, public_windows, std=3.0)
     biases, report = calibrate(model, public_windows, own_windows, target=0.8)
     check = routing_check(model, public_windows, own_windows)
 """
