@@ -179,7 +179,7 @@ def _shares(names: list[str], counts: torch.Tensor) -> dict[str, float]:
 
 def _row_lr_scale(model, card: MergedModelCard, sources: list[str]) -> dict[int, float]:
     """Per layer, the median of the switched-on owners' router-row scale factors (their packages
-    rescaled each row so its margin has std 1 on public text; flexolmo/bias.py): Adam moves every
+    rescaled each row to one margin std on public text; flexolmo/bias.py): Adam moves every
     entry by about lr per step whatever its scale, so the rows tune at lr times their scale, as
     each owner trained its own. Packages without factors (the raw-scale recipe) count 1."""
     per_owner = [e.get("row_scale_per_layer") for e in card.experts[1:] if e["source"] in sources]

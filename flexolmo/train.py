@@ -20,7 +20,8 @@ preferring the public expert on `router_bias_target` of public-text tokens) and 
 while the expert trains (recalibrated every `router_bias_every` steps and at the end), or
 fixed by `router_bias_init`. Before that, router row 1 is rescaled around row 0 so that its
 margin has a standard deviation of `router_margin_std` logits on public text (every owner's
-router in one unit; the row then trains at lr times its scale); at the end, the card records how often the owner's model prefers the
+router in one unit; the row then trains at lr times its scale). At the end, the card
+records how often the owner's model prefers the
 public expert on public text and its own expert on its own text.
 Router row 1 starts from the source's domain embedding (`router_init`). Loss: next-token
 cross-entropy + `router_z_loss` x router z-loss; weight decay 0 (the profiles). Output:
