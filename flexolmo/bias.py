@@ -109,6 +109,13 @@ def scale_margin(model, public_windows: torch.Tensor, std: float, expert: int = 
     return scales
 
 
+def router_lr_scale(model, factors: list[float]) -> dict[int, float]:
+    """The Trainer's `lr_scale` for rows rescaled by `factors` (one per layer): Adam moves every
+    entry by about lr per step whatever its scale, so layer l's router weight and bias train at
+    lr x factors[l], as far relative to their scale as unscaled rows at lr."""
+    return {id(t): f for r, f in zip(routers(as_module(model)), factors) for t in (r.weight, r.bias)}
+
+
 @torch.no_grad()
 def set_quantile(model, public_windows: torch.Tensor, target: float, expert: int = 1,
                  sequential: bool = True) -> list[float]:
@@ -119,13 +126,12 @@ def set_quantile(model, public_windows: torch.Tensor, target: float, expert: int
     if not 0.5 <= target < 1:
         raise InputError(f"the public-text target share must be in [0.5, 1), got {target}")
     rs = routers(as_module(model))
-    for l in range(len(rs)) if sequential else [None]:
+    passes = [[l] for l in range(len(rs))] if sequential else [range(len(rs))]  # the layers each pass sets
+    for layers in passes:
         margins = logit_margins(model, public_windows, expert)  # (L, N), biases included
-        for k, (r, m) in enumerate(zip(rs, margins)):
-            if l is not None and k != l:
-                continue
-            b = float(r.bias.detach()[expert])
-            r.bias[expert] = min(b - float(torch.quantile(m, target)), -0.1 * float(m.std()))
+        for l in layers:
+            b = float(rs[l].bias.detach()[expert])
+            rs[l].bias[expert] = min(b - float(torch.quantile(margins[l], target)), -0.1 * float(margins[l].std()))
     return [float(r.bias[expert]) for r in rs]
 
 

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from . import distributed
 from .artifacts import merged_model
 from .artifacts.merged_model import MergedModelCard
+from .bias import router_lr_scale
 from .callbacks import standard_callbacks, train_rows
 from .config import TrainConfig
 from .errors import InputError, NotFoundError
@@ -178,15 +179,14 @@ def _shares(names: list[str], counts: torch.Tensor) -> dict[str, float]:
 
 
 def _row_lr_scale(model, card: MergedModelCard, sources: list[str]) -> dict[int, float]:
-    """Per layer, the median of the switched-on owners' router-row scale factors (their packages
-    rescaled each row to one margin std on public text; flexolmo/bias.py): Adam moves every
-    entry by about lr per step whatever its scale, so the rows tune at lr times their scale, as
-    each owner trained its own. Packages without factors (the raw-scale recipe) count 1."""
+    """`lr_scale` from the median, per layer, of the switched-on owners' router-row scale factors
+    (each package rescaled its row to one margin std on public text; the merged card records
+    them): the rows tune at lr times their scale, as each owner trained its own (flexolmo/bias.py
+    `router_lr_scale`). Packages without factors (the raw-scale recipe) count 1."""
     per_owner = [e.get("row_scale_per_layer") for e in card.experts[1:] if e["source"] in sources]
-    rs = routers(model)
     factors = [float(torch.tensor([f[l] if f else 1.0 for f in per_owner]).median()) if per_owner else 1.0
-               for l in range(len(rs))]
-    return {id(t): f for r, f in zip(rs, factors) for t in (r.weight, r.bias)}
+               for l in range(len(routers(model)))]
+    return router_lr_scale(model, factors)
 
 
 def tune_router(

@@ -42,7 +42,7 @@ from .artifacts import expert_package, public_model
 from .artifacts.card import sha256_json
 from .artifacts.expert_package import ExpertPackageCard
 from .artifacts.public_model import PublicModelCard
-from .bias import BiasTracker, bias_summary, calibrate, routing_check, sample_windows, scale_margin
+from .bias import BiasTracker, bias_summary, calibrate, router_lr_scale, routing_check, sample_windows, scale_margin
 from .callbacks import standard_callbacks, train_rows
 from .config import Profile, get_profile, override
 from .domain import router_row
@@ -211,16 +211,14 @@ def train_expert(
     with torch.no_grad():
         for r in routers(model):
             r.weight[1].copy_(row)
-    bias_report, factors = _start_bias(ws, model, public_name, stream, cfg)
+    pub_w, own_w = _check_windows(ws, public_name, stream, cfg, seed=cfg.seed)
+    bias_report, factors = _start_bias(model, pub_w, own_w, cfg)
     params, frozen = train_rows(model, frozen=[0])
-    # a row rescaled by s_l trains at lr * s_l (and its bias with it): as far relative to its scale as unscaled
-    lr_scale = {id(t): f for r, f in zip(routers(model), factors) for t in (r.weight, r.bias)}
     run = f"expert-{source}" if packages_dir is None else f"expert-{source}-{sha256_json(str(packages_dir))[:8]}"
     callbacks, ckpt = standard_callbacks(ws, run, {"kind": "expert", "inputs": inputs}, progress, stop_after)
     callbacks.append(frozen)
     tracker = None
     if cfg.router_bias_init is None:  # keep the calibrated bias at its target as the expert trains
-        pub_w, _ = _check_windows(ws, public_name, stream, cfg, seed=cfg.seed)
         tracker = BiasTracker(pub_w, cfg.router_bias_target, cfg.router_bias_every)
         callbacks.append(tracker)
     if dp is not None:
@@ -231,7 +229,8 @@ def train_expert(
     loss_fn = WithRouterZLoss(model, cfg.router_z_loss)
 
     # train
-    fit = Trainer(model, params, cfg, stream, callbacks=callbacks, loss_fn=loss_fn, dist=d, lr_scale=lr_scale).fit()
+    fit = Trainer(model, params, cfg, stream, callbacks=callbacks, loss_fn=loss_fn, dist=d,
+                  lr_scale=router_lr_scale(model, factors)).fit()
     model.eval()
     out = expert_package.folder(ws, source, packages_dir)
     loaded = LoadedModel(module=model, experts=[public_name, source])
@@ -272,10 +271,10 @@ def _check_windows(ws: Workspace, public_source: str, own: torch.Tensor, cfg, se
     return sample_windows(public, cfg.seq_len, n, seed), sample_windows(own, cfg.seq_len, n, seed)
 
 
-def _start_bias(ws: Workspace, model, public_source: str, own: torch.Tensor, cfg) -> tuple[dict, list[float]]:
+def _start_bias(model, pub_w: torch.Tensor, own_w: torch.Tensor, cfg) -> tuple[dict, list[float]]:
     """Scale the owner's router row (`router_margin_std`) and set its starting bias, calibrated per
-    layer or the fixed value; the card's report and the row's per-layer scale factors."""
-    pub_w, own_w = _check_windows(ws, public_source, own, cfg, seed=cfg.seed)
+    layer or the fixed value, from public and own windows; the card's report and the row's
+    per-layer scale factors."""
     scale, factors = {}, [1.0] * len(routers(model))
     if cfg.router_margin_std is not None:
         factors = scale_margin(model, pub_w, cfg.router_margin_std)
