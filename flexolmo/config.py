@@ -112,6 +112,10 @@ class TrainConfig:
     # the public expert on 80% of public-text tokens at the start and on 35% at the end (39% with
     # the router row frozen). Recalibrating keeps it at the target (flexolmo/bias.py `BiasTracker`)
     router_bias_every: int = 10
+    # share of each owner-training batch drawn from public text (0: own text only). The owner's
+    # expert and router row then also learn where the public expert is better, using data every
+    # owner has. Not applied under DP (DP-SGD draws its own Poisson batches of the owner's windows)
+    public_mix: float = 0.0
     calibration_windows: int = 24  # windows of public and of own text for the calibration and the end check
     router_z_loss: float = 1e-3  # coefficient of the router z-loss (mean logsumexp(router logits)^2)
     router_init: str = "domain_mean"  # router row: "domain_mean" (paper), "domain_unit" (old recipe) or "random"
@@ -125,6 +129,8 @@ class TrainConfig:
             raise InputError(f"router_bias_init must be <= 0 (the bias is clamped to <= 0), got {self.router_bias_init}")
         if self.router_margin_std is not None and self.router_margin_std <= 0:
             raise InputError(f"router_margin_std must be > 0 (or None for the raw scale), got {self.router_margin_std}")
+        if not 0 <= self.public_mix < 1:
+            raise InputError(f"public_mix is the public share of a batch, in [0, 1); got {self.public_mix}")
         if self.router_z_loss < 0:
             raise InputError(f"router_z_loss must be >= 0, got {self.router_z_loss}")
 

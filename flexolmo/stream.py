@@ -2,9 +2,13 @@
 
     stream = token_stream(ws, "news")              # documents of the train split, eos after each
     x, y = get_batch(stream, cfg, step, rank)      # (B, T) inputs and next-token targets
+    mix = Mixture(stream, public, share=0.25)      # a quarter of every batch from public text
+    x, y = get_batch(mix, cfg, step, rank)
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -38,9 +42,41 @@ def check_stream(stream: torch.Tensor, cfg: TrainConfig, source: str) -> None:
         )
 
 
-def get_batch(stream: torch.Tensor, cfg: TrainConfig, step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class Mixture:
+    """Two streams in every batch: `round(share x batch_size)` windows from `other` (at least
+    one when share > 0), the rest from `main`. An owner's expert trains on its own text with
+    a share of public text (data every owner has), so its expert and router row also learn
+    where the public expert is better (config `TrainConfig.public_mix`)."""
+
+    main: torch.Tensor
+    other: torch.Tensor
+    share: float
+
+    def __post_init__(self) -> None:
+        if not 0 < self.share < 1:
+            raise InputError(f"the public share of a batch must be in (0, 1), got {self.share}")
+
+    def __len__(self) -> int:
+        return len(self.main)
+
+    def counts(self, batch_size: int) -> tuple[int, int]:
+        """(windows from `main`, windows from `other`) in a batch of `batch_size`."""
+        n_other = min(batch_size - 1, max(1, round(self.share * batch_size)))
+        return batch_size - n_other, n_other
+
+
+def _windows(stream: torch.Tensor, n: int, seq_len: int, g: torch.Generator) -> torch.Tensor:
+    starts = torch.randint(0, len(stream) - seq_len - 1, (n,), generator=g)
+    return torch.stack([stream[s : s + seq_len + 1] for s in starts.tolist()])  # (n, T+1)
+
+
+def get_batch(stream: torch.Tensor | Mixture, cfg: TrainConfig, step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Random windows for (step, rank): deterministic, so a resumed run sees the same data."""
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank * 7919 + step)
-    starts = torch.randint(0, len(stream) - cfg.seq_len - 1, (cfg.batch_size,), generator=g)
-    w = torch.stack([stream[s : s + cfg.seq_len + 1] for s in starts.tolist()])  # (B, T+1)
+    if isinstance(stream, Mixture):
+        n_main, n_other = stream.counts(cfg.batch_size)
+        w = torch.cat([_windows(stream.main, n_main, cfg.seq_len, g), _windows(stream.other, n_other, cfg.seq_len, g)])
+    else:
+        w = _windows(stream, cfg.batch_size, cfg.seq_len, g)
     return w[:, :-1], w[:, 1:]

@@ -51,7 +51,7 @@ from .layout import shared_weights_hash, with_experts
 from .losses import WithRouterZLoss
 from .model import LoadedModel, build_model, num_parameters, routers
 from .sources import get_source
-from .stream import check_stream, token_stream
+from .stream import Mixture, check_stream, token_stream
 from .tokenizer import tokenizer_info
 from .trainer import FitResult, Trainer
 from .workspace import Workspace, current_user
@@ -211,7 +211,8 @@ def train_expert(
     with torch.no_grad():
         for r in routers(model):
             r.weight[1].copy_(row)
-    pub_w, own_w = _check_windows(ws, public_name, stream, cfg, seed=cfg.seed)
+    public_stream = token_stream(ws, public_name)
+    pub_w, own_w = _check_windows(public_stream, stream, cfg, seed=cfg.seed)
     bias_report, factors = _start_bias(model, pub_w, own_w, cfg)
     params, frozen = train_rows(model, frozen=[0])
     run = f"expert-{source}" if packages_dir is None else f"expert-{source}-{sha256_json(str(packages_dir))[:8]}"
@@ -229,7 +230,8 @@ def train_expert(
     loss_fn = WithRouterZLoss(model, cfg.router_z_loss)
 
     # train
-    fit = Trainer(model, params, cfg, stream, callbacks=callbacks, loss_fn=loss_fn, dist=d,
+    data = Mixture(stream, public_stream, cfg.public_mix) if cfg.public_mix > 0 and dp is None else stream
+    fit = Trainer(model, params, cfg, data, callbacks=callbacks, loss_fn=loss_fn, dist=d,
                   lr_scale=router_lr_scale(model, factors)).fit()
     model.eval()
     out = expert_package.folder(ws, source, packages_dir)
@@ -238,7 +240,7 @@ def train_expert(
         return TrainResult("expert", source, out, p.name, fit, num_parameters(model), None, loaded)
 
     # the package
-    bias_report["at_end"] = routing_check(model, *_check_windows(ws, public_name, stream, cfg, seed=cfg.seed + 1)).to_dict()
+    bias_report["at_end"] = routing_check(model, *_check_windows(public_stream, stream, cfg, seed=cfg.seed + 1)).to_dict()
     bias_report["bias_at_end"] = bias_summary(model)
     if tracker is not None:
         bias_report["recalibrated"] = {"every_steps": cfg.router_bias_every, "mean_abs_move": tracker.moves}
@@ -264,10 +266,9 @@ def train_expert(
     return TrainResult("expert", source, out, p.name, fit, card.n_params, card, loaded)
 
 
-def _check_windows(ws: Workspace, public_source: str, own: torch.Tensor, cfg, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_windows(public: torch.Tensor, own: torch.Tensor, cfg, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded windows of public text and of the owner's own text (data the owner has)."""
     n = cfg.calibration_windows
-    public = token_stream(ws, public_source)
     return sample_windows(public, cfg.seq_len, n, seed), sample_windows(own, cfg.seq_len, n, seed)
 
 

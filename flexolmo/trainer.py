@@ -30,7 +30,7 @@ from . import distributed
 from .config import TrainConfig
 from .losses import lm_loss
 from .model import as_module
-from .stream import get_batch
+from .stream import Mixture, get_batch
 
 
 def get_lr(cfg: TrainConfig, step: int) -> float:
@@ -92,7 +92,7 @@ class Trainer:
     model: object  # a torch module (or LoadedModel)
     params: list[torch.nn.Parameter]
     cfg: TrainConfig
-    stream: torch.Tensor
+    stream: torch.Tensor | Mixture  # token ids; a Mixture draws a share of each batch from a second stream
     callbacks: list[Callback] = field(default_factory=list)
     loss_fn: Callable = lm_loss  # (net, x, y) -> scalar loss
     dist: distributed.Dist | None = None

@@ -309,6 +309,29 @@ def test_router_margin_in_one_unit_and_bias_at_its_target(fed):
         scale_margin(model, pub, std=0.0)
 
 
+def test_public_mix_batches_draw_the_asked_share_from_public_text():
+    from flexolmo.config import TrainConfig
+    from flexolmo.stream import Mixture, get_batch
+
+    own, public = torch.arange(0, 1000), torch.arange(5000, 5600)  # disjoint id ranges tell the streams apart
+    cfg = TrainConfig(batch_size=8, seq_len=16)
+    x, y = get_batch(Mixture(own, public, 0.25), cfg, step=3, rank=0)
+    assert x.shape == y.shape == (8, 16) and torch.equal(x[:, 1:], y[:, :-1])
+    from_public = (x >= 5000).all(dim=1)
+    assert from_public.tolist() == [False] * 6 + [True] * 2  # each window from one stream, 2 of 8 public
+    assert torch.equal(get_batch(Mixture(own, public, 0.25), cfg, 3, 0)[0], x)  # deterministic: resume sees it again
+    assert not torch.equal(get_batch(Mixture(own, public, 0.25), cfg, 4, 0)[0], x)
+    # a plain stream draws exactly what it drew before mixtures existed
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 3)
+    starts = torch.randint(0, len(own) - cfg.seq_len - 1, (8,), generator=g)
+    assert get_batch(own, cfg, 3, 0)[0][:, 0].tolist() == starts.tolist()
+    assert Mixture(own, public, 0.01).counts(8) == (7, 1) and Mixture(own, public, 0.99).counts(8) == (1, 7)
+    with pytest.raises(InputError, match="public share"):
+        Mixture(own, public, 1.0)
+    with pytest.raises(InputError, match="public_mix"):
+        TrainConfig(public_mix=-0.1)
+
+
 def test_trainer_lr_scale_moves_a_parameter_proportionally():
     from flexolmo.config import TrainConfig
     from flexolmo.trainer import Trainer
