@@ -57,9 +57,6 @@ class Mixture:
         if not 0 < self.share < 1:
             raise InputError(f"the public share of a batch must be in (0, 1), got {self.share}")
 
-    def __len__(self) -> int:
-        return len(self.main)
-
     def counts(self, batch_size: int) -> tuple[int, int]:
         """(windows from `main`, windows from `other`) in a batch of `batch_size`."""
         n_other = min(batch_size - 1, max(1, round(self.share * batch_size)))

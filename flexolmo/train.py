@@ -230,7 +230,8 @@ def train_expert(
     loss_fn = WithRouterZLoss(model, cfg.router_z_loss)
 
     # train
-    data = Mixture(stream, public_stream, cfg.public_mix) if cfg.public_mix > 0 and dp is None else stream
+    mixed = cfg.public_mix > 0 and dp is None
+    data = Mixture(stream, public_stream, cfg.public_mix) if mixed else stream
     fit = Trainer(model, params, cfg, data, callbacks=callbacks, loss_fn=loss_fn, dist=d,
                   lr_scale=router_lr_scale(model, factors)).fit()
     model.eval()
@@ -242,6 +243,7 @@ def train_expert(
     # the package
     bias_report["at_end"] = routing_check(model, *_check_windows(public_stream, stream, cfg, seed=cfg.seed + 1)).to_dict()
     bias_report["bias_at_end"] = bias_summary(model)
+    bias_report["public_share_of_batches"] = cfg.public_mix if mixed else ("not applied under DP" if cfg.public_mix else 0.0)
     if tracker is not None:
         bias_report["recalibrated"] = {"every_steps": cfg.router_bias_every, "mean_abs_move": tracker.moves}
     privacy = {"dp": False}

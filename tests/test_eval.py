@@ -63,7 +63,7 @@ def test_every_row_computes_on_every_domain(evaluated):
     assert set(res["optout"]) == {"news", "code"}
     assert all(set(v) == set(res["domains"]) for v in res["optout"].values())
     assert res["task"]["lines"] == 5 and "flexolmo" in res["task"]["rows"]
-    assert res["meta"]["command"] == "flexolmo eval --profile tiny"
+    assert res["meta"]["command"] == "flexolmo eval --profile tiny --tokens-per-domain 512 --task-lines 5 (router tuning: 10 steps)"
 
 
 def test_report_json_and_plots_are_written(evaluated, tmp_path):

@@ -278,7 +278,7 @@ def test_router_margin_in_one_unit_and_bias_at_its_target(fed):
     from flexolmo.merge import load_expert_model
 
     cfg = get_profile("tiny").expert
-    assert cfg.router_margin_std == 3.0 and cfg.router_bias_every > 0
+    assert cfg.router_margin_std == 1.0 and cfg.router_bias_every > 0 and cfg.public_mix == 0.25
     for source, res in fed["experts"].items():
         calib = res.card.router_bias
         assert calib["margin_std_on_public_text"] == cfg.router_margin_std and len(calib["row_scale_per_layer"]) == len(routers(res.model))

@@ -88,9 +88,12 @@ def run_eval(ws: Workspace, profile: str = "demo", *, rows: list[str] | None = N
     res: dict = {"profile": p.name, "domains": domains, "public_domain": public_source, "rows": {}, "bpb": {},
                  "public_in_topk": {}, "routing_share": {}, "optout": {}}
     lp_cache: dict[str, dict[str, "np.ndarray"]] = {}
+    command = (f"flexolmo eval --profile {p.name} --tokens-per-domain {tokens_per_domain} --task-lines {task_lines}"
+               + (f" --rows {','.join(rows)}" if set(rows) != set(ALL_ROWS) else "")
+               + (f" (router tuning: {tune_steps} steps)" if tune_steps != 200 else ""))
 
     def _meta() -> dict:
-        return {**res.get("meta", {}), "command": f"flexolmo eval --profile {p.name}",
+        return {**res.get("meta", {}), "command": command,
                 "date": dt.date.today().isoformat(), "seconds": round(time.time() - t0, 1),
                 "tokens_per_domain": {d: int(val.windows[d][:, 1:].numel()) for d in domains},
                 "top_k": p.model.top_k, "expert_steps": p.expert.steps,
