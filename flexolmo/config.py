@@ -116,7 +116,7 @@ class TrainConfig:
     # expert and router row then also learn where the public expert is better, using data every
     # owner has. Measured on the demo federation (4k validation tokens per domain, margin std 3):
     # the owners' own models on public text 101-128 -> 92-98 (public model 80), merged 185 -> 117;
-    # merged geometric mean 258 -> 213; own-domain cost of the owners' models +1 to +15%. At 0.5
+    # merged geometric mean 258 -> 213; own-domain cost of the owners' models at most +15%. At 0.5
     # the owners lose more on their own text (math 72 -> 119) for little: 0.25.
     # Not applied under DP (DP-SGD draws its own Poisson batches of the owner's windows)
     public_mix: float = 0.25

@@ -23,8 +23,11 @@ margin has a standard deviation of `router_margin_std` logits on public text (ev
 router in one unit; the row then trains at lr times its scale). At the end, the card
 records how often the owner's model prefers the
 public expert on public text and its own expert on its own text.
-Router row 1 starts from the source's domain embedding (`router_init`). Loss: next-token
-cross-entropy + `router_z_loss` x router z-loss; weight decay 0 (the profiles). Output:
+Router row 1 starts from the source's domain embedding (`router_init`). A share `public_mix`
+(a quarter) of every batch is public text, which every owner has: the expert and its router row
+also learn where the public expert is better (not under DP, whose batches are Poisson samples of
+the owner's windows). Loss: next-token cross-entropy + `router_z_loss` x router z-loss; weight
+decay 0 (the profiles). Output:
 the expert package `experts/<source>/` (flexolmo/artifacts/expert_package.py).
 
 The loop, resume state (`runs/<name>/`) and progress bar are the Trainer's (trainer.py).

@@ -187,6 +187,7 @@ def test_dp_expert(fed):
     priv = res.card.privacy
     assert priv["dp"] and 0 < priv["epsilon"] < float("inf") and priv["accountant"] == "opacus RDPAccountant"
     assert priv["noise_seed"].startswith("secret")
+    assert res.card.router_bias["public_share_of_batches"] == "not applied under DP"  # DP-SGD draws its own batches
     pub = load_model(fed["public"].out_dir).module.state_dict()
     for name, t in res.model.module.state_dict().items():
         if is_expert_tensor(name):
@@ -283,6 +284,7 @@ def test_router_margin_in_one_unit_and_bias_at_its_target(fed):
         calib = res.card.router_bias
         assert calib["margin_std_on_public_text"] == cfg.router_margin_std and len(calib["row_scale_per_layer"]) == len(routers(res.model))
         assert calib["recalibrated"]["every_steps"] == cfg.router_bias_every and calib["recalibrated"]["mean_abs_move"]
+        assert calib["public_share_of_batches"] == cfg.public_mix
 
     # rescaling: the margin's std on public text becomes what was asked, per layer; row 0 untouched
     model = load_expert_model(fed["ws"], "news")
