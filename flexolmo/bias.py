@@ -89,6 +89,25 @@ def logit_margins(model, windows: torch.Tensor, expert: int = 1, batch_size: int
 
 
 @torch.no_grad()
+def router_inputs(model, windows: torch.Tensor, batch_size: int = 8) -> list[torch.Tensor]:
+    """Every layer's router input (N, H) at every token of `windows`."""
+    module = as_module(model)
+    was = module.training
+    module.eval()
+    per_layer: list[list[torch.Tensor]] = [[] for _ in routers(module)]
+    hooks = [r.register_forward_hook(lambda _m, inp, _o, k=k: per_layer[k].append(inp[0].reshape(-1, inp[0].shape[-1])))
+             for k, r in enumerate(routers(module))]
+    try:
+        for b in range(0, len(windows), batch_size):
+            module(input_ids=windows[b: b + batch_size], use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+        module.train(was)
+    return [torch.cat(m).float() for m in per_layer]
+
+
+@torch.no_grad()
 def scale_margin(model, public_windows: torch.Tensor, std: float, expert: int = 1) -> list[float]:
     """Rescale expert `expert`'s router row around row 0 in every layer so that its logit
     margin over expert 0 (bias left out) has standard deviation `std` on public-text tokens;

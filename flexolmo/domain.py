@@ -17,10 +17,11 @@ Poisson-sampled windows, one of the three mechanisms of the package's budget (pr
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .config import TrainConfig
 from .errors import InputError
-from .model import as_module
+from .model import as_module, routers
 from .sources import iter_texts
 from .tokenizer import load_raw_tokenizer
 from .workspace import Workspace
@@ -65,6 +66,54 @@ def router_row(model, ws: Workspace, source: str, cfg: TrainConfig) -> tuple[tor
     how = "unit-length mean" if unit else "mean (not normalised)"
     return row, (f"domain embedding ({cfg.router_init}): {how} of the public model's final hidden state over {n} "
                  f"sampled {source} training documents (first {cfg.seq_len} tokens each)")
+
+
+def classifier_rows(model, public_windows: torch.Tensor, own_windows: torch.Tensor, l2: float = 1e-3,
+                    batch_size: int = 8) -> tuple[torch.Tensor, str]:
+    """Router rows (L, H) as classifiers: in every layer, row 0 + w_l, where (w_l, c_l) is an L2-
+    regularised logistic regression of own (1) vs public (0) tokens on that layer's router input
+    (the public model's: at the start of owner training the two experts are the same FFN).
+
+    Why: each owner fits its row alone, against the public expert only. For a multinomial logit
+    with the public expert as reference class, log p(i|x) / p(pub|x) = w_i.x + c_i, and the
+    binary regression on {i, pub} data recovers exactly that, so rows fitted apart are on one
+    scale and comparable when merged. The intercepts are left to the bias calibration."""
+    from .bias import router_inputs
+
+    pub, own = router_inputs(model, public_windows, batch_size), router_inputs(model, own_windows, batch_size)
+    rows, accs = [], []
+    row0 = [r.weight.detach()[0] for r in routers(as_module(model))]
+    for l, (xp, xo) in enumerate(zip(pub, own)):
+        w, acc = _logistic(xp, xo, l2)
+        rows.append(row0[l] + w)
+        accs.append(round(acc, 3))
+    return torch.stack(rows), (f"classifier: row 0 + a logistic regression of own vs public tokens on each layer's router "
+                               f"input (L2 {l2}, {len(pub[0]):,} public and {len(own[0]):,} own tokens; training accuracy "
+                               f"per layer {accs})")
+
+
+def _logistic(xp: torch.Tensor, xo: torch.Tensor, l2: float) -> tuple[torch.Tensor, float]:
+    """Weights (in the raw feature space) and training accuracy of a logistic regression, classes balanced."""
+    x = torch.cat([xp, xo]).double()
+    y = torch.cat([torch.zeros(len(xp)), torch.ones(len(xo))]).double()
+    weight = torch.where(y == 1, len(x) / (2 * len(xo)), len(x) / (2 * len(xp)))
+    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = (x - mu) / sd
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(z @ w + b, y, weight=weight) + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    w_raw = (w / sd).detach()
+    acc = float((((z @ w + b) > 0).double() == y).double().mean())
+    return w_raw.float(), acc
 
 
 @torch.no_grad()

@@ -48,7 +48,7 @@ from .artifacts.public_model import PublicModelCard
 from .bias import BiasTracker, bias_summary, calibrate, router_lr_scale, routing_check, sample_windows, scale_margin
 from .callbacks import standard_callbacks, train_rows
 from .config import Profile, get_profile, override
-from .domain import router_row
+from .domain import classifier_rows, router_row
 from .errors import InputError
 from .layout import shared_weights_hash, with_experts
 from .losses import WithRouterZLoss
@@ -205,17 +205,22 @@ def train_expert(
 
     # model: [public | copy of the public FFN]; router row 1 from the domain embedding, its
     # bias negative; everything but slice 1 of the fused tensors frozen
-    if plan is not None and cfg.router_init != "random":
-        row, how = _dp_router_row(ws, public, public_name, own_windows, plan, cfg)
+    public_stream = token_stream(ws, public_name)
+    pub_w, own_w = _check_windows(public_stream, stream, cfg, seed=cfg.seed)
+    if cfg.router_init == "classifier":
+        if dp is not None:
+            raise InputError("router_init 'classifier' fits the owner's text outside the DP budget; "
+                             "use domain_mean (the default) with --dp-epsilon")
+        rows, how = classifier_rows(public, pub_w, own_w)
+    elif plan is not None and cfg.router_init != "random":
+        rows, how = _dp_router_row(ws, public, public_name, own_windows, plan, cfg)
     else:
-        row, how = router_row(public, ws, source, cfg)
+        rows, how = router_row(public, ws, source, cfg)
     model = with_experts(public, 2, top_k=p.model.top_k).to(d.device)
     del public
     with torch.no_grad():
-        for r in routers(model):
-            r.weight[1].copy_(row)
-    public_stream = token_stream(ws, public_name)
-    pub_w, own_w = _check_windows(public_stream, stream, cfg, seed=cfg.seed)
+        for l, r in enumerate(routers(model)):
+            r.weight[1].copy_(rows[l] if rows.ndim == 2 else rows)  # one row per layer, or the same in all
     bias_report, factors = _start_bias(model, pub_w, own_w, cfg)
     params, frozen = train_rows(model, frozen=[0])
     run = f"expert-{source}" if packages_dir is None else f"expert-{source}-{sha256_json(str(packages_dir))[:8]}"

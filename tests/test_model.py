@@ -311,6 +311,32 @@ def test_router_margin_in_one_unit_and_bias_at_its_target(fed):
         scale_margin(model, pub, std=0.0)
 
 
+def test_classifier_rows_separate_own_from_public_text_per_layer(fed):
+    from flexolmo.bias import router_inputs, sample_windows
+    from flexolmo.config import override
+    from flexolmo.domain import classifier_rows
+    from flexolmo.privacy import DPConfig
+    from flexolmo.stream import token_stream
+
+    public = load_model(fed["public"].out_dir)
+    pub = _public_windows(fed, n=8)
+    own = sample_windows(token_stream(fed["ws"], "code"), 32, 8, seed=7)
+    rows, how = classifier_rows(public, pub, own)
+    L = len(routers(public))
+    assert rows.shape == (L, public.config.hidden_size) and "logistic regression" in how
+    # on held-out windows, every layer's margin (row - row 0).x is higher on own text than on public text
+    xp = router_inputs(public, sample_windows(token_stream(fed["ws"], "public"), 32, 8, seed=99))
+    xo = router_inputs(public, sample_windows(token_stream(fed["ws"], "code"), 32, 8, seed=99))
+    for l, r in enumerate(routers(public)):
+        w = rows[l] - r.weight.detach()[0]
+        assert (xo[l] @ w).mean() > (xp[l] @ w).mean(), l
+    # fitting on the owner's text outside the DP budget is refused
+    p = get_profile("tiny")
+    p.expert = override(p.expert, router_init="classifier")
+    with pytest.raises(InputError, match="outside the DP budget"):
+        train_expert(fed["ws"], "math", p, dp=DPConfig(noise_multiplier=1.0), progress=False)
+
+
 def test_public_mix_batches_draw_the_asked_share_from_public_text():
     from flexolmo.config import TrainConfig
     from flexolmo.stream import Mixture, get_batch
