@@ -9,6 +9,8 @@ itself (its final hidden state after the last norm); `TrainConfig.router_init` c
     domain_mean   the mean hidden state, as is (default; the paper's recipe, this embedder)
     domain_unit   the same, scaled to unit length (the recipe before issue 9)
     random        a seeded random row (N(0, initializer_range)), for the ablation
+    classifier    per layer, row 0 + an own-vs-public logistic regression on the router's input
+                  (`classifier_rows`; experimental, measured in docs/eval-diagnosis.md)
 
 Under DP (`--dp-epsilon`), `dp_router_row` replaces the mean by a clipped, noised sum over
 Poisson-sampled windows, one of the three mechanisms of the package's budget (privacy.py).
