@@ -20,15 +20,15 @@ preferring the public expert on `router_bias_target` of public-text tokens) and 
 while the expert trains (recalibrated every `router_bias_every` steps and at the end), or
 fixed by `router_bias_init`. Before that, router row 1 is rescaled around row 0 so that its
 margin has a standard deviation of `router_margin_std` logits on public text (every owner's
-router in one unit; the row then trains at lr times its scale). At the end, the card
-records how often the owner's model prefers the
-public expert on public text and its own expert on its own text.
+router in one unit; the row then trains at lr times its scale). At the end, the card records
+how often the owner's model prefers the public expert on public text and its own expert on its
+own text.
 Router row 1 starts from the source's domain embedding (`router_init`). A share `public_mix`
 (a quarter) of every batch is public text, which every owner has: the expert and its router row
 also learn where the public expert is better (not under DP, whose batches are Poisson samples of
 the owner's windows). Loss: next-token cross-entropy + `router_z_loss` x router z-loss; weight
-decay 0 (the profiles). Output:
-the expert package `experts/<source>/` (flexolmo/artifacts/expert_package.py).
+decay 0 (the profiles). Output: the expert package `experts/<source>/`
+(flexolmo/artifacts/expert_package.py).
 
 The loop, resume state (`runs/<name>/`) and progress bar are the Trainer's (trainer.py).
 """
@@ -213,7 +213,7 @@ def train_expert(
                              "use domain_mean (the default) with --dp-epsilon")
         rows, how = classifier_rows(public, pub_w, own_w)
     elif plan is not None and cfg.router_init != "random":
-        rows, how = _dp_router_row(ws, public, public_name, own_windows, plan, cfg)
+        rows, how = _dp_router_row(public, public_stream, own_windows, plan, cfg)
     else:
         rows, how = router_row(public, ws, source, cfg)
     model = with_experts(public, 2, top_k=p.model.top_k).to(d.device)
@@ -318,12 +318,12 @@ def _domain_classifier(ws: Workspace, source: str, public_source: str, plan=None
                                   tokenizer_info(ws).vocab_size)
 
 
-def _dp_router_row(ws: Workspace, public, public_source: str, own_windows: torch.Tensor, plan, cfg) -> tuple[torch.Tensor, str]:
+def _dp_router_row(public, public_stream: torch.Tensor, own_windows: torch.Tensor, plan, cfg) -> tuple[torch.Tensor, str]:
     """Router row 1's start under DP (flexolmo/domain.py `dp_router_row`); unit length for domain_unit."""
     from .domain import dp_router_row
     from .privacy import secret_generator
 
-    pub_w = sample_windows(token_stream(ws, public_source), cfg.seq_len, 64, seed=cfg.seed)
+    pub_w = sample_windows(public_stream, cfg.seq_len, 64, seed=cfg.seed)
     row, how = dp_router_row(public, own_windows, pub_w, plan, secret_generator())
     if cfg.router_init == "domain_unit":
         row, how = row / row.norm().clamp_min(1e-8), how + ", scaled to unit length"
