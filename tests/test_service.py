@@ -31,7 +31,7 @@ from api.app import create_app
 from api.deps import Settings
 from api.worker import Busy, TraceWorker
 from flexolmo import sources
-from tracing import store
+from tracing import parts, store
 from tracing import queries
 
 NAMES = ("public", "news", "code")
@@ -216,12 +216,24 @@ def test_bad_requests_get_clear_small_errors(fed):
         assert h["limits"]["max_trace_chars"] == settings.max_trace_chars and h["pid"] == os.getpid()
 
 
+class ReaderProcess(Reader):
+    """test_store's reader process, keeping what it printed: the repr of every exception it counted."""
+
+    err = ""
+
+    def finish(self) -> dict:
+        self.stop.touch()
+        _, self.err = self.proc.communicate(timeout=60)
+        assert self.proc.returncode == 0, self.err
+        return json.loads(self.out.read_text())
+
+
 def test_takedown_while_a_reader_process_holds_the_store(fed, live, tmp_path):
     srv = live()
     doc = sources.load_documents(fed, "news", split="train").to_pylist()[5]
     passage = " " + " ".join(doc["text"].split(" ")[3:25])
     t = httpx.post(srv.url + "/api/trace", json={"text": passage}, timeout=60).json()
-    reader = Reader(fed, tmp_path)
+    reader = ReaderProcess(fed, tmp_path)
     try:
         more = [httpx.post(srv.url + "/api/trace", json={"text": _text(fed, "code", 300, start=i)}, timeout=60)
                 for i in range(3)]
@@ -229,13 +241,38 @@ def test_takedown_while_a_reader_process_holds_the_store(fed, live, tmp_path):
                        timeout=60)
     finally:
         seen = reader.finish()
-    assert seen["errors"] == 0 and seen["ok"] > 0
+    assert seen["errors"] == 0 and seen["ok"] > 0, (seen, reader.err[-2000:])
     assert all(m.status_code == 200 for m in more) and _stored_once(fed, [m.json()["trace_id"] for m in more])
     assert r.status_code == 201, r.text
     rows = httpx.get(srv.url + f"/api/traces/{t['trace_id']}").json()["tables"]["span_documents"]
     cols = rows["columns"]
     mine = [dict(zip(cols, x)) for x in rows["rows"] if x[cols.index("doc_id")] == doc["doc_id"]]
     assert mine and all(x["blocked"] and x["snippet"] is None and x["title"] is None for x in mine)
+
+
+def test_a_held_reader_reads_its_snapshot_whole_through_a_compaction_and_a_takedown(fed, live, monkeypatch):
+    """The takedown rewrites span_documents in place and removes the parts a compaction merged
+    away at once: a connection opened before goes on reading the files it pinned, whole (it
+    failed with "No files found" before they were pinned); a new one reads the redaction."""
+    srv = live()
+    doc = sources.load_documents(fed, "news", split="train").to_pylist()[8]
+    passage = " " + " ".join(doc["text"].split(" ")[3:25])
+    assert httpx.post(srv.url + "/api/trace", json={"text": passage}, timeout=60).status_code == 200
+    shown = "SELECT count(*) FROM span_documents WHERE doc_id = ? AND NOT blocked AND snippet IS NOT NULL"
+    with store.reader(fed) as con:  # sandboxed, as the service's reads
+        before = con.execute(shown, [doc["doc_id"]]).fetchone()[0]
+        held = [p["id"] for p in parts.Manifest.read(parts.root(fed)).parts]
+        assert before > 0
+        monkeypatch.setattr(parts, "COMPACT_AT", 0)
+        with parts.writer(fed) as w:  # the parts the connection reads are merged away
+            parts.compact(w, parts.Manifest.read(w), store.TABLES)
+        r = httpx.post(srv.url + "/api/sources/news/takedowns", json={"doc_id": doc["doc_id"], "reason": "owner"},
+                       timeout=60)
+        assert r.status_code == 201, r.text
+        assert not any((parts.root(fed) / "parts" / i).exists() for i in held)  # swept at once
+        assert con.execute(shown, [doc["doc_id"]]).fetchone()[0] == before
+        assert con.execute("SELECT count(*) FROM span_documents").fetchone()[0] > 0
+    assert queries.query(fed, shown.replace("?", "'" + doc["doc_id"].replace("'", "''") + "'")).rows[0][0] == 0
 
 
 def test_serve_with_two_worker_processes(fed, tmp_path):

@@ -7,28 +7,37 @@
 
 Why parts and not one DuckDB file: DuckDB lets one process write a file only while no other
 process has it open, so an analyst's notebook or `flexolmo query` holding the file made
-traces fail. Here readers never lock anything: they read the manifest (replaced atomically)
-and query its files through an in-memory DuckDB (`reader`). Writers never wait for readers.
+traces fail. Here readers never lock anything: they read the manifest (replaced atomically),
+hold its files open (`pinned`) and query them through an in-memory DuckDB (`reader`).
+Writers never wait for readers.
 
 Invariants, kept under the writer lock:
 - a part is visible only once it is in the manifest (a crashed writer leaves an orphan
   folder, removed by the next compaction or `flexolmo traces repair`);
 - every committed part satisfies every redaction listed in `applied`: a new part is
   redacted against `applied` before it is committed, and a redaction is added to `applied`
-  only after every committed part has been rewritten (each file by `os.replace`, so a
-  reader sees the old or the new file, whole);
+  only after every committed part has been rewritten (each file by `os.replace`);
 - compaction writes the merged part and swaps the manifest; the merged-away folders stay
-  for RETIRED_GRACE_S for readers still holding them (a redaction removes them at once:
-  a reader holding one then fails and reopens, store reads retry by themselves).
+  for RETIRED_GRACE_S (a redaction removes them at once).
+
+Readers and replaced files. `os.replace` alone does not give a DuckDB reader the old or the
+new file whole: DuckDB opens a Parquet file several times in one query (the footer through
+one open, the column chunks through another), so a file replaced between two of those opens
+tore the read ("TProtocolException: Invalid data"), and a removed one failed it. A reader
+therefore reads the files it pinned when it opened (`pinned`): whatever writers replace or
+remove afterwards, an open reader keeps reading its snapshot, whole, until it is closed;
+every reader opened after a redaction reads the redacted files.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
 import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -45,7 +54,8 @@ from flexolmo.workspace import Workspace
 WRITE_WAIT_S = 30.0  # a writer waits this long for another writer (commits take milliseconds)
 COMPACT_AT = 48  # merge the small parts when there are more than this many
 SMALL_PART = 2000  # traces: a part with fewer is "small" and will be merged
-RETIRED_GRACE_S = 600  # merged-away parts stay this long for readers still holding them
+RETIRED_GRACE_S = 600  # merged-away parts stay this long (readers pin what they read, see `pinned`)
+FD_DIR = Path("/proc/self/fd")  # Linux: opening FD_DIR/N opens the very file that fd N holds
 
 _THREAD_LOCK = threading.RLock()  # flock excludes other processes; this, other threads
 
@@ -79,6 +89,55 @@ def root(ws: Workspace) -> Path:
 
 def part_files(ws: Workspace, m: Manifest, table: str) -> list[str]:
     return [str(root(ws) / "parts" / p["id"] / f"{table}.parquet") for p in m.parts]
+
+
+@contextlib.contextmanager
+def pinned(ws: Workspace, m: Manifest, tables: tuple[str, ...]) -> Iterator[tuple[dict[str, list[str]], str | None]]:
+    """Hold every file of `m`'s parts open while the block runs.
+
+    Yields ({table: paths to read the files by}, the folder those paths are in). Each path
+    is a symlink, in a private temporary folder, to FD_DIR/N: it opens the file as it was
+    when pinned, even once a redaction has replaced it or a sweep removed it (the kernel
+    keeps it until the block ends), so DuckDB, opening a file several times per query,
+    reads the same whole file every time. The folder is for DuckDB's sandbox, which
+    resolves a path before allowing it: to the file under parts/ while it is there, else to
+    the symlink in the folder (allowing FD_DIR itself would allow every descriptor of the
+    process). Where there is no FD_DIR (not Linux), the files' own paths are given and no
+    folder (a concurrent writer can then fail a read). FileNotFoundError: a part of `m` is
+    gone (a newer manifest lists what replaced it).
+    """
+    files = {t: part_files(ws, m, t) for t in tables}
+    if not FD_DIR.is_dir():
+        yield files, None
+        return
+    fds: list[int] = []
+    folder = None
+    try:
+        try:
+            for t in tables:
+                fds += [os.open(f, os.O_RDONLY) for f in files[t]]
+        except OSError as e:
+            if e.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            raise ConflictError(f"reading the provenance store holds its {sum(map(len, files.values()))} files open, "
+                                f"more than this process may open now ({e.strerror}); raise the limit (ulimit -n) "
+                                "or close other readers") from None
+        folder = tempfile.mkdtemp(prefix="flexolmo-reader-")
+        it = iter(fds)
+        paths: dict[str, list[str]] = {}
+        for t in tables:
+            paths[t] = []
+            for _ in files[t]:
+                fd = next(it)
+                link = os.path.join(folder, f"{t}-{fd}.parquet")
+                os.symlink(FD_DIR / str(fd), link)
+                paths[t].append(link)
+        yield paths, folder
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        for fd in fds:
+            os.close(fd)
 
 
 @contextlib.contextmanager

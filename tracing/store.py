@@ -14,14 +14,17 @@ Tables (one row per ...):
     span_experts    (span, expert): routing share and counterfactual log-prob drop
 
 On disk the tables are append-only Parquet parts under `traces/` (tracing/parts.py): a
-reader never locks anything, so no notebook, query or export can make a trace fail.
+reader never locks anything, so no notebook, query or export can make a trace fail, and
+it holds the files it reads open, so no trace, takedown or compaction can make a read fail.
 
 Owner guarantees. The catalog says what the store must not hold (`demands`): the text of a
 taken-down document, and the documents of a `counts` source. `sync` makes the store agree
 with it and records what it applied in the manifest. Every writer and every reader runs it
 first, so a redaction that a crash interrupted is finished by the next trace, query or
 `flexolmo traces repair`, and a new trace is redacted before it is committed (a trace
-computed just before a takedown cannot bring the text back).
+computed just before a takedown cannot bring the text back). A reader opened before a
+redaction keeps the snapshot it opened until it is closed; every reader opened after reads
+the redacted rows.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import contextlib
 import datetime as dt
 import json
 import shutil
+import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
@@ -109,6 +113,7 @@ CREATE TABLE span_experts (
 );
 """
 TABLES = ("traces", "spans", "span_sources", "span_documents", "span_experts")
+READ_WAIT_S = 10.0  # a reader retries this long when writers remove the parts it was about to read
 
 
 @lru_cache(maxsize=1)
@@ -315,8 +320,12 @@ def repair(ws: Workspace) -> dict:
 def reader(ws: Workspace, sandbox: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
     """An in-memory DuckDB whose five tables are views over the committed parts.
 
-    Pending redactions are applied first. With `sandbox` the connection reads nothing but the
-    store (no ATTACH, no COPY TO, no other file), on one thread, and its settings are locked.
+    Pending redactions are applied first. The connection reads a snapshot: the files of the
+    parts committed when it opened, held open until it closes (`parts.pinned`), so a trace,
+    a takedown or a compaction meanwhile never makes one of its reads fail or read a file
+    half old, half new; open a new reader to see what was committed since. With `sandbox`
+    the connection reads nothing but the store (no ATTACH, no COPY TO, no other file), on one
+    thread, and its settings are locked.
     """
     r = parts.root(ws)
     m = parts.Manifest.read(r)
@@ -326,20 +335,37 @@ def reader(ws: Workspace, sandbox: bool = True) -> Iterator[duckdb.DuckDBPyConne
         with parts.writer(ws):
             m = _manifest(ws, r)
             _sync(ws, r, m)
-    con = duckdb.connect(":memory:", config={"threads": 1} if sandbox else {})
-    try:
+    with contextlib.ExitStack() as stack:
+        files, folder = _pin(ws, m, stack)
+        con = duckdb.connect(":memory:", config={"threads": 1} if sandbox else {})
+        stack.callback(con.close)  # before the files are let go
         for t in TABLES:
-            files = ", ".join("'" + f.replace("'", "''") + "'" for f in parts.part_files(ws, m, t))
+            listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files[t])
             # union_by_name: parts written before a column was added read it as NULL
             cols = ", ".join(f'"{f.name}"' for f in schemas()[t])
-            con.execute(f"CREATE VIEW {t} AS SELECT {cols} FROM read_parquet([{files}], union_by_name = true)")
-        if sandbox:
-            con.execute(f"SET allowed_directories = ['{r / 'parts'}/']")
+            con.execute(f"CREATE VIEW {t} AS SELECT {cols} FROM read_parquet([{listed}], union_by_name = true)")
+        if sandbox:  # a pinned file is allowed under parts/, or, once replaced or removed, in its folder
+            allowed = [f"{r / 'parts'}/"] + ([f"{folder}/"] if folder else [])
+            con.execute("SET allowed_directories = [" + ", ".join("'" + a.replace("'", "''") + "'" for a in allowed) + "]")
             con.execute("SET enable_external_access = false")
             con.execute("SET lock_configuration = true")
         yield con
-    finally:
-        con.close()
+
+
+def _pin(ws: Workspace, m: parts.Manifest, stack: contextlib.ExitStack) -> tuple[dict[str, list[str]], str | None]:
+    """Pin the files of `m`'s parts, or, when a writer removed one since `m` was read (a
+    compaction, then a redaction's sweep), of the newest manifest's, for up to READ_WAIT_S."""
+    deadline = time.monotonic() + READ_WAIT_S
+    while True:
+        try:
+            return stack.enter_context(parts.pinned(ws, m, TABLES))
+        except FileNotFoundError as e:
+            if time.monotonic() > deadline:
+                raise ConflictError(f"the provenance store kept changing under this reader for {READ_WAIT_S:g} s "
+                                    f"({e.filename} went before it could be read); retry, or see "
+                                    "`flexolmo traces repair`") from None
+            time.sleep(0.01)
+            m = parts.Manifest.read(parts.root(ws)) or m
 
 
 def _pending(ws: Workspace, m: parts.Manifest) -> bool:
