@@ -73,6 +73,12 @@ def test_report_json_and_plots_are_written(evaluated, tmp_path):
     md = paths["markdown"].read_text()
     assert "| flexolmo |" in md and "## Opt-out" in md and "## Reading" in md and "FlexOlmo beats the public model" in md
     assert set(res["loss_curves"]) >= {"public", "expert:news", "expert:code", "dense"}
+    # the owners' routing check, read from their cards: fractions, and the bias stayed negative
+    assert set(res["owner_routing"]) == {"news", "code"}
+    for r in res["owner_routing"].values():
+        assert 0 <= r["public_text_to_public_expert"] <= 1 and 0 <= r["own_text_to_own_expert"] <= 1
+        assert r["bias_per_layer"] and all(b <= 0 for b in r["bias_per_layer"])
+    assert "## The owners' own models: routing at the end of training" in md and "| news |" in md
     for png in ("ppl-change.png", "optout.png", "routing.png", "loss-curves.png"):
         assert (paths["folder"] / png).stat().st_size > 1000
 

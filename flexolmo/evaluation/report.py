@@ -6,7 +6,9 @@ PNG plots (perplexity change against the public model, the opt-out heat map, rou
 The JSON object (also what `flexolmo eval --json` prints):
     {"profile", "domains": [...], "rows": {row: {domain: ppl}}, "bpb": {row: {domain: bpb}},
      "optout": {expert: {domain: ppl}}, "public_in_topk": {row: {domain: fraction}},
-     "routing_share": {row: {domain: {expert: share}}}, "task": {...}, "meta": {...}}
+     "routing_share": {row: {domain: {expert: share}}}, "owner_routing": {owner: {
+     "public_text_to_public_expert", "own_text_to_own_expert", "bias_per_layer"}}, "task": {...},
+     "meta": {...}}
 """
 
 from __future__ import annotations
@@ -84,6 +86,16 @@ def markdown(result: dict) -> str:
         for d in domains:
             lines.append(f"| {d} | " + " | ".join(f"{100 * share[d][e]:.0f}%" for e in experts) + " |")
         lines.append("")
+    if result.get("owner_routing"):
+        lines += ["## The owners' own models: routing at the end of training", "",
+                  "Share of tokens each owner's 2-expert model sends to the public expert on public text, and to "
+                  "its own expert on its own text (its calibration windows, every layer pooled; the recipe aims at "
+                  ">= 70% for both). From the packages' cards.", "",
+                  "| owner | public text -> public expert | own text -> own expert | bias per layer |", "|---|---|---|---|"]
+        for s, r in result["owner_routing"].items():
+            bias = ", ".join(f"{b:.2f}" for b in r.get("bias_per_layer") or [])
+            lines.append(f"| {s} | {100 * r['public_text_to_public_expert']:.0f}% | {100 * r['own_text_to_own_expert']:.0f}% | {bias} |")
+        lines.append("")
     if result.get("optout"):
         lines += ["## Opt-out: each owner's expert removed in turn", "",
                   "Change of every domain's perplexity against the full FlexOlmo model.", "",
@@ -128,6 +140,15 @@ def checks(result: dict) -> list[str]:
             b = _mean(math.log(rows[other][d]) for d in domains)
             out.append(f"FlexOlmo vs {other}: geometric-mean perplexity {math.exp(a):.1f} vs {math.exp(b):.1f} "
                        f"({'better' if a < b else 'worse'}).")
+    own = result.get("owner_routing") or {}
+    if own:
+        short = {s: [f"{what} {100 * r[key]:.0f}%" for key, what in (("public_text_to_public_expert", "public text"),
+                                                                       ("own_text_to_own_expert", "own text"))
+                     if r[key] < 0.7] for s, r in own.items()}
+        short = {s: v for s, v in short.items() if v}
+        out.append(f"The owners' own models send at least 70% of public text to the public expert and of their own text "
+                   f"to their own expert for {len(own) - len(short)}/{len(own)} owners"
+                   + ("." if not short else " (short: " + "; ".join(f"{s} {', '.join(v)}" for s, v in short.items()) + ")."))
     pit = (result.get("public_in_topk") or {}).get("flexolmo")
     if pit:
         low = [d for d in domains if pit[d] < 0.5]

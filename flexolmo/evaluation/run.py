@@ -172,6 +172,7 @@ def run_eval(ws: Workspace, profile: str = "demo", *, rows: list[str] | None = N
         res["task"] = next_line_task(ws, {n: m for n, m in _task_models(ws, root, owners, res).items()},
                                      n_lines=task_lines, log=log)
     res["loss_curves"] = _loss_curves(ws, owners, root)
+    res["owner_routing"] = _owner_routing(ws, owners)
     res["meta"] = _meta()
     return res
 
@@ -188,6 +189,24 @@ def _loss_curves(ws: Workspace, owners: list[str], root: Path) -> dict[str, list
     if (root / "dense" / "card.json").exists():
         out["dense"] = json.loads((root / "dense" / "card.json").read_text())["losses"]
     return {k: [list(x) for x in v] for k, v in out.items()}
+
+
+def _owner_routing(ws: Workspace, owners: list[str]) -> dict[str, dict]:
+    """Each owner's routing check at the end of its training, from its card (issue item 1's
+    calibration: public text mostly to the public expert, own text mostly to its own): shares
+    of tokens over its calibration windows, every layer pooled, and the final bias per layer."""
+    out = {}
+    for s in owners:
+        folder = expert_package.folder(ws, s)
+        if not (folder / "card.json").exists():
+            continue
+        rb = expert_package.ExpertPackageCard.read(folder).router_bias
+        end = rb.get("at_end") or {}
+        if "own_text_to_own_expert" in end:
+            out[s] = {"public_text_to_public_expert": end["public_text_to_public_expert"],
+                      "own_text_to_own_expert": end["own_text_to_own_expert"],
+                      "bias_per_layer": rb.get("bias_at_end", rb.get("bias_per_layer"))}
+    return out
 
 
 def _task_models(ws: Workspace, root: Path, owners: list[str], res: dict) -> dict:
