@@ -128,7 +128,9 @@ def tune_router_cmd(
     docs_per_source: Annotated[int, typer.Option("--docs-per-source", help="Proxy documents per domain (public documents picked by each owner's classifier).")] = 64,
     consent: Annotated[Optional[str], typer.Option("--consent", help="Comma-separated owners who agree to share a sample of their own training documents instead.")] = None,
     steps: Annotated[int, typer.Option("--steps")] = 200,
-    lr: Annotated[float, typer.Option("--lr")] = 3e-3,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate. Measured on the demo federation (docs/eval-diagnosis.md): with every "
+                                      "owner consenting, 3e-2 beats 3e-3 (gm perplexity 150 vs 165); on proxies alone 3e-2 sends "
+                                      "nearly everything to the public expert (412 vs 207).")] = 3e-3,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Tune only the routers of a merged model on a small proxy set of each source's training data."""
