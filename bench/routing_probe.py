@@ -64,7 +64,7 @@ def main() -> None:
 
     import torch
 
-    from flexolmo.bias import _per_layer
+    from flexolmo.bias import per_layer
     from flexolmo.evaluation import metrics
     from flexolmo.model import expert_names
     from flexolmo.merge import load_merged
@@ -81,10 +81,10 @@ def main() -> None:
     xs, logits, label, window = [], [], [], []
     for i, d in enumerate(names):
         w = val.windows[d]
-        per_layer = _per_layer(model, w, lambda h, out: torch.cat([h.reshape(-1, H), out[0].reshape(-1, out[0].shape[-1])], 1), 8)
-        xs.append(torch.stack([t[:, :H] for t in per_layer]))
-        logits.append(torch.stack([t[:, H:] for t in per_layer]))
-        n = per_layer[0].shape[0]
+        outs = per_layer(model, w, lambda h, out: torch.cat([h.reshape(-1, H), out[0].reshape(-1, out[0].shape[-1])], 1), 8)
+        xs.append(torch.stack([t[:, :H] for t in outs]))
+        logits.append(torch.stack([t[:, H:] for t in outs]))
+        n = outs[0].shape[0]
         label.append(torch.full((n,), i))
         window.append(torch.arange(n) // w.shape[1])
     x, lg, y, win = torch.cat(xs, 1), torch.cat(logits, 1), torch.cat(label), torch.cat(window)

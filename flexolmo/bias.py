@@ -70,14 +70,15 @@ def sample_windows(stream: torch.Tensor, seq_len: int, n: int, seed: int) -> tor
 
 
 @torch.no_grad()
-def _per_layer(model, windows: torch.Tensor, take, batch_size: int) -> list[torch.Tensor]:
+def per_layer(model, windows: torch.Tensor, take, batch_size: int) -> list[torch.Tensor]:
     """`take(router input, router output)` at every layer's router over `windows` (eval mode,
-    batches of `batch_size`), concatenated per layer as float."""
+    batches of `batch_size`), concatenated per layer as float. E.g. the router's input and
+    logits together: `take = lambda h, out: torch.cat([h.flatten(0, -2), out[0]], 1)`."""
     module = as_module(model)
     was = module.training
     module.eval()
-    per_layer: list[list[torch.Tensor]] = [[] for _ in routers(module)]
-    hooks = [r.register_forward_hook(lambda _m, inp, out, k=k: per_layer[k].append(take(inp[0], out)))
+    taken: list[list[torch.Tensor]] = [[] for _ in routers(module)]
+    hooks = [r.register_forward_hook(lambda _m, inp, out, k=k: taken[k].append(take(inp[0], out)))
              for k, r in enumerate(routers(module))]
     try:
         for b in range(0, len(windows), batch_size):
@@ -86,17 +87,17 @@ def _per_layer(model, windows: torch.Tensor, take, batch_size: int) -> list[torc
         for h in hooks:
             h.remove()
         module.train(was)
-    return [torch.cat(m).float() for m in per_layer]
+    return [torch.cat(m).float() for m in taken]
 
 
 def logit_margins(model, windows: torch.Tensor, expert: int = 1, batch_size: int = 8) -> torch.Tensor:
     """(L, N) router logit of `expert` minus that of expert 0, bias included, at every token."""
-    return torch.stack(_per_layer(model, windows, lambda _h, out: out[0][:, expert] - out[0][:, 0], batch_size))
+    return torch.stack(per_layer(model, windows, lambda _h, out: out[0][:, expert] - out[0][:, 0], batch_size))
 
 
 def router_inputs(model, windows: torch.Tensor, batch_size: int = 8) -> list[torch.Tensor]:
     """Every layer's router input (N, H) at every token of `windows`."""
-    return _per_layer(model, windows, lambda h, _out: h.reshape(-1, h.shape[-1]), batch_size)
+    return per_layer(model, windows, lambda h, _out: h.reshape(-1, h.shape[-1]), batch_size)
 
 
 @torch.no_grad()
