@@ -171,36 +171,37 @@ def run_eval(ws: Workspace, profile: str = "demo", *, rows: list[str] | None = N
 
         res["task"] = next_line_task(ws, {n: m for n, m in _task_models(ws, root, owners, res).items()},
                                      n_lines=task_lines, log=log)
-    res["loss_curves"] = _loss_curves(ws, owners, root)
-    res["owner_routing"] = _owner_routing(ws, owners)
+    cards = _owner_cards(ws, owners)
+    res["loss_curves"] = _loss_curves(ws, cards, root)
+    res["owner_routing"] = _owner_routing(cards)
     res["meta"] = _meta()
     return res
 
 
-def _loss_curves(ws: Workspace, owners: list[str], root: Path) -> dict[str, list]:
+def _owner_cards(ws: Workspace, owners: list[str]) -> dict[str, expert_package.ExpertPackageCard]:
+    """The cards of the owners' expert packages that exist."""
+    folders = {s: expert_package.folder(ws, s) for s in owners}
+    return {s: expert_package.ExpertPackageCard.read(f) for s, f in folders.items() if (f / "card.json").exists()}
+
+
+def _loss_curves(ws: Workspace, cards: dict, root: Path) -> dict[str, list]:
     """Training loss curves from the cards: the public model, every owner's expert, dense."""
     import json
 
     out = {"public": public_model.read(ws).losses}
-    for s in owners:
-        card_path = expert_package.folder(ws, s) / "card.json"
-        if card_path.exists():
-            out[f"expert:{s}"] = expert_package.ExpertPackageCard.read(card_path.parent).losses
+    out.update({f"expert:{s}": card.losses for s, card in cards.items()})
     if (root / "dense" / "card.json").exists():
         out["dense"] = json.loads((root / "dense" / "card.json").read_text())["losses"]
     return {k: [list(x) for x in v] for k, v in out.items()}
 
 
-def _owner_routing(ws: Workspace, owners: list[str]) -> dict[str, dict]:
+def _owner_routing(cards: dict) -> dict[str, dict]:
     """Each owner's routing check at the end of its training, from its card (issue item 1's
     calibration: public text mostly to the public expert, own text mostly to its own): shares
     of tokens over its calibration windows, every layer pooled, and the final bias per layer."""
     out = {}
-    for s in owners:
-        folder = expert_package.folder(ws, s)
-        if not (folder / "card.json").exists():
-            continue
-        rb = expert_package.ExpertPackageCard.read(folder).router_bias
+    for s, card in cards.items():
+        rb = card.router_bias
         end = rb.get("at_end") or {}
         if "own_text_to_own_expert" in end:
             out[s] = {"public_text_to_public_expert": end["public_text_to_public_expert"],
