@@ -12,9 +12,10 @@ layer's router sees):
 - a multinomial logistic regression over all domains, fitted on half of the windows (even
   ones) and scored on the other half: what a linear router could reach if one party saw every
   owner's text (the ceiling of router tuning with consented data);
-- the same regression fitted the federated way: each owner alone, own vs public text (the
-  only data it has), the owners' scores then compared by argmax (one-vs-reference). This is
-  what rows fitted apart can reach.
+- the same kind of regression fitted the federated way: each owner alone, own vs public text
+  (the only data it has; `flexolmo.domain.fit_own_vs_public`, the fit `router_init=classifier`
+  uses, classes balanced), the owners' log-odds then compared by argmax (one-vs-reference).
+  This is what rows fitted apart can reach.
 
 Accuracies are over owner-domain tokens only (7-way among owners for the merged router and
 the federated fit, 8-way with public for the joint fit). Numbers go to stdout and, with
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def fit_logistic(x, y, n_classes: int, l2: float = 1e-3):
-    """Standardised multinomial logistic regression (LBFGS); returns a scoring function."""
+    """Standardised multinomial logistic regression over all domains (LBFGS); returns a scoring function."""
     import torch
     import torch.nn.functional as F
 
@@ -65,6 +66,7 @@ def main() -> None:
     import torch
 
     from flexolmo.bias import per_layer
+    from flexolmo.domain import fit_own_vs_public
     from flexolmo.evaluation import metrics
     from flexolmo.model import expert_names
     from flexolmo.merge import load_merged
@@ -100,16 +102,11 @@ def main() -> None:
         top = s.topk(k, 1).indices
         weights = torch.zeros_like(s).scatter(1, top, torch.softmax(s.gather(1, top), 1))
         joint = fit_logistic(x[layer][train], y[train], len(names))(x[layer][test])
-        # federated: owner i fits own (1) vs public (0) alone; margins compared across owners
-        margins = []
-        pub = train & (y == 0)
-        for i in range(1, len(names)):
-            own = train & (y == i)
-            sel = pub | own
-            f = fit_logistic(x[layer][sel], (y[sel] == i).long(), 2)
-            m = f(x[layer][test])
-            margins.append(m[:, 1] - m[:, 0])
-        fed = torch.stack(margins, 1).argmax(1) + 1
+        # federated: owner i fits own vs public alone (the fit of router_init=classifier, with its
+        # intercept); the owners' log-odds are then compared
+        pub = x[layer][train & (y == 0)]
+        fits = [fit_own_vs_public(pub, x[layer][train & (y == i)]) for i in range(1, len(names))]
+        fed = torch.stack([x[layer][test] @ w + c for w, c, _ in fits], 1).argmax(1) + 1
         t_owner = owner_tok[test]
         row = {
             "layer": layer,

@@ -86,7 +86,7 @@ def classifier_rows(model, public_windows: torch.Tensor, own_windows: torch.Tens
     rows, accs = [], []
     row0 = [r.weight.detach()[0] for r in routers(as_module(model))]
     for l, (xp, xo) in enumerate(zip(pub, own)):
-        w, acc = _logistic(xp, xo, l2)
+        w, _, acc = fit_own_vs_public(xp, xo, l2)
         rows.append(row0[l] + w)
         accs.append(round(acc, 3))
     return torch.stack(rows), (f"classifier: row 0 + a logistic regression of own vs public tokens on each layer's router "
@@ -94,8 +94,11 @@ def classifier_rows(model, public_windows: torch.Tensor, own_windows: torch.Tens
                                f"per layer {accs})")
 
 
-def _logistic(xp: torch.Tensor, xo: torch.Tensor, l2: float) -> tuple[torch.Tensor, float]:
-    """Weights (in the raw feature space) and training accuracy of a logistic regression, classes balanced."""
+def fit_own_vs_public(xp: torch.Tensor, xo: torch.Tensor, l2: float = 1e-3) -> tuple[torch.Tensor, float, float]:
+    """An L2-regularised logistic regression of own (`xo`, 1) vs public (`xp`, 0) rows, classes
+    balanced: (weights, intercept) in the raw feature space, so that the log-odds of "own" at x
+    is x.w + c, and the training accuracy. What one owner can fit alone (`classifier_rows`;
+    bench/routing_probe.py compares such fits across owners)."""
     x = torch.cat([xp, xo]).double()
     y = torch.cat([torch.zeros(len(xp)), torch.ones(len(xo))]).double()
     weight = torch.where(y == 1, len(x) / (2 * len(xo)), len(x) / (2 * len(xp)))
@@ -114,8 +117,9 @@ def _logistic(xp: torch.Tensor, xo: torch.Tensor, l2: float) -> tuple[torch.Tens
     with torch.enable_grad():
         opt.step(closure)
     w_raw = (w / sd).detach()
+    c_raw = float(b.detach() - (mu * w_raw).sum())
     acc = float((((z @ w + b) > 0).double() == y).double().mean())
-    return w_raw.float(), acc
+    return w_raw.float(), c_raw, acc
 
 
 @torch.no_grad()
