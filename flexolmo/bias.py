@@ -14,6 +14,13 @@ from data the owner has, public text: in layer l, b_l = -q_l where q_l is the `t
 quantile of (r_1 - r_0).x_l over public-text tokens (and at least a tenth of their standard
 deviation below 0, so the bias never starts at the clamp). At the start, the owner's model then
 prefers the public expert on a fraction `target` of public-text tokens in every layer.
+The paper asks for both halves: most public text to the public expert, and most of the owner's
+own text to its own expert. For an owner whose text resembles public text (news), a bias that
+keeps 80% of public text on the public expert kept only 55% of news on its own (run D). With a
+`floor` (0.7 by default), the bias gives up public share, down to the floor at most, until the
+floor of the owner's own tokens prefer its expert; where both cannot hold it balances them
+(`layer_shift`). The floor reads the owner's own windows: data the owner has, but under DP an
+extra query on private data, so the DP recipe calibrates on public text alone.
 
 The scale matters as much as the offset. The router rows start from domain embeddings (mean
 hidden states, not normalised) and meet the residual stream, whose norm grows with depth: the
@@ -33,7 +40,7 @@ exactly at the end, like the bias updates of auxiliary-loss-free load balancing
 public expert on public text and its own expert on its own text (the card records both).
 
     scales = scale_margin(model, public_windows, std=3.0)
-    biases, report = calibrate(model, public_windows, own_windows, target=0.8)
+    biases, report = calibrate(model, public_windows, own_windows, target=0.8, floor=0.7)
     check = routing_check(model, public_windows, own_windows)
 """
 
@@ -128,53 +135,89 @@ def router_lr_scale(model, factors: list[float]) -> dict[int, float]:
     return {id(t): f for r, f in zip(routers(as_module(model)), factors) for t in (r.weight, r.bias)}
 
 
+def layer_shift(public: torch.Tensor, own: torch.Tensor | None, target: float, floor: float | None) -> float:
+    """The shift d of one layer's router margins (owner minus public logit, bias included) so that
+    a fraction `target` of public-text tokens prefer the public expert (margin + d <= 0), unless
+    that leaves fewer than `floor` of the owner's own tokens preferring its own expert: then d rises
+    until they do, giving up public share down to `floor` at most. Where both floors cannot hold
+    (own text that looks like public text), d is where the two shares are equal: the larger of
+    the two smaller shares."""
+    d = -float(torch.quantile(public, target))
+    if own is None or floor is None:
+        return d
+    need = -float(torch.quantile(own, 1 - floor))  # own share >= floor needs d >= need
+    if d >= need:
+        return d
+    cap = -float(torch.quantile(public, floor))  # public share >= floor needs d <= cap
+    if need <= cap:
+        return need
+    grid = torch.linspace(cap, need, 401)
+    pub_share = (public[None] + grid[:, None] <= 0).float().mean(1)
+    own_share = (own[None] + grid[:, None] > 0).float().mean(1)
+    return float(grid[torch.minimum(pub_share, own_share).argmax()])
+
+
 @torch.no_grad()
 def set_quantile(model, public_windows: torch.Tensor, target: float, expert: int = 1,
-                 sequential: bool = True) -> list[float]:
+                 sequential: bool = True, own_windows: torch.Tensor | None = None,
+                 floor: float | None = None) -> list[float]:
     """Move expert `expert`'s bias in every layer so that a fraction `target` of public-text
-    tokens prefer the public expert (never less than a tenth of the margin's standard deviation
-    below 0: a bias at the clamp cannot move). Layer by layer when `sequential` (a layer's
-    routing changes the next layer's input); else all layers from one pass. Returns the biases."""
+    tokens prefer the public expert; with `own_windows` and `floor`, never so far that fewer
+    than `floor` of the owner's own tokens prefer its expert (`layer_shift`). Never less than a
+    tenth of the public margin's standard deviation below 0: a bias at the clamp cannot move.
+    Layer by layer when `sequential` (a layer's routing changes the next layer's input); else
+    all layers from one pass. Returns the biases."""
     if not 0.5 <= target < 1:
         raise InputError(f"the public-text target share must be in [0.5, 1), got {target}")
+    if floor is not None and not 0.5 <= floor <= target:
+        raise InputError(f"the calibration floor must be in [0.5, target={target}], got {floor}")
     rs = routers(as_module(model))
     passes = [[l] for l in range(len(rs))] if sequential else [range(len(rs))]  # the layers each pass sets
+    use_own = own_windows is not None and floor is not None
     for layers in passes:
         margins = logit_margins(model, public_windows, expert)  # (L, N), biases included
+        own = logit_margins(model, own_windows, expert) if use_own else None
         for l in layers:
             b = float(rs[l].bias.detach()[expert])
-            rs[l].bias[expert] = min(b - float(torch.quantile(margins[l], target)), -0.1 * float(margins[l].std()))
+            d = layer_shift(margins[l], own[l] if use_own else None, target, floor)
+            rs[l].bias[expert] = min(b + d, -0.1 * float(margins[l].std()))
     return [float(r.bias[expert]) for r in rs]
 
 
 @torch.no_grad()
 def calibrate(model, public_windows: torch.Tensor, own_windows: torch.Tensor, target: float,
-              expert: int = 1) -> tuple[list[float], dict]:
+              expert: int = 1, floor: float | None = None) -> tuple[list[float], dict]:
     """Set expert `expert`'s starting bias in every layer so that a fraction `target` of
-    public-text tokens prefer the public expert; returns the biases and a report for the card."""
+    public-text tokens prefer the public expert (with `floor`: but at least `floor` of the own
+    windows' tokens prefer the owner's, `set_quantile`); returns the biases and a report for the card."""
     for r in routers(as_module(model)):
         r.bias[expert] = 0.0
-    biases = set_quantile(model, public_windows, target, expert)
+    biases = set_quantile(model, public_windows, target, expert, own_windows=own_windows, floor=floor)
     start = routing_check(model, public_windows, own_windows, expert)
-    return biases, {"target_public_text_to_public_expert": target, "bias_per_layer": [round(b, 4) for b in biases],
-                    "at_start": start.to_dict()}
+    return biases, {"target_public_text_to_public_expert": target, "own_text_floor": floor,
+                    "bias_per_layer": [round(b, 4) for b in biases], "at_start": start.to_dict()}
 
 
 class BiasTracker(Callback):
     """Keeps a calibrated bias at its target while the expert trains: every `every` steps the
     bias is moved so that `target` of the public windows' tokens prefer the public expert (one
-    pass), and after the last step exactly, layer by layer. Public text only: no privacy cost."""
+    pass), and after the last step exactly, layer by layer. With `own_windows` and `floor`, never
+    so far that fewer than `floor` of the owner's own tokens prefer its expert (`layer_shift`);
+    without them it reads public text only (no privacy cost: the DP recipe's choice)."""
 
     order = -10  # after FrozenRows' clamp, before a checkpoint is written
 
-    def __init__(self, public_windows: torch.Tensor, target: float, every: int, expert: int = 1):
+    def __init__(self, public_windows: torch.Tensor, target: float, every: int, expert: int = 1,
+                 own_windows: torch.Tensor | None = None, floor: float | None = None):
         self.windows, self.target, self.every, self.expert = public_windows, target, every, expert
+        self.own, self.floor = own_windows, floor
         self.moves: list[float] = []  # mean |change of the bias| at each recalibration
 
     def _set(self, tr: Trainer, sequential: bool) -> None:
         rs = routers(as_module(tr.model))
         before = torch.tensor([float(r.bias.detach()[self.expert]) for r in rs])
-        after = torch.tensor(set_quantile(tr.model, self.windows, self.target, self.expert, sequential))
+        after = torch.tensor(set_quantile(tr.model, self.windows, self.target, self.expert, sequential,
+                                          own_windows=self.own, floor=self.floor))
         self.moves.append(round(float((after - before).abs().mean()), 4))
 
     def post_step(self, tr: Trainer) -> None:

@@ -72,7 +72,7 @@ PREVIOUS_RECIPE = {"router_bias_init": 0.0, "router_z_loss": 0.0, "router_init":
 
 
 # TrainConfig fields that only owner (expert) training reads: not part of the public recipe
-EXPERT_ONLY = ("router_bias_init", "router_bias_target", "calibration_windows", "router_z_loss", "router_margin_std",
+EXPERT_ONLY = ("router_bias_init", "router_bias_target", "router_own_floor", "calibration_windows", "router_z_loss", "router_margin_std",
                "router_bias_every", "public_mix")
 
 
@@ -98,6 +98,12 @@ class TrainConfig:
     # on `router_bias_target` of public-text tokens (flexolmo/bias.py); a number fixes it
     router_bias_init: float | None = None
     router_bias_target: float = 0.8
+    # ... but never so far that fewer than this share of the owner's own tokens prefer its own
+    # expert (the paper's other half; flexolmo/bias.py `layer_shift`): the bias then gives up public
+    # share down to this floor at most, and balances the two where both cannot hold. Run D without
+    # it: news kept 55% of its own text (public text 84%); every other owner 77-93%. None: public
+    # text only. Not applied under DP (it reads the owner's text outside the budget)
+    router_own_floor: float | None = 0.7
     # the owner's router row is rescaled around the public row, per layer, so that its logit
     # margin over the public expert has this standard deviation on public text (flexolmo/bias.py
     # `scale_margin`): every owner's router in one unit; None keeps the embedding's raw scale
@@ -131,6 +137,9 @@ class TrainConfig:
             raise InputError(f"router_init {self.router_init!r} is unknown: use one of {', '.join(ROUTER_INITS)}")
         if not 0.5 <= self.router_bias_target < 1:
             raise InputError(f"router_bias_target must be in [0.5, 1), got {self.router_bias_target}")
+        if self.router_own_floor is not None and not 0.5 <= self.router_own_floor <= self.router_bias_target:
+            raise InputError(f"router_own_floor must be in [0.5, router_bias_target={self.router_bias_target}] "
+                             f"(or None), got {self.router_own_floor}")
         if self.router_bias_init is not None and self.router_bias_init > 0:
             raise InputError(f"router_bias_init must be <= 0 (the bias is clamped to <= 0), got {self.router_bias_init}")
         if self.router_margin_std is not None and self.router_margin_std <= 0:

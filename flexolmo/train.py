@@ -221,14 +221,15 @@ def train_expert(
     with torch.no_grad():
         for l, r in enumerate(routers(model)):
             r.weight[1].copy_(rows[l] if rows.ndim == 2 else rows)  # one row per layer, or the same in all
-    bias_report, factors = _start_bias(model, pub_w, own_w, cfg)
+    floor = cfg.router_own_floor if dp is None else None  # the floor reads own text: outside a DP budget
+    bias_report, factors = _start_bias(model, pub_w, own_w, cfg, floor)
     params, frozen = train_rows(model, frozen=[0])
     run = f"expert-{source}" if packages_dir is None else f"expert-{source}-{sha256_json(str(packages_dir))[:8]}"
     callbacks, ckpt = standard_callbacks(ws, run, {"kind": "expert", "inputs": inputs}, progress, stop_after)
     callbacks.append(frozen)
     tracker = None
     if cfg.router_bias_init is None:  # keep the calibrated bias at its target as the expert trains
-        tracker = BiasTracker(pub_w, cfg.router_bias_target, cfg.router_bias_every)
+        tracker = BiasTracker(pub_w, cfg.router_bias_target, cfg.router_bias_every, own_windows=own_w, floor=floor)
         callbacks.append(tracker)
     if dp is not None:
         from .privacy import DPStep
@@ -282,16 +283,16 @@ def _check_windows(public: torch.Tensor, own: torch.Tensor, cfg, seed: int) -> t
     return sample_windows(public, cfg.seq_len, n, seed), sample_windows(own, cfg.seq_len, n, seed)
 
 
-def _start_bias(model, pub_w: torch.Tensor, own_w: torch.Tensor, cfg) -> tuple[dict, list[float]]:
+def _start_bias(model, pub_w: torch.Tensor, own_w: torch.Tensor, cfg, floor: float | None) -> tuple[dict, list[float]]:
     """Scale the owner's router row (`router_margin_std`) and set its starting bias, calibrated per
-    layer or the fixed value, from public and own windows; the card's report and the row's
-    per-layer scale factors."""
+    layer (own-text `floor` or None) or the fixed value, from public and own windows; the card's
+    report and the row's per-layer scale factors."""
     scale, factors = {}, [1.0] * len(routers(model))
     if cfg.router_margin_std is not None:
         factors = scale_margin(model, pub_w, cfg.router_margin_std)
         scale = {"margin_std_on_public_text": cfg.router_margin_std, "row_scale_per_layer": [round(f, 5) for f in factors]}
     if cfg.router_bias_init is None:
-        _, report = calibrate(model, pub_w, own_w, cfg.router_bias_target)
+        _, report = calibrate(model, pub_w, own_w, cfg.router_bias_target, floor=floor)
         return {**scale, **report}, factors
     with torch.no_grad():
         for r in routers(model):

@@ -253,8 +253,14 @@ def test_owner_bias_starts_negative_and_never_leaks_to_public(fed):
             assert r.bias[1].item() < 0  # still negative after training (clamped <= 0)
         calib = res.card.router_bias
         assert all(b < 0 for b in calib["bias_per_layer"])
-        # by construction, at the start every layer prefers the public expert on >= target of public text
-        assert all(pub >= cfg.router_bias_target for pub, _ in calib["at_start"]["per_layer"])
+        # by construction, at the start every layer prefers the public expert on >= target of public
+        # text, or gave public share up (never below the floor) to keep the floor of own text, or
+        # balanced the two where both floors cannot hold
+        assert calib["own_text_floor"] == cfg.router_own_floor == 0.7
+        eps = 0.02  # the own text is measured at its tokens; the grid of the balance is finite
+        for pub, own in calib["at_start"]["per_layer"]:
+            assert (pub >= cfg.router_bias_target or (pub >= cfg.router_own_floor - eps and own >= cfg.router_own_floor - eps)
+                    or abs(pub - own) <= eps), (source, pub, own)
         assert calib["bias_at_end"] == [round(float(r.bias.detach()[1]), 4) for r in routers(res.model)]
         assert 0 <= calib["at_end"]["own_text_to_own_expert"] <= 1
     # merged: bias 0 and router row 0 are the public model's; every owner's bias is its own
@@ -265,6 +271,34 @@ def test_owner_bias_starts_negative_and_never_leaks_to_public(fed):
         assert (r.bias[1:] < 0).all()
     with pytest.raises(InputError, match="router_bias_init must be <= 0"):
         get_profile("tiny").expert.__class__(router_bias_init=0.5)
+
+
+def test_layer_shift_keeps_the_owners_floor_and_balances_when_both_cannot_hold():
+    from flexolmo.bias import layer_shift
+
+    g = torch.Generator().manual_seed(0)
+    pub = torch.randn(20000, generator=g)  # margins (owner minus public logit) on public text
+
+    def shares(own, d):
+        return float((pub + d <= 0).float().mean()), float((own + d > 0).float().mean())
+
+    # own text far from public: the public target binds, the floor is met anyway
+    own = torch.randn(20000, generator=g) + 4
+    d = layer_shift(pub, own, 0.8, 0.7)
+    p_, o_ = shares(own, d)
+    assert p_ == pytest.approx(0.8, abs=2e-3) and o_ > 0.9
+    assert d == layer_shift(pub, None, 0.8, None)  # public text alone: the same
+    # own text closer: at target 0.8 only ~64% of own text would stay; the floor moves the bias
+    own = torch.randn(20000, generator=g) + 1.2
+    assert shares(own, layer_shift(pub, None, 0.8, None))[1] < 0.66
+    p_, o_ = shares(own, layer_shift(pub, own, 0.8, 0.7))
+    assert o_ == pytest.approx(0.7, abs=2e-3) and 0.7 <= p_ < 0.8
+    # own text like public text: both floors cannot hold, the two shares are balanced
+    own = torch.randn(20000, generator=g) + 0.3
+    p_, o_ = shares(own, layer_shift(pub, own, 0.8, 0.7))
+    assert abs(p_ - o_) < 0.01 and p_ < 0.7
+    with pytest.raises(InputError, match="router_own_floor"):
+        get_profile("tiny").expert.__class__(router_own_floor=0.9)
 
 
 def _public_windows(fed, n=8, seq_len=32):
