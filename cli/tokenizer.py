@@ -19,9 +19,12 @@ def train(
     vocab_size: Annotated[int, typer.Option(help="Vocabulary size, at most 65535 (u16 index ids).")] = lib.DEFAULT_VOCAB,
     source: Annotated[str, typer.Option(help="The public source to learn from.")] = "public",
     force: Annotated[bool, typer.Option(help="Retrain even if the public source has not changed.")] = False,
+    whitespace_runs: Annotated[bool, typer.Option(
+        help="Add tokens for runs of 2-16 spaces and 2-4 tabs (code and math: -22% and -9% tokens). "
+             "Changes the vocabulary: the public model and every index must then be rebuilt.")] = False,
 ) -> None:
     """Train the shared tokenizer on the public source's train split."""
-    info = lib.train_tokenizer(ws(), vocab_size=vocab_size, source=source, force=force)
+    info = lib.train_tokenizer(ws(), vocab_size=vocab_size, source=source, force=force, whitespace_runs=whitespace_runs)
     console.print(f"tokenizer: {info.vocab_size:,} ids, {info.n_bow:,} begin a word, trained on {info.source} "
                   f"in {info.seconds:.1f}s -> {info.path}")
 

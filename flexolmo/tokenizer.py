@@ -12,6 +12,17 @@ Files in `<workspace>/tokenizer/`:
     card.json        `flexolmo.artifacts.tokenizer.TokenizerCard`: inputs (source content, size),
                      vocabulary size, special ids, file hashes
 
+Whitespace runs (`whitespace_runs=True`, `--whitespace-runs`): the public source (encyclopedia
+text) has almost no indentation, so a BPE learned from it has no token for two spaces, and an
+owner's code or math is tokenized one space at a time: single-space tokens are 34% of the code
+source's tokens and 23% of math's (demo federation). The option adds merges for runs of 2, 4, 8
+and 16 spaces and 2 and 4 tabs, ahead of every learned merge, within the same vocabulary size.
+They do not depend on any data (GPT-NeoX and OLMo's tokenizers carry such tokens too). The
+ByteLevel split leaves a run's last space on the next word, so words keep their word-start form.
+Measured on 200 documents per source: code -22% tokens, math -9%, educational -9%; public text
+and news unchanged. Not the default yet: it changes the public model's vocabulary, and the
+shipped public model (assets/public-model) was trained without it.
+
     python -m cli.main tokenizer train --vocab-size 8192
 """
 
@@ -34,6 +45,8 @@ PAD_TOKEN = "<|pad|>"
 SPECIAL_TOKENS = [EOS_TOKEN, PAD_TOKEN]
 MAX_VOCAB = 65535  # u16 ids 0..65534; 65535 is infini-gram's document separator
 DEFAULT_VOCAB = 8192  # small embeddings keep the CPU model profiles fast
+SPACE, TAB = "Ġ", "ĉ"  # the byte-level alphabet's space and tab
+WHITESPACE_RUNS = {SPACE: (2, 4, 8, 16), TAB: (2, 4)}  # run lengths that get a token of their own
 
 
 @dataclass(frozen=True)
@@ -54,6 +67,7 @@ def train_tokenizer(
     source: str = "public",
     texts: list[str] | None = None,
     force: bool = False,
+    whitespace_runs: bool = False,
 ) -> TokenizerInfo:
     """Train the shared byte-level BPE on one source's train split and save it atomically.
 
@@ -61,18 +75,22 @@ def train_tokenizer(
     card's inputs: the same source content and size) is kept unless `force`.
 
     :param texts: train on these texts instead (tests); `source` is then only recorded.
+    :param whitespace_runs: add tokens for runs of spaces and tabs (module docstring), within `vocab_size`
     """
-    if not 256 + len(SPECIAL_TOKENS) < vocab_size <= MAX_VOCAB:
-        raise InputError(f"--vocab-size {vocab_size} is out of range: use {257 + len(SPECIAL_TOKENS)}..{MAX_VOCAB} (u16 index ids)")
+    n_runs = sum(len(v) for v in WHITESPACE_RUNS.values()) if whitespace_runs else 0
+    if not 256 + len(SPECIAL_TOKENS) + n_runs < vocab_size <= MAX_VOCAB:
+        raise InputError(f"--vocab-size {vocab_size} is out of range: use {257 + len(SPECIAL_TOKENS) + n_runs}..{MAX_VOCAB} "
+                         "(u16 index ids)")
+    settings = {"vocab_size": vocab_size, **({"whitespace_runs": WHITESPACE_RUNS} if whitespace_runs else {})}
     if texts is None:
         src = get_source(ws, source)
-        inputs = artifact.inputs_for(src.content_hash, vocab_size)
+        inputs = artifact.inputs_for(src.content_hash, settings)
         card = artifact.TokenizerCard.find(artifact.folder(ws)) if not force else None
         if card is not None and card.is_current(inputs):
             return tokenizer_info(ws)
         texts = list(iter_texts(ws, source, split="train"))
     else:
-        inputs = artifact.texts_inputs(texts, vocab_size)
+        inputs = artifact.texts_inputs(texts, settings)
     if not texts:
         raise InputError(f"source {source!r} has no training text to learn a tokenizer from")
     t0 = time.time()
@@ -80,20 +98,42 @@ def train_tokenizer(
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
+        vocab_size=vocab_size - n_runs,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    if whitespace_runs:
+        tok = with_whitespace_runs(tok)
     bow = bow_ids(tok)
     card = dict(
         inputs=inputs, vocab_size=tok.get_vocab_size(), eos_token=EOS_TOKEN, eos_id=tok.token_to_id(EOS_TOKEN),
         pad_token=PAD_TOKEN, pad_id=tok.token_to_id(PAD_TOKEN), trained_on=source, n_texts=len(texts),
         n_bow_ids=len(bow), seconds=round(time.time() - t0, 2),
+        whitespace_runs={"space": list(WHITESPACE_RUNS[SPACE]), "tab": list(WHITESPACE_RUNS[TAB])} if whitespace_runs else {},
     )
     artifact.write(ws, tok, bow, card, check_text=texts[0][:2000])
     return tokenizer_info(ws)
+
+
+def with_whitespace_runs(tok: Tokenizer) -> Tokenizer:
+    """`tok` with merges for the runs in `WHITESPACE_RUNS` ahead of its own (each run of n from two
+    runs of n/2), their tokens appended to the vocabulary; every existing id keeps its number."""
+    import json
+
+    spec = json.loads(tok.to_str())
+    vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
+    new = []
+    for ch, lengths in WHITESPACE_RUNS.items():
+        for n in lengths:
+            half = ch * (n // 2)
+            if ch * n in vocab or half not in vocab:
+                raise IntegrityError(f"the learned vocabulary already has {n} x {ch!r}, or lacks {n // 2}: a bug")
+            new.append([half, half])
+            vocab[ch * n] = len(vocab)
+    spec["model"]["merges"] = new + merges
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 def bow_ids(tok: Tokenizer) -> list[int]:

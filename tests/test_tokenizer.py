@@ -89,12 +89,42 @@ def test_tokenizer_card_decides_freshness(ws, trained):
     card = artifact.read(ws)
     src = sources.get_source(ws, "public")
     assert card.sha256 == trained.sha256 == tokenizer.tokenizer_hash(ws)
-    assert card.is_current(artifact.inputs_for(src.content_hash, 400))
-    assert not card.is_current(artifact.inputs_for(src.content_hash, 420))
-    assert "settings" in card.stale_reason(artifact.inputs_for(src.content_hash, 420))
+    assert card.is_current(artifact.inputs_for(src.content_hash, {"vocab_size": 400}))
+    assert not card.is_current(artifact.inputs_for(src.content_hash, {"vocab_size": 420}))
+    assert "settings" in card.stale_reason(artifact.inputs_for(src.content_hash, {"vocab_size": 420}))
     # trained from given texts (tests): names the texts, so never current for a source
     tokenizer.train_tokenizer(ws, vocab_size=400, texts=["some text", "more text"])
-    assert not artifact.read(ws).is_current(artifact.inputs_for(src.content_hash, 400))
+    assert not artifact.read(ws).is_current(artifact.inputs_for(src.content_hash, {"vocab_size": 400}))
+
+
+def test_whitespace_runs_get_tokens_and_words_keep_their_start(ws, trained):
+    plain = tokenizer.load_raw_tokenizer(ws)
+    text = DOMAIN_TEXTS["code"] + "        return x\n" + " " * 40 + "y\t\t\t\tz"
+    before = plain.encode(text)
+    info = tokenizer.train_tokenizer(ws, vocab_size=400, whitespace_runs=True)
+    from flexolmo.artifacts import tokenizer as artifact
+
+    card = artifact.read(ws)
+    assert info.vocab_size == 400 and card.whitespace_runs == {"space": [2, 4, 8, 16], "tab": [2, 4]}
+    src = sources.get_source(ws, "public")
+    assert not card.is_current(artifact.inputs_for(src.content_hash, {"vocab_size": 400}))  # another recipe
+    tok = tokenizer.load_raw_tokenizer(ws)
+    after = tok.encode(text)
+    assert tok.decode(after.ids) == text  # lossless
+    assert len(after.ids) < len(before.ids) - 20  # 8 spaces: 3 tokens instead of 8; 40: 4 instead of 40
+    pieces = [tok.decode([i]) for i in after.ids]
+    assert " " * 16 in pieces and "\t" * 2 in pieces, pieces  # a run leaves its last character to the next piece
+    # the run's last space stays on the word: "return" keeps its word-start token, as in plain text
+    word = tok.encode(" return").ids
+    indented = tok.encode("\n        return").ids
+    assert indented[-len(word):] == word and [tok.decode([i]) for i in indented[:-len(word)]] == ["\n", " " * 4, " " * 2, " "]
+    for domain, t in DOMAIN_TEXTS.items():
+        assert tok.decode(tok.encode(t).ids) == t, domain
+    # the whitespace ids begin a word (spans may start there)
+    bow = set(tokenizer.read_bow_ids(ws))
+    assert tok.token_to_id("ĠĠĠĠ") in bow
+    with pytest.raises(InputError, match="out of range"):
+        tokenizer.train_tokenizer(ws, vocab_size=262, whitespace_runs=True, force=True)
 
 
 def test_unchanged_source_keeps_tokenizer(ws, trained):

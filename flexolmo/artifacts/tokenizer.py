@@ -37,6 +37,7 @@ class TokenizerCard(Card):
     bow_rule: str = "decoded token starts with whitespace"
     files: dict[str, str]  # file name -> sha256
     seconds: float
+    whitespace_runs: dict[str, list[int]] = {}  # run lengths of spaces / tabs with a token of their own (none: {})
 
     @property
     def sha256(self) -> str:
@@ -48,7 +49,7 @@ class TokenizerCard(Card):
         content = old.get("source_content_hash")
         return {
             "kind": "tokenizer", "format": 1, "algorithm": old["kind"],
-            "inputs": inputs_for(content, old["vocab_size"]) if content else {},
+            "inputs": inputs_for(content, {"vocab_size": old["vocab_size"]}) if content else {},
             **{k: old[k] for k in ("vocab_size", "eos_token", "eos_id", "pad_token", "pad_id", "n_texts", "seconds")},
             "trained_on": old["trained_on"], "n_bow_ids": old["n_bow_ids"],
             "files": {TOKENIZER_FILE: old["sha256"]},
@@ -59,12 +60,14 @@ def folder(ws: Workspace) -> Path:
     return ws.tokenizer_dir
 
 
-def inputs_for(source_content_hash: str, vocab_size: int) -> Inputs:
-    return {"source": source_content_hash, "settings": sha256_json({"vocab_size": vocab_size})}
+def inputs_for(source_content_hash: str, settings: dict) -> Inputs:
+    """`settings`: {"vocab_size": n}, plus "whitespace_runs" when asked for (a tokenizer without
+    them keeps the hash it had before the option existed)."""
+    return {"source": source_content_hash, "settings": sha256_json(settings)}
 
 
-def texts_inputs(texts: list[str], vocab_size: int) -> Inputs:
-    return {"texts": sha256_json(texts), "settings": sha256_json({"vocab_size": vocab_size})}
+def texts_inputs(texts: list[str], settings: dict) -> Inputs:
+    return {"texts": sha256_json(texts), "settings": sha256_json(settings)}
 
 
 def read(ws: Workspace) -> TokenizerCard:

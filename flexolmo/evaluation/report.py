@@ -178,8 +178,8 @@ def plots(result: dict, folder: Path) -> list[Path]:
 
     domains, rows = result["domains"], result["rows"]
     written = []
-    if "public" in rows:
-        names = [r for r in rows if r != "public"]
+    names = [r for r in rows if r != "public"]
+    if "public" in rows and names:  # a partial report with the public row alone has nothing to compare
         fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(domains)), 4.5))
         width = 0.8 / max(1, len(names))
         for i, n in enumerate(names):
