@@ -98,16 +98,19 @@ def test_tokenizer_card_decides_freshness(ws, trained):
 
 
 def test_whitespace_runs_get_tokens_and_words_keep_their_start(ws, trained):
+    tokenizer.train_tokenizer(ws, vocab_size=400, whitespace_runs=False, force=True)
     plain = tokenizer.load_raw_tokenizer(ws)
+    assert plain.token_to_id("ĠĠ") is None  # encyclopedia-like text teaches no run of spaces
     text = DOMAIN_TEXTS["code"] + "        return x\n" + " " * 40 + "y\t\t\t\tz"
     before = plain.encode(text)
-    info = tokenizer.train_tokenizer(ws, vocab_size=400, whitespace_runs=True)
+    info = tokenizer.train_tokenizer(ws, vocab_size=400, whitespace_runs=True, force=True)
     from flexolmo.artifacts import tokenizer as artifact
 
     card = artifact.read(ws)
     assert info.vocab_size == 400 and card.whitespace_runs == {"space": [2, 4, 8, 16], "tab": [2, 4]}
     src = sources.get_source(ws, "public")
     assert not card.is_current(artifact.inputs_for(src.content_hash, {"vocab_size": 400}))  # another recipe
+    assert card.is_current(artifact.inputs_for(src.content_hash, {"vocab_size": 400, "whitespace_runs": tokenizer.WHITESPACE_RUNS}))
     tok = tokenizer.load_raw_tokenizer(ws)
     after = tok.encode(text)
     assert tok.decode(after.ids) == text  # lossless
