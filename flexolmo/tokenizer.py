@@ -119,19 +119,18 @@ def train_tokenizer(
 
 def with_whitespace_runs(tok: Tokenizer) -> Tokenizer:
     """`tok` with merges for the runs in `WHITESPACE_RUNS` ahead of its own (each run of n from two
-    runs of n/2), their tokens appended to the vocabulary; every existing id keeps its number."""
+    runs of n/2), their tokens appended to the vocabulary; every existing id keeps its number.
+    A run the BPE learned itself (a public source with indentation) keeps its learned merge."""
     import json
 
     spec = json.loads(tok.to_str())
     vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
     new = []
     for ch, lengths in WHITESPACE_RUNS.items():
-        for n in lengths:
-            half = ch * (n // 2)
-            if ch * n in vocab or half not in vocab:
-                raise IntegrityError(f"the learned vocabulary already has {n} x {ch!r}, or lacks {n // 2}: a bug")
-            new.append([half, half])
-            vocab[ch * n] = len(vocab)
+        for n in lengths:  # increasing: the half of every run is in the vocabulary by then
+            if ch * n not in vocab:
+                new.append([ch * (n // 2)] * 2)
+                vocab[ch * n] = len(vocab)
     spec["model"]["merges"] = new + merges
     return Tokenizer.from_str(json.dumps(spec))
 

@@ -130,6 +130,24 @@ def test_whitespace_runs_get_tokens_and_words_keep_their_start(ws, trained):
         tokenizer.train_tokenizer(ws, vocab_size=262, whitespace_runs=True, force=True)
 
 
+def test_whitespace_runs_keep_runs_the_bpe_learned_itself():
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["def f():\n    return 1\n    pass\n"] * 50, trainer=trainer)
+    assert tok.token_to_id("ĠĠ") is not None  # indented text: the BPE learned a run itself
+    before = tok.get_vocab()
+    out = tokenizer.with_whitespace_runs(tok)
+    after = out.get_vocab()
+    assert all(after[t] == i for t, i in before.items())  # every id keeps its number
+    assert set(after) - set(before) >= {"Ġ" * 8, "Ġ" * 16, "ĉĉ", "ĉ" * 4}
+    text = "x\n" + " " * 37 + "y\t\t\tz"
+    assert out.decode(out.encode(text).ids) == text
+
+
 def test_unchanged_source_keeps_tokenizer(ws, trained):
     tokenizer.train_tokenizer(ws, vocab_size=400, force=True)
     first = tokenizer.tokenizer_hash(ws)
