@@ -89,12 +89,13 @@ def test_tokenizer_card_decides_freshness(ws, trained):
     card = artifact.read(ws)
     src = sources.get_source(ws, "public")
     assert card.sha256 == trained.sha256 == tokenizer.tokenizer_hash(ws)
-    assert card.is_current(artifact.inputs_for(src.content_hash, {"vocab_size": 400}))
-    assert not card.is_current(artifact.inputs_for(src.content_hash, {"vocab_size": 420}))
-    assert "settings" in card.stale_reason(artifact.inputs_for(src.content_hash, {"vocab_size": 420}))
+    runs = {"whitespace_runs": tokenizer.WHITESPACE_RUNS} if card.whitespace_runs else {}  # the default's
+    assert card.is_current(artifact.inputs_for(src.content_hash, {"vocab_size": 400, **runs}))
+    assert not card.is_current(artifact.inputs_for(src.content_hash, {"vocab_size": 420, **runs}))
+    assert "settings" in card.stale_reason(artifact.inputs_for(src.content_hash, {"vocab_size": 420, **runs}))
     # trained from given texts (tests): names the texts, so never current for a source
     tokenizer.train_tokenizer(ws, vocab_size=400, texts=["some text", "more text"])
-    assert not artifact.read(ws).is_current(artifact.inputs_for(src.content_hash, {"vocab_size": 400}))
+    assert not artifact.read(ws).is_current(artifact.inputs_for(src.content_hash, {"vocab_size": 400, **runs}))
 
 
 def test_whitespace_runs_get_tokens_and_words_keep_their_start(ws, trained):
