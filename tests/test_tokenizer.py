@@ -67,10 +67,12 @@ def test_vocab_size_bounds(ws):
     texts = [f"Entry {i}: the river city had {i * 3} bridges and one king." for i in range(50)]
     # 256 byte ids + 2 special tokens fill 258 ids: the smallest vocabulary that learns a merge is 259
     with pytest.raises(InputError, match=r"259\.\.65535"):
-        tokenizer.train_tokenizer(ws, vocab_size=258, texts=texts)
+        tokenizer.train_tokenizer(ws, vocab_size=258, texts=texts, whitespace_runs=False)
+    with pytest.raises(InputError, match=r"265\.\.65535"):  # and 6 more with the whitespace runs
+        tokenizer.train_tokenizer(ws, vocab_size=264, texts=texts, whitespace_runs=True)
     with pytest.raises(InputError, match="u16 index ids"):
         tokenizer.train_tokenizer(ws, vocab_size=65536, texts=texts)
-    info = tokenizer.train_tokenizer(ws, vocab_size=259, texts=texts)
+    info = tokenizer.train_tokenizer(ws, vocab_size=259, texts=texts, whitespace_runs=False)
     assert info.vocab_size == 259
     ids = tokenizer.load_raw_tokenizer(ws).encode(texts[7]).ids
     assert max(ids) < 259 and len(ids) < len(texts[7].encode())  # the one merge is used
