@@ -21,7 +21,8 @@ def train(
     force: Annotated[bool, typer.Option(help="Retrain even if the public source has not changed.")] = False,
     whitespace_runs: Annotated[bool, typer.Option(
         help="Add tokens for runs of 2-16 spaces and 2-4 tabs (code and math: -22% and -9% tokens). "
-             "Changes the vocabulary: the public model and every index must then be rebuilt.")] = False,
+             "Changes the vocabulary: the public model and every index must then be rebuilt. "
+             "Helps only if the public text has indentation (docs/eval-diagnosis.md, run F).")] = False,
 ) -> None:
     """Train the shared tokenizer on the public source's train split."""
     info = lib.train_tokenizer(ws(), vocab_size=vocab_size, source=source, force=force, whitespace_runs=whitespace_runs)
