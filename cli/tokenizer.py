@@ -20,7 +20,7 @@ def train(
     source: Annotated[str, typer.Option(help="The public source to learn from.")] = "public",
     force: Annotated[bool, typer.Option(help="Retrain even if the public source has not changed.")] = False,
     whitespace_runs: Annotated[bool, typer.Option(
-        help="Add tokens for runs of 2-16 spaces and 2-4 tabs (code and math: -22% and -9% tokens). "
+        help="Add tokens for runs of 2-16 spaces and 2-4 tabs (code and math: -21% and -8% tokens). "
              "Changes the vocabulary: the public model and every index must then be rebuilt. "
              "Helps only if the public text has indentation (docs/eval-diagnosis.md, run F).")] = False,
 ) -> None:

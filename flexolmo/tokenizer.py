@@ -19,8 +19,8 @@ source's tokens and 23% of math's (demo federation). The option adds merges for 
 and 16 spaces and 2 and 4 tabs, ahead of every learned merge, within the same vocabulary size.
 They do not depend on any data (GPT-NeoX and OLMo's tokenizers carry such tokens too). The
 ByteLevel split leaves a run's last space on the next word, so words keep their word-start form.
-Measured on 200 documents per source: code -22% tokens, math -9%, educational -9%; public text
-and news unchanged. Not the default: measured with a public model trained on it (evaluation
+Measured on 200 documents per source (bench/tokenizer_runs.py): code -21% tokens, math -8%,
+educational -7%; public text and news unchanged. Not the default: measured with a public model trained on it (evaluation
 run F, docs/eval-diagnosis.md), code's own model gained 4.5% in bits per byte, the merged
 model 1.6%, math and creative did not gain, and the demo's text did not become readable. The
 public text has no indentation, so the public model, whose embeddings and output layer every
