@@ -23,6 +23,9 @@ def eval_cmd(
     rows: Annotated[Optional[str], typer.Option("--rows", help="Comma-separated rows (default: all): public, experts, "
                                                 "soup, btm, dense, flexolmo, flexolmo_tuned, no_bias, random_init, optout, task.")] = None,
     tokens_per_domain: Annotated[int, typer.Option("--tokens-per-domain", help="Validation tokens per domain (at most).")] = 16_384,
+    bytes_per_domain: Annotated[Optional[int], typer.Option(
+        "--bytes-per-domain", help="Instead: the tokens of each domain's first N bytes of validation text, the same "
+                                   "text whatever the tokenizer (to compare bits per byte across tokenizers).")] = None,
     task_lines: Annotated[int, typer.Option("--task-lines", help="Held-out code lines for the next-line task.")] = 100,
     report: Annotated[Optional[Path], typer.Option("--report", help="Write results.md and results/ (JSON, PNG) into this folder.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result object as JSON (progress goes to stderr).")] = False,
@@ -36,7 +39,8 @@ def eval_cmd(
     log = (lambda m: print(m, file=sys.stderr)) if as_json else console.print
     chosen = [r.strip() for r in rows.split(",") if r.strip()] if rows else None
     on_row = (lambda partial: write_report(partial, report)) if report is not None else None
-    result = run_eval(ws(), profile, rows=chosen, tokens_per_domain=tokens_per_domain, task_lines=task_lines,
+    result = run_eval(ws(), profile, rows=chosen, tokens_per_domain=tokens_per_domain, bytes_per_domain=bytes_per_domain,
+                      task_lines=task_lines,
                       progress=not as_json, log=log, on_row=on_row)
     if report is not None:
         paths = write_report(result, report)

@@ -121,3 +121,26 @@ def test_task_lines_stop_the_context_before_the_newline(evaluated):
     for before, line in pairs:
         assert not before.endswith("\n") and len(line.strip()) >= 8
         assert any(t.startswith(before + "\n" + line) for t in texts)
+
+
+def test_bytes_per_domain_measures_the_same_text_whatever_the_tokens(evaluated):
+    from flexolmo.errors import InputError
+    from flexolmo.evaluation.metrics import token_byte_lengths, validation_set
+    from flexolmo.tokenizer import load_raw_tokenizer
+
+    ws, _, _ = evaluated
+    longest = int(token_byte_lengths(load_raw_tokenizer(ws)).max())
+    domains = ["public", "news", "code"]
+    whole = validation_set(ws, domains, seq_len=16, max_tokens=10**9).target_bytes
+    budget = min(whole.values()) // 2
+    val = validation_set(ws, domains, seq_len=16, max_tokens=10**9, max_bytes=budget)
+    for d, b in val.target_bytes.items():  # whole windows of 16 tokens within the first `budget` bytes
+        assert budget - 17 * longest < b <= budget, (d, b, budget)
+    assert validation_set(ws, domains, 16, max_tokens=10**9, max_bytes=budget).target_bytes == val.target_bytes
+    # the tiny profile's windows are 64 tokens; a budget past the end takes every whole window
+    res = run_eval(ws, "tiny", rows=["public"], bytes_per_domain=10**6, progress=False, log=lambda m: None)
+    assert "--bytes-per-domain 1000000" in res["meta"]["command"]
+    assert res["meta"]["bytes_per_domain"] == validation_set(ws, domains, 64, max_tokens=10**9).target_bytes
+    assert "their bytes of text" in write_report(res, ws.root / "report")["markdown"].read_text()
+    with pytest.raises(InputError, match="bytes-per-domain"):
+        run_eval(ws, "tiny", rows=["public"], bytes_per_domain=5, progress=False, log=lambda m: None)

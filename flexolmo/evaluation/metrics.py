@@ -68,8 +68,11 @@ def stream_windows(ids: np.ndarray, seq_len: int, max_tokens: int) -> torch.Tens
     return torch.stack([t[i * seq_len: (i + 1) * seq_len + 1] for i in range(n)])
 
 
-def validation_set(ws, sources: list[str], seq_len: int, max_tokens: int) -> ValidationSet:
-    """Validation windows of every source (its validation split only)."""
+def validation_set(ws, sources: list[str], seq_len: int, max_tokens: int, max_bytes: int | None = None) -> ValidationSet:
+    """Validation windows of every source (its validation split only), from its start: at most
+    `max_tokens` predicted tokens, or with `max_bytes`, the tokens of the first `max_bytes`
+    bytes of text instead (the same text whatever the tokenizer: compare bits per byte across
+    tokenizers this way; a token count covers more text where tokens are longer)."""
     from ..tokenizer import load_raw_tokenizer, tokenizer_info
     from ..tokens import source_tokens
 
@@ -81,7 +84,13 @@ def validation_set(ws, sources: list[str], seq_len: int, max_tokens: int) -> Val
         if toks.n_docs == 0:
             raise InputError(f"source {s!r} has no validation documents; it cannot be evaluated")
         stream = np.insert(np.asarray(toks.ids, dtype=np.int64), toks.offsets[1:], eos)
-        w = stream_windows(stream, seq_len, max_tokens)
+        budget = max_tokens
+        if max_bytes is not None:  # predicted tokens whose text ends within the first max_bytes bytes
+            budget = int(np.searchsorted(np.cumsum(nbytes[stream[1:]]), max_bytes, side="right"))
+            if budget < seq_len:
+                raise InputError(f"{max_bytes} bytes of {s!r} hold {budget} tokens, less than one window of {seq_len}: "
+                                 "give a larger --bytes-per-domain")
+        w = stream_windows(stream, seq_len, budget)
         if len(w) == 0:
             raise InputError(f"source {s!r} has only {len(stream)} validation tokens, fewer than seq_len={seq_len}")
         windows[s] = w

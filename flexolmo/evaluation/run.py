@@ -64,7 +64,7 @@ def _merged(ws: Workspace, profile, owners: list[str], out: Path, packages_dir: 
 
 
 def run_eval(ws: Workspace, profile: str = "demo", *, rows: list[str] | None = None, tokens_per_domain: int = 16_384,
-             task_lines: int = 100, tune_steps: int = 200, progress: bool = True, log: Callable[[str], None] = print,
+             bytes_per_domain: int | None = None, task_lines: int = 100, tune_steps: int = 200, progress: bool = True, log: Callable[[str], None] = print,
              on_row: Callable[[dict], None] | None = None) -> dict:
     """Train what is missing, measure every row on every domain's validation split; the result
     dict of flexolmo/evaluation/report.py. `on_row(result so far)` runs after every row (the
@@ -83,12 +83,13 @@ def run_eval(ws: Workspace, profile: str = "demo", *, rows: list[str] | None = N
         raise InputError("the workspace has no owner sources besides the public one: nothing to evaluate")
     domains = [public_source] + owners
     seq_len = min(256, public.config.max_position_embeddings)
-    val = metrics.validation_set(ws, domains, seq_len, tokens_per_domain)
+    val = metrics.validation_set(ws, domains, seq_len, tokens_per_domain, bytes_per_domain)
     root = ws.root / "eval" / p.name
     res: dict = {"profile": p.name, "domains": domains, "public_domain": public_source, "rows": {}, "bpb": {},
                  "public_in_topk": {}, "routing_share": {}, "optout": {}}
     lp_cache: dict[str, dict[str, "np.ndarray"]] = {}
-    command = (f"flexolmo eval --profile {p.name} --tokens-per-domain {tokens_per_domain} --task-lines {task_lines}"
+    budget = f"--bytes-per-domain {bytes_per_domain}" if bytes_per_domain is not None else f"--tokens-per-domain {tokens_per_domain}"
+    command = (f"flexolmo eval --profile {p.name} {budget} --task-lines {task_lines}"
                + (f" --rows {','.join(rows)}" if set(rows) != set(ALL_ROWS) else "")
                + (f" (router tuning: {tune_steps} steps)" if tune_steps != 200 else ""))
 
@@ -96,6 +97,7 @@ def run_eval(ws: Workspace, profile: str = "demo", *, rows: list[str] | None = N
         return {**res.get("meta", {}), "command": command,
                 "date": dt.date.today().isoformat(), "seconds": round(time.time() - t0, 1),
                 "tokens_per_domain": {d: int(val.windows[d][:, 1:].numel()) for d in domains},
+                "bytes_per_domain": dict(val.target_bytes),
                 "top_k": p.model.top_k, "expert_steps": p.expert.steps,
                 "expert_tokens": p.expert.steps * p.expert.tokens_per_step(),
                 "complete": "loss_curves" in res}
