@@ -32,7 +32,7 @@ def main() -> None:
     if tok_lib.artifact.read(ws).whitespace_runs:
         sys.exit("this workspace's tokenizer already has whitespace runs; point --workspace at one without")
     plain = tok_lib.load_raw_tokenizer(ws)
-    runs = tok_lib.with_whitespace_runs(tok_lib.load_raw_tokenizer(ws))
+    runs = tok_lib.with_whitespace_runs(plain)  # a new tokenizer; `plain` is left as it is
     space = plain.token_to_id(tok_lib.SPACE)
     print(f"{'source':<12} {'docs':>5} {'tokens':>10} {'single spaces':>14} {'with runs':>10} {'change':>8}")
     for src in list_sources(ws):
