@@ -20,11 +20,12 @@ and 16 spaces and 2 and 4 tabs, ahead of every learned merge, within the same vo
 They do not depend on any data (GPT-NeoX and OLMo's tokenizers carry such tokens too). The
 ByteLevel split leaves a run's last space on the next word, so words keep their word-start form.
 Measured on 200 documents per source (bench/tokenizer_runs.py): code -21% tokens, math -8%,
-educational -7%; public text and news unchanged. Not the default: measured with a public model trained on it (evaluation
-run F, docs/eval-diagnosis.md), code's own model gained 4.5% in bits per byte, the merged
-model 1.6%, math and creative did not gain, and the demo's text did not become readable. The
-public text has no indentation, so the public model, whose embeddings and output layer every
-owner shares frozen, never learns the new tokens.
+educational -7%; public text and news unchanged. Not the default: measured with a public model
+trained on it (evaluation run F, docs/eval-diagnosis.md; bits per byte on the same bytes), code's
+own model gained 2.0%, the merged model 1.4%, math's own model lost 7.9% (dense lost on math
+too), and the demo's text did not become readable. The public text has no indentation, so the
+public model, whose embeddings and output layer every owner shares frozen, never learns the
+new tokens.
 
     python -m cli.main tokenizer train --vocab-size 8192
 """
