@@ -4,7 +4,8 @@ A profile bundles a model shape with the two training recipes (public model, exp
 
     tiny   tests: a training run takes seconds
     demo   the sample federation and `flexolmo eval`: an 8.4M-parameter public model, trained
-           once and shipped (assets/public-model/), and 7 experts trained by `make demo`
+           once on the general public source and shipped (assets/public-model/), and 7 experts
+           trained by `make demo`
     paper  a larger shape (6 layers, 512 positions), not run end to end
 
 The public model is the same architecture with one expert (a dense FFN). The vocabulary

@@ -12,20 +12,17 @@ Files in `<workspace>/tokenizer/`:
     card.json        `flexolmo.artifacts.tokenizer.TokenizerCard`: inputs (source content, size),
                      vocabulary size, special ids, file hashes
 
-Whitespace runs (`whitespace_runs=True`, `--whitespace-runs`): the public source (encyclopedia
-text) has almost no indentation, so a BPE learned from it has no token for two spaces, and an
-owner's code or math is tokenized one space at a time: single-space tokens are 34% of the code
-source's tokens and 23% of math's (demo federation). The option adds merges for runs of 2, 4, 8
-and 16 spaces and 2 and 4 tabs, ahead of every learned merge, within the same vocabulary size.
-They do not depend on any data (GPT-NeoX and OLMo's tokenizers carry such tokens too). The
-ByteLevel split leaves a run's last space on the next word, so words keep their word-start form.
-Measured on 200 documents per source (bench/tokenizer_runs.py): code -21% tokens, math -8%,
-educational -7%; public text and news unchanged. Not the default: measured with a public model
-trained on it (evaluation run F, docs/eval-diagnosis.md; bits per byte on the same bytes), code's
-own model gained 2.0%, the merged model 1.4%, math's own model lost 7.9% (dense lost on math
-too), and the demo's text did not become readable. The public text has no indentation, so the
-public model, whose embeddings and output layer every owner shares frozen, never learns the
-new tokens.
+Whitespace runs (`whitespace_runs=True`, `--whitespace-runs`): a BPE learned from public text
+with almost no indentation (the encyclopedia-only public source before run G) has no token for
+two spaces, and an owner's code or math is tokenized one space at a time (single-space tokens
+were 34% of the code source's tokens and 23% of math's). The option adds merges for runs of 2,
+4, 8 and 16 spaces and 2 and 4 tabs, ahead of every learned merge, within the same vocabulary
+size, skipping runs the BPE learned itself. They do not depend on any data (GPT-NeoX and OLMo's
+tokenizers carry such tokens too). The ByteLevel split leaves a run's last space on the next
+word, so words keep their word-start form. Measured with the encyclopedia public source (run F,
+docs/eval-diagnosis.md; bits per byte on the same bytes): code's own model gained 2.0%, the
+merged model 1.4%, math's own model lost 7.9%. Not the default: the sample federation's public
+source now holds man pages and Perl code (run G), and the BPE learns runs of spaces from them.
 
     python -m cli.main tokenizer train --vocab-size 8192
 """

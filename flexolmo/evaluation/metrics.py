@@ -5,7 +5,10 @@ Every domain is read from its source's *validation* split (about 2% of documents
 by a hash of the doc_id, never trained on and never indexed). A domain's text becomes one
 id stream (each document followed by the end-of-text token) cut into non-overlapping
 windows of `seq_len + 1` tokens; every token after the first of a window is predicted from
-the tokens before it in the window.
+the tokens before it in the window. Where the split holds more windows than the budget, the
+windows measured are spread evenly over the whole stream: documents are stored in doc_id order,
+so the first windows alone would measure one corner of a source (the first files of the code,
+the first origin of the mixed public source).
 
     val = validation_set(ws, ["public", "news"], seq_len=256, max_tokens=16_384)
     lp = window_logprobs(model, val.windows["news"])           # (n, seq_len)
@@ -56,22 +59,26 @@ def token_byte_lengths(tokenizer) -> np.ndarray:
     return out
 
 
-def stream_windows(ids: np.ndarray, seq_len: int, max_tokens: int) -> torch.Tensor:
-    """Non-overlapping windows (n, seq_len + 1) from the start of an id stream, at most
-    `max_tokens` predicted tokens in all (consecutive windows share their boundary token)."""
+def stream_windows(ids: np.ndarray, seq_len: int, max_tokens: int, spread: bool = True) -> torch.Tensor:
+    """Non-overlapping windows (n, seq_len + 1) of an id stream, at most `max_tokens` predicted
+    tokens in all. The stream is cut into consecutive windows (neighbours share their boundary
+    token); when there are more than the budget allows, `spread` keeps windows evenly spaced
+    over the whole stream, first and last included, and otherwise the first ones."""
     if seq_len < 1:
         raise InputError(f"seq_len must be at least 1, got {seq_len}")
-    n = min(max(0, (len(ids) - 1) // seq_len), max(1, max_tokens // seq_len))
+    total = max(0, (len(ids) - 1) // seq_len)
+    n = min(total, max(1, max_tokens // seq_len))
     if n == 0:
         return torch.zeros((0, seq_len + 1), dtype=torch.long)
-    t = torch.as_tensor(np.asarray(ids[: n * seq_len + 1], dtype=np.int64))
-    return torch.stack([t[i * seq_len: (i + 1) * seq_len + 1] for i in range(n)])
+    starts = np.linspace(0, total - 1, n).round().astype(np.int64) if spread else np.arange(n)
+    t = torch.as_tensor(np.asarray(ids[: total * seq_len + 1], dtype=np.int64))
+    return torch.stack([t[i * seq_len: (i + 1) * seq_len + 1] for i in starts.tolist()])
 
 
 def validation_set(ws, sources: list[str], seq_len: int, max_tokens: int, max_bytes: int | None = None) -> ValidationSet:
-    """Validation windows of every source (its validation split only), from its start: at most
-    `max_tokens` predicted tokens, or with `max_bytes`, the tokens of the first `max_bytes`
-    bytes of text instead (the same text whatever the tokenizer: compare bits per byte across
+    """Validation windows of every source (its validation split only): at most `max_tokens`
+    predicted tokens spread over the split, or with `max_bytes`, the tokens of the first
+    `max_bytes` bytes of text instead (the same text whatever the tokenizer: compare bits per byte across
     tokenizers this way; a token count covers more text where tokens are longer)."""
     from ..tokenizer import load_raw_tokenizer, tokenizer_info
     from ..tokens import source_tokens
@@ -90,7 +97,7 @@ def validation_set(ws, sources: list[str], seq_len: int, max_tokens: int, max_by
             if budget < seq_len:
                 raise InputError(f"{max_bytes} bytes of {s!r} hold {budget} tokens, less than one window of {seq_len}: "
                                  "give a larger --bytes-per-domain")
-        w = stream_windows(stream, seq_len, budget)
+        w = stream_windows(stream, seq_len, budget, spread=max_bytes is None)  # bytes: the text's start
         if len(w) == 0:
             raise InputError(f"source {s!r} has only {len(stream)} validation tokens, fewer than seq_len={seq_len}")
         windows[s] = w

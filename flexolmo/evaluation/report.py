@@ -47,7 +47,9 @@ def markdown(result: dict) -> str:
     lines = ["# Evaluation results", ""]
     lines += [f"- command: `{meta.get('command', 'flexolmo eval')}`",
               f"- profile: `{result['profile']}`; date: {meta.get('date', '?')}; wall time: {meta.get('seconds', 0):.0f} s",
-              f"- validation tokens per domain: {meta.get('tokens_per_domain', '?')} (the validation split: never trained on, never indexed)",
+              f"- validation tokens per domain: {meta.get('tokens_per_domain', '?')} (the validation split: never trained on, never indexed"
+              + {"spread": "; windows spread evenly over each split)", "first bytes": "; the first bytes of each split)"}
+              .get(meta.get("windows", ""), ")"),
               *([f"- their bytes of text: {meta['bytes_per_domain']} (bits per byte compare across tokenizers on the same bytes: "
                  "`--bytes-per-domain`)"] if "bytes_per_domain" in meta else []),
               ""]

@@ -98,6 +98,7 @@ def run_eval(ws: Workspace, profile: str = "demo", *, rows: list[str] | None = N
                 "date": dt.date.today().isoformat(), "seconds": round(time.time() - t0, 1),
                 "tokens_per_domain": {d: int(val.windows[d][:, 1:].numel()) for d in domains},
                 "bytes_per_domain": dict(val.target_bytes),
+                "windows": "first bytes" if bytes_per_domain is not None else "spread",
                 "top_k": p.model.top_k, "expert_steps": p.expert.steps,
                 "expert_tokens": p.expert.steps * p.expert.tokens_per_step(),
                 "complete": "loss_curves" in res}
