@@ -3,7 +3,7 @@
 Each step keeps what an earlier run built when its inputs did not change (the tokenizer,
 indexes, the public model, expert packages, the merged model), so a second `make demo` only
 traces. Whether a model artifact is current is its card's answer (flexolmo/artifacts/).
-Measured on a fresh workspace: 589 s in all, of which 564 s training (docs/benchmarks.md).
+Measured on a fresh workspace: `make demo` 13 min 3 s, of which 743 s training the experts (docs/benchmarks.md).
 """
 
 from __future__ import annotations

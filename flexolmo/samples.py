@@ -52,8 +52,9 @@ def public_cache_dir() -> Path:
     return _cache_dir("public-debs", "FLEXOLMO_PUBLIC_CACHE")
 
 
-# Debian 12 packages whose text joins the public source (DESIGN.md, "Sample federation"; issue 9:
-# the public model must know more than encyclopedia prose). The sampling keeps a share of each.
+# Debian 12 packages whose text joins the Wikipedia leads in the public source (issue 9: the
+# public model must know more than encyclopedia prose; DESIGN.md's table lists Wikipedia only).
+# The builders keep a fixed share of each.
 PUBLIC_DEBS = ("manpages", "manpages-dev", "dict-gcide", "perl-modules-5.36")
 
 
@@ -163,7 +164,8 @@ def _kept(key: str, one_in: int) -> bool:
 def _public_deb_root() -> Path:
     root = public_cache_dir()
     cmd = "make data-deps   # apt-get download " + " ".join(PUBLIC_DEBS) + " && dpkg-deb -x into " + str(root)
-    return _require(root / "usr" / "share", cmd).parent.parent
+    _require(root / "usr" / "share", cmd)
+    return root
 
 
 def build_wiki() -> list[dict]:

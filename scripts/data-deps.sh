@@ -5,7 +5,10 @@ set -euo pipefail
 VENV=${VENV:-.venv}
 R_CACHE=${FLEXOLMO_R_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/flexolmo/r-cran}
 PUBLIC_CACHE=${FLEXOLMO_PUBLIC_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/flexolmo/public-debs}
-PUBLIC_DEBS="manpages manpages-dev dict-gcide perl-modules-5.36"  # flexolmo/samples.py PUBLIC_DEBS
+# flexolmo/samples.py PUBLIC_DEBS, at the versions the shipped public model was trained on (a
+# newer version, where the pinned one has left the mirror, changes the public source: `make demo`
+# then trains its own public model instead of installing the shipped one)
+PUBLIC_DEBS="manpages=6.03-2 manpages-dev=6.03-2 dict-gcide=0.48.5+nmu2 perl-modules-5.36=5.36.0-7+deb12u4"
 R_PKGS="lme4 partykit coin sandwich flexmix psych ordinal vcd zoo plm systemfit effects robustbase
 rcppeigen multcomp vegan fitdistrplus mixtools maxlik party pscl forecast kernlab strucchange"
 
@@ -40,7 +43,12 @@ if ! [ -f "$PUBLIC_CACHE/usr/share/dictd/gcide.dict.dz" ] || ! ls "$PUBLIC_CACHE
   echo "== apt-get download $PUBLIC_DEBS into $PUBLIC_CACHE (the public source's general text)"
   [ -n "$need_apt" ] || $SUDO apt-get update -qq
   mkdir -p "$PUBLIC_CACHE/debs"
-  ( cd "$PUBLIC_CACHE/debs" && apt-get download $PUBLIC_DEBS >/dev/null )
+  for p in $PUBLIC_DEBS; do
+    ( cd "$PUBLIC_CACHE/debs" && apt-get download "$p" >/dev/null 2>&1 ) || {
+      echo "warning: $p is not downloadable; taking the release's current ${p%%=*} (the shipped public model will not match)" >&2
+      ( cd "$PUBLIC_CACHE/debs" && apt-get download "${p%%=*}" >/dev/null )
+    }
+  done
   for deb in "$PUBLIC_CACHE"/debs/*.deb; do dpkg-deb -x "$deb" "$PUBLIC_CACHE"; done
 fi
 
