@@ -78,8 +78,8 @@ def stream_windows(ids: np.ndarray, seq_len: int, max_tokens: int, spread: bool 
 def validation_set(ws, sources: list[str], seq_len: int, max_tokens: int, max_bytes: int | None = None) -> ValidationSet:
     """Validation windows of every source (its validation split only): at most `max_tokens`
     predicted tokens spread over the split, or with `max_bytes`, the tokens of the first
-    `max_bytes` bytes of text instead (the same text whatever the tokenizer: compare bits per byte across
-    tokenizers this way; a token count covers more text where tokens are longer)."""
+    `max_bytes` bytes of text instead (the same text whatever the tokenizer: compare bits per
+    byte across tokenizers this way; a token count covers more text where tokens are longer)."""
     from ..tokenizer import load_raw_tokenizer, tokenizer_info
     from ..tokens import source_tokens
 
