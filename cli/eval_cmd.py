@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
 def eval_cmd(
     profile: Annotated[str, typer.Option("--profile", "-p", help="Model/training profile of the models to evaluate.")] = "demo",
     rows: Annotated[Optional[str], typer.Option("--rows", help="Comma-separated rows (default: all): public, experts, "
-                                                "soup, btm, dense, flexolmo, flexolmo_tuned, no_bias, random_init, optout, task.")] = None,
+                                                "soup, btm, dense, flexolmo, flexolmo_tuned, no_bias, random_init, embedder_init, optout, task.")] = None,
     tokens_per_domain: Annotated[int, typer.Option("--tokens-per-domain", help="Validation tokens per domain (at most).")] = 16_384,
     bytes_per_domain: Annotated[Optional[int], typer.Option(
         "--bytes-per-domain", help="Instead: the tokens of each domain's first N bytes of validation text, the same "

@@ -65,7 +65,7 @@ class ModelConfig:
         )
 
 
-ROUTER_INITS = ("domain_mean", "domain_unit", "random", "classifier")
+ROUTER_INITS = ("domain_mean", "domain_unit", "random", "classifier", "embedder")
 # the recipe before issue 9 (a bias starting at 0, no z-loss, a unit-length router row): what
 # cards written by that code were trained with (flexolmo/artifacts reads them)
 PREVIOUS_RECIPE = {"router_bias_init": 0.0, "router_z_loss": 0.0, "router_init": "domain_unit", "router_margin_std": None,
@@ -129,8 +129,10 @@ class TrainConfig:
     public_mix: float = 0.25
     calibration_windows: int = 24  # windows of public and of own text for the calibration and the end check
     router_z_loss: float = 1e-3  # coefficient of the router z-loss (mean logsumexp(router logits)^2)
-    # router row: "domain_mean" (paper), "domain_unit" (old recipe), "random", or "classifier" (row 0 +
-    # a per-layer logistic regression of own vs public text on the router's input; experimental)
+    # router row: "domain_mean" (the paper's recipe, the public model as embedder), "domain_unit" (old
+    # recipe), "random", "classifier" (row 0 + a per-layer logistic regression of own vs public text on
+    # the router's input; experimental) or "embedder" (the paper's off-the-shelf embedder,
+    # all-MiniLM-L6-v2, through a fixed public projection; flexolmo/embedder.py)
     router_init: str = "domain_mean"
 
     def __post_init__(self) -> None:

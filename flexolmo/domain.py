@@ -11,6 +11,9 @@ itself (its final hidden state after the last norm); `TrainConfig.router_init` c
     random        a seeded random row (N(0, initializer_range)), for the ablation
     classifier    per layer, row 0 + an own-vs-public logistic regression on the router's input
                   (`classifier_rows`; experimental, measured in docs/eval-diagnosis.md)
+    embedder      the paper's off-the-shelf embedder: row 0 + the difference of the mean
+                  all-MiniLM-L6-v2 embeddings of the owner's and the public documents, through a
+                  fixed public projection (`embedder_rows`; the evaluation's embedder_init row)
 
 Under DP (`--dp-epsilon`), `dp_router_row` replaces the mean by a clipped, noised sum over
 Poisson-sampled windows, one of the three mechanisms of the package's budget (privacy.py).
@@ -29,40 +32,99 @@ from .tokenizer import load_raw_tokenizer
 from .workspace import Workspace
 
 
+def sample_texts(ws: Workspace, source: str, max_docs: int, seed: int = 0) -> list[str]:
+    """Up to `max_docs` of `source`'s training documents, a seeded sample."""
+    texts = list(iter_texts(ws, source, split="train"))
+    g = torch.Generator().manual_seed(seed)
+    return [texts[i] for i in torch.randperm(len(texts), generator=g)[:max_docs].tolist()]
+
+
 @torch.no_grad()
+def doc_hidden_means(model, ws: Workspace, texts: list[str], seq_len: int) -> tuple[torch.Tensor, list[int]]:
+    """(n, H) the model's final hidden state averaged over each document's first `seq_len`
+    tokens, for the non-empty documents of `texts`, and their positions in `texts`."""
+    module = as_module(model)
+    tok = load_raw_tokenizer(ws)
+    was_training = module.training
+    module.eval()
+    rows, kept = [], []
+    for i, enc in enumerate(tok.encode_batch(texts, add_special_tokens=False)):
+        ids = enc.ids[:seq_len]
+        if ids:
+            rows.append(module.model(input_ids=torch.tensor([ids]), use_cache=False).last_hidden_state[0].mean(0).double())
+            kept.append(i)
+    module.train(was_training)
+    return (torch.stack(rows) if rows else torch.zeros(0, module.config.hidden_size, dtype=torch.float64)), kept
+
+
 def domain_embedding(model, ws: Workspace, source: str, max_docs: int, seq_len: int, seed: int = 0,
                      unit: bool = False) -> tuple[torch.Tensor, int]:
     """Mean of the model's final hidden state over up to `max_docs` sampled training documents
     (each truncated to `seq_len` tokens); unit length if `unit`. Returns (vector (H,), n_docs)."""
-    module = as_module(model)
-    texts = list(iter_texts(ws, source, split="train"))
-    g = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(len(texts), generator=g)[:max_docs].tolist()
-    tok = load_raw_tokenizer(ws)
-    was_training = module.training
-    module.eval()
-    total = torch.zeros(module.config.hidden_size, dtype=torch.float64)
-    n = 0
-    for enc in tok.encode_batch([texts[i] for i in pick], add_special_tokens=False):
-        ids = enc.ids[:seq_len]
-        if not ids:
-            continue
-        h = module.model(input_ids=torch.tensor([ids]), use_cache=False).last_hidden_state[0]  # (T, H)
-        total += h.mean(0).double()
-        n += 1
-    module.train(was_training)
-    if n == 0:
+    rows, _ = doc_hidden_means(model, ws, sample_texts(ws, source, max_docs, seed), seq_len)
+    if len(rows) == 0:
         raise InputError(f"source {source!r} has no non-empty training documents")
-    v = (total / n).float()
-    return (v / v.norm().clamp_min(1e-8) if unit else v), n
+    v = rows.mean(0).float()
+    return (v / v.norm().clamp_min(1e-8) if unit else v), len(rows)
 
 
-def router_row(model, ws: Workspace, source: str, cfg: TrainConfig) -> tuple[torch.Tensor, str]:
-    """The starting router row for `source` by `cfg.router_init`, and a sentence for the card."""
+def projection(dim_in: int, dim_out: int, seed: int = 0) -> torch.Tensor:
+    """The fixed public projection (dim_in, dim_out) from the embedder's space to the model's
+    hidden space: seeded N(0, 1/dim_out) entries, so a product with it keeps lengths and angles
+    approximately (Johnson-Lindenstrauss). Data-independent, the same for every owner."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(dim_in, dim_out, generator=g, dtype=torch.float64) / dim_out ** 0.5
+
+
+_EMBEDDINGS: dict[tuple, torch.Tensor] = {}
+
+
+def mean_embedding(ws: Workspace, source: str, embedder, max_docs: int, seed: int = 0) -> tuple[torch.Tensor, int]:
+    """The embedder's mean embedding of up to `max_docs` sampled training documents of `source`
+    and their number (kept per process: the evaluation trains seven owners against one public
+    source)."""
+    key = (str(ws.root), source, str(embedder.folder), max_docs, seed)
+    if key not in _EMBEDDINGS:
+        texts = [t for t in sample_texts(ws, source, max_docs, seed) if t.strip()]
+        if not texts:
+            raise InputError(f"source {source!r} has no non-empty training documents")
+        _EMBEDDINGS[key] = embedder.embed(texts).double().mean(0), len(texts)
+    return _EMBEDDINGS[key]
+
+
+def embedder_rows(model, ws: Workspace, source: str, public_source: str, cfg: TrainConfig,
+                  embedder=None) -> tuple[torch.Tensor, str]:
+    """The paper's router-row start with an off-the-shelf embedder (flexolmo/embedder.py): in the
+    paper the rows *are* the embedder's mean document embeddings (its width is the model's), so
+    the owner-vs-public margin reads the hidden state along e_own - e_pub. Here the embedder (384 wide)
+    and the model differ in width, so that difference goes through the fixed public
+    `projection`: row_l = row 0_l + (e_own - e_pub) P in every layer l, with e the mean embedding of
+    up to `cfg.embed_docs` sampled training documents (the public ones: data every owner has).
+    Returns (L, H) rows."""
+    from .embedder import TextEmbedder
+
+    embedder = embedder or TextEmbedder.load()
+    own, n_own = mean_embedding(ws, source, embedder, cfg.embed_docs, cfg.seed)
+    pub, n_pub = mean_embedding(ws, public_source, embedder, cfg.embed_docs, cfg.seed)
+    hidden = as_module(model).config.hidden_size
+    step = ((own - pub) @ projection(embedder.dim, hidden)).float()
+    rows = torch.stack([r.weight.detach()[0] + step for r in routers(as_module(model))])
+    return rows, (f"domain embedding (embedder): row 0 + (mean {embedder.folder.parent.name} embedding of {n_own} sampled "
+                  f"{source} training documents - that of {n_pub} {public_source} documents) x a fixed public projection "
+                  f"({embedder.dim} -> {hidden}, seeded Gaussian, seed 0)")
+
+
+def router_row(model, ws: Workspace, source: str, cfg: TrainConfig, public_source: str | None = None) -> tuple[torch.Tensor, str]:
+    """The starting router row for `source` by `cfg.router_init`, and a sentence for the card
+    (`embedder` needs `public_source`: its rows are the owner's embedding against the public one)."""
     if cfg.router_init == "random":
         g = torch.Generator().manual_seed(cfg.seed)
         std = as_module(model).config.initializer_range
         return torch.randn(as_module(model).config.hidden_size, generator=g) * std, f"random: N(0, {std}^2), seed {cfg.seed}"
+    if cfg.router_init == "embedder":
+        if public_source is None:
+            raise InputError("router_init 'embedder' fits its projection on the public source: name it")
+        return embedder_rows(model, ws, source, public_source, cfg)
     unit = cfg.router_init == "domain_unit"
     row, n = domain_embedding(model, ws, source, cfg.embed_docs, cfg.seq_len, seed=cfg.seed, unit=unit)
     how = "unit-length mean" if unit else "mean (not normalised)"

