@@ -74,7 +74,7 @@ PREVIOUS_RECIPE = {"router_bias_init": 0.0, "router_z_loss": 0.0, "router_init":
 
 # TrainConfig fields that only owner (expert) training reads: not part of the public recipe
 EXPERT_ONLY = ("router_bias_init", "router_bias_target", "router_own_floor", "calibration_windows", "router_z_loss", "router_margin_std",
-               "router_bias_every", "public_mix")
+               "router_bias_every", "public_mix", "expert_scale_cap")
 
 
 @dataclass
@@ -128,6 +128,11 @@ class TrainConfig:
     # Not applied under DP (DP-SGD draws its own Poisson batches of the owner's windows)
     public_mix: float = 0.25
     calibration_windows: int = 24  # windows of public and of own text for the calibration and the end check
+    # the owner's expert is never louder than this times the public expert (mean output norm on two
+    # public windows, checked after every step; flexolmo/scale.py). Under the post-norm a louder
+    # expert outbids the public one as a positive logit would, unseen by the clamp b <= 0; measured
+    # without a cap, every demo owner's expert ended 1.4-2.9x louder. None: no cap
+    expert_scale_cap: float | None = None
     router_z_loss: float = 1e-3  # coefficient of the router z-loss (mean logsumexp(router logits)^2)
     # router row: "domain_mean" (the paper's recipe, the public model as embedder), "domain_unit" (old
     # recipe), "random", "classifier" (row 0 + a per-layer logistic regression of own vs public text on
@@ -149,6 +154,8 @@ class TrainConfig:
             raise InputError(f"router_margin_std must be > 0 (or None for the raw scale), got {self.router_margin_std}")
         if not 0 <= self.public_mix < 1:
             raise InputError(f"public_mix is the public share of a batch, in [0, 1); got {self.public_mix}")
+        if self.expert_scale_cap is not None and self.expert_scale_cap <= 0:
+            raise InputError(f"expert_scale_cap must be > 0 (or None for no cap), got {self.expert_scale_cap}")
         if self.router_z_loss < 0:
             raise InputError(f"router_z_loss must be >= 0, got {self.router_z_loss}")
 

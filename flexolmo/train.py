@@ -53,6 +53,7 @@ from .errors import InputError
 from .layout import shared_weights_hash, with_experts
 from .losses import WithRouterZLoss
 from .model import LoadedModel, build_model, num_parameters, routers
+from .scale import ScaleCap, output_ratios
 from .sources import get_source
 from .stream import Mixture, check_stream, token_stream
 from .tokenizer import tokenizer_info
@@ -231,6 +232,10 @@ def train_expert(
     if cfg.router_bias_init is None:  # keep the calibrated bias at its target as the expert trains
         tracker = BiasTracker(pub_w, cfg.router_bias_target, cfg.router_bias_every, own_windows=own_w, floor=floor)
         callbacks.append(tracker)
+    capper = None
+    if cfg.expert_scale_cap is not None:  # public windows only: no privacy cost, DP or not
+        capper = ScaleCap(pub_w[:2], cfg.expert_scale_cap)
+        callbacks.append(capper)
     if dp is not None:
         from .privacy import DPStep
 
@@ -250,8 +255,13 @@ def train_expert(
         return TrainResult("expert", source, out, p.name, fit, num_parameters(model), None, loaded)
 
     # the package
-    bias_report["at_end"] = routing_check(model, *_check_windows(public_stream, stream, cfg, seed=cfg.seed + 1)).to_dict()
+    check_pub, check_own = _check_windows(public_stream, stream, cfg, seed=cfg.seed + 1)
+    bias_report["at_end"] = routing_check(model, check_pub, check_own).to_dict()
     bias_report["bias_at_end"] = bias_summary(model)
+    # how loud the owner's expert is against the public one on public text, per layer (flexolmo/scale.py)
+    bias_report["expert_output_ratio_at_end"] = [round(float(r), 4) for r in output_ratios(model, check_pub[:4])]
+    if capper is not None:
+        bias_report["scale_cap"] = {"cap": cfg.expert_scale_cap, "largest_ratio_met": max(capper.peaks, default=None)}
     bias_report["public_share_of_batches"] = cfg.public_mix if mixed else ("not applied under DP" if cfg.public_mix else 0.0)
     if tracker is not None:
         bias_report["recalibrated"] = {"every_steps": cfg.router_bias_every, "mean_abs_move": tracker.moves}
