@@ -40,32 +40,28 @@ def sample_texts(ws: Workspace, source: str, max_docs: int, seed: int = 0) -> li
 
 
 @torch.no_grad()
-def doc_hidden_means(model, ws: Workspace, texts: list[str], seq_len: int) -> tuple[torch.Tensor, list[int]]:
-    """(n, H) the model's final hidden state averaged over each document's first `seq_len`
-    tokens, for the non-empty documents of `texts`, and their positions in `texts`."""
-    module = as_module(model)
-    tok = load_raw_tokenizer(ws)
-    was_training = module.training
-    module.eval()
-    rows, kept = [], []
-    for i, enc in enumerate(tok.encode_batch(texts, add_special_tokens=False)):
-        ids = enc.ids[:seq_len]
-        if ids:
-            rows.append(module.model(input_ids=torch.tensor([ids]), use_cache=False).last_hidden_state[0].mean(0).double())
-            kept.append(i)
-    module.train(was_training)
-    return (torch.stack(rows) if rows else torch.zeros(0, module.config.hidden_size, dtype=torch.float64)), kept
-
-
 def domain_embedding(model, ws: Workspace, source: str, max_docs: int, seq_len: int, seed: int = 0,
                      unit: bool = False) -> tuple[torch.Tensor, int]:
     """Mean of the model's final hidden state over up to `max_docs` sampled training documents
     (each truncated to `seq_len` tokens); unit length if `unit`. Returns (vector (H,), n_docs)."""
-    rows, _ = doc_hidden_means(model, ws, sample_texts(ws, source, max_docs, seed), seq_len)
-    if len(rows) == 0:
+    module = as_module(model)
+    tok = load_raw_tokenizer(ws)
+    was_training = module.training
+    module.eval()
+    total = torch.zeros(module.config.hidden_size, dtype=torch.float64)
+    n = 0
+    for enc in tok.encode_batch(sample_texts(ws, source, max_docs, seed), add_special_tokens=False):
+        ids = enc.ids[:seq_len]
+        if not ids:
+            continue
+        h = module.model(input_ids=torch.tensor([ids]), use_cache=False).last_hidden_state[0]  # (T, H)
+        total += h.mean(0).double()
+        n += 1
+    module.train(was_training)
+    if n == 0:
         raise InputError(f"source {source!r} has no non-empty training documents")
-    v = rows.mean(0).float()
-    return (v / v.norm().clamp_min(1e-8) if unit else v), len(rows)
+    v = (total / n).float()
+    return (v / v.norm().clamp_min(1e-8) if unit else v), n
 
 
 def projection(dim_in: int, dim_out: int, seed: int = 0) -> torch.Tensor:
@@ -76,7 +72,7 @@ def projection(dim_in: int, dim_out: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(dim_in, dim_out, generator=g, dtype=torch.float64) / dim_out ** 0.5
 
 
-_EMBEDDINGS: dict[tuple, torch.Tensor] = {}
+_EMBEDDINGS: dict[tuple, tuple[torch.Tensor, int]] = {}
 
 
 def mean_embedding(ws: Workspace, source: str, embedder, max_docs: int, seed: int = 0) -> tuple[torch.Tensor, int]:
@@ -123,7 +119,7 @@ def router_row(model, ws: Workspace, source: str, cfg: TrainConfig, public_sourc
         return torch.randn(as_module(model).config.hidden_size, generator=g) * std, f"random: N(0, {std}^2), seed {cfg.seed}"
     if cfg.router_init == "embedder":
         if public_source is None:
-            raise InputError("router_init 'embedder' fits its projection on the public source: name it")
+            raise InputError("router_init 'embedder' sets the owner's row against the public source's documents: name it")
         return embedder_rows(model, ws, source, public_source, cfg)
     unit = cfg.router_init == "domain_unit"
     row, n = domain_embedding(model, ws, source, cfg.embed_docs, cfg.seq_len, seed=cfg.seed, unit=unit)
