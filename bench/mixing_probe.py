@@ -35,27 +35,17 @@ def shares(model, windows, batch_size: int = 8):
     """(weight share, effect share, loudness), each (E,), over `windows`, every layer pooled."""
     import torch
 
+    from flexolmo.bias import router_inputs
     from flexolmo.model import as_module
-    from flexolmo.scale import _expert_out
+    from flexolmo.scale import expert_output
 
     module = as_module(model)
-    layers = module.model.layers
-    inputs: list[list] = [[] for _ in layers]
-    hooks = [layer.mlp.register_forward_hook(lambda _m, inp, _o, k=k: inputs[k].append(inp[0].detach()))
-             for k, layer in enumerate(layers)]
     with torch.no_grad():
-        try:
-            for b in range(0, len(windows), batch_size):
-                module(input_ids=windows[b: b + batch_size], use_cache=False)
-        finally:
-            for h in hooks:
-                h.remove()
         out = []
-        for layer, xs in zip(layers, inputs):
-            x = torch.cat(xs).reshape(-1, module.config.hidden_size)
+        for layer, x in zip(module.model.layers, router_inputs(module, windows, batch_size)):
             _, w, idx = layer.mlp.gate(x)
             n_exp = layer.mlp.experts.gate_up_proj.shape[0]
-            norms = torch.stack([_expert_out(layer.mlp.experts, e, x).norm(dim=-1) for e in range(n_exp)], 1)
+            norms = torch.stack([expert_output(layer.mlp.experts, e, x).norm(dim=-1) for e in range(n_exp)], 1)
             weight = torch.zeros_like(norms).scatter_(1, idx, w.float())
             effect = weight * norms
             out.append((weight.mean(0), (effect / effect.sum(1, keepdim=True)).mean(0), (norms / norms[:, :1]).mean(0)))

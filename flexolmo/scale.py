@@ -27,12 +27,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .bias import router_inputs
 from .errors import InputError
 from .model import as_module
 from .trainer import Callback, Trainer
 
 
-def _expert_out(experts, e: int, x: torch.Tensor) -> torch.Tensor:
+def expert_output(experts, e: int, x: torch.Tensor) -> torch.Tensor:
+    """Expert `e`'s output (N, H) for feed-forward inputs x (N, H) of a layer's fused experts."""
     gate, up = F.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
     return F.linear(experts.act_fn(gate) * up, experts.down_proj[e])
 
@@ -40,25 +42,12 @@ def _expert_out(experts, e: int, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def output_ratios(model, windows: torch.Tensor, expert: int = 1, reference: int = 0) -> torch.Tensor:
     """(L,) mean ||E_expert(x)|| / mean ||E_reference(x)|| over the feed-forward inputs x of
-    `windows` (N, T) in every layer (eval mode, one pass)."""
-    module = as_module(model)
-    layers = module.model.layers
-    inputs: list[torch.Tensor] = [None] * len(layers)  # type: ignore[list-item]
-    hooks = [layer.mlp.register_forward_hook(lambda _m, inp, _out, k=k: inputs.__setitem__(k, inp[0].detach()))
-             for k, layer in enumerate(layers)]
-    was = module.training
-    module.eval()
-    try:
-        module(input_ids=windows, use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-        module.train(was)
+    `windows` (N, T) in every layer (eval mode, one pass; the router's input is the layer's
+    feed-forward input)."""
     out = []
-    for layer, x in zip(layers, inputs):
-        x = x.reshape(-1, x.shape[-1])
+    for layer, x in zip(as_module(model).model.layers, router_inputs(model, windows, batch_size=len(windows))):
         ex = layer.mlp.experts
-        own, ref = _expert_out(ex, expert, x).norm(dim=-1).mean(), _expert_out(ex, reference, x).norm(dim=-1).mean()
+        own, ref = expert_output(ex, expert, x).norm(dim=-1).mean(), expert_output(ex, reference, x).norm(dim=-1).mean()
         out.append(float(own / ref.clamp_min(1e-12)))
     return torch.tensor(out)
 
