@@ -186,16 +186,17 @@ def plots(result: dict, folder: Path) -> list[Path]:
     written = []
     names = [r for r in rows if r != "public"]
     if "public" in rows and names:  # a partial report with the public row alone has nothing to compare
-        fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(domains)), 4.5))
+        fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(domains)), 5.5))
         width = 0.8 / max(1, len(names))
+        colors = plt.get_cmap("tab20").colors  # one colour per row (up to 20): tab10 repeats after 10
         for i, n in enumerate(names):
             ch = [100 * (rows[n][d] / rows["public"][d] - 1) for d in domains]
-            ax.bar(np.arange(len(domains)) + i * width - 0.4 + width / 2, ch, width, label=n)
+            ax.bar(np.arange(len(domains)) + i * width - 0.4 + width / 2, ch, width, label=n, color=colors[i % len(colors)])
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xticks(range(len(domains)), domains)
         ax.set_ylabel("perplexity change vs public model (%)")
         ax.set_title(f"Held-out perplexity against the public model ({result['profile']} profile); lower is better")
-        ax.legend(fontsize=8, ncol=4)
+        ax.legend(fontsize=8, ncol=6, loc="upper center", bbox_to_anchor=(0.5, -0.08))
         fig.tight_layout()
         written.append(folder / "ppl-change.png")
         fig.savefig(written[-1], dpi=110)
