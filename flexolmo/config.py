@@ -131,7 +131,10 @@ class TrainConfig:
     # the owner's expert is never louder than this times the public expert (mean output norm on two
     # public windows, checked after every step; flexolmo/scale.py). Under the post-norm a louder
     # expert outbids the public one as a positive logit would, unseen by the clamp b <= 0; measured
-    # without a cap, every demo owner's expert ended 1.4-2.9x louder. None: no cap
+    # without a cap, every demo owner's expert ended 1.4-2.9x louder. Capped at 1.0 (run G's recipe, 4k
+    # tokens per domain) every owner's own model got better on 55 of 56 domain cells, but the merged
+    # model got worse (gm 164 -> 168, public text 88 -> 98; docs/eval-diagnosis.md run H): opt-in.
+    # None: no cap
     expert_scale_cap: float | None = None
     router_z_loss: float = 1e-3  # coefficient of the router z-loss (mean logsumexp(router logits)^2)
     # router row: "domain_mean" (the paper's recipe, the public model as embedder), "domain_unit" (old
