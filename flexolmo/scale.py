@@ -7,10 +7,10 @@ a layer adds `RMSNorm(sum_k w_k E_k(x))` to the residual stream, so only the exp
 adding log c to its router logit after the top-k choice: an expert that grows louder outbids
 the others without its router row or bias moving. FlexOlmo's bias b_k <= 0 is there so that an
 owner's expert never outbids the public expert on text that is not its own; a louder expert
-undoes it. Measured on the demo federation (run G's recipe, 50 steps): every owner's expert
-came out 1.4-2.9x louder than the public expert, on public text as on its own (about +0.8
-logits each, unclamped), and the public expert made 15% of the merged model's feed-forward
-output on public text (docs/eval-diagnosis.md).
+undoes it. Measured on the demo federation (run G's recipe, 50 steps; bench/mixing_probe.py):
+every owner's expert came out 1.8-3.6x louder than the public expert in the merged model, on
+public text as on its own (+0.6 to +1.3 logits each, unclamped), and the public expert made 16%
+of the merged model's feed-forward output on public text (docs/eval-diagnosis.md, run H).
 
 `ScaleCap` holds the owner's expert to at most `cap` times the public expert's mean output
 norm in every layer, measured after every step on a few public-text windows (data every owner
