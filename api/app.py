@@ -24,8 +24,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from flexolmo.errors import FlexolmoError
-from flexolmo.workspace import Workspace
+from flexolmo.base.errors import FlexolmoError
+from flexolmo.base.workspace import Workspace
 from tracing.trace import Tracer
 
 from .deps import Service, Settings

@@ -19,9 +19,9 @@ from typing import Annotated, Any, Callable
 
 from fastapi import Depends, Request
 
-from flexolmo import sources as src_lib
-from flexolmo.errors import InputError
-from flexolmo.workspace import Workspace
+from flexolmo.base import sources as src_lib
+from flexolmo.base.errors import InputError
+from flexolmo.base.workspace import Workspace
 from index.keys import KeyRecord, KeyStore, check_owner_key
 from tracing.trace import Tracer
 

@@ -28,8 +28,9 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, HTTPException, Path, Request, Response
 from fastapi import Query as Query_
 
-from flexolmo import sources as src_lib
+from flexolmo.base import sources as src_lib
 from index.models import Takedown
+from index import query as index_query
 from index.query import NextTokens, Query, SearchResult
 from index.takedown import list_takedowns
 from tracing import governance
@@ -112,7 +113,7 @@ async def search(req: SearchRequest, svc: ServiceDep, request: Request) -> Searc
     q = Query.parse(req.query) if req.query is not None else Query.from_cnf(req.cnf)
 
     def run(tracer: Tracer, job: Job) -> SearchResult:
-        return tracer.fed.search(tracer.tokenizer, q, source=req.source, n_docs=req.n_docs, seed=req.seed)
+        return index_query.search(tracer.fed, tracer.tokenizer, q, source=req.source, n_docs=req.n_docs, seed=req.seed)
 
     return await svc.traced(request, "search", svc.settings.query_budget_s, run)
 
@@ -121,7 +122,7 @@ async def search(req: SearchRequest, svc: ServiceDep, request: Request) -> Searc
 async def next_tokens(req: NextTokensRequest, svc: ServiceDep, request: Request) -> NextTokens:
     """Which tokens follow a phrase in each source (infini-gram's next-token distribution)."""
     def run(tracer: Tracer, job: Job) -> NextTokens:
-        return tracer.fed.next_tokens(tracer.tokenizer, req.phrase, source=req.source, top=req.top)
+        return index_query.next_tokens(tracer.fed, tracer.tokenizer, req.phrase, source=req.source, top=req.top)
 
     return await svc.traced(request, "search", svc.settings.query_budget_s, run)
 

@@ -81,7 +81,7 @@ class StoredTrace(BaseModel):
 
 
 class SourceOut(BaseModel):
-    """One source of the catalog with its policy (`flexolmo.sources.Source`)."""
+    """One source of the catalog with its policy (`flexolmo.base.sources.Source`)."""
 
     name: str
     owner: str

@@ -24,8 +24,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from flexolmo.errors import FlexolmoError
-from flexolmo.workspace import Workspace
+from flexolmo.base.errors import FlexolmoError
+from flexolmo.base.workspace import Workspace
 from tracing.trace import Tracer
 
 

@@ -15,12 +15,12 @@ import time
 
 import torch
 
-from flexolmo.callbacks import train_rows
-from flexolmo.config import ModelConfig, get_profile, override
-from flexolmo.losses import WithRouterZLoss
-from flexolmo.model import build_model
-from flexolmo.privacy import DPConfig, DPStep, clip_sample, per_sample_grads
-from flexolmo.trainer import Trainer
+from flexolmo.model.callbacks import train_rows
+from flexolmo.model.config import ModelConfig, get_profile, override
+from flexolmo.model.losses import WithRouterZLoss
+from flexolmo.model.moe import build_model
+from flexolmo.model.privacy import DPConfig, DPStep, clip_sample, per_sample_grads
+from flexolmo.model.trainer import Trainer
 
 
 def loop_backward(model, loss_fn, params, x, y, dp: DPConfig, g: torch.Generator) -> None:

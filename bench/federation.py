@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from flexolmo.tokenizer import import_tokenizer
-from flexolmo import sources
-from flexolmo.workspace import Workspace
+from flexolmo.base.tokenizer import import_tokenizer
+from flexolmo.base import sources
+from flexolmo.base.workspace import Workspace
 from index import build
 from index.cluster import issue_keys, start_nodes, stop_nodes
 from index.engine import Federation

@@ -5,8 +5,8 @@ in the same process.
     .venv/bin/python bench/generate_overhead.py -w flexolmo-work    # the workspace's merged model
     .venv/bin/python bench/generate_overhead.py --guard-only --new-tokens 32 --reps 5
 
-Every path calls `flexolmo.generate.generate` (greedy, fixed length, no early stop). Capture:
-forward hooks on every gate plus per-token records. Guard: a `VerbatimGuard` (flexolmo/guard.py)
+Every path calls `flexolmo.model.generate.generate` (greedy, fixed length, no early stop). Capture:
+forward hooks on every gate plus per-token records. Guard: a `VerbatimGuard` (tracing/guard.py)
 over a source built from the model's own unguarded output (so the guard has to act: the
 worst case), with --max-verbatim 8, indexed by the project's real index build in a temporary
 workspace (with -w: every source of that workspace at --max-verbatim 8 instead). Runs
@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flexolmo.config import get_profile  # noqa: E402
-from flexolmo.generate import generate  # noqa: E402
-from flexolmo.model import build_model  # noqa: E402
+from flexolmo.model.config import get_profile  # noqa: E402
+from flexolmo.model.generate import generate  # noqa: E402
+from flexolmo.model.moe import build_model  # noqa: E402
 
 
 class _IdTokenizer:
@@ -42,9 +42,9 @@ class _IdTokenizer:
 
 def _model(workspace: str | None, vocab_size: int = 8192):
     if workspace:
-        from flexolmo.merge import load_merged
-        from flexolmo.tokenizer import load_tokenizer
-        from flexolmo.workspace import Workspace
+        from flexolmo.model.merge import load_merged
+        from flexolmo.base.tokenizer import load_tokenizer
+        from flexolmo.base.workspace import Workspace
 
         ws = Workspace.resolve(workspace)
         model = load_merged(ws, respect_catalog=False)
@@ -60,8 +60,8 @@ def _temp_workspace():
     """A temporary workspace with a real tokenizer (trained on this package's source text)."""
     import tempfile
 
-    from flexolmo.tokenizer import load_tokenizer, train_tokenizer
-    from flexolmo.workspace import Workspace
+    from flexolmo.base.tokenizer import load_tokenizer, train_tokenizer
+    from flexolmo.base.workspace import Workspace
 
     ws = Workspace(Path(tempfile.mkdtemp(prefix="guard-bench-"))).ensure()
     texts = [f.read_text() for f in sorted((Path(__file__).resolve().parents[1] / "flexolmo").glob("*.py"))]
@@ -72,12 +72,12 @@ def _temp_workspace():
 def _guard(workspace: str | None, model, tok, prompt: str, kw: dict, ws=None, texts=()):
     """A guard that must act: every source of the workspace at --max-verbatim 8, or (a random
     model) a source made of the model's own unguarded output plus some other text."""
-    from flexolmo import sources
-    from flexolmo.guard import VerbatimGuard, longest_run
+    from flexolmo.base import sources
+    from tracing.guard import VerbatimGuard, longest_run
     from index.build import build_source
 
     if workspace:
-        from flexolmo.workspace import Workspace
+        from flexolmo.base.workspace import Workspace
 
         ws = Workspace.resolve(workspace)
         names = [s.name for s in sources.list_sources(ws)]
@@ -110,7 +110,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from flexolmo.hflog import quiet_transformers
+    from flexolmo.base.hflog import quiet_transformers
 
     quiet_transformers()
     kw = dict(max_new_tokens=args.new_tokens, stop_at_eos=False)

@@ -34,9 +34,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flexolmo import sources as src_lib  # noqa: E402
-from flexolmo import tokenizer as tok_lib  # noqa: E402
-from flexolmo.workspace import Workspace  # noqa: E402
+from flexolmo.base import sources as src_lib# noqa: E402
+from flexolmo.base import tokenizer as tok_lib# noqa: E402
+from flexolmo.base.workspace import Workspace  # noqa: E402
 from index import build, format as fmt  # noqa: E402
 
 

@@ -36,8 +36,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flexolmo import sources  # noqa: E402
-from flexolmo.workspace import Workspace  # noqa: E402
+from flexolmo.base import sources# noqa: E402
+from flexolmo.base.workspace import Workspace  # noqa: E402
 from tracing import store  # noqa: E402
 from tracing import queries
 
@@ -46,7 +46,7 @@ HOST = "127.0.0.1"  # the only address this bench ever binds or calls
 READER = """
 import json, sys, time
 from pathlib import Path
-from flexolmo.workspace import Workspace
+from flexolmo.base.workspace import Workspace
 from tracing import store
 ws, stop, out = Workspace(Path(sys.argv[1])), Path(sys.argv[2]), Path(sys.argv[3])
 ok = errors = 0

@@ -6,7 +6,7 @@ owners' biases or the top-k does to held-out perplexity.
         --json docs/eval-runs/mixing-probe-cap1.json
 
 A layer adds RMSNorm(sum_k w_k E_k(x)) to the residual stream, so an expert's say in it is its
-weight *times its output norm* (flexolmo/scale.py). Per domain (validation windows, never
+weight *times its output norm* (flexolmo/model/scale.py). Per domain (validation windows, never
 trained on), averaged over layers and tokens:
 
 - weight share: mean router weight of each expert (zero where it is not in the top-k);
@@ -35,9 +35,9 @@ def shares(model, windows, batch_size: int = 8):
     """(weight share, effect share, loudness), each (E,), over `windows`, every layer pooled."""
     import torch
 
-    from flexolmo.bias import router_inputs
-    from flexolmo.model import as_module
-    from flexolmo.scale import expert_output
+    from flexolmo.model.bias import router_inputs
+    from flexolmo.model.moe import as_module
+    from flexolmo.model.scale import expert_output
 
     module = as_module(model)
     with torch.no_grad():
@@ -65,9 +65,9 @@ def main() -> None:
     import torch
 
     from flexolmo.evaluation import metrics
-    from flexolmo.merge import load_merged
-    from flexolmo.model import routers
-    from flexolmo.workspace import Workspace
+    from flexolmo.model.merge import load_merged
+    from flexolmo.model.moe import routers
+    from flexolmo.base.workspace import Workspace
 
     torch.set_num_threads(2)
     t0 = time.time()

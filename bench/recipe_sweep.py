@@ -49,13 +49,13 @@ def main() -> None:
 
     import torch
 
-    from flexolmo.artifacts import public_model
-    from flexolmo.config import get_profile, override
+    from flexolmo.model.artifacts import public_model
+    from flexolmo.model.config import get_profile, override
     from flexolmo.evaluation import metrics
-    from flexolmo.merge import load_expert_model, load_merged, merge
-    from flexolmo.sources import list_sources
-    from flexolmo.train import train_expert
-    from flexolmo.workspace import Workspace
+    from flexolmo.model.merge import load_expert_model, load_merged, merge
+    from flexolmo.base.sources import list_sources
+    from flexolmo.model.train import train_expert
+    from flexolmo.base.workspace import Workspace
 
     torch.set_num_threads(2)
     ws = Workspace(Path(args.workspace))

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from flexolmo import sources
-from flexolmo.workspace import Workspace
+from flexolmo.base import sources
+from flexolmo.base.workspace import Workspace
 from tracing import relevance
 from tracing.trace import Tracer, has_words
 

@@ -26,13 +26,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flexolmo.generate import route, token_logprobs  # noqa: E402
-from flexolmo.merge import load_merged  # noqa: E402
-from flexolmo.model import expert_names, load_model  # noqa: E402
-from flexolmo.router_tuning import tune_router  # noqa: E402
-from flexolmo.sources import iter_texts  # noqa: E402
-from flexolmo.tokenizer import load_raw_tokenizer, tokenizer_info  # noqa: E402
-from flexolmo.workspace import Workspace  # noqa: E402
+from flexolmo.model.generate import route, token_logprobs  # noqa: E402
+from flexolmo.model.merge import load_merged  # noqa: E402
+from flexolmo.model.moe import expert_names, load_model  # noqa: E402
+from flexolmo.model.router_tuning import tune_router  # noqa: E402
+from flexolmo.base.sources import iter_texts  # noqa: E402
+from flexolmo.base.tokenizer import load_raw_tokenizer, tokenizer_info  # noqa: E402
+from flexolmo.base.workspace import Workspace  # noqa: E402
 
 
 def val_windows(ws: Workspace, source: str, seq_len: int, n: int) -> list[torch.Tensor]:
@@ -82,7 +82,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from flexolmo.hflog import quiet_transformers
+    from flexolmo.base.hflog import quiet_transformers
 
     quiet_transformers()
     ws = Workspace.resolve(args.workspace)

@@ -13,7 +13,7 @@ layer's router sees):
   ones) and scored on the other half: what a linear router could reach if one party saw every
   owner's text (the ceiling of router tuning with consented data);
 - the same kind of regression fitted the federated way: each owner alone, own vs public text
-  (the only data it has; `flexolmo.domain.fit_own_vs_public`, the fit `router_init=classifier`
+  (the only data it has; `flexolmo.model.domain.fit_own_vs_public`, the fit `router_init=classifier`
   uses, classes balanced), the owners' log-odds then compared by argmax (one-vs-reference).
   This is what rows fitted apart can reach.
 
@@ -65,12 +65,12 @@ def main() -> None:
 
     import torch
 
-    from flexolmo.bias import per_layer
-    from flexolmo.domain import fit_own_vs_public
+    from flexolmo.model.bias import per_layer
+    from flexolmo.model.domain import fit_own_vs_public
     from flexolmo.evaluation import metrics
-    from flexolmo.model import expert_names
-    from flexolmo.merge import load_merged
-    from flexolmo.workspace import Workspace
+    from flexolmo.model.moe import expert_names
+    from flexolmo.model.merge import load_merged
+    from flexolmo.base.workspace import Workspace
 
     torch.set_num_threads(2)
     t0 = time.time()

@@ -3,7 +3,7 @@
     .venv/bin/python bench/tokenizer_runs.py --workspace flexolmo-work [--docs 200]
 
 Reads the workspace's shared tokenizer (trained without `--whitespace-runs`), builds the same
-tokenizer with the whitespace-run merges in memory (`flexolmo.tokenizer.with_whitespace_runs`),
+tokenizer with the whitespace-run merges in memory (`flexolmo.base.tokenizer.with_whitespace_runs`),
 and encodes the same seeded sample of every source's documents with both. Prints, per source,
 the share of single-space tokens and the token count with runs against without (the ratio is
 the baseline of this run), and checks that both decode back to the text.
@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flexolmo import tokenizer as tok_lib  # noqa: E402
-from flexolmo.sources import iter_texts, list_sources  # noqa: E402
-from flexolmo.workspace import Workspace  # noqa: E402
+from flexolmo.base import tokenizer as tok_lib# noqa: E402
+from flexolmo.base.sources import iter_texts, list_sources  # noqa: E402
+from flexolmo.base.workspace import Workspace  # noqa: E402
 
 
 def main() -> None:

@@ -38,8 +38,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flexolmo import sources  # noqa: E402
-from flexolmo.workspace import Workspace  # noqa: E402
+from flexolmo.base import sources# noqa: E402
+from flexolmo.base.workspace import Workspace  # noqa: E402
 from tracing.experts import link_experts  # noqa: E402
 from tracing.trace import Tracer  # noqa: E402
 
@@ -67,8 +67,8 @@ def inputs(ws: Workspace, tracer: Tracer, n: int, length: int = 450, seed: int =
 
 def random_model(ws: Workspace, tracer: Tracer, profile: str):
     """A `profile`-sized merged model with random weights, one expert per served source."""
-    from flexolmo.config import get_profile
-    from flexolmo.model import LoadedModel, build_model
+    from flexolmo.model.config import get_profile
+    from flexolmo.model.moe import LoadedModel, build_model
 
     names = ["public"] + [n for n in tracer.fed.names if n != "public"]
     tok = tracer.tokenizer
@@ -85,7 +85,7 @@ def open_tracer(ws: Workspace, args) -> Tracer:
         return tracer
     model = "auto"
     if args.model:
-        from flexolmo.merge import load_merged
+        from flexolmo.model.merge import load_merged
 
         model = load_merged(args.model, ws=ws)
     return Tracer.open(ws, model=model)
@@ -107,7 +107,7 @@ def main() -> None:
     ap.add_argument("--first-trace-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     t_import = time.perf_counter()
-    from flexolmo.hflog import quiet_transformers
+    from flexolmo.base.hflog import quiet_transformers
 
     quiet_transformers()
     ws = Workspace.resolve(args.workspace)

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flexolmo.config import get_profile  # noqa: E402
-from flexolmo.hflog import quiet_transformers  # noqa: E402
-from flexolmo.model import build_model  # noqa: E402
+from flexolmo.model.config import get_profile  # noqa: E402
+from flexolmo.base.hflog import quiet_transformers  # noqa: E402
+from flexolmo.model.moe import build_model  # noqa: E402
 
 VOCAB = 8192
 

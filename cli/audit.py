@@ -1,4 +1,4 @@
-"""`flexolmo audit ...`: privacy audits of an owner's source (flexolmo/audit.py)."""
+"""`flexolmo audit ...`: privacy audits of an owner's source (tracing/audit.py)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def extraction_cmd(
     """The FlexOlmo paper's extraction attack on SOURCE: 32-token prefixes of its training
     documents, sampled continuations, success at edit similarity >= 0.9 (continuation only and
     with the prefix), longest verbatim runs in its index. Written to <workspace>/audits/SOURCE.json."""
-    from flexolmo.audit import AuditConfig, extraction_audit
+    from tracing.audit import AuditConfig, extraction_audit
 
     r = extraction_audit(ws(), source, dp_package=dp_package, cfg=AuditConfig(
         docs=docs, samples=samples, prefix_len=prefix_len, continuation_len=continuation_len, seed=seed))

@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.console import Console
 
-from flexolmo.workspace import Workspace
+from flexolmo.base.workspace import Workspace
 
 console = Console()
 err_console = Console(stderr=True)

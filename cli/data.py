@@ -6,8 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from flexolmo import samples
-from flexolmo import sources as src_lib
+from flexolmo.base import samples
+from flexolmo.base import sources as src_lib
 
 from .common import console, err_console, ws
 from .sources import sources_table

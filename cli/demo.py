@@ -13,8 +13,8 @@ from typing import Annotated
 
 import typer
 
-from flexolmo import tokenizer as tok_lib
-from flexolmo.workspace import Workspace
+from flexolmo.base import tokenizer as tok_lib
+from flexolmo.base.workspace import Workspace
 
 from .common import console, ws
 from .data import build_and_report
@@ -37,11 +37,11 @@ def demo(
     vocab_size: Annotated[int, typer.Option(help="Tokenizer vocabulary size.")] = tok_lib.DEFAULT_VOCAB,
 ) -> None:
     """Build the sample federation, train and merge the model, index every source, trace outputs."""
-    from flexolmo.artifacts import expert_package, merged_model, public_model
-    from flexolmo.config import get_profile
-    from flexolmo.merge import merge
-    from flexolmo.sources import list_sources
-    from flexolmo.train import train_expert, train_public
+    from flexolmo.model.artifacts import expert_package, merged_model, public_model
+    from flexolmo.model.config import get_profile
+    from flexolmo.model.merge import merge
+    from flexolmo.base.sources import list_sources
+    from flexolmo.model.train import train_expert, train_public
     from index.build import build_all, catalog_table
 
     from .index_cmds import _RichProgress, catalog_rich_table

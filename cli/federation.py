@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from flexolmo.workspace import Workspace
+from flexolmo.base.workspace import Workspace
 
 from .common import console, ws
 

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from flexolmo.errors import InputError
+from flexolmo.base.errors import InputError
 from index import build as lib
 from index import takedown as td
 from index import verify as checks

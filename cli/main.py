@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
-from flexolmo.errors import FlexolmoError
+from flexolmo.base.errors import FlexolmoError
 
 from . import data, sources, tokenizer
 from .common import err_console, state

@@ -54,7 +54,7 @@ def train_public_cmd(
     source: Annotated[str, typer.Option(help="The public source to train on.")] = "public",
 ) -> None:
     """Train the public model (one dense expert) on the public source's train split."""
-    from flexolmo.train import train_public
+    from flexolmo.model.train import train_public
 
     _report(train_public(ws(), profile, source=source, steps=steps))
 
@@ -65,7 +65,7 @@ def ship_public_cmd(
     command: Annotated[str, typer.Option("--command", help="The exact command that trained it, for the README.")] = "flexolmo train public --profile demo",
 ) -> None:
     """Copy the workspace's public model, with its loss curve and a README, for shipping with the repository."""
-    from flexolmo.artifacts import public_model
+    from flexolmo.model.artifacts import public_model
 
     console.print(f"written to {public_model.export(ws(), out, command)}")
 
@@ -89,12 +89,12 @@ def train_expert_cmd(
 
     With --dp-epsilon E --dp-delta D the whole package (expert, router row, domain classifier)
     is (E, D)-DP per window of the source's token stream; the card says how the budget is split."""
-    from flexolmo.train import train_expert
+    from flexolmo.model.train import train_expert
 
     dp = None
     if dp_epsilon is not None or dp_noise_multiplier is not None:
-        from flexolmo.errors import InputError
-        from flexolmo.privacy import DPConfig
+        from flexolmo.base.errors import InputError
+        from flexolmo.model.privacy import DPConfig
 
         if dp_epsilon is not None and dp_noise_multiplier is not None:
             raise InputError("give --dp-epsilon or --dp-noise-multiplier, not both")
@@ -114,7 +114,7 @@ def merge_cmd(
     top_k: Annotated[Optional[int], typer.Option("--top-k", help="Experts per token (default: the profile's, 4, at most the number of experts).")] = None,
 ) -> None:
     """Merge the public model and expert packages into one checkpoint."""
-    from flexolmo.merge import merge
+    from flexolmo.model.merge import merge
 
     r = merge(ws(), _names(experts), out=out, top_k=top_k)
     console.print(f"[bold green]merged[/] {len(r.experts)} experts (top-{r.top_k}): "
@@ -134,7 +134,7 @@ def tune_router_cmd(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Tune only the routers of a merged model on a small proxy set of each source's training data."""
-    from flexolmo.router_tuning import tune_router
+    from flexolmo.model.router_tuning import tune_router
 
     r = tune_router(ws(), model_dir, out=out, docs_per_source=docs_per_source, steps=steps, lr=lr, seed=seed,
                     consent=tuple(c.strip() for c in (consent or "").split(",") if c.strip()))
@@ -156,10 +156,10 @@ def generate_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result, with per-token routing, as JSON.")] = False,
 ) -> None:
     """Generate a continuation and show which experts the router chose for every token."""
-    from flexolmo.generate import generate
-    from flexolmo.guard import VerbatimGuard
-    from flexolmo.merge import load_merged
-    from flexolmo.tokenizer import load_tokenizer
+    from flexolmo.model.generate import generate
+    from tracing.guard import VerbatimGuard
+    from flexolmo.model.merge import load_merged
+    from flexolmo.base.tokenizer import load_tokenizer
 
     w = ws()
     guard = VerbatimGuard.open(w)  # owners' --max-verbatim limits; checked before the model loads
@@ -192,7 +192,7 @@ def _print_generation(r, off: dict) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    from flexolmo.hflog import quiet_transformers
+    from flexolmo.base.hflog import quiet_transformers
 
     quiet_transformers()
     app.add_typer(train_app, name="train")

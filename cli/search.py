@@ -14,7 +14,8 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from flexolmo import tokenizer as tok_lib
+from flexolmo.base import tokenizer as tok_lib
+from index import query as index_query
 from index.engine import Federation
 
 from .common import console, print_json, ws
@@ -42,10 +43,10 @@ def search(
     fed = Federation.open(w, strict=False)
     try:
         if next_:
-            res = fed.next_tokens(tok, query, source=source, top=top)
+            res = index_query.next_tokens(fed, tok, query, source=source, top=top)
             print_json(res.to_dict()) if as_json else _show_next(res)
         else:
-            res = fed.search(tok, query, source=source, n_docs=docs, seed=seed)
+            res = index_query.search(fed, tok, query, source=source, n_docs=docs, seed=seed)
             print_json(res.to_dict()) if as_json else _show_search(res)
     finally:
         fed.close()

@@ -17,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from flexolmo.errors import InputError
+from flexolmo.base.errors import InputError
 
 from .common import console, ws
 

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from flexolmo import sources as lib
+from flexolmo.base import sources as lib
 
 from .common import console, print_json, ws
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from flexolmo import tokenizer as lib
+from flexolmo.base import tokenizer as lib
 
 from .common import console, ws
 

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from flexolmo.errors import InputError
+from flexolmo.base.errors import InputError
 from tracing import store
 from tracing import queries
 from tracing.models import Span, Trace
@@ -166,7 +166,7 @@ def contribution(
                                                       "share and counterfactual drop per domain.")] = None,
 ) -> None:
     """What a source contributed over all stored traces: matches, routing share, counterfactuals."""
-    from flexolmo.sources import get_source
+    from flexolmo.base.sources import get_source
 
     get_source(ws(), source)
     c = queries.contribution(ws(), source)

@@ -1,6 +1,8 @@
-"""flexolmo: the model side of flexolmo-trace.
+"""flexolmo: the model side of flexolmo-trace and the base beneath everything.
 
-Sources and the workspace they live in, the shared tokenizer, the public model, expert
-training (optionally with differential privacy), merging, opt-in/opt-out and generation
-with routing capture. `index/` and `tracing/` build on this package; it never imports them.
+    flexolmo/base/        workspace, errors, catalog, sources, tokenizer, token cache, cards
+    flexolmo/model/       FlexOlmo: model, generation, training, merging, privacy, router tuning
+    flexolmo/evaluation/  the paper's comparison, on top of flexolmo/model/
+
+`index/` and `tracing/` build on this package; it never imports them.
 """

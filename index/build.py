@@ -24,11 +24,11 @@ from typing import Protocol
 
 import numpy as np
 
-from flexolmo import sources as src_lib
-from flexolmo import tokenizer as tok_lib
-from flexolmo.errors import FlexolmoError, InputError, IntegrityError
-from flexolmo.tokens import source_tokens
-from flexolmo.workspace import Workspace, atomic_dir
+from flexolmo.base import sources as src_lib
+from flexolmo.base import tokenizer as tok_lib
+from flexolmo.base.errors import FlexolmoError, InputError, IntegrityError
+from flexolmo.base.tokens import source_tokens
+from flexolmo.base.workspace import Workspace, atomic_dir
 
 from . import catalog, format as fmt
 from .format import diff_dir, index_dir  # noqa: F401 -- callers of the builder find the paths here too

@@ -1,4 +1,4 @@
-"""The index package's tables in the workspace catalog (the same DuckDB file as flexolmo/catalog.py).
+"""The index package's tables in the workspace catalog (the same DuckDB file as flexolmo/base/catalog.py).
 
     indexes     the index currently served per source: counts, bytes, hashes, checksums, timing
     takedowns   documents removed from what a source may show, with who, when and why
@@ -18,8 +18,8 @@ from typing import Iterator
 
 import duckdb
 
-from flexolmo import catalog as base
-from flexolmo.workspace import Workspace
+from flexolmo.base import catalog as base
+from flexolmo.base.workspace import Workspace
 
 from . import format as fmt
 from .models import IndexRecord, Takedown

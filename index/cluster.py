@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from flexolmo.errors import ConflictError
-from flexolmo.workspace import Workspace
+from flexolmo.base.errors import ConflictError
+from flexolmo.base.workspace import Workspace
 
 from .keys import KeyStore
 
@@ -139,8 +139,8 @@ def federate_workspace(owners: Workspace, tracer: Workspace, names: Sequence[str
     Ports are `base_port + i` in name order and keys are kept in `<tracer>/federation/`, so a
     second run reuses the registration. (Real owners each run `index serve` on their machine.)
     """
-    from flexolmo import sources as src_lib
-    from flexolmo import tokenizer as tok_lib
+    from flexolmo.base import sources as src_lib
+    from flexolmo.base import tokenizer as tok_lib
 
     from . import catalog, format as fmt
     from .keys import write_secret
@@ -161,7 +161,7 @@ def federate_workspace(owners: Workspace, tracer: Workspace, names: Sequence[str
             raise ConflictError(f"{tracer.root} has {n!r} at {registered[n]['url']}, not {urls[n]}; "
                                 "use the --base-port of the first run or a fresh tracer workspace")
     if not (tracer.tokenizer_dir / "tokenizer.json").exists():
-        from flexolmo.tokenizer import import_tokenizer
+        from flexolmo.base.tokenizer import import_tokenizer
 
         import_tokenizer(tracer, owners.tokenizer_dir)
     elif tok_lib.tokenizer_hash(tracer) != tok_lib.tokenizer_hash(owners):

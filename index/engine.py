@@ -5,7 +5,6 @@
     fed.count(ids)                                      # {"news": 3, "code": 0, ...}
     spans = fed.find_spans(ids, delim_ids, bow_ids)     # [SpanMatch], merged over the sources
     docs = fed.documents(spans[0], n=10, seed=0)        # [SpanDocument], cut to each source's policy
-    fed.search(tok, "the river AND king")               # phrase / CNF counts and documents (index/query.py)
 
 This is the one door to the index files: tracing asks it, never the files. Each source
 answers for itself: a local `SourceIndex` (`index/source.py`) or a `RemoteSource`
@@ -28,9 +27,9 @@ from typing import Sequence
 
 import numpy as np
 
-from flexolmo import sources as src_lib
-from flexolmo.errors import ConflictError, FlexolmoError, InputError, IntegrityError, NotFoundError
-from flexolmo.workspace import Workspace
+from flexolmo.base import sources as src_lib
+from flexolmo.base.errors import ConflictError, FlexolmoError, InputError, IntegrityError, NotFoundError
+from flexolmo.base.workspace import Workspace
 
 from . import format as fmt, search
 from .models import AttributedSpan, DocRef, SpanDocument, SpanMatch
@@ -283,23 +282,6 @@ class Federation:
                 g -= c
             picks.setdefault(name, []).append((draw, g))
         return picks
-
-    # -- searching the training data (index/query.py) -------------------------------------
-
-    def search(self, tok, query, *, source: str | None = None, n_docs: int = 10, seed: int = 0,
-               snippet_tokens: int = 40, **limits):
-        """Count a phrase or CNF query in every served source and show up to `n_docs` documents
-        each, under each source's policy (`index.query.search`)."""
-        from .query import search
-
-        return search(self, tok, query, source=source, n_docs=n_docs, seed=seed, snippet_tokens=snippet_tokens,
-                      **limits)
-
-    def next_tokens(self, tok, phrase: str, *, source: str | None = None, top: int = 20, **limits):
-        """The next-token distribution after `phrase` per source (`index.query.next_tokens`)."""
-        from .query import next_tokens
-
-        return next_tokens(self, tok, phrase, source=source, top=top, **limits)
 
     def close(self) -> None:
         for ix in self.remote.values():

@@ -39,8 +39,8 @@ import numpy as np
 
 import infini_gram
 
-from flexolmo.errors import ConflictError, IntegrityError, NotFoundError
-from flexolmo.workspace import Workspace, file_sha256
+from flexolmo.base.errors import ConflictError, IntegrityError, NotFoundError
+from flexolmo.base.workspace import Workspace, file_sha256
 
 DOC_SEP = 0xFFFF  # infini-gram's document separator in u16 indexes
 TOKEN_WIDTH = 2  # bytes per id (u16)

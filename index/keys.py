@@ -30,9 +30,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
-from flexolmo.catalog import check_text
-from flexolmo.errors import FlexolmoError, InputError, IntegrityError, NotFoundError
-from flexolmo.workspace import Workspace
+from flexolmo.base.catalog import check_text
+from flexolmo.base.errors import FlexolmoError, InputError, IntegrityError, NotFoundError
+from flexolmo.base.workspace import Workspace
 
 ENV_VAR = "FLEXOLMO_KEYS"
 FILE = "keys.json"

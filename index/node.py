@@ -28,10 +28,10 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from flexolmo import sources as src_lib
-from flexolmo import tokenizer as tok_lib
-from flexolmo.errors import ConflictError, FlexolmoError
-from flexolmo.workspace import Workspace
+from flexolmo.base import sources as src_lib
+from flexolmo.base import tokenizer as tok_lib
+from flexolmo.base.errors import ConflictError, FlexolmoError
+from flexolmo.base.workspace import Workspace
 
 from . import catalog, format as fmt
 from . import protocol as P

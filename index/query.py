@@ -5,8 +5,8 @@
     flexolmo search "the president" --next               # next-token distribution per source
 
     from index.query import Query, search, next_tokens
-    res = fed.search(tok, "the river", n_docs=5)         # Federation.search -> SearchResult
-    ntd = fed.next_tokens(tok, "the president")          # Federation.next_tokens -> NextTokens
+    res = search(fed, tok, "the river", n_docs=5)        # fed: an index.engine.Federation -> SearchResult
+    ntd = next_tokens(fed, tok, "the president")         # -> NextTokens
 
 A query is infini-gram's CNF: an AND of clauses, each an OR of phrases, written
 `a OR b AND c` (OR binds tighter) or given as [["a", "b"], ["c"]]. As in infini-gram, AND
@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
-from flexolmo.errors import InputError
+from flexolmo.base.errors import InputError
 
 from .snippets import decode, marked
 

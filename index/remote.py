@@ -33,11 +33,11 @@ from urllib.parse import urlsplit
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
-from flexolmo import catalog as base_catalog
-from flexolmo import sources as src_lib
-from flexolmo import tokenizer as tok_lib
-from flexolmo.errors import ConflictError, FlexolmoError, InputError, NotFoundError
-from flexolmo.workspace import Workspace
+from flexolmo.base import catalog as base_catalog
+from flexolmo.base import sources as src_lib
+from flexolmo.base import tokenizer as tok_lib
+from flexolmo.base.errors import ConflictError, FlexolmoError, InputError, NotFoundError
+from flexolmo.base.workspace import Workspace
 
 from . import catalog
 from . import protocol as P

@@ -34,7 +34,7 @@ import numba
 import numpy as np
 from numba.typed import List as TypedList
 
-from flexolmo.errors import IntegrityError
+from flexolmo.base.errors import IntegrityError
 
 from .models import SourceMatches, SpanMatch
 
@@ -335,7 +335,7 @@ def unigram_logprobs(counts: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------
-# incremental matching (the verbatim guard, flexolmo/guard.py): one narrowing per token
+# incremental matching (the verbatim guard, tracing/guard.py): one narrowing per token
 
 
 @numba.njit(cache=True)

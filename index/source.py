@@ -23,10 +23,10 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from flexolmo import sources as src_lib
-from flexolmo import tokenizer as tok_lib
-from flexolmo.errors import ConflictError, InputError, IntegrityError, NotFoundError
-from flexolmo.workspace import Workspace, file_sha256
+from flexolmo.base import sources as src_lib
+from flexolmo.base import tokenizer as tok_lib
+from flexolmo.base.errors import ConflictError, InputError, IntegrityError, NotFoundError
+from flexolmo.base.workspace import Workspace, file_sha256
 
 from . import catalog, format as fmt, search
 from .models import AttributedSpan, DocRef, SourceMatches, SpanDoc, SpanDocument

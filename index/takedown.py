@@ -18,10 +18,10 @@ from pathlib import Path
 import duckdb
 import numpy as np
 
-from flexolmo import sources as src_lib
-from flexolmo import tokenizer as tok_lib
-from flexolmo.errors import ConflictError, InputError, IntegrityError, NotFoundError
-from flexolmo.workspace import Workspace, current_user, replace_dir
+from flexolmo.base import sources as src_lib
+from flexolmo.base import tokenizer as tok_lib
+from flexolmo.base.errors import ConflictError, InputError, IntegrityError, NotFoundError
+from flexolmo.base.workspace import Workspace, current_user, replace_dir
 
 from . import catalog, format as fmt
 from .format import diff_dir

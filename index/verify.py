@@ -17,10 +17,10 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from flexolmo import sources as src_lib
-from flexolmo import tokenizer as tok_lib
-from flexolmo.errors import FlexolmoError
-from flexolmo.workspace import Workspace
+from flexolmo.base import sources as src_lib
+from flexolmo.base import tokenizer as tok_lib
+from flexolmo.base.errors import FlexolmoError
+from flexolmo.base.workspace import Workspace
 
 from . import catalog, format as fmt
 from .models import VerifyResult

@@ -8,13 +8,13 @@ from typing import Callable
 
 import pytest
 
-from flexolmo.workspace import Workspace
+from flexolmo.base.workspace import Workspace
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _quiet_transformers() -> None:
     """No progress bars or load reports from transformers in test output."""
-    from flexolmo.hflog import quiet_transformers
+    from flexolmo.base.hflog import quiet_transformers
 
     quiet_transformers()
 

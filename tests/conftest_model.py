@@ -9,9 +9,9 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from flexolmo.sources import add_records
-from flexolmo.tokenizer import train_tokenizer
-from flexolmo.workspace import Workspace
+from flexolmo.base.sources import add_records
+from flexolmo.base.tokenizer import train_tokenizer
+from flexolmo.base.workspace import Workspace
 
 WORDS = {
     "public": "the a of and to in is was for on with as by history city river people world year king war science".split(),
@@ -43,8 +43,8 @@ def build_federation(root: Path, sources=("public", "news", "code"), n_docs: int
 def build_served_federation(root: Path, sources=("public", "news", "code"), n_docs: int = 30) -> Workspace:
     """A tiny federation ready to serve: public model, one expert per owner, merged, every
     source indexed (the API, service and browser tests share it)."""
-    from flexolmo.merge import merge
-    from flexolmo.train import train_expert, train_public
+    from flexolmo.model.merge import merge
+    from flexolmo.model.train import train_expert, train_public
     from index.build import build_source
 
     ws = build_federation(root, sources=sources, n_docs=n_docs)

@@ -12,7 +12,7 @@ from conftest_model import build_served_federation
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from flexolmo import sources
+from flexolmo.base import sources
 
 NAMES = ("public", "news", "code")
 

@@ -11,21 +11,21 @@ import pytest
 
 from conftest_model import build_federation
 
-from flexolmo.artifacts import expert_package, merged_model, public_model
-from flexolmo.artifacts import tokenizer as tok_artifact
-from flexolmo.artifacts.expert_package import ExpertPackageCard
-from flexolmo.artifacts.merged_model import MergedModelCard
-from flexolmo.artifacts.public_model import PublicModelCard
-from flexolmo.config import get_profile
-from flexolmo.errors import OutdatedError
-from flexolmo.layout import shared_weights_hash
-from flexolmo.merge import load_merged, merge
-from flexolmo.model import load_model
-from flexolmo.privacy import DPConfig
-from flexolmo.tokenizer import tokenizer_hash
-from flexolmo.tokens import source_tokens
-from flexolmo.train import train_expert, train_public
-from flexolmo.workspace import Workspace
+from flexolmo.model.artifacts import expert_package, merged_model, public_model
+from flexolmo.base.artifacts import tokenizer as tok_artifact
+from flexolmo.model.artifacts.expert_package import ExpertPackageCard
+from flexolmo.model.artifacts.merged_model import MergedModelCard
+from flexolmo.model.artifacts.public_model import PublicModelCard
+from flexolmo.model.config import get_profile
+from flexolmo.base.errors import OutdatedError
+from flexolmo.model.layout import shared_weights_hash
+from flexolmo.model.merge import load_merged, merge
+from flexolmo.model.moe import load_model
+from flexolmo.model.privacy import DPConfig
+from flexolmo.base.tokenizer import tokenizer_hash
+from flexolmo.base.tokens import source_tokens
+from flexolmo.model.train import train_expert, train_public
+from flexolmo.base.workspace import Workspace
 
 TINY = get_profile("tiny")
 

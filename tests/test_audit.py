@@ -1,4 +1,4 @@
-"""The extraction audit (flexolmo/audit.py) on tiny models: every row runs (public, owner's
+"""The extraction audit (tracing/audit.py) on tiny models: every row runs (public, owner's
 2-expert, merged, merged with a DP expert, merged with the expert off), both similarity
 ways are reported, the longest verbatim runs come from the source's index, and the result
 is written under the workspace; the CLI prints it and refuses bad input."""
@@ -12,11 +12,11 @@ from conftest_model import build_federation
 from typer.testing import CliRunner
 
 from cli.main import app
-from flexolmo.audit import AuditConfig, edit_similarity, extraction_audit, latest, sample_prompts
-from flexolmo.errors import InputError
-from flexolmo.merge import merge
-from flexolmo.privacy import DPConfig
-from flexolmo.train import train_expert, train_public
+from tracing.audit import AuditConfig, edit_similarity, extraction_audit, latest, sample_prompts
+from flexolmo.base.errors import InputError
+from flexolmo.model.merge import merge
+from flexolmo.model.privacy import DPConfig
+from flexolmo.model.train import train_expert, train_public
 from index.build import build_source
 
 ROWS = ("public", "owner_2expert", "merged", "merged_dp_expert", "merged_expert_off")
@@ -85,7 +85,7 @@ def test_cli_and_bad_input(fed):
         base = ["--workspace", str(ws.root), "audit", "extraction"] + ([] if "--source" in args else ["--source", "news"])
         r = CliRunner().invoke(app, base + args)
         assert r.exit_code == 1 and msg in r.output, r.output
-    from flexolmo.audit import _row_models
+    from tracing.audit import _row_models
 
     with pytest.raises(InputError, match="is not a DP package"):  # news's DP package offered for code
         dict(_row_models(ws, "code", fed["dp"]))["merged_dp_expert"]()

@@ -24,7 +24,7 @@ import uvicorn
 from conftest_model import build_served_federation
 
 from api.app import create_app
-from flexolmo import sources
+from flexolmo.base import sources
 from index.keys import KeyStore
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

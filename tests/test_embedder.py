@@ -8,12 +8,12 @@ import torch
 
 from conftest_model import build_federation
 
-from flexolmo.config import get_profile, override
-from flexolmo.domain import embedder_rows, mean_embedding, projection, sample_texts
-from flexolmo.embedder import TextEmbedder
-from flexolmo.errors import InputError
-from flexolmo.model import routers
-from flexolmo.train import train_expert, train_public
+from flexolmo.model.config import get_profile, override
+from flexolmo.model.domain import embedder_rows, mean_embedding, projection, sample_texts
+from flexolmo.model.embedder import TextEmbedder
+from flexolmo.base.errors import InputError
+from flexolmo.model.moe import routers
+from flexolmo.model.train import train_expert, train_public
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_embedder_rows_step_from_the_public_row_along_the_projected_difference(f
 
 
 def test_an_owner_trains_with_embedder_rows_and_refuses_dp(fed, tmp_path):
-    from flexolmo.privacy import DPConfig
+    from flexolmo.model.privacy import DPConfig
 
     ws, _ = fed
     p = get_profile("tiny")

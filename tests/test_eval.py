@@ -13,10 +13,10 @@ from conftest_model import WORDS
 
 from flexolmo.evaluation.report import write_report
 from flexolmo.evaluation.run import run_eval
-from flexolmo.sources import add_records
-from flexolmo.tokenizer import train_tokenizer
-from flexolmo.train import train_public
-from flexolmo.workspace import Workspace
+from flexolmo.base.sources import add_records
+from flexolmo.base.tokenizer import train_tokenizer
+from flexolmo.model.train import train_public
+from flexolmo.base.workspace import Workspace
 
 REQUIRED_ROWS = {"public", "soup", "btm", "dense", "flexolmo", "flexolmo_tuned", "no_bias", "random_init", "embedder_init"}
 
@@ -112,7 +112,7 @@ def test_cli_eval_json(evaluated):
 
 def test_task_lines_stop_the_context_before_the_newline(evaluated):
     from flexolmo.evaluation.task import task_lines
-    from flexolmo.sources import load_documents
+    from flexolmo.base.sources import load_documents
 
     ws, _, _ = evaluated
     texts = load_documents(ws, "code", split="validation", columns=["text"]).column("text").to_pylist()
@@ -124,9 +124,9 @@ def test_task_lines_stop_the_context_before_the_newline(evaluated):
 
 
 def test_bytes_per_domain_measures_the_same_text_whatever_the_tokens(evaluated):
-    from flexolmo.errors import InputError
+    from flexolmo.base.errors import InputError
     from flexolmo.evaluation.metrics import token_byte_lengths, validation_set
-    from flexolmo.tokenizer import load_raw_tokenizer
+    from flexolmo.base.tokenizer import load_raw_tokenizer
 
     ws, _, _ = evaluated
     longest = int(token_byte_lengths(load_raw_tokenizer(ws)).max())

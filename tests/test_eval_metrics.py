@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from flexolmo.errors import InputError
+from flexolmo.base.errors import InputError
 from flexolmo.evaluation.metrics import btm_mixture, score, stream_windows, window_logprobs
 
 

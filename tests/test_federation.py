@@ -27,10 +27,10 @@ from typer.testing import CliRunner
 from cli.main import app
 from textcorpus import word_records, word_text
 
-from flexolmo.tokenizer import import_tokenizer
-from flexolmo import sources, tokenizer
-from flexolmo.errors import ConflictError, InputError
-from flexolmo.workspace import Workspace
+from flexolmo.base.tokenizer import import_tokenizer
+from flexolmo.base import sources, tokenizer
+from flexolmo.base.errors import ConflictError, InputError
+from flexolmo.base.workspace import Workspace
 from index import build, catalog
 from index import protocol as P
 from index.cluster import issue_keys, restart_node, start_nodes, stop_nodes

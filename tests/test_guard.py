@@ -1,4 +1,4 @@
-"""The verbatim guard (flexolmo/guard.py) on a tiny workspace: a source built from the
+"""The verbatim guard (tracing/guard.py) on a tiny workspace: a source built from the
 model's own unguarded output tempts it to repeat a long run; with --max-verbatim N no run
 longer than N gets through (checked by infini-gram's own counts, not the guard's search),
 a generation that never touches a guarded source is unchanged, traces record where the
@@ -12,13 +12,13 @@ from conftest_model import build_federation
 from typer.testing import CliRunner
 
 from cli.main import app
-from flexolmo import sources
-from flexolmo.config import get_profile
-from flexolmo.errors import InputError
-from flexolmo.generate import generate
-from flexolmo.guard import VerbatimGuard, guarded_sources, longest_run
-from flexolmo.model import LoadedModel, build_model
-from flexolmo.tokenizer import load_tokenizer, tokenizer_info
+from flexolmo.base import sources
+from flexolmo.model.config import get_profile
+from flexolmo.base.errors import InputError
+from flexolmo.model.generate import generate
+from tracing.guard import VerbatimGuard, guarded_sources, longest_run
+from flexolmo.model.moe import LoadedModel, build_model
+from flexolmo.base.tokenizer import load_tokenizer, tokenizer_info
 from index.build import build_source
 from index.source import SourceIndex
 
@@ -139,7 +139,7 @@ def test_bad_limits_are_refused(world):
 
 
 def test_guarded_source_without_index_fails_closed(world, tmp_path):
-    from flexolmo.errors import ConflictError
+    from flexolmo.base.errors import ConflictError
 
     ws = world["ws"]
     sources.add_records(ws, "noidx", [{"doc_id": "n-0", "text": "a b c"}, {"doc_id": "n-1", "text": "d e"}],

@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from flexolmo import sources, tokenizer
-from flexolmo.errors import ConflictError, InputError, IntegrityError, NotFoundError
-from flexolmo.workspace import Workspace
+from flexolmo.base import sources, tokenizer
+from flexolmo.base.errors import ConflictError, InputError, IntegrityError, NotFoundError
+from flexolmo.base.workspace import Workspace
 from index import build, catalog, format as fmt, takedown, verify
 from index.engine import Federation
 
@@ -186,7 +186,7 @@ def test_unchanged_source_is_skipped_and_shards_agree(built: Workspace, copy_ws:
 _KILL_SCRIPT = """
 import sys, time
 from pathlib import Path
-from flexolmo.workspace import Workspace
+from flexolmo.base.workspace import Workspace
 from index import build
 marker = Path(sys.argv[2])
 def progress(source, step, done, total, unit):

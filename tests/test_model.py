@@ -12,16 +12,16 @@ import torch
 
 from conftest_model import build_federation
 
-from flexolmo.config import Profile, get_profile
-from flexolmo.errors import ConflictError, InputError, IntegrityError
-from flexolmo.generate import generate, route, token_logprobs
-from flexolmo.merge import load_merged, merge
-from flexolmo.domain import domain_embedding
-from flexolmo.layout import SLICE_KEYS, get_slice, is_expert_tensor, shared_weights_hash, slice_shapes
-from flexolmo.model import load_model, routers
-from flexolmo.sources import set_policy
-from flexolmo.tokenizer import load_tokenizer
-from flexolmo.train import train_expert, train_public
+from flexolmo.model.config import Profile, get_profile
+from flexolmo.base.errors import ConflictError, InputError, IntegrityError
+from flexolmo.model.generate import generate, route, token_logprobs
+from flexolmo.model.merge import load_merged, merge
+from flexolmo.model.domain import domain_embedding
+from flexolmo.model.layout import SLICE_KEYS, get_slice, is_expert_tensor, shared_weights_hash, slice_shapes
+from flexolmo.model.moe import load_model, routers
+from flexolmo.base.sources import set_policy
+from flexolmo.base.tokenizer import load_tokenizer
+from flexolmo.model.train import train_expert, train_public
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +180,7 @@ def test_catalog_switches_sources_off(fed):
 
 
 def test_dp_expert(fed):
-    from flexolmo.privacy import DPConfig
+    from flexolmo.model.privacy import DPConfig
 
     ws = fed["ws"]
     res = train_expert(ws, "math", "tiny", steps=3, dp=DPConfig(noise_multiplier=1.0), progress=False)
@@ -233,7 +233,7 @@ def test_cli_merge_and_generate(fed):
 
 
 def test_load_expert_model_rebuilds_owner_model(fed):
-    from flexolmo.merge import load_expert_model
+    from flexolmo.model.merge import load_expert_model
 
     own = fed["experts"]["code"].model
     rebuilt = load_expert_model(fed["ws"], "code")
@@ -274,7 +274,7 @@ def test_owner_bias_starts_negative_and_never_leaks_to_public(fed):
 
 
 def test_layer_shift_keeps_the_owners_floor_and_balances_when_both_cannot_hold():
-    from flexolmo.bias import layer_shift
+    from flexolmo.model.bias import layer_shift
 
     g = torch.Generator().manual_seed(0)
     pub = torch.randn(20000, generator=g)  # margins (owner minus public logit) on public text
@@ -302,15 +302,15 @@ def test_layer_shift_keeps_the_owners_floor_and_balances_when_both_cannot_hold()
 
 
 def _public_windows(fed, n=8, seq_len=32):
-    from flexolmo.bias import sample_windows
-    from flexolmo.stream import token_stream
+    from flexolmo.model.bias import sample_windows
+    from flexolmo.model.stream import token_stream
 
     return sample_windows(token_stream(fed["ws"], "public"), seq_len, n, seed=7)
 
 
 def test_router_margin_in_one_unit_and_bias_at_its_target(fed):
-    from flexolmo.bias import logit_margins, scale_margin, set_quantile
-    from flexolmo.merge import load_expert_model
+    from flexolmo.model.bias import logit_margins, scale_margin, set_quantile
+    from flexolmo.model.merge import load_expert_model
 
     cfg = get_profile("tiny").expert
     assert cfg.router_margin_std == 1.0 and cfg.router_bias_every > 0 and cfg.public_mix == 0.25
@@ -346,11 +346,11 @@ def test_router_margin_in_one_unit_and_bias_at_its_target(fed):
 
 
 def test_classifier_rows_separate_own_from_public_text_per_layer(fed):
-    from flexolmo.bias import router_inputs, sample_windows
-    from flexolmo.config import override
-    from flexolmo.domain import classifier_rows
-    from flexolmo.privacy import DPConfig
-    from flexolmo.stream import token_stream
+    from flexolmo.model.bias import router_inputs, sample_windows
+    from flexolmo.model.config import override
+    from flexolmo.model.domain import classifier_rows
+    from flexolmo.model.privacy import DPConfig
+    from flexolmo.model.stream import token_stream
 
     public = load_model(fed["public"].out_dir)
     pub = _public_windows(fed, n=8)
@@ -372,8 +372,8 @@ def test_classifier_rows_separate_own_from_public_text_per_layer(fed):
 
 
 def test_public_mix_batches_draw_the_asked_share_from_public_text():
-    from flexolmo.config import TrainConfig
-    from flexolmo.stream import Mixture, get_batch
+    from flexolmo.model.config import TrainConfig
+    from flexolmo.model.stream import Mixture, get_batch
 
     own, public = torch.arange(0, 1000), torch.arange(5000, 5600)  # disjoint id ranges tell the streams apart
     cfg = TrainConfig(batch_size=8, seq_len=16)
@@ -395,8 +395,8 @@ def test_public_mix_batches_draw_the_asked_share_from_public_text():
 
 
 def test_trainer_lr_scale_moves_a_parameter_proportionally():
-    from flexolmo.config import TrainConfig
-    from flexolmo.trainer import Trainer
+    from flexolmo.model.config import TrainConfig
+    from flexolmo.model.trainer import Trainer
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 50))
@@ -416,8 +416,8 @@ def test_trainer_lr_scale_moves_a_parameter_proportionally():
 
 
 def test_router_z_loss_is_part_of_the_loss(fed):
-    from flexolmo.losses import WithRouterZLoss, lm_loss
-    from flexolmo.generate import RoutingCapture
+    from flexolmo.model.losses import WithRouterZLoss, lm_loss
+    from flexolmo.model.generate import RoutingCapture
 
     model = fed["experts"]["news"].model.module
     x = torch.randint(2, 300, (2, 16))
@@ -445,10 +445,10 @@ def test_router_z_loss_is_part_of_the_loss(fed):
 
 
 def test_dp_clipping_bounds_each_per_sample_gradient(fed):
-    from flexolmo.callbacks import train_rows
-    from flexolmo.losses import lm_loss
-    from flexolmo.privacy import DPConfig, DPStep, clip_sample, per_sample_grads
-    from flexolmo.trainer import Trainer
+    from flexolmo.model.callbacks import train_rows
+    from flexolmo.model.losses import lm_loss
+    from flexolmo.model.privacy import DPConfig, DPStep, clip_sample, per_sample_grads
+    from flexolmo.model.trainer import Trainer
 
     model = load_expert_model_copy(fed)
     params, _ = train_rows(model, frozen=[0])
@@ -478,6 +478,6 @@ def test_dp_clipping_bounds_each_per_sample_gradient(fed):
 
 
 def load_expert_model_copy(fed):
-    from flexolmo.merge import load_expert_model
+    from flexolmo.model.merge import load_expert_model
 
     return load_expert_model(fed["ws"], "news").module

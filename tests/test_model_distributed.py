@@ -11,9 +11,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest_model import build_federation  # noqa: E402
 
-from flexolmo.merge import load_merged, merge  # noqa: E402
-from flexolmo.layout import shared_weights_hash  # noqa: E402
-from flexolmo.model import load_model  # noqa: E402
+from flexolmo.model.merge import load_merged, merge  # noqa: E402
+from flexolmo.model.layout import shared_weights_hash  # noqa: E402
+from flexolmo.model.moe import load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

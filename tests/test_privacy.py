@@ -1,4 +1,4 @@
-"""DP for the whole expert package (flexolmo/privacy.py) on the tiny profile: vmap per-sample
+"""DP for the whole expert package (flexolmo/model/privacy.py) on the tiny profile: vmap per-sample
 gradients equal the per-example loop, clipping bounds, the derived noise multiplier meets
 the target through the accountant, frozen tensors unchanged, the router row's and the
 classifier's noise at their stated scale, bad input refused before anything is written."""
@@ -10,15 +10,15 @@ import torch
 
 from conftest_model import build_federation
 
-from flexolmo.callbacks import train_rows
-from flexolmo.config import get_profile
-from flexolmo.errors import InputError
-from flexolmo.layout import is_expert_tensor
-from flexolmo.losses import WithRouterZLoss
-from flexolmo.model import build_model, load_model
-from flexolmo.privacy import (DPConfig, DPStep, clip_factors, epsilon_of, gaussian_sum, per_sample_grads, plan,
+from flexolmo.model.callbacks import train_rows
+from flexolmo.model.config import get_profile
+from flexolmo.base.errors import InputError
+from flexolmo.model.layout import is_expert_tensor
+from flexolmo.model.losses import WithRouterZLoss
+from flexolmo.model.moe import build_model, load_model
+from flexolmo.model.privacy import (DPConfig, DPStep, clip_factors, epsilon_of, gaussian_sum, per_sample_grads, plan,
                               poisson_sample, vmap_grads, windows)
-from flexolmo.train import train_expert, train_public
+from flexolmo.model.train import train_expert, train_public
 
 TINY = get_profile("tiny")
 
@@ -61,7 +61,7 @@ def test_clipping_bounds_every_per_sample_norm():
     assert (norms > C).all() and (clipped <= C * (1 + 1e-6)).all()
     # DPStep without noise: p.grad = mean of clipped per-sample grads, zero on the frozen row
     dp = DPStep(DPConfig(noise_multiplier=0.0, max_grad_norm=C), params, frozen_rows=[0])
-    from flexolmo.trainer import Trainer
+    from flexolmo.model.trainer import Trainer
 
     tr = Trainer(model, params, TINY.expert, torch.zeros(100, dtype=torch.long), callbacks=[dp])
     dp.backward(tr, x, y)
@@ -114,8 +114,8 @@ def test_gaussian_sum_noise_at_its_stated_scale():
 
 
 def test_router_row_mechanism_noise_matches_the_plan(fed):
-    from flexolmo.domain import dp_router_row, mean_hidden
-    from flexolmo.stream import token_stream
+    from flexolmo.model.domain import dp_router_row, mean_hidden
+    from flexolmo.model.stream import token_stream
 
     ws, public = fed["ws"], load_model(fed["public"].out_dir)
     own = windows(token_stream(ws, "news"), 32)

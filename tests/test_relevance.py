@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from textcorpus import COMMON, build_workspace
 
-from flexolmo import sources
+from flexolmo.base import sources
 from tracing import relevance
 from tracing.trace import Tracer, has_words
 

@@ -10,15 +10,15 @@ import torch
 
 from conftest_model import build_federation
 
-import flexolmo.router_tuning as rt
-from flexolmo.artifacts.merged_model import MergedModelCard
-from flexolmo.errors import InputError
-from flexolmo.generate import route
-from flexolmo.merge import load_merged, merge
-from flexolmo.layout import shared_weights_hash
-from flexolmo.model import load_model
-from flexolmo.sources import set_policy
-from flexolmo.train import train_expert, train_public
+import flexolmo.model.router_tuning as rt
+from flexolmo.model.artifacts.merged_model import MergedModelCard
+from flexolmo.base.errors import InputError
+from flexolmo.model.generate import route
+from flexolmo.model.merge import load_merged, merge
+from flexolmo.model.layout import shared_weights_hash
+from flexolmo.model.moe import load_model
+from flexolmo.base.sources import set_policy
+from flexolmo.model.train import train_expert, train_public
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def fed(tmp_path_factory):
     merged = ws.models_dir / "merged"
     original = load_model(merged).module.state_dict()
     splits = []
-    import flexolmo.tokens as tokens
+    import flexolmo.base.tokens as tokens
 
     real = tokens.source_tokens
 
@@ -88,9 +88,9 @@ def test_proxy_set_is_public_data_picked_by_the_owners_classifiers(fed):
 
 
 def test_classifier_picks_public_documents_like_the_domain(fed):
-    from flexolmo.artifacts import expert_package
-    from flexolmo.proxy import pick_proxy
-    from flexolmo.tokens import source_tokens
+    from flexolmo.model.artifacts import expert_package
+    from flexolmo.model.proxy import pick_proxy
+    from flexolmo.base.tokens import source_tokens
 
     ws = fed["ws"]
     clf = expert_package.read(expert_package.folder(ws, "code")).classifier()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from flexolmo import samples, sources
-from flexolmo.errors import NotFoundError
+from flexolmo.base import samples, sources
+from flexolmo.base.errors import NotFoundError
 
 
 def test_pack_respects_limit_and_keeps_text():

@@ -1,4 +1,4 @@
-"""The owner expert's output scale (flexolmo/scale.py): louder is a hidden positive logit, and
+"""The owner expert's output scale (flexolmo/model/scale.py): louder is a hidden positive logit, and
 the cap keeps an owner's expert no louder than the public one."""
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ import torch
 
 from conftest_model import build_federation
 
-from flexolmo.bias import sample_windows
-from flexolmo.config import get_profile, override
-from flexolmo.errors import InputError
-from flexolmo.layout import with_experts
-from flexolmo.model import load_model, routers
-from flexolmo.scale import ScaleCap, cap_scale, output_ratios
-from flexolmo.stream import token_stream
-from flexolmo.train import train_expert, train_public
+from flexolmo.model.bias import sample_windows
+from flexolmo.model.config import get_profile, override
+from flexolmo.base.errors import InputError
+from flexolmo.model.layout import with_experts
+from flexolmo.model.moe import load_model, routers
+from flexolmo.model.scale import ScaleCap, cap_scale, output_ratios
+from flexolmo.model.stream import token_stream
+from flexolmo.model.train import train_expert, train_public
 
 
 @pytest.fixture(scope="module")

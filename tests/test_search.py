@@ -17,9 +17,9 @@ from infini_gram.engine import InfiniGramEngine
 
 from textcorpus import word_records, word_text
 
-from flexolmo import sources, tokenizer
-from flexolmo.errors import InputError
-from flexolmo.workspace import Workspace
+from flexolmo.base import sources, tokenizer
+from flexolmo.base.errors import InputError
+from flexolmo.base.workspace import Workspace
 from index import build, format as fmt, search, takedown
 from index.engine import Federation
 

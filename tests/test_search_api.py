@@ -20,10 +20,10 @@ from typer.testing import CliRunner
 from api.app import create_app
 from api.deps import Settings
 from cli.main import app as cli
-from flexolmo import sources, tokenizer
-from flexolmo.errors import InputError
-from flexolmo.merge import merge
-from flexolmo.train import train_expert, train_public
+from flexolmo.base import sources, tokenizer
+from flexolmo.base.errors import InputError
+from flexolmo.model.merge import merge
+from flexolmo.model.train import train_expert, train_public
 from index import takedown
 from index.build import build_source
 from index.engine import Federation

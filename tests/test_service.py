@@ -30,7 +30,7 @@ from test_store import Reader
 from api.app import create_app
 from api.deps import Settings
 from api.worker import Busy, TraceWorker
-from flexolmo import sources
+from flexolmo.base import sources
 from tracing import parts, store
 from tracing import queries
 

@@ -9,13 +9,13 @@ import pytest
 
 from conftest_model import build_federation
 
-from flexolmo.artifacts import public_model
-from flexolmo.config import get_profile
-from flexolmo.errors import IntegrityError
-from flexolmo.layout import shared_weights_hash
-from flexolmo.model import load_model
-from flexolmo.sources import add_records
-from flexolmo.train import train_public
+from flexolmo.model.artifacts import public_model
+from flexolmo.model.config import get_profile
+from flexolmo.base.errors import IntegrityError
+from flexolmo.model.layout import shared_weights_hash
+from flexolmo.model.moe import load_model
+from flexolmo.base.sources import add_records
+from flexolmo.model.train import train_public
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from flexolmo import sources
-from flexolmo.errors import ConflictError, InputError, NotFoundError
+from flexolmo.base import sources
+from flexolmo.base.errors import ConflictError, InputError, NotFoundError
 
 OWNER = dict(owner="alice", domain="notes", licence="CC0")
 
@@ -163,7 +163,7 @@ def test_cli_add_list_show_and_errors(ws, write_jsonl, tmp_path):
 
 
 def test_workspace_from_environment(tmp_path, monkeypatch):
-    from flexolmo.workspace import Workspace
+    from flexolmo.base.workspace import Workspace
 
     monkeypatch.setenv("FLEXOLMO_HOME", str(tmp_path / "envws"))
     assert Workspace.resolve().root == tmp_path / "envws"
@@ -174,7 +174,7 @@ def test_workspace_from_environment(tmp_path, monkeypatch):
 
 
 def test_replace_dir_swaps_atomically(tmp_path):
-    from flexolmo.workspace import atomic_dir
+    from flexolmo.base.workspace import atomic_dir
 
     final = tmp_path / "thing"
     with atomic_dir(final) as tmp:
@@ -192,7 +192,7 @@ def test_replace_dir_swaps_atomically(tmp_path):
 
 
 def test_by_is_validated_stored_as_data_and_shown_literally(ws, write_jsonl):
-    from flexolmo import catalog
+    from flexolmo.base import catalog
 
     sources.add_source(ws, "notes", write_jsonl("n.jsonl", docs(5)), **OWNER)
     for bad, why in (("x" * 1_000_000, "limit is 100"), ("alice\n2026-01-01 mallory: active True -> False", "control"),

@@ -20,8 +20,8 @@ from conftest_model import build_federation
 from typer.testing import CliRunner
 
 from cli.main import app
-from flexolmo import sources
-from flexolmo.errors import ConflictError, InputError
+from flexolmo.base import sources
+from flexolmo.base.errors import ConflictError, InputError
 from index import takedown as td
 from index.build import build_source
 from tracing import governance, parts, store
@@ -35,7 +35,7 @@ READER = textwrap.dedent("""
     # as a notebook would, until the stop file appears; reports what it saw.
     import json, sys, time
     from pathlib import Path
-    from flexolmo.workspace import Workspace
+    from flexolmo.base.workspace import Workspace
     from tracing import store
     ws, stop, out = Workspace(Path(sys.argv[1])), Path(sys.argv[2]), Path(sys.argv[3])
     ok = errors = 0

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from tokenizers import Tokenizer
 
-from flexolmo import sources, tokenizer
-from flexolmo.errors import InputError, NotFoundError
+from flexolmo.base import sources, tokenizer
+from flexolmo.base.errors import InputError, NotFoundError
 
 # One short text in the style of each of the eight sample domains, with the characters that
 # trip byte-level tokenizers: accents, CJK, emoji, tabs, CRLF, runs of spaces, TeX, NUL-free.
@@ -79,14 +79,14 @@ def test_vocab_size_bounds(ws):
 
 
 def test_missing_tokenizer_says_what_to_run(tmp_path):
-    from flexolmo.workspace import Workspace
+    from flexolmo.base.workspace import Workspace
 
     with pytest.raises(NotFoundError, match="tokenizer train"):
         tokenizer.load_tokenizer(Workspace(tmp_path / "empty"))
 
 
 def test_tokenizer_card_decides_freshness(ws, trained):
-    from flexolmo.artifacts import tokenizer as artifact
+    from flexolmo.base.artifacts import tokenizer as artifact
 
     card = artifact.read(ws)
     src = sources.get_source(ws, "public")
@@ -107,7 +107,7 @@ def test_whitespace_runs_get_tokens_and_words_keep_their_start(ws, trained):
     text = DOMAIN_TEXTS["code"] + "        return x\n" + " " * 40 + "y\t\t\t\tz"
     before = plain.encode(text)
     info = tokenizer.train_tokenizer(ws, vocab_size=400, whitespace_runs=True, force=True)
-    from flexolmo.artifacts import tokenizer as artifact
+    from flexolmo.base.artifacts import tokenizer as artifact
 
     card = artifact.read(ws)
     assert info.vocab_size == 400 and card.whitespace_runs == {"space": [2, 4, 8, 16], "tab": [2, 4]}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from flexolmo import sources, tokenizer
-from flexolmo.tokens import source_tokens
-from flexolmo.stream import token_stream
+from flexolmo.base import sources, tokenizer
+from flexolmo.base.tokens import source_tokens
+from flexolmo.model.stream import token_stream
 
 
 def _setup(ws, n=40):
@@ -48,8 +48,8 @@ def test_cache_follows_tokenizer_and_source_content(ws):
 
 
 def test_cache_card_decides_freshness(ws):
-    from flexolmo.artifacts import token_cache
-    from flexolmo.artifacts.token_cache import TokenCacheCard
+    from flexolmo.base.artifacts import token_cache
+    from flexolmo.base.artifacts.token_cache import TokenCacheCard
 
     _setup(ws)
     first = source_tokens(ws, "public", "train")

@@ -10,12 +10,12 @@ from conftest_model import build_federation
 from typer.testing import CliRunner
 
 from cli.main import app
-from flexolmo import sources
-from flexolmo.merge import merge
-from flexolmo.train import train_expert, train_public
+from flexolmo.base import sources
+from flexolmo.model.merge import merge
+from flexolmo.model.train import train_expert, train_public
 from index.build import build_source, index_dir
-from flexolmo.errors import InputError
-from flexolmo.model import experts_off_per_row
+from flexolmo.base.errors import InputError
+from flexolmo.model.moe import experts_off_per_row
 from tracing import governance, store
 from tracing import queries
 from tracing.experts import link_experts

@@ -6,8 +6,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from flexolmo import sources, tokenizer
-from flexolmo.workspace import Workspace
+from flexolmo.base import sources, tokenizer
+from flexolmo.base.workspace import Workspace
 from index import build
 
 COMMON = "the of and to in is was for on with as by at from".split()

@@ -13,7 +13,7 @@ switched-on experts (`top_expert_by="counterfactual"`), else the argmax of the r
 
 Cost (issue 8). One routing pass over the response gives the routing *and* the base
 log-probabilities. The counterfactuals are one batched pass: row b is the response with
-expert b switched off (`flexolmo.model.experts_off_per_row`), cut after the last kept span's
+expert b switched off (`flexolmo.model.moe.experts_off_per_row`), cut after the last kept span's
 last token (the model is causal: later tokens change nothing before them) and with the
 vocabulary projection only at the kept spans' tokens. Experts the router gave no weight on
 any kept span's token are skipped: their `counterfactual` is None, like the last expert on
@@ -58,7 +58,7 @@ def link_experts(model, spans: list[Span], ids: list[int], prompt_ids: list[int]
                  method: Method = "batched") -> dict[str, float]:
     """Fill `experts`, `top_expert`, `top_expert_by`, `agreement` of every span; return timings (ms).
 
-    :param model: a `flexolmo.model.LoadedModel`
+    :param model: a `flexolmo.model.moe.LoadedModel`
     :param routing: (experts (n, L, k), weights (n, L, k)) of the step that produced each
         response token, captured while generating; None: computed here by one forward pass
     :param bos_id: put in front of a response without a prompt, so its first token has a
@@ -126,7 +126,7 @@ def routed_experts(experts: np.ndarray, weights: np.ndarray, need: np.ndarray, E
 def routing_pass(model, seq: list[int], windows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One forward pass per window: routing (n, L, k) of the step producing each response
     token, with its weights, and the response tokens' log-probabilities (n,)."""
-    from flexolmo.generate import RoutingCapture
+    from flexolmo.model.generate import RoutingCapture
 
     module = model.module
     ex, wt, lp = [], [], []
@@ -146,7 +146,7 @@ def batched_drops(model, seq: list[int], windows, P: int, need: np.ndarray, run:
                   base: np.ndarray) -> dict[int, np.ndarray]:
     """Drop of each needed response token's log-prob with each expert in `run` off, batched:
     one call per window holding needed tokens (and per MAX_ROWS experts)."""
-    from flexolmo.model import experts_off_per_row
+    from flexolmo.model.moe import experts_off_per_row
 
     module = model.module
     out = {e: np.zeros(len(need)) for e in run}
@@ -170,7 +170,7 @@ def batched_drops(model, seq: list[int], windows, P: int, need: np.ndarray, run:
 @torch.no_grad()
 def per_expert_drops(model, seq: list[int], windows, run: list[int]) -> dict[int, np.ndarray]:
     """The reference: one full forward pass of the response per expert (and one for the base)."""
-    from flexolmo.generate import token_logprobs
+    from flexolmo.model.generate import token_logprobs
 
     def logprobs(exclude: list[int]) -> np.ndarray:
         return np.concatenate([token_logprobs(model, seq[a:b], exclude=exclude)[s - a - 1: e - a - 1].numpy()

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import datetime as dt
 
-from flexolmo import sources as src_lib
-from flexolmo.errors import ConflictError
-from flexolmo.workspace import Workspace
+from flexolmo.base import sources as src_lib
+from flexolmo.base.errors import ConflictError
+from flexolmo.base.workspace import Workspace
 from index import catalog as index_catalog
 from index import takedown as td
 from index.models import Takedown

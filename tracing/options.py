@@ -22,7 +22,7 @@ from typing import Annotated, Optional, Tuple
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
-from flexolmo.errors import InputError
+from flexolmo.base.errors import InputError
 
 _NAME = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 

@@ -48,8 +48,8 @@ from typing import Callable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flexolmo.errors import ConflictError
-from flexolmo.workspace import Workspace
+from flexolmo.base.errors import ConflictError
+from flexolmo.base.workspace import Workspace
 
 WRITE_WAIT_S = 30.0  # a writer waits this long for another writer (commits take milliseconds)
 COMPACT_AT = 48  # merge the small parts when there are more than this many

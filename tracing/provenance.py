@@ -24,8 +24,8 @@ from typing import Literal
 
 import duckdb
 
-from flexolmo import sources as src_lib
-from flexolmo.errors import InputError
+from flexolmo.base import sources as src_lib
+from flexolmo.base.errors import InputError
 
 from .queries import QueryResult, _read, trace_rows
 

@@ -19,8 +19,8 @@ from typing import Callable, TypeVar
 
 import duckdb
 
-from flexolmo.errors import FlexolmoError, InputError, NotFoundError
-from flexolmo.workspace import Workspace
+from flexolmo.base.errors import FlexolmoError, InputError, NotFoundError
+from flexolmo.base.workspace import Workspace
 
 from .store import reader
 
@@ -177,7 +177,7 @@ class Contribution:
 
 def contribution(ws: Workspace, source: str, top: int = 10, timeout_s: float | None = None) -> Contribution:
     """What `source` contributed over every stored trace (counts, means, top spans, series for plots)."""
-    from flexolmo.sources import list_sources
+    from flexolmo.base.sources import list_sources
 
     domains = {s.name: s.domain for s in list_sources(ws)}
 
@@ -240,7 +240,7 @@ def _contribution(con: duckdb.DuckDBPyConnection, source: str, top: int, domains
 
 def _audit_summary(ws: Workspace, source: str) -> dict | None:
     """The latest extraction audit's figures per model row, or None when none was run."""
-    from flexolmo.audit import latest
+    from tracing.audit import latest
 
     a = latest(ws, source)
     if a is None:

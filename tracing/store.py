@@ -41,8 +41,8 @@ from typing import Iterator
 import duckdb
 import pyarrow as pa
 
-from flexolmo.errors import ConflictError, NotFoundError
-from flexolmo.workspace import Workspace
+from flexolmo.base.errors import ConflictError, NotFoundError
+from flexolmo.base.workspace import Workspace
 
 from . import parts
 from .models import Trace
@@ -133,7 +133,7 @@ def demands(ws: Workspace) -> list[tuple]:
     """The redactions the catalog asks for now: ('takedown', source, doc_id) for every
     takedown, ('counts', source, since) for every `counts` source (a new key when its policy
     row changes, so a source switched back to counts is redacted again)."""
-    from flexolmo.sources import list_sources
+    from flexolmo.base.sources import list_sources
     from index.catalog import list_takedowns
 
     keys = [("takedown", t.source, t.doc_id) for t in list_takedowns(ws)]

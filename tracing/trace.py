@@ -34,10 +34,10 @@ from typing import Iterator
 
 import numpy as np
 
-from flexolmo import sources as src_lib
-from flexolmo import tokenizer as tok_lib
-from flexolmo.errors import InputError
-from flexolmo.workspace import Workspace
+from flexolmo.base import sources as src_lib
+from flexolmo.base import tokenizer as tok_lib
+from flexolmo.base.errors import InputError
+from flexolmo.base.workspace import Workspace
 from index.engine import Federation
 from index.models import SpanDocument, SpanMatch
 from index.snippets import marked
@@ -69,7 +69,7 @@ class Tracer:
     bow: np.ndarray
     delims: list[int]
     policies: dict[str, src_lib.Source]
-    model: object | None = None  # a flexolmo.model.LoadedModel
+    model: object | None = None  # a flexolmo.model.moe.LoadedModel
     model_name: str | None = None
     settings: TraceOptions = field(default_factory=TraceOptions)
     fingerprint: tuple = ()  # the catalog state this tracer was opened under (see `stale`)
@@ -85,12 +85,12 @@ class Tracer:
             given here, it overrides `options.exclude` (as `include` does `options.include`)
         :param model: 'auto', None (no expert linkage) or a `LoadedModel` (`load_merged`)
         """
-        from flexolmo.model import LoadedModel
+        from flexolmo.model.moe import LoadedModel
 
         opts = (options or TraceOptions()).replace(exclude=tuple(exclude) if exclude is not None else None,
                                                    include=tuple(include) if include is not None else None)
         if model is not None and model != "auto" and not isinstance(model, LoadedModel):
-            raise InputError(f"Tracer.open(model=...) takes a LoadedModel (flexolmo.merge.load_merged), "
+            raise InputError(f"Tracer.open(model=...) takes a LoadedModel (flexolmo.model.merge.load_merged), "
                              f"'auto' or None, not {type(model).__name__}")
         fed = Federation.open(ws, today=today, strict=False)  # a damaged index is skipped, not fatal
         tok = tok_lib.load_tokenizer(ws)
@@ -98,7 +98,7 @@ class Tracer:
         if model == "auto":
             model = None
             if (ws.models_dir / "merged" / "config.json").exists():
-                from flexolmo.merge import load_merged
+                from flexolmo.model.merge import load_merged
 
                 model = load_merged(ws, exclude=opts.exclude, include=opts.include, today=today)
                 name = str(ws.models_dir / "merged")
@@ -124,14 +124,14 @@ class Tracer:
         """Generate a response with routing capture (greedy, or sampled with a seed), then trace it.
 
         Arguments left None take the tracer's `TraceOptions` (`seed` is `generation_seed`)."""
-        from flexolmo.generate import generate
-        from flexolmo.guard import VerbatimGuard
+        from flexolmo.model.generate import generate
+        from tracing.guard import VerbatimGuard
 
         o = self.settings.replace(max_new_tokens=max_new_tokens, do_sample=do_sample, generation_seed=seed,
                                   temperature=temperature, top_p=top_p)
         if self.model is None:
             raise InputError("no merged model to generate with; run `flexolmo merge` first, or trace --text")
-        guard = VerbatimGuard.open(self.ws)  # owners' --max-verbatim limits (flexolmo/guard.py)
+        guard = VerbatimGuard.open(self.ws)  # owners' --max-verbatim limits (tracing/guard.py)
         gen = generate(self.model, self.tokenizer, prompt, max_new_tokens=o.max_new_tokens, do_sample=o.do_sample,
                        seed=o.generation_seed, temperature=o.temperature, top_p=o.top_p, guard=guard)
         ids = list(gen.token_ids)
@@ -172,7 +172,7 @@ class Tracer:
         if options is None or options == self.settings:
             yield self
             return
-        from flexolmo.model import experts_off, resolve_experts
+        from flexolmo.model.moe import experts_off, resolve_experts
 
         want = set(options.exclude)
         if self.model is None:

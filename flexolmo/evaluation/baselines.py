@@ -21,16 +21,16 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import expert_package, public_model
-from ..artifacts.card import sha256_json
-from ..callbacks import standard_callbacks
-from ..config import Profile
-from ..layout import set_slice, shared_weights_hash, with_experts
-from ..model import LoadedModel, load_model, save_model
-from ..sources import get_source
-from ..stream import token_stream
-from ..trainer import Trainer
-from ..workspace import Workspace, atomic_dir
+from flexolmo.model.artifacts import expert_package, public_model
+from flexolmo.base.artifacts.card import sha256_json
+from flexolmo.model.callbacks import standard_callbacks
+from flexolmo.model.config import Profile
+from flexolmo.model.layout import set_slice, shared_weights_hash, with_experts
+from flexolmo.model.moe import LoadedModel, load_model, save_model
+from flexolmo.base.sources import get_source
+from flexolmo.model.stream import token_stream
+from flexolmo.model.trainer import Trainer
+from flexolmo.base.workspace import Workspace, atomic_dir
 
 
 def soup_model(ws: Workspace, owners: list[str], packages_dir: Path | None = None) -> LoadedModel:

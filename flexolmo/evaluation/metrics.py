@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import InputError
+from flexolmo.base.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -80,8 +80,8 @@ def validation_set(ws, sources: list[str], seq_len: int, max_tokens: int, max_by
     predicted tokens spread over the split, or with `max_bytes`, the tokens of the first
     `max_bytes` bytes of text instead (the same text whatever the tokenizer: compare bits per
     byte across tokenizers this way; a token count covers more text where tokens are longer)."""
-    from ..tokenizer import load_raw_tokenizer, tokenizer_info
-    from ..tokens import source_tokens
+    from flexolmo.base.tokenizer import load_raw_tokenizer, tokenizer_info
+    from flexolmo.base.tokens import source_tokens
 
     eos = tokenizer_info(ws).eos_id
     nbytes = token_byte_lengths(load_raw_tokenizer(ws))
@@ -151,7 +151,7 @@ def btm_mixture(logprobs: list[torch.Tensor], top_k: int = 2) -> torch.Tensor:
 def routing_stats(model, windows: torch.Tensor, batch_size: int = 8) -> tuple[np.ndarray, float]:
     """(share of top-k selections per expert over all layers and tokens, fraction of
     (token, layer) router decisions with expert 0, the public expert, among the top-k)."""
-    from ..generate import RoutingCapture
+    from flexolmo.model.generate import RoutingCapture
 
     model.eval()
     E = model.config.num_experts

@@ -17,7 +17,7 @@ import json
 import math
 from pathlib import Path
 
-from ..workspace import atomic_dir
+from flexolmo.base.workspace import atomic_dir
 
 ROW_NOTES = {
     "public": "the public model alone (1 expert)",

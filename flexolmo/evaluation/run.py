@@ -30,14 +30,14 @@ from typing import Callable
 
 import numpy as np
 
-from ..artifacts import expert_package, public_model
-from ..config import get_profile, override
-from ..errors import InputError
-from ..layout import shared_weights_hash
-from ..merge import load_expert_model, load_merged, merge
-from ..sources import list_sources
-from ..workspace import Workspace
-from . import baselines, metrics
+from flexolmo.model.artifacts import expert_package, public_model
+from flexolmo.model.config import get_profile, override
+from flexolmo.base.errors import InputError
+from flexolmo.model.layout import shared_weights_hash
+from flexolmo.model.merge import load_expert_model, load_merged, merge
+from flexolmo.base.sources import list_sources
+from flexolmo.base.workspace import Workspace
+from flexolmo.evaluation import baselines, metrics
 
 ALL_ROWS = ("public", "experts", "soup", "btm", "dense", "flexolmo", "flexolmo_tuned", "no_bias", "random_init",
             "embedder_init", "optout", "task")
@@ -51,7 +51,7 @@ def _owners(ws: Workspace, public_source: str) -> list[str]:
 
 def _ensure_experts(ws: Workspace, profile, owners: list[str], public_hash: str, packages_dir: Path | None,
                     progress: bool, log: Callable[[str], None]) -> None:
-    from ..train import train_expert
+    from flexolmo.model.train import train_expert
 
     for s in owners:
         why = expert_package.status(ws, profile, s, public_hash, packages_dir=packages_dir)
@@ -148,7 +148,7 @@ def run_eval(ws: Workspace, profile: str = "demo", *, rows: list[str] | None = N
         flex = _merged(ws, p, owners, root / "flexolmo", None)
         measure("flexolmo", flex, routing=True)
     if "flexolmo_tuned" in rows:
-        from ..router_tuning import tune_router
+        from flexolmo.model.router_tuning import tune_router
 
         tuned_dir = root / "flexolmo_tuned"
         tune_router(ws, root / "flexolmo", out=tuned_dir, steps=tune_steps, progress=progress)
@@ -174,7 +174,7 @@ def run_eval(ws: Workspace, profile: str = "demo", *, rows: list[str] | None = N
         _ensure_experts(ws, variant, owners, public_hash, pk, progress, log)
         measure(name, _merged(ws, variant, owners, root / name / "merged", pk), routing=True)
     if "task" in rows:
-        from .task import next_line_task
+        from flexolmo.evaluation.task import next_line_task
 
         res["task"] = next_line_task(ws, {n: m for n, m in _task_models(ws, root, owners, res).items()},
                                      n_lines=task_lines, log=log)
@@ -227,7 +227,7 @@ def _task_models(ws: Workspace, root: Path, owners: list[str], res: dict) -> dic
         if name in res["rows"]:
             out[name] = load_merged(folder, respect_catalog=False)
     if "dense" in res["rows"]:
-        from ..model import load_model
+        from flexolmo.model.moe import load_model
 
         out["dense"] = load_model(root / "dense")
     return out

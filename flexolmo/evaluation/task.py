@@ -19,11 +19,11 @@ from typing import Callable
 
 import torch
 
-from ..errors import InputError
-from ..model import as_module
-from ..sources import load_documents
-from ..tokenizer import load_tokenizer
-from ..workspace import Workspace
+from flexolmo.base.errors import InputError
+from flexolmo.model.moe import as_module
+from flexolmo.base.sources import load_documents
+from flexolmo.base.tokenizer import load_tokenizer
+from flexolmo.base.workspace import Workspace
 
 WHAT = ("next-line exact match on code: greedy completion of a held-out line of the code source's validation "
         "documents from the text before it; exact match of the stripped line")

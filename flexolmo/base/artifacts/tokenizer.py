@@ -1,0 +1,90 @@
+"""The tokenizer artifact: `<workspace>/tokenizer/` (tokenizer.json, bow_ids.txt, card.json).
+
+Inputs: `source` (the public source's content hash) and `settings` (the vocabulary size
+asked for); a tokenizer trained on given texts (tests) records `texts` instead of `source`.
+flexolmo/base/tokenizer.py trains it; this module owns its files and its card.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from tokenizers import Tokenizer
+
+from flexolmo.base.errors import IntegrityError
+from flexolmo.base.workspace import Workspace, atomic_dir, file_sha256
+from flexolmo.base.artifacts.card import Card, Inputs, sha256_json
+
+TOKENIZER_FILE = "tokenizer.json"
+BOW_FILE = "bow_ids.txt"
+
+
+class TokenizerCard(Card):
+    KIND = "tokenizer"
+    REBUILD = "flexolmo tokenizer train --force"
+
+    kind: Literal["tokenizer"] = "tokenizer"
+    algorithm: str = "byte-level BPE (HF tokenizers)"
+    vocab_size: int
+    eos_token: str
+    eos_id: int
+    pad_token: str
+    pad_id: int
+    trained_on: str
+    n_texts: int
+    n_bow_ids: int
+    bow_rule: str = "decoded token starts with whitespace"
+    files: dict[str, str]  # file name -> sha256
+    seconds: float
+    whitespace_runs: dict[str, list[int]] = {}  # run lengths of spaces / tabs with a token of their own (none: {})
+
+    @property
+    def sha256(self) -> str:
+        """The tokenizer's identity: sha256 of tokenizer.json (other artifacts' `tokenizer` input)."""
+        return self.files[TOKENIZER_FILE]
+
+    @classmethod
+    def upgrade(cls, old: dict) -> dict:
+        content = old.get("source_content_hash")
+        return {
+            "kind": "tokenizer", "format": 1, "algorithm": old["kind"],
+            "inputs": inputs_for(content, {"vocab_size": old["vocab_size"]}) if content else {},
+            **{k: old[k] for k in ("vocab_size", "eos_token", "eos_id", "pad_token", "pad_id", "n_texts", "seconds")},
+            "trained_on": old["trained_on"], "n_bow_ids": old["n_bow_ids"],
+            "files": {TOKENIZER_FILE: old["sha256"]},
+        }
+
+
+def folder(ws: Workspace) -> Path:
+    return ws.tokenizer_dir
+
+
+def inputs_for(source_content_hash: str, settings: dict) -> Inputs:
+    """`settings`: {"vocab_size": n}, plus "whitespace_runs" when asked for (a tokenizer without
+    them keeps the hash it had before the option existed)."""
+    return {"source": source_content_hash, "settings": sha256_json(settings)}
+
+
+def texts_inputs(texts: list[str], settings: dict) -> Inputs:
+    return {"texts": sha256_json(texts), "settings": sha256_json(settings)}
+
+
+def read(ws: Workspace) -> TokenizerCard:
+    return TokenizerCard.read(folder(ws))
+
+
+def write(ws: Workspace, tok: Tokenizer, bow: list[int], card: dict, check_text: str) -> TokenizerCard:
+    """Write the tokenizer atomically: temp folder, verify (loads, round-trips `check_text`), rename.
+
+    :param card: the card's fields except `files`
+    """
+    with atomic_dir(folder(ws)) as tmp:
+        tok.save(str(tmp / TOKENIZER_FILE))
+        (tmp / BOW_FILE).write_text("".join(f"{i}\n" for i in bow))
+        full = TokenizerCard(**card, files={f: file_sha256(tmp / f) for f in (TOKENIZER_FILE, BOW_FILE)})
+        full.save(tmp)
+        check = Tokenizer.from_file(str(tmp / TOKENIZER_FILE))
+        if check.decode(check.encode(check_text).ids) != check_text:
+            raise IntegrityError("the trained tokenizer does not round-trip its own training text; this is a bug")
+    return full

@@ -1,0 +1,222 @@
+"""The shared tokenizer: a byte-level BPE trained on the public source only.
+
+The tokenizer is public, like the public model: every owner tokenizes with it, and every
+index stores its ids as u16, so the vocabulary holds at most 65,535 ids (0xFFFF stays free:
+infini-gram uses it as the document separator).
+
+Files in `<workspace>/tokenizer/`:
+    tokenizer.json   loadable by `tokenizers.Tokenizer` and `transformers.PreTrainedTokenizerFast`
+    bow_ids.txt      one id per line: the ids that begin a word (decoded text starts with
+                     whitespace, the byte-level analogue of sentencepiece's '▁'); tracing uses
+                     it for infini-gram's `enforce_bow`
+    card.json        `flexolmo.base.artifacts.tokenizer.TokenizerCard`: inputs (source content, size),
+                     vocabulary size, special ids, file hashes
+
+Whitespace runs (`whitespace_runs=True`, `--whitespace-runs`): a BPE learned from public text
+with almost no indentation (the encyclopedia-only public source before run G) has no token for
+two spaces, and an owner's code or math is tokenized one space at a time (single-space tokens
+were 34% of the code source's tokens and 23% of math's). The option adds merges for runs of 2,
+4, 8 and 16 spaces and 2 and 4 tabs, ahead of every learned merge, within the same vocabulary
+size, skipping runs the BPE learned itself. They do not depend on any data (GPT-NeoX and OLMo's
+tokenizers carry such tokens too). The ByteLevel split leaves a run's last space on the next
+word, so words keep their word-start form. Measured with the encyclopedia public source (run F,
+docs/eval-diagnosis.md; bits per byte on the same bytes): code's own model gained 2.0%, the
+merged model 1.4%, math's own model lost 7.9%. Not the default: the sample federation's public
+source now holds man pages and Perl code (run G), and the BPE learns runs of spaces from them.
+
+    python -m cli.main tokenizer train --vocab-size 8192
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from flexolmo.base.artifacts import tokenizer as artifact
+from flexolmo.base.errors import ConflictError, InputError, IntegrityError, NotFoundError
+from flexolmo.base.sources import get_source, iter_texts
+from flexolmo.base.workspace import Workspace, atomic_dir, file_sha256
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+SPECIAL_TOKENS = [EOS_TOKEN, PAD_TOKEN]
+MAX_VOCAB = 65535  # u16 ids 0..65534; 65535 is infini-gram's document separator
+DEFAULT_VOCAB = 8192  # small embeddings keep the CPU model profiles fast
+SPACE, TAB = "Ġ", "ĉ"  # the byte-level alphabet's space and tab
+WHITESPACE_RUNS = {SPACE: (2, 4, 8, 16), TAB: (2, 4)}  # run lengths that get a token of their own
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    path: Path
+    vocab_size: int
+    eos_id: int
+    pad_id: int
+    sha256: str
+    n_bow: int
+    source: str
+    seconds: float
+
+
+def train_tokenizer(
+    ws: Workspace,
+    vocab_size: int = DEFAULT_VOCAB,
+    source: str = "public",
+    texts: list[str] | None = None,
+    force: bool = False,
+    whitespace_runs: bool = False,
+) -> TokenizerInfo:
+    """Train the shared byte-level BPE on one source's train split and save it atomically.
+
+    Every index and model depends on the tokenizer, so an existing one that is current (its
+    card's inputs: the same source content and size) is kept unless `force`.
+
+    :param texts: train on these texts instead (tests); `source` is then only recorded.
+    :param whitespace_runs: add tokens for runs of spaces and tabs (module docstring), within `vocab_size`
+    """
+    n_runs = sum(len(v) for v in WHITESPACE_RUNS.values()) if whitespace_runs else 0
+    if not 256 + len(SPECIAL_TOKENS) + n_runs < vocab_size <= MAX_VOCAB:
+        raise InputError(f"--vocab-size {vocab_size} is out of range: use {257 + len(SPECIAL_TOKENS) + n_runs}..{MAX_VOCAB} "
+                         "(u16 index ids)")
+    settings = {"vocab_size": vocab_size, **({"whitespace_runs": WHITESPACE_RUNS} if whitespace_runs else {})}
+    if texts is None:
+        src = get_source(ws, source)
+        inputs = artifact.inputs_for(src.content_hash, settings)
+        card = artifact.TokenizerCard.find(artifact.folder(ws)) if not force else None
+        if card is not None and card.is_current(inputs):
+            return tokenizer_info(ws)
+        texts = list(iter_texts(ws, source, split="train"))
+    else:
+        inputs = artifact.texts_inputs(texts, settings)
+    if not texts:
+        raise InputError(f"source {source!r} has no training text to learn a tokenizer from")
+    t0 = time.time()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - n_runs,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    if whitespace_runs:
+        tok = with_whitespace_runs(tok)
+    bow = bow_ids(tok)
+    card = dict(
+        inputs=inputs, vocab_size=tok.get_vocab_size(), eos_token=EOS_TOKEN, eos_id=tok.token_to_id(EOS_TOKEN),
+        pad_token=PAD_TOKEN, pad_id=tok.token_to_id(PAD_TOKEN), trained_on=source, n_texts=len(texts),
+        n_bow_ids=len(bow), seconds=round(time.time() - t0, 2),
+        whitespace_runs={"space": list(WHITESPACE_RUNS[SPACE]), "tab": list(WHITESPACE_RUNS[TAB])} if whitespace_runs else {},
+    )
+    artifact.write(ws, tok, bow, card, check_text=texts[0][:2000])
+    return tokenizer_info(ws)
+
+
+def with_whitespace_runs(tok: Tokenizer) -> Tokenizer:
+    """`tok` with merges for the runs in `WHITESPACE_RUNS` ahead of its own (each run of n from two
+    runs of n/2), their tokens appended to the vocabulary; every existing id keeps its number.
+    A run the BPE learned itself (a public source with indentation) keeps its learned merge."""
+    import json
+
+    spec = json.loads(tok.to_str())
+    vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
+    new = []
+    for ch, lengths in WHITESPACE_RUNS.items():
+        for n in lengths:  # increasing: the half of every run is in the vocabulary by then
+            if ch * n not in vocab:
+                new.append([ch * (n // 2)] * 2)
+                vocab[ch * n] = len(vocab)
+    spec["model"]["merges"] = new + merges
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+def bow_ids(tok: Tokenizer) -> list[int]:
+    """Ids whose decoded text begins with whitespace (a new word), plus the special tokens."""
+    out = []
+    for token, i in tok.get_vocab().items():
+        text = tok.decode([i], skip_special_tokens=False)
+        if token in SPECIAL_TOKENS or (text[:1].isspace()):
+            out.append(i)
+    return sorted(out)
+
+
+def _require(ws: Workspace) -> Path:
+    path = artifact.folder(ws) / artifact.TOKENIZER_FILE
+    if not path.exists():
+        raise NotFoundError(f"no tokenizer in {ws.tokenizer_dir}; run `flexolmo tokenizer train` first")
+    return path
+
+
+def tokenizer_info(ws: Workspace) -> TokenizerInfo:
+    path = _require(ws)
+    card = artifact.read(ws)
+    return TokenizerInfo(path=path, vocab_size=card.vocab_size, eos_id=card.eos_id, pad_id=card.pad_id,
+                         sha256=card.sha256, n_bow=card.n_bow_ids, source=card.trained_on, seconds=card.seconds)
+
+
+def tokenizer_hash(ws: Workspace) -> str:
+    """sha256 of tokenizer.json as it is on disk now (indexes record it to detect staleness)."""
+    return file_sha256(_require(ws))
+
+
+def load_raw_tokenizer(ws: Workspace) -> Tokenizer:
+    """The fast `tokenizers.Tokenizer` (batch encoding in Rust, across cores)."""
+    return Tokenizer.from_file(str(_require(ws)))
+
+
+def load_tokenizer(ws_or_dir: Workspace | Path):
+    """The shared tokenizer as a `transformers.PreTrainedTokenizerFast`."""
+    from transformers import PreTrainedTokenizerFast
+
+    folder = artifact.folder(ws_or_dir) if isinstance(ws_or_dir, Workspace) else Path(ws_or_dir)
+    path = folder / artifact.TOKENIZER_FILE
+    if not path.exists():
+        raise NotFoundError(f"no tokenizer in {folder}; run `flexolmo tokenizer train` first")
+    return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+
+
+def read_bow_ids(ws: Workspace) -> list[int]:
+    _require(ws)
+    return [int(x) for x in (artifact.folder(ws) / artifact.BOW_FILE).read_text().split()]
+
+
+def import_tokenizer(w: Workspace, folder: Path, force: bool = False) -> TokenizerInfo:
+    """Copy a tokenizer folder into the workspace atomically, after checking it is whole: the card
+    reads, tokenizer.json loads and has the card's hash, bow_ids.txt holds ids of its vocabulary."""
+    from tokenizers import Tokenizer
+
+    if not (folder / artifact.TOKENIZER_FILE).is_file() or not (folder / artifact.BOW_FILE).is_file():
+        raise InputError(f"{folder} is not a tokenizer folder: it needs {artifact.TOKENIZER_FILE}, "
+                         f"{artifact.BOW_FILE} and card.json (copy the folder `tokenizer/` of the shared workspace)")
+    card = artifact.TokenizerCard.read(folder)  # NotFoundError/OutdatedError say what is wrong
+    digest = file_sha256(folder / artifact.TOKENIZER_FILE)
+    if digest != card.sha256:
+        raise IntegrityError(f"{folder / artifact.TOKENIZER_FILE} has sha256 {digest}, its card says {card.sha256}: "
+                             "the folder was altered or mixed up; copy it again")
+    if card.files.get(artifact.BOW_FILE) not in (None, file_sha256(folder / artifact.BOW_FILE)):
+        raise IntegrityError(f"{folder / artifact.BOW_FILE} does not match its card; copy the folder again")
+    try:
+        tok = Tokenizer.from_file(str(folder / artifact.TOKENIZER_FILE))
+        bow = [int(x) for x in (folder / artifact.BOW_FILE).read_text().split()]
+    except Exception as e:  # tokenizers raises its own exception type
+        raise InputError(f"{folder} does not load as a tokenizer ({str(e)[:200]})") from None
+    if tok.get_vocab_size() != card.vocab_size or tok.get_vocab_size() > MAX_VOCAB \
+            or any(not 0 <= i < card.vocab_size for i in bow):
+        raise InputError(f"{folder}: vocabulary size or word-start ids disagree with the card (or exceed u16 ids)")
+    current = artifact.TokenizerCard.find(artifact.folder(w)) if (artifact.folder(w) / artifact.TOKENIZER_FILE).exists() else None
+    if current is not None and tokenizer_hash(w) != digest and not force:
+        raise ConflictError(f"this workspace already has another tokenizer ({tokenizer_hash(w)[:12]}, the "
+                            f"import is {digest[:12]}); its indexes and models would need rebuilding: pass --force")
+    with atomic_dir(artifact.folder(w)) as tmp:
+        for name in (artifact.TOKENIZER_FILE, artifact.BOW_FILE):
+            shutil.copyfile(folder / name, tmp / name)
+        card.save(tmp)
+        if file_sha256(tmp / artifact.TOKENIZER_FILE) != digest:
+            raise IntegrityError("the copied tokenizer.json differs from the original; nothing was imported")
+    return tokenizer_info(w)

@@ -1,0 +1,6 @@
+"""The model side's artifacts, each a module with a pydantic card (`flexolmo.base.artifacts.card.Card`).
+
+    public_model.py    models/public/       PublicModelCard
+    expert_package.py  experts/<source>/    ExpertPackageCard (+ the package format)
+    merged_model.py    models/merged/       MergedModelCard
+"""

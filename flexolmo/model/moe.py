@@ -1,0 +1,267 @@
+"""The FlexOlmo model as this project uses it: transformers' `FlexOlmoForCausalLM` with a
+router that adds a per-expert bias and can switch experts off.
+
+Stock transformers' router (`FlexOlmoTopKRouter`) has no bias. Ours (`FlexRouter`, a
+subclass, so transformers' output recorders still see it) computes
+
+    logits = h @ W.T + bias + off        (N, E); off[e] = -inf for a switched-off expert
+    probs  = softmax(logits)             over all experts, as stock
+    top-k  of probs, k = min(top_k, number of switched-on experts)
+
+and returns `(logits, topk_weights, topk_indices)` like the stock router, so a forward hook
+on `layers[i].mlp.gate` sees the final decisions.
+
+On disk a model folder is an ordinary Hugging Face checkpoint (`save_pretrained`, loadable
+with `AutoModelForCausalLM.from_pretrained`) plus two sidecar files that only this project's
+loader (`load_model`) applies:
+
+    router_bias.safetensors   `bias` (num_layers, num_experts), every entry <= 0
+    experts.json              expert index -> source name, top_k, public-model hash
+
+`load_model` returns a `LoadedModel`: the torch module, the experts' names and which of
+them are switched off and why (merge.load_merged fills that in). A stock `from_pretrained` therefore runs the same model *without* the router bias (and
+with every expert on): routing can differ where a bias is far below 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import FlexOlmoForCausalLM
+from transformers.models.flex_olmo.modeling_flex_olmo import FlexOlmoTopKRouter
+
+from flexolmo.base.errors import InputError, IntegrityError, NotFoundError
+
+BIAS_FILE = "router_bias.safetensors"
+EXPERTS_FILE = "experts.json"
+
+
+class FlexRouter(FlexOlmoTopKRouter):
+    """Top-k router with a per-expert bias (<= 0, trained by owners) and an on/off mask."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.bias = nn.Parameter(torch.zeros(self.num_experts))
+        # 0 for a switched-on expert, -inf for a switched-off one; not a parameter, not saved
+        self.register_buffer("off", torch.zeros(self.num_experts), persistent=False)
+        self.n_on = self.num_experts
+
+    def forward(self, hidden_states):
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+        logits = F.linear(hidden_states, self.weight) + self.bias + self.off  # (N, E)
+        probs = torch.softmax(logits, dtype=torch.float, dim=-1)
+        top_value, top_index = torch.topk(probs, min(self.top_k, self.n_on), dim=-1)  # (N, k)
+        if self.norm_topk_prob:
+            top_value = top_value / top_value.sum(dim=-1, keepdim=True)
+        return logits, top_value.to(logits.dtype), top_index
+
+    def set_on(self, on: list[bool]) -> None:
+        assert len(on) == self.num_experts and any(on)
+        self.off.copy_(torch.tensor([0.0 if x else float("-inf") for x in on]))
+        self.n_on = sum(bool(x) for x in on)
+
+
+def install_routers(model: FlexOlmoForCausalLM) -> FlexOlmoForCausalLM:
+    """Replace each stock router by a `FlexRouter` that shares its weight (bias starts at 0)."""
+    for layer in model.model.layers:
+        old = layer.mlp.gate
+        if isinstance(old, FlexRouter):
+            continue
+        new = FlexRouter(model.config)
+        new.weight = old.weight
+        new.to(device=old.weight.device)
+        layer.mlp.gate = new
+    return model
+
+
+def build_model(hf_config, seed: int | None = None) -> FlexOlmoForCausalLM:
+    """A freshly initialised model with `FlexRouter`s."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = FlexOlmoForCausalLM(hf_config)
+    return install_routers(model)
+
+
+def num_parameters(model) -> int:
+    return sum(p.numel() for p in as_module(model).parameters())
+
+
+# ---------------------------------------------------------------------------------------
+# a loaded model: the torch module, its experts' names, which are off and why
+
+
+@dataclass
+class LoadedModel:
+    """A FlexOlmo model as loaded from a folder: the torch module plus what the project knows
+    about it (flexolmo functions take a `LoadedModel` or a bare module alike)."""
+
+    module: FlexOlmoForCausalLM
+    experts: list[str]  # source name of each expert index; index 0 is the public model
+    off: dict[str, str] = field(default_factory=dict)  # switched-off source -> why
+    folder: Path | None = None
+
+    @property
+    def config(self):
+        return self.module.config
+
+    @property
+    def active(self) -> list[bool]:
+        return active_experts(self.module)
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def eval(self) -> "LoadedModel":
+        self.module.eval()
+        return self
+
+
+def as_module(model) -> FlexOlmoForCausalLM:
+    """The torch module of a `LoadedModel` (or the module itself)."""
+    return model.module if isinstance(model, LoadedModel) else model
+
+
+def routers(model) -> list[FlexRouter]:
+    return [layer.mlp.gate for layer in as_module(model).model.layers]
+
+
+def expert_names(model) -> list[str]:
+    """Source name of each expert index (index 0 is the public model)."""
+    if isinstance(model, LoadedModel):
+        return list(model.experts)
+    return ["public"] + [f"expert{i}" for i in range(1, model.config.num_experts)]
+
+
+def active_experts(model) -> list[bool]:
+    return [bool(x == 0) for x in routers(model)[0].off.tolist()]
+
+
+def set_active(model, on: list[bool]) -> None:
+    """Switch experts on/off in every layer (no retraining: their router logit becomes -inf)."""
+    if not any(on):
+        raise InputError("every expert is switched off; keep at least one (e.g. the public model)")
+    for r in routers(model):
+        r.set_on(on)
+
+
+def resolve_experts(model, names: Iterable[str | int]) -> list[int]:
+    """Expert indices for source names (or indices); unknown names are refused."""
+    known = expert_names(model)
+    out = []
+    for n in names:
+        if isinstance(n, int) or (isinstance(n, str) and n.isdigit()):
+            i = int(n)
+            if not 0 <= i < len(known):
+                raise InputError(f"expert index {i} out of range 0..{len(known) - 1}")
+            out.append(i)
+        elif n in known:
+            out.append(known.index(n))
+        else:
+            raise InputError(f"no expert for source {n!r} in this model (experts: {', '.join(known)})")
+    return out
+
+
+@contextlib.contextmanager
+def experts_off(model, indices: Iterable[int]) -> Iterator[None]:
+    """Temporarily switch off the given expert indices (on top of those already off)."""
+    before = active_experts(model)
+    now = list(before)
+    for i in indices:
+        now[i] = False
+    set_active(model, now)
+    try:
+        yield
+    finally:
+        set_active(model, before)
+
+
+@contextlib.contextmanager
+def experts_off_per_row(model, rows: Sequence[int], seq_len: int) -> Iterator[None]:
+    """For one batched call on len(rows) sequences of seq_len tokens: row b runs with expert
+    rows[b] switched off (on top of those already off), as `experts_off([rows[b]])` would.
+
+    Each router's `off` (E,) becomes a per-token mask (N, E), N = len(rows) * seq_len, the
+    flattened batch `FlexRouter.forward` sees; it broadcasts into the logits the same way.
+    The model must be called with exactly that batch shape inside the block.
+    """
+    on = active_experts(model)
+    rows = [int(e) for e in rows]
+    if not rows or seq_len < 1:
+        raise InputError("experts_off_per_row needs at least one row and one token")
+    bad = [e for e in rows if not 0 <= e < len(on) or not on[e]]
+    if bad:
+        raise InputError(f"experts {bad} are not switched on (or out of range 0..{len(on) - 1}); "
+                         "only a switched-on expert can be switched off")
+    if sum(on) < 2:
+        raise InputError("only one expert is on; switching it off would leave none")
+    rs = routers(model)
+    saved = [(r.off, r.n_on) for r in rs]
+    n = len(rows) * seq_len
+    token_expert = torch.tensor(rows, device=rs[0].off.device).repeat_interleave(seq_len)  # (N,)
+    mask = rs[0].off.expand(n, -1).clone()  # (N, E): what is off already, per token
+    mask[torch.arange(n, device=mask.device), token_expert] = float("-inf")
+    try:
+        for r in rs:
+            r.off = mask  # a buffer may be replaced by a tensor of another shape
+            r.n_on = sum(on) - 1
+        yield
+    finally:
+        for r, (off, n_on) in zip(rs, saved):
+            r.off, r.n_on = off, n_on
+
+
+# ---------------------------------------------------------------------------------------
+# save and load
+
+
+def save_model(model, folder: Path, experts: list[str] | None = None, extra: dict | None = None) -> None:
+    """Write an HF checkpoint (without the router bias) plus the bias and experts sidecars."""
+    folder = Path(folder)
+    names = experts or expert_names(model)
+    module = as_module(model)
+    state = {k: v for k, v in module.state_dict().items() if not k.endswith("mlp.gate.bias")}
+    module.save_pretrained(folder, state_dict=state)
+    bias = torch.stack([r.bias.detach().cpu() for r in routers(module)])  # (L, E)
+    save_file({"bias": bias.contiguous()}, str(folder / BIAS_FILE))
+    meta = {
+        "experts": [{"index": i, "source": n} for i, n in enumerate(names)],
+        "top_k": module.config.num_experts_per_tok,
+        "bias_file": BIAS_FILE,
+        "note": "router_bias.safetensors is applied by flexolmo.model.moe.load_model; a stock "
+        "AutoModelForCausalLM.from_pretrained runs without it",
+    }
+    (folder / EXPERTS_FILE).write_text(json.dumps({**meta, **(extra or {})}, indent=2))
+
+
+def load_model(folder: Path) -> LoadedModel:
+    """Load a model folder written by `save_model` (HF checkpoint + bias + expert names)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise NotFoundError(f"no model in {folder}: train or merge one first (`flexolmo train public`, `flexolmo merge`)")
+    module = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    install_routers(module)
+    if (folder / BIAS_FILE).exists():
+        bias = load_file(str(folder / BIAS_FILE))["bias"]
+        if tuple(bias.shape) != (module.config.num_hidden_layers, module.config.num_experts):
+            raise IntegrityError(f"{folder / BIAS_FILE}: shape {tuple(bias.shape)} does not fit the model; re-merge it")
+        with torch.no_grad():
+            for r, b in zip(routers(module), bias):
+                r.bias.copy_(b)
+    names = expert_names(module)
+    if (folder / EXPERTS_FILE).exists():
+        names = [e["source"] for e in json.loads((folder / EXPERTS_FILE).read_text())["experts"]]
+    if len(names) != module.config.num_experts:
+        raise IntegrityError(f"{folder / EXPERTS_FILE} names {len(names)} experts, the model has "
+                             f"{module.config.num_experts}; re-merge or retrain it")
+    module.eval()
+    return LoadedModel(module=module, experts=names, folder=folder)
