@@ -14,7 +14,7 @@ import functools
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable
 
 from fastapi import Depends, Request
@@ -22,6 +22,7 @@ from fastapi import Depends, Request
 from flexolmo.base import sources as src_lib
 from flexolmo.base.errors import InputError
 from flexolmo.base.workspace import Workspace
+from flexolmo.model.loading import ModelSpec
 from index.keys import KeyRecord, KeyStore, check_owner_key
 from tracing.trace import Tracer
 
@@ -57,6 +58,9 @@ class Settings:
     tokens_per_s: float = 20.0  # FLEXOLMO_GENERATE_TOKENS_PER_S: generation on the demo model
     max_body_bytes: int = 1_000_000  # FLEXOLMO_MAX_BODY_BYTES
     max_queries: int = 2  # SQL statements running at once (each on one DuckDB thread)
+    # the model traced: FLEXOLMO_MODEL (a folder; default the merged model), FLEXOLMO_EXPERTS,
+    # FLEXOLMO_DEVICE, FLEXOLMO_DTYPE (`flexolmo serve --model ... --device ...` sets them)
+    model: ModelSpec = field(default_factory=ModelSpec)
 
     @classmethod
     def from_env(cls, workspace: str | os.PathLike | Workspace | None = None) -> "Settings":
@@ -66,7 +70,9 @@ class Settings:
                    query_budget_s=_env("FLEXOLMO_QUERY_BUDGET_S", cls.query_budget_s),
                    chars_per_s=_env("FLEXOLMO_TRACE_CHARS_PER_S", cls.chars_per_s),
                    tokens_per_s=_env("FLEXOLMO_GENERATE_TOKENS_PER_S", cls.tokens_per_s),
-                   max_body_bytes=int(_env("FLEXOLMO_MAX_BODY_BYTES", cls.max_body_bytes)))
+                   max_body_bytes=int(_env("FLEXOLMO_MAX_BODY_BYTES", cls.max_body_bytes)),
+                   model=ModelSpec.parse(os.environ.get("FLEXOLMO_MODEL") or None, os.environ.get("FLEXOLMO_EXPERTS") or None,
+                                         os.environ.get("FLEXOLMO_DEVICE") or None, os.environ.get("FLEXOLMO_DTYPE") or None))
 
     @property
     def max_trace_chars(self) -> int:
@@ -91,6 +97,8 @@ class Service:
     def __init__(self, settings: Settings, open_tracer: Callable[[Workspace], Tracer] = ServiceTracer.open):
         self.settings = settings
         self.ws = settings.workspace
+        if settings.model != ModelSpec():  # another model than the workspace's merged one, or on a GPU
+            open_tracer = functools.partial(open_tracer, model=settings.model)
         self.worker = TraceWorker(self.ws, open_tracer)
         self._queries = threading.BoundedSemaphore(settings.max_queries)
 

@@ -1,11 +1,13 @@
-"""What every command shares: the workspace option, the console, error reporting."""
+"""What every command shares: the workspace option, the console, error reporting, the model options."""
 
 from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any, Optional
 
+import typer
 from rich.console import Console
 
 from flexolmo.base.workspace import Workspace
@@ -28,3 +30,23 @@ def ws() -> Workspace:
 
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str, ensure_ascii=False) + "\n")
+
+
+# -- which model a command runs: one set of options for trace, generate and serve -----------
+
+ModelOpt = Annotated[Optional[Path], typer.Option(
+    "--model", help="A Hugging Face model folder: the project's, a stock FlexOlmo checkpoint (e.g. the released "
+                    "FlexOlmo-7x7B-1T) or any causal LM (spans and documents only). Default: the workspace's "
+                    "merged model.")]
+ExpertsOpt = Annotated[Optional[str], typer.Option(
+    "--experts", help="A FlexOlmo model's expert names in expert order: 'public,math,news,...' or a JSON file "
+                      "(default: its experts.json, else public, expert1, ...).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda (cuda:N) or auto (cuda when a GPU is visible).")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, or bfloat16 (for GPUs).")]
+
+
+def model_spec(model: Path | None, experts: str | None, device: str, dtype: str):
+    """The `flexolmo.model.loading.ModelSpec` of the --model/--experts/--device/--dtype options."""
+    from flexolmo.model.loading import ModelSpec
+
+    return ModelSpec.parse(model, experts, device, dtype)

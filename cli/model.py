@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import console, print_json, ws
+from .common import DeviceOpt, DtypeOpt, ExpertsOpt, ModelOpt, console, model_spec, print_json, ws
 
 train_app = typer.Typer(help="Train the public model or a data owner's expert.", no_args_is_help=True)
 
@@ -152,24 +152,36 @@ def generate_cmd(
     sample: Annotated[bool, typer.Option("--sample", help="Sample instead of greedy decoding.")] = False,
     temperature: Annotated[float, typer.Option()] = 0.8,
     seed: Annotated[int, typer.Option()] = 0,
-    model_dir: Annotated[Optional[Path], typer.Option("--model", help="Model folder (default: <workspace>/models/merged).")] = None,
+    model: ModelOpt = None,
+    experts: ExpertsOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result, with per-token routing, as JSON.")] = False,
 ) -> None:
     """Generate a continuation and show which experts the router chose for every token."""
-    from flexolmo.model.generate import generate
-    from tracing.guard import VerbatimGuard
-    from flexolmo.model.merge import load_merged
     from flexolmo.base.tokenizer import load_tokenizer
+    from flexolmo.model.generate import generate
+    from flexolmo.model.loading import open_model
+    from tracing.guard import VerbatimGuard
 
     w = ws()
+    spec = model_spec(model, experts, device, dtype)
     guard = VerbatimGuard.open(w)  # owners' --max-verbatim limits; checked before the model loads
-    model = load_merged(model_dir or w, ws=w, exclude=_names(exclude), include=_names(include) if include else None)
-    r = generate(model, load_tokenizer(w), prompt, max_new_tokens=max_new_tokens, do_sample=sample,
+    index_tok = load_tokenizer(w)
+    loaded, own = open_model(w, spec, exclude=_names(exclude), include=_names(include) if include else None,
+                             index_tokenizer=index_tok)
+    if loaded is None:
+        from flexolmo.base.errors import NotFoundError
+
+        raise NotFoundError(f"no merged model in {w.models_dir / 'merged'}; run `flexolmo merge` first, or give --model")
+    if guard is not None:
+        guard.require_index_tokenizer(own)
+    r = generate(loaded, own or index_tok, prompt, max_new_tokens=max_new_tokens, do_sample=sample,
                  temperature=temperature, seed=seed, guard=guard)
     if as_json:
-        print_json({**r.to_dict(), "switched_off": model.off})
+        print_json({**r.to_dict(), "switched_off": loaded.off})
         return
-    _print_generation(r, model.off)
+    _print_generation(r, loaded.off)
     for e in r.guard:
         console.print(f"verbatim guard: token {e['position']}: vetoed {len(e['vetoed'])} token(s) that would "
                       f"extend a run from {e['source']} past {e['limit']} (probability {e['vetoed_mass']:.2f})")

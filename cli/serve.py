@@ -3,6 +3,7 @@
     flexolmo serve                       # http://127.0.0.1:8000, loopback only
     flexolmo -w work serve --port 8080
     flexolmo serve --workers 2           # N processes over the same memory-mapped indexes
+    flexolmo serve --model ~/models/FlexOlmo-7x7B-1T --experts experts.json --device cuda --dtype bfloat16
 
 Each worker process opens its own tracer (the indexes are memory-mapped, so their pages are
 shared) and runs one trace at a time; the provenance store takes commits from all of them
@@ -19,7 +20,7 @@ import typer
 
 from flexolmo.base.errors import InputError
 
-from .common import console, ws
+from .common import DeviceOpt, DtypeOpt, ExpertsOpt, ModelOpt, console, model_spec, ws
 
 
 def register(app: typer.Typer) -> None:
@@ -31,6 +32,10 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     workers: Annotated[int, typer.Option(help="Worker processes (each traces one request at a time); "
                                               "up to the number of cores is useful.")] = 1,
+    model: ModelOpt = None,
+    experts: ExpertsOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
 ) -> None:
     """Serve the web page and the trace API over the workspace."""
     import uvicorn
@@ -40,6 +45,12 @@ def serve(
     if not 1 <= workers <= 64:
         raise InputError(f"--workers must be between 1 and 64, got {workers}")
     root = ws()
+    model_spec(model, experts, device, dtype)  # bad values are refused before the server starts
+    # every worker process (and the app of a single one) reads the model from the environment
+    for key, value in (("FLEXOLMO_MODEL", model), ("FLEXOLMO_EXPERTS", experts), ("FLEXOLMO_DEVICE", device),
+                       ("FLEXOLMO_DTYPE", dtype)):
+        if value is not None:
+            os.environ[key] = str(value)
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/] binding {host}: the API has no authentication, and owner "
                       "endpoints can switch sources off and take documents down", highlight=False)

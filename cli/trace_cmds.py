@@ -18,7 +18,7 @@ from tracing.models import Span, Trace
 from tracing.options import TraceOptions
 from tracing.trace import Tracer
 
-from .common import console, err_console, print_json, ws
+from .common import DeviceOpt, DtypeOpt, ExpertsOpt, ModelOpt, console, err_console, model_spec, print_json, ws
 
 report_app = typer.Typer(help="Reports for data owners.", no_args_is_help=True)
 traces_app = typer.Typer(help="The provenance store.", no_args_is_help=True)
@@ -46,6 +46,10 @@ def trace(
     include: Annotated[Optional[str], typer.Option(help="Only these experts (plus public) stay on, e.g. 'news'.")] = None,
     no_counterfactual: Annotated[bool, typer.Option("--no-counterfactual", help="Skip the per-expert passes.")] = False,
     max_docs: Annotated[int, typer.Option(help="Documents per span.")] = 10,
+    model: ModelOpt = None,
+    experts: ExpertsOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     as_json: Annotated[bool, typer.Option("--json", help="Print the full trace record as JSON.")] = False,
 ) -> None:
     """Trace a response back to the training documents and the experts that shaped it."""
@@ -55,7 +59,7 @@ def trace(
     opts = TraceOptions.parse(max_new_tokens=max_new_tokens, do_sample=sample, generation_seed=seed,
                               temperature=temperature, top_p=top_p, exclude=exclude, include=include,
                               counterfactual=not no_counterfactual, max_docs=max_docs)
-    tracer = Tracer.open(ws(), options=opts)
+    tracer = Tracer.open(ws(), options=opts, model=model_spec(model, experts, device, dtype))
     if (opts.exclude or opts.include is not None) and tracer.model is None:
         raise InputError("--exclude/--include switch experts off, but there is no merged model; run `flexolmo merge` first")
     if generate is not None:
@@ -122,6 +126,9 @@ def show_trace(t: Trace, max_docs: int = 3) -> None:
         mark = "" if s.agreement is None else (" ✓" if s.agreement else " ✗")
         table.add_row(f"{s.index}{mark}", Text(repr(s.text.strip())[1:-1][:80]), Text(srcs), docs, Text(experts))
     console.print(table)
+    linkage = (t.settings.get("model") or {}).get("expert_linkage")
+    if linkage:
+        console.print(f"[dim]expert linkage: {linkage}[/]")
     off = f"; experts off: {', '.join(t.experts_off)}" if t.experts_off else ""
     skipped = "; not searched: " + ", ".join(f"{k} ({v})" for k, v in t.sources_skipped.items()) if t.sources_skipped else ""
     console.print(f"[dim]{t.timings_ms.get('total', 0):.0f} ms{off}{skipped}. ✓/✗: the top expert is / is not "

@@ -55,17 +55,21 @@ def model_windows(P: int, n: int, limit: int) -> list[tuple[int, int, int, int]]
 
 def link_experts(model, spans: list[Span], ids: list[int], prompt_ids: list[int],
                  routing: tuple[np.ndarray, np.ndarray] | None, *, counterfactual: bool, bos_id: int,
-                 method: Method = "batched") -> dict[str, float]:
+                 method: Method = "batched", ranges: list[tuple[int, int]] | None = None) -> dict[str, float]:
     """Fill `experts`, `top_expert`, `top_expert_by`, `agreement` of every span; return timings (ms).
 
     :param model: a `flexolmo.model.moe.LoadedModel`
+    :param ids: the response in the *model's* token ids
     :param routing: (experts (n, L, k), weights (n, L, k)) of the step that produced each
         response token, captured while generating; None: computed here by one forward pass
     :param bos_id: put in front of a response without a prompt, so its first token has a
         producing step (the end-of-text token)
+    :param ranges: each span's model tokens [start, end) in `ids` (None: the span's own
+        start/end, when the index and the model share one tokenizer)
     """
     names, on = list(model.experts), list(model.active)
     E, n = len(names), len(ids)
+    ranges = ranges if ranges is not None else [(s.start, s.end) for s in spans]
     ctx = list(prompt_ids) if prompt_ids else [int(bos_id)]
     seq, P = ctx + list(ids), len(ctx)
     windows = model_windows(P, n, model.config.max_position_embeddings)
@@ -84,8 +88,8 @@ def link_experts(model, spans: list[Span], ids: list[int], prompt_ids: list[int]
         t1 = time.perf_counter()
         if sum(on) > 1:
             need = np.zeros(n, dtype=bool)
-            for s in spans:
-                need[s.start: s.end] = True
+            for a, b in ranges:
+                need[a: b] = True
             if method == "batched":
                 used = routed_experts(experts, weights, need, E)
                 run = [e for e in range(E) if on[e] and used[e]]
@@ -95,8 +99,8 @@ def link_experts(model, spans: list[Span], ids: list[int], prompt_ids: list[int]
         drops.update({e: np.zeros(n) for e in range(E) if not on[e]})  # already off: switching it off changes nothing
         timings["counterfactual"] = _ms(t1)
 
-    for span in spans:
-        rows = slice(span.start, span.end)
+    for span, (a, b) in zip(spans, ranges):
+        rows = slice(a, b)
         sel_e = experts[rows].reshape(-1)
         sel_w = weights[rows].reshape(-1).astype(np.float64)
         share = np.bincount(sel_e, weights=sel_w, minlength=E)
@@ -129,12 +133,14 @@ def routing_pass(model, seq: list[int], windows) -> tuple[np.ndarray, np.ndarray
     from flexolmo.model.generate import RoutingCapture
 
     module = model.module
+    dev = model.device
     ex, wt, lp = [], [], []
     for a, b, s, e in windows:
         keep = torch.arange(s - a - 1, e - a - 1)  # positions predicting tokens s..e-1
         with RoutingCapture(module) as cap:
-            logits = module(input_ids=torch.tensor([seq[a:b]]), use_cache=False, logits_to_keep=keep).logits[0]
-        idx, w, _ = cap.stacked()
+            logits = module(input_ids=torch.tensor([seq[a:b]], device=dev), use_cache=False,
+                            logits_to_keep=keep.to(dev)).logits[0]
+        idx, w, _ = cap.stacked()  # on the CPU
         ex.append(idx[keep].numpy())
         wt.append(w[keep].numpy())
         lp.append(_logprobs(logits, seq[s:e]))
@@ -149,22 +155,51 @@ def batched_drops(model, seq: list[int], windows, P: int, need: np.ndarray, run:
     from flexolmo.model.moe import experts_off_per_row
 
     module = model.module
+    dev = model.device
     out = {e: np.zeros(len(need)) for e in run}
     for a, b, s, e in windows:
         targets = [t for t in range(s, e) if need[t - P]]  # sequence positions of needed tokens
         if not targets or not run:
             continue
         inp = seq[a: targets[-1]]  # nothing after the last needed token matters
-        keep = torch.tensor([t - 1 - a for t in targets])
+        keep = torch.tensor([t - 1 - a for t in targets], device=dev)
         resp = np.asarray(targets) - P
-        for i in range(0, len(run), MAX_ROWS):
-            chunk = run[i: i + MAX_ROWS]
-            batch = torch.tensor([inp]).expand(len(chunk), -1)
-            with experts_off_per_row(model, chunk, len(inp)):
-                logits = module(input_ids=batch, use_cache=False, logits_to_keep=keep).logits  # (B, K, V)
+        rows = batch_rows(model, len(inp), len(targets), len(run))
+        i = 0
+        while i < len(run):
+            chunk = run[i: i + rows]
+            batch = torch.tensor([inp], device=dev).expand(len(chunk), -1)
+            try:
+                with experts_off_per_row(model, chunk, len(inp)):
+                    logits = module(input_ids=batch, use_cache=False, logits_to_keep=keep).logits  # (B, K, V)
+            except torch.OutOfMemoryError:
+                if rows == 1:
+                    raise
+                rows = max(1, rows // 2)  # the estimate was off: halve and retry this chunk
+                _free_cache(dev)
+                continue
             for row, x in enumerate(chunk):
                 out[x][resp] = base[resp] - _logprobs(logits[row], [seq[t] for t in targets])
+            i += len(chunk)
     return out
+
+
+def batch_rows(model, seq_len: int, kept: int, wanted: int) -> int:
+    """How many experts-off rows one batched call runs: MAX_ROWS on a CPU; on a GPU as many as
+    half the free memory holds, by a rough per-row estimate (activations of one layer at a time,
+    the kept tokens' logits in float32); an out-of-memory error halves it (`batched_drops`)."""
+    if model.device.type != "cuda":
+        return min(MAX_ROWS, wanted)
+    cfg = model.config
+    width = next(model.module.parameters()).element_size()
+    per_row = seq_len * cfg.hidden_size * width * 16 + kept * cfg.vocab_size * 4 * 2
+    free, _ = torch.cuda.mem_get_info(model.device)
+    return max(1, min(wanted, int(free * 0.5 // max(per_row, 1))))
+
+
+def _free_cache(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 @torch.no_grad()
@@ -181,8 +216,9 @@ def per_expert_drops(model, seq: list[int], windows, run: list[int]) -> dict[int
 
 
 def _logprobs(logits: torch.Tensor, targets: list[int]) -> np.ndarray:
+    """log p(target) per row of `logits` (K, V), in float32 on the logits' device, returned on the CPU."""
     lp = torch.log_softmax(logits.float(), dim=-1)
-    return lp.gather(1, torch.tensor(targets)[:, None])[:, 0].double().numpy()
+    return lp.gather(1, torch.tensor(targets, device=logits.device)[:, None])[:, 0].double().cpu().numpy()
 
 
 def _ms(t0: float) -> float:

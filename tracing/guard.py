@@ -15,7 +15,8 @@ guard runs before temperature, top-k and top-p, so the candidate set is re-forme
 the vetoed tokens. Only generated tokens count: a run may not reach into the prompt.
 
 Fail closed: a guarded source whose index is not built here (or is held by a remote owner
-node) refuses generation rather than letting it run unguarded.
+node) refuses generation rather than letting it run unguarded, and so does a model with a
+tokenizer of its own (`--model`): the guard matches the index tokenizer's ids.
 """
 
 from __future__ import annotations
@@ -98,6 +99,16 @@ class VerbatimGuard(LogitsProcessor):
         """The guard for the workspace's limits; None when no source sets one."""
         srcs = guarded_sources(ws)
         return cls(srcs) if srcs else None
+
+    def require_index_tokenizer(self, model_tokenizer) -> None:
+        """Refuse a model with a tokenizer of its own (`model_tokenizer` not None): the guard matches
+        runs of the *index* tokenizer's ids as they are generated, which such a model never emits,
+        so its generation cannot be guarded (tracing its text afterwards is not refused)."""
+        if model_tokenizer is not None:
+            raise ConflictError("sources " + ", ".join(g.name for g in self.sources) + " set --max-verbatim, which "
+                                "the verbatim guard enforces on the index tokenizer's ids; this model has a tokenizer "
+                                "of its own, so its generation cannot be guarded and is refused (trace pasted text "
+                                "with `flexolmo trace --text` instead, or lift the limits)")
 
     def fresh(self) -> "VerbatimGuard":
         """A new guard over the same opened sources (for another generation)."""

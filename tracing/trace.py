@@ -38,11 +38,13 @@ from flexolmo.base import sources as src_lib
 from flexolmo.base import tokenizer as tok_lib
 from flexolmo.base.errors import InputError
 from flexolmo.base.workspace import Workspace
+from flexolmo.model.loading import ModelSpec, open_model
 from index.engine import Federation
 from index.models import SpanDocument, SpanMatch
 from index.snippets import marked
 
 from . import relevance
+from .alignment import Alignment
 from .experts import link_experts
 from .models import DocHit, Span, SpanGroup, Trace
 from .options import TraceOptions
@@ -69,44 +71,56 @@ class Tracer:
     bow: np.ndarray
     delims: list[int]
     policies: dict[str, src_lib.Source]
-    model: object | None = None  # a flexolmo.model.moe.LoadedModel
+    model: object | None = None  # a flexolmo.model.moe.LoadedModel (FlexOlmo, or a dense LM: no experts)
     model_name: str | None = None
+    model_tokenizer: object | None = None  # the model's own tokenizer; None: it shares the index's
     settings: TraceOptions = field(default_factory=TraceOptions)
     fingerprint: tuple = ()  # the catalog state this tracer was opened under (see `stale`)
 
     @classmethod
-    def open(cls, ws: Workspace, *, model: object | None | str = "auto", exclude: tuple[str, ...] | None = None,
+    def open(cls, ws: Workspace, *, model: "ModelSpec | LoadedModel | None" = ModelSpec(), exclude: tuple[str, ...] | None = None,
              include: tuple[str, ...] | None = None, today: dt.date | None = None,
              options: TraceOptions | None = None) -> "Tracer":
-        """Open the available sources' indexes and (with model='auto') the merged model if built.
+        """Open the available sources' indexes and the model (by default the merged model, if built).
 
+        :param model: a `ModelSpec` (a model folder: the project's, a stock FlexOlmo checkpoint or
+            any causal LM, with its experts' names, device and dtype; `ModelSpec()` is the
+            workspace's merged model), a `LoadedModel`, or None for no model (spans and documents
+            only). Default: `ModelSpec()`.
         :param exclude: sources whose expert is switched off for these traces (their documents
             are still searched: switching an expert off is a model decision, not a policy);
             given here, it overrides `options.exclude` (as `include` does `options.include`)
-        :param model: 'auto', None (no expert linkage) or a `LoadedModel` (`load_merged`)
         """
         from flexolmo.model.moe import LoadedModel
 
         opts = (options or TraceOptions()).replace(exclude=tuple(exclude) if exclude is not None else None,
                                                    include=tuple(include) if include is not None else None)
-        if model is not None and model != "auto" and not isinstance(model, LoadedModel):
-            raise InputError(f"Tracer.open(model=...) takes a LoadedModel (flexolmo.model.merge.load_merged), "
-                             f"'auto' or None, not {type(model).__name__}")
         fed = Federation.open(ws, today=today, strict=False)  # a damaged index is skipped, not fatal
         tok = tok_lib.load_tokenizer(ws)
-        name = None
-        if model == "auto":
-            model = None
-            if (ws.models_dir / "merged" / "config.json").exists():
-                from flexolmo.model.merge import load_merged
-
-                model = load_merged(ws, exclude=opts.exclude, include=opts.include, today=today)
-                name = str(ws.models_dir / "merged")
-        elif model is not None:
-            name = str(model.folder) if model.folder else None
+        own = None
+        if isinstance(model, ModelSpec):
+            model, own = open_model(ws, model, exclude=opts.exclude, include=opts.include, today=today,
+                                    index_tokenizer=tok)
+        elif model is not None and not isinstance(model, LoadedModel):
+            raise InputError(f"Tracer.open(model=...) takes a ModelSpec, a LoadedModel (flexolmo.model.merge.load_merged) "
+                             f"or None, not {type(model).__name__}")
+        name = str(model.folder) if model is not None and model.folder else None
         return cls(ws=ws, fed=fed, tokenizer=tok, bow=np.asarray(tok_lib.read_bow_ids(ws)),
                    delims=delimiter_ids(tok), policies={s.name: s for s in src_lib.list_sources(ws)}, model=model,
-                   model_name=name, settings=opts, fingerprint=catalog_fingerprint(ws))
+                   model_name=name, model_tokenizer=own, settings=opts, fingerprint=catalog_fingerprint(ws))
+
+    def model_card(self) -> dict | None:
+        """What the trace says about its model: where it is, its kind, tokenizer, device and dtype,
+        and whether expert linkage applies (None: no model)."""
+        m = self.model
+        if m is None:
+            return None
+        p = next(m.module.parameters())
+        return {"path": self.model_name, "kind": "flexolmo" if m.is_moe else "dense", "experts": list(m.experts),
+                "tokenizer": "own" if self.model_tokenizer is not None else "shared with the index",
+                "device": str(p.device), "dtype": str(p.dtype).removeprefix("torch."),
+                "expert_linkage": None if m.is_moe else
+                "not applicable: a dense model has no experts (spans and documents only)"}
 
     def stale(self) -> bool:
         """Has a policy, a takedown, an index or the date changed since this tracer opened?
@@ -132,17 +146,26 @@ class Tracer:
         if self.model is None:
             raise InputError("no merged model to generate with; run `flexolmo merge` first, or trace --text")
         guard = VerbatimGuard.open(self.ws)  # owners' --max-verbatim limits (tracing/guard.py)
-        gen = generate(self.model, self.tokenizer, prompt, max_new_tokens=o.max_new_tokens, do_sample=o.do_sample,
+        if guard is not None:
+            guard.require_index_tokenizer(self.model_tokenizer)
+        mtok = self.model_tokenizer or self.tokenizer
+        gen = generate(self.model, mtok, prompt, max_new_tokens=o.max_new_tokens, do_sample=o.do_sample,
                        seed=o.generation_seed, temperature=o.temperature, top_p=o.top_p, guard=guard)
         ids = list(gen.token_ids)
-        if ids and ids[-1] == self.tokenizer.eos_token_id:  # the end-of-text token is not part of the text
+        if ids and ids[-1] == mtok.eos_token_id:  # the end-of-text token is not part of the text
             ids.pop()
         if not ids:
             raise InputError("the model generated nothing for this prompt; try another prompt")
         kept = gen.routing[: len(ids)]
-        routing = (np.asarray([r.experts for r in kept]), np.asarray([r.weights for r in kept]))
-        trace = self.trace_ids(ids, prompt=prompt, prompt_ids=gen.prompt_ids, routing=routing,
-                               generated=True, store=False)
+        routing = (np.asarray([r.experts for r in kept]), np.asarray([r.weights for r in kept])) if kept else None
+        if self.model_tokenizer is None:
+            trace = self.trace_ids(ids, prompt=prompt, prompt_ids=gen.prompt_ids, routing=routing,
+                                   generated=True, store=False)
+        else:
+            response = mtok.decode(ids)
+            align = Alignment.of_generated(self.tokenizer, mtok, response, ids, gen.prompt_ids)
+            trace = self.trace_ids(align.ids, prompt=prompt, prompt_ids=gen.prompt_ids, routing=routing,
+                                   generated=True, store=False, response=response, align=align)
         if guard is not None:  # where the guard vetoed tokens, and the limits it applied
             trace.settings["verbatim_guard"] = {"limits": {g.name: g.limit for g in guard.sources}, "acted": gen.guard}
         if store:
@@ -158,11 +181,16 @@ class Tracer:
         :param options: this call's options (see `using`); None: the tracer's own"""
         if not response or not response.strip():
             raise InputError("the response to trace is empty; pass --text TEXT or pipe text on stdin")
-        ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+        align = None
+        if self.model_tokenizer is None:
+            ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
+            prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+        else:  # spans on the index's ids, routing and counterfactuals on the model's
+            align = Alignment.of_text(self.tokenizer, self.model_tokenizer, response, prompt)
+            ids, prompt_ids = align.ids, align.prompt_model_ids
         with self.using(options):
             return self.trace_ids(ids, prompt=prompt, prompt_ids=prompt_ids, routing=None, generated=False,
-                                  store=store, response=response)
+                                  store=store, response=response, align=align)
 
     @contextlib.contextmanager
     def using(self, options: TraceOptions | None) -> Iterator["Tracer"]:
@@ -206,7 +234,14 @@ class Tracer:
 
     def trace_ids(self, ids: list[int], *, prompt: str | None, prompt_ids: list[int],
                   routing: tuple[np.ndarray, np.ndarray] | None, generated: bool, store: bool,
-                  response: str | None = None) -> Trace:
+                  response: str | None = None, align: Alignment | None = None) -> Trace:
+        """Trace a response given as index ids.
+
+        :param prompt_ids: the prompt in the model's ids (routing context)
+        :param routing: per response token (model ids), captured while generating; None: one pass
+        :param align: the response in the model's own tokenization, when it differs from the
+            index's (`tracing/alignment.py`); None: the model shares the index tokenizer
+        """
         st = self.settings
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -222,8 +257,8 @@ class Tracer:
         windows: list[tuple[DocHit, str]] = []  # every hit with its window text (for relevance only)
         docs = self.fed.documents_many(kept, st.max_docs, st.seed, context_tokens=st.context_tokens,
                                        snippet_tokens=st.snippet_tokens)  # one round trip per owner node
-        spans = [self._span(i, s, ids, d, windows) for i, (s, d) in enumerate(zip(kept, docs))]
-        groups = _groups(spans, ids, self.tokenizer)
+        spans = [self._span(i, s, ids, d, windows, align) for i, (s, d) in enumerate(zip(kept, docs))]
+        groups = _groups(spans, ids, self.tokenizer, response if align is not None else None)
         timings["documents"] = _ms(t1)
 
         t2 = time.perf_counter()
@@ -231,10 +266,17 @@ class Tracer:
         timings["relevance"] = _ms(t2)
 
         off = sorted(self.model.off) if self.model is not None else []
-        if self.model is not None and spans:
+        if self.model is not None and self.model.is_moe and spans:
             t3 = time.perf_counter()
-            sub = link_experts(self.model, spans, ids, prompt_ids, routing, counterfactual=st.counterfactual,
-                               bos_id=int(self.tokenizer.eos_token_id))
+            mtok = self.model_tokenizer or self.tokenizer
+            bos = mtok.bos_token_id if mtok.bos_token_id is not None else mtok.eos_token_id
+            if align is None:
+                sub = link_experts(self.model, spans, ids, prompt_ids, routing, counterfactual=st.counterfactual,
+                                   bos_id=int(bos))
+            else:
+                ranges = [align.model_range(s.char_start, s.char_end) for s in spans]
+                sub = link_experts(self.model, spans, align.model_ids, prompt_ids, routing,
+                                   counterfactual=st.counterfactual, bos_id=int(bos), ranges=ranges)
             timings["experts"] = _ms(t3)
             timings.update({f"experts.{k}": v for k, v in sub.items()})
         timings["total"] = _ms(t0)
@@ -244,7 +286,8 @@ class Tracer:
             prompt=prompt, response=response, n_tokens=len(ids), generated=generated, model=self.model_name,
             sources_searched=self.fed.names, sources_skipped=dict(self.fed.skipped), experts_off=off,
             spans=spans, groups=groups, timings_ms=timings,
-            settings={**asdict(st), "delimiter_ids": self.delims, "k": k, "relevance": relevance.FORMULA},
+            settings={**asdict(st), "delimiter_ids": self.delims, "k": k, "relevance": relevance.FORMULA,
+                      "model": self.model_card()},
         )
         if store:
             from .store import save_trace
@@ -253,10 +296,14 @@ class Tracer:
         return trace
 
     def _span(self, index: int, raw: SpanMatch, ids: list[int], docs: list[SpanDocument],
-              windows: list[tuple[DocHit, str]]) -> Span:
-        dec = self.tokenizer.decode
-        char_start = len(dec(ids[: raw.l]))
-        text = dec(ids[raw.l: raw.r])
+              windows: list[tuple[DocHit, str]], align: Alignment | None) -> Span:
+        if align is None:  # one tokenizer: character positions by decoding, as the response was made
+            dec = self.tokenizer.decode
+            char_start = len(dec(ids[: raw.l]))
+            text = dec(ids[raw.l: raw.r])
+        else:  # the index's own character offsets in the response
+            char_start, char_end = align.chars(raw.l, raw.r)
+            text = align.response[char_start:char_end]
         return Span(index=index, start=raw.l, end=raw.r, char_start=char_start, char_end=char_start + len(text),
                     text=text, count=raw.count, count_by_source=dict(raw.count_by_source),
                     unigram_logprob_sum=raw.unigram_logprob_sum, group=-1,
@@ -307,8 +354,9 @@ def catalog_fingerprint(ws: Workspace) -> tuple:
             tuple(sorted((r.source, r.build_id) for r in list_indexes(ws))))
 
 
-def _groups(spans: list[Span], ids: list[int], tok) -> list[SpanGroup]:
-    """Merge overlapping spans into top-level groups (spans are sorted by start)."""
+def _groups(spans: list[Span], ids: list[int], tok, response: str | None = None) -> list[SpanGroup]:
+    """Merge overlapping spans into top-level groups (spans are sorted by start); a group's text
+    is decoded from its ids, or cut from `response` by the spans' characters when given."""
     groups: list[SpanGroup] = []
     for s in spans:
         if groups and s.start < groups[-1].end:
@@ -320,7 +368,10 @@ def _groups(spans: list[Span], ids: list[int], tok) -> list[SpanGroup]:
                                     char_end=s.char_end, text="", spans=[s.index]))
         s.group = groups[-1].index
     for g in groups:
-        g.text = tok.decode(ids[g.start: g.end])
+        if response is None:
+            g.text = tok.decode(ids[g.start: g.end])
+        else:
+            g.text = response[g.char_start: max(spans[i].char_end for i in g.spans)]
         g.char_end = g.char_start + len(g.text)
     return groups
 

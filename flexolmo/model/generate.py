@@ -25,7 +25,8 @@ from typing import Iterable
 import torch
 
 from flexolmo.base.errors import InputError
-from flexolmo.model.moe import active_experts, as_module, expert_names, experts_off, routers
+from flexolmo.model.device import model_device
+from flexolmo.model.moe import active_experts, as_module, expert_names, experts_off, has_routers, routers
 
 
 class RoutingCapture:
@@ -58,12 +59,13 @@ class RoutingCapture:
         return hook
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """All captured rows: indices (N, L, k), weights (N, L, k), logits (N, L, E) or None."""
-        idx = torch.stack([torch.cat([c[0] for c in layer]) for layer in self.calls], dim=1)
-        w = torch.stack([torch.cat([c[1] for c in layer]) for layer in self.calls], dim=1).float()
+        """All captured rows, on the CPU: indices (N, L, k), weights (N, L, k) and logits (N, L, E)
+        in float32, or None."""
+        idx = torch.stack([torch.cat([c[0] for c in layer]) for layer in self.calls], dim=1).cpu()
+        w = torch.stack([torch.cat([c[1] for c in layer]) for layer in self.calls], dim=1).float().cpu()
         lg = None
         if self.keep_logits:
-            lg = torch.stack([torch.cat([c[2] for c in layer]) for layer in self.calls], dim=1).float()
+            lg = torch.stack([torch.cat([c[2] for c in layer]) for layer in self.calls], dim=1).float().cpu()
         return idx, w, lg
 
 
@@ -134,19 +136,20 @@ def _ids(input_ids) -> torch.Tensor:
     return ids
 
 
-def _check_range(model, ids: torch.Tensor) -> None:
+def _check_range(model, ids: torch.Tensor) -> torch.Tensor:
+    """`ids` checked against the model's vocabulary and positions, on the model's device."""
     V, T = model.config.vocab_size, model.config.max_position_embeddings
     if ids.min() < 0 or ids.max() >= V:
         raise InputError(f"input_ids must be integers in range [0, {V - 1}]")
     if ids.numel() > T:
         raise InputError(f"{ids.numel()} tokens exceed the model's {T} positions; shorten the text")
+    return ids.to(model_device(as_module(model)))
 
 
 @torch.no_grad()
 def route(model, input_ids) -> Routing:
     """Per-position, per-layer top-k experts and weights for given text, by one forward pass."""
-    ids = _ids(input_ids)
-    _check_range(model, ids)
+    ids = _check_range(model, _ids(input_ids))
     with RoutingCapture(model, keep_logits=True) as cap:
         model(input_ids=ids[None], use_cache=False)
     idx, w, lg = cap.stacked()
@@ -157,14 +160,13 @@ def route(model, input_ids) -> Routing:
 def token_logprobs(model, input_ids, exclude: Iterable[int] = ()) -> torch.Tensor:
     """log p(ids[t] | ids[:t]) for t = 1..T-1 (shape (T-1,)), with experts `exclude` (indices)
     switched off for this call only; one forward pass over the whole sequence."""
-    ids = _ids(input_ids)
-    _check_range(model, ids)
+    ids = _check_range(model, _ids(input_ids))
     exclude = list(exclude)
     ctx = experts_off(model, exclude) if exclude else contextlib.nullcontext()
     with ctx:
         logits = model(input_ids=ids[None], use_cache=False).logits[0].float()  # (T, V)
     lp = torch.log_softmax(logits[:-1], dim=-1)
-    return lp.gather(1, ids[1:, None])[:, 0]
+    return lp.gather(1, ids[1:, None])[:, 0].cpu()
 
 
 @torch.no_grad()
@@ -205,12 +207,17 @@ def generate(
         raise InputError(
             f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceed the model's {limit} positions; shorten one"
         )
-    ids = torch.tensor([prompt_ids], dtype=torch.long)
+    module = as_module(model)
+    capture = capture and has_routers(module)  # a dense model has no router to capture
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=model_device(module))
+    eos = model.config.eos_token_id if model.config.eos_token_id is not None else module.generation_config.eos_token_id
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else \
+        (eos[0] if isinstance(eos, list) else eos)  # models without a pad token pad with eos, as transformers does
     kwargs = dict(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
-        pad_token_id=model.config.pad_token_id,
-        eos_token_id=model.config.eos_token_id if stop_at_eos else None,
+        pad_token_id=pad,
+        eos_token_id=eos if stop_at_eos else None,
         attention_mask=torch.ones_like(ids),
     )
     if do_sample:
@@ -224,7 +231,6 @@ def generate(
         kwargs.update(temperature=temperature, top_p=top_p, **({"top_k": top_k} if top_k is not None else {}))
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
-    module = as_module(model)
     module.eval()
     t0 = time.perf_counter()
     with RoutingCapture(module) if capture else contextlib.nullcontext() as cap:
@@ -252,8 +258,8 @@ def generate(
         token_ids=new,
         text=tokenizer.decode(new, skip_special_tokens=True),
         routing=routing,
-        expert_names=expert_names(model),
-        active=active_experts(model),
+        expert_names=expert_names(model) if has_routers(module) else [],
+        active=active_experts(model) if has_routers(module) else [],
         seconds=round(seconds, 4),
         guard=guard.record() if guard is not None else [],
     )

@@ -22,7 +22,9 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
+
+import torch
 
 from flexolmo.model.artifacts import expert_package, merged_model, public_model
 from flexolmo.model.artifacts.expert_package import PACKAGE_FILE, check_fits
@@ -106,10 +108,15 @@ def load_merged(
     respect_catalog: bool = True,
     ws: Workspace | None = None,
     today: dt.date | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    experts: Sequence[str] | None = None,
 ):
     """Load a merged model with some experts switched off (no retraining).
 
-    :param ws_or_path: a workspace (loads `models/merged`) or a model folder
+    :param ws_or_path: a workspace (loads `models/merged`) or a FlexOlmo model folder (the
+        project's, or a stock flex_olmo checkpoint)
+    :param experts: expert names in index order, for a folder without experts.json
     :param exclude: source names (or indices) to switch off
     :param include: if given, only these sources (plus the public model) stay on
     :param respect_catalog: switch off sources the catalog marks inactive or expired
@@ -123,7 +130,7 @@ def load_merged(
         folder = Path(ws_or_path)
     if not (folder / "config.json").exists():
         raise NotFoundError(f"no merged model in {folder}; run `flexolmo merge --experts ...` first")
-    model = load_model(folder)
+    model = load_model(folder, device=device, dtype=dtype, experts=experts)
     names = model.experts
     off: dict[str, str] = {}
     if include is not None:

@@ -103,8 +103,8 @@ class LoadedModel:
     """A FlexOlmo model as loaded from a folder: the torch module plus what the project knows
     about it (flexolmo functions take a `LoadedModel` or a bare module alike)."""
 
-    module: FlexOlmoForCausalLM
-    experts: list[str]  # source name of each expert index; index 0 is the public model
+    module: FlexOlmoForCausalLM  # or any causal LM (flexolmo/model/loading.py): then `experts` is empty
+    experts: list[str]  # source name of each expert index; index 0 is the public model; [] for a dense model
     off: dict[str, str] = field(default_factory=dict)  # switched-off source -> why
     folder: Path | None = None
 
@@ -114,7 +114,16 @@ class LoadedModel:
 
     @property
     def active(self) -> list[bool]:
-        return active_experts(self.module)
+        return active_experts(self.module) if self.is_moe else []
+
+    @property
+    def is_moe(self) -> bool:
+        """A FlexOlmo model (routing share, counterfactuals, opt-out), not a dense one."""
+        return bool(self.experts)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -131,6 +140,11 @@ def as_module(model) -> FlexOlmoForCausalLM:
 
 def routers(model) -> list[FlexRouter]:
     return [layer.mlp.gate for layer in as_module(model).model.layers]
+
+
+def has_routers(model) -> bool:
+    """Is this a FlexOlmo model with this project's routers (a dense causal LM is not)?"""
+    return isinstance(as_module(model), FlexOlmoForCausalLM)
 
 
 def expert_names(model) -> list[str]:
@@ -241,14 +255,23 @@ def save_model(model, folder: Path, experts: list[str] | None = None, extra: dic
     (folder / EXPERTS_FILE).write_text(json.dumps({**meta, **(extra or {})}, indent=2))
 
 
-def load_model(folder: Path) -> LoadedModel:
-    """Load a model folder written by `save_model` (HF checkpoint + bias + expert names)."""
+def load_model(folder: Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+               experts: Sequence[str] | None = None) -> LoadedModel:
+    """Load a FlexOlmo model folder: one written by `save_model` (HF checkpoint + router bias +
+    expert names), or a stock `flex_olmo` checkpoint without those sidecars (bias 0).
+
+    :param experts: expert names in index order; overrides experts.json (default for a stock
+        checkpoint: public, expert1, ...)
+    """
     from transformers import AutoModelForCausalLM
 
     folder = Path(folder)
     if not (folder / "config.json").exists():
         raise NotFoundError(f"no model in {folder}: train or merge one first (`flexolmo train public`, `flexolmo merge`)")
-    module = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    module = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)  # no float32 copy first
+    if not isinstance(module, FlexOlmoForCausalLM):
+        raise InputError(f"{folder} holds a {type(module).__name__}, not a FlexOlmo model; "
+                         "open it with flexolmo.model.loading.open_model (spans and documents only)")
     install_routers(module)
     if (folder / BIAS_FILE).exists():
         bias = load_file(str(folder / BIAS_FILE))["bias"]
@@ -258,10 +281,16 @@ def load_model(folder: Path) -> LoadedModel:
             for r, b in zip(routers(module), bias):
                 r.bias.copy_(b)
     names = expert_names(module)
-    if (folder / EXPERTS_FILE).exists():
+    if experts is not None:
+        names = list(experts)
+        where = "--experts"
+    elif (folder / EXPERTS_FILE).exists():
         names = [e["source"] for e in json.loads((folder / EXPERTS_FILE).read_text())["experts"]]
+        where = str(folder / EXPERTS_FILE)
+    else:
+        where = "the default names"
     if len(names) != module.config.num_experts:
-        raise IntegrityError(f"{folder / EXPERTS_FILE} names {len(names)} experts, the model has "
-                             f"{module.config.num_experts}; re-merge or retrain it")
-    module.eval()
+        raise IntegrityError(f"{where} names {len(names)} experts, the model has {module.config.num_experts}; "
+                             "give one name per expert, in expert order")
+    module.to(device=device, dtype=dtype).eval()
     return LoadedModel(module=module, experts=names, folder=folder)
