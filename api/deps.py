@@ -22,6 +22,7 @@ from fastapi import Depends, Request
 from flexolmo.base import sources as src_lib
 from flexolmo.base.errors import InputError
 from flexolmo.base.workspace import Workspace
+from flexolmo.model.generate import MAX_NEW_TOKENS
 from flexolmo.model.loading import ModelSpec
 from index.keys import KeyRecord, KeyStore, check_owner_key
 from tracing.trace import Tracer
@@ -83,7 +84,7 @@ class Settings:
     def max_new_tokens(self) -> int:
         """Generation cap: generate n tokens and trace them (~4 characters each) within budget."""
         per_token = 1 / self.tokens_per_s + 4 / self.chars_per_s
-        return max(1, min(1024, int(self.generate_budget_s / per_token)))
+        return max(1, min(MAX_NEW_TOKENS, int(self.generate_budget_s / per_token)))
 
     def caps(self) -> dict[str, Any]:
         return {"trace_budget_s": self.trace_budget_s, "generate_budget_s": self.generate_budget_s,

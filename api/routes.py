@@ -37,6 +37,7 @@ from tracing import governance
 from tracing import provenance, store
 from tracing import queries
 from tracing.models import Trace
+from flexolmo.model.generate import GenerationOptions
 from tracing.options import TraceOptions
 from tracing.provenance import TraceFilter, list_provenance
 from tracing.queries import Contribution
@@ -70,9 +71,11 @@ async def trace(req: TraceRequest, svc: ServiceDep, request: Request) -> Trace:
     _cap("text", req.text, st.max_trace_chars, st.trace_budget_s)
     _cap("prompt", req.prompt, st.max_trace_chars, st.trace_budget_s)
 
+    opts = req.options.replace(counterfactual=req.counterfactual) if req.options else \
+        (TraceOptions(counterfactual=req.counterfactual) if req.counterfactual is not None else None)
+
     def run(tracer: Tracer, job: Job) -> Trace:
-        opts = (req.options or tracer.settings).replace(counterfactual=req.counterfactual)
-        t = tracer.trace(req.text, prompt=req.prompt, store=False, options=opts)
+        t = tracer.trace(req.text, prompt=req.prompt, store=False, options=opts)  # its set fields over the service's
         job.check()  # stopped or abandoned: not stored
         store.save_trace(tracer.ws, t)
         return t
@@ -85,15 +88,13 @@ async def generate(req: GenerateRequest, svc: ServiceDep, request: Request) -> T
     """Generate a response with the merged model (routing captured), then trace it; the record is stored."""
     st = svc.settings
     _cap("prompt", req.prompt, st.max_trace_chars, st.generate_budget_s)
-    n = req.max_new_tokens or (req.options.max_new_tokens if req.options else TraceOptions().max_new_tokens)
-    if n > st.max_new_tokens:
-        raise HTTPException(422, detail=f"max_new_tokens is {n}; this service generates and traces "
+    gen = (req.generation or GenerationOptions()).replace(max_new_tokens=req.max_new_tokens)
+    if gen.max_new_tokens > st.max_new_tokens:
+        raise HTTPException(422, detail=f"max_new_tokens is {gen.max_new_tokens}; this service generates and traces "
                                         f"at most {st.max_new_tokens} within its {st.generate_budget_s:g} s budget")
 
     def run(tracer: Tracer, job: Job) -> Trace:
-        opts = (req.options or tracer.settings).replace(max_new_tokens=n)
-        with tracer.using(opts):
-            t = tracer.generate_and_trace(req.prompt, store=False)
+        t = tracer.generate_and_trace(req.prompt, gen, options=req.options, store=False)
         job.check()
         store.save_trace(tracer.ws, t)
         return t

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, Field
 
+from flexolmo.model.generate import MAX_NEW_TOKENS, GenerationOptions
 from tracing.options import TraceOptions
 
 # Hard limits of the schema; the service's budgets set lower caps (api/deps.py Settings).
@@ -35,15 +36,17 @@ class TraceRequest(BaseModel):
     text: Text = Field(description="The response to trace.", max_length=TEXT_MAX)
     prompt: Text | None = Field(None, description="The prompt it answered (used for relevance).", max_length=TEXT_MAX)
     options: TraceOptions | None = Field(None, description="The trace's options, as `flexolmo trace` takes them "
-                                                           "(tracing/options.py); omitted: the service's.")
+                                                           "(tracing/options.py); the fields set override the service's.")
     counterfactual: bool | None = Field(None, description="Shorthand for options.counterfactual.")
 
 
 class GenerateRequest(BaseModel):
     prompt: Text = Field(min_length=1, max_length=TEXT_MAX)
-    options: TraceOptions | None = Field(None, description="Sampling, seed, max_new_tokens, experts off, "
-                                                           "counterfactuals: as `flexolmo trace --generate` takes them.")
-    max_new_tokens: int | None = Field(None, ge=1, le=1024, description="Shorthand for options.max_new_tokens.")
+    generation: GenerationOptions | None = Field(None, description="Length, sampling and seed, as `flexolmo generate` "
+                                                                   "and `flexolmo trace --generate` take them.")
+    options: TraceOptions | None = Field(None, description="The trace's options (experts off, counterfactuals, ...); "
+                                                           "the fields set override the service's.")
+    max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS, description="Shorthand for generation.max_new_tokens.")
 
 
 class SearchRequest(BaseModel):

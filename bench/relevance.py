@@ -81,7 +81,7 @@ def collect(tracer: Tracer, inputs: list[dict], short: int) -> tuple[list[dict],
         # what OLMoTrace's rules alone (no whitespace/punctuation filter) would have kept
         ids = tracer.tokenizer(x["text"], add_special_tokens=False)["input_ids"]
         raw = tracer.fed.find_spans(ids, tracer.delims, tracer.bow)
-        k = math.ceil(tracer.settings.span_density * len(ids))
+        k = math.ceil(tracer.options.span_density * len(ids))
         kept = sorted(raw, key=lambda s: s.unigram_logprob_sum)[:k]
         hygiene["spans kept"] += len(t.spans)
         hygiene["spans kept, OLMoTrace rules only"] += len(kept)

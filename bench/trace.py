@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flexolmo.base import sources# noqa: E402
 from flexolmo.base.workspace import Workspace  # noqa: E402
+from flexolmo.model.generate import GenerationOptions  # noqa: E402
 from tracing.experts import link_experts  # noqa: E402
 from tracing.trace import Tracer  # noqa: E402
 
@@ -240,7 +241,7 @@ def agreement(ws: Workspace, tracer: Tracer, args) -> None:
     chance, n = [0.0, 0.0], [0, 0]
     t0 = time.perf_counter()
     for i, p in enumerate(prompts):
-        tr = tracer.generate_and_trace(p, max_new_tokens=args.new_tokens, do_sample=True, seed=i, store=False)
+        tr = tracer.generate_and_trace(p, GenerationOptions(max_new_tokens=args.new_tokens, do_sample=True, seed=i), store=False)
         for s in tr.spans:
             active = {e.source for e in s.experts if e.active}
             for j in (0, 1) if len(s.sources) == 1 else (0,):

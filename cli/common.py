@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from flexolmo.base.workspace import Workspace
+from flexolmo.model.generate import GenerationOptions
 
 console = Console()
 err_console = Console(stderr=True)
@@ -50,3 +51,24 @@ def model_spec(model: Path | None, experts: str | None, device: str, dtype: str)
     from flexolmo.model.loading import ModelSpec
 
     return ModelSpec.parse(model, experts, device, dtype)
+
+
+# -- how a response is generated: `flexolmo generate` and `flexolmo trace --generate` alike ------
+
+MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate.")]
+SampleOpt = Annotated[bool, typer.Option("--sample", help="Sample (see --temperature, --top-p, --top-k, --seed); "
+                                                          "else greedy.")]
+TemperatureOpt = Annotated[float, typer.Option(help="With --sample: the sampling temperature.")]
+TopPOpt = Annotated[float, typer.Option(help="With --sample: the nucleus mass.")]
+TopKOpt = Annotated[Optional[int], typer.Option(help="With --sample: the k most likely tokens only (default 50).")]
+SeedOpt = Annotated[int, typer.Option(help="With --sample: the random seed.")]
+
+
+GEN = GenerationOptions()  # the defaults of the options above, defined once (flexolmo/model/generate.py)
+
+
+def generation_options(max_new_tokens: int, sample: bool, temperature: float, top_p: float, top_k: int | None,
+                       seed: int) -> GenerationOptions:
+    """The `GenerationOptions` of the generation options above (validated: InputError names a bad one)."""
+    return GenerationOptions.parse(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature,
+                                   top_p=top_p, top_k=top_k, seed=seed)

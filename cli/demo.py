@@ -15,6 +15,7 @@ import typer
 
 from flexolmo.base import tokenizer as tok_lib
 from flexolmo.base.workspace import Workspace
+from flexolmo.model.generate import GenerationOptions
 
 from .common import console, ws
 from .data import build_and_report
@@ -121,7 +122,7 @@ def demo(
     tracer = Tracer.open(w)
     new_tokens = min(48, tracer.model.config.max_position_embeddings - 24)  # the tiny profile has 64 positions
     # sampled (seeded): greedy decoding of a model this small falls into repetition
-    traces = [tracer.generate_and_trace(p, max_new_tokens=new_tokens, do_sample=True, seed=i)
+    traces = [tracer.generate_and_trace(p, GenerationOptions(max_new_tokens=new_tokens, do_sample=True, seed=i))
               for i, p in enumerate(DEMO_PROMPTS)]
     show_trace(max(traces, key=lambda t: len(t.spans)))
     n_spans = sum(len(t.spans) for t in traces)

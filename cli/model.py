@@ -15,7 +15,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import DeviceOpt, DtypeOpt, ExpertsOpt, ModelOpt, console, model_spec, print_json, ws
+from .common import (GEN, DeviceOpt, DtypeOpt, ExpertsOpt, MaxNewTokensOpt, ModelOpt, SampleOpt, SeedOpt,
+                     TemperatureOpt, TopKOpt, TopPOpt, console, generation_options, model_spec, print_json, ws)
 
 train_app = typer.Typer(help="Train the public model or a data owner's expert.", no_args_is_help=True)
 
@@ -148,10 +149,12 @@ def generate_cmd(
     prompt: Annotated[str, typer.Argument(help="Text to continue.")],
     exclude: Annotated[Optional[str], typer.Option("--exclude", help="Comma-separated sources to switch off.")] = None,
     include: Annotated[Optional[str], typer.Option("--include", help="Only these sources (plus public) stay on.")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 40,
-    sample: Annotated[bool, typer.Option("--sample", help="Sample instead of greedy decoding.")] = False,
-    temperature: Annotated[float, typer.Option()] = 0.8,
-    seed: Annotated[int, typer.Option()] = 0,
+    max_new_tokens: MaxNewTokensOpt = GEN.max_new_tokens,
+    sample: SampleOpt = GEN.do_sample,
+    temperature: TemperatureOpt = GEN.temperature,
+    top_p: TopPOpt = GEN.top_p,
+    top_k: TopKOpt = GEN.top_k,
+    seed: SeedOpt = GEN.seed,
     model: ModelOpt = None,
     experts: ExpertsOpt = None,
     device: DeviceOpt = "cpu",
@@ -166,6 +169,7 @@ def generate_cmd(
 
     w = ws()
     spec = model_spec(model, experts, device, dtype)
+    gen = generation_options(max_new_tokens, sample, temperature, top_p, top_k, seed)
     guard = VerbatimGuard.open(w)  # owners' --max-verbatim limits; checked before the model loads
     index_tok = load_tokenizer(w)
     loaded, own = open_model(w, spec, exclude=_names(exclude), include=_names(include) if include else None,
@@ -176,8 +180,7 @@ def generate_cmd(
         raise NotFoundError(f"no merged model in {w.models_dir / 'merged'}; run `flexolmo merge` first, or give --model")
     if guard is not None:
         guard.require_index_tokenizer(own)
-    r = generate(loaded, own or index_tok, prompt, max_new_tokens=max_new_tokens, do_sample=sample,
-                 temperature=temperature, seed=seed, guard=guard)
+    r = generate(loaded, own or index_tok, prompt, gen, guard=guard)
     if as_json:
         print_json({**r.to_dict(), "switched_off": loaded.off})
         return

@@ -23,6 +23,9 @@ from flexolmo.base.errors import InputError
 from .common import DeviceOpt, DtypeOpt, ExpertsOpt, ModelOpt, console, model_spec, ws
 
 
+WORKER_START_S = 120
+
+
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve)
 
@@ -61,4 +64,7 @@ def serve(
         return
     os.environ["FLEXOLMO_HOME"] = str(root.root)  # the workers build their app from the environment
     os.environ.setdefault("FLEXOLMO_TORCH_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
-    uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers)
+    # a worker answers uvicorn's health pings only once it has imported the project (torch, the
+    # tracer: seconds, more on a loaded machine); with uvicorn's 5 s it was killed and restarted for ever
+    uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers,
+                timeout_worker_healthcheck=WORKER_START_S)

@@ -18,7 +18,9 @@ from tracing.models import Span, Trace
 from tracing.options import TraceOptions
 from tracing.trace import Tracer
 
-from .common import DeviceOpt, DtypeOpt, ExpertsOpt, ModelOpt, console, err_console, model_spec, print_json, ws
+from .common import (GEN, DeviceOpt, DtypeOpt, ExpertsOpt, MaxNewTokensOpt, ModelOpt, SampleOpt, SeedOpt,
+                     TemperatureOpt, TopKOpt, TopPOpt, console, err_console, generation_options, model_spec,
+                     print_json, ws)
 
 report_app = typer.Typer(help="Reports for data owners.", no_args_is_help=True)
 traces_app = typer.Typer(help="The provenance store.", no_args_is_help=True)
@@ -37,11 +39,12 @@ def trace(
     text: Annotated[Optional[str], typer.Option("--text", help="The response to trace ('-' or omitted: stdin).")] = None,
     prompt: Annotated[Optional[str], typer.Option(help="The prompt the response answered (used for relevance).")] = None,
     generate: Annotated[Optional[str], typer.Option("--generate", help="Generate a response to this prompt, then trace it.")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="With --generate: tokens to generate.")] = 60,
-    sample: Annotated[bool, typer.Option("--sample", help="With --generate: sample (see --temperature, --top-p).")] = False,
-    seed: Annotated[int, typer.Option(help="With --sample: the random seed.")] = 0,
-    temperature: Annotated[float, typer.Option(help="With --sample: the sampling temperature.")] = 0.8,
-    top_p: Annotated[float, typer.Option(help="With --sample: the nucleus mass.")] = 0.95,
+    max_new_tokens: MaxNewTokensOpt = GEN.max_new_tokens,
+    sample: SampleOpt = GEN.do_sample,
+    temperature: TemperatureOpt = GEN.temperature,
+    top_p: TopPOpt = GEN.top_p,
+    top_k: TopKOpt = GEN.top_k,
+    seed: SeedOpt = GEN.seed,
     exclude: Annotated[str, typer.Option(help="Switch these experts off, e.g. 'news,forum'.")] = "",
     include: Annotated[Optional[str], typer.Option(help="Only these experts (plus public) stay on, e.g. 'news'.")] = None,
     no_counterfactual: Annotated[bool, typer.Option("--no-counterfactual", help="Skip the per-expert passes.")] = False,
@@ -55,15 +58,14 @@ def trace(
     """Trace a response back to the training documents and the experts that shaped it."""
     if generate is not None and (text is not None or prompt is not None):
         raise InputError("--generate PROMPT generates its own response: drop --text/--prompt, or drop --generate")
-    # the same options model, and so the same validation, as POST /api/trace and /api/generate
-    opts = TraceOptions.parse(max_new_tokens=max_new_tokens, do_sample=sample, generation_seed=seed,
-                              temperature=temperature, top_p=top_p, exclude=exclude, include=include,
-                              counterfactual=not no_counterfactual, max_docs=max_docs)
+    # the same options models, and so the same validation, as POST /api/trace and /api/generate
+    opts = TraceOptions.parse(exclude=exclude, include=include, counterfactual=not no_counterfactual, max_docs=max_docs)
+    gen = generation_options(max_new_tokens, sample, temperature, top_p, top_k, seed)
     tracer = Tracer.open(ws(), options=opts, model=model_spec(model, experts, device, dtype))
     if (opts.exclude or opts.include is not None) and tracer.model is None:
         raise InputError("--exclude/--include switch experts off, but there is no merged model; run `flexolmo merge` first")
     if generate is not None:
-        t = tracer.generate_and_trace(generate)
+        t = tracer.generate_and_trace(generate, gen)
     else:
         if text is None or text == "-":
             if sys.stdin.isatty():

@@ -15,7 +15,7 @@ from cli.main import app
 from flexolmo.base import sources
 from flexolmo.model.config import get_profile
 from flexolmo.base.errors import InputError
-from flexolmo.model.generate import generate
+from flexolmo.model.generate import GenerationOptions, generate
 from tracing.guard import VerbatimGuard, guarded_sources, longest_run
 from flexolmo.model.moe import LoadedModel, build_model
 from flexolmo.base.tokenizer import load_tokenizer, tokenizer_info
@@ -35,7 +35,8 @@ def world(tmp_path_factory):
     tok = load_tokenizer(ws)
     runs = {}
     for sample in (False, True):  # the model's own outputs, greedy and sampled: a source built to tempt it
-        r = generate(model, tok, PROMPT, max_new_tokens=48, do_sample=sample, seed=5, stop_at_eos=False)
+        r = generate(model, tok, PROMPT, max_new_tokens=48, do_sample=sample, seed=5, temperature=1.0, top_p=1.0,
+                     stop_at_eos=False)
         runs[sample] = r.token_ids
     docs = [{"doc_id": f"tempt-{i}", "text": tok.decode(runs[i % 2 == 1])} for i in range(8)]
     sources.add_records(ws, "tempt", docs, owner="o", domain="d", licence="CC0", origin="test")
@@ -59,7 +60,8 @@ def test_guard_never_lets_a_long_run_through(world, sample):
     for n in sorted({1, 3, tempt - 1}):
         sources.set_policy(ws, "tempt", max_verbatim=n)
         guard = VerbatimGuard.open(ws)
-        r = generate(model, tok, PROMPT, max_new_tokens=48, do_sample=sample, seed=5, stop_at_eos=False, guard=guard)
+        r = generate(model, tok, PROMPT, max_new_tokens=48, do_sample=sample, seed=5, temperature=1.0, top_p=1.0,
+                     stop_at_eos=False, guard=guard)
         assert len(r.token_ids) == 48
         assert not _max_run_by_engine(ix, r.token_ids, n), (n, r.token_ids)
         assert longest_run(guard.sources[0].shards, r.token_ids) <= n
@@ -116,7 +118,7 @@ def test_trace_records_where_the_guard_acted(world):
     sources.set_policy(ws, "tempt", max_verbatim=4)
     try:
         tracer = Tracer.open(ws, model=world["model"])
-        t = tracer.generate_and_trace(PROMPT, max_new_tokens=30, store=False)
+        t = tracer.generate_and_trace(PROMPT, GenerationOptions(max_new_tokens=30), store=False)
         g = t.settings["verbatim_guard"]
         assert g["limits"] == {"tempt": 4} and g["acted"] and g["acted"][0]["source"] == "tempt"
     finally:

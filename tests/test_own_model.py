@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from flexolmo.base import sources
 from flexolmo.base.errors import ConflictError, InputError, IntegrityError
-from flexolmo.model.generate import route
+from flexolmo.model.generate import GenerationOptions, route
 from flexolmo.model.loading import ModelSpec, read_expert_names
 from index.build import build_source
 from tracing.trace import Tracer
@@ -110,7 +110,7 @@ def test_a_dense_model_gives_spans_and_documents_only(ws, tmp_path):
     assert [(s.start, s.end, s.count) for s in t.spans] == [(s.start, s.end, s.count) for s in plain.spans]
     assert t.spans and all(s.experts == [] and s.top_expert is None for s in t.spans)
     assert "not applicable" in t.settings["model"]["expert_linkage"]
-    g = tracer.generate_and_trace(" President", max_new_tokens=8, store=False)  # generation works, no routing
+    g = tracer.generate_and_trace(" President", GenerationOptions(max_new_tokens=8), store=False)  # generation works, no routing
     assert g.generated and all(s.experts == [] for s in g.spans)
     with pytest.raises(InputError, match="dense model"):
         Tracer.open(ws, model=ModelSpec.parse(folder), exclude=("news",))
@@ -155,7 +155,7 @@ def test_another_tokenizer_gives_the_same_spans_and_routing_at_the_right_charact
 
 def test_generation_with_another_tokenizer(ws, char_model):
     tracer = Tracer.open(ws, model=ModelSpec.parse(char_model, experts="public,news,code"))
-    t = tracer.generate_and_trace(" President", max_new_tokens=24, store=False)
+    t = tracer.generate_and_trace(" President", GenerationOptions(max_new_tokens=24), store=False)
     assert t.generated and t.response and t.settings["model"]["tokenizer"] == "own"
     for s in t.spans:
         assert t.response[s.char_start: s.char_end] == s.text
@@ -163,7 +163,7 @@ def test_generation_with_another_tokenizer(ws, char_model):
     sources.set_policy(ws, "news", max_verbatim=5)
     try:
         with pytest.raises(ConflictError, match="cannot be guarded"):
-            tracer.generate_and_trace(" President", max_new_tokens=4, store=False)
+            tracer.generate_and_trace(" President", GenerationOptions(max_new_tokens=4), store=False)
         assert tracer.trace(" the nation", store=False) is not None  # tracing text stays allowed
     finally:
         sources.set_policy(ws, "news", max_verbatim=None)

@@ -210,12 +210,18 @@ def test_trace_options_parity(client, fed):
     for bad in ({"exclude": ["a"], "include": ["a"]}, {"temperature": 0}, {"colour": "red"}):
         assert client.post("/api/trace", json={"text": text, "options": bad}).status_code == 422, bad
 
-    g = {"prompt": "The president", "options": {"do_sample": True, "generation_seed": 7, "max_new_tokens": 6,
-                                                "counterfactual": False}}
+    g = {"prompt": "The president", "generation": {"do_sample": True, "seed": 7, "max_new_tokens": 6},
+         "options": {"counterfactual": False}}
     a, b = _ok(client.post("/api/generate", json=g)), _ok(client.post("/api/generate", json=g))
-    assert a["response"] == b["response"] and 1 <= a["n_tokens"] <= 6 and a["settings"]["do_sample"] is True
-    r = client.post("/api/generate", json={"prompt": "x", "options": {"max_new_tokens": 4000}})
-    assert r.status_code == 422 and "max_new_tokens" in r.text
+    assert a["response"] == b["response"] and 1 <= a["n_tokens"] <= 6
+    assert a["settings"]["generation"]["do_sample"] is True and a["settings"]["counterfactual"] is False
+    r = client.post("/api/generate", json={"prompt": "x", "generation": {"max_new_tokens": 4000}})
+    assert r.status_code == 422 and "max_new_tokens" in r.text  # over this service's budget
+    r = client.post("/api/generate", json={"prompt": "x", "max_new_tokens": 5000})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "max_new_tokens"]  # over the schema's
+    # the generation options are the CLI's: same names, same limits
+    res = CliRunner().invoke(cli, ["-w", str(fed.root), "generate", "x", "--max-new-tokens", "5000"])
+    assert res.exit_code == 1 and "max_new_tokens" in res.output
 
 
 def test_cli_search_traces_list_report_and_plot(fed, tmp_path):

@@ -20,6 +20,7 @@ from tracing import governance, store
 from tracing import queries
 from tracing.experts import link_experts
 from tracing.options import TraceOptions
+from flexolmo.model.generate import GenerationOptions
 from tracing.trace import Tracer
 
 NAMES = ("public", "news", "code", "math")
@@ -127,8 +128,7 @@ def test_top_expert_is_the_argmax_of_the_counterfactual_drop(fed):
     record = t.to_dict()["spans"][0]
     assert record["top_expert_by"] == "counterfactual" and {"top_by_routing", "top_by_counterfactual"} <= set(record)
     # without counterfactuals the routing share names it, and says so
-    tracer.settings = tracer.settings.replace(counterfactual=False)
-    for s in _spans_of(tracer, text).spans:
+    for s in tracer.trace(text, prompt="a prompt", options=TraceOptions(counterfactual=False), store=False).spans:
         assert s.top_expert_by == "routing" and s.top_by_counterfactual is None
         assert s.top_expert == s.top_by_routing and all(e.counterfactual is None for e in s.experts if e.active)
 
@@ -175,25 +175,39 @@ def test_trace_options_validate_with_clear_errors(fed):
     with pytest.raises(InputError, match="both excluded and included"):
         TraceOptions.parse(exclude="news", include=["news"])
     with pytest.raises(InputError, match="top_p"):
-        TraceOptions.parse(top_p=1.5)
-    opts = TraceOptions(max_docs=2, counterfactual=False, exclude=("math",), max_new_tokens=8)
+        GenerationOptions.parse(top_p=1.5)
+    with pytest.raises(InputError, match="max_new_tokens"):
+        GenerationOptions.parse(max_new_tokens=5000)
+    opts = TraceOptions(max_docs=2, counterfactual=False, exclude=("math",))
     tracer = Tracer.open(fed, options=opts)
     assert tracer.model.off == {"math": "excluded"}
     t = tracer.trace(" " + " ".join(_doc(fed, "news", 3)["text"].split(" ")[5:30]), store=False)
     assert t.spans and all(len(s.documents) <= 2 for s in t.spans)
     assert all(e.counterfactual is None for s in t.spans for e in s.experts if e.active)
     assert t.settings["max_docs"] == 2 and t.settings["exclude"] == ("math",)
-    g = tracer.generate_and_trace("The president", store=False)
-    assert 1 <= g.n_tokens <= 8
+    g = tracer.generate_and_trace("The president", GenerationOptions(max_new_tokens=8), store=False)
+    assert 1 <= g.n_tokens <= 8 and g.settings["generation"]["max_new_tokens"] == 8
     with pytest.raises(InputError, match="temperature"):
-        tracer.generate_and_trace("The president", do_sample=True, temperature=0, store=False)
+        tracer.generate_and_trace("The president", GenerationOptions.parse(do_sample=True, temperature=0), store=False)
     with pytest.raises(InputError, match="LoadedModel"):
         Tracer.open(fed, model=tracer.model.module)
 
 
+def test_per_call_options_merge_over_the_tracers_and_change_nothing(fed):
+    tracer = Tracer.open(fed, options=TraceOptions(max_docs=3))
+    text = " " + " ".join(_doc(fed, "news", 3)["text"].split(" ")[5:30])
+    t = tracer.trace(text, options=TraceOptions(counterfactual=False, exclude=("code",)), store=False)
+    assert t.settings["max_docs"] == 3 and t.settings["counterfactual"] is False  # set fields win, others stay
+    assert t.experts_off == ["code"] and all(len(s.documents) <= 3 for s in t.spans)
+    assert tracer.options == TraceOptions(max_docs=3) and tracer.model.off == {}  # the tracer is as it was
+    again = tracer.trace(text, store=False)
+    assert again.experts_off == [] and again.settings["counterfactual"] is True
+    assert TraceOptions(max_docs=3).merged(TraceOptions(seed=4)) == TraceOptions(max_docs=3, seed=4)
+
+
 def test_generate_and_trace_uses_captured_routing(fed):
     tracer = Tracer.open(fed)
-    t = tracer.generate_and_trace("The president", max_new_tokens=20)
+    t = tracer.generate_and_trace("The president", GenerationOptions(max_new_tokens=20))
     assert t.generated and 1 <= t.n_tokens <= 20
     for s in t.spans:
         assert abs(sum(e.routing_share for e in s.experts) - 1) < 1e-3

@@ -2,7 +2,8 @@
 
     tracer = Tracer.open(ws)                      # indexes, tokenizer, merged model: once
     t = tracer.trace("pasted response", prompt="...")
-    t = tracer.generate_and_trace("prompt", max_new_tokens=60)
+    t = tracer.generate_and_trace("prompt", GenerationOptions(max_new_tokens=60))
+    t = tracer.trace(text, options=TraceOptions(max_docs=2))   # per call: the fields set win
 
 OLMoTrace's production settings (DESIGN.md, Tracing; `TraceOptions` in tracing/options.py):
 only the response is traced; maximal spans cut at delimiters, min_len 1, max_cnt 1,000,000,
@@ -29,7 +30,7 @@ import math
 import time
 import uuid
 import unicodedata
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -38,6 +39,7 @@ from flexolmo.base import sources as src_lib
 from flexolmo.base import tokenizer as tok_lib
 from flexolmo.base.errors import InputError
 from flexolmo.base.workspace import Workspace
+from flexolmo.model.generate import GenerationOptions
 from flexolmo.model.loading import ModelSpec, open_model
 from index.engine import Federation
 from index.models import SpanDocument, SpanMatch
@@ -74,7 +76,7 @@ class Tracer:
     model: object | None = None  # a flexolmo.model.moe.LoadedModel (FlexOlmo, or a dense LM: no experts)
     model_name: str | None = None
     model_tokenizer: object | None = None  # the model's own tokenizer; None: it shares the index's
-    settings: TraceOptions = field(default_factory=TraceOptions)
+    options: TraceOptions = field(default_factory=TraceOptions)  # the defaults of every call (a service's settings)
     fingerprint: tuple = ()  # the catalog state this tracer was opened under (see `stale`)
 
     @classmethod
@@ -107,7 +109,7 @@ class Tracer:
         name = str(model.folder) if model is not None and model.folder else None
         return cls(ws=ws, fed=fed, tokenizer=tok, bow=np.asarray(tok_lib.read_bow_ids(ws)),
                    delims=delimiter_ids(tok), policies={s.name: s for s in src_lib.list_sources(ws)}, model=model,
-                   model_name=name, model_tokenizer=own, settings=opts, fingerprint=catalog_fingerprint(ws))
+                   model_name=name, model_tokenizer=own, options=opts, fingerprint=catalog_fingerprint(ws))
 
     def model_card(self) -> dict | None:
         """What the trace says about its model: where it is, its kind, tokenizer, device and dtype,
@@ -132,53 +134,49 @@ class Tracer:
 
     # -- entry points ----------------------------------------------------------------------
 
-    def generate_and_trace(self, prompt: str, max_new_tokens: int | None = None, do_sample: bool | None = None,
-                           seed: int | None = None, temperature: float | None = None, top_p: float | None = None,
-                           store: bool = True) -> Trace:
+    def generate_and_trace(self, prompt: str, generation: GenerationOptions | None = None, *,
+                           options: TraceOptions | None = None, store: bool = True) -> Trace:
         """Generate a response with routing capture (greedy, or sampled with a seed), then trace it.
 
-        Arguments left None take the tracer's `TraceOptions` (`seed` is `generation_seed`)."""
+        :param generation: length, sampling and seed (default: `GenerationOptions()`)
+        :param options: this call's trace options: the fields it sets override the tracer's"""
         from flexolmo.model.generate import generate
         from tracing.guard import VerbatimGuard
 
-        o = self.settings.replace(max_new_tokens=max_new_tokens, do_sample=do_sample, generation_seed=seed,
-                                  temperature=temperature, top_p=top_p)
+        o = self.options.merged(options)
+        generation = generation or GenerationOptions()
         if self.model is None:
             raise InputError("no merged model to generate with; run `flexolmo merge` first, or trace --text")
         guard = VerbatimGuard.open(self.ws)  # owners' --max-verbatim limits (tracing/guard.py)
         if guard is not None:
             guard.require_index_tokenizer(self.model_tokenizer)
         mtok = self.model_tokenizer or self.tokenizer
-        gen = generate(self.model, mtok, prompt, max_new_tokens=o.max_new_tokens, do_sample=o.do_sample,
-                       seed=o.generation_seed, temperature=o.temperature, top_p=o.top_p, guard=guard)
-        ids = list(gen.token_ids)
-        if ids and ids[-1] == mtok.eos_token_id:  # the end-of-text token is not part of the text
-            ids.pop()
-        if not ids:
-            raise InputError("the model generated nothing for this prompt; try another prompt")
-        kept = gen.routing[: len(ids)]
-        routing = (np.asarray([r.experts for r in kept]), np.asarray([r.weights for r in kept])) if kept else None
-        if self.model_tokenizer is None:
-            trace = self.trace_ids(ids, prompt=prompt, prompt_ids=gen.prompt_ids, routing=routing,
-                                   generated=True, store=False)
-        else:
-            response = mtok.decode(ids)
-            align = Alignment.of_generated(self.tokenizer, mtok, response, ids, gen.prompt_ids)
-            trace = self.trace_ids(align.ids, prompt=prompt, prompt_ids=gen.prompt_ids, routing=routing,
-                                   generated=True, store=False, response=response, align=align)
+        with self._experts_off_for(o):
+            gen = generate(self.model, mtok, prompt, generation, guard=guard)
+            ids = list(gen.token_ids)
+            if ids and ids[-1] == mtok.eos_token_id:  # the end-of-text token is not part of the text
+                ids.pop()
+            if not ids:
+                raise InputError("the model generated nothing for this prompt; try another prompt")
+            kept = gen.routing[: len(ids)]
+            routing = (np.asarray([r.experts for r in kept]), np.asarray([r.weights for r in kept])) if kept else None
+            if self.model_tokenizer is None:
+                trace = self._run(ids, o, prompt=prompt, prompt_ids=gen.prompt_ids, routing=routing, generated=True)
+            else:
+                response = mtok.decode(ids)
+                align = Alignment.of_generated(self.tokenizer, mtok, response, ids, gen.prompt_ids)
+                trace = self._run(align.ids, o, prompt=prompt, prompt_ids=gen.prompt_ids, routing=routing,
+                                  generated=True, response=response, align=align)
+        trace.settings["generation"] = generation.as_dict()
         if guard is not None:  # where the guard vetoed tokens, and the limits it applied
             trace.settings["verbatim_guard"] = {"limits": {g.name: g.limit for g in guard.sources}, "acted": gen.guard}
-        if store:
-            from .store import save_trace
+        return self._stored(trace, store)
 
-            save_trace(self.ws, trace)
-        return trace
-
-    def trace(self, response: str, prompt: str | None = None, store: bool = True,
-              options: TraceOptions | None = None) -> Trace:
+    def trace(self, response: str, prompt: str | None = None, *, options: TraceOptions | None = None,
+              store: bool = True) -> Trace:
         """Trace a response that the model did not generate here (routing by one forward pass).
 
-        :param options: this call's options (see `using`); None: the tracer's own"""
+        :param options: this call's options: the fields it sets override the tracer's"""
         if not response or not response.strip():
             raise InputError("the response to trace is empty; pass --text TEXT or pipe text on stdin")
         align = None
@@ -188,61 +186,72 @@ class Tracer:
         else:  # spans on the index's ids, routing and counterfactuals on the model's
             align = Alignment.of_text(self.tokenizer, self.model_tokenizer, response, prompt)
             ids, prompt_ids = align.ids, align.prompt_model_ids
-        with self.using(options):
-            return self.trace_ids(ids, prompt=prompt, prompt_ids=prompt_ids, routing=None, generated=False,
-                                  store=store, response=response, align=align)
+        return self.trace_ids(ids, prompt=prompt, prompt_ids=prompt_ids, options=options, store=store,
+                              response=response, align=align)
 
-    @contextlib.contextmanager
-    def using(self, options: TraceOptions | None) -> Iterator["Tracer"]:
-        """Run with `options` for the calls inside (the API's per-request options): its settings,
-        and the experts its `exclude`/`include` switch off on top of those already off (an
-        expert off by policy or when the tracer opened stays off)."""
-        if options is None or options == self.settings:
-            yield self
-            return
-        from flexolmo.model.moe import experts_off, resolve_experts
-
-        want = set(options.exclude)
-        if self.model is None:
-            if want or options.include is not None:
-                raise InputError("exclude/include switch experts off, but there is no merged model; "
-                                 "run `flexolmo merge` first")
-            extra: list[int] = []
-        else:
-            names = list(self.model.experts)
-            if options.include is not None:
-                resolve_experts(self.model, options.include)  # unknown names are refused
-                want |= {n for n in names[1:] if n not in options.include}
-            on = self.model.active
-            extra = [i for i in resolve_experts(self.model, sorted(want)) if on[i]]
-        saved, off = self.settings, dict(self.model.off) if self.model is not None else {}
-        self.settings = options
-        try:
-            if extra:
-                with experts_off(self.model, extra):
-                    self.model.off.update({self.model.experts[i]: "excluded for this trace" for i in extra})
-                    yield self
-            else:
-                yield self
-        finally:
-            self.settings = saved
-            if self.model is not None:
-                self.model.off.clear()
-                self.model.off.update(off)
-
-    # -- the pipeline ----------------------------------------------------------------------
-
-    def trace_ids(self, ids: list[int], *, prompt: str | None, prompt_ids: list[int],
-                  routing: tuple[np.ndarray, np.ndarray] | None, generated: bool, store: bool,
-                  response: str | None = None, align: Alignment | None = None) -> Trace:
+    def trace_ids(self, ids: list[int], *, prompt: str | None = None, prompt_ids: list[int] = (),
+                  routing: tuple[np.ndarray, np.ndarray] | None = None, generated: bool = False,
+                  options: TraceOptions | None = None, store: bool = True, response: str | None = None,
+                  align: Alignment | None = None) -> Trace:
         """Trace a response given as index ids.
 
         :param prompt_ids: the prompt in the model's ids (routing context)
         :param routing: per response token (model ids), captured while generating; None: one pass
+        :param options: this call's options: the fields it sets override the tracer's
         :param align: the response in the model's own tokenization, when it differs from the
             index's (`tracing/alignment.py`); None: the model shares the index tokenizer
         """
-        st = self.settings
+        o = self.options.merged(options)
+        with self._experts_off_for(o):
+            trace = self._run(list(ids), o, prompt=prompt, prompt_ids=list(prompt_ids), routing=routing,
+                              generated=generated, response=response, align=align)
+        return self._stored(trace, store)
+
+    def _stored(self, trace: Trace, store: bool) -> Trace:
+        if store:
+            from .store import save_trace
+
+            save_trace(self.ws, trace)
+        return trace
+
+    @contextlib.contextmanager
+    def _experts_off_for(self, o: TraceOptions) -> Iterator[None]:
+        """For one call: the experts `o.exclude`/`o.include` switch off on top of those already off
+        (by policy or when the tracer opened), back on afterwards; the trace lists them in `experts_off`."""
+        from flexolmo.model.moe import experts_off, resolve_experts
+
+        want = set(o.exclude)
+        if self.model is None or not self.model.is_moe:
+            if want or o.include is not None:
+                raise InputError("exclude/include switch experts off, but " + (
+                    "there is no merged model; run `flexolmo merge` first" if self.model is None else
+                    "this is a dense model without experts"))
+            yield
+            return
+        names = list(self.model.experts)
+        if o.include is not None:
+            resolve_experts(self.model, o.include)  # unknown names are refused
+            want |= {n for n in names[1:] if n not in o.include}
+        on = self.model.active
+        extra = [i for i in resolve_experts(self.model, sorted(want)) if on[i]]
+        if not extra:
+            yield
+            return
+        before = dict(self.model.off)
+        try:
+            with experts_off(self.model, extra):
+                self.model.off.update({names[i]: "excluded for this trace" for i in extra})
+                yield
+        finally:
+            self.model.off.clear()
+            self.model.off.update(before)
+
+    # -- the pipeline ----------------------------------------------------------------------
+
+    def _run(self, ids: list[int], st: TraceOptions, *, prompt: str | None, prompt_ids: list[int],
+             routing: tuple[np.ndarray, np.ndarray] | None, generated: bool, response: str | None = None,
+             align: Alignment | None = None) -> Trace:
+        """spans -> documents -> relevance -> experts, under the options `st` (already merged)."""
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         response = response if response is not None else self.tokenizer.decode(ids)
@@ -257,7 +266,7 @@ class Tracer:
         windows: list[tuple[DocHit, str]] = []  # every hit with its window text (for relevance only)
         docs = self.fed.documents_many(kept, st.max_docs, st.seed, context_tokens=st.context_tokens,
                                        snippet_tokens=st.snippet_tokens)  # one round trip per owner node
-        spans = [self._span(i, s, ids, d, windows, align) for i, (s, d) in enumerate(zip(kept, docs))]
+        spans = [self._span(i, s, ids, d, windows, align, st.snippet_tokens) for i, (s, d) in enumerate(zip(kept, docs))]
         groups = _groups(spans, ids, self.tokenizer, response if align is not None else None)
         timings["documents"] = _ms(t1)
 
@@ -286,17 +295,13 @@ class Tracer:
             prompt=prompt, response=response, n_tokens=len(ids), generated=generated, model=self.model_name,
             sources_searched=self.fed.names, sources_skipped=dict(self.fed.skipped), experts_off=off,
             spans=spans, groups=groups, timings_ms=timings,
-            settings={**asdict(st), "delimiter_ids": self.delims, "k": k, "relevance": relevance.FORMULA,
+            settings={**st.as_dict(), "delimiter_ids": self.delims, "k": k, "relevance": relevance.FORMULA,
                       "model": self.model_card()},
         )
-        if store:
-            from .store import save_trace
-
-            save_trace(self.ws, trace)
         return trace
 
     def _span(self, index: int, raw: SpanMatch, ids: list[int], docs: list[SpanDocument],
-              windows: list[tuple[DocHit, str]], align: Alignment | None) -> Span:
+              windows: list[tuple[DocHit, str]], align: Alignment | None, snippet_tokens: int) -> Span:
         if align is None:  # one tokenizer: character positions by decoding, as the response was made
             dec = self.tokenizer.decode
             char_start = len(dec(ids[: raw.l]))
@@ -307,15 +312,16 @@ class Tracer:
         return Span(index=index, start=raw.l, end=raw.r, char_start=char_start, char_end=char_start + len(text),
                     text=text, count=raw.count, count_by_source=dict(raw.count_by_source),
                     unigram_logprob_sum=raw.unigram_logprob_sum, group=-1,
-                    documents=self._documents(docs, windows))
+                    documents=self._documents(docs, windows, snippet_tokens))
 
-    def _documents(self, docs: list[SpanDocument], windows: list[tuple[DocHit, str]]) -> list[DocHit]:
+    def _documents(self, docs: list[SpanDocument], windows: list[tuple[DocHit, str]],
+                   snippet_tokens: int) -> list[DocHit]:
         """The span's documents (up to max_docs distinct ones, sampled with a fixed seed from its
         occurrences in sources that show documents, each cut to its source's policy) as hits;
         hits with the same text under other doc_ids point at the first (`repeat_of`)."""
         out, first = [], {}
         for d in docs:
-            hit, text = self._hit(d)
+            hit, text = self._hit(d, snippet_tokens)
             key = (tuple(d.token_ids), d.needle_offset, d.token_offset)
             if not d.blocked and key in first:
                 hit.repeat_of = first[key]
@@ -327,7 +333,7 @@ class Tracer:
                 windows.append((hit, text))
         return out
 
-    def _hit(self, d: SpanDocument) -> tuple[DocHit, str | None]:
+    def _hit(self, d: SpanDocument, snippet_tokens: int) -> tuple[DocHit, str | None]:
         """A document as the trace shows it, and the text BM25 rates it on (None when blocked)."""
         hit = DocHit(source=d.source, doc_id=d.doc_id, title=d.title, shard=d.shard, doc_ix=d.doc_ix,
                      token_offset=d.token_offset, blocked=d.blocked, snippet=None, snippet_span=None, context=None,
@@ -335,7 +341,7 @@ class Tracer:
         if d.blocked:  # nothing of a taken-down document leaves the index but its id
             return hit, None
         toks, a, n = d.token_ids, d.needle_offset, d.needle_len
-        side = max(0, (self.settings.snippet_tokens - n) // 2)
+        side = max(0, (snippet_tokens - n) // 2)
         hit.snippet, hit.snippet_span = marked(self.tokenizer, toks[max(0, a - side): a], toks[a: a + n],
                                                toks[a + n: a + n + side])
         text, span = marked(self.tokenizer, toks[:a], toks[a: a + n], toks[a + n:])

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass, field
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 
+from pydantic import Field
+
 from flexolmo.base.errors import InputError
+from flexolmo.base.options import Options
 from flexolmo.model.device import model_device
 from flexolmo.model.moe import active_experts, as_module, expert_names, experts_off, has_routers, routers
 
@@ -169,38 +172,44 @@ def token_logprobs(model, input_ids, exclude: Iterable[int] = ()) -> torch.Tenso
     return lp.gather(1, ids[1:, None])[:, 0].cpu()
 
 
+MAX_NEW_TOKENS = 4096  # the schema's limit everywhere; a service caps lower by its time budget (api/deps.py)
+
+
+class GenerationOptions(Options):
+    """How a response is generated: one set of names, defaults and limits for `flexolmo generate`,
+    `flexolmo trace --generate` and `POST /api/generate`."""
+
+    WHAT = "generation options"
+
+    max_new_tokens: int = Field(60, ge=1, le=MAX_NEW_TOKENS, description="Tokens to generate.")
+    do_sample: bool = Field(False, description="Sample (with temperature, top_p, top_k and seed); else greedy.")
+    temperature: float = Field(0.8, gt=0, le=10, description="Sampling temperature (with do_sample).")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass (with do_sample).")
+    top_k: Optional[int] = Field(None, ge=1, le=100_000, description="Sample among the k most likely tokens only "
+                                                                      "(None: transformers' default, 50).")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the sampled generation (greedy ignores it).")
+
+
 @torch.no_grad()
-def generate(
-    model,
-    tokenizer,
-    prompt: str,
-    *,
-    max_new_tokens: int = 40,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    capture: bool = True,
-    stop_at_eos: bool = True,
-    top_k: int | None = None,
-    guard=None,
-) -> GenerationResult:
+def generate(model, tokenizer, prompt: str, options: GenerationOptions | None = None, *, capture: bool = True,
+             stop_at_eos: bool = True, guard=None, **overrides) -> GenerationResult:
     """Generate a continuation of `prompt`, recording the router decisions for every new token.
 
     :param model: a `LoadedModel` (e.g. from `load_merged`) or a bare torch module
-    :param tokenizer: the shared tokenizer (`flexolmo.base.tokenizer.load_tokenizer(ws)`)
+    :param tokenizer: the model's tokenizer (the shared one: `flexolmo.base.tokenizer.load_tokenizer(ws)`)
+    :param options: length and sampling; `overrides` (e.g. max_new_tokens=8) replace its fields, validated
     :param capture: record routing (False: plain `model.generate`, for the overhead benchmark)
     :param stop_at_eos: stop at the end-of-text token (False: always `max_new_tokens` tokens)
-    :param top_k: sample among the k most likely tokens only (None: transformers' default, 50)
     :param guard: a `tracing.guard.VerbatimGuard` (`VerbatimGuard.open(ws)`): no run longer than
         a guarded source's `max_verbatim` is emitted; the result's `guard` says where it acted
     """
     import time
 
+    o = (options or GenerationOptions()).replace(**overrides)
+    max_new_tokens, do_sample, temperature, top_p, top_k, seed = (o.max_new_tokens, o.do_sample, o.temperature,
+                                                                   o.top_p, o.top_k, o.seed)
     if not prompt:
         raise InputError("the prompt is empty; give some text to continue")
-    if max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     limit = model.config.max_position_embeddings
     if len(prompt_ids) + max_new_tokens > limit:
