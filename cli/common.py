@@ -29,6 +29,13 @@ def ws() -> Workspace:
     return Workspace.resolve(state.workspace)
 
 
+def check_unicode(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # undecodable bytes in argv arrive as lone surrogates
+        raise InputError(f"{where} is not valid UTF-8 text (character {e.start}); pass UTF-8 text") from None
+
+
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str, ensure_ascii=False) + "\n")
 

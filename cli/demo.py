@@ -1,9 +1,9 @@
-"""`flexolmo demo`: the whole pipeline on the sample federation, step by step.
+"""`flexolmo demo`: the sample federation built, trained and traced, then a short story of what
+tracing shows (tracing/story.py), each step about a screen.
 
-Each step keeps what an earlier run built when its inputs did not change (the tokenizer,
+Each build step keeps what an earlier run built when its inputs did not change (the tokenizer,
 indexes, the public model, expert packages, the merged model), so a second `make demo` only
-traces. Whether a model artifact is current is its card's answer (flexolmo/artifacts/).
-Measured on a fresh workspace: `make demo` 13 min 3 s, of which 743 s training the experts (docs/benchmarks.md).
+traces. Whether a model artifact is current is its card's answer (flexolmo/base/artifacts/).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import time
 from typing import Annotated
 
 import typer
+from rich.table import Table
 
 from flexolmo.base import tokenizer as tok_lib
 from flexolmo.base.workspace import Workspace
@@ -20,12 +21,9 @@ from flexolmo.model.generate import GenerationOptions
 from .common import console, ws
 from .data import build_and_report
 
-DEMO_PROMPTS = (
-    "Fellow-Citizens of the Senate and House of Representatives:",
-    "To be, or not to be,",
-    "def __init__(self",
-    "The theorem states that",
-)
+PASTED_FROM = ("creative", "news", "educational")  # Shakespeare, State of the Union, the Python docs
+OPT_OUT = "news"
+TOY_PROMPT = "To be, or not to be,"
 
 
 def register(app: typer.Typer) -> None:
@@ -37,46 +35,50 @@ def demo(
     retrain: Annotated[bool, typer.Option(help="Retrain the models even if they are current.")] = False,
     vocab_size: Annotated[int, typer.Option(help="Tokenizer vocabulary size.")] = tok_lib.DEFAULT_VOCAB,
 ) -> None:
-    """Build the sample federation, train and merge the model, index every source, trace outputs."""
-    from flexolmo.model.artifacts import expert_package, merged_model, public_model
-    from flexolmo.model.config import get_profile
-    from flexolmo.model.merge import merge
-    from flexolmo.base.sources import list_sources
-    from flexolmo.model.train import train_expert, train_public
-    from index.build import build_all, catalog_table
-
-    from .index_cmds import _RichProgress, catalog_rich_table
-    from .trace_cmds import show_trace
-
+    """Build the sample federation, train and merge the model, index every source, and trace."""
     w: Workspace = ws()
     t0 = time.time()
     steps: dict[str, float] = {}
-
-    def mark(name: str, since: float) -> None:
-        steps[name] = time.time() - since
-
-    console.rule("1. sample sources")
+    build(w, profile, retrain, vocab_size, steps)
     s = time.time()
-    results = build_and_report()
-    missing = [r for r in results if not r.ok]
-    if missing:
-        console.print(f"[yellow]{len(missing)} sample source(s) missing; run `make data-deps` and retry[/]")
-    mark("sources", s)
+    tell_story(w)
+    steps["story"] = time.time() - s
+    console.rule(f"done in {time.time() - t0:.0f} s; workspace {w.root}")
+    console.print("  ".join(f"{k} {v:.0f} s" for k, v in steps.items()), highlight=False)
+    what_next(w)
 
-    console.rule("2. shared tokenizer (public source only)")
-    s = time.time()
+
+# -- building (steps 1-6) --------------------------------------------------------------------
+
+
+def build(w: Workspace, profile: str, retrain: bool, vocab_size: int, steps: dict[str, float]) -> None:
+    from flexolmo.base.sources import list_sources
+    from flexolmo.model.artifacts import expert_package, merged_model, public_model
+    from flexolmo.model.config import get_profile
+    from flexolmo.model.merge import merge
+    from flexolmo.model.train import train_expert, train_public
+    from index.build import build_all, catalog_table
+
+    def step(title: str):
+        console.rule(title)
+        return time.time()
+
+    s = step("1. the sample federation: eight sources, eight owners")
+    if any(not r.ok for r in build_and_report()):
+        console.print("[yellow]some sample sources are missing; run `make data-deps` and retry[/]")
+    steps["sources"] = time.time() - s
+
+    s = step("2. a shared tokenizer (public source only)")
     info = tok_lib.train_tokenizer(w, vocab_size=vocab_size)
     console.print(f"{info.vocab_size:,} ids ({info.n_bow:,} begin a word)")
-    mark("tokenizer", s)
+    steps["tokenizer"] = time.time() - s
 
-    console.rule("3. per-source indexes (train split)")
-    s = time.time()
-    build_all(w, progress=_RichProgress())
-    console.print(catalog_rich_table(catalog_table(w)))
-    mark("indexes", s)
+    s = step("3. one suffix-array index per source (train split)")
+    build_all(w)
+    console.print(_catalog(catalog_table(w)))
+    steps["indexes"] = time.time() - s
 
-    console.rule(f"4. public model ({profile} profile)")
-    s = time.time()
+    s = step(f"4. the public model ({profile} profile)")
     p = get_profile(profile)
     why = public_model.status(w, p)
     if not retrain and why is None:
@@ -88,48 +90,131 @@ def demo(
     else:
         if not retrain:
             console.print(f"[yellow]{not_shipped}[/]")
-        console.print(f"training: {'--retrain' if retrain else why}")
         r = train_public(w, profile)
-        console.print(f"public: {r.tokens:,} tokens, {r.steps} steps, loss {r.final_loss:.3f}, {r.tokens_per_s:,.0f} tokens/s")
-    mark("public model", s)
+        console.print(f"public: {r.tokens:,} tokens, {r.steps} steps, loss {r.final_loss:.3f}, "
+                      f"{r.tokens_per_s:,.0f} tokens/s")
+    steps["public model"] = time.time() - s
 
-    console.rule("5. one expert per data owner, trained against the frozen public model")
-    s = time.time()
+    s = step("5. one expert per data owner, trained on its own data against the frozen public model")
     owners = [src.name for src in list_sources(w) if src.name != "public"]
     public_hash = public_model.read(w).weights
     for name in owners:
-        why = expert_package.status(w, p, name, public_hash)
-        if not retrain and why is None:
+        if not retrain and expert_package.status(w, p, name, public_hash) is None:
             console.print(f"{name}: expert package is current, kept")
             continue
         r = train_expert(w, name, profile)
         console.print(f"{name}: {r.tokens:,} tokens, loss {r.final_loss:.3f}, {r.tokens_per_s:,.0f} tokens/s")
-    mark("experts", s)
+    steps["experts"] = time.time() - s
 
-    console.rule("6. merge")
-    s = time.time()
+    s = step("6. the experts merged into one model (no joint training)")
     if merged_model.status(w, public_hash, owners, top_k=min(p.model.top_k, 1 + len(owners))) is None:
         console.print("merged model is current, kept")
     else:
         m = merge(w, owners)
-        console.print(f"merged {len(m.experts)} experts (top-{m.top_k}): " + ", ".join(f"{i}={n}" for i, n in enumerate(m.experts)))
-    mark("merge", s)
+        console.print(f"merged {len(m.experts)} experts (top-{m.top_k}): " + ", ".join(m.experts))
+    steps["merge"] = time.time() - s
 
-    console.rule("7. generate and trace")
-    s = time.time()
+
+def _catalog(rows: list[dict]) -> Table:
+    t = Table(box=None, pad_edge=False)
+    for c in ("source", "owner", "docs", "tokens", "MB", "state"):
+        t.add_column(c, justify="right" if c in ("docs", "tokens", "MB") else "left")
+    for r in rows:
+        state = "not built" if not r["indexed"] else ("stale" if r["stale"] else "ok")
+        t.add_row(r["source"], r["owner"], f"{r['n_docs'] or 0:,}", f"{r['n_tokens'] or 0:,}",
+                  f"{(r['bytes'] or 0) / 1e6:.1f}", state)
+    return t
+
+
+# -- the story (steps 7-10) ------------------------------------------------------------------
+
+
+def tell_story(w: Workspace) -> None:
+    from flexolmo.base import sources as src_lib
+    from flexolmo.model.moe import num_parameters
+    from tracing import story
     from tracing.trace import Tracer
 
     tracer = Tracer.open(w)
-    new_tokens = min(48, tracer.model.config.max_position_embeddings - 24)  # the tiny profile has 64 positions
-    # sampled (seeded): greedy decoding of a model this small falls into repetition
-    traces = [tracer.generate_and_trace(p, GenerationOptions(max_new_tokens=new_tokens, do_sample=True, seed=i))
-              for i, p in enumerate(DEMO_PROMPTS)]
-    show_trace(max(traces, key=lambda t: len(t.spans)))
-    n_spans = sum(len(t.spans) for t in traces)
-    agree = sum(bool(sp.agreement) for t in traces for sp in t.spans)
-    console.print(f"{len(traces)} responses traced and stored: {n_spans} spans, top expert matches a source "
-                  f"containing the span on {agree}/{n_spans}. Query them: flexolmo query \"SELECT * FROM spans\"")
-    mark("trace", s)
+    have = {s.name for s in src_lib.available_sources(w)}
+    pasted_from = [s for s in PASTED_FROM if s in have]
 
-    console.rule(f"done in {time.time() - t0:.0f}s; workspace {w.root}")
-    console.print("  ".join(f"{k} {v:.0f}s" for k, v in steps.items()))
+    console.rule("7. a pasted response, traced")
+    pasted = story.pasted_response(tracer, pasted_from)
+    console.print("[dim]This response was pasted together by the demo from passages of three sources' "
+                  "training documents, joined by plain prose; it was not generated.[/]")
+    console.print(pasted.text, highlight=False, markup=False)
+    before = tracer.trace(pasted.text, prompt=pasted.prompt)
+    _attributions(story.attributed(before, pasted))
+
+    console.rule("8. the demo model's own words, traced")
+    t = tracer.generate_and_trace(TOY_PROMPT, GenerationOptions(max_new_tokens=40))
+    n = num_parameters(tracer.model)
+    console.print(f"[dim]An {n / 1e6:.1f}M-parameter model trained for minutes on 2 cores writes nonsense; "
+                  "tracing works the same on a real model (`flexolmo trace --model PATH`).[/]")
+    console.print(f"{TOY_PROMPT}[bold]{t.response}[/]", highlight=False)
+    longest = max(t.spans, key=lambda s: s.end - s.start, default=None)
+    console.print(f"{len(t.spans)} spans found verbatim in the training data" + (
+        f"; the longest, {longest.end - longest.start} tokens: {longest.text.strip()!r} in "
+        + ", ".join(f"{k} ({v})" for k, v in longest.count_by_source.items() if v) if longest else ""),
+        highlight=False)
+
+    console.rule("9. memorisation: the opening of a training document, continued greedily")
+    owners = [s.name for s in src_lib.available_sources(w) if s.name != "public"]
+    m = story.memorised(tracer, owners)
+    console.print(f"tried the openings of {m.tried} training documents; the longest verbatim continuation: "
+                  f"{m.verbatim_tokens} tokens of {m.source}:{m.doc_id}", highlight=False)
+    if m.trace is not None:
+        console.print(f"{m.prompt}[bold]{m.trace.response}[/]", highlight=False)
+        found = [s for s in m.trace.spans if any(d.doc_id == m.doc_id for d in s.documents)]
+        console.print(f"traced: {len(found)} span(s) lead back to {m.doc_id}" + (
+            f", the longest {max(s.end - s.start for s in found)} tokens" if found else ""), highlight=False)
+
+    console.rule(f"10. the {OPT_OUT} owner switches its source off")
+    src_lib.set_policy(w, OPT_OUT, active=False, by="demo")
+    try:
+        after = Tracer.open(w).trace(pasted.text, prompt=pasted.prompt, store=False)
+    finally:
+        src_lib.set_policy(w, OPT_OUT, active=True, by="demo")
+    _opt_out(story.opt_out(before, after, OPT_OUT))
+
+
+def _attributions(rows) -> None:
+    t = Table(box=None, pad_edge=False)
+    for c in ("tokens", "span", "found in", "its document", "top expert"):
+        t.add_column(c, overflow="fold")
+    for a in rows:
+        s = a.span
+        where = ", ".join(f"{k} ({v})" for k, v in s.count_by_source.items() if v)
+        drop = next((e.counterfactual for e in s.experts if e.expert == s.top_expert), None)
+        expert = "" if a.top_expert is None else f"{a.top_expert}" + (f" ({drop:+.1f} nats off)" if drop else "")
+        text = s.text.strip()
+        t.add_row(str(s.end - s.start), (text[:48] + "…") if len(text) > 49 else text, where,
+                  "yes" if a.origin_document else "no", expert)
+    console.print(t)
+    ok = sum(a.found_in_origin for a in rows)
+    console.print(f"{ok} of {len(rows)} spans of 8+ tokens found in the source they were taken from; the top expert "
+                  "is the one whose removal lowers the span's log-probability most (the counterfactual).",
+                  highlight=False)
+
+
+def _opt_out(o) -> None:
+    console.print(f"spans: {o.spans_before} -> {o.spans_after}; {o.source} documents shown: "
+                  f"{o.documents_before} -> {o.documents_after}; the {o.source} expert is switched off with it",
+                  highlight=False)
+    tops = lambda d: ", ".join(f"{k} {v}" for k, v in sorted(d.items(), key=lambda kv: -kv[1]))  # noqa: E731
+    console.print(f"top experts before: {tops(o.tops_before)}; after: {tops(o.tops_after)}", highlight=False)
+    for text in o.lost:
+        console.print(f"  no longer traced: {text[:70]!r}", highlight=False)
+    console.print(f"(switched back on; both changes are in the policy log: flexolmo sources show {o.source})",
+                  highlight=False)
+
+
+def what_next(w: Workspace) -> None:
+    console.rule("what next")
+    console.print("flexolmo serve                      # then open http://127.0.0.1:8000: the page traces, "
+                  "owners switch sources off", highlight=False, markup=False)
+    console.print('flexolmo trace --text "Four score and seven years ago"', highlight=False, markup=False)
+    console.print('flexolmo search "the river AND king"', highlight=False, markup=False)
+    console.print('flexolmo query "SELECT source, count(*) FROM span_sources WHERE count > 0 GROUP BY 1"',
+                  highlight=False, markup=False)

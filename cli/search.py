@@ -18,8 +18,7 @@ from flexolmo.base import tokenizer as tok_lib
 from index import query as index_query
 from index.engine import Federation
 
-from .common import console, print_json, ws
-from .trace_cmds import _check_unicode
+from .common import check_unicode, console, print_json, ws
 
 
 def register(app: typer.Typer) -> None:
@@ -37,7 +36,7 @@ def search(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Search the training data: counts per source, matching documents, or what follows a phrase."""
-    _check_unicode(query, "the query")
+    check_unicode(query, "the query")
     w = ws()
     tok = tok_lib.load_tokenizer(w)
     fed = Federation.open(w, strict=False)

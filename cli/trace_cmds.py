@@ -20,7 +20,7 @@ from tracing.trace import Tracer
 
 from .common import (GEN, DeviceOpt, DtypeOpt, ExpertsOpt, MaxNewTokensOpt, ModelOpt, SampleOpt, SeedOpt,
                      TemperatureOpt, TopKOpt, TopPOpt, console, err_console, generation_options, model_spec,
-                     print_json, ws)
+                     print_json, check_unicode, ws)
 
 report_app = typer.Typer(help="Reports for data owners.", no_args_is_help=True)
 traces_app = typer.Typer(help="The provenance store.", no_args_is_help=True)
@@ -72,9 +72,9 @@ def trace(
                 raise InputError("give the response with --text TEXT, on stdin, or use --generate PROMPT")
             text = read_text(sys.stdin.buffer.read(), "stdin")
         else:
-            _check_unicode(text, "--text")
+            check_unicode(text, "--text")
         if prompt is not None:
-            _check_unicode(prompt, "--prompt")
+            check_unicode(prompt, "--prompt")
         t = tracer.trace(text, prompt=prompt)
     if as_json:
         print_json(t.to_dict())
@@ -92,13 +92,6 @@ def read_text(data: bytes, where: str) -> str:
     if "\x00" in text:
         raise InputError(f"{where} holds NUL bytes: it looks binary, not a response to trace")
     return text
-
-
-def _check_unicode(text: str, where: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:  # undecodable bytes in argv arrive as lone surrogates
-        raise InputError(f"{where} is not valid UTF-8 text (character {e.start}); pass UTF-8 text") from None
 
 
 def show_trace(t: Trace, max_docs: int = 3) -> None:
@@ -150,7 +143,7 @@ def query(
     limit: Annotated[int, typer.Option(help="At most this many rows.")] = 1000,
 ) -> None:
     """Run read-only SQL over the provenance store."""
-    _check_unicode(sql, "the query")
+    check_unicode(sql, "the query")
     res = queries.query(ws(), sql, limit=limit)
     if as_json:
         print_json([dict(zip(res.columns, r)) for r in res.rows])

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the text of the sample federation (DESIGN.md, "Sample federation"), as root on Debian.
+# Installs the text of the sample federation (docs/usage.md, "The sample federation"), as root on Debian.
 # Python packages go into the project's venv with --no-deps: they only carry data files.
 set -euo pipefail
 VENV=${VENV:-.venv}

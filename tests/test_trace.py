@@ -16,7 +16,7 @@ from flexolmo.model.train import train_expert, train_public
 from index.build import build_source, index_dir
 from flexolmo.base.errors import InputError
 from flexolmo.model.moe import experts_off_per_row
-from tracing import governance, store
+from tracing import governance, store, story
 from tracing import queries
 from tracing.experts import link_experts
 from tracing.options import TraceOptions
@@ -318,3 +318,55 @@ def test_copy_of_a_taken_down_document_is_blocked_too(tmp_path):
     hits = [d for s in t.spans for d in s.documents if d.doc_id in (original["doc_id"], "reposted-copy")]
     assert {d.doc_id for d in hits} == {original["doc_id"], "reposted-copy"}
     assert all(d.blocked and d.snippet is None for d in hits)
+
+
+# -- the demo's story (tracing/story.py, cli/demo.py) on this tiny federation --------------------
+
+
+def test_a_pasted_response_is_traced_back_to_where_each_passage_came_from(fed):
+    tracer = Tracer.open(fed)
+    pasted = story.pasted_response(tracer, ["news", "code", "math"])
+    assert [p.source for p in pasted.pieces] == ["news", "code", "math"]
+    t = tracer.trace(pasted.text, prompt=pasted.prompt, store=False)
+    rows = story.attributed(t, pasted)
+    assert {a.piece.source for a in rows if a.piece} == {"news", "code", "math"}
+    for a in rows:  # every span of 8+ tokens lies in a passage, is found in its source and its document
+        assert a.piece is not None and a.found_in_origin and a.origin_document, a.span.text
+        assert a.top_expert in ("public", "news", "code", "math")
+    # the news owner switches off: its documents are gone from the same response's trace
+    sources.set_policy(fed, "news", active=False, by="test")
+    try:
+        after = Tracer.open(fed).trace(pasted.text, prompt=pasted.prompt, store=False)
+    finally:
+        sources.set_policy(fed, "news", active=True, by="test")
+    o = story.opt_out(t, after, "news")
+    assert o.documents_before > 0 and o.documents_after == 0 and "news" not in o.tops_after
+    assert any("union" in x or "president" in x or x for x in o.lost)
+
+
+def test_memorisation_probe_finds_the_longest_verbatim_continuation(fed):
+    tracer = Tracer.open(fed)
+    m = story.memorised(tracer, ["news", "math"], docs_per_source=3, new_tokens=12)
+    assert m.tried == 6 and 0 <= m.verbatim_tokens <= 12 and m.source in ("news", "math")
+    if m.verbatim_tokens:
+        assert m.trace is not None and m.trace.generated
+
+
+def test_the_demo_story_prints_a_screen_per_step(fed):
+    from rich.console import Console
+
+    from cli import demo
+
+    out = Console(record=True, width=100, file=open("/dev/null", "w"))
+    saved = demo.console
+    demo.console = out
+    try:
+        demo.tell_story(fed)
+        demo.what_next(fed)
+    finally:
+        demo.console = saved
+    text = out.export_text()
+    for title in ("7. a pasted response", "8. the demo model", "9. memorisation", "10. the news owner", "what next"):
+        assert title in text
+    assert "was pasted together by the demo" in text and "flexolmo serve" in text
+    assert len(text.splitlines()) < 120

@@ -5,7 +5,7 @@
     tracer = Tracer.open(ws, options=opts)                       # the defaults of its calls
     tracer.trace(text, options=TraceOptions(max_docs=2))         # per call: set fields win
 
-The span and document fields are OLMoTrace's published production settings (DESIGN.md,
+The span and document fields are OLMoTrace's published production settings (docs/architecture.md,
 Tracing): change them only to experiment. `exclude`/`include` switch experts off: given to
 `Tracer.open` they apply when the model loads, given per call they apply to that call on top.
 A generation's own options (length, sampling, its seed) are `GenerationOptions`

@@ -27,7 +27,7 @@ import duckdb
 from flexolmo.base import sources as src_lib
 from flexolmo.base.errors import InputError
 
-from .queries import QueryResult, _read, trace_rows
+from .queries import QueryResult, read_store, trace_rows
 
 Level = Literal["traces", "spans", "documents"]
 BUCKETS = ("high", "medium", "low")
@@ -136,7 +136,7 @@ def list_provenance(ws, f: TraceFilter) -> QueryResult:
         cur = con.execute(sql, params)
         return QueryResult([d[0] for d in cur.description], cur.fetchall())
 
-    return _read(ws, run)
+    return read_store(ws, run)
 
 
 _COLUMNS = {

@@ -40,7 +40,7 @@ class QueryTimeout(FlexolmoError):
 _MISSING = ("No files found", "No such file", "Cannot open file")
 
 
-def _read(ws: Workspace, fn: Callable[[duckdb.DuckDBPyConnection], T], sandbox: bool = True) -> T:
+def read_store(ws: Workspace, fn: Callable[[duckdb.DuckDBPyConnection], T], sandbox: bool = True) -> T:
     """fn(reader); retried when a compaction removed a part between manifest and read."""
     for attempt in range(4):
         try:
@@ -99,7 +99,7 @@ def query(ws: Workspace, sql: str, limit: int | None = 1000, timeout_s: float | 
             if timer:
                 timer.cancel()
 
-    return _read(ws, run)
+    return read_store(ws, run)
 
 
 def trace_rows(ws: Workspace, trace_id: str) -> dict[str, QueryResult]:
@@ -111,7 +111,7 @@ def trace_rows(ws: Workspace, trace_id: str) -> dict[str, QueryResult]:
             out[table] = QueryResult([d[0] for d in cur.description], cur.fetchall())
         return out
 
-    out = _read(ws, run)
+    out = read_store(ws, run)
     if not out["traces"].rows:
         raise NotFoundError(f"no stored trace {trace_id!r}; list them with "
                             "flexolmo query \"SELECT trace_id, created_at FROM traces\"")
@@ -148,7 +148,7 @@ def export_parquet(ws: Workspace, out: Path, force: bool = False) -> list[Path]:
             os.replace(tmp, path)
         return names
 
-    return _read(ws, run)
+    return read_store(ws, run)
 
 
 @dataclass(frozen=True)
@@ -194,7 +194,7 @@ def contribution(ws: Workspace, source: str, top: int = 10, timeout_s: float | N
             if timer:
                 timer.cancel()
 
-    return _read(ws, run)
+    return read_store(ws, run)
 
 
 def _contribution(con: duckdb.DuckDBPyConnection, source: str, top: int, domains: dict[str, str]) -> Contribution:

@@ -61,10 +61,6 @@ def bm25(documents: list[str], query: str) -> tuple[np.ndarray, float]:
     return np.asarray(retriever.get_scores(q), dtype=np.float64), bound
 
 
-def bm25_scores(documents: list[str], query: str) -> np.ndarray:
-    return bm25(documents, query)[0]
-
-
 def normalise(score: float, bound: float) -> float:
     """The share of the query's BM25 bound the window reaches."""
     return float(score) / bound if bound > 0 else 0.0

@@ -5,7 +5,7 @@
     t = tracer.generate_and_trace("prompt", GenerationOptions(max_new_tokens=60))
     t = tracer.trace(text, options=TraceOptions(max_docs=2))   # per call: the fields set win
 
-OLMoTrace's production settings (DESIGN.md, Tracing; `TraceOptions` in tracing/options.py):
+OLMoTrace's production settings (docs/architecture.md, Tracing; `TraceOptions` in tracing/options.py):
 only the response is traced; maximal spans cut at delimiters, min_len 1, max_cnt 1,000,000,
 word boundaries enforced; keep the K = ceil(0.05 L) spans with the lowest unigram log-prob
 sum; up to 10 documents per span (seeded sample), 250 tokens of context a side and a

@@ -53,7 +53,7 @@ def public_cache_dir() -> Path:
 
 
 # Debian 12 packages whose text joins the Wikipedia leads in the public source (issue 9: the
-# public model must know more than encyclopedia prose; DESIGN.md's table lists Wikipedia only).
+# public model must know more than encyclopedia prose; the design once listed Wikipedia only).
 # The builders keep a fixed share of each.
 PUBLIC_DEBS = ("manpages", "manpages-dev", "dict-gcide", "perl-modules-5.36")
 

@@ -77,10 +77,6 @@ class Workspace:
     def traces_path(self) -> Path:
         return self.root / "traces" / "provenance.duckdb"
 
-    @property
-    def cache_dir(self) -> Path:
-        return self.root / "cache"
-
 
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:

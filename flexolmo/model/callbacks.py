@@ -7,6 +7,8 @@ early stop. DP-SGD's `DPStep` lives with the privacy code (flexolmo/model/privac
 
 from __future__ import annotations
 
+import sys
+
 import shutil
 from pathlib import Path
 
@@ -55,20 +57,28 @@ def train_rows(model, frozen: list[int], routers_only: bool = False) -> tuple[li
 
 
 class Progress(Callback):
-    """A tqdm bar with the loss and tokens/s (rank 0 only)."""
+    """The loss and tokens/s (rank 0 only): a tqdm bar on a terminal; written to a file or a
+    pipe (a captured log), one line at each quarter of the run instead of a redrawn bar."""
 
     order = 0
+    LOG_LINES = 4
 
     def __init__(self, name: str, enabled: bool = True):
-        self.name, self.enabled, self.bar = name, enabled, None
+        self.name, self.enabled, self.bar, self.log = name, enabled, None, False
 
     def pre_train(self, tr: Trainer) -> None:
+        on = self.enabled and tr.d.is_main
+        self.log = on and not sys.stderr.isatty()
         self.bar = tqdm(total=tr.cfg.steps, initial=tr.step, desc=self.name, dynamic_ncols=True,
-                        disable=not (self.enabled and tr.d.is_main))
+                        disable=not on or self.log)
 
     def post_step(self, tr: Trainer) -> None:
         self.bar.set_postfix(loss=f"{tr.last_loss:.3f}", tok_s=f"{tr.tokens_per_s:,.0f}")
         self.bar.update(1)
+        every = max(1, tr.cfg.steps // self.LOG_LINES)
+        if self.log and (tr.step % every == 0 or tr.step == tr.cfg.steps):
+            print(f"{self.name}: step {tr.step}/{tr.cfg.steps}, loss {tr.last_loss:.3f}, "
+                  f"{tr.tokens_per_s:,.0f} tokens/s", file=sys.stderr, flush=True)
 
     def post_train(self, tr: Trainer) -> None:
         self.bar.close()

@@ -60,15 +60,6 @@ def mean(d: Dist, value: float) -> float:
     return t.item() / d.world_size
 
 
-def broadcast_object(d: Dist, obj):
-    """Rank 0's value of `obj` on every process."""
-    if not d.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def wrap(d: Dist, model):
     if not d.enabled:
         return model
