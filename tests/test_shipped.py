@@ -4,6 +4,7 @@ workspace whose inputs it was trained from, verified by its weights hash."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -60,3 +61,10 @@ def test_refused_when_the_inputs_differ_or_the_weights_are_damaged(shipped, tmp_
     with pytest.raises(IntegrityError, match="weights hash"):
         public_model.install_shipped(fresh, get_profile("tiny"), shipped=damaged)
     assert not public_model.folder(fresh).exists()  # nothing half-installed
+
+
+def test_the_shipped_model_is_where_the_demo_looks_for_it():
+    """`make demo` installs assets/public-model/ (the repository's); a wrong path trains one instead."""
+    card = public_model.SHIPPED / "card.json"
+    assert card.is_file(), f"{public_model.SHIPPED} holds no shipped public model"
+    assert public_model.SHIPPED.parent.parent == Path(__file__).resolve().parents[1]

@@ -111,7 +111,7 @@ def write(ws: Workspace, model, card: PublicModelCard, source: str) -> None:
 # ---------------------------------------------------------------------------------------
 # the public model shipped with the repository
 
-SHIPPED = Path(__file__).resolve().parents[2] / "assets" / "public-model"
+SHIPPED = Path(__file__).resolve().parents[3] / "assets" / "public-model"  # the repository's assets/
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "router_bias.safetensors", "experts.json",
                "card.json")
 
