@@ -64,7 +64,7 @@ def _temp_workspace():
     from flexolmo.base.workspace import Workspace
 
     ws = Workspace(Path(tempfile.mkdtemp(prefix="guard-bench-"))).ensure()
-    texts = [f.read_text() for f in sorted((Path(__file__).resolve().parents[1] / "flexolmo").glob("*.py"))]
+    texts = [f.read_text() for f in sorted((Path(__file__).resolve().parents[1] / "flexolmo").rglob("*.py"))]
     train_tokenizer(ws, vocab_size=2048, texts=texts)
     return ws, load_tokenizer(ws), texts
 
