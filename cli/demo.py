@@ -132,3 +132,7 @@ def demo(
 
     console.rule(f"done in {time.time() - t0:.0f}s; workspace {w.root}")
     console.print("  ".join(f"{k} {v:.0f}s" for k, v in steps.items()))
+
+    from .keys import announce_admin_key
+
+    announce_admin_key(w)  # the owner routes' admin key: created and printed on the first demo only

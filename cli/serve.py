@@ -3,23 +3,32 @@
     flexolmo serve                       # http://127.0.0.1:8000, loopback only
     flexolmo -w work serve --port 8080
     flexolmo serve --workers 2           # N processes over the same memory-mapped indexes
+    flexolmo serve --client-rps 0        # no per-client request rate (e.g. a loopback benchmark)
 
 Each worker process opens its own tracer (the indexes are memory-mapped, so their pages are
 shared) and runs one trace at a time; the provenance store takes commits from all of them
-(append-only parts under a writer lock held for milliseconds). Budgets and caps come from
-the environment (FLEXOLMO_TRACE_BUDGET_S, ... see api/deps.py).
+(append-only parts under a writer lock held for milliseconds). Budgets, caps and per-client
+limits come from the environment (FLEXOLMO_TRACE_BUDGET_S, FLEXOLMO_CLIENT_RPS, ... see
+api/deps.py); the --client-* options set the last.
+
+Owner routes need a key from the first start: the first `serve` of a workspace creates the
+admin key and prints it once. Another address than loopback is refused until keys exist, so
+that the service never faces the network before someone holds a key to it.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
 from flexolmo.base.errors import InputError
+from index.keys import KeyStore
 
 from .common import console, ws
+from .keys import announce_admin_key
 
 
 def register(app: typer.Typer) -> None:
@@ -31,18 +40,37 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     workers: Annotated[int, typer.Option(help="Worker processes (each traces one request at a time); "
                                               "up to the number of cores is useful.")] = 1,
+    client_rps: Annotated[Optional[float], typer.Option(help="Requests per second per client (its key, else its "
+                                                             "address) and worker; 0: no limit. "
+                                                             "[default: $FLEXOLMO_CLIENT_RPS or 20]")] = None,
+    client_burst: Annotated[Optional[int], typer.Option(help="Requests a client may send at once before the rate "
+                                                             "applies. [default: $FLEXOLMO_CLIENT_BURST or 40]")] = None,
+    client_passes: Annotated[Optional[int], typer.Option(help="Traces, generations and searches per client running "
+                                                              "at once; 0: no limit. "
+                                                              "[default: $FLEXOLMO_CLIENT_PASSES or 2]")] = None,
 ) -> None:
     """Serve the web page and the trace API over the workspace."""
     import uvicorn
 
     from api.app import create_app
+    from api.deps import Settings
 
     if not 1 <= workers <= 64:
         raise InputError(f"--workers must be between 1 and 64, got {workers}")
     root = ws()
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        console.print(f"[yellow]warning:[/] binding {host}: the API has no authentication, and owner "
-                      "endpoints can switch sources off and take documents down", highlight=False)
+    for name, value in (("RPS", client_rps), ("BURST", client_burst), ("PASSES", client_passes)):
+        if value is not None:  # the environment carries them to every worker process
+            os.environ[f"FLEXOLMO_CLIENT_{name}"] = str(value)
+    Settings.from_env(root)  # every setting checked here, not in each worker
+    keys = KeyStore.for_workspace(root)
+    if not is_loopback(host) and not keys.has_access_keys():
+        raise InputError(f"refusing to serve on {host}: {keys.path} holds no owner or admin key yet, so the first "
+                         "admin key would be made while the service already faces the network. Run `flexolmo keys "
+                         "admin` (creates the admin key and shows it once; keep it), or give owners keys with "
+                         "`flexolmo keys create --owner OWNER --scope owner`, then serve again")
+    if not announce_admin_key(keys):
+        console.print(f"owner routes need a key: the source owner's or the admin key (`flexolmo keys list` shows "
+                      f"ids; `flexolmo keys admin --rotate` replaces a lost admin key)", highlight=False)
     console.print(f"serving {root.root} on http://{host}:{port} with {workers} worker process"
                   f"{'es' if workers > 1 else ''}", highlight=False)
     if workers == 1:
@@ -51,3 +79,13 @@ def serve(
     os.environ["FLEXOLMO_HOME"] = str(root.root)  # the workers build their app from the environment
     os.environ.setdefault("FLEXOLMO_TORCH_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
     uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` serves this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to any address

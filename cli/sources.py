@@ -68,8 +68,10 @@ def show(name: str, as_json: Annotated[bool, typer.Option("--json", help="Print 
         t.add_row(k, Text(f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else _one_line(v)))
     console.print(t)
     for e in log:  # stored as data: shown literally, one line each, never as markup
-        console.print(Text("  " + "  ".join((str(e["changed_at"]), _one_line(e["changed_by"]) + ":", e["field"],
-                                             _one_line(e["old_value"]), "->", _one_line(e["new_value"])))),
+        who = _one_line(e["changed_by"]) + (f" (key {e['key_id']})" if e.get("key_id") else "") + ":"
+        note = f"  # {_one_line(e['comment'])}" if e.get("comment") else ""
+        console.print(Text("  " + "  ".join((str(e["changed_at"]), who, e["field"], _one_line(e["old_value"]), "->",
+                                             _one_line(e["new_value"]))) + note),
                       highlight=False, soft_wrap=True)
 
 

@@ -49,12 +49,14 @@ def takedown(ws: Workspace, source: str, doc_id: str, reason: str, by: str | Non
 
 
 def set_policy(ws: Workspace, name: str, *, active: bool | None = None, visibility: str | None = None,
-               expires: str | dt.date | None = None, clear_expiry: bool = False, by: str | None = None) -> src_lib.Source:
+               expires: str | dt.date | None = None, clear_expiry: bool = False, by: str | None = None,
+               key_id: str | None = None, comment: str | None = None) -> src_lib.Source:
     """Change a source's policy; moving to `counts` also strips its documents from stored traces.
 
-    Repeating a change that is recorded but not yet applied to the store applies it."""
+    Repeating a change that is recorded but not yet applied to the store applies it. `by`,
+    `key_id` and `comment` go to the policy log (`flexolmo.base.sources.set_policy`)."""
     src = src_lib.set_policy(ws, name, active=active, visibility=visibility, expires=expires,
-                             clear_expiry=clear_expiry, by=by)
+                             clear_expiry=clear_expiry, by=by, key_id=key_id, comment=comment)
     if src.visibility == "counts":
         store.sync(ws)
     return src
