@@ -15,6 +15,7 @@ request is counted against its client's limits and every refusal is logged (api/
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -48,6 +49,10 @@ def create_app(workspace: str | os.PathLike | Workspace | None = None,
     :param settings: budgets and caps (default: from the environment)
     """
     service = Service(settings or Settings.from_env(workspace), open_tracer)
+    if not log.handlers:  # refusals and warnings on stderr, as uvicorn writes its own
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:  %(message)s"))
+        log.addHandler(handler)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -41,13 +41,13 @@ def serve(
     workers: Annotated[int, typer.Option(help="Worker processes (each traces one request at a time); "
                                               "up to the number of cores is useful.")] = 1,
     client_rps: Annotated[Optional[float], typer.Option(help="Requests per second per client (its key, else its "
-                                                             "address) and worker; 0: no limit. "
-                                                             "[default: $FLEXOLMO_CLIENT_RPS or 20]")] = None,
+                                                             "address) and worker; 0: no limit "
+                                                             "(default: $FLEXOLMO_CLIENT_RPS, else 20).")] = None,
     client_burst: Annotated[Optional[int], typer.Option(help="Requests a client may send at once before the rate "
-                                                             "applies. [default: $FLEXOLMO_CLIENT_BURST or 40]")] = None,
+                                                             "applies (default: $FLEXOLMO_CLIENT_BURST, else 40).")] = None,
     client_passes: Annotated[Optional[int], typer.Option(help="Traces, generations and searches per client running "
-                                                              "at once; 0: no limit. "
-                                                              "[default: $FLEXOLMO_CLIENT_PASSES or 2]")] = None,
+                                                              "at once; 0: no limit "
+                                                              "(default: $FLEXOLMO_CLIENT_PASSES, else 2).")] = None,
 ) -> None:
     """Serve the web page and the trace API over the workspace."""
     import uvicorn
@@ -58,9 +58,12 @@ def serve(
     if not 1 <= workers <= 64:
         raise InputError(f"--workers must be between 1 and 64, got {workers}")
     root = ws()
-    for name, value in (("RPS", client_rps), ("BURST", client_burst), ("PASSES", client_passes)):
+    for name, value, least in (("rps", client_rps, 0), ("burst", client_burst, 1), ("passes", client_passes, 0)):
         if value is not None:  # the environment carries them to every worker process
-            os.environ[f"FLEXOLMO_CLIENT_{name}"] = str(value)
+            if not value >= least:
+                raise InputError(f"--client-{name} must be {least} or more{' (0: no limit)' if least == 0 else ''}, "
+                                 f"got {value}")
+            os.environ[f"FLEXOLMO_CLIENT_{name.upper()}"] = str(value)
     Settings.from_env(root)  # every setting checked here, not in each worker
     keys = KeyStore.for_workspace(root)
     if not is_loopback(host) and not keys.has_access_keys():
