@@ -31,6 +31,9 @@ from .common import console, ws
 from .keys import announce_admin_key
 
 
+WORKER_HEALTHCHECK_S = 120  # seconds a worker may take to answer uvicorn's health ping (see serve)
+
+
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve)
 
@@ -81,7 +84,11 @@ def serve(
         return
     os.environ["FLEXOLMO_HOME"] = str(root.root)  # the workers build their app from the environment
     os.environ.setdefault("FLEXOLMO_TORCH_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
-    uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers)
+    # uvicorn kills a worker that does not answer its health ping within the timeout (5 s by
+    # default), from the moment it is spawned: a spawned worker first re-imports this command
+    # (seconds of imports, 30 s measured on a loaded 2-core machine) and was killed over and over.
+    uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers,
+                timeout_worker_healthcheck=WORKER_HEALTHCHECK_S)
 
 
 def is_loopback(host: str) -> bool:

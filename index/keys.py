@@ -15,7 +15,7 @@ file when it changes, so a new or revoked key takes effect on the next request.
 The service's owner routes (api/auth.py) take an owner key for that owner's sources, or
 the admin key for every source and for key management; without one they refuse (401),
 from the first start on. The admin key is created the first time `flexolmo serve`,
-`flexolmo demo` or `flexolmo keys admin` runs on a workspace (`ensure_admin_key`), and
+`flexolmo demo` or `flexolmo keys admin` runs on a workspace (`KeyStore.ensure_admin`), and
 replaced with `flexolmo keys admin --rotate`.
 
 The file lives in the workspace by default; `--keys FILE` (or $FLEXOLMO_KEYS) puts it
