@@ -8,11 +8,14 @@ The Tracer (indexes memory-mapped, merged model loaded, policies read) is opened
 the app starts, on its own thread (api/worker.py), and reopened when a policy or a takedown
 changes, through the API or from the command line (checked before each trace), or when a
 licence expires at midnight. Library errors (`FlexolmoError`) become HTTP errors with the
-error's status and message; budgets and caps come from the environment (api/deps.py).
+error's status and message; budgets, caps and per-client limits come from the environment
+(api/deps.py). Owner and admin routes need a key from the first start (api/auth.py); every
+request is counted against its client's limits and every refusal is logged (api/clients.py).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -28,6 +31,7 @@ from flexolmo.base.errors import FlexolmoError
 from flexolmo.base.workspace import Workspace
 from tracing.trace import Tracer
 
+from .clients import ClientGate, log
 from .deps import Service, Settings
 from .limits import BodyLimit, validation_error
 from .routes import router
@@ -45,6 +49,10 @@ def create_app(workspace: str | os.PathLike | Workspace | None = None,
     :param settings: budgets and caps (default: from the environment)
     """
     service = Service(settings or Settings.from_env(workspace), open_tracer)
+    if not log.handlers:  # refusals and warnings on stderr, as uvicorn writes its own
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:  %(message)s"))
+        log.addHandler(handler)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -54,6 +62,10 @@ def create_app(workspace: str | os.PathLike | Workspace | None = None,
 
             torch.set_num_threads(int(threads))
         _finish_pending(service.ws)
+        if not service.keys.has_access_keys():
+            log.warning("owner routes refuse every request: %s holds no owner or admin key; run `flexolmo keys "
+                        "admin` (the admin key, shown once) or `flexolmo keys create --owner OWNER --scope owner`",
+                        service.keys.path)
         service.open()
         yield
         service.close()
@@ -63,13 +75,17 @@ def create_app(workspace: str | os.PathLike | Workspace | None = None,
     app.state.service = service
     app.include_router(router)
     app.add_middleware(BodyLimit, max_bytes=service.settings.max_body_bytes)
+    app.add_middleware(ClientGate, service=service)  # outermost: limits before the body is read
     app.add_exception_handler(RequestValidationError, validation_error)
 
     @app.exception_handler(FlexolmoError)
     async def library_error(request: Request, e: FlexolmoError):
-        headers = {"Retry-After": "5"} if e.http_status == 503 else None
+        headers = {"WWW-Authenticate": "Bearer"} if e.http_status == 401 else {}
+        retry = getattr(e, "retry_after", 5 if e.http_status == 503 else None)
+        if retry is not None:
+            headers["Retry-After"] = str(retry)
         return await http_exception_handler(request, HTTPException(status_code=e.http_status, detail=str(e),
-                                                                   headers=headers))
+                                                                   headers=headers or None))
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:

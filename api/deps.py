@@ -1,4 +1,5 @@
-"""What every route shares: settings from the environment, the tracer thread, the budgets.
+"""What every route shares: settings from the environment, the tracer thread, the budgets,
+the keys file and the per-client limits (api/clients.py).
 
 Every request has a time budget (`Settings`): traces and generations run on the one tracer
 thread (api/worker.py) and are stopped at their deadline; reads (SQL, stored traces,
@@ -19,20 +20,21 @@ from typing import Annotated, Any, Callable
 
 from fastapi import Depends, Request
 
-from flexolmo.base import sources as src_lib
 from flexolmo.base.errors import InputError
 from flexolmo.base.workspace import Workspace
 from flexolmo.model.generate import MAX_NEW_TOKENS
 from flexolmo.model.loading import ModelSpec
-from index.keys import KeyRecord, KeyStore, check_owner_key
+from index.keys import KeyStore
 from tracing.trace import Tracer
 
+from .clients import ClientLimits, client_of
 from .worker import Busy, Job, ServiceTracer, Stopped, TraceWorker
 
 GRACE_S = 2.0  # after a deadline, how long a route waits for the tracer thread to stop the job
 
 
-def _env(name: str, default: float) -> float:
+def _env(name: str, default: float, zero_means: str | None = None) -> float:
+    """A positive number from the environment; 0 too where `zero_means` says what it does."""
     raw = os.environ.get(name)
     if raw is None:
         return default
@@ -40,8 +42,8 @@ def _env(name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise InputError(f"${name}={raw!r} is not a number") from None
-    if value <= 0:
-        raise InputError(f"${name} must be positive, got {raw}")
+    if value < 0 or (value == 0 and zero_means is None) or value != value:
+        raise InputError(f"${name} must be positive{f' (or 0: {zero_means})' if zero_means else ''}, got {raw}")
     return value
 
 
@@ -62,6 +64,11 @@ class Settings:
     # the model traced: FLEXOLMO_MODEL (a folder; default the merged model), FLEXOLMO_EXPERTS,
     # FLEXOLMO_DEVICE, FLEXOLMO_DTYPE (`flexolmo serve --model ... --device ...` sets them)
     model: ModelSpec = field(default_factory=ModelSpec)
+    # Per client (its key, else its address) and worker process; 0: no limit (api/clients.py).
+    # A person at the page makes a few requests a second; a loopback benchmark sets 0.
+    client_rps: float = 20.0  # FLEXOLMO_CLIENT_RPS: sustained requests per second
+    client_burst: int = 40  # FLEXOLMO_CLIENT_BURST: requests at once before the rate applies
+    client_passes: int = 2  # FLEXOLMO_CLIENT_PASSES: traces, generations, searches running or queued
 
     @classmethod
     def from_env(cls, workspace: str | os.PathLike | Workspace | None = None) -> "Settings":
@@ -73,7 +80,10 @@ class Settings:
                    tokens_per_s=_env("FLEXOLMO_GENERATE_TOKENS_PER_S", cls.tokens_per_s),
                    max_body_bytes=int(_env("FLEXOLMO_MAX_BODY_BYTES", cls.max_body_bytes)),
                    model=ModelSpec.parse(os.environ.get("FLEXOLMO_MODEL") or None, os.environ.get("FLEXOLMO_EXPERTS") or None,
-                                         os.environ.get("FLEXOLMO_DEVICE") or None, os.environ.get("FLEXOLMO_DTYPE") or None))
+                                         os.environ.get("FLEXOLMO_DEVICE") or None, os.environ.get("FLEXOLMO_DTYPE") or None),
+                   client_rps=_env("FLEXOLMO_CLIENT_RPS", cls.client_rps, "no rate limit"),
+                   client_burst=int(_env("FLEXOLMO_CLIENT_BURST", cls.client_burst)),
+                   client_passes=int(_env("FLEXOLMO_CLIENT_PASSES", cls.client_passes, "no limit")))
 
     @property
     def max_trace_chars(self) -> int:
@@ -89,17 +99,20 @@ class Settings:
     def caps(self) -> dict[str, Any]:
         return {"trace_budget_s": self.trace_budget_s, "generate_budget_s": self.generate_budget_s,
                 "query_budget_s": self.query_budget_s, "max_trace_chars": self.max_trace_chars,
-                "max_new_tokens": self.max_new_tokens, "max_body_bytes": self.max_body_bytes}
+                "max_new_tokens": self.max_new_tokens, "max_body_bytes": self.max_body_bytes,
+                "client_rps": self.client_rps, "client_burst": self.client_burst, "client_passes": self.client_passes}
 
 
 class Service:
-    """The workspace, its tracer thread and the readers' limits, shared by every request."""
+    """The workspace, its tracer thread, its keys and the limits, shared by every request."""
 
     def __init__(self, settings: Settings, open_tracer: Callable[[Workspace], Tracer] = ServiceTracer.open):
         self.settings = settings
         self.ws = settings.workspace
         if settings.model != ModelSpec():  # another model than the workspace's merged one, or on a GPU
             open_tracer = functools.partial(open_tracer, model=settings.model)
+        self.keys = KeyStore.for_workspace(self.ws)
+        self.limits = ClientLimits(settings.client_rps, settings.client_burst, settings.client_passes)
         self.worker = TraceWorker(self.ws, open_tracer)
         self._queries = threading.BoundedSemaphore(settings.max_queries)
 
@@ -121,7 +134,11 @@ class Service:
         """Run fn(tracer, job) on the tracer thread within `budget_s`, queueing included.
 
         503 when it could not start in time, 504 when it was stopped at its deadline; a
-        client that disconnects stops it too."""
+        client that disconnects stops it too; 429 when the client has its model passes running."""
+        with self.limits.model_pass(client_of(request.scope, self.keys)):
+            return await self._traced(request, what, budget_s, fn)
+
+    async def _traced(self, request: Request, what: str, budget_s: float, fn: Callable[[Tracer, Job], Any]) -> Any:
         job, fut = self.worker.submit(fn, what, budget_s)
         afut = asyncio.wrap_future(fut)
         afut.add_done_callback(lambda f: f.cancelled() or f.exception())  # read, even when abandoned
@@ -171,21 +188,3 @@ def get_service(request: Request) -> Service:
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]
-
-
-@functools.lru_cache(maxsize=8)
-def _keys(path: str) -> KeyStore:
-    return KeyStore(path)
-
-
-def owner_key(name: str, request: Request) -> KeyRecord | None:
-    """Owner routes: the key of the source's owner (401 without a valid one, 403 with another's);
-    open while no owner key was ever issued (see `index.keys.check_owner_key`)."""
-    svc = get_service(request)
-    store = KeyStore.for_workspace(svc.ws)
-    return check_owner_key(_keys(str(store.path)), request.headers.get("authorization"),
-                           src_lib.get_source(svc.ws, name).owner)
-
-
-OwnerKey = Annotated[KeyRecord | None, Depends(owner_key)]
-

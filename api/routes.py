@@ -16,7 +16,13 @@
     GET   /api/sources/{name}/policy-log
     GET   /api/sources/{name}/contribution    owner: what the source contributed to stored traces
     GET   /api/sources/{name}/contribution.png owner: the same as three plots
+    GET   /api/keys                           admin: issued keys (ids, owners, scopes; never a key)
+    POST  /api/keys                           admin: issue a key (shown once)
+    DELETE /api/keys/{key_id}                 admin: revoke a key
     GET   /api/health
+
+Owner routes take the source owner's key or the admin key, admin routes the admin key
+(`Authorization: Bearer <key>`; api/auth.py); every other route is open.
 """
 
 from __future__ import annotations
@@ -43,9 +49,10 @@ from tracing.provenance import TraceFilter, list_provenance
 from tracing.queries import Contribution
 from tracing.trace import Tracer
 
-from .deps import OwnerKey, ServiceDep
-from .schemas import (GenerateRequest, Health, NextTokensRequest, PolicyUpdate, QueryRequest, QueryResponse,
-                      SearchRequest, SourceOut, StoredTrace, TakedownRequest, TraceRequest)
+from .auth import AdminKey, OwnerKey
+from .deps import ServiceDep
+from .schemas import (GenerateRequest, Health, KeyCreate, KeyIssued, KeyOut, NextTokensRequest, PolicyUpdate,
+                      QueryRequest, QueryResponse, SearchRequest, SourceOut, StoredTrace, TakedownRequest, TraceRequest)
 from .worker import Job
 
 router = APIRouter(prefix="/api")
@@ -183,9 +190,10 @@ def source(name: SourceName, svc: ServiceDep) -> dict:
 
 
 @router.patch("/sources/{name}", response_model=SourceOut)
-def set_policy(name: SourceName, req: PolicyUpdate, svc: ServiceDep, _: OwnerKey) -> dict:
+def set_policy(name: SourceName, req: PolicyUpdate, svc: ServiceDep, key: OwnerKey) -> dict:
     """Change a source's policy; later traces follow it (an inactive source is neither searched nor routed)."""
-    src = governance.set_policy(svc.ws, name, **req.model_dump(exclude_none=True))
+    src = governance.set_policy(svc.ws, name, **req.model_dump(exclude_none=True, exclude={"comment"}), by=key.owner,
+                                key_id=key.key_id, comment=req.comment)
     svc.reopen()
     return src.to_dict()
 
@@ -197,11 +205,11 @@ def takedowns(name: SourceName, svc: ServiceDep) -> list[Takedown]:
 
 
 @router.post("/sources/{name}/takedowns", response_model=Takedown, status_code=201)
-def add_takedown(name: SourceName, req: TakedownRequest, svc: ServiceDep, _: OwnerKey) -> Takedown:
+def add_takedown(name: SourceName, req: TakedownRequest, svc: ServiceDep, key: OwnerKey) -> Takedown:
     """Take a document down: later traces show it as blocked, and stored traces lose its text.
 
     A retry of a takedown whose redaction was interrupted finishes it; once whole, a repeat is 409."""
-    t = governance.takedown(svc.ws, name, req.doc_id, req.reason, by=req.by)
+    t = governance.takedown(svc.ws, name, req.doc_id, req.reason, by=key.owner)
     svc.reopen()
     return t
 
@@ -234,6 +242,30 @@ def contribution_png(name: SourceName, svc: ServiceDep, _: OwnerKey) -> Response
     with tempfile.TemporaryDirectory() as d:
         png = draw(c, P(d) / "c.png").read_bytes()
     return Response(png, media_type="image/png")
+
+
+# -- keys (the admin key) ----------------------------------------------------------------------
+
+KeyId = Annotated[str, Path(pattern=r"^[0-9a-f]{8}$", description="A key_id, as `flexolmo keys list` shows it.")]
+
+
+@router.get("/keys", response_model=list[KeyOut])
+def keys(svc: ServiceDep, _: AdminKey) -> list[dict]:
+    """Every issued key: ids, owners, scopes, labels; never a key or its hash."""
+    return [r.public() for r in svc.keys.list()]
+
+
+@router.post("/keys", response_model=KeyIssued, status_code=201)
+def create_key(req: KeyCreate, svc: ServiceDep, _: AdminKey) -> dict:
+    """Issue a key for an owner: the answer holds the key this once; it is stored only hashed."""
+    rec, key = svc.keys.create(req.owner, req.scope, req.label)
+    return {**rec.public(), "key": key}
+
+
+@router.delete("/keys/{key_id}", response_model=KeyOut)
+def revoke_key(key_id: KeyId, svc: ServiceDep, _: AdminKey) -> dict:
+    """Revoke a key: the next request that carries it gets 401."""
+    return svc.keys.revoke(key_id).public()
 
 
 @router.get("/health", response_model=Health)

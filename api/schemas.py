@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, AliasChoices, BaseModel, Field
 
 from flexolmo.model.generate import MAX_NEW_TOKENS, GenerationOptions
 from tracing.options import TraceOptions
@@ -94,6 +94,7 @@ class SourceOut(BaseModel):
     active: bool
     available: bool  # active and not expired: searched and routed
     expires: dt.date | None
+    max_verbatim: int | None  # the verbatim guard's limit (None: none)
     n_docs_train: int
     n_docs_valid: int
     n_synthetic: int
@@ -107,14 +108,42 @@ class PolicyUpdate(BaseModel):
     active: bool | None = None
     visibility: Literal["full", "snippets", "counts"] | None = None
     expires: Text | None = Field(None, description="YYYY-MM-DD, or 'never' to clear the expiry date.", max_length=20)
-    by: Text | None = Field(None, description="Who made the change (logged; one printable line, at most 100 characters).",
-                            max_length=100)
+    max_verbatim: int | None = Field(None, ge=0, le=1_000_000,
+                                     description="The longest run of tokens generation may copy verbatim from "
+                                                 "this source (the verbatim guard); 0 lifts the limit.")
+    comment: Text | None = Field(None, validation_alias=AliasChoices("comment", "by"), max_length=100,
+                                 description="A note logged with the change (one printable line, at most 100 "
+                                             "characters; `by` is accepted too). Who made the change is the key's "
+                                             "owner, recorded in the policy log.")
 
 
 class TakedownRequest(BaseModel):
+    """Who takes the document down is the key's owner (a `by` field is ignored)."""
+
     doc_id: Text = Field(min_length=1, max_length=1000)
     reason: Text = Field(min_length=1, max_length=500)
-    by: Text | None = Field(None, max_length=100)
+
+
+class KeyOut(BaseModel):
+    """An issued key as `flexolmo keys list` shows it: never the key, never its hash."""
+
+    key_id: str
+    owner: str
+    scope: str
+    created_at: str
+    revoked: bool
+    label: str
+
+
+class KeyCreate(BaseModel):
+    owner: Text = Field(min_length=1, max_length=200, description="The owner the key acts for (as in its sources' `owner`).")
+    scope: Literal["owner", "index"] = Field("owner", description="owner: a person acting as the owner; "
+                                                                  "index: a tracer asking the owner's node.")
+    label: Text = Field("", max_length=200, description="Who the key is for (shown in the list).")
+
+
+class KeyIssued(KeyOut):
+    key: str = Field(description="The key itself: shown this once, stored only hashed.")
 
 
 class Health(BaseModel):

@@ -11,6 +11,11 @@ generations when there is a merged model (10%, else traces), and bad requests (1
 comment-only query, a lone surrogate, a text over the cap; each must get its 4xx). A
 separate process holds the store and reads it in a loop the whole time, as a notebook would.
 
+The per-client limits (api/clients.py) are off unless asked (--client-rps, --client-passes):
+every bench client shares one address. The bench touches no owner route, so it needs no key;
+a workspace without an admin key gets one here, printed once on stderr (else the server would
+print it to nobody).
+
 Prints per level: requests/s, p50 and p99 latency (of 2xx traces and of everything), errors
 (anything not 2xx except the bad requests' expected 4xx; 503/504 are budget refusals),
 the reader's failures, and whether every 2xx trace is in the store exactly once.
@@ -38,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flexolmo.base import sources# noqa: E402
 from flexolmo.base.workspace import Workspace  # noqa: E402
+from index.keys import KeyStore  # noqa: E402
 from tracing import store  # noqa: E402
 from tracing import queries
 
@@ -84,13 +90,19 @@ def passages(ws: Workspace, words: int, n: int, seed: int = 0) -> list[str]:
     return out
 
 
-def start_server(ws: Workspace, workers: int) -> tuple[subprocess.Popen, str]:
+def start_server(ws: Workspace, workers: int, client_rps: float = 0,
+                 client_passes: int = 0) -> tuple[subprocess.Popen, str]:
+    made = KeyStore.for_workspace(ws).ensure_admin()
+    if made is not None:
+        print(f"load_api: created the workspace's admin key (shown once; `flexolmo keys admin --rotate` replaces it):"
+              f" {made[1]}", file=sys.stderr)
     sock = socket.socket()
     sock.bind((HOST, 0))
     port = sock.getsockname()[1]
     sock.close()
     proc = subprocess.Popen([sys.executable, "-m", "cli.main", "--workspace", str(ws.root), "serve", "--host", HOST,
-                             "--port", str(port), "--workers", str(workers)],
+                             "--port", str(port), "--workers", str(workers), "--client-rps", str(client_rps),
+                             "--client-passes", str(client_passes)],
                             cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     url = f"http://{HOST}:{port}"
@@ -181,13 +193,15 @@ def main() -> None:
     ap.add_argument("--levels", default="1,4,16", help="concurrent clients per level")
     ap.add_argument("--seconds", type=float, default=25.0, help="duration of each level (max 60)")
     ap.add_argument("--words", type=int, default=100, help="words per traced passage")
+    ap.add_argument("--client-rps", type=float, default=0, help="the server's requests/s per client (0: no limit)")
+    ap.add_argument("--client-passes", type=int, default=0, help="the server's model passes per client (0: no limit)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
     ws = Workspace.resolve(args.workspace)
     levels = [int(x) for x in args.levels.split(",")]
     seconds = min(args.seconds, 60.0)
     texts = passages(ws, args.words, 64)
-    proc, url = start_server(ws, args.workers)
+    proc, url = start_server(ws, args.workers, args.client_rps, args.client_passes)
     tmp = Path(tempfile.mkdtemp(prefix="load-api-"))
     reader = None
     try:

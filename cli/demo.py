@@ -132,7 +132,7 @@ def _catalog(rows: list[dict]) -> Table:
 def tell_story(w: Workspace) -> None:
     from flexolmo.base import sources as src_lib
     from flexolmo.model.moe import num_parameters
-    from tracing import story
+    from tracing import governance, story
     from tracing.trace import Tracer
 
     tracer = Tracer.open(w)
@@ -171,11 +171,11 @@ def tell_story(w: Workspace) -> None:
             f", the longest {max(s.end - s.start for s in found)} tokens" if found else ""), highlight=False)
 
     console.rule(f"10. the {OPT_OUT} owner switches its source off")
-    src_lib.set_policy(w, OPT_OUT, active=False, by="demo")
+    governance.set_policy(w, OPT_OUT, active=False, by="demo")
     try:
         after = Tracer.open(w).trace(pasted.text, prompt=pasted.prompt, store=False)
     finally:
-        src_lib.set_policy(w, OPT_OUT, active=True, by="demo")
+        governance.set_policy(w, OPT_OUT, active=True, by="demo")
     _opt_out(story.opt_out(before, after, OPT_OUT))
 
 
@@ -211,7 +211,10 @@ def _opt_out(o) -> None:
 
 
 def what_next(w: Workspace) -> None:
+    from .keys import announce_admin_key
+
     console.rule("what next")
+    announce_admin_key(w)  # the owner routes' admin key: created and printed on the first demo only
     console.print("flexolmo serve                      # then open http://127.0.0.1:8000: the page traces, "
                   "owners switch sources off", highlight=False, markup=False)
     console.print('flexolmo trace --text "Four score and seven years ago"', highlight=False, markup=False)

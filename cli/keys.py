@@ -1,4 +1,5 @@
-"""`flexolmo keys ...`: keys an owner issues to tracers (scope `index`) and to people (scope `owner`)."""
+"""`flexolmo keys ...`: keys an owner issues to tracers (scope `index`) and to people (scope `owner`),
+and the workspace's admin key (`keys admin`; `serve` and `demo` create it at their first run)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from index.keys import SCOPES, KeyStore, write_secret
+from flexolmo.base.workspace import Workspace
+from index.keys import ADMIN, SCOPES, KeyStore, write_secret
 
 from .common import console, print_json, ws
 
@@ -66,3 +68,36 @@ def revoke(key_id: str, keys: KeysOpt = None) -> None:
     """Revoke a key: the next request that carries it gets 401."""
     rec = KeyStore.for_workspace(ws(), keys).revoke(key_id)
     console.print(f"revoked key {rec.key_id} of {rec.owner!r}")
+
+
+@app.command("admin")
+def admin(
+    rotate: Annotated[bool, typer.Option("--rotate", help="Revoke the admin key and print a new one.")] = False,
+    keys: KeysOpt = None,
+) -> None:
+    """The admin key (every source's owner routes, and key management): created once and shown once."""
+    store = KeyStore.for_workspace(ws(), keys)
+    if rotate:
+        show_admin_key(store, *store.rotate_admin())
+    elif not announce_admin_key(store):
+        current = [r.key_id for r in store.list(ADMIN) if r.scope == ADMIN and not r.revoked]
+        console.print(f"the admin key {', '.join(current) or '(revoked)'} was shown when it was created and is "
+                      f"stored only hashed in {store.path}; `flexolmo keys admin --rotate` replaces it",
+                      highlight=False)
+
+
+def announce_admin_key(store: KeyStore | Workspace) -> bool:
+    """Create the admin key if this keys file never held one, and print it: True when it was just created."""
+    store = store if isinstance(store, KeyStore) else KeyStore.for_workspace(store)
+    made = store.ensure_admin()
+    if made is not None:
+        show_admin_key(store, *made)
+    return made is not None
+
+
+def show_admin_key(store: KeyStore, rec, key: str) -> None:
+    print(f"admin key {rec.key_id} (shown this once; stored only hashed in {store.path}):\n\n    {key}\n", flush=True)
+    console.print("It acts on every source's owner routes (policy, takedowns, contribution) and manages keys: the "
+                  "page asks for it, or for an owner's key, before an owner action. `flexolmo keys list` shows key "
+                  "ids; `flexolmo keys admin --rotate` replaces a lost admin key; give each owner its own key with "
+                  "`flexolmo keys create --owner OWNER --scope owner`.", highlight=False)

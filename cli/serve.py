@@ -4,26 +4,35 @@
     flexolmo -w work serve --port 8080
     flexolmo serve --workers 2           # N processes over the same memory-mapped indexes
     flexolmo serve --model ~/models/FlexOlmo-7x7B-1T --experts experts.json --device cuda --dtype bfloat16
+    flexolmo serve --client-rps 0        # no per-client request rate (e.g. a loopback benchmark)
 
 Each worker process opens its own tracer (the indexes are memory-mapped, so their pages are
 shared) and runs one trace at a time; the provenance store takes commits from all of them
-(append-only parts under a writer lock held for milliseconds). Budgets and caps come from
-the environment (FLEXOLMO_TRACE_BUDGET_S, ... see api/deps.py).
+(append-only parts under a writer lock held for milliseconds). Budgets, caps and per-client
+limits come from the environment (FLEXOLMO_TRACE_BUDGET_S, FLEXOLMO_CLIENT_RPS, ... see
+api/deps.py); the --client-* options set the last.
+
+Owner routes need a key from the first start: the first `serve` of a workspace creates the
+admin key and prints it once. Another address than loopback is refused until keys exist, so
+that the service never faces the network before someone holds a key to it.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
 from flexolmo.base.errors import InputError
+from index.keys import KeyStore
 
-from .common import DeviceOpt, DtypeOpt, ExpertsOpt, ModelOpt, console, model_spec, ws
+from .common import DeviceOpt, DtypeOpt, ExpertsOpt, ModelOpt, console, ws
+from .keys import announce_admin_key
 
 
-WORKER_START_S = 120
+WORKER_HEALTHCHECK_S = 120  # seconds a worker may take to answer uvicorn's health ping (see serve)
 
 
 def register(app: typer.Typer) -> None:
@@ -39,24 +48,45 @@ def serve(
     experts: ExpertsOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
+    client_rps: Annotated[Optional[float], typer.Option(help="Requests per second per client (its key, else its "
+                                                             "address) and worker; 0: no limit "
+                                                             "(default: $FLEXOLMO_CLIENT_RPS, else 20).")] = None,
+    client_burst: Annotated[Optional[int], typer.Option(help="Requests a client may send at once before the rate "
+                                                             "applies (default: $FLEXOLMO_CLIENT_BURST, else 40).")] = None,
+    client_passes: Annotated[Optional[int], typer.Option(help="Traces, generations and searches per client running "
+                                                              "at once; 0: no limit "
+                                                              "(default: $FLEXOLMO_CLIENT_PASSES, else 2).")] = None,
 ) -> None:
     """Serve the web page and the trace API over the workspace."""
     import uvicorn
 
     from api.app import create_app
+    from api.deps import Settings
 
     if not 1 <= workers <= 64:
         raise InputError(f"--workers must be between 1 and 64, got {workers}")
     root = ws()
-    model_spec(model, experts, device, dtype)  # bad values are refused before the server starts
     # every worker process (and the app of a single one) reads the model from the environment
     for key, value in (("FLEXOLMO_MODEL", model), ("FLEXOLMO_EXPERTS", experts), ("FLEXOLMO_DEVICE", device),
                        ("FLEXOLMO_DTYPE", dtype)):
         if value is not None:
             os.environ[key] = str(value)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        console.print(f"[yellow]warning:[/] binding {host}: the API has no authentication, and owner "
-                      "endpoints can switch sources off and take documents down", highlight=False)
+    for name, value, least in (("rps", client_rps, 0), ("burst", client_burst, 1), ("passes", client_passes, 0)):
+        if value is not None:  # the environment carries them to every worker process
+            if not value >= least:
+                raise InputError(f"--client-{name} must be {least} or more{' (0: no limit)' if least == 0 else ''}, "
+                                 f"got {value}")
+            os.environ[f"FLEXOLMO_CLIENT_{name.upper()}"] = str(value)
+    Settings.from_env(root)  # every setting checked here, not in each worker
+    keys = KeyStore.for_workspace(root)
+    if not is_loopback(host) and not keys.has_access_keys():
+        raise InputError(f"refusing to serve on {host}: {keys.path} holds no owner or admin key yet, so the first "
+                         "admin key would be made while the service already faces the network. Run `flexolmo keys "
+                         "admin` (creates the admin key and shows it once; keep it), or give owners keys with "
+                         "`flexolmo keys create --owner OWNER --scope owner`, then serve again")
+    if not announce_admin_key(keys):
+        console.print(f"owner routes need a key: the source owner's or the admin key (`flexolmo keys list` shows "
+                      f"ids; `flexolmo keys admin --rotate` replaces a lost admin key)", highlight=False)
     console.print(f"serving {root.root} on http://{host}:{port} with {workers} worker process"
                   f"{'es' if workers > 1 else ''}", highlight=False)
     if workers == 1:
@@ -64,7 +94,18 @@ def serve(
         return
     os.environ["FLEXOLMO_HOME"] = str(root.root)  # the workers build their app from the environment
     os.environ.setdefault("FLEXOLMO_TORCH_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
-    # a worker answers uvicorn's health pings only once it has imported the project (torch, the
-    # tracer: seconds, more on a loaded machine); with uvicorn's 5 s it was killed and restarted for ever
+    # uvicorn kills a worker that does not answer its health ping within the timeout (5 s by
+    # default), from the moment it is spawned: a spawned worker first re-imports this command
+    # (seconds of imports, 30 s measured on a loaded 2-core machine) and was killed over and over.
     uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers,
-                timeout_worker_healthcheck=WORKER_START_S)
+                timeout_worker_healthcheck=WORKER_HEALTHCHECK_S)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` serves this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to any address

@@ -68,8 +68,10 @@ def show(name: str, as_json: Annotated[bool, typer.Option("--json", help="Print 
         t.add_row(k, Text(f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else _one_line(v)))
     console.print(t)
     for e in log:  # stored as data: shown literally, one line each, never as markup
-        console.print(Text("  " + "  ".join((str(e["changed_at"]), _one_line(e["changed_by"]) + ":", e["field"],
-                                             _one_line(e["old_value"]), "->", _one_line(e["new_value"])))),
+        who = _one_line(e["changed_by"]) + (f" (key {e['key_id']})" if e.get("key_id") else "") + ":"
+        note = f"  # {_one_line(e['comment'])}" if e.get("comment") else ""
+        console.print(Text("  " + "  ".join((str(e["changed_at"]), who, e["field"], _one_line(e["old_value"]), "->",
+                                             _one_line(e["new_value"]))) + note),
                       highlight=False, soft_wrap=True)
 
 
@@ -88,10 +90,9 @@ def set_(
     from tracing.governance import set_policy
 
     if max_verbatim is not None:
-        lib.check_max_verbatim(max_verbatim)  # before any change is made
-    src = set_policy(ws(), name, active=active, visibility=visibility, expires=expires, by=by)
-    if max_verbatim is not None or no_max_verbatim:
-        src = lib.set_policy(ws(), name, max_verbatim=max_verbatim, clear_max_verbatim=no_max_verbatim, by=by)
+        lib.check_max_verbatim(max_verbatim)  # 0 is not a limit here: --no-max-verbatim lifts it
+    src = set_policy(ws(), name, active=active, visibility=visibility, expires=expires,
+                     max_verbatim=0 if no_max_verbatim else max_verbatim, by=by)
     console.print(f"{src.name}: active={src.active} visibility={src.visibility} expires={src.expires or 'never'} "
                   f"max_verbatim={src.max_verbatim or 'none'}")
 

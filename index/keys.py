@@ -1,6 +1,8 @@
-"""Keys an owner issues: to tracers (scope `index`, for its node) and to people (scope `owner`).
+"""Keys: to tracers (scope `index`, for an owner's node), to people acting as an owner
+(scope `owner`, for that owner's sources) and the workspace's admin key (scope `admin`).
 
     flexolmo keys create --owner "Lab A" --scope index     # prints the key once
+    flexolmo keys admin                                     # the admin key: created once, shown once
     store = KeyStore.for_workspace(ws)                      # <workspace>/keys.json
     rec = store.verify("flx_3f2a9c1e_...")                  # KeyRecord, or None
 
@@ -9,6 +11,12 @@ checked against its sha256 (keys are 256-bit random, so a plain hash is enough; 
 password hashing needed). Only the hash is stored, in a JSON file written atomically
 (temporary file, fsync, rename) under an exclusive lock, mode 0600. A node re-reads the
 file when it changes, so a new or revoked key takes effect on the next request.
+
+The service's owner routes (api/auth.py) take an owner key for that owner's sources, or
+the admin key for every source and for key management; without one they refuse (401),
+from the first start on. The admin key is created the first time `flexolmo serve`,
+`flexolmo demo` or `flexolmo keys admin` runs on a workspace (`KeyStore.ensure_admin`), and
+replaced with `flexolmo keys admin --rotate`.
 
 The file lives in the workspace by default; `--keys FILE` (or $FLEXOLMO_KEYS) puts it
 elsewhere, e.g. to serve a workspace that must stay read-only.
@@ -37,6 +45,7 @@ from flexolmo.base.workspace import Workspace
 ENV_VAR = "FLEXOLMO_KEYS"
 FILE = "keys.json"
 SCOPES = ("index", "owner")  # index: a tracer asking an owner node; owner: a person acting as the owner
+ADMIN = "admin"  # the scope (and owner name) of the workspace's admin key: every source, and key management
 KEY_RE = re.compile(r"^flx_([0-9a-f]{8})_([A-Za-z0-9_-]{43})$")
 
 
@@ -140,14 +149,31 @@ class KeyStore:
         check_scope(scope)
         label = check_text(label, "label", 200) if label else ""
         with self._locked() as recs:
-            key_id = secrets.token_hex(4)
-            while key_id in recs:
-                key_id = secrets.token_hex(4)
-            key = f"flx_{key_id}_{secrets.token_urlsafe(32)}"
-            rec = KeyRecord(key_id=key_id, owner=owner, scope=scope, sha256=_digest(key),
-                            created_at=dt.datetime.now().replace(microsecond=0).isoformat(), label=label)
-            recs[key_id] = rec
-        return rec, key
+            return _issue(recs, owner, scope, label)
+
+    def ensure_admin(self) -> tuple[KeyRecord, str] | None:
+        """Create the admin key if this file never held one; the record and key only when just created.
+
+        "Never held": a revoked admin key counts, so the key is created once, on the first start;
+        `rotate_admin` replaces it."""
+        if any(r.scope == ADMIN for r in self.records().values()):
+            return None
+        with self._locked() as recs:
+            if any(r.scope == ADMIN for r in recs.values()):  # another process was first
+                return None
+            return _issue(recs, ADMIN, ADMIN, "created at the first start")
+
+    def rotate_admin(self) -> tuple[KeyRecord, str]:
+        """Revoke every admin key and issue a new one (e.g. when the old one was lost)."""
+        with self._locked() as recs:
+            for r in list(recs.values()):
+                if r.scope == ADMIN and not r.revoked:
+                    recs[r.key_id] = KeyRecord(**{**asdict(r), "revoked": True})
+            return _issue(recs, ADMIN, ADMIN, "rotated")
+
+    def has_access_keys(self) -> bool:
+        """Whether any unrevoked key may act on the service's owner routes (scope owner or admin)."""
+        return any(r.scope in ("owner", ADMIN) and not r.revoked for r in self.records().values())
 
     def revoke(self, key_id: str) -> KeyRecord:
         with self._locked() as recs:
@@ -155,6 +181,18 @@ class KeyStore:
                 raise NotFoundError(f"no key {key_id!r} in {self.path}; see `flexolmo keys list`")
             recs[key_id] = KeyRecord(**{**asdict(recs[key_id]), "revoked": True})
             return recs[key_id]
+
+
+def _issue(recs: dict[str, KeyRecord], owner: str, scope: str, label: str) -> tuple[KeyRecord, str]:
+    """Add a new key to `recs` (held under the file's lock); the record and the key itself."""
+    key_id = secrets.token_hex(4)
+    while key_id in recs:
+        key_id = secrets.token_hex(4)
+    key = f"flx_{key_id}_{secrets.token_urlsafe(32)}"
+    rec = KeyRecord(key_id=key_id, owner=owner, scope=scope, sha256=_digest(key),
+                    created_at=dt.datetime.now().replace(microsecond=0).isoformat(), label=label)
+    recs[key_id] = rec
+    return rec, key
 
 
 def read_key_file(path: str | os.PathLike) -> str:
@@ -187,9 +225,7 @@ def write_secret(path: str | os.PathLike, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-# -- people acting as an owner (the API's owner routes) ---------------------------------------
-
-REQUIRE_ENV = "FLEXOLMO_REQUIRE_OWNER_KEYS"  # "1": owner routes need a key even before any is issued
+# -- the service's owner and admin routes ----------------------------------------------------
 
 
 class KeyRequired(FlexolmoError):
@@ -204,25 +240,30 @@ class KeyForbidden(FlexolmoError):
     http_status = 403
 
 
-def check_owner_key(store: KeyStore, authorization: str | None, owner: str) -> KeyRecord | None:
-    """The key acting for `owner` on an owner route, from an `Authorization: Bearer` header.
+def bearer(authorization: str | None) -> str | None:
+    """The key of an `Authorization: Bearer <key>` header, or None."""
+    if authorization and authorization[:7].lower() == "bearer ":
+        return authorization[7:].strip() or None
+    return None
 
-    Owner routes are open (None) while the keys file holds no key of scope `owner` and
-    $FLEXOLMO_REQUIRE_OWNER_KEYS is not 1 (a fresh workspace on loopback, as before keys);
-    once an owner key is issued, every owner route needs that source owner's key.
 
-    :raises KeyRequired: no key or an invalid one (401)
-    :raises KeyForbidden: another owner's key, or a tracer's key of scope `index` (403)
+def authorize(rec: KeyRecord | None, owner: str | None) -> KeyRecord:
+    """The key acting on an owner route: `owner`'s key of scope owner, or the admin key.
+
+    :param rec: the request's verified key (`KeyStore.verify`), None when it carried none or an invalid one
+    :param owner: the owner of the source acted on; None for admin-only routes (key management)
+    :raises KeyRequired: no valid key (401)
+    :raises KeyForbidden: another owner's key, a tracer's key of scope `index`, or an owner key on an admin route (403)
     """
-    required = os.environ.get(REQUIRE_ENV) == "1" or any(r.scope == "owner" for r in store.records().values())
-    key = authorization[7:].strip() if authorization and authorization[:7].lower() == "bearer " else None
-    if key is None and not required:
-        return None
-    rec = store.verify(key)
     if rec is None:
-        raise KeyRequired("this owner action needs the owner's key (Authorization: Bearer <key>); the owner "
-                          "issues one with `flexolmo keys create --owner OWNER --scope owner`")
+        raise KeyRequired("this action needs a key (Authorization: Bearer <key>): the source owner's key "
+                          "(`flexolmo keys create --owner OWNER --scope owner`) or the admin key that "
+                          "`flexolmo serve` printed at its first start (`flexolmo keys admin --rotate` replaces it)")
+    if rec.scope == ADMIN:
+        return rec
+    if owner is None:
+        raise KeyForbidden("only the admin key may do this (`flexolmo keys list` shows its id)")
     if rec.scope != "owner" or rec.owner != owner:
         raise KeyForbidden(f"this key {'is a tracer key' if rec.scope != 'owner' else 'belongs to another owner'}; "
-                           f"only a key of scope 'owner' issued by {owner!r} may do this")
+                           f"only a key of scope 'owner' issued by {owner!r}, or the admin key, may do this")
     return rec

@@ -35,7 +35,7 @@ from flexolmo.base.workspace import Workspace
 
 from . import catalog, format as fmt
 from . import protocol as P
-from .keys import KeyRecord, KeyStore
+from .keys import KeyRecord, KeyStore, bearer
 from .source import SourceIndex
 
 
@@ -154,9 +154,7 @@ def _node(request: Request) -> Node:
 def _caller(request: Request) -> KeyRecord:
     """The key of this request: 401 without a valid one, 403 when it is not this owner's index key."""
     node = _node(request)
-    auth = request.headers.get("authorization", "")
-    key = auth[7:].strip() if auth[:7].lower() == "bearer " else None
-    rec = node.keys.verify(key)
+    rec = node.keys.verify(bearer(request.headers.get("authorization")))
     if rec is None:
         raise HTTPException(401, detail="a valid key is required (Authorization: Bearer <key>); ask the source's "
                                         "owner for one (`flexolmo keys create --owner ... --scope index`)",

@@ -181,15 +181,19 @@ def test_trace_click_switch_off_and_search(fed, server, browser, owner_key, tmp_
     assert "(by counterfactual)" in detail.find_element(By.CSS_SELECTOR, ".top-expert").text
     _shot(d, tmp_path, "web-trace.png")
 
-    # as news's owner, switch news off: without the key it is refused, with it done
+    # as news's owner, switch news off: without a key the page asks for one (sending nothing); with it, done
     d.find_element(By.CSS_SELECTOR, '.tab[data-view="owner-view"]').click()
     _wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#owner-source option"))
     _select_source(d, "news")
     _press(d, "Switch off")
-    _wait(d, lambda d: "401" in d.find_element(By.ID, "owner-status").text)
+    _wait(d, lambda d: "Enter the owner key" in d.find_element(By.ID, "owner-status").text)
+    assert d.switch_to.active_element.get_attribute("id") == "owner-key" and sources.get_source(fed, "news").active
     key = d.find_element(By.ID, "owner-key")
     key.send_keys(owner_key)
     d.execute_script("arguments[0].dispatchEvent(new Event('change'))", key)
+    # kept for this tab's session only
+    assert d.execute_script("return sessionStorage.getItem('owner-key')") == owner_key
+    assert d.execute_script("return window.localStorage.length") == 0
     charts = _wait(d, lambda d: d.find_element(By.CSS_SELECTOR, "#owner-contribution .charts"))  # the owner's plots
     assert len(charts.find_elements(By.CSS_SELECTOR, "svg.chart rect.col")) >= 2
     d.execute_script("arguments[0].scrollIntoView({block: 'center'})", charts)
@@ -199,6 +203,7 @@ def test_trace_click_switch_off_and_search(fed, server, browser, owner_key, tmp_
         _press(d, "Switch off")
         _wait(d, lambda d: d.find_element(By.ID, "owner-status").text.startswith("Saved"))
         assert "switched off" in d.find_element(By.ID, "owner-policy").text
+        assert sources.policy_log(fed, "news")[-1]["changed_by"] == "news-owner"  # the key's owner
 
         # the next trace: no news documents, news's expert off with no routing
         _trace(d, passage)

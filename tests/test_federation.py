@@ -421,12 +421,13 @@ def test_api_owner_routes_need_that_owners_key(fx, tmp_path):
     with TestClient(create_app(tws)) as client:
         patch = lambda key=None: client.patch("/api/sources/public", json={"visibility": "snippets", "by": "x"},  # noqa: E731
                                               headers={"Authorization": f"Bearer {key}"} if key else {})
-        assert patch().status_code == 200  # no owner key issued yet: open on loopback, as before
+        assert patch().status_code == 401  # no key issued yet: locked from the first start all the same
         store = KeyStore.for_workspace(tws)
         _, wiki = store.create("Wiki", "owner")
         _, lab = store.create("Lab A", "owner")
         _, tracer_key = store.create("Wiki", "index")
         assert patch().status_code == 401 and "owner's key" in patch().json()["detail"]
+        assert sources.get_source(tws, "public").visibility != "snippets"
         assert patch("flx_00000000_" + "y" * 43).status_code == 401
         assert patch(lab).status_code == 403 and patch(tracer_key).status_code == 403
         assert patch(wiki).status_code == 200

@@ -27,6 +27,7 @@ from flexolmo.model.train import train_expert, train_public
 from index import takedown
 from index.build import build_source
 from index.engine import Federation
+from index.keys import KeyStore
 from tracing.options import TraceOptions
 
 NAMES = ("public", "news", "code")
@@ -54,7 +55,9 @@ def fed(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(fed) -> Iterator[TestClient]:
-    with TestClient(create_app(fed, settings=Settings(workspace=fed, max_body_bytes=300_000))) as c:
+    admin = KeyStore.for_workspace(fed).ensure_admin()[1]  # owner routes (policy, contribution) need a key
+    with TestClient(create_app(fed, settings=Settings(workspace=fed, max_body_bytes=300_000)),
+                    headers={"Authorization": f"Bearer {admin}"}) as c:
         yield c
 
 

@@ -31,6 +31,7 @@ from api.app import create_app
 from api.deps import Settings
 from api.worker import Busy, TraceWorker
 from flexolmo.base import sources
+from index.keys import KeyStore
 from tracing import parts, store
 from tracing import queries
 
@@ -41,6 +42,12 @@ LOOPBACK = "127.0.0.1"
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory):
     return build_served_federation(tmp_path_factory.mktemp("service"), sources=NAMES)
+
+
+@pytest.fixture(scope="module")
+def admin(fed) -> dict[str, str]:
+    """The Authorization header of the workspace's admin key (owner routes need a key)."""
+    return {"Authorization": f"Bearer {KeyStore.for_workspace(fed).ensure_admin()[1]}"}
 
 
 def _text(ws, source: str, n_chars: int, start: int = 0) -> str:
@@ -91,7 +98,8 @@ def _stored_once(ws, ids: list[str]) -> bool:
 
 
 def test_health_answers_within_100ms_while_traces_queue(fed, live):
-    srv = live(replace(Settings.from_env(fed.root), trace_budget_s=10.0, chars_per_s=2_000))
+    # one client queues six traces: its per-client limit is lifted (test_..._client_limits)
+    srv = live(replace(Settings.from_env(fed.root), trace_budget_s=10.0, chars_per_s=2_000, client_passes=0))
     texts = [_text(fed, NAMES[i % 3], 6000, start=i) for i in range(6)]
     with cf.ThreadPoolExecutor(6) as pool, httpx.Client(base_url=srv.url, timeout=60) as c:
         futs = [pool.submit(lambda t: httpx.post(srv.url + "/api/trace", json={"text": t}, timeout=90), t) for t in texts]
@@ -187,7 +195,29 @@ def test_clients_that_go_away_stop_their_traces(fed, live):
     assert _n_traces(fed) == before
 
 
-def test_bad_requests_get_clear_small_errors(fed):
+def test_a_client_with_its_model_pass_running_gets_429_while_another_is_served(fed, live):
+    srv = live(replace(Settings.from_env(fed.root), client_passes=1, chars_per_s=100_000, trace_budget_s=60))
+    store = KeyStore.for_workspace(fed)  # two clients on one address, told apart by their keys
+    a, b = ({"Authorization": f"Bearer {store.create(o, 'index')[1]}"} for o in ("news-owner", "code-owner"))
+    long = 2 * (_text(fed, "news", 20_000) + _text(fed, "code", 20_000))  # seconds of tracing
+    with cf.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(httpx.post, srv.url + "/api/trace", json={"text": long}, headers=a, timeout=120)
+        deadline = time.monotonic() + 30
+        while not httpx.get(srv.url + "/api/health").json()["queued"]:
+            assert time.monotonic() < deadline and not first.done(), "the long trace did not start"
+            time.sleep(0.02)
+        t0 = time.perf_counter()
+        r = httpx.post(srv.url + "/api/trace", json={"text": _text(fed, "code", 300)}, headers=a, timeout=60)
+        assert r.status_code == 429 and r.headers["retry-after"] == "2" and "running or queued" in r.json()["detail"]
+        assert time.perf_counter() - t0 < 1 and not first.done()  # refused at once, not queued
+        other = pool.submit(httpx.post, srv.url + "/api/trace", json={"text": _text(fed, "code", 300)}, headers=b,
+                            timeout=120)
+        assert first.result().status_code == 200 and other.result().status_code == 200  # b was served
+    r = httpx.post(srv.url + "/api/trace", json={"text": _text(fed, "code", 300)}, headers=a, timeout=60)
+    assert r.status_code == 200  # a's pass is free again
+
+
+def test_bad_requests_get_clear_small_errors(fed, admin):
     settings = replace(Settings.from_env(fed.root), max_body_bytes=100_000)
     with TestClient(create_app(fed, settings=settings)) as c:
         r = c.post("/api/trace", content=b'{"text": "' + b"x" * 200_000 + b'"}',
@@ -208,9 +238,9 @@ def test_bad_requests_get_clear_small_errors(fed):
         assert r.status_code == 400 and "no SQL statement" in r.json()["detail"]
         r = c.post("/api/query", json={"sql": "SELECT 1; DROP TABLE spans"})
         assert r.status_code == 400 and "one statement" in r.json()["detail"]
-        r = c.patch("/api/sources/news", json={"active": True, "by": "a\nb"})
+        r = c.patch("/api/sources/news", json={"active": True, "by": "a\nb"}, headers=admin)
         assert r.status_code == 400 and "control" in r.json()["detail"]
-        r = c.patch("/api/sources/news", json={"active": True, "by": "x" * 101})
+        r = c.patch("/api/sources/news", json={"active": True, "by": "x" * 101}, headers=admin)
         assert r.status_code == 422 and "xxxx" not in r.text
         h = c.get("/api/health").json()
         assert h["limits"]["max_trace_chars"] == settings.max_trace_chars and h["pid"] == os.getpid()
@@ -228,7 +258,7 @@ class ReaderProcess(Reader):
         return json.loads(self.out.read_text())
 
 
-def test_takedown_while_a_reader_process_holds_the_store(fed, live, tmp_path):
+def test_takedown_while_a_reader_process_holds_the_store(fed, live, tmp_path, admin):
     srv = live()
     doc = sources.load_documents(fed, "news", split="train").to_pylist()[5]
     passage = " " + " ".join(doc["text"].split(" ")[3:25])
@@ -238,7 +268,7 @@ def test_takedown_while_a_reader_process_holds_the_store(fed, live, tmp_path):
         more = [httpx.post(srv.url + "/api/trace", json={"text": _text(fed, "code", 300, start=i)}, timeout=60)
                 for i in range(3)]
         r = httpx.post(srv.url + f"/api/sources/news/takedowns", json={"doc_id": doc["doc_id"], "reason": "owner"},
-                       timeout=60)
+                       headers=admin, timeout=60)
     finally:
         seen = reader.finish()
     assert seen["errors"] == 0 and seen["ok"] > 0, (seen, reader.err[-2000:])
@@ -250,7 +280,7 @@ def test_takedown_while_a_reader_process_holds_the_store(fed, live, tmp_path):
     assert mine and all(x["blocked"] and x["snippet"] is None and x["title"] is None for x in mine)
 
 
-def test_a_held_reader_reads_its_snapshot_whole_through_a_compaction_and_a_takedown(fed, live, monkeypatch):
+def test_a_held_reader_reads_its_snapshot_whole_through_a_compaction_and_a_takedown(fed, live, monkeypatch, admin):
     """The takedown rewrites span_documents in place and removes the parts a compaction merged
     away at once: a connection opened before goes on reading the files it pinned, whole (it
     failed with "No files found" before they were pinned); a new one reads the redaction."""
@@ -267,7 +297,7 @@ def test_a_held_reader_reads_its_snapshot_whole_through_a_compaction_and_a_taked
         with parts.writer(fed) as w:  # the parts the connection reads are merged away
             parts.compact(w, parts.Manifest.read(w), store.TABLES)
         r = httpx.post(srv.url + "/api/sources/news/takedowns", json={"doc_id": doc["doc_id"], "reason": "owner"},
-                       timeout=60)
+                       headers=admin, timeout=60)
         assert r.status_code == 201, r.text
         assert not any((parts.root(fed) / "parts" / i).exists() for i in held)  # swept at once
         assert con.execute(shown, [doc["doc_id"]]).fetchone()[0] == before
@@ -280,15 +310,19 @@ def test_serve_with_two_worker_processes(fed, tmp_path):
     sock.bind((LOOPBACK, 0))
     port = sock.getsockname()[1]
     sock.close()
-    env = {**os.environ, "FLEXOLMO_TORCH_THREADS": "1"}
+    # a keys file no key was written to: the first start makes the admin key and prints it once
+    env = {**os.environ, "FLEXOLMO_TORCH_THREADS": "1", "FLEXOLMO_KEYS": str(tmp_path / "keys.json"),
+           "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "cli.main", "--workspace", str(fed.root), "serve",
-                             "--host", LOOPBACK, "--port", str(port), "--workers", "2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=os.getcwd())
+                             "--host", LOOPBACK, "--port", str(port), "--workers", "2",
+                             "--client-rps", "0", "--client-passes", "0"],  # one client floods both workers
+                            stdout=open(tmp_path / "out.txt", "w"), stderr=subprocess.PIPE, env=env, cwd=os.getcwd(),
+                            text=True)  # a file: uvicorn's access log goes there too, and a pipe would fill
     url = f"http://{LOOPBACK}:{port}"
     try:
         deadline = time.monotonic() + 120
         while True:
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
             try:
                 if httpx.get(url + "/api/health", timeout=1).json()["tracer_open"]:
                     break
@@ -307,6 +341,13 @@ def test_serve_with_two_worker_processes(fed, tmp_path):
             with cf.ThreadPoolExecutor(8) as pool:
                 pids |= {r.json()["pid"] for r in pool.map(lambda _: httpx.get(url + "/api/health"), range(16))}
         assert len(pids) == 2, pids  # both processes answer
+        printed = (tmp_path / "out.txt").read_text()  # printed before the server started
+        key = next(w for w in printed.split() if w.startswith("flx_"))
+        assert "shown this once" in printed and "keys admin --rotate" in " ".join(printed.split())
+        patch = lambda headers: httpx.patch(url + "/api/sources/code", json={"visibility": "full"},  # noqa: E731
+                                            headers=headers, timeout=60)
+        assert patch({}).status_code == 401  # locked from the first start, in every worker
+        assert all(patch({"Authorization": f"Bearer {key}"}).status_code == 200 for _ in range(4))
     finally:
         proc.send_signal(signal.SIGINT)
         try:

@@ -206,7 +206,8 @@ def test_by_is_validated_stored_as_data_and_shown_literally(ws, write_jsonl):
     # a row written before validation existed: long and multi-line; shown clipped, on one line
     with catalog.connect(ws) as con:
         for by in ("a" * 500_000, "mallory\nforged line"):
-            con.execute("INSERT INTO policy_log VALUES ('notes', now()::TIMESTAMP, ?, 'active', 'True', 'False')", [by])
+            con.execute("INSERT INTO policy_log (source, changed_at, changed_by, field, old_value, new_value) "
+                        "VALUES ('notes', now()::TIMESTAMP, ?, 'active', 'True', 'False')", [by])
     r = CliRunner().invoke(app, ["--workspace", str(ws.root), "sources", "show", "notes"])
     assert r.exit_code == 0, r.output
     assert markup in r.output  # literally, brackets and all

@@ -49,12 +49,17 @@ def takedown(ws: Workspace, source: str, doc_id: str, reason: str, by: str | Non
 
 
 def set_policy(ws: Workspace, name: str, *, active: bool | None = None, visibility: str | None = None,
-               expires: str | dt.date | None = None, clear_expiry: bool = False, by: str | None = None) -> src_lib.Source:
+               expires: str | dt.date | None = None, clear_expiry: bool = False, max_verbatim: int | None = None,
+               by: str | None = None, key_id: str | None = None, comment: str | None = None) -> src_lib.Source:
     """Change a source's policy; moving to `counts` also strips its documents from stored traces.
 
-    Repeating a change that is recorded but not yet applied to the store applies it."""
+    :param max_verbatim: the verbatim guard's limit in tokens; 0 lifts it
+    Repeating a change that is recorded but not yet applied to the store applies it. `by`,
+    `key_id` and `comment` go to the policy log (`flexolmo.base.sources.set_policy`)."""
+    lift = max_verbatim == 0
     src = src_lib.set_policy(ws, name, active=active, visibility=visibility, expires=expires,
-                             clear_expiry=clear_expiry, by=by)
+                             clear_expiry=clear_expiry, max_verbatim=None if lift else max_verbatim,
+                             clear_max_verbatim=lift, by=by, key_id=key_id, comment=comment)
     if src.visibility == "counts":
         store.sync(ws)
     return src

@@ -20,10 +20,18 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
-// The owner key (owner routes need it once keys are issued): this tab only, never stored on disk.
-function ownerHeaders() {
-  const key = ($("owner-key") && $("owner-key").value.trim()) || sessionStorage.getItem("owner-key") || "";
-  return key ? { Authorization: `Bearer ${key}` } : {};
+// The owner key (the source owner's, or the admin key `flexolmo serve` printed): owner routes
+// need it. Kept in this tab's sessionStorage only, never on disk or in localStorage.
+const ownerKey = () => ($("owner-key") && $("owner-key").value.trim()) || sessionStorage.getItem("owner-key") || "";
+const ownerHeaders = () => (ownerKey() ? { Authorization: `Bearer ${ownerKey()}` } : {});
+
+// Before an owner action: without a key, ask for one instead of sending the request.
+function askForKey(what) {
+  if (ownerKey()) return false;
+  status("owner-status", `Enter the owner key above to ${what}: the source owner's key or the admin key ` +
+    "(owner actions need one).", true);
+  $("owner-key").focus();
+  return true;
 }
 
 async function api(method, path, body, extraHeaders = {}) {
@@ -210,6 +218,11 @@ async function showOwner() {
   } catch (e) {
     status("owner-status", e.message, true);
   }
+  if (!ownerKey()) {
+    $("owner-contribution").replaceChildren(el("h2", {}, "Contribution"),
+      el("p", { class: "muted" }, "Enter the owner key above to see what this source contributed."));
+    return;
+  }
   try {
     showContribution(await api("GET", `/api/sources/${encodeURIComponent(name)}/contribution`, null, ownerHeaders()));
   } catch (e) {
@@ -222,7 +235,11 @@ function showPolicy(s) {
     class: s.active ? "danger" : "",
     on: { click: () => setPolicy(s.name, { active: !s.active }) },
   }, s.active ? "Switch off" : "Switch on");
-  const vis = el("select", { on: { change: (e) => setPolicy(s.name, { visibility: e.target.value }) } },
+  const vis = el("select", { on: { change: (e) => {
+    const want = e.target.value;
+    if (!ownerKey()) e.target.value = s.visibility;  // unchanged until a key is given
+    setPolicy(s.name, { visibility: want });
+  } } },
     ["full", "snippets", "counts"].map((v) => el("option", { value: v, selected: v === s.visibility }, v)));
   $("owner-policy").replaceChildren(
     el("dl", {},
@@ -240,6 +257,7 @@ function showPolicy(s) {
 }
 
 async function setPolicy(name, change) {
+  if (askForKey("change this source's policy")) return;
   status("owner-status", "Saving… (the tracer reopens with the new policy)");
   try {
     await api("PATCH", `/api/sources/${encodeURIComponent(name)}`, change, ownerHeaders());
@@ -281,6 +299,7 @@ function showTakedowns(name, list) {
   const reason = el("input", { type: "text", placeholder: "reason", required: true });
   const form = el("form", { class: "inline", on: { submit: async (e) => {
     e.preventDefault();
+    if (askForKey("take a document down")) return;
     status("owner-status", "Taking the document down…");
     try {
       await api("POST", `/api/sources/${encodeURIComponent(name)}/takedowns`, { doc_id: docId.value, reason: reason.value }, ownerHeaders());

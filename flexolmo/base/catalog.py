@@ -54,6 +54,10 @@ CREATE TABLE IF NOT EXISTS policy_log (
 -- many consecutive tokens found in the source; NULL: no limit. Added after the first
 -- catalogs were written, hence ALTER (a no-op once the column exists).
 ALTER TABLE sources ADD COLUMN IF NOT EXISTS max_verbatim INTEGER;
+-- who changed a policy through the service is the key's owner (changed_by); which key, and
+-- the caller's own note (the request's `by`, at most a comment), sit beside it.
+ALTER TABLE policy_log ADD COLUMN IF NOT EXISTS key_id VARCHAR;
+ALTER TABLE policy_log ADD COLUMN IF NOT EXISTS comment VARCHAR;
 """
 
 

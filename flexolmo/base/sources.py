@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flexolmo.base import catalog
-from flexolmo.base.catalog import check_by, check_text  # noqa: F401  (validated caller text, re-exported)
+from flexolmo.base.catalog import BY_MAX, check_by, check_text  # noqa: F401  (validated caller text, re-exported)
 from flexolmo.base.errors import ConflictError, InputError, IntegrityError, NotFoundError
 from flexolmo.base.records import read_records  # noqa: F401  (re-exported: sources.read_records)
 from flexolmo.base.workspace import Workspace, atomic_dir, current_user
@@ -317,10 +317,18 @@ def set_policy(
     max_verbatim: int | None = None,
     clear_max_verbatim: bool = False,
     by: str | None = None,
+    key_id: str | None = None,
+    comment: str | None = None,
 ) -> Source:
     """Change a source's policy (on/off, visibility, expiry, the verbatim guard's limit),
-    logging who and when."""
+    logging who and when.
+
+    :param by: who (default: the OS user); the service passes its key's owner
+    :param key_id: the key the change was made with (the service), logged beside `by`
+    :param comment: a note logged with the change (one printable line)
+    """
     by = check_by(by)
+    comment = None if comment is None else check_text(comment, "comment", BY_MAX)
     if max_verbatim is not None:
         check_max_verbatim(max_verbatim)
     src = get_source(ws, name)
@@ -352,8 +360,10 @@ def set_policy(
             old = getattr(src, field)
             con.execute(f"UPDATE sources SET {field} = ?, updated_at = ?, updated_by = ? WHERE name = ?", [new, now, by, name])
             con.execute(
-                "INSERT INTO policy_log VALUES (?, ?, ?, ?, ?, ?)",
-                [name, now, by, field, None if old is None else str(old), None if new is None else str(new)],
+                "INSERT INTO policy_log (source, changed_at, changed_by, field, old_value, new_value, key_id, comment) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [name, now, by, field, None if old is None else str(old), None if new is None else str(new), key_id,
+                 comment],
             )
         con.execute("COMMIT")
     return get_source(ws, name)
