@@ -23,7 +23,8 @@ NO_CUDA = not torch.cuda.is_available()
 
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory):
-    ws = build_federation(tmp_path_factory.mktemp("gpu-path"), sources=("public", "news"), n_docs=40)
+    # 600 documents: a few in each validation split (about 2%; public: 6), for the evaluation test
+    ws = build_federation(tmp_path_factory.mktemp("gpu-path"), sources=("public", "news"), n_docs=600)
     return {"ws": ws, "public": train_public(ws, "tiny", progress=False)}
 
 

@@ -49,9 +49,11 @@ def setup() -> Dist:
 
 
 def run_device(d: Dist, name: str) -> torch.device:
-    """Where a run computes: under torchrun each rank's own device (`setup`), else `name`
-    ("cpu", "cuda", "auto"; flexolmo/model/device.py `resolve_device`)."""
-    return d.device if d.enabled else resolve_device(name)
+    """Where a run computes: `name` ("cpu", "cuda", "auto"; flexolmo/model/device.py
+    `resolve_device`, which refuses cuda without a GPU), except under torchrun, where each rank
+    keeps its own device (`setup`: its GPU when there are GPUs) as before."""
+    device = resolve_device(name)
+    return d.device if d.enabled else device
 
 
 def barrier(d: Dist) -> None:
