@@ -9,7 +9,7 @@ A profile bundles a model shape with the two training recipes (public model, exp
     paper  a larger shape (6 layers, 512 positions), not run end to end
     gpu    `flexolmo eval` on one large GPU: a 126M-parameter public model (1,024 positions),
            sized so that the whole evaluation takes about 6 minutes there (`_gpu`'s arithmetic;
-           flexolmo/model/budget.py); not yet run on a GPU
+           flexolmo/evaluation/budget.py); not yet run on a GPU
 
 Where a run trains and in which precision (`TrainConfig.device`, `.dtype`; `--device`,
 `--dtype`) are settings of the run, not of the recipe: they are left out of `recipe()`, so a
