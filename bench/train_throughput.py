@@ -5,7 +5,7 @@
 The peak is measured here first (fp32 matmul, 1024^3, all threads), and every variant is a
 ratio against it and against the baseline (the profile's settings: batch 16 x 256 tokens,
 2 threads, eager, AdamW foreach). Variants: threads, batch/sequence shape, fused AdamW,
-torch.compile. Model FLOPs per token: 6 x (non-embedding parameters + lm_head) + 12 x
+bfloat16 autocast (the Trainer's `--dtype bfloat16`: float32 weights), torch.compile. Model FLOPs per token: 6 x (non-embedding parameters + lm_head) + 12 x
 layers x hidden x sequence (attention), the usual estimate; for the owner's 2-expert model
 the backward pass still runs through both experts (activations), weights of one only.
 Run it alone on the cores: anything else running is measured too.
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flexolmo.model.config import get_profile  # noqa: E402
+from flexolmo.model.device import autocast, resolve_dtype  # noqa: E402
 from flexolmo.base.hflog import quiet_transformers  # noqa: E402
 from flexolmo.model.moe import build_model  # noqa: E402
 
@@ -47,7 +48,8 @@ def model_flops_per_token(model, seq_len: int) -> float:
     return 6 * non_emb + 12 * c.num_hidden_layers * c.hidden_size * seq_len
 
 
-def run(experts: int, batch: int, seq: int, threads: int, fused: bool, compiled: bool, steps: int) -> tuple[float, float]:
+def run(experts: int, batch: int, seq: int, threads: int, fused: bool, compiled: bool, steps: int,
+        dtype: str = "float32") -> tuple[float, float]:
     torch.set_num_threads(threads)
     p = get_profile("demo")
     hf = p.model.hf_config(vocab_size=VOCAB, eos_id=0, pad_id=1, num_experts=experts, top_k=2)
@@ -62,7 +64,8 @@ def run(experts: int, batch: int, seq: int, threads: int, fused: bool, compiled:
     x = torch.randint(0, VOCAB, (batch, seq + 1))
 
     def step():
-        logits = net(input_ids=x[:, :-1], use_cache=False).logits
+        with autocast(torch.device("cpu"), resolve_dtype(dtype)):
+            logits = net(input_ids=x[:, :-1], use_cache=False).logits.float()
         F.cross_entropy(logits.reshape(-1, VOCAB), x[:, 1:].reshape(-1)).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -86,7 +89,8 @@ def main() -> None:
     print(f"matmul peak here: {peak:.0f} GFLOP/s ({torch.get_num_threads()} threads)")
     variants = [("baseline 16x256, 2 threads", dict(batch=16, seq=256, threads=2, fused=False, compiled=False)),
                 ("1 thread", dict(batch=16, seq=256, threads=1, fused=False, compiled=False)),
-                ("fused AdamW", dict(batch=16, seq=256, threads=2, fused=True, compiled=False))]
+                ("fused AdamW", dict(batch=16, seq=256, threads=2, fused=True, compiled=False)),
+                ("bfloat16 autocast", dict(batch=16, seq=256, threads=2, fused=False, compiled=False, dtype="bfloat16"))]
     if not a.quick:
         variants += [("32x128", dict(batch=32, seq=128, threads=2, fused=False, compiled=False)),
                      ("8x256", dict(batch=8, seq=256, threads=2, fused=False, compiled=False)),

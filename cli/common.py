@@ -17,6 +17,13 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+# where a model computes and in which precision (flexolmo/model/device.py checks the values)
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda (cuda:N) or auto (cuda when a GPU is visible).")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, or bfloat16 (for GPUs: training autocasts with "
+                                                           "float32 weights; tracing and generation load bfloat16 "
+                                                           "weights).")]
+
+
 class _State:
     workspace: str | None = None
 
@@ -49,8 +56,6 @@ ModelOpt = Annotated[Optional[Path], typer.Option(
 ExpertsOpt = Annotated[Optional[str], typer.Option(
     "--experts", help="A FlexOlmo model's expert names in expert order: 'public,math,news,...' or a JSON file "
                       "(default: its experts.json, else public, expert1, ...).")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda (cuda:N) or auto (cuda when a GPU is visible).")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, or bfloat16 (for GPUs).")]
 
 
 def model_spec(model: Path | None, experts: str | None, device: str, dtype: str):

@@ -2,6 +2,7 @@
 
     flexolmo eval --profile demo                 # trains what is missing, writes docs/results.md
     flexolmo eval --rows public,flexolmo --json  # the result object on stdout
+    flexolmo eval --profile gpu --device cuda --dtype bfloat16   # one large GPU, about 6 minutes
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import console, print_json, ws
+from .common import DeviceOpt, DtypeOpt, console, print_json, ws
 
 
 def register(app: typer.Typer) -> None:
@@ -19,7 +20,8 @@ def register(app: typer.Typer) -> None:
 
 
 def eval_cmd(
-    profile: Annotated[str, typer.Option("--profile", "-p", help="Model/training profile of the models to evaluate.")] = "demo",
+    profile: Annotated[str, typer.Option("--profile", "-p", help="Model/training profile of the models to evaluate "
+                                         "(tiny, demo, paper, gpu).")] = "demo",
     rows: Annotated[Optional[str], typer.Option("--rows", help="Comma-separated rows (default: all): public, experts, "
                                                 "soup, btm, dense, flexolmo, flexolmo_tuned, no_bias, random_init, embedder_init, optout, task.")] = None,
     tokens_per_domain: Annotated[int, typer.Option("--tokens-per-domain", help="Validation tokens per domain (at most).")] = 16_384,
@@ -29,6 +31,8 @@ def eval_cmd(
     task_lines: Annotated[int, typer.Option("--task-lines", help="Held-out code lines for the next-line task.")] = 100,
     report: Annotated[Optional[Path], typer.Option("--report", help="Write results.md and results/ (JSON, PNG) into this folder.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result object as JSON (progress goes to stderr).")] = False,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
 ) -> None:
     """Evaluate the FlexOlmo model against its baselines on every source's validation split."""
     import sys
@@ -40,7 +44,7 @@ def eval_cmd(
     chosen = [r.strip() for r in rows.split(",") if r.strip()] if rows else None
     on_row = (lambda partial: write_report(partial, report)) if report is not None else None
     result = run_eval(ws(), profile, rows=chosen, tokens_per_domain=tokens_per_domain, bytes_per_domain=bytes_per_domain,
-                      task_lines=task_lines,
+                      task_lines=task_lines, device=device, dtype=dtype,
                       progress=not as_json, log=log, on_row=on_row)
     if report is not None:
         paths = write_report(result, report)

@@ -1,6 +1,7 @@
 """Model commands: `train public`, `train expert`, `merge`, `generate`.
 
     flexolmo train public --profile demo
+    flexolmo train public --profile gpu --device cuda --dtype bfloat16
     flexolmo train expert --source news --profile demo
     flexolmo merge --experts news,code --top-k 2            # default top-k: 4, at most the experts
     flexolmo tune-router --steps 200 --docs-per-source 64      # models/merged in place
@@ -20,7 +21,7 @@ from .common import (GEN, DeviceOpt, DtypeOpt, ExpertsOpt, MaxNewTokensOpt, Mode
 
 train_app = typer.Typer(help="Train the public model or a data owner's expert.", no_args_is_help=True)
 
-ProfileOpt = Annotated[str, typer.Option("--profile", "-p", help="Model/training profile: tiny, demo or paper.")]
+ProfileOpt = Annotated[str, typer.Option("--profile", "-p", help="Model/training profile: tiny, demo, paper or gpu.")]
 StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Override the profile's number of steps.")]
 
 
@@ -53,11 +54,13 @@ def train_public_cmd(
     profile: ProfileOpt = "demo",
     steps: StepsOpt = None,
     source: Annotated[str, typer.Option(help="The public source to train on.")] = "public",
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
 ) -> None:
     """Train the public model (one dense expert) on the public source's train split."""
     from flexolmo.model.train import train_public
 
-    _report(train_public(ws(), profile, source=source, steps=steps))
+    _report(train_public(ws(), profile, source=source, steps=steps, device=device, dtype=dtype))
 
 
 @train_app.command("ship-public")
@@ -85,6 +88,8 @@ def train_expert_cmd(
     dp_noise_multiplier: Annotated[
         Optional[float], typer.Option("--dp-noise-multiplier", help="A fixed DP-SGD noise multiplier instead of --dp-epsilon.")
     ] = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
 ) -> None:
     """Train SOURCE's expert against the frozen public model; write the expert package.
 
@@ -100,7 +105,7 @@ def train_expert_cmd(
         if dp_epsilon is not None and dp_noise_multiplier is not None:
             raise InputError("give --dp-epsilon or --dp-noise-multiplier, not both")
         dp = DPConfig(epsilon=dp_epsilon, noise_multiplier=dp_noise_multiplier, max_grad_norm=dp_max_grad_norm, delta=dp_delta)
-    result = train_expert(ws(), source, profile, steps=steps, owner=owner, dp=dp)
+    result = train_expert(ws(), source, profile, steps=steps, owner=owner, dp=dp, device=device, dtype=dtype)
     _report(result)
     if dp is not None and _is_main():
         pr = result.card.privacy
@@ -133,12 +138,14 @@ def tune_router_cmd(
                                       "owner consenting, 3e-2 beats 3e-3 (gm perplexity 150 vs 165); on proxies alone 3e-2 sends "
                                       "nearly everything to the public expert (412 vs 207).")] = 3e-3,
     seed: Annotated[int, typer.Option()] = 0,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
 ) -> None:
     """Tune only the routers of a merged model on a small proxy set of each source's training data."""
     from flexolmo.model.router_tuning import tune_router
 
     r = tune_router(ws(), model_dir, out=out, docs_per_source=docs_per_source, steps=steps, lr=lr, seed=seed,
-                    consent=tuple(c.strip() for c in (consent or "").split(",") if c.strip()))
+                    consent=tuple(c.strip() for c in (consent or "").split(",") if c.strip()), device=device, dtype=dtype)
     console.print(f"[bold green]router tuned[/] {r.steps} steps on {sum(r.proxy_docs.values())} proxy documents, "
                   f"{r.seconds:.0f}s: proxy loss {r.loss_before:.3f} -> {r.loss_after:.3f}")
     console.print("routing share: " + ", ".join(f"{n} {r.share_before[n]:.0%}->{r.share_after[n]:.0%}" for n in r.experts))

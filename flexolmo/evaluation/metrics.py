@@ -27,6 +27,8 @@ import numpy as np
 import torch
 
 from flexolmo.base.errors import InputError
+from flexolmo.model.device import model_device
+from flexolmo.model.moe import as_module
 
 
 @dataclass(frozen=True)
@@ -107,14 +109,16 @@ def validation_set(ws, sources: list[str], seq_len: int, max_tokens: int, max_by
 
 @torch.no_grad()
 def window_logprobs(model, windows: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-    """log p(w[t] | w[:t]) for t = 1..T of every window: (n, T) float64."""
+    """log p(w[t] | w[:t]) for t = 1..T of every window: (n, T) float64 on the CPU (the passes
+    run on the model's device; log-probs in float32 from the logits, whatever the autocast)."""
     model.eval()
+    device = model_device(as_module(model))
     out = []
     for b in range(0, len(windows), batch_size):
-        w = windows[b: b + batch_size]
+        w = windows[b: b + batch_size].to(device)
         logits = model(input_ids=w[:, :-1], use_cache=False).logits.float()
         lp = torch.log_softmax(logits, dim=-1).gather(2, w[:, 1:, None])[..., 0]
-        out.append(lp.double())
+        out.append(lp.double().cpu())
     return torch.cat(out) if out else torch.zeros((0, windows.shape[1] - 1), dtype=torch.float64)
 
 
@@ -154,13 +158,14 @@ def routing_stats(model, windows: torch.Tensor, batch_size: int = 8) -> tuple[np
     from flexolmo.model.generate import RoutingCapture
 
     model.eval()
+    device = model_device(as_module(model))
     E = model.config.num_experts
     counts = np.zeros(E, dtype=np.int64)
     with_public, decisions = 0, 0
     for b in range(0, len(windows), batch_size):
         with RoutingCapture(model) as cap:
-            model(input_ids=windows[b: b + batch_size, :-1], use_cache=False)
-        idx, _, _ = cap.stacked()  # (N, L, k)
+            model(input_ids=windows[b: b + batch_size, :-1].to(device), use_cache=False)
+        idx = cap.stacked()[0].cpu()  # (N, L, k)
         counts += np.bincount(idx.reshape(-1).numpy(), minlength=E)
         with_public += int((idx == 0).any(dim=-1).sum())
         decisions += idx.shape[0] * idx.shape[1]

@@ -16,7 +16,9 @@ Models, each trained only when no current one exists (so a second run only measu
                     all-MiniLM-L6-v2, through a fixed public projection) instead of the
                     public model's own hidden states
 Everything the evaluation trains lives in `<workspace>/eval/<profile>/`. Opt-out removes
-each owner's expert from the flexolmo model in turn. The task measure is next-line exact
+each owner's expert from the flexolmo model in turn. `device` and `dtype` apply to everything
+it trains and measures (`flexolmo eval --profile gpu --device cuda --dtype bfloat16`; what that
+costs: flexolmo/evaluation/budget.py). The task measure is next-line exact
 match on code (metrics in flexolmo/evaluation/task.py).
 """
 
@@ -32,9 +34,11 @@ import numpy as np
 
 from flexolmo.model.artifacts import expert_package, public_model
 from flexolmo.model.config import get_profile, override
+from flexolmo.model.device import autocast, resolve_device, resolve_dtype
 from flexolmo.base.errors import InputError
 from flexolmo.model.layout import shared_weights_hash
 from flexolmo.model.merge import load_expert_model, load_merged, merge
+from flexolmo.model.moe import as_module
 from flexolmo.base.sources import list_sources
 from flexolmo.base.workspace import Workspace
 from flexolmo.evaluation import baselines, metrics
@@ -51,6 +55,7 @@ def _owners(ws: Workspace, public_source: str) -> list[str]:
 
 def _ensure_experts(ws: Workspace, profile, owners: list[str], public_hash: str, packages_dir: Path | None,
                     progress: bool, log: Callable[[str], None]) -> None:
+    """Train every owner's expert that is missing or stale (on the profile's device and dtype)."""
     from flexolmo.model.train import train_expert
 
     for s in owners:
@@ -68,18 +73,24 @@ def _merged(ws: Workspace, profile, owners: list[str], out: Path, packages_dir: 
 
 
 def run_eval(ws: Workspace, profile: str = "demo", *, rows: list[str] | None = None, tokens_per_domain: int = 16_384,
-             bytes_per_domain: int | None = None, task_lines: int = 100, tune_steps: int = 200, progress: bool = True, log: Callable[[str], None] = print,
+             bytes_per_domain: int | None = None, task_lines: int = 100, tune_steps: int = 200, device: str = "cpu",
+             dtype: str = "float32", progress: bool = True, log: Callable[[str], None] = print,
              on_row: Callable[[dict], None] | None = None) -> dict:
     """Train what is missing, measure every row on every domain's validation split; the result
     dict of flexolmo/evaluation/report.py. `on_row(result so far)` runs after every row (the
-    CLI rewrites the report, so a long run shows its results as they come)."""
+    CLI rewrites the report, so a long run shows its results as they come). `device` (cpu, cuda,
+    auto) and `dtype` (float32, bfloat16: autocast) for every model trained and measured."""
     t0 = time.time()
-    p = get_profile(profile)
+    run_device, run_dtype = resolve_device(device), resolve_dtype(dtype)  # refused before any work
+    p = get_profile(profile).on(device, dtype)
     rows = list(rows or ALL_ROWS)
     bad = sorted(set(rows) - set(ALL_ROWS))
     if bad:
         raise InputError(f"unknown row(s) {', '.join(bad)}: use {', '.join(ALL_ROWS)}")
-    public, _ = public_model.load(ws)
+    public, public_card = public_model.load(ws)
+    if public_card.profile != p.name:  # the experts take the public model's shape, whatever the profile
+        log(f"note: the workspace's public model was trained with profile {public_card.profile}, not {p.name}: the "
+            f"experts will have its shape; train it with `flexolmo train public --profile {p.name}` first to evaluate {p.name}")
     public_source = public.experts[0]
     public_hash = shared_weights_hash(public)
     owners = _owners(ws, public_source)
@@ -107,9 +118,14 @@ def run_eval(ws: Workspace, profile: str = "demo", *, rows: list[str] | None = N
                 "expert_tokens": p.expert.steps * p.expert.tokens_per_step(),
                 "complete": "loss_curves" in res}
 
+    def logprobs(model) -> dict:  # domain -> (n, T) log-probs, on the CPU
+        as_module(model).to(run_device)
+        with autocast(run_device, run_dtype):
+            return {d: metrics.window_logprobs(model, val.windows[d]) for d in domains}
+
     def measure(name: str, model, routing: bool = False) -> None:
         t = time.time()
-        lps = {d: metrics.window_logprobs(model, val.windows[d]) for d in domains}
+        lps = logprobs(model)
         lp_cache[name] = lps
         scores = {d: metrics.score(lps[d], val.target_bytes[d]) for d in domains}
         res["rows"][name] = {d: round(s.ppl, 3) for d, s in scores.items()}
@@ -118,7 +134,8 @@ def run_eval(ws: Workspace, profile: str = "demo", *, rows: list[str] | None = N
             names = model.experts
             share, topk = {}, {}
             for d in domains:
-                sh, with_pub = metrics.routing_stats(model, val.windows[d])
+                with autocast(run_device, run_dtype):
+                    sh, with_pub = metrics.routing_stats(model, val.windows[d])
                 share[d] = {n: round(float(sh[i]), 4) for i, n in enumerate(names)}
                 topk[d] = round(with_pub, 4)
             res["routing_share"][name], res["public_in_topk"][name] = share, topk
@@ -151,12 +168,11 @@ def run_eval(ws: Workspace, profile: str = "demo", *, rows: list[str] | None = N
         from flexolmo.model.router_tuning import tune_router
 
         tuned_dir = root / "flexolmo_tuned"
-        tune_router(ws, root / "flexolmo", out=tuned_dir, steps=tune_steps, progress=progress)
+        tune_router(ws, root / "flexolmo", out=tuned_dir, steps=tune_steps, device=device, dtype=dtype, progress=progress)
         measure("flexolmo_tuned", load_merged(tuned_dir, respect_catalog=False), routing=True)
     if "optout" in rows and flex is not None:
         for s in owners:
-            off = load_merged(root / "flexolmo", exclude=[s], respect_catalog=False)
-            lps = {d: metrics.window_logprobs(off, val.windows[d]) for d in domains}
+            lps = logprobs(load_merged(root / "flexolmo", exclude=[s], respect_catalog=False))
             res["optout"][s] = {d: round(metrics.score(lps[d], val.target_bytes[d]).ppl, 3) for d in domains}
             log(f"{'opt-out ' + s:>16}: {s} {res['optout'][s][s]:,.1f} vs {res['rows']['flexolmo'][s]:,.1f} with it")
     if "dense" in rows:
@@ -167,7 +183,7 @@ def run_eval(ws: Workspace, profile: str = "demo", *, rows: list[str] | None = N
     for name, change in ABLATIONS.items():
         if name not in rows:
             continue
-        variant = get_profile(p.name)
+        variant = get_profile(p.name).on(device, dtype)
         variant.expert = override(variant.expert, **change)
         pk = root / name / "experts"
         log(f"ablation {name}: owners retrained with {change}")
@@ -176,8 +192,11 @@ def run_eval(ws: Workspace, profile: str = "demo", *, rows: list[str] | None = N
     if "task" in rows:
         from flexolmo.evaluation.task import next_line_task
 
-        res["task"] = next_line_task(ws, {n: m for n, m in _task_models(ws, root, owners, res).items()},
-                                     n_lines=task_lines, log=log)
+        models = {n: m for n, m in _task_models(ws, root, owners, res).items()}
+        for m in models.values():
+            as_module(m).to(run_device)
+        with autocast(run_device, run_dtype):
+            res["task"] = next_line_task(ws, models, n_lines=task_lines, log=log)
     cards = _owner_cards(ws, owners)
     res["loss_curves"] = _loss_curves(ws, cards, root)
     res["owner_routing"] = _owner_routing(cards)

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from flexolmo.base.errors import InputError
+from flexolmo.model.device import model_device
 from flexolmo.model.moe import as_module
 from flexolmo.base.sources import load_documents
 from flexolmo.base.tokenizer import load_tokenizer
@@ -52,9 +53,10 @@ def complete_line(model, tok, prefix_ids: list[int], max_new_tokens: int) -> str
     the first newline generated and the next one."""
     module = as_module(model)
     module.eval()
+    device = model_device(module)
     # transformers 5.x renames past_key_values to cache (the old name goes in 5.40)
     kw = "cache" if "cache" in inspect.signature(type(module).forward).parameters else "past_key_values"
-    out = module(input_ids=torch.tensor([prefix_ids]), use_cache=True)
+    out = module(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True)
     new: list[int] = []
     for _ in range(max_new_tokens):
         nxt = int(out.logits[0, -1].argmax())
@@ -64,7 +66,7 @@ def complete_line(model, tok, prefix_ids: list[int], max_new_tokens: int) -> str
         if tok.decode(new).count("\n") >= 2:
             break
         past = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        out = module(input_ids=torch.tensor([[nxt]]), use_cache=True, **{kw: past})
+        out = module(input_ids=torch.tensor([[nxt]], device=device), use_cache=True, **{kw: past})
     text = tok.decode(new)
     return text.split("\n")[1] if "\n" in text else ""
 

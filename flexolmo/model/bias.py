@@ -51,6 +51,7 @@ from dataclasses import dataclass
 import torch
 
 from flexolmo.base.errors import InputError
+from flexolmo.model.device import model_device
 from flexolmo.model.moe import as_module, routers
 from flexolmo.model.trainer import Callback, Trainer
 
@@ -79,9 +80,10 @@ def sample_windows(stream: torch.Tensor, seq_len: int, n: int, seed: int) -> tor
 @torch.no_grad()
 def per_layer(model, windows: torch.Tensor, take, batch_size: int) -> list[torch.Tensor]:
     """`take(router input, router output)` at every layer's router over `windows` (eval mode,
-    batches of `batch_size`), concatenated per layer as float. E.g. the router's input and
-    logits together: `take = lambda h, out: torch.cat([h.flatten(0, -2), out[0]], 1)`."""
+    batches of `batch_size`, on the model's device), concatenated per layer as float. E.g. the
+    router's input and logits together: `take = lambda h, out: torch.cat([h.flatten(0, -2), out[0]], 1)`."""
     module = as_module(model)
+    device = model_device(module)
     was = module.training
     module.eval()
     taken: list[list[torch.Tensor]] = [[] for _ in routers(module)]
@@ -89,7 +91,7 @@ def per_layer(model, windows: torch.Tensor, take, batch_size: int) -> list[torch
              for k, r in enumerate(routers(module))]
     try:
         for b in range(0, len(windows), batch_size):
-            module(input_ids=windows[b: b + batch_size], use_cache=False)
+            module(input_ids=windows[b: b + batch_size].to(device), use_cache=False)
     finally:
         for h in hooks:
             h.remove()
@@ -151,7 +153,7 @@ def layer_shift(public: torch.Tensor, own: torch.Tensor | None, target: float, f
     cap = -float(torch.quantile(public, floor))  # public share >= floor needs d <= cap
     if need <= cap:
         return need
-    grid = torch.linspace(cap, need, 401)
+    grid = torch.linspace(cap, need, 401, device=public.device)
     pub_share = (public[None] + grid[:, None] <= 0).float().mean(1)
     own_share = (own[None] + grid[:, None] > 0).float().mean(1)
     return float(grid[torch.minimum(pub_share, own_share).argmax()])
@@ -222,11 +224,13 @@ class BiasTracker(Callback):
 
     def post_step(self, tr: Trainer) -> None:
         if self.every and tr.step % self.every == 0 and tr.step < tr.cfg.steps:
-            self._set(tr, sequential=False)
+            with tr.autocast():
+                self._set(tr, sequential=False)
 
     def post_train(self, tr: Trainer) -> None:
         if tr.stop_reason is None:
-            self._set(tr, sequential=True)
+            with tr.autocast():
+                self._set(tr, sequential=True)
 
 
 def routing_check(model, public_windows: torch.Tensor, own_windows: torch.Tensor, expert: int = 1) -> RoutingCheck:

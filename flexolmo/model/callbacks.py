@@ -30,12 +30,20 @@ class FrozenRows(Callback):
     order = -20
 
     def __init__(self, params: list[torch.nn.Parameter], rows: list[int]):
-        self.params, self.rows = params, torch.tensor(sorted(set(rows)), dtype=torch.long)
+        self.params, self.rows = params, torch.tensor(sorted(set(rows)), dtype=torch.long, device=params[0].device)
         self.saved = [p.detach()[self.rows].clone() for p in params]
-        for p in params:
+        self.masks = []
+        for i, p in enumerate(params):
             mask = torch.ones_like(p)
             mask[self.rows] = 0
-            p.register_hook(lambda g, m=mask: g * m)
+            self.masks.append(mask)
+            p.register_hook(lambda g, i=i: g * self.masks[i])
+
+    def pre_train(self, tr: Trainer) -> None:
+        # the Trainer moves the model to its device: the masks and the saved rows follow it
+        device = self.params[0].device
+        self.rows = self.rows.to(device)
+        self.saved, self.masks = [s.to(device) for s in self.saved], [m.to(device) for m in self.masks]
 
     @torch.no_grad()
     def post_step(self, tr: Trainer) -> None:
@@ -111,7 +119,9 @@ class Checkpoint(Callback):
     def pre_train(self, tr: Trainer) -> None:
         if not (self.dir / "state.pt").exists():
             return
-        state = torch.load(self.dir / "state.pt", weights_only=False)
+        # onto the CPU: a run saved on a GPU resumes anywhere (load_state_dict moves the
+        # optimizer's state to its parameters' device)
+        state = torch.load(self.dir / "state.pt", weights_only=False, map_location="cpu")
         if state["config"] != self.run_config or state["world_size"] != tr.d.world_size:
             return  # another run's state: start afresh (it is replaced at the first checkpoint)
         tr.model.load_state_dict(load_model(self.dir / "model").module.state_dict())

@@ -7,6 +7,14 @@ A profile bundles a model shape with the two training recipes (public model, exp
            once on the general public source and shipped (assets/public-model/), and 7 experts
            trained by `make demo`
     paper  a larger shape (6 layers, 512 positions), not run end to end
+    gpu    `flexolmo eval` on one large GPU: a 126M-parameter public model (1,024 positions),
+           sized so that the whole evaluation takes about 6 minutes there (`_gpu`'s arithmetic;
+           flexolmo/evaluation/budget.py); not yet run on a GPU
+
+Where a run trains and in which precision (`TrainConfig.device`, `.dtype`; `--device`,
+`--dtype`) are settings of the run, not of the recipe: they are left out of `recipe()`, so a
+model trained on a GPU in bfloat16 is the same artifact kind, with the same inputs, as one
+trained on the CPU.
 
 The public model is the same architecture with one expert (a dense FFN). The vocabulary
 is not part of a profile: it is read from the workspace tokenizer when a model is built.
@@ -18,9 +26,10 @@ is not part of a profile: it is read from the workspace tokenizer when a model i
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from flexolmo.base.errors import InputError
+from flexolmo.model.device import DEVICES, resolve_dtype
 
 
 @dataclass
@@ -72,6 +81,9 @@ PREVIOUS_RECIPE = {"router_bias_init": 0.0, "router_z_loss": 0.0, "router_init":
                    "router_bias_every": 0, "public_mix": 0.0}
 
 
+# TrainConfig fields that say where and how a run computes, not what it computes: never part
+# of a recipe (a model's inputs), nor of a run's resume identity
+RUNTIME = ("device", "dtype")
 # TrainConfig fields that only owner (expert) training reads: not part of the public recipe
 EXPERT_ONLY = ("router_bias_init", "router_bias_target", "router_own_floor", "calibration_windows", "router_z_loss", "router_margin_std",
                "router_bias_every", "public_mix", "expert_scale_cap")
@@ -142,8 +154,18 @@ class TrainConfig:
     # the router's input; experimental) or "embedder" (the paper's off-the-shelf embedder,
     # all-MiniLM-L6-v2, through a fixed public projection; flexolmo/model/embedder.py)
     router_init: str = "domain_mean"
+    # where the run trains: "cpu", "cuda", "cuda:N" or "auto" (flexolmo/model/device.py
+    # `resolve_device`, resolved when the run starts: a config read from a card on a machine
+    # without a GPU stays readable); under torchrun each rank uses its own GPU instead
+    device: str = "cpu"
+    # "float32", or "bfloat16": the forward pass under autocast, weights and optimizer state
+    # stay float32 (master weights), the loss in float32
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        resolve_dtype(self.dtype)  # InputError for a name that is not a dtype
+        if not (self.device in DEVICES or self.device.startswith("cuda:")):
+            raise InputError(f"device {self.device!r} is not a device; use one of {', '.join(DEVICES)} (or cuda:N)")
         if self.router_init not in ROUTER_INITS:
             raise InputError(f"router_init {self.router_init!r} is unknown: use one of {', '.join(ROUTER_INITS)}")
         if not 0.5 <= self.router_bias_target < 1:
@@ -165,6 +187,10 @@ class TrainConfig:
     def tokens_per_step(self, world_size: int = 1) -> int:
         return self.batch_size * self.seq_len * world_size
 
+    def recipe(self) -> dict:
+        """The settings a trained model depends on: every field but the `RUNTIME` ones."""
+        return {k: v for k, v in asdict(self).items() if k not in RUNTIME}
+
 
 @dataclass
 class Profile:
@@ -181,10 +207,17 @@ class Profile:
         (top_k aside: an inference setting) and that part's training config (for the public
         model without the settings only owner training reads)."""
         shape = {k: v for k, v in asdict(self.model).items() if k != "top_k"}
-        train = asdict(getattr(self, part))
+        train = getattr(self, part).recipe()
         if part == "public":
             train = {k: v for k, v in train.items() if k not in EXPERT_ONLY}
         return {"model": shape, "train": train}
+
+    def on(self, device: str | None = None, dtype: str | None = None) -> "Profile":
+        """This profile with both recipes run on `device` in `dtype` (None: as they are)."""
+        runtime = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        if not runtime:
+            return self
+        return replace(self, public=override(self.public, **runtime), expert=override(self.expert, **runtime))
 
     @classmethod
     def from_dict(cls, d: dict) -> "Profile":
@@ -245,11 +278,42 @@ def _paper() -> Profile:
     )
 
 
-PROFILES = {"tiny": _tiny, "demo": _demo, "paper": _paper}
+def _gpu() -> Profile:
+    # `flexolmo eval` on one large GPU (H100/H200), so that the fidelity bars 2 CPU cores cannot
+    # reach can be measured (docs/results.md, docs/benchmarks.md "GPU"). Not yet run on a GPU.
+    # GPT-2-small's shape: 125.9M parameters with an 8192 vocabulary (15x demo), 210.8M as a
+    # 2-expert owner model, 720.5M merged with 7 owners; 1,024 positions (demo: 256).
+    # FLOPs of `flexolmo eval --profile gpu` (every row; flexolmo/evaluation/budget.py: 6·N per
+    # token trained, 2·N per token forward, causal attention on top):
+    #   experts      28 runs (7 owners, and again for each of 3 ablations) x 409,600 tokens
+    #                x 6 x 210.8M = 14.5 PFLOP (15.2 with attention)
+    #   calibration  1,316 forward passes x 6,144 tokens x 2 x 210.8M = 3.4 PFLOP (3.6)
+    #   dense        7 x 409,600 tokens x 6 x 125.9M = 2.2 PFLOP (2.3)
+    #   router tuning 409,600 tokens x 6 x 720.5M = 1.8 PFLOP; measurement 2.2 PFLOP
+    #   total        25.0 PFLOP: 209 s at 120 TFLOP/s (30% of a 400 TFLOP/s bf16 peak), 78 s at 320
+    #                (40% of 800); the 2.5 minutes left of 6 are for what kernel launches and disk
+    #                bound (domain embeddings, merges, model loads, the next-line task's decoding)
+    # The public model is trained once, beforehand (`flexolmo train public --profile gpu`):
+    # 300 x 16,384 = 4.9M tokens (~4 epochs of the sample public source) x 6 x 125.9M = 3.7 PFLOP,
+    # ~30 s at 120 TFLOP/s.
+    model = ModelConfig(hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12, num_kv_heads=12,
+                        max_seq_len=1024)
+    return Profile(
+        name="gpu",
+        model=model,
+        public=TrainConfig(steps=300, batch_size=16, seq_len=1024, lr=1e-3, warmup_steps=30, checkpoint_every=100),
+        # 50 steps x 8 x 1,024 = 409,600 tokens per expert (2x demo's 204,800); 6 calibration windows
+        # of 1,024 tokens (demo: 24 of 256), so that the calibration passes stay a fraction of the training
+        expert=TrainConfig(steps=50, batch_size=8, seq_len=1024, lr=1e-3, warmup_steps=5, checkpoint_every=25,
+                           weight_decay=0.0, embed_docs=256, calibration_windows=6),
+    )
+
+
+PROFILES = {"tiny": _tiny, "demo": _demo, "paper": _paper, "gpu": _gpu}
 
 
 def get_profile(name: str | Profile) -> Profile:
-    """A fresh copy of a named profile (`tiny`, `demo`, `paper`)."""
+    """A fresh copy of a named profile (`tiny`, `demo`, `paper`, `gpu`)."""
     if isinstance(name, Profile):
         return name
     if name not in PROFILES:

@@ -11,6 +11,7 @@ computed in float32 from the model's logits, whatever the model's dtype.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal
 
 import torch
@@ -59,5 +60,14 @@ def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype:
 
 
 def model_device(module: torch.nn.Module) -> torch.device:
-    """The device of a model's parameters (inputs must be put there)."""
-    return next(module.parameters()).device
+    """The device of a model's parameters (inputs must be put there); the CPU for a module without any."""
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """The forward pass's precision: bfloat16 autocast on `device` (weights stay float32, the
+    master copy the optimizer updates), or nothing for float32 (bit for bit as without it)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from flexolmo.model.device import resolve_device
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -44,6 +46,14 @@ def setup() -> Dist:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if cuda else "gloo")
     return Dist(rank=rank, world_size=world, local_rank=local, device=device)
+
+
+def run_device(d: Dist, name: str) -> torch.device:
+    """Where a run computes: `name` ("cpu", "cuda", "auto"; flexolmo/model/device.py
+    `resolve_device`, which refuses cuda without a GPU), except under torchrun, where each rank
+    keeps its own device (`setup`: its GPU when there are GPUs) as before."""
+    device = resolve_device(name)
+    return d.device if d.enabled else device
 
 
 def barrier(d: Dist) -> None:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from flexolmo.model.config import TrainConfig
 from flexolmo.base.errors import InputError
+from flexolmo.model.device import model_device
 from flexolmo.model.moe import as_module, routers
 from flexolmo.base.sources import iter_texts
 from flexolmo.base.tokenizer import load_raw_tokenizer
@@ -45,16 +46,17 @@ def domain_embedding(model, ws: Workspace, source: str, max_docs: int, seq_len: 
     """Mean of the model's final hidden state over up to `max_docs` sampled training documents
     (each truncated to `seq_len` tokens); unit length if `unit`. Returns (vector (H,), n_docs)."""
     module = as_module(model)
+    device = model_device(module)
     tok = load_raw_tokenizer(ws)
     was_training = module.training
     module.eval()
-    total = torch.zeros(module.config.hidden_size, dtype=torch.float64)
+    total = torch.zeros(module.config.hidden_size, dtype=torch.float64, device=device)
     n = 0
     for enc in tok.encode_batch(sample_texts(ws, source, max_docs, seed), add_special_tokens=False):
         ids = enc.ids[:seq_len]
         if not ids:
             continue
-        h = module.model(input_ids=torch.tensor([ids]), use_cache=False).last_hidden_state[0]  # (T, H)
+        h = module.model(input_ids=torch.tensor([ids], device=device), use_cache=False).last_hidden_state[0]  # (T, H)
         total += h.mean(0).double()
         n += 1
     module.train(was_training)
@@ -103,7 +105,7 @@ def embedder_rows(model, ws: Workspace, source: str, public_source: str, cfg: Tr
     own, n_own = mean_embedding(ws, source, embedder, cfg.embed_docs, cfg.seed)
     pub, n_pub = mean_embedding(ws, public_source, embedder, cfg.embed_docs, cfg.seed)
     hidden = as_module(model).config.hidden_size
-    step = ((own - pub) @ projection(embedder.dim, hidden)).float()
+    step = ((own - pub) @ projection(embedder.dim, hidden)).float().to(model_device(as_module(model)))
     rows = torch.stack([r.weight.detach()[0] + step for r in routers(as_module(model))])
     return rows, (f"domain embedding (embedder): row 0 + (mean {embedder.folder.parent.name} embedding of {n_own} sampled "
                   f"{source} training documents - that of {n_pub} {public_source} documents) x a fixed public projection "
@@ -116,7 +118,8 @@ def router_row(model, ws: Workspace, source: str, cfg: TrainConfig, public_sourc
     if cfg.router_init == "random":
         g = torch.Generator().manual_seed(cfg.seed)
         std = as_module(model).config.initializer_range
-        return torch.randn(as_module(model).config.hidden_size, generator=g) * std, f"random: N(0, {std}^2), seed {cfg.seed}"
+        row = torch.randn(as_module(model).config.hidden_size, generator=g) * std  # drawn on the CPU: the same row anywhere
+        return row.to(model_device(as_module(model))), f"random: N(0, {std}^2), seed {cfg.seed}"
     if cfg.router_init == "embedder":
         if public_source is None:
             raise InputError("router_init 'embedder' sets the owner's row against the public source's documents: name it")
@@ -158,12 +161,12 @@ def fit_own_vs_public(xp: torch.Tensor, xo: torch.Tensor, l2: float = 1e-3) -> t
     is x.w + c, and the training accuracy. What one owner can fit alone (`classifier_rows`;
     bench/routing_probe.py compares such fits across owners)."""
     x = torch.cat([xp, xo]).double()
-    y = torch.cat([torch.zeros(len(xp)), torch.ones(len(xo))]).double()
+    y = torch.cat([torch.zeros(len(xp), device=x.device), torch.ones(len(xo), device=x.device)]).double()
     weight = torch.where(y == 1, len(x) / (2 * len(xo)), len(x) / (2 * len(xp)))
     mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
     z = (x - mu) / sd
-    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    w = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device, requires_grad=True)
+    b = torch.zeros(1, dtype=torch.float64, device=x.device, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
 
     def closure():
@@ -184,12 +187,13 @@ def fit_own_vs_public(xp: torch.Tensor, xo: torch.Tensor, l2: float = 1e-3) -> t
 def mean_hidden(model, ids: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
     """(n, H) mean final hidden state of each row of `ids` (n, T)."""
     module = as_module(model)
+    device = model_device(module)
     was = module.training
     module.eval()
-    out = [module.model(input_ids=ids[b : b + batch_size], use_cache=False).last_hidden_state.double().mean(1)
+    out = [module.model(input_ids=ids[b : b + batch_size].to(device), use_cache=False).last_hidden_state.double().mean(1)
            for b in range(0, len(ids), batch_size)]
     module.train(was)
-    return torch.cat(out) if out else torch.zeros(0, module.config.hidden_size, dtype=torch.float64)
+    return torch.cat(out) if out else torch.zeros(0, module.config.hidden_size, dtype=torch.float64, device=device)
 
 
 def dp_router_row(model, own_windows: torch.Tensor, public_windows: torch.Tensor, plan, g: torch.Generator) -> tuple[torch.Tensor, str]:

@@ -16,7 +16,7 @@ from flexolmo.model.moe import routers
 
 def lm_loss(net, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of `net` on inputs x (B, T) and targets y (B, T)."""
-    logits = net(input_ids=x, use_cache=False).logits  # (B, T, V)
+    logits = net(input_ids=x, use_cache=False).logits.float()  # (B, T, V); float32 under bfloat16 autocast too
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
 
 

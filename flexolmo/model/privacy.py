@@ -194,10 +194,11 @@ def poisson_sample(n: int, rate: float, g: torch.Generator) -> torch.Tensor:
     return (torch.rand(n, generator=g) < rate).nonzero().flatten()
 
 
-def secret_generator() -> torch.Generator:
+def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
     """Noise and sampling come from the operating system's secret randomness, never from the
-    run's (published) seed: whoever holds the package cannot regenerate them."""
-    return torch.Generator().manual_seed(secrets.randbits(63))
+    run's (published) seed: whoever holds the package cannot regenerate them. On `device`, so
+    that DP-SGD's noise is drawn where the gradients are."""
+    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
 
 
 def gaussian_sum(rows: torch.Tensor, clip: float, sigma: float, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,7 +206,7 @@ def gaussian_sum(rows: torch.Tensor, clip: float, sigma: float, g: torch.Generat
     plus N(0, (sigma clip)^2) per coordinate. Returns (noisy sum (D,), the noise added)."""
     rows = rows.double()
     factor = (clip / rows.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
-    noise = torch.randn(rows.size(1), generator=g, dtype=torch.float64) * (sigma * clip)
+    noise = (torch.randn(rows.size(1), generator=g, dtype=torch.float64, device=g.device) * (sigma * clip)).to(rows.device)
     return (rows * factor[:, None]).sum(0) + noise, noise
 
 
@@ -262,10 +263,11 @@ def dense_experts(model):
 
 
 def vmap_grads(model, params: list[torch.nn.Parameter], frozen_rows: list[int], x: torch.Tensor, y: torch.Tensor,
-               z_coef: float = 0.0, chunk: int = 16) -> tuple[list[torch.Tensor], torch.Tensor]:
+               z_coef: float = 0.0, chunk: int = 16, autocast=contextlib.nullcontext) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Per-sample gradients of the trainable rows (`torch.func.vmap(grad(...))`): a list of
     (B, n_trainable_rows, ...) tensors, one per param, and the per-sample losses (B,).
-    Loss: next-token cross-entropy + z_coef x router z-loss (the owner recipe's loss)."""
+    Loss: next-token cross-entropy + z_coef x router z-loss (the owner recipe's loss), in float32;
+    `autocast()` wraps the model's forward pass (the Trainer's, for bfloat16)."""
     from torch.func import functional_call, grad, vmap
 
     module = as_module(model)
@@ -287,8 +289,10 @@ def vmap_grads(model, params: list[torch.nn.Parameter], frozen_rows: list[int], 
         logits = []
         hooks = [r.register_forward_hook(lambda _m, _i, out: logits.append(out[0])) for r in routers(module)]
         try:
-            out = functional_call(module, {names[id(p)]: full(p, t) for p, t in zip(params, ts)}, (xi[None],),
-                                  {"use_cache": False}).logits[0]
+            with autocast():
+                out = functional_call(module, {names[id(p)]: full(p, t) for p, t in zip(params, ts)}, (xi[None],),
+                                      {"use_cache": False}).logits[0]
+            out = out.float()
         finally:
             for h in hooks:
                 h.remove()
@@ -335,25 +339,26 @@ class DPStep(Callback):
     def pre_train(self, tr: Trainer) -> None:
         if tr.d.enabled:
             raise InputError("DP-SGD training runs in one process; run it without torchrun")
+        self.g_noise = secret_generator(tr.device)  # the noise is drawn where the gradients are
 
     def backward(self, tr: Trainer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         C, denom, x0, y0 = self.dp.max_grad_norm, x.size(0), x, y
         if self.plan is not None and self.windows is not None:
-            batch = self.windows[poisson_sample(len(self.windows), self.plan.sample_rate, self.g_sample)]
+            batch = self.windows[poisson_sample(len(self.windows), self.plan.sample_rate, self.g_sample)].to(x.device)
             x, y, denom = batch[:, :-1], batch[:, 1:], self.plan.sample_rate * len(self.windows)
         self.batch_sizes.append(x.size(0))
         train = [r for r in range(self.params[0].size(0)) if r not in set(self.frozen_rows)]
         summed = [torch.zeros_like(p[train]) for p in self.params]
         if x.size(0):
-            per, losses = vmap_grads(tr.model, self.params, self.frozen_rows, x, y, self.z_coef)
+            per, losses = vmap_grads(tr.model, self.params, self.frozen_rows, x, y, self.z_coef, autocast=tr.autocast)
             factor, _ = clip_factors(per, C)
             summed = [torch.einsum("b,b...->...", factor.to(g.dtype), g) for g in per]
             self.last_loss = losses.mean()
         elif self.last_loss.isnan():  # an empty first batch: a loss for the curve only, no gradient
-            with torch.no_grad():
+            with torch.no_grad(), tr.autocast():
                 self.last_loss = lm_loss(tr.model, x0, y0)
         for p, s in zip(self.params, summed):
-            noise = torch.randn(s.shape, generator=self.g_noise, dtype=s.dtype) * (self.sigma * C)
+            noise = torch.randn(s.shape, generator=self.g_noise, dtype=s.dtype, device=self.g_noise.device) * (self.sigma * C)
             grad = torch.zeros_like(p)
             grad[train] = (s + noise.to(s.device)) / denom  # noise on the trainable rows only
             p.grad = grad

@@ -56,6 +56,7 @@ from flexolmo.model.artifacts.merged_model import MergedModelCard
 from flexolmo.model.bias import router_lr_scale
 from flexolmo.model.callbacks import standard_callbacks, train_rows
 from flexolmo.model.config import TrainConfig
+from flexolmo.model.device import autocast, model_device, resolve_dtype
 from flexolmo.base.errors import InputError, NotFoundError
 from flexolmo.model.generate import RoutingCapture
 from flexolmo.model.layout import shared_weights_hash
@@ -150,18 +151,21 @@ def eval_windows(stream: torch.Tensor, seq_len: int, n: int) -> torch.Tensor:
 
 @torch.no_grad()
 def proxy_eval(model, windows: dict[str, torch.Tensor]) -> dict:
-    """Next-token loss and share of top-k selections per expert, per source and overall."""
+    """Next-token loss and share of top-k selections per expert, per source and overall (on the
+    model's device; call it under the run's autocast)."""
     names = expert_names(model)
     module = as_module(model)
+    device = model_device(module)
     was_training = module.training
     module.eval()
     per_source, total_counts, losses = {}, torch.zeros(len(names)), []
     for source, w in windows.items():
+        w = w.to(device)
         with RoutingCapture(model) as cap:
-            logits = model(input_ids=w[:, :-1], use_cache=False).logits
+            logits = model(input_ids=w[:, :-1], use_cache=False).logits.float()
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), w[:, 1:].reshape(-1)).item()
         idx, _, _ = cap.stacked()  # (N, L, k)
-        counts = torch.bincount(idx.reshape(-1), minlength=len(names)).float()
+        counts = torch.bincount(idx.reshape(-1).cpu(), minlength=len(names)).float()
         total_counts += counts
         losses.append(loss)
         per_source[source] = {"loss": round(loss, 4), "share": _shares(names, counts)}
@@ -202,6 +206,8 @@ def tune_router(
     eval_windows_per_source: int = 8,
     seed: int = 0,
     consent: tuple[str, ...] = (),
+    device: str = "cpu",
+    dtype: str = "float32",
     progress: bool = True,
     stop_after: int | None = None,
 ) -> RouterTuneResult:
@@ -220,6 +226,8 @@ def tune_router(
     :param seed: proxy sampling and batch order
     :param consent: owners who agree to share a sample of their own training documents;
         every other owner is represented by public documents its classifier picks
+    :param device: `cpu`, `cuda` or `auto`: where the model is tuned and measured
+    :param dtype: `float32`, or `bfloat16` (forward passes under autocast, float32 weights)
     :param stop_after: stop after this step (an interruption, in tests): the resume state is
         kept, nothing is written, and the result's `stopped` says so
     """
@@ -229,11 +237,14 @@ def tune_router(
             raise InputError(f"{name} must be at least 1, got {v}")
     if lr <= 0:
         raise InputError(f"lr must be positive, got {lr}")
+    d = distributed.setup()
+    run_device, run_dtype = distributed.run_device(d, device), resolve_dtype(dtype)  # refused before any work
     model_dir = Path(model_dir) if model_dir else ws.models_dir / "merged"
     if not (model_dir / "config.json").exists():
         raise NotFoundError(f"no merged model in {model_dir}; run `flexolmo merge --experts ...` first")
     card = MergedModelCard.read(model_dir)
     model = load_merged(model_dir, ws=ws)  # switches off what the catalog marks inactive/expired
+    model.module.to(run_device)
     seq_len = seq_len or min(128, model.config.max_position_embeddings - 1)
     if not 8 <= seq_len <= model.config.max_position_embeddings - 1:
         raise InputError(f"seq_len must be in 8..{model.config.max_position_embeddings - 1}, got {seq_len}")
@@ -245,7 +256,6 @@ def tune_router(
     sources = [n for n in names if n not in off]
     for s in sources:
         get_source(ws, s)  # NotFoundError names the missing source
-    d = distributed.setup()
 
     # data: the proxy set (train split only), balanced over domains
     t0 = time.time()
@@ -263,13 +273,14 @@ def tune_router(
 
     # model: only router rows 1.. of switched-on experts and their biases train
     frozen = [0] + [i for i, n in enumerate(names) if n in off]
-    before = proxy_eval(model, windows)
+    with autocast(run_device, run_dtype):
+        before = proxy_eval(model, windows)
     params, frozen_rows = train_rows(model, frozen, routers_only=True)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup_steps=max(1, steps // 10),
                       weight_decay=0.0, seed=seed, checkpoint_every=max(0, min(50, steps - 1)),
-                      log_every=max(1, steps // 20))
+                      log_every=max(1, steps // 20), device=device, dtype=dtype)
     config_dict = {"kind": "router-tune", "model": str(model_dir), "model_sha256": file_sha256(model_dir / "model.safetensors"),
-                   "sources": sources, "docs_per_source": docs_per_source, "train": cfg.__dict__}
+                   "sources": sources, "docs_per_source": docs_per_source, "train": cfg.recipe()}
     callbacks, ckpt = standard_callbacks(ws, RUN_NAME, config_dict, progress, stop_after)
     lr_scale = _row_lr_scale(model, card, sources)
     top_k = [r.top_k for r in routers(model)]
@@ -288,7 +299,8 @@ def tune_router(
     model.eval()
     for p in params:
         p.requires_grad_(False)
-    after = proxy_eval(model, windows)
+    with autocast(run_device, run_dtype):
+        after = proxy_eval(model, windows)
     assert shared_weights_hash(model) == public_hash  # row 0 and everything shared untouched
 
     previous = card.router_tuning

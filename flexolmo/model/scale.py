@@ -78,4 +78,5 @@ class ScaleCap(Callback):
         self.peaks: list[float] = []
 
     def post_step(self, tr: Trainer) -> None:
-        self.peaks.append(round(float(cap_scale(tr.model, self.windows, self.cap, self.expert).max()), 4))
+        with tr.autocast():
+            self.peaks.append(round(float(cap_scale(tr.model, self.windows, self.cap, self.expert).max()), 4))

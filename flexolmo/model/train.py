@@ -48,6 +48,7 @@ from flexolmo.model.artifacts.public_model import PublicModelCard
 from flexolmo.model.bias import BiasTracker, bias_summary, calibrate, router_lr_scale, routing_check, sample_windows, scale_margin
 from flexolmo.model.callbacks import standard_callbacks, train_rows
 from flexolmo.model.config import Profile, get_profile, override
+from flexolmo.model.device import autocast, resolve_dtype
 from flexolmo.model.domain import classifier_rows, router_row
 from flexolmo.base.errors import InputError
 from flexolmo.model.layout import shared_weights_hash, with_experts
@@ -83,8 +84,8 @@ class TrainResult:
     stopped = property(lambda self: self.fit.stopped)
 
 
-def _profile(profile: str | Profile, steps: int | None, part: str) -> Profile:
-    p = get_profile(profile)
+def _profile(profile: str | Profile, steps: int | None, part: str, device: str | None, dtype: str | None) -> Profile:
+    p = get_profile(profile).on(device, dtype)
     if steps is not None:
         if steps < 1:
             raise InputError(f"--steps must be at least 1, got {steps}")
@@ -106,20 +107,25 @@ def train_public(
     *,
     source: str = "public",
     steps: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
     progress: bool = True,
     stop_after: int | None = None,
 ) -> TrainResult:
     """Train the public model (1 expert) on `source`'s train split; save `models/public/`.
 
-    :param profile: `tiny`, `demo`, `paper` or a `Profile`
+    :param profile: `tiny`, `demo`, `paper`, `gpu` or a `Profile`
     :param steps: override the profile's step count
+    :param device: `cpu`, `cuda` or `auto`; dtype: `float32` or `bfloat16` (autocast); None: the
+        profile's (cpu, float32). Not part of the model's inputs
     :param stop_after: stop after this step, keeping the resume state (an interruption, in
         tests); the result's `stopped` says so and nothing is written
     """
     # settings
     d = distributed.setup()
-    p = _profile(profile, steps, "public")
+    p = _profile(profile, steps, "public", device, dtype)
     cfg = p.public
+    device, dtype = distributed.run_device(d, cfg.device), resolve_dtype(cfg.dtype)  # refused here, before any work
     get_source(ws, source)
     inputs = public_model.inputs(ws, p, source)
 
@@ -131,7 +137,7 @@ def train_public(
     # frozen here, set to the public domain embedding at the end
     info = tokenizer_info(ws)
     hf = p.model.hf_config(vocab_size=info.vocab_size, eos_id=info.eos_id, pad_id=info.pad_id, num_experts=1, top_k=1)
-    model = build_model(hf, seed=cfg.seed).to(d.device)
+    model = build_model(hf, seed=cfg.seed).to(device)
     for n, p_ in model.named_parameters():
         p_.requires_grad_("mlp.gate." not in n)
     params = [p_ for p_ in model.parameters() if p_.requires_grad]
@@ -145,7 +151,8 @@ def train_public(
         return TrainResult("public", source, out, p.name, fit, num_parameters(model), None, loaded)
 
     # router row 0 = the public domain embedding; write the artifact
-    row, how = router_row(model, ws, source, cfg, public_source=source)
+    with autocast(device, dtype):
+        row, how = router_row(model, ws, source, cfg, public_source=source)
     with torch.no_grad():
         for r in routers(model):
             r.weight[0].copy_(row)
@@ -173,6 +180,8 @@ def train_expert(
     owner: str | None = None,
     dp: "object | None" = None,
     packages_dir: Path | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
     progress: bool = True,
     stop_after: int | None = None,
 ) -> TrainResult:
@@ -182,15 +191,19 @@ def train_expert(
         evaluation's ablations keep their packages apart)
     :param dp: a `flexolmo.model.privacy.DPConfig`: the whole package under one (epsilon, delta) budget
         (DP-SGD, the router row's start and the domain classifier; flexolmo/model/privacy.py)
+    :param device: `cpu`, `cuda` or `auto`; dtype: `float32` or `bfloat16`; None: the profile's.
+        Everything runs there: the router-row start, the bias calibration, DP-SGD and its noise
     :param stop_after: stop after this step, keeping the resume state (tests); nothing is written
     """
     # settings
     d = distributed.setup()
-    p = _profile(profile, steps, "expert")
+    p = _profile(profile, steps, "expert", device, dtype)
     cfg = p.expert
+    device, dtype = distributed.run_device(d, cfg.device), resolve_dtype(cfg.dtype)
     src = get_source(ws, source)
     public, _ = public_model.load(ws)
     public_hash, public_name = shared_weights_hash(public), public.experts[0]
+    public.module.to(device)
     dp_settings = dp.settings() if dp is not None else None
     inputs = expert_package.inputs(ws, p, source, public_hash, dp_settings)
 
@@ -211,19 +224,21 @@ def train_expert(
     if cfg.router_init in ("classifier", "embedder") and dp is not None:
         raise InputError(f"router_init {cfg.router_init!r} reads the owner's text outside the DP budget; "
                          "use domain_mean (the default) with --dp-epsilon")
-    if cfg.router_init == "classifier":
-        rows, how = classifier_rows(public, pub_w, own_w)
-    elif plan is not None and cfg.router_init != "random":
-        rows, how = _dp_router_row(public, public_stream, own_windows, plan, cfg)
-    else:
-        rows, how = router_row(public, ws, source, cfg, public_source=public_name)
-    model = with_experts(public, 2, top_k=p.model.top_k).to(d.device)
+    with autocast(device, dtype):  # forward passes only, in the run's precision
+        if cfg.router_init == "classifier":
+            rows, how = classifier_rows(public, pub_w, own_w)
+        elif plan is not None and cfg.router_init != "random":
+            rows, how = _dp_router_row(public, public_stream, own_windows, plan, cfg)
+        else:
+            rows, how = router_row(public, ws, source, cfg, public_source=public_name)
+    model = with_experts(public, 2, top_k=p.model.top_k).to(device)
     del public
     with torch.no_grad():
         for l, r in enumerate(routers(model)):
             r.weight[1].copy_(rows[l] if rows.ndim == 2 else rows)  # one row per layer, or the same in all
     floor = cfg.router_own_floor if dp is None else None  # the floor reads own text: outside a DP budget
-    bias_report, factors = _start_bias(model, pub_w, own_w, cfg, floor)
+    with autocast(device, dtype):
+        bias_report, factors = _start_bias(model, pub_w, own_w, cfg, floor)
     params, frozen = train_rows(model, frozen=[0])
     run = f"expert-{source}" if packages_dir is None else f"expert-{source}-{sha256_json(str(packages_dir))[:8]}"
     callbacks, ckpt = standard_callbacks(ws, run, {"kind": "expert", "inputs": inputs}, progress, stop_after)
@@ -256,10 +271,11 @@ def train_expert(
 
     # the package
     check_pub, check_own = _check_windows(public_stream, stream, cfg, seed=cfg.seed + 1)
-    bias_report["at_end"] = routing_check(model, check_pub, check_own).to_dict()
+    with autocast(device, dtype):
+        bias_report["at_end"] = routing_check(model, check_pub, check_own).to_dict()
+        # how loud the owner's expert is against the public one on public text, per layer (flexolmo/model/scale.py)
+        bias_report["expert_output_ratio_at_end"] = [round(float(r), 4) for r in output_ratios(model, check_pub[:4])]
     bias_report["bias_at_end"] = bias_summary(model)
-    # how loud the owner's expert is against the public one on public text, per layer (flexolmo/model/scale.py)
-    bias_report["expert_output_ratio_at_end"] = [round(float(r), 4) for r in output_ratios(model, check_pub[:4])]
     if capper is not None:
         bias_report["scale_cap"] = {"cap": cfg.expert_scale_cap, "largest_ratio_met": max(capper.peaks, default=None)}
     bias_report["public_share_of_batches"] = cfg.public_mix if mixed else ("not applied under DP" if cfg.public_mix else 0.0)

@@ -15,6 +15,10 @@ differs between recipes lives in the callbacks and the loss function:
     Checkpoint    resume state in runs/<name>/ (an HF model folder + state.pt, a plain dict)
     EarlyStop     stop after a given step (an interruption, in tests); the result says so
     loss_fn       `losses.lm_loss`, or `losses.WithRouterZLoss` for owner training
+
+Where: `cfg.device` (the model is moved there, batches go there; under torchrun each rank's own
+GPU) in `cfg.dtype`: bfloat16 runs the forward pass under autocast while the weights and
+AdamW's state stay float32 (the master copy), and the loss is taken in float32.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch
 
 from flexolmo.model import distributed
 from flexolmo.model.config import TrainConfig
+from flexolmo.model.device import autocast, resolve_dtype
 from flexolmo.model.losses import lm_loss
 from flexolmo.model.moe import as_module
 from flexolmo.model.stream import Mixture, get_batch
@@ -112,6 +117,8 @@ class Trainer:
     def __post_init__(self) -> None:
         self.model = as_module(self.model)
         self.d = self.dist or distributed.setup()
+        self.device, self.dtype = distributed.run_device(self.d, self.cfg.device), resolve_dtype(self.cfg.dtype)
+        self.model.to(self.device)  # in place: `params` stay the model's parameters
         self.callbacks = sorted(self.callbacks, key=lambda c: c.order)
         groups: dict[tuple[float, float], list] = {}  # (weight decay, lr factor) -> params
         for p in self.params:
@@ -137,7 +144,7 @@ class Trainer:
                 g["lr"] = get_lr(cfg, step) * g.get("lr_scale", 1.0)
             # forward, backward, update
             x, y = get_batch(self.stream, cfg, step, d.rank)
-            loss = self._backward(x.to(d.device), y.to(d.device))
+            loss = self._backward(x.to(self.device), y.to(self.device))
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             self.step, self.tokens = step + 1, self.tokens + per_step
@@ -160,13 +167,18 @@ class Trainer:
             resumed_from=self.resumed_from, world_size=d.world_size, stopped=self.stop_reason,
         )
 
+    def autocast(self):
+        """The forward pass's precision (`cfg.dtype`): wrap forward passes in it, not backward ones."""
+        return autocast(self.device, self.dtype)
+
     def _backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Gradients of the loss on one batch: a callback's (DP-SGD), else plain with clipping."""
         for cb in self.callbacks:
             loss = cb.backward(self, x, y)
             if loss is not None:
                 return loss
-        loss = self.loss_fn(self.net, x, y)
+        with self.autocast():
+            loss = self.loss_fn(self.net, x, y)
         loss.backward()
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
