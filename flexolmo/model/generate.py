@@ -8,7 +8,7 @@ call. Alignment, used throughout: the decisions "for" token t are those taken at
 position that *predicted* it (position t-1, whose hidden state produced token t's
 distribution). In `generate`, generated token j's routing is that of the forward step that
 produced it; `route(model, ids)` returns the decisions at every position, so the routing
-that produced `ids[t]` is row t-1.
+that produced `ids[t]` is row t-1 (`Routing.producing(t)`).
 
 For tracing (issue 5):
     route(model, input_ids)                        one forward pass, per-position top-k
@@ -120,6 +120,12 @@ class Routing:
     weights: torch.Tensor  # (T, L, k) float
     logits: torch.Tensor  # (T, L, E) float: router logits incl. bias and the -inf of switched-off experts
     expert_names: list[str] = field(default_factory=list)
+
+    def producing(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(experts (L, k), weights (L, k)) of the step that produced token t (t >= 1)."""
+        if not 1 <= t < len(self.token_ids):
+            raise InputError(f"token position {t} has no producing step: use 1..{len(self.token_ids) - 1}")
+        return self.experts[t - 1], self.weights[t - 1]
 
 
 def _ids(input_ids) -> torch.Tensor:
