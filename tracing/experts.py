@@ -11,15 +11,17 @@ When counterfactuals are computed the span's top expert is the argmax of the dro
 switched-on experts (`top_expert_by="counterfactual"`), else the argmax of the routing share
 (`"routing"`); both argmaxes are kept on the span (`top_by_routing`, `top_by_counterfactual`).
 
-Cost (issue 8). One routing pass over the response gives the routing *and* the base
-log-probabilities. The counterfactuals are one batched pass: row b is the response with
-expert b switched off (`flexolmo.model.moe.experts_off_per_row`), cut after the last kept span's
-last token (the model is causal: later tokens change nothing before them) and with the
-vocabulary projection only at the kept spans' tokens. Experts the router gave no weight on
-any kept span's token are skipped: their `counterfactual` is None, like the last expert on
-(which cannot be switched off); an expert already off has a drop of 0. `method="per_expert"`
-runs the former one-full-pass-per-expert computation (the reference the tests and
-`bench/trace.py` compare against).
+Cost (issues 8, 24). One base pass per model window (tracing/counterfactual.py `base_window`)
+gives the routing *and* the base log-probabilities, cut after the last kept span's last token
+(the model is causal) and with the last layer and the vocabulary projection only at the kept
+spans' tokens; it keeps the keys, values and layer 0's state. The counterfactuals are then
+rows of one batched call per window (`expert_off_rows`): row b has expert b switched off and
+recomputes only what that changes (layer 0's MoE where the router chose the expert, the layers
+after it from the expert's first choice on, the last layer at the kept tokens), exactly. Experts
+the router gave no weight on any kept span's token are skipped: their `counterfactual` is None,
+like the last expert on (which cannot be switched off); an expert already off has a drop of 0.
+`method="per_expert"` runs one full transformers forward pass per expert (the reference the
+tests and `bench/trace.py` compare against).
 """
 
 from __future__ import annotations
@@ -179,13 +181,15 @@ def batched_drops(model, bases, n: int, run: list[int]) -> dict[int, np.ndarray]
 
 def batch_rows(model, seq_len: int, kept: int, wanted: int) -> int:
     """How many experts-off rows one batched call runs: MAX_ROWS on a CPU; on a GPU as many as
-    half the free memory holds, by a rough per-row estimate (activations of one layer at a time,
-    the kept tokens' logits in float32); an out-of-memory error halves it (`batched_drops`)."""
+    half the free memory holds, by a rough per-row estimate (one layer's activations: the k
+    token-slot copies in, the experts' intermediates and outputs, keys and values; the kept
+    tokens' logits in float32); an out-of-memory error halves it (`batched_drops`)."""
     if model.device.type != "cuda":
         return min(MAX_ROWS, wanted)
     cfg = model.config
     width = next(model.module.parameters()).element_size()
-    per_row = seq_len * cfg.hidden_size * width * 16 + kept * cfg.vocab_size * 4 * 2
+    H, inter, k = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts_per_tok
+    per_row = seq_len * width * (k * 3 * (H + inter) + 8 * H) + kept * cfg.vocab_size * 4 * 2
     free, _ = torch.cuda.mem_get_info(model.device)
     return max(1, min(wanted, int(free * 0.5 // max(per_row, 1))))
 
