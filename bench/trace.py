@@ -1,5 +1,6 @@
-"""Trace latency before/after batched counterfactuals, first trace of a new process, speed-up
-over the bare `engine.attribute`, and source-expert agreement by routing and by counterfactual.
+"""Trace latency with counterfactuals by the reference and as now, first trace of a new process,
+speed-up over the bare `engine.attribute`, and source-expert agreement by routing and by
+counterfactual.
 
     .venv/bin/python bench/trace.py [--workspace W] [--inputs 40] [--bare 20] [--responses 200]
     .venv/bin/python bench/trace.py --workspace W --random-model demo --skip-agreement
@@ -9,10 +10,12 @@ a demo-sized 8-expert model with random weights instead (latency only: its routi
 nothing, so agreement is skipped). Nothing is written: traces are not stored.
 
 1. Inputs: 450-token windows of held-out (validation) documents of every source.
-2. Latency p50/p95: spans + documents + relevance; + routing pass; + counterfactuals as
-   before (one full forward pass per switched-on expert, plus one for the base log-probs)
-   and as now (one batched pass, tracing/experts.py), and the largest difference between
-   the two drops (the same numbers, to float tolerance).
+2. Latency p50/p95: spans + documents + relevance; + routing pass; + counterfactuals by the
+   reference (one full forward pass per switched-on expert, plus one for the base log-probs)
+   and as now (tracing/counterfactual.py), interleaved on the same inputs, with the largest
+   difference between the two drops (the same numbers, to float tolerance), the counterfactual
+   stage alone, the FLOPs of both on one input, the warm traces' stage breakdown (p50 over
+   inputs after the first) and the load average (timings on shared cores are noisy).
 3. First trace of a new process against a warm one (fresh interpreter, run twice: the first
    run may fill numba's on-disk cache, the second shows a normal start).
 4. The bare `InfiniGramEngine.attribute` with the same delimiters: latency, speed-up, same spans.
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -129,15 +133,18 @@ def main() -> None:
 
 
 def latency(ws: Workspace, tracer: Tracer, args) -> None:
-    """2. pipeline latency, counterfactuals before (one pass per expert) and after (batched)."""
+    """2. pipeline latency; counterfactuals by the reference (one full pass per expert) and now
+    (tracing/counterfactual.py) on the same inputs, interleaved; warm stage breakdown."""
     data = inputs(ws, tracer, args.inputs)
     dec = tracer.tokenizer.decode
     tracer.trace_ids(data[0], prompt=None, prompt_ids=[], routing=None, generated=False, store=False)  # warm-up
     eos = tracer.tokenizer.eos_token_id
-    rows: dict[str, list[float]] = {k: [] for k in ("spans+docs+BM25", "+ routing pass", "+ counterfactuals, before",
+    rows: dict[str, list[float]] = {k: [] for k in ("spans+docs+BM25", "+ routing pass", "+ counterfactuals, reference",
                                                   "+ counterfactuals, now")}
-    diffs, skipped, n_spans = [], 0, []
+    cf_ms: dict[str, list[float]] = {"per_expert": [], "batched": []}  # the counterfactual stage alone
+    diffs, skipped, n_spans, stages = [], 0, [], []
     bare_tracer = replace(tracer, model=None)
+    print(f"  load average before: {load()}")
     for ids in data:
         t0 = time.perf_counter()
         tr = bare_tracer.trace_ids(ids, prompt=None, prompt_ids=[], routing=None, generated=False, store=False,
@@ -146,13 +153,14 @@ def latency(ws: Workspace, tracer: Tracer, args) -> None:
         rows["spans+docs+BM25"].append(base_ms)
         n_spans.append(len(tr.spans))
         out = {}
-        for label, cf, method in (("+ routing pass", False, "batched"), ("+ counterfactuals, before", True, "per_expert"),
+        for label, cf, method in (("+ routing pass", False, "batched"), ("+ counterfactuals, reference", True, "per_expert"),
                                   ("+ counterfactuals, now", True, "batched")):
             spans = copy.deepcopy(tr.spans)
             t0 = time.perf_counter()
-            if spans:
-                link_experts(tracer.model, spans, ids, [], None, counterfactual=cf, bos_id=eos, method=method)
+            sub = link_experts(tracer.model, spans, ids, [], None, counterfactual=cf, bos_id=eos, method=method) if spans else {}
             rows[label].append(base_ms + (time.perf_counter() - t0) * 1000)
+            if cf:
+                cf_ms[method].append(sub.get("counterfactual", 0.0))
             out[method if cf else "routing"] = spans
         for a, b in zip(out["batched"], out["per_expert"]):
             for x, y in zip(a.experts, b.experts):
@@ -160,13 +168,55 @@ def latency(ws: Workspace, tracer: Tracer, args) -> None:
                     skipped += x.active
                 else:
                     diffs.append(abs(x.counterfactual - y.counterfactual))
+        stages.append(tracer.trace_ids(ids, prompt=None, prompt_ids=[], routing=None, generated=False,
+                                       store=False).timings_ms)
     for label, ms in rows.items():
-        print(f"pipeline {label:26s} p50 {pct(ms, 50):8.1f} ms  p95 {pct(ms, 95):8.1f} ms")
-    print(f"  spans kept per input: {statistics.mean(n_spans):.1f}; batched vs per-expert drops: max |diff| "
+        print(f"pipeline {label:28s} p50 {pct(ms, 50):8.1f} ms  p95 {pct(ms, 95):8.1f} ms")
+    print(f"  spans kept per input: {statistics.mean(n_spans):.1f}; now vs reference drops: max |diff| "
           f"{max(diffs, default=0):.2e} over {len(diffs)} (span, expert) pairs; skipped (no routing weight on any "
           f"kept span): {skipped}")
-    b, a = pct(rows["+ counterfactuals, before"], 50), pct(rows["+ counterfactuals, now"], 50)
+    ratio = [r / max(n, 1e-9) for r, n in zip(cf_ms["per_expert"], cf_ms["batched"])]
+    print(f"  counterfactual stage alone p50: reference {pct(cf_ms['per_expert'], 50):.0f} ms, now "
+          f"{pct(cf_ms['batched'], 50):.0f} ms (per input reference/now p50 {pct(ratio, 50):.1f}x)")
+    b, a = pct(rows["+ counterfactuals, reference"], 50), pct(rows["+ counterfactuals, now"], 50)
     print(f"  full trace with counterfactuals p50: {b:.0f} ms -> {a:.0f} ms ({b / a:.1f}x)")
+    flops(tracer, data[0], eos)
+    print(f"warm traces (Tracer.trace_ids, inputs 2..{len(stages)}), p50 per stage (ms): "
+          f"{warm_stages(stages[1:])}; load average after: {load()}")
+
+
+def warm_stages(timings: list[dict[str, float]]) -> dict[str, float]:
+    """p50 of each stage over traces (each trace's `timings_ms`)."""
+    keys = [k for k in timings[0]] if timings else []
+    return {k: round(pct([t[k] for t in timings if k in t], 50), 1) for k in keys}
+
+
+def flops(tracer: Tracer, ids: list[int], eos: int) -> None:
+    """Floating-point operations of the routing + counterfactual stages, now against the reference,
+    on one input (torch's FlopCounterMode: matmuls and attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    tr = replace(tracer, model=None).trace_ids(ids, prompt=None, prompt_ids=[], routing=None, generated=False, store=False)
+    if not tr.spans:
+        return
+    cfg = tracer.model.config
+    impl = cfg._experts_implementation
+    cfg._experts_implementation = "eager"  # the counter does not see transformers' grouped_mm kernel
+    try:
+        got = {}
+        for method in ("per_expert", "batched"):
+            with FlopCounterMode(display=False) as fc:
+                link_experts(tracer.model, copy.deepcopy(tr.spans), ids, [], None, counterfactual=True, bos_id=eos,
+                             method=method)
+            got[method] = fc.get_total_flops() / 1e9
+    finally:
+        cfg._experts_implementation = impl
+    print(f"  routing + counterfactuals on input 1: reference {got['per_expert']:.1f} GFLOP, now {got['batched']:.1f} GFLOP "
+          f"({1 - got['batched'] / got['per_expert']:.0%} fewer)")
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def first_trace(args) -> None:
@@ -183,7 +233,7 @@ def first_trace(args) -> None:
         d = json.loads(r.stdout.strip().splitlines()[-1])
         print(f"new process, run {run}: imports {d['import_s']:.1f} s, open {d['open_s']:.1f} s; first trace "
               f"{d['first_ms']:.0f} ms, warm p50 {d['warm_ms']:.0f} ms ({d['first_ms'] / d['warm_ms']:.2f}x); "
-              f"first trace's stages {d['first_timings']}")
+              f"first trace's stages {d['first_timings']}; warm traces' stages, p50 {d['warm_timings']}")
 
 
 def first_trace_child(ws: Workspace, args, t_import: float) -> None:
@@ -191,14 +241,14 @@ def first_trace_child(ws: Workspace, args, t_import: float) -> None:
     tracer = open_tracer(ws, args)
     t1 = time.perf_counter()
     data = inputs(ws, tracer, 6, seed=7)
-    ms, first = [], None
+    ms, stages = [], []
     for ids in data:
         t = time.perf_counter()
         tr = tracer.trace_ids(ids, prompt=None, prompt_ids=[], routing=None, generated=False, store=False)
         ms.append((time.perf_counter() - t) * 1000)
-        first = first or tr.timings_ms
+        stages.append(tr.timings_ms)
     print(json.dumps(dict(import_s=t0 - t_import, open_s=t1 - t0, first_ms=ms[0], warm_ms=statistics.median(ms[1:]),
-                          first_timings=first)))
+                          first_timings=stages[0], warm_timings=warm_stages(stages[1:]))))
 
 
 def bare(ws: Workspace, tracer: Tracer, args) -> None:

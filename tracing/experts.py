@@ -11,15 +11,17 @@ When counterfactuals are computed the span's top expert is the argmax of the dro
 switched-on experts (`top_expert_by="counterfactual"`), else the argmax of the routing share
 (`"routing"`); both argmaxes are kept on the span (`top_by_routing`, `top_by_counterfactual`).
 
-Cost (issue 8). One routing pass over the response gives the routing *and* the base
-log-probabilities. The counterfactuals are one batched pass: row b is the response with
-expert b switched off (`flexolmo.model.moe.experts_off_per_row`), cut after the last kept span's
-last token (the model is causal: later tokens change nothing before them) and with the
-vocabulary projection only at the kept spans' tokens. Experts the router gave no weight on
-any kept span's token are skipped: their `counterfactual` is None, like the last expert on
-(which cannot be switched off); an expert already off has a drop of 0. `method="per_expert"`
-runs the former one-full-pass-per-expert computation (the reference the tests and
-`bench/trace.py` compare against).
+Cost (issues 8, 24). One base pass per model window (tracing/counterfactual.py `base_window`)
+gives the routing *and* the base log-probabilities, cut after the last kept span's last token
+(the model is causal) and with the last layer and the vocabulary projection only at the kept
+spans' tokens; it keeps the keys, values and layer 0's state. The counterfactuals are then
+rows of one batched call per window (`expert_off_rows`): row b has expert b switched off and
+recomputes only what that changes (layer 0's MoE where the router chose the expert, the layers
+after it from the expert's first choice on, the last layer at the kept tokens), exactly. Experts
+the router gave no weight on any kept span's token are skipped: their `counterfactual` is None,
+like the last expert on (which cannot be switched off); an expert already off has a drop of 0.
+`method="per_expert"` runs one full transformers forward pass per expert (the reference the
+tests and `bench/trace.py` compare against).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ def link_experts(model, spans: list[Span], ids: list[int], prompt_ids: list[int]
         response token, captured while generating; None: computed here by one forward pass
     :param bos_id: put in front of a response without a prompt, so its first token has a
         producing step (the end-of-text token)
+    :param method: "batched" (tracing/counterfactual.py) or "per_expert" (the reference)
     :param ranges: each span's model tokens [start, end) in `ids` (None: the span's own
         start/end, when the index and the model share one tokenizer)
     """
@@ -73,11 +76,14 @@ def link_experts(model, spans: list[Span], ids: list[int], prompt_ids: list[int]
     ctx = list(prompt_ids) if prompt_ids else [int(bos_id)]
     seq, P = ctx + list(ids), len(ctx)
     windows = model_windows(P, n, model.config.max_position_embeddings)
+    need = np.zeros(n, dtype=bool)  # the kept spans' tokens: the only ones whose routing and log-probs are read
+    for a, b in ranges:
+        need[a: b] = True
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    base = None
+    bases = []
     if routing is None or (counterfactual and method == "batched"):
-        r_experts, r_weights, base = routing_pass(model, seq, windows)
+        r_experts, r_weights, bases = routing_pass(model, seq, windows, P, need)
         if routing is None:
             routing = (r_experts, r_weights)
     experts, weights = routing
@@ -87,13 +93,9 @@ def link_experts(model, spans: list[Span], ids: list[int], prompt_ids: list[int]
     if counterfactual:
         t1 = time.perf_counter()
         if sum(on) > 1:
-            need = np.zeros(n, dtype=bool)
-            for a, b in ranges:
-                need[a: b] = True
             if method == "batched":
                 used = routed_experts(experts, weights, need, E)
-                run = [e for e in range(E) if on[e] and used[e]]
-                drops.update(batched_drops(model, seq, windows, P, need, run, base))
+                drops.update(batched_drops(model, bases, n, [e for e in range(E) if on[e] and used[e]]))
             else:
                 drops.update(per_expert_drops(model, seq, windows, [e for e in range(E) if on[e]]))
         drops.update({e: np.zeros(n) for e in range(E) if not on[e]})  # already off: switching it off changes nothing
@@ -126,73 +128,68 @@ def routed_experts(experts: np.ndarray, weights: np.ndarray, need: np.ndarray, E
     return np.bincount(sel.reshape(-1), minlength=E) > 0
 
 
-@torch.no_grad()
-def routing_pass(model, seq: list[int], windows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One forward pass per window: routing (n, L, k) of the step producing each response
-    token, with its weights, and the response tokens' log-probabilities (n,)."""
-    from flexolmo.model.generate import RoutingCapture
+def routing_pass(model, seq: list[int], windows, P: int, need: np.ndarray):
+    """One base pass per window holding needed response tokens, cut after the last of them
+    (tracing/counterfactual.py `base_window`). Returns the routing (n, L, k) of the step
+    producing each needed response token and its weights (other tokens: expert 0, weight 0),
+    and per window (response positions (K,), its `WindowBase`: base log-probs, reusable state)."""
+    from .counterfactual import base_window
 
-    module = model.module
-    dev = model.device
-    ex, wt, lp = [], [], []
-    for a, b, s, e in windows:
-        keep = torch.arange(s - a - 1, e - a - 1)  # positions predicting tokens s..e-1
-        with RoutingCapture(module) as cap:
-            logits = module(input_ids=torch.tensor([seq[a:b]], device=dev), use_cache=False,
-                            logits_to_keep=keep.to(dev)).logits[0]
-        idx, w, _ = cap.stacked()  # on the CPU
-        ex.append(idx[keep].numpy())
-        wt.append(w[keep].numpy())
-        lp.append(_logprobs(logits, seq[s:e]))
-    return np.concatenate(ex), np.concatenate(wt), np.concatenate(lp)
-
-
-@torch.no_grad()
-def batched_drops(model, seq: list[int], windows, P: int, need: np.ndarray, run: list[int],
-                  base: np.ndarray) -> dict[int, np.ndarray]:
-    """Drop of each needed response token's log-prob with each expert in `run` off, batched:
-    one call per window holding needed tokens (and per MAX_ROWS experts)."""
-    from flexolmo.model.moe import experts_off_per_row
-
-    module = model.module
-    dev = model.device
-    out = {e: np.zeros(len(need)) for e in run}
+    L = model.config.num_hidden_layers
+    k = min(model.config.num_experts_per_tok, sum(model.active))
+    ex, wt = np.zeros((len(need), L, k), dtype=np.int64), np.zeros((len(need), L, k), dtype=np.float32)
+    bases = []
     for a, b, s, e in windows:
         targets = [t for t in range(s, e) if need[t - P]]  # sequence positions of needed tokens
-        if not targets or not run:
+        if not targets:
             continue
-        inp = seq[a: targets[-1]]  # nothing after the last needed token matters
-        keep = torch.tensor([t - 1 - a for t in targets], device=dev)
+        base = base_window(model, seq[a: targets[-1]], [t - 1 - a for t in targets], [seq[t] for t in targets])
         resp = np.asarray(targets) - P
-        rows = batch_rows(model, len(inp), len(targets), len(run))
+        ex[resp] = base.experts[base.need].cpu().numpy()
+        wt[resp] = base.weights[base.need].cpu().numpy()
+        bases.append((resp, base))
+    return ex, wt, bases
+
+
+def batched_drops(model, bases, n: int, run: list[int]) -> dict[int, np.ndarray]:
+    """Drop of each needed response token's log-prob with each expert in `run` off: per window,
+    the experts ordered by where their rows start to differ (`WindowBase.start`), up to
+    `batch_rows` rows per call, each call starting at its first row's start."""
+    from .counterfactual import expert_off_rows
+
+    out = {e: np.zeros(n) for e in run}
+    for resp, base in bases:
+        order = sorted(run, key=base.start)
+        rows = batch_rows(model, len(base.ids), len(resp), len(run))
         i = 0
-        while i < len(run):
-            chunk = run[i: i + rows]
-            batch = torch.tensor([inp], device=dev).expand(len(chunk), -1)
+        while i < len(order):
+            chunk = order[i: i + rows]
             try:
-                with experts_off_per_row(model, chunk, len(inp)):
-                    logits = module(input_ids=batch, use_cache=False, logits_to_keep=keep).logits  # (B, K, V)
+                lp = expert_off_rows(model, base, chunk)  # (B, K)
             except torch.OutOfMemoryError:
                 if rows == 1:
                     raise
                 rows = max(1, rows // 2)  # the estimate was off: halve and retry this chunk
-                _free_cache(dev)
+                _free_cache(model.device)
                 continue
+            drop = (base.logprobs[None] - lp).double().cpu().numpy()
             for row, x in enumerate(chunk):
-                out[x][resp] = base[resp] - _logprobs(logits[row], [seq[t] for t in targets])
+                out[x][resp] = drop[row]
             i += len(chunk)
     return out
 
 
 def batch_rows(model, seq_len: int, kept: int, wanted: int) -> int:
     """How many experts-off rows one batched call runs: MAX_ROWS on a CPU; on a GPU as many as
-    half the free memory holds, by a rough per-row estimate (activations of one layer at a time,
-    the kept tokens' logits in float32); an out-of-memory error halves it (`batched_drops`)."""
+    half the free memory holds, by a rough per-row estimate (one layer's activations: the k
+    token-slot copies in, the experts' intermediates and outputs, keys and values; the kept
+    tokens' logits in float32); an out-of-memory error halves it (`batched_drops`)."""
     if model.device.type != "cuda":
         return min(MAX_ROWS, wanted)
     cfg = model.config
     width = next(model.module.parameters()).element_size()
-    per_row = seq_len * cfg.hidden_size * width * 16 + kept * cfg.vocab_size * 4 * 2
+    H, inter, k = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts_per_tok
+    per_row = seq_len * width * (k * 3 * (H + inter) + 8 * H) + kept * cfg.vocab_size * 4 * 2
     free, _ = torch.cuda.mem_get_info(model.device)
     return max(1, min(wanted, int(free * 0.5 // max(per_row, 1))))
 
@@ -215,11 +212,6 @@ def per_expert_drops(model, seq: list[int], windows, run: list[int]) -> dict[int
     return {e: base - logprobs([e]) for e in run}
 
 
-def _logprobs(logits: torch.Tensor, targets: list[int]) -> np.ndarray:
-    """log p(target) per row of `logits` (K, V), in float32 on the logits' device, returned on the CPU."""
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    return lp.gather(1, torch.tensor(targets, device=logits.device)[:, None])[:, 0].double().cpu().numpy()
-
-
 def _ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000, 2)
+

@@ -1,0 +1,150 @@
+"""Counterfactual drops (tracing/counterfactual.py) against the reference: one full forward pass
+of transformers' module per switched-off expert. Tiny random models, no federation."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from flexolmo.model.config import get_profile
+from flexolmo.model.generate import RoutingCapture, token_logprobs
+from flexolmo.model.moe import LoadedModel, build_model, routers, set_active
+from tracing.counterfactual import base_window, expert_off_rows
+from tracing.experts import link_experts
+from tracing.models import Span
+
+VOCAB = 300
+LOUD = 3e6  # the tiny model's MoE outputs have mean square ~1e-13; times LOUD ~ 1, as a trained model's
+
+
+def tiny(experts: int = 4, top_k: int = 2, layers: int = 3, loud: float | None = None,
+         bias: dict[int, float] | None = None, norm_topk: bool = False, seed: int = 0) -> LoadedModel:
+    """A tiny random model (64 positions). loud: scale the experts' outputs to a trained model's
+    size (mean square far above the norm's eps); bias: router bias per expert, every layer."""
+    cfg = replace(get_profile("tiny").model, num_layers=layers).hf_config(vocab_size=VOCAB, eos_id=0, pad_id=1,
+                                                                         num_experts=experts, top_k=top_k)
+    cfg.norm_topk_prob = norm_topk
+    module = build_model(cfg, seed=seed).eval()
+    with torch.no_grad():
+        for layer in module.model.layers:
+            if loud:
+                layer.mlp.experts.down_proj.mul_(loud)
+        for r in routers(module):
+            for e, b in (bias or {}).items():
+                r.bias[e] = b
+    return LoadedModel(module=module, experts=["public"] + [f"x{i}" for i in range(1, experts)])
+
+
+def window(T: int = 60, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Tokens (T + 1) and needed positions: a span at the very start, some spread, the last one."""
+    g = np.random.default_rng(seed)
+    ids = g.integers(2, VOCAB, T + 1).tolist()
+    need = sorted({0, 1, 2, *g.choice(np.arange(3, T - 1), 15, replace=False).tolist(), T - 1})
+    return ids, need
+
+
+def reference_drops(model, ids: list[int], need: list[int], e: int) -> np.ndarray:
+    return (token_logprobs(model, ids) - token_logprobs(model, ids, exclude=[e]))[need].double().numpy()
+
+
+def drops(model, ids, need, rows, base=None):
+    base = base or base_window(model, ids[:-1], need, [ids[p + 1] for p in need])
+    return base, (base.logprobs[None] - expert_off_rows(model, base, rows)).double().cpu().numpy()
+
+
+def test_base_window_is_the_models_forward():
+    model = tiny()
+    ids, need = window()
+    base = base_window(model, ids[:-1], need, [ids[p + 1] for p in need])
+    with torch.no_grad(), RoutingCapture(model.module) as cap:
+        logits = model.module(input_ids=torch.tensor([ids[:-1]]), use_cache=False).logits[0]
+    idx, w, _ = cap.stacked()
+    lp = torch.log_softmax(logits.float(), -1)[need, [ids[p + 1] for p in need]]
+    assert torch.allclose(base.logprobs, lp, atol=1e-5)
+    L = idx.shape[1]
+    assert torch.equal(base.experts[:, : L - 1], idx[:, : L - 1])  # every position below the last layer
+    assert torch.equal(base.experts[need, L - 1], idx[need, L - 1])  # the last layer: needed positions only
+    assert (base.experts[[p for p in range(len(ids) - 1) if p not in need], L - 1] == -1).all()
+    assert torch.allclose(base.weights[need], w[need], atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["fresh", "loud", "norm_topk", "3 experts top-3", "2 layers"])
+def test_expert_off_rows_equal_one_pass_per_expert(kind):
+    model = {"fresh": lambda: tiny(), "loud": lambda: tiny(loud=LOUD), "norm_topk": lambda: tiny(norm_topk=True),
+             "3 experts top-3": lambda: tiny(experts=3, top_k=3), "2 layers": lambda: tiny(layers=2)}[kind]()
+    ids, need = window()
+    rows = list(range(len(model.experts)))
+    _, got = drops(model, ids, need, rows)  # every expert off in one batched call
+    for b, e in enumerate(rows):
+        ref = reference_drops(model, ids, need, e)
+        assert np.abs(got[b] - ref).max() < 1e-5, (kind, e)
+    assert np.abs(got).max() > 1e-3  # the experts matter: a drop of 0 everywhere would pass vacuously
+
+
+def test_prefix_before_the_experts_first_choice_is_reused_exactly():
+    # a trained model's scale, and expert 3 disfavoured: the router first chooses it at position 8
+    model = tiny(loud=LOUD, bias={3: -0.2})
+    ids, need = window(seed=3)
+    base = base_window(model, ids[:-1], need, [ids[p + 1] for p in need])
+    assert base.scale_safe == len(ids) - 1  # the norm's eps cannot show a rescale anywhere
+    start = base.start(3)
+    assert 3 <= start < len(ids) - 1, start
+    _, got = drops(model, ids, need, [3], base)
+    assert np.abs(got[0] - reference_drops(model, ids, need, 3)).max() < 1e-5
+    early = [i for i, p in enumerate(need) if p < start]
+    assert early and (got[0][early] == 0).all()  # not recomputed: the base's own log-prob
+
+
+def test_an_expert_never_chosen_changes_nothing():
+    model = tiny(loud=LOUD, bias={2: -30.0})
+    ids, need = window()
+    base, got = drops(model, ids, need, [2])
+    assert base.start(2) == len(ids) - 1 and (got == 0).all()
+    assert np.abs(reference_drops(model, ids, need, 2)).max() < 1e-5
+
+
+def test_a_freshly_initialised_model_reuses_no_prefix():
+    # its MoE outputs' mean square is far below the norm's eps, so the rescale of the other
+    # experts' weights shows through the norm from the first token: no prefix may be reused
+    model = tiny(bias={3: -0.14})
+    ids, need = window(seed=3)
+    base = base_window(model, ids[:-1], need, [ids[p + 1] for p in need])
+    first = int((base.experts == 3).any(2).any(1).nonzero()[0])
+    assert first >= 1 and base.scale_safe == 0 and base.start(3) == 0
+    ref = reference_drops(model, ids, need, 3)
+    reused = expert_off_rows(model, base, [3], torch.arange(first, len(ids) - 1))  # as if the prefix were unchanged
+    assert np.abs((base.logprobs - reused[0]).double().numpy() - ref).max() > 1e-4
+    assert np.abs(drops(model, ids, need, [3], base)[1][0] - ref).max() < 1e-5
+
+
+def _spans(ranges):
+    return [Span(index=i, start=a, end=b, char_start=0, char_end=0, text="", count=1, count_by_source={},
+                 unigram_logprob_sum=0.0, group=0) for i, (a, b) in enumerate(ranges)]
+
+
+@pytest.mark.parametrize("prompt", [[], [5, 6, 7]])
+def test_link_experts_batched_equals_per_expert_over_several_windows(prompt):
+    model = tiny(experts=5, loud=LOUD, bias={4: -3.0})
+    set_active(model, [True, True, False, True, True])  # expert 2 already off
+    ids = np.random.default_rng(1).integers(2, VOCAB, 150).tolist()  # 150 tokens: five 64-position windows
+    ranges = [(0, 3), (20, 26), (40, 41), (70, 80), (95, 99), (131, 140), (147, 150)]
+    got, ref = _spans(ranges), _spans(ranges)
+    link_experts(model, got, ids, prompt, None, counterfactual=True, bos_id=0)
+    link_experts(model, ref, ids, prompt, None, counterfactual=True, bos_id=0, method="per_expert")
+    computed = 0
+    for a, b in zip(got, ref):
+        for x, y in zip(a.experts, b.experts):
+            assert x.routing_share == y.routing_share and x.active == y.active
+            if x.expert == 2:
+                assert x.counterfactual == 0 and not x.active
+            elif x.counterfactual is None:  # skipped: no routing weight on any kept span
+                assert all(s.experts[x.expert].routing_share == 0 for s in got)
+            else:
+                assert x.counterfactual == pytest.approx(y.counterfactual, abs=1e-4)
+                computed += 1
+        mine = {x.expert: y.counterfactual for x, y in zip(a.experts, b.experts) if x.active and x.counterfactual is not None}
+        assert a.top_expert == max(mine, key=mine.get)  # the reference's argmax over the experts computed
+    assert computed >= 3 * len(ranges)
