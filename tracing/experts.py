@@ -214,4 +214,3 @@ def per_expert_drops(model, seq: list[int], windows, run: list[int]) -> dict[int
 
 def _ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000, 2)
-
