@@ -10,6 +10,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
+from flexolmo.base.errors import InputError
 from flexolmo.base.workspace import Workspace
 from flexolmo.model.generate import GenerationOptions
 

@@ -12,7 +12,6 @@ from rich.table import Table
 from rich.text import Text
 
 from flexolmo.base.errors import InputError
-from tracing import store
 from tracing import queries
 from tracing.models import Span, Trace
 from tracing.options import TraceOptions

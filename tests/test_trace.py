@@ -15,8 +15,7 @@ from flexolmo.model.merge import merge
 from flexolmo.model.train import train_expert, train_public
 from index.build import build_source, index_dir
 from flexolmo.base.errors import InputError
-from flexolmo.model.moe import experts_off_per_row
-from tracing import governance, store, story
+from tracing import governance, story
 from tracing import queries
 from tracing.experts import link_experts
 from tracing.options import TraceOptions
@@ -155,18 +154,6 @@ def test_batched_counterfactuals_equal_one_pass_per_expert(fed):
             assert mine.top_expert == theirs.top_expert or (
                 max(e.counterfactual or 0 for e in theirs.experts) - (theirs.experts[mine.top_expert].counterfactual or 0) < 1e-3)
         assert computed > 0
-
-
-def test_per_row_expert_mask_refuses_bad_rows(fed):
-    tracer = Tracer.open(fed, exclude=("code",))
-    code = tracer.model.experts.index("code")
-    with pytest.raises(InputError, match="not switched on"):
-        with experts_off_per_row(tracer.model, [code], 4):
-            pass
-    with pytest.raises(InputError, match="at least one row"):
-        with experts_off_per_row(tracer.model, [], 4):
-            pass
-    assert tracer.model.active[code] is False and sum(tracer.model.active) == 3  # restored as it was
 
 
 def test_trace_options_validate_with_clear_errors(fed):

@@ -31,7 +31,7 @@ import torch
 from flexolmo.base.errors import InputError, NotFoundError
 
 from .device import resolve_device, resolve_dtype
-from .moe import LoadedModel, load_model
+from .moe import LoadedModel
 
 FLEXOLMO = "flex_olmo"
 

@@ -197,41 +197,6 @@ def experts_off(model, indices: Iterable[int]) -> Iterator[None]:
         set_active(model, before)
 
 
-@contextlib.contextmanager
-def experts_off_per_row(model, rows: Sequence[int], seq_len: int) -> Iterator[None]:
-    """For one batched call on len(rows) sequences of seq_len tokens: row b runs with expert
-    rows[b] switched off (on top of those already off), as `experts_off([rows[b]])` would.
-
-    Each router's `off` (E,) becomes a per-token mask (N, E), N = len(rows) * seq_len, the
-    flattened batch `FlexRouter.forward` sees; it broadcasts into the logits the same way.
-    The model must be called with exactly that batch shape inside the block.
-    """
-    on = active_experts(model)
-    rows = [int(e) for e in rows]
-    if not rows or seq_len < 1:
-        raise InputError("experts_off_per_row needs at least one row and one token")
-    bad = [e for e in rows if not 0 <= e < len(on) or not on[e]]
-    if bad:
-        raise InputError(f"experts {bad} are not switched on (or out of range 0..{len(on) - 1}); "
-                         "only a switched-on expert can be switched off")
-    if sum(on) < 2:
-        raise InputError("only one expert is on; switching it off would leave none")
-    rs = routers(model)
-    saved = [(r.off, r.n_on) for r in rs]
-    n = len(rows) * seq_len
-    token_expert = torch.tensor(rows, device=rs[0].off.device).repeat_interleave(seq_len)  # (N,)
-    mask = rs[0].off.expand(n, -1).clone()  # (N, E): what is off already, per token
-    mask[torch.arange(n, device=mask.device), token_expert] = float("-inf")
-    try:
-        for r in rs:
-            r.off = mask  # a buffer may be replaced by a tensor of another shape
-            r.n_on = sum(on) - 1
-        yield
-    finally:
-        for r, (off, n_on) in zip(rs, saved):
-            r.off, r.n_on = off, n_on
-
-
 # ---------------------------------------------------------------------------------------
 # save and load
 
