@@ -41,6 +41,7 @@ from flexolmo.base.errors import InputError
 from flexolmo.base.workspace import Workspace
 from flexolmo.model.generate import GenerationOptions
 from flexolmo.model.loading import ModelSpec, open_model
+from flexolmo.model.moe import LoadedModel
 from index.engine import Federation
 from index.models import SpanDocument, SpanMatch
 from index.snippets import marked
@@ -80,7 +81,7 @@ class Tracer:
     fingerprint: tuple = ()  # the catalog state this tracer was opened under (see `stale`)
 
     @classmethod
-    def open(cls, ws: Workspace, *, model: "ModelSpec | LoadedModel | None" = ModelSpec(), exclude: tuple[str, ...] | None = None,
+    def open(cls, ws: Workspace, *, model: ModelSpec | LoadedModel | None = ModelSpec(), exclude: tuple[str, ...] | None = None,
              include: tuple[str, ...] | None = None, today: dt.date | None = None,
              options: TraceOptions | None = None) -> "Tracer":
         """Open the available sources' indexes and the model (by default the merged model, if built).
@@ -93,8 +94,6 @@ class Tracer:
             are still searched: switching an expert off is a model decision, not a policy);
             given here, it overrides `options.exclude` (as `include` does `options.include`)
         """
-        from flexolmo.model.moe import LoadedModel
-
         opts = (options or TraceOptions()).replace(exclude=tuple(exclude) if exclude is not None else None,
                                                    include=tuple(include) if include is not None else None)
         fed = Federation.open(ws, today=today, strict=False)  # a damaged index is skipped, not fatal
