@@ -11,6 +11,7 @@ character is ever split:
 
 from __future__ import annotations
 
+import weakref
 from functools import lru_cache
 from typing import Sequence
 
@@ -29,14 +30,15 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(bs, cs)}
 
 
-_TABLES: dict[tuple[int, int], list[bytes]] = {}
+_TABLES: "weakref.WeakKeyDictionary[object, list[bytes]]" = weakref.WeakKeyDictionary()
 
 
 def token_bytes(tok) -> list[bytes]:
-    """The raw bytes of every token id of a byte-level BPE tokenizer (transformers' or tokenizers')."""
-    size = len(tok.get_vocab())
-    key = (id(tok), size)
-    if key not in _TABLES:
+    """The raw bytes of every token id of a byte-level BPE tokenizer (transformers' or tokenizers'),
+    built once per tokenizer object (asking a tokenizer for its vocabulary costs milliseconds: a
+    trace decodes hundreds of windows)."""
+    table = _TABLES.get(tok)
+    if table is None:
         dec = _byte_decoder()
         vocab = tok.get_vocab()
         table = [b""] * (max(vocab.values()) + 1)
@@ -45,9 +47,8 @@ def token_bytes(tok) -> list[bytes]:
                 table[i] = bytes(dec[c] for c in piece)
             except KeyError:  # a special token such as <|endoftext|>: its own text
                 table[i] = piece.encode("utf-8")
-        _TABLES.clear()  # one tokenizer per process in practice
-        _TABLES[key] = table
-    return _TABLES[key]
+        _TABLES[tok] = table
+    return table
 
 
 def _is_cont(b: int) -> bool:
