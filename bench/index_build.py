@@ -341,11 +341,9 @@ def main() -> None:
         total = _totals(rows)
 
     # latency by index size
-    from tracing.trace import delimiter_ids
-
     tok = tok_lib.load_raw_tokenizer(ws)
     info = tok_lib.tokenizer_info(ws)
-    delim = delimiter_ids(tok_lib.load_tokenizer(ws))  # the pipeline's: every newline-only token, and '.'
+    delim = tok_lib.read_delimiter_ids(ws)  # the pipeline's: every token holding a newline, and '.'
     bow = np.asarray(tok_lib.read_bow_ids(ws))
     vtexts = [t for n in names for t in src_lib.iter_texts(ws, n, split="validation")]
     vids = [tok.encode(t, add_special_tokens=False).ids for t in vtexts]

@@ -172,15 +172,25 @@ def test_unchanged_source_is_skipped_and_shards_agree(built: Workspace, copy_ws:
         d = rng.choice(docs)
         q = d[5:5 + rng.randint(1, 6)]
         assert fed.count(q)["news"] == _brute(docs, q)
-    assert sorted(fed.document("news", "n0007").metadata) and len(fed.source("news").manifest["shards"]) == 3
+    assert sorted(fed.document("news", "n0007").metadata) and len(fed.source("news").manifest.shards) == 3
     # the compiled search over three shards finds what infini-gram's attribute finds
     fed = Federation.open(copy_ws, ["news"])
     for d in docs[:10]:
         ref = fed.source("news").attribute(d[:60], min_len=1, enforce_bow=False)
         mine = fed.find_spans(d[:60], [], None, enforce_bow=False)
         assert [(s.l, s.r, s.count) for s in ref] == [(s.l, s.r, s.count) for s in mine]
-    with pytest.raises(InputError):
-        build.build_source(copy_ws, "news", shards=11)
+    with pytest.raises(InputError, match="1..256"):
+        build.build_source(copy_ws, "news", shards=257)
+    # more than 10 shards: names padded so the loader, which sorts them, pairs them right
+    r3 = build.build_source(copy_ws, "news", shards=12)
+    names = {p.name for p in (copy_ws.indexes_dir / "news").iterdir()}
+    assert r3.n_shards == 12 and {"tokenized.00", "table.11", "unigram.05"} <= names and "tokenized.0" not in names
+    fed = Federation.open(copy_ws, ["news"])
+    for d in docs[:5]:
+        ref = fed.source("news").attribute(d[:60], min_len=1, enforce_bow=False)
+        assert [(s.l, s.r, s.count) for s in ref] == [(s.l, s.r, s.count) for s in
+                                                      fed.find_spans(d[:60], [], None, enforce_bow=False)]
+        assert fed.count(d[3:6])["news"] == _brute(docs, d[3:6])
 
 
 _KILL_SCRIPT = """
@@ -215,7 +225,7 @@ def test_build_killed_partway_leaves_the_old_index(copy_ws: Workspace, tmp_path:
     assert p.returncode == -signal.SIGKILL
     after = catalog.get_index(copy_ws, "news")
     assert after == before
-    assert fmt.read_manifest(copy_ws.indexes_dir / "news")["build_id"] == before.build_id
+    assert fmt.read_manifest(copy_ws.indexes_dir / "news").build_id == before.build_id
     assert verify.verify_index(copy_ws, "news").ok
     docs = list(_train_ids(copy_ws, "news").values())
     assert Federation.open(copy_ws).count(docs[0][:3])["news"] == _brute(docs, docs[0][:3])
