@@ -17,6 +17,17 @@ joins them. Measured and read from its source (pkg/src/main.rs of infini-gram 2.
 
 So memory is bounded by splitting make-part into enough parts, and by keeping a shard's
 token file under the budget (`max_shard_bytes`): the build shards a source by size.
+
+u32 shards: make-part's SA-IS keeps one bucket pointer (u64) per possible value from 0 to the
+largest "character" in its slice, a character being the id's little-endian bytes read
+big-endian. Any id whose low byte is high (id 255: 0xFF000000), and the separator
+0xFFFFFFFF, ask for up to 2^32 pointers: 32 GiB, which a machine without that much memory
+(or overcommit) refuses ("memory allocation of 34359738368 bytes failed"). The suffix array
+is therefore built on a relabelled copy of the token file (`_dense_copy`): each id present
+is replaced by the rank of its character among those present, written so that the bytes
+compare in the same order. Byte order is preserved token by token, so the suffix array of
+the copy is the suffix array of the file (byte offsets are the same), and the buckets
+number the distinct ids, not 2^32.
 """
 
 from __future__ import annotations
@@ -30,10 +41,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import infini_gram
+import numpy as np
 
 from flexolmo.base.errors import IntegrityError, NotFoundError
 
-from .format import ptr_size
+from .format import ptr_size, token_chunks
 from .width import Width
 
 # rust_indexing's make-part reads HACK bytes past its range so that suffixes crossing the
@@ -102,6 +114,8 @@ def build_suffix_array(tokenized: Path, table: Path, work_dir: Path, width: Widt
         d.mkdir(parents=True)
     common = ["--ratio", str(ratio), "--token-width", str(width.bytes)]
     t0 = time.perf_counter()
+    if width.bytes == 4:
+        tokenized = _dense_copy(tokenized, width, work_dir / "dense")
     for b in range(0, plan.parts, plan.jobs):
         procs = []
         for i in range(b, min(b + plan.jobs, plan.parts)):
@@ -119,11 +133,30 @@ def build_suffix_array(tokenized: Path, table: Path, work_dir: Path, width: Widt
                   "--merged-file", str(table), "--num-threads", threads, *common]), "concat")
     seconds = time.perf_counter() - t0
     shutil.rmtree(merged_dir, ignore_errors=True)
+    if width.bytes == 4:
+        tokenized.unlink()
     expected = (ds_size // width.bytes) * ratio
     if not table.exists() or table.stat().st_size != expected:
         got = table.stat().st_size if table.exists() else 0
         raise IntegrityError(f"rust_indexing wrote {got} bytes of {table.name}, expected {expected}; the build was abandoned")
     return seconds
+
+
+def _dense_copy(tokenized: Path, width: Width, out: Path) -> Path:
+    """A copy of a u32 token file with every id replaced by the rank of its byte-order key among
+    the ids present (module docstring): same suffix order, small SA-IS buckets. Chunked: flat memory."""
+    present = np.unique(np.concatenate([np.unique(c) for _, c in token_chunks(tokenized, width)] or [np.zeros(0)]))
+    present = present.astype(np.uint32)
+    keys = present.byteswap()  # what make-part compares: the little-endian bytes read big-endian
+    rank = np.empty(len(present), dtype=np.uint32)
+    rank[np.argsort(keys, kind="stable")] = np.arange(len(present), dtype=np.uint32)
+    relabel = rank.byteswap()  # written little-endian, its bytes read big-endian give the rank back
+    with open(out, "wb") as f:
+        for _, chunk in token_chunks(tokenized, width):
+            f.write(relabel[np.searchsorted(present, chunk)].astype("<u4").tobytes())
+    if out.stat().st_size != tokenized.stat().st_size:
+        raise IntegrityError(f"the relabelled copy of {tokenized.name} has the wrong size; disk full?")
+    return out
 
 
 def _spawn(cmd: list[str]) -> subprocess.Popen:

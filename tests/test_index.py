@@ -343,6 +343,45 @@ def test_a_same_size_damaged_index_is_refused_and_only_its_source_skipped(copy_w
     assert all(set(s.count_by_source) == {"forum"} for s in t.spans)
 
 
+def _old_manifest(m) -> dict:
+    """The manifest as the version before typed cards wrote it (a plain dict, no `inputs`)."""
+    return {"engine": "infini-gram", "version": 4, "token_dtype": "u16", "build_id": m.build_id, "source": m.source,
+            "split": "train", "n_docs": m.n_docs, "n_tokens": m.n_tokens, "n_shards": m.n_shards,
+            "shards": [st.model_dump() for st in m.shards], "eos_id": m.eos_id, "tokenizer_hash": m.tokenizer_hash,
+            "content_hash": m.content_hash, "built_at": m.built_at,
+            "files": {k: {"bytes": f.bytes, "sha256": f.sha256} for k, f in m.files.items()}}
+
+
+def test_manifest_is_a_card_with_one_rule_and_old_ones_load(copy_ws: Workspace):
+    import json
+
+    from index.manifest import IndexManifest, inputs_for
+    from index.width import U16, U32
+
+    folder = copy_ws.indexes_dir / "news"
+    m = fmt.read_manifest(folder)
+    tok, content = tokenizer.tokenizer_hash(copy_ws), sources.get_source(copy_ws, "news").content_hash
+    assert isinstance(m, IndexManifest) and m.kind == "index" and m.token_dtype == "u16"
+    assert m.is_current(inputs_for(tok, content, shards=1, width=U16))
+    assert m.stale_reason(inputs_for(tok, content, shards=2, width=U16)) == "settings changed since it was built"
+    assert "settings" in m.stale_reason(inputs_for(tok, content, shards=1, width=U32))
+    assert m.stale_reason(inputs_for(tok, "0" * 64, shards=1, width=U16)) == "source changed since it was built"
+    assert m.serve_problem(tok) is None and "another tokenizer" in m.serve_problem("0" * 64)
+    # a manifest of the previous version loads, upgraded, every input recovered: current, kept, served
+    (folder / fmt.MANIFEST).write_text(json.dumps(_old_manifest(m)))
+    old = fmt.read_manifest(folder)
+    assert old.upgraded_from == 1 and old.inputs == m.inputs and old.files == m.files
+    assert build.build_source(copy_ws, "news").skipped and verify.verify_index(copy_ws, "news").ok
+    assert Federation.open(copy_ws, ["news"]).count([1])["news"] == fmt.read_unigram(folder / "unigram.0")[1]
+    # one it cannot read says how to rebuild, and the next build replaces it
+    broken = {k: v for k, v in _old_manifest(m).items() if k != "content_hash"}
+    (folder / fmt.MANIFEST).write_text(json.dumps(broken))
+    with pytest.raises(IntegrityError, match=r"cannot be read .*flexolmo index build --source news --force"):
+        Federation.open(copy_ws, ["news"])
+    r = build.build_source(copy_ws, "news")
+    assert not r.skipped and fmt.read_manifest(folder).upgraded_from is None
+
+
 def test_changed_tokenizer_refuses_to_serve(copy_ws: Workspace):
     tokenizer.train_tokenizer(copy_ws, vocab_size=350, source="forum")
     with pytest.raises(ConflictError, match="rebuild"):

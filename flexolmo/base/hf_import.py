@@ -89,7 +89,8 @@ def read_folder(folder: Path, max_vocab: int) -> Imported:
                 else f"the pad token {pad!r} is not in the vocabulary: pad = eos")
         pad = eos
     style = pieces.style(tok)
-    bow, delims = pieces.word_start_ids(tok), pieces.delimiter_ids(tok)
+    texts = pieces.token_texts(tok)
+    bow, delims = pieces.word_start_ids(tok, texts), pieces.delimiter_ids(tok, texts)
     if len(bow) <= len(tok.get_added_tokens_decoder()):
         raise InputError(f"{folder}: no token begins a word (no {'Ġ' if style == 'byte_level' else '▁'} tokens); "
                          "spans could not be cut at word boundaries")

@@ -100,15 +100,18 @@ def token_texts(tok) -> list[str]:
     return [b.decode("utf-8", errors="replace") for b in token_bytes(tok)]
 
 
-def word_start_ids(tok) -> list[int]:
+def word_start_ids(tok, texts: list[str] | None = None) -> list[int]:
     """Ids that begin a word: their text starts with whitespace (Ġ, Ċ, ĉ, ▁, <0x0A>, ...),
-    plus the special tokens (infini-gram's `bow` file for `enforce_bow`)."""
+    plus the special tokens (infini-gram's `bow` file for `enforce_bow`).
+
+    :param texts: `token_texts(tok)`, when the caller has them already
+    """
     special = _special_ids(tok)
-    return sorted(i for i, t in enumerate(token_texts(tok)) if t[:1].isspace() or i in special)
+    return sorted(i for i, t in enumerate(texts or token_texts(tok)) if t[:1].isspace() or i in special)
 
 
-def delimiter_ids(tok) -> list[int]:
+def delimiter_ids(tok, texts: list[str] | None = None) -> list[int]:
     """Ids of every token whose text holds a newline, and of '.' (OLMoTrace cuts spans at
     newline and '.' tokens; a byte-level BPE merges a newline with indentation, "\\n    ")."""
     special = _special_ids(tok)
-    return sorted(i for i, t in enumerate(token_texts(tok)) if i not in special and ("\n" in t or t == "."))
+    return sorted(i for i, t in enumerate(texts or token_texts(tok)) if i not in special and ("\n" in t or t == "."))
