@@ -145,15 +145,30 @@ def build_suffix_array(tokenized: Path, table: Path, work_dir: Path, width: Widt
 def _dense_copy(tokenized: Path, width: Width, out: Path) -> Path:
     """A copy of a u32 token file with every id replaced by the rank of its byte-order key among
     the ids present (module docstring): same suffix order, small SA-IS buckets. Chunked: flat memory."""
-    present = np.unique(np.concatenate([np.unique(c) for _, c in token_chunks(tokenized, width)] or [np.zeros(0)]))
-    present = present.astype(np.uint32)
+    sep = width.doc_sep
+    seen = np.zeros(1, dtype=bool)  # slot per id seen so far; the separator is handled apart
+    has_sep = False
+    for _, chunk in token_chunks(tokenized, width):
+        ids = chunk[chunk != sep]
+        has_sep |= len(ids) < len(chunk)
+        if len(ids):
+            top = int(ids.max())
+            if top >= len(seen):
+                seen = np.concatenate([seen, np.zeros(top + 1 - len(seen), dtype=bool)])
+            seen[ids] = True
+    present = np.flatnonzero(seen).astype(np.uint32)
+    if has_sep:
+        present = np.append(present, np.uint32(sep))
     keys = present.byteswap()  # what make-part compares: the little-endian bytes read big-endian
     rank = np.empty(len(present), dtype=np.uint32)
     rank[np.argsort(keys, kind="stable")] = np.arange(len(present), dtype=np.uint32)
-    relabel = rank.byteswap()  # written little-endian, its bytes read big-endian give the rank back
+    lut = np.zeros(len(seen) + 1, dtype="<u4")  # id -> its rank written so its bytes read big-endian give it
+    lut[present[: len(present) - has_sep]] = rank[: len(present) - has_sep].byteswap()
+    if has_sep:
+        lut[-1] = rank[-1].byteswap()
     with open(out, "wb") as f:
         for _, chunk in token_chunks(tokenized, width):
-            f.write(relabel[np.searchsorted(present, chunk)].astype("<u4").tobytes())
+            f.write(lut[np.where(chunk == sep, len(lut) - 1, chunk)].tobytes())
     if out.stat().st_size != tokenized.stat().st_size:
         raise IntegrityError(f"the relabelled copy of {tokenized.name} has the wrong size; disk full?")
     return out
