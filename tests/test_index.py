@@ -193,6 +193,40 @@ def test_unchanged_source_is_skipped_and_shards_agree(built: Workspace, copy_ws:
         assert fed.count(d[3:6])["news"] == _brute(docs, d[3:6])
 
 
+def test_size_based_shards_and_streamed_sources(copy_ws: Workspace):
+    import math
+
+    import pyarrow as pa
+
+    from index.build import IndexConfig
+
+    r = build.build_source(copy_ws, "news", config=IndexConfig(max_shard_tokens=3000))
+    assert r.n_shards == math.ceil((r.n_tokens + r.n_docs) / 3000) > 1
+    docs = list(_train_ids(copy_ws, "news").values())
+    fed = Federation.open(copy_ws, ["news"])
+    assert all(fed.count(d[2:5])["news"] == _brute(docs, d[2:5]) for d in docs[:20])
+    assert verify.verify_index(copy_ws, "news").ok
+    assert build.build_source(copy_ws, "news", config=IndexConfig(max_shard_tokens=3000)).skipped  # same ask: current
+    res = CliRunner().invoke(_app(), ["-w", str(copy_ws.root), "index", "build", "--source", "forum",
+                                      "--max-shard-tokens", "2500", "--mem-gib", "1", "--cpus", "1"])
+    assert res.exit_code == 0, res.output
+    assert fmt.read_manifest(copy_ws.indexes_dir / "forum").n_shards > 1
+    # a source registered in batches (as a large one is) is the same source as one given whole
+    recs = _records(9, 50, "s")
+    a = sources.add_records(copy_ws, "whole", recs, owner="o", domain="d", licence="l", origin="t")
+    table = sources.documents_table(recs)
+    b = sources.add_document_batches(copy_ws, "streamed", (table.slice(i, 7) for i in range(0, 50, 7)),
+                                     owner="o", domain="d", licence="l", origin="t")
+    assert (a.content_hash, a.n_docs_train, a.n_chars_train) == (b.content_hash, b.n_docs_train, b.n_chars_train)
+    got = [d for t in sources.iter_document_batches(copy_ws, "streamed", "train", ["doc_id"], 8)
+           for d in t.column("doc_id").to_pylist()]
+    assert got == sources.load_documents(copy_ws, "whole", "train", ["doc_id"]).column("doc_id").to_pylist()
+    backwards = pa.concat_tables([table.slice(10, 5), table.slice(0, 5)])
+    with pytest.raises(InputError, match="doc_ids must increase"):
+        sources.add_document_batches(copy_ws, "bad", [backwards], owner="o", domain="d", licence="l", origin="t")
+    assert "bad" not in {s.name for s in sources.list_sources(copy_ws)} and not (copy_ws.root / "sources" / "bad").exists()
+
+
 _KILL_SCRIPT = """
 import sys, time
 from pathlib import Path
@@ -380,6 +414,26 @@ def test_manifest_is_a_card_with_one_rule_and_old_ones_load(copy_ws: Workspace):
         Federation.open(copy_ws, ["news"])
     r = build.build_source(copy_ws, "news")
     assert not r.skipped and fmt.read_manifest(folder).upgraded_from is None
+
+
+def test_large_files_are_checked_at_sampled_blocks_on_open(copy_ws: Workspace, monkeypatch):
+    """Opening costs the same at any size: files over the threshold are checked at sampled blocks
+    (here every file, the threshold set to 0), whole checksums are `index verify`'s."""
+    from index import source
+
+    monkeypatch.setattr(fmt, "SPOT_ABOVE", 0)
+    monkeypatch.setattr(source, "OPEN_HASH_MAX", 0)
+    build.build_source(copy_ws, "news", force=True)
+    m = fmt.read_manifest(copy_ws.indexes_dir / "news")
+    assert all(len(f.blocks) == fmt.SPOT_BLOCKS for f in m.files.values())
+    Federation.open(copy_ws, ["news"]).count([1])  # sound: opens
+    path = copy_ws.indexes_dir / "news" / "metadata.0"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x20
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="metadata.0 fails its sha256"):
+        Federation.open(copy_ws, ["news"])
+    assert any("metadata.0" in p for p in verify.verify_index(copy_ws, "news").problems)
 
 
 def test_changed_tokenizer_refuses_to_serve(copy_ws: Workspace):

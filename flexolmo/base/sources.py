@@ -130,35 +130,19 @@ def parse_date(value: str | dt.date | None, what: str = "expiry date") -> dt.dat
 # registry
 
 
-def add_records(
-    ws: Workspace,
-    name: str,
-    records: list[dict],
-    *,
-    owner: str,
-    domain: str,
-    licence: str,
-    origin: str,
-    visibility: str = "full",
-    active: bool = True,
-    expires: str | dt.date | None = None,
-    replace: bool = False,
-    by: str | None = None,
-) -> Source:
-    """Register `records` (dicts with doc_id, text, optional title and metadata) as a source.
-
-    :param replace: rebuild an existing source of that name (used by `data samples`);
-        otherwise an existing name is refused.
-    """
+def add_records(ws: Workspace, name: str, records: list[dict], **kwargs) -> Source:
+    """Register `records` (dicts with doc_id, text, optional title and metadata) as a source:
+    sorted and checked (unique doc_ids, no NUL), then written by `add_document_batches`, whose
+    keyword arguments (owner, domain, licence, origin, visibility, active, expires, replace, by)
+    it takes. `replace` rebuilds an existing source of that name (used by `data samples`);
+    otherwise an existing name is refused."""
     if not records:
         check_name(name)
         raise InputError(f"source {name!r} has no documents; give at least one document with text")
     table = documents_table(records)
     n_synth = sum(1 for r in records if (r.get("metadata") or {}).get("synthetic"))
     batches = (table.slice(i, ROW_GROUP_ROWS) for i in range(0, table.num_rows, ROW_GROUP_ROWS))
-    return add_document_batches(ws, name, batches, owner=owner, domain=domain, licence=licence, origin=origin,
-                                visibility=visibility, active=active, expires=expires, replace=replace, by=by,
-                                n_synthetic=n_synth)
+    return add_document_batches(ws, name, batches, n_synthetic=n_synth, **kwargs)
 
 
 def add_document_batches(
