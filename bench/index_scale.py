@@ -44,6 +44,7 @@ from synthetic_corpus import document, document_batches, tokenizer_folder, words
 from flexolmo.base import sources as src_lib, tokenizer as tok_lib  # noqa: E402
 from flexolmo.base.workspace import Workspace  # noqa: E402
 from index import catalog, format as fmt  # noqa: E402
+from index.engine import Federation  # noqa: E402
 
 TOKENS_PER_DOC = 1120  # measured on the corpus: 1,000 words a document on average, 1.1 tokens a word
 QUERIES, QUERY_TOKENS = 20, 450
@@ -124,8 +125,6 @@ def queries(ws: Workspace, n_docs: int, seed: int = 7) -> list[list[int]]:
 
 
 def latency(ws: Workspace, name: str, qs: list[list[int]]) -> dict:
-    from index.engine import Federation
-
     fed = Federation.open(ws, [name])
     bow, delim = np.asarray(tok_lib.read_bow_ids(ws)), tok_lib.read_delimiter_ids(ws)
     t0 = time.perf_counter()
@@ -144,6 +143,30 @@ def latency(ws: Workspace, name: str, qs: list[list[int]]) -> dict:
             "load": [round(x, 2) for x in os.getloadavg()]}
 
 
+def measure(ws: Workspace, name: str, n_docs: int, a: argparse.Namespace, env: dict, qs: list[list[int]]) -> dict:
+    """Register source `name` (the corpus's first n_docs documents), build it with the CLI in a
+    measured child process, then time find_spans on it."""
+    t0 = time.perf_counter()
+    src_lib.add_document_batches(ws, name, document_batches(n_docs), owner="bench", domain="synthetic",
+                                 licence="CC0", origin="bench/synthetic_corpus.py")
+    register_s = time.perf_counter() - t0
+    cmd = [sys.executable, "-m", "cli.main", "-w", str(ws.root), "index", "build", "--source", name,
+           "--mem-gib", f"{a.mem_gib:g}", "--cpus", str(a.cpus)]
+    print(f"{name}: {n_docs:,} documents registered in {register_s:.0f}s; building ...", flush=True)
+    built = run_measured(cmd, env)
+    rec = catalog.get_index(ws, name)
+    m = fmt.read_manifest(fmt.index_dir(ws, name))
+    cache = sum(p.stat().st_size for p in ws.source_dir(name).glob("tokens-train-*/*.npy"))
+    return {"source": name, "n_docs": rec.n_docs, "n_tokens": rec.n_tokens, "token_dtype": m.token_dtype,
+            "n_shards": rec.n_shards, "index_bytes": rec.bytes, "bytes_per_token": rec.bytes / rec.n_tokens,
+            "token_cache_bytes": cache, "register_s": register_s, "build_s": built["seconds"],
+            "tokenize_s": rec.tokenize_seconds, "suffix_array_s": rec.suffix_array_seconds,
+            "tokens_per_s": rec.n_tokens / built["seconds"],
+            "tokenize_tokens_per_s": rec.n_tokens / max(rec.tokenize_seconds, 1e-9),
+            "suffix_array_tokens_per_s": rec.n_tokens / max(rec.suffix_array_seconds, 1e-9),
+            **{k: v for k, v in built.items() if k != "seconds"}, **latency(ws, name, qs)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--scratch", default="/tmp/fx-scale")
@@ -160,35 +183,16 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     tok_lib.import_tokenizer(ws, tokenizer_folder(scratch / "hf-tokenizer"))
     sizes = [int(x) for x in a.sizes.split(",")]
-    rows = []
+    qs = queries(ws, sizes[0] * 1_000_000 // TOKENS_PER_DOC)  # the same queries at every size
+    rows: list[dict] = []
+    out = {"command": " ".join(sys.argv), "mem_gib": a.mem_gib, "cpus": a.cpus, "rows": rows}
     try:
         for m in sizes:
-            name, n_docs = f"s{m}", m * 1_000_000 // TOKENS_PER_DOC
-            t0 = time.perf_counter()
-            src_lib.add_document_batches(ws, name, document_batches(n_docs), owner="bench", domain="synthetic",
-                                         licence="CC0", origin="bench/synthetic_corpus.py")
-            register_s = time.perf_counter() - t0
-            cmd = [sys.executable, "-m", "cli.main", "-w", str(ws.root), "index", "build", "--source", name,
-                   "--mem-gib", f"{a.mem_gib:g}", "--cpus", str(a.cpus)]
-            print(f"{name}: {n_docs:,} documents registered in {register_s:.0f}s; building ...", flush=True)
-            built = run_measured(cmd, env)
-            rec = catalog.get_index(ws, name)
-            m_ = fmt.read_manifest(fmt.index_dir(ws, name))
-            cache = sum(p.stat().st_size for p in ws.source_dir(name).glob("tokens-train-*/*.npy"))
-            row = {"source": name, "n_docs": rec.n_docs, "n_tokens": rec.n_tokens, "token_dtype": m_.token_dtype,
-                   "n_shards": rec.n_shards, "index_bytes": rec.bytes, "bytes_per_token": rec.bytes / rec.n_tokens,
-                   "token_cache_bytes": cache, "register_s": register_s, "build_s": built["seconds"],
-                   "tokenize_s": rec.tokenize_seconds, "suffix_array_s": rec.suffix_array_seconds,
-                   "tokens_per_s": rec.n_tokens / built["seconds"],
-                   "tokenize_tokens_per_s": rec.n_tokens / max(rec.tokenize_seconds, 1e-9),
-                   "suffix_array_tokens_per_s": rec.n_tokens / max(rec.suffix_array_seconds, 1e-9),
-                   **{k: v for k, v in built.items() if k != "seconds"}}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-        qs = queries(ws, sizes[0] * 1_000_000 // TOKENS_PER_DOC)
-        for row in rows:
-            row.update(latency(ws, row["source"], qs))
-            print(f"{row['source']}: find_spans p50 {row['find_spans_ms_p50']:.1f} ms", flush=True)
+            rows.append(measure(ws, f"s{m}", m * 1_000_000 // TOKENS_PER_DOC, a, env, qs))
+            print(json.dumps(rows[-1]), flush=True)
+            if a.json:  # after every size, so a run cut short keeps what it measured
+                Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(a.json).write_text(json.dumps(out, indent=2))
     finally:
         if not a.keep:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -201,10 +205,6 @@ def main() -> None:
               f"{r['peak_tree_anon_mb']:,.0f} | {r['peak_python_rss_mb']:,.0f} / {r['peak_rust_rss_mb']:,.0f} | "
               f"{r['bytes_per_token']:.2f} | {r['find_spans_ms_p50']:.1f} / {r['find_spans_ms_p95']:.1f} | "
               f"{r['load_before'][0]:.1f}-{r['load_after'][0]:.1f} |")
-    out = {"command": " ".join(sys.argv), "mem_gib": a.mem_gib, "cpus": a.cpus, "rows": rows}
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(out, indent=2))
     if a.plot:
         plot(out, Path(a.plot))
 
@@ -220,16 +220,17 @@ def plot(out: dict, path: Path) -> None:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
     a1.plot(n, [r["peak_tree_rss_mb"] for r in rows], "o-", label="peak RSS, whole build (Python + rust_indexing)")
     a1.plot(n, [r["peak_tree_anon_mb"] for r in rows], "s-", label="of which anonymous")
-    a1.axhline(out["mem_gib"] * 1024, color="gray", ls="--", lw=1, label=f"--mem-gib {out['mem_gib']:g}")
+    a1.axhline(out["mem_gib"] * 1024, color="gray", ls="--", lw=1,
+               label=f"--mem-gib {out['mem_gib']:g} (rust_indexing's budget)")
     for r, x in zip(rows, n):
         a1.annotate(f"{r['n_shards']} shard{'s' if r['n_shards'] > 1 else ''}", (x, r["peak_tree_rss_mb"]),
                     textcoords="offset points", xytext=(4, 6), fontsize=8)
-    a1.set(xlabel="indexed tokens (millions, u32)", ylabel="MB", title="build memory", ylim=(0, None))
+    a1.set(xlabel="indexed tokens (millions, u32)", ylabel="MB", title="build memory", ylim=(0, None), xscale="log")
     a1.legend(fontsize=7)
     a2.plot(n, [r["find_spans_ms_p50"] for r in rows], "o-", label="find_spans p50")
     a2.plot(n, [r["find_spans_ms_p95"] for r in rows], "s--", label="find_spans p95")
     a2.set(xlabel="indexed tokens (millions, u32)", ylabel="ms per 450-token query", title="span search latency",
-           ylim=(0, None))
+           ylim=(0, None), xscale="log")
     a2.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -267,6 +267,7 @@ def catalog_table(ws: Workspace) -> list[dict]:
         pass
     for s in src_lib.list_sources(ws):
         r = None if s.is_remote else recs.get(s.name)
+        m, why = _manifest_and_staleness(ws, s, current_tok) if r else (None, None)
         out.append({
             "source": s.name, "owner": s.owner, "domain": s.domain, "licence": s.licence,
             "visibility": s.visibility, "available": s.available(), "expires": s.expires,
@@ -274,18 +275,18 @@ def catalog_table(ws: Workspace) -> list[dict]:
             "n_docs": r.n_docs if r else None, "n_tokens": r.n_tokens if r else None,
             "bytes": r.bytes if r else None, "bytes_per_token": r.bytes_per_token if r else None,
             "build_seconds": r.build_seconds if r else None, "tokens_per_second": r.tokens_per_second if r else None,
-            "stale": False, "stale_reason": _stale(ws, s, current_tok) if r else None,
+            "token_dtype": m.token_dtype if m else None, "n_shards": r.n_shards if r else None,
+            "stale": why is not None, "stale_reason": why,
             "takedowns": sum(1 for t in takedowns if t.source == s.name),
             "path": r.path if r else None,
         })
-        out[-1]["stale"] = out[-1]["stale_reason"] is not None
     return out
 
 
-def _stale(ws: Workspace, s: src_lib.Source, tok_hash: str | None) -> str | None:
-    """Why the source's index is not current (the manifest's rule), or None."""
+def _manifest_and_staleness(ws: Workspace, s: src_lib.Source, tok_hash: str | None) -> tuple[IndexManifest | None, str | None]:
+    """The source's index manifest, and why the index is not current (the manifest's rule) or None."""
     try:
         m = fmt.read_manifest(index_dir(ws, s.name))
     except FlexolmoError as e:
-        return str(e)
-    return m.stale_reason(m.inputs_with(tokenizer=tok_hash, source=s.content_hash))
+        return None, str(e)
+    return m, m.stale_reason(m.inputs_with(tokenizer=tok_hash, source=s.content_hash))

@@ -105,6 +105,13 @@ class IndexManifest(Card):
     def max_id(self) -> int:
         return self.width.max_id(self.vocab_size)
 
+    @property
+    def engine_kwargs(self) -> dict:
+        """What infini-gram's `InfiniGramEngine` needs to read this index (besides its folder)."""
+        wide = self.token_dtype != "u16" and self.vocab_size  # u16: the engine's default vocabulary
+        return {"eos_token_id": int(self.eos_id), "version": self.version, "token_dtype": self.token_dtype,
+                **({"vocab_size": self.vocab_size} if wide else {})}
+
     def shard_file(self, folder: Path, kind: str, k: int) -> Path:
         """The file of one kind of shard k (names padded when there are more than 10 shards)."""
         return shard_file(folder, kind, k, self.n_shards)

@@ -143,9 +143,7 @@ class SourceIndex:
             checked.append((dfolder, dm))
         self.checksums = _check_in_background(checked)
         bow = str(self.folder / fmt.BOW_FILE)
-        common = dict(eos_token_id=int(m.eos_id), version=4, token_dtype=m.token_dtype, load_to_ram=load_to_ram,
-                      bow_ids_path=bow, precompute_unigram_logprobs=True,
-                      **({"vocab_size": m.vocab_size} if m.token_dtype != "u16" and m.vocab_size else {}))
+        common = dict(**m.engine_kwargs, load_to_ram=load_to_ram, bow_ids_path=bow, precompute_unigram_logprobs=True)
         with fmt.loader_path(self.folder) as path:
             if self.diff_folder is not None:
                 with fmt.loader_path(self.diff_folder) as dpath:

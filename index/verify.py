@@ -103,8 +103,7 @@ def verify_folder(folder: Path, manifest: IndexManifest, *, n_ngrams: int = 64, 
         return problems
 
     with fmt.loader_path(folder) as path:
-        engine = InfiniGramEngine(index_dir=path, eos_token_id=int(m.eos_id), version=4, token_dtype=m.token_dtype,
-                                  **({"vocab_size": m.vocab_size} if m.token_dtype != "u16" and m.vocab_size else {}))
+        engine = InfiniGramEngine(index_dir=path, **m.engine_kwargs)
     if engine.get_total_doc_cnt() != m.n_docs:
         problems.append(f"the engine sees {engine.get_total_doc_cnt()} documents, expected {m.n_docs}")
     tok_cnt = sum(engine.engine.get_tok_cnt(s=s) for s in range(engine.engine.get_num_shards()))
