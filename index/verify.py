@@ -51,17 +51,19 @@ def _order_problems(folder: Path, m: IndexManifest, st: ShardStat, rng: np.rando
     """Is table.k sorted at `n_ranks` sampled adjacent ranks (suffixes compared on 64 bytes)?"""
     k, width, w = st.shard, st.ptr_size, m.width.bytes
     tokenized = m.shard_file(folder, "tokenized", k)
-    raw = np.memmap(tokenized, dtype=np.uint8, mode="r") if st.ds_tokens else np.zeros(0, np.uint8)
-    n = raw.size // w
+    size = tokenized.stat().st_size
+    n = size // w
     if n <= 1:
         return []
     table = m.shard_file(folder, "table", k)
     ranks = rng.integers(0, n - 1, size=min(n_ranks, n - 1))
     a = fmt.read_table_ptrs(table, width, ranks)
     b = fmt.read_table_ptrs(table, width, ranks + 1)
-    if np.any(a >= raw.size) or np.any(b >= raw.size) or np.any(a % w) or np.any(b % w):
+    if np.any(a >= size) or np.any(b >= size) or np.any(a % w) or np.any(b % w):
         return [f"shard {k}: {table.name} holds pointers outside tokenized.{k}"]
-    bad = sum(1 for x, y in zip(a.tolist(), b.tolist()) if bytes(raw[x:x + 64]) > bytes(raw[y:y + 64]))
+    # suffixes compared on their first 64 bytes, read with pread (format.read_at: no mapping)
+    x, y = fmt.read_at(tokenized, a, 64), fmt.read_at(tokenized, b, 64)
+    bad = sum(1 for p, q in zip(x, y) if p > q)
     return [f"shard {k}: {table.name} is out of order at {bad} of {len(ranks)} sampled ranks"] if bad else []
 
 
@@ -92,8 +94,9 @@ def verify_folder(folder: Path, manifest: IndexManifest, *, n_ngrams: int = 64, 
             problems.append(f"shard {k}: {n_ids} ids / {len(od)} documents, manifest says {st.ds_tokens} / {st.n_docs}")
             continue
         seps = sum(int(np.count_nonzero(c == w.doc_sep)) for _, c in fmt.token_chunks(tokenized, w))
-        at = np.asarray(od[:: max(1, len(od) // 4096)]) // w.bytes  # sampled document starts
-        if len(od) and (od[0] != 0 or any(int(fmt.read_tokens(tokenized, w, int(p), 1)[0]) != w.doc_sep for p in at)):
+        at = np.asarray(od[:: max(1, len(od) // 4096)])  # sampled document starts (byte offsets)
+        sep = int(w.doc_sep).to_bytes(w.bytes, "little")
+        if len(od) and (od[0] != 0 or any(b != sep for b in fmt.read_at(tokenized, at, w.bytes))):
             problems.append(f"shard {k}: offset.{k} does not point at document separators")
         if seps != st.n_docs:
             problems.append(f"shard {k}: the number of separators differs from the number of documents")
@@ -102,18 +105,25 @@ def verify_folder(folder: Path, manifest: IndexManifest, *, n_ngrams: int = 64, 
     if problems:
         return problems
 
-    with fmt.loader_path(folder) as path:
-        engine = InfiniGramEngine(index_dir=path, **m.engine_kwargs)
-    if engine.get_total_doc_cnt() != m.n_docs:
-        problems.append(f"the engine sees {engine.get_total_doc_cnt()} documents, expected {m.n_docs}")
-    tok_cnt = sum(engine.engine.get_tok_cnt(s=s) for s in range(engine.engine.get_num_shards()))
+    def engine() -> InfiniGramEngine:
+        with fmt.loader_path(folder) as path:
+            return InfiniGramEngine(index_dir=path, **m.engine_kwargs)
+
+    e = engine()
+    if e.get_total_doc_cnt() != m.n_docs:
+        problems.append(f"the engine sees {e.get_total_doc_cnt()} documents, expected {m.n_docs}")
+    tok_cnt = sum(e.engine.get_tok_cnt(s=s) for s in range(e.engine.get_num_shards()))
     if tok_cnt != m.n_tokens + m.n_docs:
         problems.append(f"the engine sees {tok_cnt} positions, expected {m.n_tokens + m.n_docs}")
     vocab = int(np.flatnonzero(sum(fmt.read_unigram(m.shard_file(folder, "unigram", st.shard), w, m.vocab_size)
                                    for st in m.shards)[:-1]).max(initial=0)) + 1
     queries = sample_ngrams(files, w, n_ngrams, rng, vocab)
     for q, want in zip(queries, brute_counts(files, w, queries)):
-        got = engine.count(input_ids=q)
+        # a fresh engine per count: its binary searches map the page-cache folios they touch (10-85 MB
+        # a count on a freshly written 300M-token index, format.read_at), which an engine kept open
+        # would pile up (1 GB for 64 counts), so the build's memory would grow with the index
+        e = engine()
+        got = e.count(input_ids=q)
         if "error" in got or got["count"] != want:
             problems.append(f"count({q}) = {got.get('count', got.get('error'))}, brute force {want}")
             break
