@@ -1,7 +1,8 @@
 """Benchmark: streaming u32 index builds of growing sources: peak memory, tokens/s, span-search latency.
 
-    .venv/bin/python bench/index_scale.py --scratch /tmp/fx-scale --sizes 30,100,300 --mem-gib 1 \
+    .venv/bin/python bench/index_scale.py --scratch /tmp/fx-scale --sizes 30,100,300 --mem-gib 0.5 \
         --json docs/results/index-scale.json --plot docs/index-scale.png
+    .venv/bin/python bench/index_scale.py --replot docs/results/index-scale.json --plot docs/index-scale.png
 
 One workspace in --scratch holds the synthetic corpus's tokenizer (bench/synthetic_corpus.py: a
 byte-level BPE of 111,059 ids, so every index is u32), imported with `flexolmo tokenizer import`,
@@ -176,7 +177,11 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--replot", default=None, metavar="JSON", help="only draw --plot from a JSON this script wrote")
     a = ap.parse_args()
+    if a.replot:
+        plot(json.loads(Path(a.replot).read_text()), Path(a.plot))
+        return
     scratch = Path(a.scratch)
     shutil.rmtree(scratch, ignore_errors=True)
     ws = Workspace(scratch / "ws").ensure()
@@ -210,6 +215,7 @@ def main() -> None:
 
 
 def plot(out: dict, path: Path) -> None:
+    """Two panels: the build's peak memory, and find_spans latency, against the source's size."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -217,21 +223,26 @@ def plot(out: dict, path: Path) -> None:
 
     rows = out["rows"]
     n = [r["n_tokens"] / 1e6 for r in rows]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
+    ticks = dict(xscale="log", xticks=n, xticklabels=[f"{x:.0f}M" for x in n])
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
     a1.plot(n, [r["peak_tree_rss_mb"] for r in rows], "o-", label="peak RSS, whole build (Python + rust_indexing)")
     a1.plot(n, [r["peak_tree_anon_mb"] for r in rows], "s-", label="of which anonymous")
     a1.axhline(out["mem_gib"] * 1024, color="gray", ls="--", lw=1,
                label=f"--mem-gib {out['mem_gib']:g} (rust_indexing's budget)")
-    for r, x in zip(rows, n):
-        a1.annotate(f"{r['n_shards']} shard{'s' if r['n_shards'] > 1 else ''}", (x, r["peak_tree_rss_mb"]),
-                    textcoords="offset points", xytext=(4, 6), fontsize=8)
-    a1.set(xlabel="indexed tokens (millions, u32)", ylabel="MB", title="build memory", ylim=(0, None), xscale="log")
-    a1.legend(fontsize=7)
+    a1.set(xlabel="indexed tokens (u32 ids)", ylabel="MB", title="build memory", ylim=(0, 1.35 * max(
+        r["peak_tree_rss_mb"] for r in rows)), **ticks)
+    a1.minorticks_off()
+    a1.legend(fontsize=7, loc="lower right")
     a2.plot(n, [r["find_spans_ms_p50"] for r in rows], "o-", label="find_spans p50")
     a2.plot(n, [r["find_spans_ms_p95"] for r in rows], "s--", label="find_spans p95")
-    a2.set(xlabel="indexed tokens (millions, u32)", ylabel="ms per 450-token query", title="span search latency",
-           ylim=(0, None), xscale="log")
-    a2.legend(fontsize=7)
+    for r, x in zip(rows, n):
+        for ax, y, dy in ((a1, r["peak_tree_rss_mb"], 8), (a2, r["find_spans_ms_p50"], -14)):
+            ax.annotate(f"{r['n_shards']} shard{'s' if r['n_shards'] > 1 else ''}", (x, y), textcoords="offset points",
+                        xytext=(4, dy), fontsize=8)
+    a2.set(xlabel="indexed tokens (u32 ids)", ylabel="ms per 450-token query", title="span search latency",
+           ylim=(0, 1.25 * max(r["find_spans_ms_p95"] for r in rows)), **ticks)
+    a2.minorticks_off()
+    a2.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
