@@ -38,6 +38,8 @@ from flexolmo.base import sources as src_lib# noqa: E402
 from flexolmo.base import tokenizer as tok_lib# noqa: E402
 from flexolmo.base.workspace import Workspace  # noqa: E402
 from index import build, format as fmt  # noqa: E402
+from index.suffix_array import build_suffix_array  # noqa: E402
+from index.width import U16  # noqa: E402
 
 
 def _build_one(root: str, name: str) -> dict:
@@ -55,7 +57,7 @@ def _bare_sa(folder: Path, scratch: Path, n_shards: int) -> float:
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
         shutil.copyfile(fmt.shard_file(folder, "tokenized", k), fmt.shard_file(d, "tokenized", 0))
-        secs += fmt.build_suffix_array(fmt.shard_file(d, "tokenized", 0), fmt.shard_file(d, "table", 0), d / "work")
+        secs += build_suffix_array(fmt.shard_file(d, "tokenized", 0), fmt.shard_file(d, "table", 0), d / "work", U16)
         shutil.rmtree(d, ignore_errors=True)
     return secs
 
@@ -94,7 +96,7 @@ def _synthetic_index(folders: list[Path], target: int, out: Path, marker: int) -
     om.tofile(fmt.shard_file(out, "metaoff", 0))
     counts = np.bincount(ds, minlength=65536)
     fmt.shard_file(out, "unigram", 0).write_text("".join(f"{i} {counts[i]}\n" for i in np.flatnonzero(counts)))
-    fmt.build_suffix_array(fmt.shard_file(out, "tokenized", 0), fmt.shard_file(out, "table", 0), out / "work")
+    build_suffix_array(fmt.shard_file(out, "tokenized", 0), fmt.shard_file(out, "table", 0), out / "work", U16)
     shutil.rmtree(out / "work", ignore_errors=True)
     return len(ds) - len(starts)
 
@@ -341,11 +343,9 @@ def main() -> None:
         total = _totals(rows)
 
     # latency by index size
-    from tracing.trace import delimiter_ids
-
     tok = tok_lib.load_raw_tokenizer(ws)
     info = tok_lib.tokenizer_info(ws)
-    delim = delimiter_ids(tok_lib.load_tokenizer(ws))  # the pipeline's: every newline-only token, and '.'
+    delim = tok_lib.read_delimiter_ids(ws)  # the pipeline's: every token holding a newline, and '.'
     bow = np.asarray(tok_lib.read_bow_ids(ws))
     vtexts = [t for n in names for t in src_lib.iter_texts(ws, n, split="validation")]
     vids = [tok.encode(t, add_special_tokens=False).ids for t in vtexts]

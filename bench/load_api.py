@@ -44,7 +44,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flexolmo.base import sources# noqa: E402
 from flexolmo.base.workspace import Workspace  # noqa: E402
 from index.keys import KeyStore  # noqa: E402
-from tracing import store  # noqa: E402
 from tracing import queries
 
 HOST = "127.0.0.1"  # the only address this bench ever binds or calls

@@ -43,16 +43,26 @@ def register(app_: typer.Typer) -> None:
 def build(
     source: Annotated[Optional[str], typer.Option("--source", help="Build this source's index.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Build every registered source's index.")] = False,
-    shards: Annotated[int, typer.Option(help="Shards per index (1..10).")] = 1,
+    shards: Annotated[Optional[int], typer.Option(help="Shards per index (1..256); default: as many as "
+                                                       "--mem-gib and --max-shard-tokens need (1 for small sources).")] = None,
     force: Annotated[bool, typer.Option(help="Rebuild even if the source and tokenizer are unchanged.")] = False,
+    mem_gib: Annotated[float, typer.Option("--mem-gib", help="Memory budget of the suffix-array build (GiB); a "
+                                                             "shard's tokens must fit in 3/4 of it.")] = lib.IndexConfig.mem_gib,
+    cpus: Annotated[int, typer.Option(help="rust_indexing processes / threads at a time.")] = lib.IndexConfig.cpus,
+    max_shard_tokens: Annotated[Optional[int], typer.Option("--max-shard-tokens", help="At most this many tokens "
+                                                                                       "per shard.")] = None,
 ) -> None:
-    """Build the index of a source's train split (atomically; verified before it is served)."""
+    """Build the index of a source's train split (atomically; verified before it is served).
+    Streams: memory stays within --mem-gib whatever the source's size."""
     if bool(source) == all_:
         raise InputError("give either --source NAME or --all")
     progress = _RichProgress()
-    results = lib.build_all(ws(), shards=shards, force=force, progress=progress, names=[source] if source else None)
+    config = lib.IndexConfig(shards=shards, mem_gib=mem_gib, cpus=cpus, max_shard_tokens=max_shard_tokens)
+    results = lib.build_all(ws(), force=force, progress=progress, names=[source] if source else None, config=config)
     for r in results:
-        if r.skipped:
+        if r.remote:
+            console.print(f"{r.source}: not built here ({r.reason})", highlight=False)
+        elif r.skipped:
             console.print(f"{r.source}: unchanged, kept ({r.reason})")
         else:
             console.print(f"{r.source}: {r.n_docs:,} documents, {r.n_tokens:,} tokens, {r.bytes / 1e6:.1f} MB "
@@ -65,7 +75,9 @@ def verify(source: Annotated[Optional[str], typer.Option("--source", help="Verif
     results = checks.verify_all(ws(), [source] if source else None)
     bad = 0
     for r in results:
-        if r.ok:
+        if r.skipped:
+            console.print(f"{r.source}: not verified here ({r.skipped})", highlight=False)
+        elif r.ok:
             console.print(f"{r.source}: ok ({r.checked_files} files, {r.checked_ngrams} n-gram counts, {r.seconds:.1f}s)")
         else:
             bad += 1
@@ -132,7 +144,8 @@ def catalog_rich_table(rows: list[dict]) -> Table:
         return "" if v is None else f.format(v)
 
     for r in rows:
-        state = "not built" if not r["indexed"] else ("stale: rebuild" if r["stale"] else "ok")
+        state = ("remote" if r.get("remote") else "not built" if not r["indexed"]
+                 else "stale: rebuild" if r["stale"] else "ok")
         t.add_row(r["source"], r["owner"], r["domain"], r["visibility"], "yes" if r["available"] else "no",
                   num(r["n_docs"]), num(r["n_tokens"]), num(r["bytes"] and r["bytes"] / 1e6, "{:.1f}"),
                   num(r["bytes_per_token"], "{:.1f}"), num(r["build_seconds"], "{:.1f}"),

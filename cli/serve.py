@@ -85,8 +85,8 @@ def serve(
                          "admin` (creates the admin key and shows it once; keep it), or give owners keys with "
                          "`flexolmo keys create --owner OWNER --scope owner`, then serve again")
     if not announce_admin_key(keys):
-        console.print(f"owner routes need a key: the source owner's or the admin key (`flexolmo keys list` shows "
-                      f"ids; `flexolmo keys admin --rotate` replaces a lost admin key)", highlight=False)
+        console.print("owner routes need a key: the source owner's or the admin key (`flexolmo keys list` shows "
+                      "ids; `flexolmo keys admin --rotate` replaces a lost admin key)", highlight=False)
     console.print(f"serving {root.root} on http://{host}:{port} with {workers} worker process"
                   f"{'es' if workers > 1 else ''}", highlight=False)
     if workers == 1:

@@ -1,4 +1,4 @@
-"""`flexolmo tokenizer ...`: the shared byte-level BPE."""
+"""`flexolmo tokenizer ...`: the shared tokenizer (trained here, or imported from a Hugging Face folder)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ app = typer.Typer(help="The shared tokenizer (trained on the public source only)
 
 @app.command("train")
 def train(
-    vocab_size: Annotated[int, typer.Option(help="Vocabulary size, at most 65535 (u16 index ids).")] = lib.DEFAULT_VOCAB,
+    vocab_size: Annotated[int, typer.Option(help="Vocabulary size (up to 65535 the indexes store u16 ids, u32 beyond).")] = lib.DEFAULT_VOCAB,
     source: Annotated[str, typer.Option(help="The public source to learn from.")] = "public",
     force: Annotated[bool, typer.Option(help="Retrain even if the public source has not changed.")] = False,
     whitespace_runs: Annotated[bool, typer.Option(
@@ -39,9 +39,19 @@ def show() -> None:
 
 @app.command("import")
 def import_(
-    folder: Annotated[str, typer.Argument(help="A tokenizer folder: tokenizer.json, bow_ids.txt and card.json.")],
+    folder: Annotated[str, typer.Argument(help="A Hugging Face tokenizer folder (tokenizer.json + tokenizer_config.json), "
+                                               "or a workspace's tokenizer/ folder (with card.json).")],
     force: Annotated[bool, typer.Option(help="Replace a different tokenizer (its indexes must then be rebuilt).")] = False,
 ) -> None:
-    """Bring in the shared tokenizer (e.g. on an owner's machine), checked against its card."""
-    info = lib.import_tokenizer(ws(), Path(folder), force=force)
-    console.print(f"tokenizer {info.sha256[:12]}: {info.vocab_size:,} ids, {info.n_bow:,} begin a word -> {info.path}")
+    """Bring in a tokenizer: the shared one (e.g. on an owner's machine, checked against its card)
+    or any Hugging Face tokenizer folder (eos, pad, word starts and delimiters derived from it)."""
+    from flexolmo.base.artifacts import tokenizer as artifact
+
+    w = ws()
+    info = lib.import_tokenizer(w, Path(folder), force=force)
+    card = artifact.read(w)
+    console.print(f"tokenizer {info.sha256[:12]}: {info.vocab_size:,} ids ({lib.ids_dtype(info.vocab_size)} in indexes), "
+                  f"{info.n_bow:,} begin a word, {card.n_delimiter_ids:,} delimiters, eos {card.eos_token!r} "
+                  f"-> {info.path}")
+    if card.pad_note:
+        console.print(f"note: {card.pad_note}")

@@ -3,8 +3,9 @@
     indexes     the index currently served per source: counts, bytes, hashes, checksums, timing
     takedowns   documents removed from what a source may show, with who, when and why
 
-The folder `indexes/<name>/manifest.json` carries the same facts as the `indexes` row; the
-row is written after the folder is renamed into place (see index/build.py for the order).
+The folder `indexes/<name>/manifest.json` (the index's card, index/manifest.py) carries the
+same facts as the `indexes` row, which is made from it (`record_from_manifest`); the row is
+written after the folder is renamed into place (see index/build.py for the order).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from flexolmo.base import catalog as base
 from flexolmo.base.workspace import Workspace
 
 from . import format as fmt
+from .manifest import IndexManifest
 from .models import IndexRecord, Takedown
 
 SCHEMA = """
@@ -114,14 +116,15 @@ def now() -> dt.datetime:
     return dt.datetime.now().replace(microsecond=0)
 
 
-def record_from_manifest(folder: Path, m: dict, total_bytes: int, seconds: float, tok_s: float, sa_s: float) -> IndexRecord:
+def record_from_manifest(folder: Path, m: IndexManifest, total_bytes: int, seconds: float, tok_s: float,
+                         sa_s: float) -> IndexRecord:
     """The `indexes` row of an index folder, from its manifest and the build's timings."""
     return IndexRecord(
-        source=m["source"], path=str(folder), build_id=m["build_id"], n_docs=m["n_docs"], n_tokens=m["n_tokens"],
-        n_shards=m["n_shards"], bytes=total_bytes, tokenizer_hash=m["tokenizer_hash"],
-        content_hash=m["content_hash"], files=m["files"], built_at=dt.datetime.fromisoformat(m["built_at"]),
-        build_seconds=seconds, tokenize_seconds=tok_s, suffix_array_seconds=sa_s,
-        tokens_per_second=m["n_tokens"] / seconds if seconds > 0 else 0.0,
+        source=m.source, path=str(folder), build_id=m.build_id, n_docs=m.n_docs, n_tokens=m.n_tokens,
+        n_shards=m.n_shards, bytes=total_bytes, tokenizer_hash=m.tokenizer_hash, content_hash=m.content_hash,
+        files={k: {"bytes": f.bytes, "sha256": f.sha256} for k, f in m.files.items()},
+        built_at=dt.datetime.fromisoformat(m.built_at), build_seconds=seconds, tokenize_seconds=tok_s,
+        suffix_array_seconds=sa_s, tokens_per_second=m.n_tokens / seconds if seconds > 0 else 0.0,
     )
 
 
@@ -133,10 +136,10 @@ def record(ws: Workspace, rec: IndexRecord) -> None:
         con.execute("COMMIT")
 
 
-def rerecord(ws: Workspace, folder: Path, m: dict) -> IndexRecord:
+def rerecord(ws: Workspace, folder: Path, m: IndexManifest) -> IndexRecord:
     """Bring the catalog row in line with the folder (after a kill between rename and record)."""
-    old = get_index(ws, m["source"])
-    total = sum(f["bytes"] for f in m["files"].values()) + (Path(folder) / fmt.MANIFEST).stat().st_size
+    old = get_index(ws, m.source)
+    total = sum(f.bytes for f in m.files.values()) + (Path(folder) / fmt.MANIFEST).stat().st_size
     rec = record_from_manifest(folder, m, total, old.build_seconds if old else 0.0,
                                old.tokenize_seconds if old else 0.0, old.suffix_array_seconds if old else 0.0)
     record(ws, rec)

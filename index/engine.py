@@ -34,7 +34,7 @@ from flexolmo.base.workspace import Workspace
 from . import format as fmt, search
 from .models import AttributedSpan, DocRef, SpanDocument, SpanMatch
 from .remote import RemoteSettings, RemoteSource, RemoteUnavailable, open_remotes
-from .source import SourceIndex, check_ids
+from .source import MAX_ID, SourceIndex, check_ids
 
 DRAWS_PER_DOC = 4  # occurrences sampled per wanted document (a document matched twice counts once)
 
@@ -54,6 +54,9 @@ class Federation:
         remotes = [ix for ix in indexes.values() if isinstance(ix, RemoteSource)]
         self._pool = ThreadPoolExecutor(max_workers=2 * len(remotes), thread_name_prefix="remote") if remotes else None
         self._wait_s = max((ix.client.settings.deadline_s for ix in remotes), default=0.0) + 1.0
+        # every source shares the workspace's tokenizer (checked at open), so one id range and
+        # one unigram layout (index/width.py) serve them all
+        self.max_id = min((ix.max_id for ix in indexes.values()), default=MAX_ID)
 
     @classmethod
     def open(cls, ws: Workspace, names: Sequence[str] | None = None, *, today: dt.date | None = None,
@@ -152,15 +155,18 @@ class Federation:
                                 + f"; served: {', '.join(self.indexes) or 'none'}")
         return self.indexes[name]
 
+    def _ids(self, ids: Sequence[int], what: str = "input_ids") -> list[int]:
+        return check_ids(ids, what, self.max_id)
+
     def count(self, ids: Sequence[int]) -> dict[str, int]:
         """Occurrences in each local source (a node answers only matches and documents)."""
-        ids = check_ids(ids)
+        ids = self._ids(ids)
         return {n: ix.count(ids) for n, ix in self.local.items()}
 
     def attribute(self, ids: Sequence[int], delim_ids: Sequence[int] = (), min_len: int = 1,
                   max_cnt: int = 1_000_000, enforce_bow: bool = True) -> dict[str, list[AttributedSpan]]:
         """infini-gram's own attribute, per local source."""
-        ids, delim_ids = check_ids(ids), check_ids(delim_ids, "delim_ids")
+        ids, delim_ids = self._ids(ids), self._ids(delim_ids, "delim_ids")
         return {n: ix.attribute(ids, delim_ids, min_len, max_cnt, enforce_bow) for n, ix in self.local.items()}
 
     def document(self, source: str, doc_id: str) -> DocRef:
@@ -173,7 +179,7 @@ class Federation:
         """Unigram counts of one source, or summed over the served sources (that answer)."""
         if source is not None:
             return self.source(source).unigram_counts
-        total = np.zeros(65536, dtype=np.int64)
+        total = np.zeros(self.max_id + 2, dtype=np.int64)  # index/width.py: ids, then the separators' slot
         for ix in self.indexes.values():
             try:
                 total += ix.unigram_counts
@@ -183,10 +189,9 @@ class Federation:
 
     def _logprobs(self, answering: Sequence[str]) -> np.ndarray:
         """Unigram log-probs over the sources that answered, recomputed when that set or a build changes."""
-        key = tuple((n, self.indexes[n].build_id if isinstance(self.indexes[n], RemoteSource)
-                     else self.indexes[n].manifest["build_id"]) for n in answering)
+        key = tuple((n, self.indexes[n].build_id) for n in answering)
         if self._ulp is None or self._ulp[0] != key:
-            counts = sum((self.indexes[n].unigram_counts for n in answering), np.zeros(65536, dtype=np.int64))
+            counts = sum((self.indexes[n].unigram_counts for n in answering), np.zeros(self.max_id + 2, dtype=np.int64))
             self._ulp = (key, search.unigram_logprobs(counts))
         return self._ulp[1]
 
@@ -204,7 +209,7 @@ class Federation:
         :param bow_ids: ids that begin a word (spans start and end at word boundaries when
             `enforce_bow`); None: every id does.
         """
-        ids, delim_ids = check_ids(ids), check_ids(delim_ids, "delim_ids")
+        ids, delim_ids = self._ids(ids), self._ids(delim_ids, "delim_ids")
         if min_len < 0 or max_cnt <= 0:
             raise InputError("min_len must be >= 0 and max_cnt > 0")
         bow = None if bow_ids is None else np.asarray(bow_ids, dtype=np.int64)

@@ -2,7 +2,7 @@
 
 The CLI prints them, the API serialises them (`dataclasses.asdict`), and tracing consumes
 them. Pointers follow infini-gram's conventions: `shard` is the shard number (the `N` of
-`tokenized.N`), `ptr` a *byte* offset into `tokenized.N` (always even: u16 ids).
+`tokenized.N`), `ptr` a *byte* offset into `tokenized.N` (a multiple of the width: 2 or 4).
 
 The search shapes (`SourceMatches`, `SpanMatch`, `SpanDocument`) are what a source
 answers for a trace; they hold plain ints and strings so that an owner node can send them
@@ -21,8 +21,8 @@ class BuildResult:
     """What `build_source` did for one source."""
 
     source: str
-    path: Path
-    skipped: bool  # unchanged source and tokenizer: the existing index was kept
+    path: Path | None  # None: a remote source (no index here)
+    skipped: bool  # the existing index was kept (current), or the source is remote
     n_docs: int
     n_tokens: int  # document tokens, without the document separators
     n_shards: int
@@ -32,6 +32,7 @@ class BuildResult:
     suffix_array_seconds: float  # the bare rust_indexing steps (make-part, merge, concat)
     verify_seconds: float
     reason: str = ""
+    remote: str | None = None  # the owner node's URL of a remote source (not built here)
 
     @property
     def tokens_per_second(self) -> float:
@@ -43,7 +44,7 @@ class BuildResult:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["path"] = str(self.path)
+        d["path"] = None if self.path is None else str(self.path)
         d["tokens_per_second"] = self.tokens_per_second
         d["bytes_per_token"] = self.bytes_per_token
         return d
@@ -90,6 +91,7 @@ class VerifyResult:
     checked_files: int
     checked_ngrams: int
     seconds: float
+    skipped: str | None = None  # not verified here, and why (a remote source: its owner's node)
 
 
 @dataclass(frozen=True)

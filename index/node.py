@@ -23,7 +23,6 @@ import threading
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -84,14 +83,13 @@ class Node:
 
     def identity(self) -> dict:
         src, ix = self.current()
-        u = ix.unigram_counts
-        nz = np.flatnonzero(u)
+        ids, counts = ix.width.to_sparse(ix.unigram_counts)
         m = ix.manifest
         return P.Identity(source=src.name, owner=src.owner, domain=src.domain, licence=src.licence,
                           visibility=src.visibility, available=src.available(), tokenizer_hash=self.tokenizer_hash,
-                          n_tokens=ix.n_tokens, n_docs=ix.n_docs, n_shards=int(m["n_shards"]), build_id=m["build_id"],
-                          content_hash=m["content_hash"], takedowns=len(self._ix_key[2]),
-                          unigrams=P.Unigrams(ids=nz.tolist(), counts=u[nz].tolist())).model_dump()
+                          n_tokens=ix.n_tokens, n_docs=ix.n_docs, n_shards=m.n_shards, build_id=m.build_id,
+                          content_hash=m.content_hash, takedowns=len(self._ix_key[2]),
+                          unigrams=P.Unigrams(ids=ids.tolist(), counts=counts.tolist())).model_dump()
 
     def serving(self) -> tuple[src_lib.Source, SourceIndex]:
         """The index, if the owner lets the source answer today (409 otherwise)."""
@@ -104,7 +102,7 @@ class Node:
     def matches(self, req: P.MatchesRequest) -> dict:
         src, ix = self.serving()
         m = ix.matches(req.ids, req.delim_ids, req.bow_ids, req.enforce_bow)
-        return P.MatchesAnswer(source=src.name, build_id=ix.manifest["build_id"], visibility=src.visibility,
+        return P.MatchesAnswer(source=src.name, build_id=ix.build_id, visibility=src.visibility,
                                lengths=m.lengths, counts=m.counts).model_dump()
 
     def documents(self, req: P.DocumentsRequest) -> dict:
@@ -114,7 +112,7 @@ class Node:
         view.visibility = vis
         out = [[d.__dict__ for d in view.documents(s.span_ids, s.picks, s.n, req.context_tokens, req.snippet_tokens)]
                for s in req.spans]
-        return {"protocol": P.PROTOCOL, "source": src.name, "build_id": ix.manifest["build_id"], "visibility": vis,
+        return {"protocol": P.PROTOCOL, "source": src.name, "build_id": ix.build_id, "visibility": vis,
                 "documents": out}
 
 

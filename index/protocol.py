@@ -42,7 +42,8 @@ class _Wire(BaseModel):
 
 
 class Unigrams(_Wire):
-    """Sparse unigram counts over the index (id 65535 counts the document separators)."""
+    """Sparse unigram counts over the index; the document separators under the separator's
+    id (65535 in a u16 index, 4294967295 in a u32 one: index/width.py)."""
 
     ids: list[int]
     counts: list[int]
@@ -69,7 +70,7 @@ class Identity(_Wire):
 class MatchesRequest(_Wire):
     ids: list[int] = Field(max_length=MAX_QUERY_TOKENS)
     delim_ids: list[int] = Field(default_factory=list, max_length=MAX_QUERY_TOKENS)
-    bow_ids: list[int] | None = Field(default=None, max_length=65_536)  # None: every id begins a word
+    bow_ids: list[int] | None = Field(default=None, max_length=MAX_QUERY_TOKENS)  # those in `ids`; None: every id
     enforce_bow: bool = True
 
 

@@ -36,10 +36,10 @@ from pydantic import BaseModel, ValidationError
 from flexolmo.base import catalog as base_catalog
 from flexolmo.base import sources as src_lib
 from flexolmo.base import tokenizer as tok_lib
-from flexolmo.base.errors import ConflictError, FlexolmoError, InputError, NotFoundError
+from flexolmo.base.errors import ConflictError, FlexolmoError, InputError, IntegrityError, NotFoundError
 from flexolmo.base.workspace import Workspace
 
-from . import catalog
+from . import catalog, width as widths
 from . import protocol as P
 from .keys import read_key_file, write_secret
 from .models import SourceMatches, SpanDocument
@@ -200,8 +200,12 @@ class RemoteSource:
     """One source served by its owner's node, with the face of a `SourceIndex`."""
 
     def __init__(self, name: str, url: str, key: str, *, tokenizer_hash: str, visibility: str = "full",
-                 settings: RemoteSettings | None = None):
+                 settings: RemoteSettings | None = None, vocab_size: int | None = None):
         self.name = name
+        # the tracer's tokenizer is the node's (checked on every identity), so its width is the node's
+        self.width = widths.for_vocab(vocab_size) if vocab_size else widths.U16
+        self.vocab_size = vocab_size
+        self.max_id = self.width.max_id(vocab_size)
         self.client = NodeClient(url, key, settings)
         self.url = self.client.url
         self.tokenizer_hash = tokenizer_hash  # the tracer's: a node with another is not used
@@ -223,11 +227,10 @@ class RemoteSource:
             if self._identity is None or refresh:
                 ident = self.client.call("GET", "/v1/identity", P.Identity)
                 self._check(ident)
-                u = np.zeros(65536, dtype=np.int64)
-                ids = np.asarray(ident.unigrams.ids, dtype=np.int64)
-                if len(ids) != len(ident.unigrams.counts) or (ids.size and (ids.min() < 0 or ids.max() > 65535)):
-                    raise RemoteUnavailable(f"{self.url} answered garbage (unigram ids out of range)")
-                u[ids] = ident.unigrams.counts
+                try:
+                    u = self.width.from_sparse(ident.unigrams.ids, ident.unigrams.counts, self.vocab_size)
+                except IntegrityError:
+                    raise RemoteUnavailable(f"{self.url} answered garbage (unigram ids out of range)") from None
                 self._identity, self._unigram, self.node_visibility = ident, u, ident.visibility
             return self._identity
 
@@ -264,9 +267,9 @@ class RemoteSource:
                 enforce_bow: bool = True) -> SourceMatches:
         """As `SourceIndex.matches`, asked of the node (only the delimiter and word-start ids that
         occur in the query are sent: the answer is the same)."""
-        ids = check_ids(ids)
+        ids = check_ids(ids, max_id=self.max_id)
         present = set(ids)
-        body = {"ids": ids, "delim_ids": sorted(present.intersection(check_ids(delim_ids, "delim_ids"))),
+        body = {"ids": ids, "delim_ids": sorted(present.intersection(check_ids(delim_ids, "delim_ids", self.max_id))),
                 "bow_ids": None if bow_ids is None else sorted(present.intersection(int(i) for i in bow_ids)),
                 "enforce_bow": bool(enforce_bow)}
         ident = self.identity()
@@ -289,7 +292,7 @@ class RemoteSource:
         """Documents of several spans in one round trip: one list per (span_ids, picks, n)."""
         if self.visibility == "counts" or not requests:
             return [[] for _ in requests]
-        body = {"spans": [{"span_ids": check_ids(s, "span_ids"), "picks": [int(p) for p in ps], "n": int(n)}
+        body = {"spans": [{"span_ids": check_ids(s, "span_ids", self.max_id), "picks": [int(p) for p in ps], "n": int(n)}
                           for s, ps, n in requests],
                 "context_tokens": int(context_tokens), "snippet_tokens": int(snippet_tokens),
                 "max_visibility": self.local_visibility}
@@ -370,7 +373,7 @@ def add_remote(ws: Workspace, name: str, url: str, key_file: str | os.PathLike, 
             con.execute("BEGIN")
             try:
                 src_lib.insert_remote_row(con, name, owner=owner, domain=domain, licence=licence,
-                                          origin=f"remote:{url}", content_hash=ident.content_hash,
+                                          origin=f"{src_lib.REMOTE_ORIGIN}{url}", content_hash=ident.content_hash,
                                           n_docs=ident.n_docs, visibility=visibility, by=by)
                 catalog.insert_remote(con, {"source": name, "url": url, "key_path": str(path), "owner": owner,
                                             "tokenizer_hash": ident.tokenizer_hash, "build_id": ident.build_id,
@@ -395,6 +398,7 @@ def open_remotes(ws: Workspace, names: Sequence[str], visibility: dict[str, str]
     if not wanted:
         return {}, {}
     ours = tok_lib.tokenizer_hash(ws)
+    vocab = tok_lib.tokenizer_info(ws).vocab_size
     opened, skipped = {}, {}
     for n in wanted:
         try:
@@ -403,5 +407,5 @@ def open_remotes(ws: Workspace, names: Sequence[str], visibility: dict[str, str]
             skipped[n] = f"unavailable: its key cannot be read ({e})"
             continue
         opened[n] = RemoteSource(n, rows[n]["url"], key, tokenizer_hash=ours, visibility=visibility.get(n, "full"),
-                                 settings=settings)
+                                 settings=settings, vocab_size=vocab)
     return opened, skipped

@@ -20,7 +20,8 @@ match length, so the merge gives exactly what one search over every index at onc
 and a source can answer for itself (an owner node, later).
 
 The suffix array (`table.N`) orders suffixes of `tokenized.N` by their little-endian
-bytes, not by token value: comparisons here use the byte-swapped id (low byte first).
+bytes, not by token value: comparisons here use the byte-swapped id (low byte first), over
+2 bytes (u16 indexes) or 4 (u32); `w` in the kernels is that width.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from numba.typed import List as TypedList
 from flexolmo.base.errors import IntegrityError
 
 from .models import SourceMatches, SpanMatch
+from .width import U16, Width
 
 NO_CAP = np.iinfo(np.int64).max  # max_cnt of a per-source search: the cap applies to merged counts
 
@@ -47,23 +49,24 @@ class Shard:
 
     source: str
     index: int  # shard number N of tokenized.N / table.N
-    ds: np.ndarray  # uint8 view of tokenized.N (u16 little-endian ids, 0xFFFF separates documents)
+    ds: np.ndarray  # uint8 view of tokenized.N (little-endian ids of `width`, all-ones separates documents)
     sa: np.ndarray  # uint8 view of table.N (ptr_size-byte little-endian byte offsets into ds)
     ptr_size: int
+    width: Width = U16
 
     @property
     def tok_cnt(self) -> int:
-        return self.ds.shape[0] // 2
+        return self.ds.shape[0] // self.width.bytes
 
     @classmethod
-    def open(cls, source: str, index: int, tokenized: Path, table: Path) -> "Shard":
+    def open(cls, source: str, index: int, tokenized: Path, table: Path, width: Width = U16) -> "Shard":
         ds = np.memmap(tokenized, dtype=np.uint8, mode="r")
         sa = np.memmap(table, dtype=np.uint8, mode="r")
-        tok_cnt = ds.shape[0] // 2
+        tok_cnt = ds.shape[0] // width.bytes
         if tok_cnt == 0 or sa.shape[0] % tok_cnt:
             raise IntegrityError(f"{table}: size {sa.shape[0]} is not a multiple of the token count {tok_cnt}; "
                                  f"rebuild the index of {source!r} with `flexolmo index build --source {source} --force`")
-        return cls(source, index, ds, sa, sa.shape[0] // tok_cnt)
+        return cls(source, index, ds, sa, sa.shape[0] // tok_cnt, width)
 
 
 # ---------------------------------------------------------------------------------------
@@ -80,18 +83,29 @@ def _ptr(sa, ptr_size, rank):
 
 
 @numba.njit(cache=True, inline="always")
-def _key_at(ds, p):
-    # byte order of the token at byte offset p: low byte first; -1 past the end of the data
-    if p + 1 >= ds.shape[0]:
+def _key_at(ds, p, w):
+    # byte order of the w-byte token at byte offset p: low byte first; -1 past the end of the data
+    if p + w - 1 >= ds.shape[0]:
         return np.int64(-1)
-    return (np.int64(ds[p]) << 8) | np.int64(ds[p + 1])
+    if w == 2:
+        return (np.int64(ds[p]) << 8) | np.int64(ds[p + 1])
+    return (np.int64(ds[p]) << 24) | (np.int64(ds[p + 1]) << 16) | (np.int64(ds[p + 2]) << 8) | np.int64(ds[p + 3])
 
 
 @numba.njit(cache=True)
-def _cmp_run(ds, p, keys, a, k):
+def _keys_of(ids, w):
+    """The byte-order keys of query ids: the id with its little-endian bytes read high to low."""
+    if w == 2:
+        return ((ids & 0xFF) << 8) | ((ids >> 8) & 0xFF)
+    return (((ids & 0xFF) << 24) | (((ids >> 8) & 0xFF) << 16) | (((ids >> 16) & 0xFF) << 8)
+            | ((ids >> 24) & 0xFF))
+
+
+@numba.njit(cache=True)
+def _cmp_run(ds, p, keys, a, k, w):
     """Compare the suffix at byte p with keys[a:a+k]: -1 less, 0 equal (on k tokens), 1 greater."""
     for j in range(k):
-        x = _key_at(ds, p + 2 * j)
+        x = _key_at(ds, p + w * j, w)
         y = keys[a + j]
         if x < y:
             return -1
@@ -101,12 +115,12 @@ def _cmp_run(ds, p, keys, a, k):
 
 
 @numba.njit(cache=True)
-def _range_of_run(ds, sa, ptr_size, tok_cnt, keys, a, k):
+def _range_of_run(ds, sa, ptr_size, tok_cnt, keys, a, k, w):
     """Suffix-array range [lo, hi) of the suffixes that start with keys[a:a+k]."""
     lo, hi = np.int64(0), np.int64(tok_cnt)
     while lo < hi:  # first rank >= run
         m = (lo + hi) >> 1
-        if _cmp_run(ds, _ptr(sa, ptr_size, m), keys, a, k) < 0:
+        if _cmp_run(ds, _ptr(sa, ptr_size, m), keys, a, k, w) < 0:
             lo = m + 1
         else:
             hi = m
@@ -114,7 +128,7 @@ def _range_of_run(ds, sa, ptr_size, tok_cnt, keys, a, k):
     hi = np.int64(tok_cnt)
     while lo < hi:  # first rank > run
         m = (lo + hi) >> 1
-        if _cmp_run(ds, _ptr(sa, ptr_size, m), keys, a, k) <= 0:
+        if _cmp_run(ds, _ptr(sa, ptr_size, m), keys, a, k, w) <= 0:
             lo = m + 1
         else:
             hi = m
@@ -122,12 +136,12 @@ def _range_of_run(ds, sa, ptr_size, tok_cnt, keys, a, k):
 
 
 @numba.njit(cache=True)
-def _narrow(ds, sa, ptr_size, lo, hi, k, key):
+def _narrow(ds, sa, ptr_size, lo, hi, k, key, w):
     """Within [lo, hi) (suffixes sharing k tokens), the subrange whose token k has `key`."""
     a, b = lo, hi
     while a < b:
         m = (a + b) >> 1
-        if _key_at(ds, _ptr(sa, ptr_size, m) + 2 * k) < key:
+        if _key_at(ds, _ptr(sa, ptr_size, m) + w * k, w) < key:
             a = m + 1
         else:
             b = m
@@ -135,7 +149,7 @@ def _narrow(ds, sa, ptr_size, lo, hi, k, key):
     b = hi
     while a < b:
         m = (a + b) >> 1
-        if _key_at(ds, _ptr(sa, ptr_size, m) + 2 * k) <= key:
+        if _key_at(ds, _ptr(sa, ptr_size, m) + w * k, w) <= key:
             a = m + 1
         else:
             b = m
@@ -143,14 +157,14 @@ def _narrow(ds, sa, ptr_size, lo, hi, k, key):
 
 
 @numba.njit(cache=True)
-def _spans_kernel(ds_list, sa_list, ptr_sizes, ids, is_delim, is_bow, enforce_bow, min_len, max_cnt):
+def _spans_kernel(ds_list, sa_list, ptr_sizes, w, ids, is_delim, is_bow, enforce_bow, min_len, max_cnt):
     """For every start l: (final length, count, per-shard range) after OLMoTrace's rules.
 
     Returns lens[L], counts[L], ranges[L, S, 2]; lens[l] = 0 where no span starts.
     """
     L = ids.shape[0]
     S = len(ds_list)
-    keys = ((ids & 0xFF) << 8) | (ids >> 8)  # little-endian byte order of each id
+    keys = _keys_of(ids, w)  # little-endian byte order of each id
     lens = np.zeros(L, dtype=np.int64)
     counts = np.zeros(L, dtype=np.int64)
     ranges = np.zeros((L, S, 2), dtype=np.int64)
@@ -168,19 +182,19 @@ def _spans_kernel(ds_list, sa_list, ptr_sizes, ids, is_delim, is_bow, enforce_bo
             ds = ds_list[s]
             sa = sa_list[s]
             ps = ptr_sizes[s]
-            tok_cnt = ds.shape[0] // 2
+            tok_cnt = ds.shape[0] // w
             k = 0
             if l_prev >= 0:
                 k = max(0, m_prev[s] - (l - l_prev))  # matching statistics: known to match
             k0[s] = k
             if k > 0:
-                lo, hi = _range_of_run(ds, sa, ps, tok_cnt, keys, l, k)
+                lo, hi = _range_of_run(ds, sa, ps, tok_cnt, keys, l, k, w)
             else:
                 lo, hi = np.int64(0), np.int64(tok_cnt)
             hist[s, k, 0] = lo
             hist[s, k, 1] = hi
             while l + k < L:
-                nlo, nhi = _narrow(ds, sa, ps, lo, hi, k, keys[l + k])
+                nlo, nhi = _narrow(ds, sa, ps, lo, hi, k, keys[l + k], w)
                 if nlo >= nhi:
                     break
                 lo, hi = nlo, nhi
@@ -212,7 +226,7 @@ def _spans_kernel(ds_list, sa_list, ptr_sizes, ids, is_delim, is_bow, enforce_bo
                     lo, hi = hist[s, n, 0], hist[s, n, 1]
                 else:  # the cut fell inside the part skipped by matching statistics
                     ds = ds_list[s]
-                    lo, hi = _range_of_run(ds, sa_list[s], ptr_sizes[s], ds.shape[0] // 2, keys, l, n)
+                    lo, hi = _range_of_run(ds, sa_list[s], ptr_sizes[s], ds.shape[0] // w, keys, l, n, w)
                 ranges[l, s, 0] = lo
                 ranges[l, s, 1] = hi
                 total += hi - lo
@@ -225,14 +239,14 @@ def _spans_kernel(ds_list, sa_list, ptr_sizes, ids, is_delim, is_bow, enforce_bo
 
 
 @numba.njit(cache=True)
-def _ranges_kernel(ds_list, sa_list, ptr_sizes, ids):
+def _ranges_kernel(ds_list, sa_list, ptr_sizes, w, ids):
     """Suffix-array range [lo, hi) of the whole run `ids` in every shard, (S, 2)."""
-    keys = ((ids & 0xFF) << 8) | (ids >> 8)
+    keys = _keys_of(ids, w)
     S = len(ds_list)
     out = np.zeros((S, 2), dtype=np.int64)
     for s in range(S):
         ds = ds_list[s]
-        lo, hi = _range_of_run(ds, sa_list[s], ptr_sizes[s], ds.shape[0] // 2, keys, 0, ids.shape[0])
+        lo, hi = _range_of_run(ds, sa_list[s], ptr_sizes[s], ds.shape[0] // w, keys, 0, ids.shape[0], w)
         out[s, 0] = lo
         out[s, 1] = hi
     return out
@@ -251,7 +265,10 @@ class Shards(tuple):
         for sh in shards:
             ds_list.append(np.asarray(sh.ds))
             sa_list.append(np.asarray(sh.sa))
-        self.typed = (ds_list, sa_list, np.array([sh.ptr_size for sh in shards], dtype=np.int64))
+        widths = {sh.width.bytes for sh in shards}
+        assert len(widths) <= 1, "one source's shards share a token width"
+        self.width = shards[0].width if len(shards) else U16
+        self.typed = (ds_list, sa_list, np.array([sh.ptr_size for sh in shards], dtype=np.int64), self.width.bytes)
         return self
 
 
@@ -263,7 +280,7 @@ def source_matches(source: str, shards: Sequence[Shard], ids: Sequence[int], del
                    bow_ids: Sequence[int] | None, enforce_bow: bool = True) -> SourceMatches:
     """One source's longest match (after the cut rules) and its count at every position of `ids`.
 
-    :param ids: query ids, already checked to lie in [0, 65534].
+    :param ids: query ids, already checked to lie in the index's range (`check_ids`).
     :param bow_ids: the ids that begin a word (None: every id does).
     """
     ids = np.asarray(ids, dtype=np.int64)
@@ -339,7 +356,7 @@ def unigram_logprobs(counts: np.ndarray) -> np.ndarray:
 
 
 @numba.njit(cache=True)
-def _push_kernel(ds_list, sa_list, ptr_sizes, state, tail, key):
+def _push_kernel(ds_list, sa_list, ptr_sizes, w, state, tail, key):
     """Advance each shard's longest-suffix match by the token `key` (byte order), in place.
 
     state (S, 3): match length k, suffix-array range [lo, hi) of the matched run. tail: the
@@ -347,9 +364,9 @@ def _push_kernel(ds_list, sa_list, ptr_sizes, state, tail, key):
     one narrowing of the range; only when it fails is the longest shorter suffix searched."""
     for s in range(len(ds_list)):
         ds, sa, ps = ds_list[s], sa_list[s], ptr_sizes[s]
-        tok_cnt = ds.shape[0] // 2
+        tok_cnt = ds.shape[0] // w
         k, lo, hi = state[s, 0], state[s, 1], state[s, 2]
-        nlo, nhi = _narrow(ds, sa, ps, lo, hi, k, key)
+        nlo, nhi = _narrow(ds, sa, ps, lo, hi, k, key, w)
         if nlo < nhi:
             state[s, 0], state[s, 1], state[s, 2] = k + 1, nlo, nhi
             continue
@@ -357,7 +374,7 @@ def _push_kernel(ds_list, sa_list, ptr_sizes, state, tail, key):
         j = k  # the new longest suffix is at most k long (k + 1 failed)
         lo, hi = np.int64(0), np.int64(tok_cnt)
         while j > 0:
-            lo, hi = _range_of_run(ds, sa, ps, tok_cnt, tail, n - j, j)
+            lo, hi = _range_of_run(ds, sa, ps, tok_cnt, tail, n - j, j, w)
             if lo < hi:
                 break
             j -= 1
@@ -367,15 +384,16 @@ def _push_kernel(ds_list, sa_list, ptr_sizes, state, tail, key):
 
 
 @numba.njit(cache=True)
-def _next_keys_kernel(ds, sa, ptr_size, lo, hi, k):
+def _next_keys_kernel(ds, sa, ptr_size, w, lo, hi, k):
     """The distinct keys at offset k of the suffixes in [lo, hi) (sorted; document
     separators and the end of data left out): one binary search per distinct key."""
+    sep = (np.int64(1) << (8 * w)) - 1  # all ones: the same in either byte order
     out = []
     m = lo
     while m < hi:
-        key = _key_at(ds, _ptr(sa, ptr_size, m) + 2 * k)
-        _, b = _narrow(ds, sa, ptr_size, m, hi, k, key)
-        if key >= 0 and key != 0xFFFF:
+        key = _key_at(ds, _ptr(sa, ptr_size, m) + w * k, w)
+        _, b = _narrow(ds, sa, ptr_size, m, hi, k, key, w)
+        if key >= 0 and key != sep:
             out.append(key)
         m = b
     return np.array(out, dtype=np.int64)
@@ -402,8 +420,8 @@ class IncrementalMatch:
         return int(self.state[:, 0].max()) if len(self.state) else 0
 
     def push(self, token: int) -> int:
-        """Append one token id (in [0, 65534]); returns the new `length`."""
-        self.keys.append(((token & 0xFF) << 8) | (token >> 8))
+        """Append one token id (in the index's range); returns the new `length`."""
+        self.keys.append(_key(token, self.shards.width.bytes))
         if not len(self.state):
             return 0
         need = int(self.state[:, 0].max()) + 1
@@ -415,9 +433,14 @@ class IncrementalMatch:
         """Token ids that extend, in some shard, a current match of length >= `at_least`
         (the tokens that would make a verbatim run longer than `at_least`)."""
         out: set[int] = set()
-        ds_list, sa_list, ps = self.shards.typed
+        ds_list, sa_list, ps, w = self.shards.typed
         for s, (k, lo, hi) in enumerate(self.state.tolist()):
             if k >= at_least and k > 0:
-                for key in _next_keys_kernel(ds_list[s], sa_list[s], ps[s], lo, hi, k).tolist():
-                    out.add(((key & 0xFF) << 8) | (key >> 8))
+                for key in _next_keys_kernel(ds_list[s], sa_list[s], ps[s], w, lo, hi, k).tolist():
+                    out.add(_key(key, w))  # the byte swap is its own inverse
         return out
+
+
+def _key(token: int, w: int) -> int:
+    """The byte-order key of one id (`_keys_of` for a Python int)."""
+    return int.from_bytes(int(token).to_bytes(w, "little"), "big")

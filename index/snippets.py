@@ -1,6 +1,6 @@
 """Token windows as text, cut only between characters.
 
-A window of a document is cut at token boundaries, but the byte-level BPE can split one
+A window of a document is cut at token boundaries, but a byte-level BPE can split one
 multi-byte UTF-8 character over two tokens: decoding such a window puts U+FFFD where the
 cut fell. Here a window is decoded from its bytes, the partial character at either end is
 dropped, and the marked part (the match) is moved onto character boundaries, so no
@@ -12,42 +12,20 @@ character is ever split:
 from __future__ import annotations
 
 import weakref
-from functools import lru_cache
 from typing import Sequence
 
-
-@lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's bytes_to_unicode, inverted: the printable stand-in of each byte -> the byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
+from flexolmo.base import pieces
 
 _TABLES: "weakref.WeakKeyDictionary[object, list[bytes]]" = weakref.WeakKeyDictionary()
 
 
 def token_bytes(tok) -> list[bytes]:
-    """The raw bytes of every token id of a byte-level BPE tokenizer (transformers' or tokenizers'),
-    built once per tokenizer object (asking a tokenizer for its vocabulary costs milliseconds: a
-    trace decodes hundreds of windows)."""
+    """The raw bytes of every token id (byte-level BPE or SentencePiece-style: flexolmo/base/pieces.py),
+    built once per tokenizer object: asking a tokenizer for its vocabulary costs milliseconds and a
+    trace decodes hundreds of windows."""
     table = _TABLES.get(tok)
     if table is None:
-        dec = _byte_decoder()
-        vocab = tok.get_vocab()
-        table = [b""] * (max(vocab.values()) + 1)
-        for piece, i in vocab.items():
-            try:
-                table[i] = bytes(dec[c] for c in piece)
-            except KeyError:  # a special token such as <|endoftext|>: its own text
-                table[i] = piece.encode("utf-8")
-        _TABLES[tok] = table
+        table = _TABLES[tok] = pieces.token_bytes(tok)
     return table
 
 

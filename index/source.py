@@ -9,8 +9,12 @@ takedown diff index) come back `blocked` with no text and no title.
 
 Opening refuses an index that cannot be trusted (`IntegrityError`: files missing or of
 the wrong size, suffix array out of order at sampled ranks; `ConflictError`: another
-tokenizer). The full checksums recorded at build are checked in a background thread, each
-file once per process, and collected by `settle()`.
+tokenizer, the manifest's `serve_problem`). Opening costs the same at any index size: files
+up to `OPEN_HASH_MAX` bytes are checked against their build checksums in a background
+thread (each once per process, collected by `settle()`), larger ones only at sampled
+blocks; whole-file checksums of large files are `flexolmo index verify`'s job.
+
+Ids are u16 or u32 as the manifest says (`index/width.py`); `check_ids` takes the range.
 """
 
 from __future__ import annotations
@@ -29,22 +33,38 @@ from flexolmo.base.errors import ConflictError, InputError, IntegrityError, NotF
 from flexolmo.base.workspace import Workspace, file_sha256
 
 from . import catalog, format as fmt, search
+from .manifest import IndexManifest
 from .models import AttributedSpan, DocRef, SourceMatches, SpanDoc, SpanDocument
 from .verify import quick_check
 
-MAX_ID = 0xFFFE  # u16 ids; 0xFFFF is the document separator
+MAX_ID = 0xFFFE  # u16 ids; 0xFFFF is the document separator (a u32 index: its vocabulary's last id)
 NTD_CONTEXT = 20  # next tokens: context a side on which a copy of a taken-down document is recognised
+OPEN_HASH_MAX = fmt.SPOT_ABOVE  # bytes: files up to this size get their whole checksum checked after an open
 
 
-def check_ids(ids: Iterable[int], what: str = "input_ids") -> list[int]:
-    """Query ids as a list of ints in [0, 65534], or an InputError naming the range."""
+def check_ids(ids: Iterable[int], what: str = "input_ids", max_id: int = MAX_ID) -> list[int]:
+    """Query ids as a list of ints in [0, max_id], or an InputError naming the range."""
     try:
         out = [int(i) for i in ids]
     except (TypeError, ValueError):
-        raise InputError(f"{what} must be a list of integers in [0, {MAX_ID}]") from None
-    if any(i < 0 or i > MAX_ID for i in out):
-        raise InputError(f"{what} must be a list of integers in [0, {MAX_ID}]")
+        raise InputError(f"{what} must be a list of integers in [0, {max_id}]") from None
+    if any(i < 0 or i > max_id for i in out):
+        raise InputError(f"{what} must be a list of integers in [0, {max_id}]")
     return out
+
+
+def open_search(ws: Workspace, name: str) -> search.Shards:
+    """The compiled search's shards of source `name`'s local index, for the verbatim guard:
+    NotFoundError without an index, ConflictError when it may not serve (another tokenizer)."""
+    folder = fmt.index_dir(ws, name)
+    if not folder.exists():
+        raise NotFoundError(f"source {name!r} has no index here; run `flexolmo index build --source {name}`")
+    m = fmt.read_manifest(folder)
+    why = m.serve_problem(tok_lib.tokenizer_hash(ws))
+    if why:
+        raise ConflictError(f"the index of {name!r} cannot guard generation: {why}")
+    return search.Shards([search.Shard.open(name, st.shard, m.shard_file(folder, "tokenized", st.shard),
+                                            m.shard_file(folder, "table", st.shard), m.width) for st in m.shards])
 
 
 def _ok(result):
@@ -60,15 +80,17 @@ _checked: dict[tuple, bool] = {}  # (path, inode, size, mtime_ns, sha256) -> mat
 _pool: ThreadPoolExecutor | None = None
 
 
-def _checksum_problems(folder: Path, manifest: dict) -> list[str]:
+def _checksum_problems(folder: Path, manifest: IndexManifest) -> list[str]:
+    """Whole checksums of the small files, sampled blocks of the large ones (each file once per process)."""
     problems = []
-    for name, info in manifest["files"].items():
+    for name, info in manifest.files.items():
         p = folder / name
         try:
             st = p.stat()
-            key = (str(p), st.st_ino, st.st_size, st.st_mtime_ns, info["sha256"])
+            key = (str(p), st.st_ino, st.st_size, st.st_mtime_ns, info.sha256)
             if key not in _checked:
-                _checked[key] = file_sha256(p) == info["sha256"]
+                _checked[key] = (file_sha256(p) == info.sha256 if st.st_size <= OPEN_HASH_MAX
+                                 else not info.blocks or fmt.block_digests(p) == info.blocks)
         except OSError as e:
             problems.append(f"{name} cannot be read ({e.strerror})")
             continue
@@ -77,7 +99,7 @@ def _checksum_problems(folder: Path, manifest: dict) -> list[str]:
     return problems
 
 
-def _check_in_background(folders: list[tuple[Path, dict]]) -> Future:
+def _check_in_background(folders: list[tuple[Path, IndexManifest]]) -> Future:
     global _pool
     if _pool is None:
         _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="index-checksums")
@@ -86,7 +108,7 @@ def _check_in_background(folders: list[tuple[Path, dict]]) -> Future:
 
 @dataclass
 class _Shard:
-    ds: np.ndarray  # u16 ids, separators included
+    ds: np.ndarray  # ids (u16 or u32), separators included
     od: np.ndarray  # u64 byte offsets of documents
     mt: np.ndarray  # metadata bytes
     om: np.ndarray  # u64 byte offsets of metadata lines
@@ -103,26 +125,25 @@ class SourceIndex:
         self.folder = fmt.index_dir(ws, name)
         if not self.folder.exists():
             raise NotFoundError(f"source {name!r} has no index; run `flexolmo index build --source {name}`")
-        self.manifest = fmt.read_manifest(self.folder)
-        self._refuse(quick_check(self.folder, self.manifest), "index")
-        if self.manifest["tokenizer_hash"] != tok_lib.tokenizer_hash(ws):
-            raise ConflictError(f"the index of {name!r} was built with another tokenizer than the workspace's; "
-                                f"refusing to serve it: rebuild with `flexolmo index build --source {name}`")
+        self.manifest = m = fmt.read_manifest(self.folder)
+        self._refuse(quick_check(self.folder, m), "index")
+        why = m.serve_problem(tok_lib.tokenizer_hash(ws))
+        if why:
+            raise ConflictError(f"refusing to serve the index of {name!r}: {why}")
+        self.width, self.max_id = m.width, m.max_id
         self.diff_folder: Path | None = None
         self.blocked_doc_ids: set[str] = {t.doc_id for t in catalog.list_takedowns(ws, name)}
-        checked = [(self.folder, self.manifest)]
+        checked = [(self.folder, m)]
         dfolder = fmt.diff_dir(ws, name)
         if dfolder.exists():
             dm = fmt.read_manifest(dfolder)
             self._refuse(quick_check(dfolder, dm), "takedown index")
             self.diff_folder = dfolder
-            self.blocked_doc_ids |= set(dm["doc_ids"])
+            self.blocked_doc_ids |= set(dm.doc_ids)
             checked.append((dfolder, dm))
         self.checksums = _check_in_background(checked)
-        eos = int(self.manifest["eos_id"])
         bow = str(self.folder / fmt.BOW_FILE)
-        common = dict(eos_token_id=eos, version=4, token_dtype="u16", load_to_ram=load_to_ram, bow_ids_path=bow,
-                      precompute_unigram_logprobs=True)
+        common = dict(**m.engine_kwargs, load_to_ram=load_to_ram, bow_ids_path=bow, precompute_unigram_logprobs=True)
         with fmt.loader_path(self.folder) as path:
             if self.diff_folder is not None:
                 with fmt.loader_path(self.diff_folder) as dpath:
@@ -131,14 +152,14 @@ class SourceIndex:
                 self.engine = InfiniGramEngine(index_dir=path, **common)
         self._shards: list[_Shard] = []
         self._search: list[search.Shard] | search.Shards = []
-        for st in self.manifest["shards"]:
-            k = st["shard"]
-            f = lambda kind: fmt.shard_file(self.folder, kind, k)  # noqa: E731
-            self._shards.append(_Shard(ds=np.memmap(f("tokenized"), dtype=np.uint16, mode="r"),
-                                       od=np.fromfile(f("offset"), dtype=np.uint64),
+        for st in m.shards:
+            k = st.shard
+            f = lambda kind: m.shard_file(self.folder, kind, k)  # noqa: E731
+            self._shards.append(_Shard(ds=np.memmap(f("tokenized"), dtype=self.width.dtype, mode="r"),
+                                       od=np.memmap(f("offset"), dtype=np.uint64, mode="r"),
                                        mt=np.memmap(f("metadata"), dtype=np.uint8, mode="r"),
-                                       om=np.fromfile(f("metaoff"), dtype=np.uint64)))
-            self._search.append(search.Shard.open(name, k, f("tokenized"), f("table")))
+                                       om=np.memmap(f("metaoff"), dtype=np.uint64, mode="r")))
+            self._search.append(search.Shard.open(name, k, f("tokenized"), f("table"), self.width))
         self._search = search.Shards(self._search)
         self._by_doc_id: dict[str, tuple[int, int]] | None = None
         self._unigram: np.ndarray | None = None
@@ -156,22 +177,29 @@ class SourceIndex:
 
     @property
     def n_docs(self) -> int:
-        return int(self.manifest["n_docs"])
+        return self.manifest.n_docs
 
     @property
     def n_tokens(self) -> int:
-        return int(self.manifest["n_tokens"])
+        return self.manifest.n_tokens
+
+    @property
+    def build_id(self) -> str:
+        return self.manifest.build_id
+
+    def _ids(self, ids: Iterable[int], what: str = "input_ids") -> list[int]:
+        return check_ids(ids, what, self.max_id)
 
     def count(self, ids: Sequence[int]) -> int:
         """Occurrences of the n-gram `ids` in the source (takedowns included: counts are not text)."""
-        return int(_ok(self.engine.count(input_ids=check_ids(ids)))["count"])
+        return int(_ok(self.engine.count(input_ids=self._ids(ids)))["count"])
 
     def attribute(self, ids: Sequence[int], delim_ids: Sequence[int] = (), min_len: int = 1,
                   max_cnt: int = 1_000_000, enforce_bow: bool = True) -> list[AttributedSpan]:
         """infini-gram's own `attribute` (slow on frequent spans; the reference `matches` is checked against)."""
         if min_len < 0 or max_cnt <= 0:
             raise InputError("min_len must be >= 0 and max_cnt > 0")
-        res = _ok(self.engine.attribute(input_ids=check_ids(ids), delim_ids=check_ids(delim_ids, "delim_ids"),
+        res = _ok(self.engine.attribute(input_ids=self._ids(ids), delim_ids=self._ids(delim_ids, "delim_ids"),
                                         min_len=int(min_len), max_cnt=int(max_cnt), enforce_bow=bool(enforce_bow)))
         return [AttributedSpan(source=self.name, l=s["l"], r=s["r"], length=s["length"], count=s["count"],
                                unigram_logprob_sum=float(s["unigram_logprob_sum"]),
@@ -181,15 +209,17 @@ class SourceIndex:
     def matches(self, ids: Sequence[int], delim_ids: Sequence[int], bow_ids: Sequence[int] | None,
                 enforce_bow: bool = True) -> SourceMatches:
         """The longest match (after OLMoTrace's cut rules) and its count at every position of `ids`."""
-        return search.source_matches(self.name, self._search, check_ids(ids), check_ids(delim_ids, "delim_ids"),
+        return search.source_matches(self.name, self._search, self._ids(ids), self._ids(delim_ids, "delim_ids"),
                                      bow_ids, enforce_bow)
 
     @property
     def unigram_counts(self) -> np.ndarray:
-        """65536 counts summed over shards; index 65535 counts the document separators."""
+        """Counts summed over shards, one slot per id and a last slot counting the document
+        separators (`Width.dense_size`: 65,536 slots for u16, the vocabulary + 1 for u32)."""
+        m = self.manifest
         if self._unigram is None:
-            self._unigram = sum(fmt.read_unigram(fmt.shard_file(self.folder, "unigram", st["shard"]))
-                                for st in self.manifest["shards"])
+            self._unigram = sum(fmt.read_unigram(m.shard_file(self.folder, "unigram", st.shard), m.width, m.vocab_size)
+                                for st in m.shards)
         return self._unigram
 
     # -- documents -----------------------------------------------------------------------
@@ -203,7 +233,7 @@ class SourceIndex:
         :param context_tokens: context a side for `full` sources (also what the takedown
             diff index compares windows on); `snippets` sources get half of `snippet_tokens`.
         """
-        span_ids = check_ids(span_ids, "span_ids")
+        span_ids = self._ids(span_ids, "span_ids")
         if not span_ids or n < 0 or context_tokens < 0 or snippet_tokens < 0:
             raise InputError("span_ids must not be empty; n, context_tokens and snippet_tokens must be >= 0")
         if self.visibility == "counts" or not picks or n == 0:
@@ -237,7 +267,8 @@ class SourceIndex:
         within its document; a blocked one carries no tokens and no title."""
         draw, k, ptr, ix = found
         sh = self._shards[k]
-        d0, pos = int(sh.od[ix]) // 2 + 1, ptr // 2  # first token of the document, of the match
+        w = self.width.bytes
+        d0, pos = int(sh.od[ix]) // w + 1, ptr // w  # first token of the document, of the match
         lo, hi = max(d0, pos - side), min(d0 + doc.n_tokens, pos + needle_len + side)
         return SpanDocument(source=self.name, doc_id=doc.doc_id, title=None if blocked else doc.title, shard=k,
                             doc_ix=ix, token_offset=pos - d0, blocked=blocked, visibility=self.visibility,
@@ -263,8 +294,9 @@ class SourceIndex:
         m0 = int(sh.om[doc_ix])
         m1 = int(sh.om[doc_ix + 1]) if doc_ix + 1 < len(sh.om) else sh.mt.size
         meta = json.loads(bytes(sh.mt[m0:m1]))
-        start = int(sh.od[doc_ix]) // 2
-        end = int(sh.od[doc_ix + 1]) // 2 if doc_ix + 1 < len(sh.od) else sh.ds.size
+        w = self.width.bytes
+        start = int(sh.od[doc_ix]) // w
+        end = int(sh.od[doc_ix + 1]) // w if doc_ix + 1 < len(sh.od) else sh.ds.size
         return DocRef(source=self.name, doc_id=meta["doc_id"], shard=shard, doc_ix=doc_ix, title=meta.get("title"),
                       path=meta.get("path"), metadata=meta, n_tokens=end - start - 1,
                       blocked=meta["doc_id"] in self.blocked_doc_ids)
@@ -273,9 +305,10 @@ class SourceIndex:
         """The document that contains byte `ptr` of shard `shard`."""
         if not 0 <= shard < len(self._shards):
             raise InputError(f"shard must be in [0, {len(self._shards)}) for source {self.name!r}")
-        sh = self._shards[shard]
-        if not (0 <= ptr < sh.ds.size * 2 and ptr % 2 == 0):
-            raise InputError(f"ptr must be an even byte offset in [0, {sh.ds.size * 2}) for {self.name!r} shard {shard}")
+        sh, w = self._shards[shard], self.width.bytes
+        if not (0 <= ptr < sh.ds.size * w and ptr % w == 0):
+            raise InputError(f"ptr must be a byte offset in [0, {sh.ds.size * w}), a multiple of {w}, "
+                             f"for {self.name!r} shard {shard}")
         return self._doc(shard, int(np.searchsorted(sh.od, np.uint64(ptr), side="right")) - 1)
 
     def document(self, doc_id: str) -> DocRef:
@@ -296,7 +329,7 @@ class SourceIndex:
         if doc.blocked:
             return []
         sh = self._shards[doc.shard]
-        start = int(sh.od[doc.doc_ix]) // 2 + 1
+        start = int(sh.od[doc.doc_ix]) // self.width.bytes + 1
         return [int(x) for x in sh.ds[start:start + doc.n_tokens]]
 
     # -- searching the training data (index/query.py) -------------------------------------
@@ -329,7 +362,7 @@ class SourceIndex:
             if (k, doc_ix) in seen:
                 continue
             seen.add((k, doc_ix))
-            pos = ptr // 2
+            pos = ptr // self.width.bytes
             needles.append(next((t for t in terms if sh.ds[pos: pos + len(t)].tolist() == list(t)), terms[-1]))
             found.append((draw, k, ptr, doc_ix))
             if len(found) == n:
@@ -349,7 +382,7 @@ class SourceIndex:
         `max_support` occurrences (evenly spaced in suffix-array order when there are more:
         approx). Occurrences in taken-down documents are left out (a continuation is text).
         Returns (occurrences of the phrase, approx, {token id: count})."""
-        ids = check_ids(ids)
+        ids = self._ids(ids)
         if not ids or max_support <= 0:
             raise InputError("next tokens need a non-empty phrase and max_support > 0")
         ranges = search.rank_ranges(self._search, ids)
@@ -360,8 +393,8 @@ class SourceIndex:
             sh = self._shards[k]
             for rank in range(lo, hi, step):
                 ptr = search.rank_to_ptr(self._search[k], rank)
-                pos = ptr // 2 + len(ids)
-                if pos >= sh.ds.size or int(sh.ds[pos]) == 0xFFFF:  # the phrase ends its document
+                pos = ptr // self.width.bytes + len(ids)
+                if pos >= sh.ds.size or int(sh.ds[pos]) == self.width.doc_sep:  # the phrase ends its document
                     continue
                 doc_ix = int(np.searchsorted(sh.od, np.uint64(ptr), side="right")) - 1
                 occ.append((len(occ), k, ptr, doc_ix, int(sh.ds[pos])))

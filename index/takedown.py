@@ -4,8 +4,9 @@
     flexolmo index takedowns
 
 The diff index `indexes/<name>-removed/` holds the removed documents with exactly the ids
-of the main index (copied from it, so they match token for token), which is what
-`InfiniGramEngineDiff` compares windows against to mark them `blocked`.
+of the main index (copied from it, so they match token for token, at its width), which is
+what `InfiniGramEngineDiff` compares windows against to mark them `blocked`. Its card
+(`kind: takedown_index`) carries the main index's inputs: it is as current as its index.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from flexolmo.base.workspace import Workspace, current_user, replace_dir
 
 from . import catalog, format as fmt
 from .format import diff_dir
+from .manifest import IndexManifest
 from .models import Takedown
+from .suffix_array import build_suffix_array
 from .verify import verify_folder
 
 
@@ -34,7 +37,9 @@ def takedown(ws: Workspace, source: str, doc_id: str, reason: str, by: str | Non
 
     :param doc_id: a document of the source (either split; only train documents are indexed).
     """
-    src_lib.get_source(ws, source)
+    if src_lib.get_source(ws, source).is_remote:
+        raise ConflictError(f"source {source!r} is held by its owner's node: its owner takes documents down there "
+                            "(`flexolmo index takedown` in the owner's workspace), and its node blocks them")
     if not reason or not reason.strip():
         raise InputError("--reason is required: say why the document is taken down")
     table = src_lib.load_documents(ws, source, columns=["doc_id"])
@@ -98,13 +103,14 @@ def _build_diff_tmp(ws: Workspace, source: str, doc_ids: set[str]) -> Path | Non
     if not doc_ids or not main.exists():
         return None
     m = fmt.read_manifest(main)
-    if m["tokenizer_hash"] != tok_lib.tokenizer_hash(ws):
-        raise ConflictError(f"the index of {source!r} was built with another tokenizer; rebuild it with "
-                            f"`flexolmo index build --source {source}` first")
+    why = m.serve_problem(tok_lib.tokenizer_hash(ws))
+    if why:
+        raise ConflictError(f"cannot take documents down from the index of {source!r}: {why} first")
+    w = m.width
     found = []  # (shard, doc_ix, metadata line)
-    for st in m["shards"]:
-        k = st["shard"]
-        with open(fmt.shard_file(main, "metadata", k), "rb") as f:
+    for st in m.shards:
+        k = st.shard
+        with open(m.shard_file(main, "metadata", k), "rb") as f:
             for ix, line in enumerate(f):
                 if json.loads(line)["doc_id"] in doc_ids:
                     found.append((k, ix, line))
@@ -113,29 +119,28 @@ def _build_diff_tmp(ws: Workspace, source: str, doc_ids: set[str]) -> Path | Non
     tmp = ws.indexes_dir / f".tmp-{source}-removed-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
-        w = fmt.ShardWriter(tmp, 0, source)
+        writer = fmt.ShardWriter(tmp, 0, source, w, m.vocab_size)
         items = []
         for k, ix, line in found:
-            ds = np.memmap(fmt.shard_file(main, "tokenized", k), dtype=np.uint16, mode="r")
-            od = np.fromfile(fmt.shard_file(main, "offset", k), dtype=np.uint64)
-            start = int(od[ix]) // 2 + 1  # skip the separator
-            end = int(od[ix + 1]) // 2 if ix + 1 < len(od) else len(ds)
-            items.append((np.array(ds[start:end], dtype=np.uint16), json.loads(line)))
-        w.add_many(items)
-        w.close()
-        fmt.build_suffix_array(fmt.shard_file(tmp, "tokenized", 0), fmt.shard_file(tmp, "table", 0), tmp / ".work", cpus=1)
+            od = np.memmap(m.shard_file(main, "offset", k), dtype=np.uint64, mode="r")
+            tokenized = m.shard_file(main, "tokenized", k)
+            start = int(od[ix]) // w.bytes + 1  # skip the separator
+            end = int(od[ix + 1]) // w.bytes if ix + 1 < len(od) else tokenized.stat().st_size // w.bytes
+            items.append((fmt.read_tokens(tokenized, w, start, end - start), json.loads(line)))
+        writer.add_many(items)
+        writer.close()
+        build_suffix_array(fmt.shard_file(tmp, "tokenized", 0), fmt.shard_file(tmp, "table", 0), tmp / ".work", w, cpus=1)
         shutil.rmtree(tmp / ".work", ignore_errors=True)
         shutil.copyfile(main / fmt.BOW_FILE, tmp / fmt.BOW_FILE)
-        manifest = {
-            **fmt.FORMAT, "build_id": uuid.uuid4().hex[:12], "source": source, "kind": "takedown diff",
-            "main_build_id": m["build_id"], "doc_ids": sorted(json.loads(x[2])["doc_id"] for x in found),
-            "n_docs": w.n_docs, "n_tokens": w.n_tokens, "n_shards": 1, "eos_id": m["eos_id"],
-            "tokenizer_hash": m["tokenizer_hash"], "content_hash": m["content_hash"], "built_at": catalog.now().isoformat(),
-            "shards": [{"shard": 0, "n_docs": w.n_docs, "n_tokens": w.n_tokens, "ds_tokens": w.ds_size // 2,
-                        "ptr_size": fmt.ptr_size(w.ds_size)}],
-            "files": fmt.file_table(tmp),
-        }
-        fmt.write_manifest(tmp, manifest)
+        manifest = IndexManifest(
+            kind="takedown_index", inputs=m.inputs_with(), token_dtype=m.token_dtype, vocab_size=m.vocab_size,
+            build_id=uuid.uuid4().hex[:12], source=source, main_build_id=m.build_id,
+            doc_ids=sorted(json.loads(x[2])["doc_id"] for x in found), n_docs=writer.n_docs, n_tokens=writer.n_tokens,
+            n_shards=1, eos_id=m.eos_id, built_at=catalog.now().isoformat(),
+            shards=[{"shard": 0, "n_docs": writer.n_docs, "n_tokens": writer.n_tokens,
+                     "ds_tokens": writer.ds_size // w.bytes, "ptr_size": fmt.ptr_size(writer.ds_size)}],
+            files=fmt.file_table(tmp))
+        manifest.save(tmp)
         problems = verify_folder(tmp, manifest, n_ngrams=8, checksums=False)
         if problems:
             raise IntegrityError(f"the takedown index of {source!r} failed verification: {'; '.join(problems[:3])}")

@@ -3,10 +3,11 @@
     flexolmo index verify [--source NAME]
 
 `verify_folder` is what a build runs before its rename (and `verify_index` what the CLI
-runs later); `quick_check` is the cheap part that `SourceIndex` runs at every open: file
-sizes plus the suffix array's order at a few sampled ranks, which catches a `table.N`
-or `tokenized.N` overwritten with other bytes of the same size. Full checksums are
-checked in the background after an open (see `index/engine.py`).
+runs later, with whole-file checksums); `quick_check` is the cheap part that `SourceIndex`
+runs at every open: file sizes plus the suffix array's order at a few sampled ranks, which
+catches a `table.N` or `tokenized.N` overwritten with other bytes of the same size. Token
+files are scanned in chunks (`format.token_chunks`), never memory-mapped whole, so a
+verify's memory does not grow with the index.
 """
 
 from __future__ import annotations
@@ -23,45 +24,50 @@ from flexolmo.base.errors import FlexolmoError
 from flexolmo.base.workspace import Workspace
 
 from . import catalog, format as fmt
+from .manifest import IndexManifest, ShardStat
 from .models import VerifyResult
+from .width import Width
 
 OPEN_RANKS = 64  # adjacent suffix-array pairs checked per shard at every open
+MAX_NGRAM = 8  # sampled n-grams are 1..MAX_NGRAM ids long
 
 
 # ---------------------------------------------------------------------------------------
 # verify
 
 
-def quick_check(folder: Path, manifest: dict, n_ranks: int = OPEN_RANKS) -> list[str]:
+def quick_check(folder: Path, manifest: IndexManifest, n_ranks: int = OPEN_RANKS) -> list[str]:
     """The cheap checks run at every open: file sizes, and sampled suffix-array order per shard."""
     problems = fmt.check_files(folder, manifest)
     if problems:
         return problems
     rng = np.random.default_rng(0)
-    for st in manifest["shards"]:
-        problems += _order_problems(Path(folder), st, rng, n_ranks)
+    for st in manifest.shards:
+        problems += _order_problems(Path(folder), manifest, st, rng, n_ranks)
     return problems
 
 
-def _order_problems(folder: Path, st: dict, rng: np.random.Generator, n_ranks: int) -> list[str]:
+def _order_problems(folder: Path, m: IndexManifest, st: ShardStat, rng: np.random.Generator, n_ranks: int) -> list[str]:
     """Is table.k sorted at `n_ranks` sampled adjacent ranks (suffixes compared on 64 bytes)?"""
-    k, width = st["shard"], st["ptr_size"]
-    raw = np.memmap(fmt.shard_file(folder, "tokenized", k), dtype=np.uint8, mode="r") if st["ds_tokens"] \
-        else np.zeros(0, np.uint8)
-    n = raw.size // fmt.TOKEN_WIDTH
+    k, width, w = st.shard, st.ptr_size, m.width.bytes
+    tokenized = m.shard_file(folder, "tokenized", k)
+    size = tokenized.stat().st_size
+    n = size // w
     if n <= 1:
         return []
-    table = fmt.shard_file(folder, "table", k)
+    table = m.shard_file(folder, "table", k)
     ranks = rng.integers(0, n - 1, size=min(n_ranks, n - 1))
     a = fmt.read_table_ptrs(table, width, ranks)
     b = fmt.read_table_ptrs(table, width, ranks + 1)
-    if np.any(a >= raw.size) or np.any(b >= raw.size) or np.any(a % 2) or np.any(b % 2):
+    if np.any(a >= size) or np.any(b >= size) or np.any(a % w) or np.any(b % w):
         return [f"shard {k}: {table.name} holds pointers outside tokenized.{k}"]
-    bad = sum(1 for x, y in zip(a.tolist(), b.tolist()) if bytes(raw[x:x + 64]) > bytes(raw[y:y + 64]))
+    # suffixes compared on their first 64 bytes, read with pread (format.read_at: no mapping)
+    x, y = fmt.read_at(tokenized, a, 64), fmt.read_at(tokenized, b, 64)
+    bad = sum(1 for p, q in zip(x, y) if p > q)
     return [f"shard {k}: {table.name} is out of order at {bad} of {len(ranks)} sampled ranks"] if bad else []
 
 
-def verify_folder(folder: Path, manifest: dict, *, n_ngrams: int = 64, n_ranks: int = 256,
+def verify_folder(folder: Path, manifest: IndexManifest, *, n_ngrams: int = 64, n_ranks: int = 256,
                   checksums: bool = True, seed: int = 0) -> list[str]:
     """Every problem found in an index folder; an empty list means it is sound.
 
@@ -72,90 +78,110 @@ def verify_folder(folder: Path, manifest: dict, *, n_ngrams: int = 64, n_ranks: 
     """
     from infini_gram.engine import InfiniGramEngine
 
-    folder = Path(folder)
-    problems = fmt.check_files(folder, manifest, checksums=checksums)
+    folder, m = Path(folder), manifest
+    w = m.width
+    problems = fmt.check_files(folder, m, checksums=checksums)
     if problems:
         return problems
     rng = np.random.default_rng(seed)
-    arrays = []
-    for st in manifest["shards"]:
-        k = st["shard"]
-        tokenized = fmt.shard_file(folder, "tokenized", k)
-        ds = np.memmap(tokenized, dtype=np.uint16, mode="r") if st["ds_tokens"] else np.zeros(0, np.uint16)
-        od = np.fromfile(fmt.shard_file(folder, "offset", k), dtype=np.uint64)
-        if len(ds) != st["ds_tokens"] or len(od) != st["n_docs"]:
-            problems.append(f"shard {k}: {len(ds)} ids / {len(od)} documents, manifest says {st['ds_tokens']} / {st['n_docs']}")
+    files = []
+    for st in m.shards:
+        k = st.shard
+        tokenized = m.shard_file(folder, "tokenized", k)
+        n_ids = tokenized.stat().st_size // w.bytes
+        od = np.memmap(m.shard_file(folder, "offset", k), dtype=np.uint64, mode="r")
+        if n_ids != st.ds_tokens or len(od) != st.n_docs:
+            problems.append(f"shard {k}: {n_ids} ids / {len(od)} documents, manifest says {st.ds_tokens} / {st.n_docs}")
             continue
-        if len(od) and (od[0] != 0 or np.any(ds[(od // 2).astype(np.int64)] != fmt.DOC_SEP)):
+        seps = sum(int(np.count_nonzero(c == w.doc_sep)) for _, c in fmt.token_chunks(tokenized, w))
+        at = np.asarray(od[:: max(1, len(od) // 4096)])  # sampled document starts (byte offsets)
+        sep = int(w.doc_sep).to_bytes(w.bytes, "little")
+        if len(od) and (od[0] != 0 or any(b != sep for b in fmt.read_at(tokenized, at, w.bytes))):
             problems.append(f"shard {k}: offset.{k} does not point at document separators")
-        if int(np.count_nonzero(ds == fmt.DOC_SEP)) != st["n_docs"]:
+        if seps != st.n_docs:
             problems.append(f"shard {k}: the number of separators differs from the number of documents")
-        problems += _order_problems(folder, st, rng, n_ranks)
-        arrays.append(np.asarray(ds))
+        problems += _order_problems(folder, m, st, rng, n_ranks)
+        files.append(tokenized)
     if problems:
         return problems
 
-    with fmt.loader_path(folder) as path:
-        engine = InfiniGramEngine(index_dir=path, eos_token_id=int(manifest["eos_id"]), version=4, token_dtype="u16")
-    if engine.get_total_doc_cnt() != manifest["n_docs"]:
-        problems.append(f"the engine sees {engine.get_total_doc_cnt()} documents, expected {manifest['n_docs']}")
-    tok_cnt = sum(engine.engine.get_tok_cnt(s=s) for s in range(engine.engine.get_num_shards()))
-    if tok_cnt != manifest["n_tokens"] + manifest["n_docs"]:
-        problems.append(f"the engine sees {tok_cnt} positions, expected {manifest['n_tokens'] + manifest['n_docs']}")
-    queries = sample_ngrams(arrays, n_ngrams, rng)
-    for q, want in zip(queries, brute_counts(arrays, queries)):
-        got = engine.count(input_ids=q)
+    def engine() -> InfiniGramEngine:
+        with fmt.loader_path(folder) as path:
+            return InfiniGramEngine(index_dir=path, **m.engine_kwargs)
+
+    e = engine()
+    if e.get_total_doc_cnt() != m.n_docs:
+        problems.append(f"the engine sees {e.get_total_doc_cnt()} documents, expected {m.n_docs}")
+    tok_cnt = sum(e.engine.get_tok_cnt(s=s) for s in range(e.engine.get_num_shards()))
+    if tok_cnt != m.n_tokens + m.n_docs:
+        problems.append(f"the engine sees {tok_cnt} positions, expected {m.n_tokens + m.n_docs}")
+    vocab = int(np.flatnonzero(sum(fmt.read_unigram(m.shard_file(folder, "unigram", st.shard), w, m.vocab_size)
+                                   for st in m.shards)[:-1]).max(initial=0)) + 1
+    queries = sample_ngrams(files, w, n_ngrams, rng, vocab)
+    for q, want in zip(queries, brute_counts(files, w, queries)):
+        # a fresh engine per count: its binary searches map the page-cache folios they touch (10-85 MB
+        # a count on a freshly written 300M-token index, format.read_at), which an engine kept open
+        # would pile up (1 GB for 64 counts), so the build's memory would grow with the index
+        e = engine()
+        got = e.count(input_ids=q)
         if "error" in got or got["count"] != want:
             problems.append(f"count({q}) = {got.get('count', got.get('error'))}, brute force {want}")
             break
     return problems
 
 
-def sample_ngrams(arrays: list[np.ndarray], n: int, rng: np.random.Generator) -> list[list[int]]:
-    """n-grams of length 1..8: three quarters taken from the documents, the rest random ids."""
+def sample_ngrams(files: list[Path], width: Width, n: int, rng: np.random.Generator, vocab: int) -> list[list[int]]:
+    """n-grams of length 1..MAX_NGRAM: three quarters read from the token files at random
+    places (separators dropped), the rest random ids below `vocab`."""
     out = []
-    nonempty = [a for a in arrays if len(a) > 1]
+    sizes = [Path(f).stat().st_size // width.bytes for f in files]
+    nonempty = [(f, s) for f, s in zip(files, sizes) if s > 1]
     if not nonempty:
         return out
-    vocab_max = int(max(int(a[a != fmt.DOC_SEP].max(initial=0)) for a in nonempty)) + 1
     for i in range(n):
-        length = int(rng.integers(1, 9))
+        length = int(rng.integers(1, MAX_NGRAM + 1))
         if i % 4 != 3:
-            a = nonempty[int(rng.integers(len(nonempty)))]
-            start = int(rng.integers(0, max(1, len(a) - length)))
-            q = [int(x) for x in a[start:start + length] if x != fmt.DOC_SEP]
+            f, size = nonempty[int(rng.integers(len(nonempty)))]
+            start = int(rng.integers(0, max(1, size - length)))
+            q = [int(x) for x in fmt.read_tokens(f, width, start, length) if x != width.doc_sep]
         else:
-            q = [int(x) for x in rng.integers(0, vocab_max, size=length)]
+            q = [int(x) for x in rng.integers(0, vocab, size=length)]
         if q:
             out.append(q)
     return out
 
 
-def brute_counts(arrays: list[np.ndarray], queries: list[list[int]]) -> list[int]:
-    """Occurrences of every query in the token arrays, by direct comparison, in one pass."""
+def brute_counts(files: list[Path], width: Width, queries: list[list[int]]) -> list[int]:
+    """Occurrences of every query in the token files, by direct comparison, in one chunked pass."""
     if not queries:
         return []
-    width = max(len(q) for q in queries)
-    qs = np.full((len(queries), width), -1, dtype=np.int64)
+    longest = max(len(q) for q in queries)
+    qs = np.full((len(queries), longest), -1, dtype=np.int64)
     for i, q in enumerate(queries):
         qs[i, : len(q)] = q
     lens = np.array([len(q) for q in queries], dtype=np.int64)
     # queries grouped by their first id: the scan looks only at those starting with a[i]
     order = np.argsort(qs[:, 0], kind="stable")
     first = qs[order, 0]
-    ids = np.arange(65536)
+    ids = np.arange(int(first.max()) + 1)
     start, end = np.searchsorted(first, ids, "left"), np.searchsorted(first, ids, "right")
     counts = np.zeros(len(queries), dtype=np.int64)
-    for a in arrays:
-        _count_pass(np.asarray(a), qs, lens, order, start, end, counts)
+    for f in files:
+        n = Path(f).stat().st_size // width.bytes
+        for at, chunk in fmt.token_chunks(f, width, overlap=longest - 1):
+            # occurrences starting in this chunk's own part; its overlap belongs to the next chunk
+            own = min(len(chunk), max(0, n - at), fmt.READ_CHUNK // width.bytes)
+            _count_pass(chunk, own, qs, lens, order, start, end, counts)
     return counts.tolist()
 
 
 @numba.njit(cache=True)
-def _count_pass(a, qs, lens, order, start, end, counts):
+def _count_pass(a, own, qs, lens, order, start, end, counts):
     n = a.shape[0]
-    for i in range(n):
+    for i in range(own):
         t = a[i]
+        if t >= start.shape[0]:  # no query starts with this id (or the separator)
+            continue
         for j in range(start[t], end[t]):  # the queries that start with id t
             q = order[j]
             m = lens[q]
@@ -170,12 +196,18 @@ def _count_pass(a, qs, lens, order, start, end, counts):
 
 
 def verify_index(ws: Workspace, name: str, *, n_ngrams: int = 64) -> VerifyResult:
-    """Recheck a built index: checksums, structure, the engine, sampled counts, the catalog row.
+    """Recheck a built index: whole-file checksums, structure, the engine, sampled counts, whether
+    it is current (the manifest's rule: tokenizer and source content as now), the catalog row.
 
     The catalog row is re-recorded from the folder when a build was killed after its rename.
+    A remote source's index is its owner's to verify: the result says so (`skipped`).
     """
     t0 = time.perf_counter()
-    src_lib.get_source(ws, name)
+    src = src_lib.get_source(ws, name)
+    remote = catalog.list_remote_sources(ws).get(name)
+    if remote is not None:
+        return VerifyResult(name, True, [], 0, 0, time.perf_counter() - t0,
+                            skipped=f"remote: held by its owner's node at {remote['url']}; its owner verifies it there")
     folder = fmt.index_dir(ws, name)
     if not folder.exists():
         return VerifyResult(name, False, [f"no index at {folder}; run `flexolmo index build --source {name}`"], 0, 0,
@@ -187,12 +219,11 @@ def verify_index(ws: Workspace, name: str, *, n_ngrams: int = 64) -> VerifyResul
     problems = verify_folder(folder, m, n_ngrams=n_ngrams, checksums=True)
     if not problems:
         rec = catalog.get_index(ws, name)
-        if rec is None or rec.build_id != m["build_id"]:
+        if rec is None or rec.build_id != m.build_id:
             catalog.rerecord(ws, folder, m)
-        tok_hash = tok_lib.tokenizer_hash(ws)
-        if m["tokenizer_hash"] != tok_hash:
-            problems.append("the tokenizer changed since this index was built; rebuild it with "
-                            f"`flexolmo index build --source {name}`")
+        why = m.stale_reason(m.inputs_with(tokenizer=tok_lib.tokenizer_hash(ws), source=src.content_hash))
+        if why:
+            problems.append(f"stale: {why}; rebuild it with `flexolmo index build --source {name}`")
     dfolder = fmt.diff_dir(ws, name)
     if dfolder.exists():
         try:
@@ -200,10 +231,11 @@ def verify_index(ws: Workspace, name: str, *, n_ngrams: int = 64) -> VerifyResul
             problems += [f"takedown index: {p}" for p in verify_folder(dfolder, dm, n_ngrams=8, checksums=True)]
         except FlexolmoError as e:
             problems.append(f"takedown index: {e}")
-    return VerifyResult(name, not problems, problems, len(m["files"]), n_ngrams, time.perf_counter() - t0)
+    return VerifyResult(name, not problems, problems, len(m.files), n_ngrams, time.perf_counter() - t0)
 
 
 def verify_all(ws: Workspace, names: list[str] | None = None) -> list[VerifyResult]:
-    names = names or [r.source for r in catalog.list_indexes(ws)]
+    """Every built index (and every remote source, as skipped), or those of `names`."""
+    if not names:
+        names = sorted({r.source for r in catalog.list_indexes(ws)} | set(catalog.list_remote_sources(ws)))
     return [verify_index(ws, n) for n in names]
-

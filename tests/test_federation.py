@@ -311,6 +311,32 @@ def test_cli_keys_tokenizer_import_and_sources_add_remote(fx, tmp_path):
     assert r.exit_code == 0 and "stay with their owner" in " ".join(r.output.split())
 
 
+def test_commands_that_walk_every_source_treat_remote_ones(fx):
+    """A tracer with remote sources: build --all, verify, list and takedowns say what is remote."""
+    run = CliRunner().invoke
+    w = ["-w", str(fx["tws"].root)]
+    r = run(app, w + ["index", "build", "--all"])
+    out = " ".join(r.output.split())
+    assert r.exit_code == 0, r.output
+    assert "public: unchanged, kept" in out
+    for n in REMOTE:
+        assert f"{n}: not built here (remote: held by its owner's node at {fx['nodes'][n].url}; built there)" in out
+    r = run(app, w + ["index", "verify"])
+    out = " ".join(r.output.split())
+    assert r.exit_code == 0 and "public: ok" in out and "alpha: not verified here (remote: held by its owner's node" in out
+    r = run(app, w + ["index", "list", "--json"])
+    rows = {x["source"]: x for x in json.loads(r.stdout)}
+    assert r.exit_code == 0 and rows["alpha"]["remote"] == fx["nodes"]["alpha"].url and not rows["alpha"]["indexed"]
+    assert rows["public"]["remote"] is None and rows["public"]["indexed"] and not rows["public"]["stale"]
+    r = run(app, w + ["index", "list"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0 and r.output.count(" remote ") == len(REMOTE)
+    r = run(app, w + ["index", "build", "--source", "alpha"])
+    assert r.exit_code == 1 and "built there" in " ".join(r.output.split())
+    r = run(app, w + ["index", "takedown", "--source", "alpha", "--doc-id", "alpha1", "--reason", "r"])
+    assert r.exit_code == 1 and "its owner takes documents down there" in " ".join(r.output.split())
+    assert run(app, w + ["index", "takedowns"]).exit_code == 0
+
+
 # -- faults --------------------------------------------------------------------------------
 
 

@@ -172,15 +172,59 @@ def test_unchanged_source_is_skipped_and_shards_agree(built: Workspace, copy_ws:
         d = rng.choice(docs)
         q = d[5:5 + rng.randint(1, 6)]
         assert fed.count(q)["news"] == _brute(docs, q)
-    assert sorted(fed.document("news", "n0007").metadata) and len(fed.source("news").manifest["shards"]) == 3
+    assert sorted(fed.document("news", "n0007").metadata) and len(fed.source("news").manifest.shards) == 3
     # the compiled search over three shards finds what infini-gram's attribute finds
     fed = Federation.open(copy_ws, ["news"])
     for d in docs[:10]:
         ref = fed.source("news").attribute(d[:60], min_len=1, enforce_bow=False)
         mine = fed.find_spans(d[:60], [], None, enforce_bow=False)
         assert [(s.l, s.r, s.count) for s in ref] == [(s.l, s.r, s.count) for s in mine]
-    with pytest.raises(InputError):
-        build.build_source(copy_ws, "news", shards=11)
+    with pytest.raises(InputError, match="1..256"):
+        build.build_source(copy_ws, "news", shards=257)
+    # more than 10 shards: names padded so the loader, which sorts them, pairs them right
+    r3 = build.build_source(copy_ws, "news", shards=12)
+    names = {p.name for p in (copy_ws.indexes_dir / "news").iterdir()}
+    assert r3.n_shards == 12 and {"tokenized.00", "table.11", "unigram.05"} <= names and "tokenized.0" not in names
+    fed = Federation.open(copy_ws, ["news"])
+    for d in docs[:5]:
+        ref = fed.source("news").attribute(d[:60], min_len=1, enforce_bow=False)
+        assert [(s.l, s.r, s.count) for s in ref] == [(s.l, s.r, s.count) for s in
+                                                      fed.find_spans(d[:60], [], None, enforce_bow=False)]
+        assert fed.count(d[3:6])["news"] == _brute(docs, d[3:6])
+
+
+def test_size_based_shards_and_streamed_sources(copy_ws: Workspace):
+    import math
+
+    import pyarrow as pa
+
+    from index.build import IndexConfig
+
+    r = build.build_source(copy_ws, "news", config=IndexConfig(max_shard_tokens=3000))
+    assert r.n_shards == math.ceil((r.n_tokens + r.n_docs) / 3000) > 1
+    docs = list(_train_ids(copy_ws, "news").values())
+    fed = Federation.open(copy_ws, ["news"])
+    assert all(fed.count(d[2:5])["news"] == _brute(docs, d[2:5]) for d in docs[:20])
+    assert verify.verify_index(copy_ws, "news").ok
+    assert build.build_source(copy_ws, "news", config=IndexConfig(max_shard_tokens=3000)).skipped  # same ask: current
+    res = CliRunner().invoke(_app(), ["-w", str(copy_ws.root), "index", "build", "--source", "forum",
+                                      "--max-shard-tokens", "2500", "--mem-gib", "1", "--cpus", "1"])
+    assert res.exit_code == 0, res.output
+    assert fmt.read_manifest(copy_ws.indexes_dir / "forum").n_shards > 1
+    # a source registered in batches (as a large one is) is the same source as one given whole
+    recs = _records(9, 50, "s")
+    a = sources.add_records(copy_ws, "whole", recs, owner="o", domain="d", licence="l", origin="t")
+    table = sources.documents_table(recs)
+    b = sources.add_document_batches(copy_ws, "streamed", (table.slice(i, 7) for i in range(0, 50, 7)),
+                                     owner="o", domain="d", licence="l", origin="t")
+    assert (a.content_hash, a.n_docs_train, a.n_chars_train) == (b.content_hash, b.n_docs_train, b.n_chars_train)
+    got = [d for t in sources.iter_document_batches(copy_ws, "streamed", "train", ["doc_id"], 8)
+           for d in t.column("doc_id").to_pylist()]
+    assert got == sources.load_documents(copy_ws, "whole", "train", ["doc_id"]).column("doc_id").to_pylist()
+    backwards = pa.concat_tables([table.slice(10, 5), table.slice(0, 5)])
+    with pytest.raises(InputError, match="doc_ids must increase"):
+        sources.add_document_batches(copy_ws, "bad", [backwards], owner="o", domain="d", licence="l", origin="t")
+    assert "bad" not in {s.name for s in sources.list_sources(copy_ws)} and not (copy_ws.root / "sources" / "bad").exists()
 
 
 _KILL_SCRIPT = """
@@ -215,7 +259,7 @@ def test_build_killed_partway_leaves_the_old_index(copy_ws: Workspace, tmp_path:
     assert p.returncode == -signal.SIGKILL
     after = catalog.get_index(copy_ws, "news")
     assert after == before
-    assert fmt.read_manifest(copy_ws.indexes_dir / "news")["build_id"] == before.build_id
+    assert fmt.read_manifest(copy_ws.indexes_dir / "news").build_id == before.build_id
     assert verify.verify_index(copy_ws, "news").ok
     docs = list(_train_ids(copy_ws, "news").values())
     assert Federation.open(copy_ws).count(docs[0][:3])["news"] == _brute(docs, docs[0][:3])
@@ -331,6 +375,65 @@ def test_a_same_size_damaged_index_is_refused_and_only_its_source_skipped(copy_w
     t = Tracer.open(copy_ws, model=None).trace("the cat sat on a mat", store=False)
     assert t.sources_searched == ["forum"] and "damaged index" in t.sources_skipped["news"]
     assert all(set(s.count_by_source) == {"forum"} for s in t.spans)
+
+
+def _old_manifest(m) -> dict:
+    """The manifest as the version before typed cards wrote it (a plain dict, no `inputs`)."""
+    return {"engine": "infini-gram", "version": 4, "token_dtype": "u16", "build_id": m.build_id, "source": m.source,
+            "split": "train", "n_docs": m.n_docs, "n_tokens": m.n_tokens, "n_shards": m.n_shards,
+            "shards": [st.model_dump() for st in m.shards], "eos_id": m.eos_id, "tokenizer_hash": m.tokenizer_hash,
+            "content_hash": m.content_hash, "built_at": m.built_at,
+            "files": {k: {"bytes": f.bytes, "sha256": f.sha256} for k, f in m.files.items()}}
+
+
+def test_manifest_is_a_card_with_one_rule_and_old_ones_load(copy_ws: Workspace):
+    import json
+
+    from index.manifest import IndexManifest, inputs_for
+    from index.width import U16, U32
+
+    folder = copy_ws.indexes_dir / "news"
+    m = fmt.read_manifest(folder)
+    tok, content = tokenizer.tokenizer_hash(copy_ws), sources.get_source(copy_ws, "news").content_hash
+    assert isinstance(m, IndexManifest) and m.kind == "index" and m.token_dtype == "u16"
+    assert m.is_current(inputs_for(tok, content, shards=1, width=U16))
+    assert m.stale_reason(inputs_for(tok, content, shards=2, width=U16)) == "settings changed since it was built"
+    assert "settings" in m.stale_reason(inputs_for(tok, content, shards=1, width=U32))
+    assert m.stale_reason(inputs_for(tok, "0" * 64, shards=1, width=U16)) == "source changed since it was built"
+    assert m.serve_problem(tok) is None and "another tokenizer" in m.serve_problem("0" * 64)
+    # a manifest of the previous version loads, upgraded, every input recovered: current, kept, served
+    (folder / fmt.MANIFEST).write_text(json.dumps(_old_manifest(m)))
+    old = fmt.read_manifest(folder)
+    assert old.upgraded_from == 1 and old.inputs == m.inputs and old.files == m.files
+    assert build.build_source(copy_ws, "news").skipped and verify.verify_index(copy_ws, "news").ok
+    assert Federation.open(copy_ws, ["news"]).count([1])["news"] == fmt.read_unigram(folder / "unigram.0")[1]
+    # one it cannot read says how to rebuild, and the next build replaces it
+    broken = {k: v for k, v in _old_manifest(m).items() if k != "content_hash"}
+    (folder / fmt.MANIFEST).write_text(json.dumps(broken))
+    with pytest.raises(IntegrityError, match=r"cannot be read .*flexolmo index build --source news --force"):
+        Federation.open(copy_ws, ["news"])
+    r = build.build_source(copy_ws, "news")
+    assert not r.skipped and fmt.read_manifest(folder).upgraded_from is None
+
+
+def test_large_files_are_checked_at_sampled_blocks_on_open(copy_ws: Workspace, monkeypatch):
+    """Opening costs the same at any size: files over the threshold are checked at sampled blocks
+    (here every file, the threshold set to 0), whole checksums are `index verify`'s."""
+    from index import source
+
+    monkeypatch.setattr(fmt, "SPOT_ABOVE", 0)
+    monkeypatch.setattr(source, "OPEN_HASH_MAX", 0)
+    build.build_source(copy_ws, "news", force=True)
+    m = fmt.read_manifest(copy_ws.indexes_dir / "news")
+    assert all(len(f.blocks) == fmt.SPOT_BLOCKS for f in m.files.values())
+    Federation.open(copy_ws, ["news"]).count([1])  # sound: opens
+    path = copy_ws.indexes_dir / "news" / "metadata.0"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x20
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="metadata.0 fails its sha256"):
+        Federation.open(copy_ws, ["news"])
+    assert any("metadata.0" in p for p in verify.verify_index(copy_ws, "news").problems)
 
 
 def test_changed_tokenizer_refuses_to_serve(copy_ws: Workspace):

@@ -214,15 +214,13 @@ def code_fed(tmp_path_factory):
     """Prose and indented code: this tokenizer merges a newline with the indentation after it."""
     from textcorpus import build_workspace
 
-    from tracing.trace import delimiter_ids
-
     ws = build_workspace(tmp_path_factory.mktemp("code") / "ws")
     tok = tokenizer.load_tokenizer(ws)
     names = ("public", "news", "code")
     engine = InfiniGramEngine(index_dir=[str(fmt.index_dir(ws, n)) for n in names], eos_token_id=0, vocab_size=65535,
                               bow_ids_path=str(ws.tokenizer_dir / "bow_ids.txt"), precompute_unigram_logprobs=True)
     docs = [d for n in names for d in sources.load_documents(ws, n, split="train").column("text").to_pylist()]
-    return dict(ws=ws, tok=tok, engine=engine, fed=Federation.open(ws), docs=docs, delim=delimiter_ids(tok),
+    return dict(ws=ws, tok=tok, engine=engine, fed=Federation.open(ws), docs=docs, delim=tokenizer.read_delimiter_ids(ws),
                 bow=sorted(set(tokenizer.read_bow_ids(ws))))
 
 

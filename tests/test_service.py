@@ -267,7 +267,7 @@ def test_takedown_while_a_reader_process_holds_the_store(fed, live, tmp_path, ad
     try:
         more = [httpx.post(srv.url + "/api/trace", json={"text": _text(fed, "code", 300, start=i)}, timeout=60)
                 for i in range(3)]
-        r = httpx.post(srv.url + f"/api/sources/news/takedowns", json={"doc_id": doc["doc_id"], "reason": "owner"},
+        r = httpx.post(srv.url + "/api/sources/news/takedowns", json={"doc_id": doc["doc_id"], "reason": "owner"},
                        headers=admin, timeout=60)
     finally:
         seen = reader.finish()

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import LogitsProcessor
 
-from flexolmo.base.errors import ConflictError
+from flexolmo.base.errors import ConflictError, NotFoundError
 from flexolmo.base.workspace import Workspace
 
 
@@ -55,29 +55,28 @@ class GuardedSource:
 
 def open_shards(ws: Workspace, name: str):
     """The search shards of source `name`'s local index (`index.search.Shards`)."""
-    from index import format as fmt
-    from index import search
+    from index.source import open_search
 
-    folder = fmt.index_dir(ws, name)
-    if not folder.exists():
-        raise ConflictError(f"source {name!r} has no index here; run `flexolmo index build --source {name}`")
-    manifest = fmt.read_manifest(folder)
-    return search.Shards([search.Shard.open(name, st["shard"], fmt.shard_file(folder, "tokenized", st["shard"]),
-                                            fmt.shard_file(folder, "table", st["shard"])) for st in manifest["shards"]])
+    try:
+        return open_search(ws, name)
+    except NotFoundError as e:
+        raise ConflictError(str(e)) from None
 
 
 def guarded_sources(ws: Workspace) -> list[GuardedSource]:
     """Every source with a `max_verbatim` limit, its local index opened for the guard."""
     from flexolmo.base import sources as src_lib
+    from index.source import open_search
 
     out = []
     for s in src_lib.list_sources(ws):
         if s.max_verbatim is None:
             continue
         try:
-            shards = open_shards(ws, s.name)
-        except ConflictError:
-            raise ConflictError(f"source {s.name!r} has --max-verbatim {s.max_verbatim} but no index here, so the "
+            shards = open_search(ws, s.name)
+        except (NotFoundError, ConflictError) as e:
+            why = "no index here" if isinstance(e, NotFoundError) else f"its index is not usable ({e})"
+            raise ConflictError(f"source {s.name!r} has --max-verbatim {s.max_verbatim} but {why}, so the "
                                 f"guard cannot check it; run `flexolmo index build --source {s.name}` (or remove the "
                                 f"limit with `flexolmo sources set {s.name} --no-max-verbatim`)") from None
         out.append(GuardedSource(s.name, shards, s.max_verbatim))

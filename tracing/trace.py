@@ -53,12 +53,6 @@ from .models import DocHit, Span, SpanGroup, Trace
 from .options import TraceOptions
 
 
-def delimiter_ids(tok) -> list[int]:
-    """Ids of every token that contains a newline, and of '.' (OLMoTrace cuts at newline and
-    '.' tokens; this byte-level BPE merges a newline with indentation, e.g. "\n    ")."""
-    return sorted(i for i in tok.get_vocab().values() if "\n" in (text := tok.decode([i])) or text == ".")
-
-
 def has_words(text: str) -> bool:
     """Does the text hold a letter, digit or symbol, i.e. more than whitespace and punctuation?"""
     return any(not (c.isspace() or unicodedata.category(c).startswith("P")) for c in text)
@@ -107,7 +101,7 @@ class Tracer:
                              f"or None, not {type(model).__name__}")
         name = str(model.folder) if model is not None and model.folder else None
         return cls(ws=ws, fed=fed, tokenizer=tok, bow=np.asarray(tok_lib.read_bow_ids(ws)),
-                   delims=delimiter_ids(tok), policies={s.name: s for s in src_lib.list_sources(ws)}, model=model,
+                   delims=tok_lib.read_delimiter_ids(ws), policies={s.name: s for s in src_lib.list_sources(ws)}, model=model,
                    model_name=name, model_tokenizer=own, options=opts, fingerprint=catalog_fingerprint(ws))
 
     def model_card(self) -> dict | None:

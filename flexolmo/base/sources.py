@@ -2,14 +2,8 @@
 
 A source is registered from a folder or file of JSONL or Parquet with a `text` column
 (`add_source`) or built from records (`add_records`, used by the sample federation).
-Its documents are stored as `sources/<name>/documents.parquet` with the columns
-
-    doc_id    stable id: the input's `doc_id` or `id` column, else `<file>:<line or row>`
-    text      the document
-    title     the input's `title` column, else null
-    split     'train' or 'validation' (about 2%, by a hash of doc_id: deterministic)
-    metadata  every other input column, as a JSON object
-
+Its documents are stored as `sources/<name>/documents.parquet` (the layout and its writer:
+flexolmo/base/documents.py; `add_document_batches` registers a source streamed in batches)
 and one row in the catalog's `sources` table. Registration validates everything before
 it writes anything: a bad input leaves the catalog and the workspace as they were.
 """
@@ -17,41 +11,33 @@ it writes anything: a bad input leaves the catalog and the workspace as they wer
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import json
 import re
+import shutil
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from flexolmo.base import catalog
 from flexolmo.base.catalog import BY_MAX, check_by, check_text  # noqa: F401  (validated caller text, re-exported)
-from flexolmo.base.errors import ConflictError, InputError, IntegrityError, NotFoundError
+from flexolmo.base.errors import ConflictError, InputError, NotFoundError
+from flexolmo.base.documents import (DOC_SCHEMA, DOCUMENTS_FILE, ROW_GROUP_ROWS,  # noqa: F401  (re-exported)
+                                     VALIDATION_PER_MILLE, content_hash, documents_table, split_of,
+                                     write_documents)
 from flexolmo.base.records import read_records  # noqa: F401  (re-exported: sources.read_records)
-from flexolmo.base.workspace import Workspace, atomic_dir, current_user
+from flexolmo.base.workspace import Workspace, current_user, replace_dir
 
 VISIBILITIES = ("full", "snippets", "counts")
-VALIDATION_PER_MILLE = 20  # about 2% of documents are held out for evaluation
-DOCUMENTS_FILE = "documents.parquet"
+REMOTE_ORIGIN = "remote:"  # origin of a source held by its owner's node (index/remote.py)
 
 # A source name becomes a folder name under indexes/, and infini-gram's loader classifies
 # index files by substring, so names must not contain the index file kinds.
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 RESERVED_SUBSTRINGS = ("tokenized", "table", "offset", "metadata", "metaoff", "unigram")
-
-DOC_SCHEMA = pa.schema(
-    [
-        ("doc_id", pa.string()),
-        ("text", pa.string()),
-        ("title", pa.string()),
-        ("split", pa.string()),
-        ("metadata", pa.string()),
-    ]
-)
-
 
 INSERT_COLUMNS = ("(name, owner, domain, licence, visibility, active, expires, origin, content_hash, n_docs_train, "
                   "n_docs_valid, n_chars_train, n_chars_valid, n_synthetic, created_at, updated_at, updated_by)")
@@ -79,6 +65,11 @@ class Source:
     updated_at: dt.datetime
     updated_by: str
     max_verbatim: int | None = None  # the verbatim guard's limit (tracing/guard.py); None: none
+
+    @property
+    def is_remote(self) -> bool:
+        """Held by its owner's node (`sources add --remote`): no documents and no index here."""
+        return self.origin.startswith(REMOTE_ORIGIN)
 
     def available(self, today: dt.date | None = None) -> bool:
         """Active and not past its expiry date: may route and return documents."""
@@ -135,62 +126,29 @@ def parse_date(value: str | dt.date | None, what: str = "expiry date") -> dt.dat
         raise InputError(f"{what} {value!r} does not parse: write it as YYYY-MM-DD (or 'never')") from None
 
 
-def split_of(doc_id: str) -> str:
-    """Deterministic train/validation split: about 2% validation, by a hash of doc_id."""
-    h = int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest(), "little")
-    return "validation" if h % 1000 < VALIDATION_PER_MILLE else "train"
-
-
 # ---------------------------------------------------------------------------------------
 # registry
 
 
-def _documents_table(records: list[dict]) -> pa.Table:
-    seen: dict[str, str] = {}
-    for r in records:
-        if r["doc_id"] in seen:
-            raise InputError(
-                f"{r.get('_where', r['doc_id'])}: doc_id {r['doc_id']!r} repeats "
-                f"({seen[r['doc_id']]}); doc_ids must be unique within a source"
-            )
-        seen[r["doc_id"]] = r.get("_where", r["doc_id"])
-        if "\x00" in r["text"]:
-            raise InputError(f"{r.get('_where', r['doc_id'])}: the text holds a NUL character; remove it")
-    records = sorted(records, key=lambda r: r["doc_id"])
-    return pa.table(
-        {
-            "doc_id": [r["doc_id"] for r in records],
-            "text": [r["text"] for r in records],
-            "title": [r.get("title") for r in records],
-            "split": [split_of(r["doc_id"]) for r in records],
-            "metadata": [json.dumps(r.get("metadata") or {}, default=str, ensure_ascii=False) for r in records],
-        },
-        schema=DOC_SCHEMA,
-    )
+def add_records(ws: Workspace, name: str, records: list[dict], **kwargs) -> Source:
+    """Register `records` (dicts with doc_id, text, optional title and metadata) as a source:
+    sorted and checked (unique doc_ids, no NUL), then written by `add_document_batches`, whose
+    keyword arguments (owner, domain, licence, origin, visibility, active, expires, replace, by)
+    it takes. `replace` rebuilds an existing source of that name (used by `data samples`);
+    otherwise an existing name is refused."""
+    if not records:
+        check_name(name)
+        raise InputError(f"source {name!r} has no documents; give at least one document with text")
+    table = documents_table(records)
+    n_synth = sum(1 for r in records if (r.get("metadata") or {}).get("synthetic"))
+    batches = (table.slice(i, ROW_GROUP_ROWS) for i in range(0, table.num_rows, ROW_GROUP_ROWS))
+    return add_document_batches(ws, name, batches, n_synthetic=n_synth, **kwargs)
 
 
-def content_hash(table: pa.Table) -> str:
-    h = hashlib.sha256()
-    for doc_id, text in zip(table.column("doc_id").to_pylist(), table.column("text").to_pylist()):
-        h.update(doc_id.encode("utf-8") + b"\x00" + text.encode("utf-8") + b"\x01")
-    return h.hexdigest()
-
-
-def _stats(table: pa.Table) -> dict:
-    split = table.column("split").to_pylist()
-    lengths = [len(t) for t in table.column("text").to_pylist()]
-    out = {"n_docs_train": 0, "n_docs_valid": 0, "n_chars_train": 0, "n_chars_valid": 0}
-    for s, n in zip(split, lengths):
-        key = "train" if s == "train" else "valid"
-        out[f"n_docs_{key}"] += 1
-        out[f"n_chars_{key}"] += n
-    return out
-
-
-def add_records(
+def add_document_batches(
     ws: Workspace,
     name: str,
-    records: list[dict],
+    batches: Iterable[pa.Table],
     *,
     owner: str,
     domain: str,
@@ -201,17 +159,16 @@ def add_records(
     expires: str | dt.date | None = None,
     replace: bool = False,
     by: str | None = None,
+    n_synthetic: int = 0,
 ) -> Source:
-    """Register `records` (dicts with doc_id, text, optional title and metadata) as a source.
-
-    :param replace: rebuild an existing source of that name (used by `data samples`);
-        otherwise an existing name is refused.
+    """Register a source given as batches of rows in the stored layout (`DOC_SCHEMA`, doc_ids
+    strictly increasing across batches): each batch is written as it comes (one Parquet row
+    group), the content hash and counts are summed on the way, so a source larger than memory
+    can be registered. `add_records` sorts and checks its records, then comes here.
     """
     check_name(name)
     check_visibility(visibility)
     expires = parse_date(expires)
-    if not records:
-        raise InputError(f"source {name!r} has no documents; give at least one document with text")
     for field, value in (("owner", owner), ("domain", domain), ("licence", licence)):
         if not value or not value.strip():
             raise InputError(f"--{field} is required and may not be empty")
@@ -219,31 +176,36 @@ def add_records(
         exists = con.execute("SELECT 1 FROM sources WHERE name = ?", [name]).fetchone()
     if exists and not replace:
         raise ConflictError(f"source {name!r} already exists; choose another name")
-    table = _documents_table(records)
-    stats = _stats(table)
-    n_synth = sum(1 for r in records if (r.get("metadata") or {}).get("synthetic"))
-    now = dt.datetime.now().replace(microsecond=0)
-    by = by or current_user()
     final = ws.source_dir(name)
-    with catalog.connect(ws) as con:
-        con.execute("BEGIN")
-        try:
-            with atomic_dir(final) as tmp:
-                pq.write_table(table, tmp / DOCUMENTS_FILE, compression="zstd")
-                if pq.read_metadata(tmp / DOCUMENTS_FILE).num_rows != table.num_rows:
-                    raise IntegrityError(f"{tmp / DOCUMENTS_FILE} did not read back whole; nothing was registered")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        digest, stats = write_documents(tmp / DOCUMENTS_FILE, batches)
+        if stats["n_docs_train"] + stats["n_docs_valid"] == 0:
+            raise InputError(f"source {name!r} has no documents; give at least one document with text")
+        now = dt.datetime.now().replace(microsecond=0)
+        by = by or current_user()
+        # the (possibly long) write is done: the catalog is held only for the swap
+        with catalog.connect(ws) as con:
+            con.execute("BEGIN")
+            try:
                 con.execute("DELETE FROM sources WHERE name = ?", [name])
                 con.execute(
                     f"INSERT INTO sources {INSERT_COLUMNS} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [name, owner, domain, licence, visibility, active, expires, origin, content_hash(table),
+                    [name, owner, domain, licence, visibility, active, expires, origin, digest,
                      stats["n_docs_train"], stats["n_docs_valid"], stats["n_chars_train"], stats["n_chars_valid"],
-                     n_synth, now, now, by],
+                     n_synthetic, now, now, by],
                 )
-            # the documents are in place: only now does the catalog row become visible
+                # the documents are in place before the catalog row becomes visible
+                replace_dir(tmp, final)
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
             con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return get_source(ws, name)
 
 
@@ -296,14 +258,38 @@ def get_source(ws: Workspace, name: str) -> Source:
     return _row_to_source(row, cols)
 
 
-def load_documents(ws: Workspace, name: str, split: str | None = None, columns: list[str] | None = None) -> pa.Table:
-    """The stored documents of a source, optionally one split, in doc_id order."""
-    get_source(ws, name)
+def _documents_path(ws: Workspace, name: str) -> Path:
+    src = get_source(ws, name)
+    if src.is_remote:
+        raise ConflictError(f"source {name!r} is held by its owner's node ({src.origin[len(REMOTE_ORIGIN):]}): "
+                            "its documents are not in this workspace, only reached through traces")
     path = ws.source_dir(name) / DOCUMENTS_FILE
     if not path.exists():
         raise NotFoundError(f"{path} is missing: re-register source {name!r}")
+    return path
+
+
+def load_documents(ws: Workspace, name: str, split: str | None = None, columns: list[str] | None = None) -> pa.Table:
+    """The stored documents of a source, optionally one split, in doc_id order (all in memory:
+    for a large source use `iter_document_batches`)."""
+    path = _documents_path(ws, name)
     filters = [("split", "=", split)] if split else None
     return pq.read_table(path, columns=columns, filters=filters)
+
+
+def iter_document_batches(ws: Workspace, name: str, split: str | None, columns: list[str],
+                          batch_rows: int = 1024) -> Iterator[pa.Table]:
+    """The stored documents in doc_id order, `batch_rows` rows at a time (fewer after the split
+    filter): the file is streamed, never read whole."""
+    path = _documents_path(ws, name)
+    f = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
+    cols = list(dict.fromkeys(columns + (["split"] if split else [])))
+    for rb in f.iter_batches(batch_size=batch_rows, columns=cols):
+        t = pa.Table.from_batches([rb])
+        if split:
+            t = t.filter(pc.equal(t.column("split"), split))
+        if t.num_rows:
+            yield t.select(columns)
 
 
 def set_policy(
@@ -383,4 +369,5 @@ def available_sources(ws: Workspace, today: dt.date | None = None) -> list[Sourc
 
 
 def iter_texts(ws: Workspace, name: str, split: str | None = "train") -> Iterable[str]:
-    yield from load_documents(ws, name, split=split, columns=["text"]).column("text").to_pylist()
+    for batch in iter_document_batches(ws, name, split, ["text"]):
+        yield from batch.column("text").to_pylist()

@@ -1,16 +1,19 @@
-"""The shared tokenizer: a byte-level BPE trained on the public source only.
+"""The shared tokenizer: a byte-level BPE trained on the public source only, or one brought
+in from a plain Hugging Face folder (`flexolmo tokenizer import DIR`, flexolmo/base/hf_import.py).
 
 The tokenizer is public, like the public model: every owner tokenizes with it, and every
-index stores its ids as u16, so the vocabulary holds at most 65,535 ids (0xFFFF stays free:
-infini-gram uses it as the document separator).
+index stores its ids: as u16 when the vocabulary holds at most 65,535 ids (0xFFFF stays free:
+infini-gram's document separator), as u32 beyond (`ids_dtype`; real tokenizers such as OLMo 2's
+dolma2 have 100,352 ids).
 
 Files in `<workspace>/tokenizer/`:
-    tokenizer.json   loadable by `tokenizers.Tokenizer` and `transformers.PreTrainedTokenizerFast`
-    bow_ids.txt      one id per line: the ids that begin a word (decoded text starts with
-                     whitespace, the byte-level analogue of sentencepiece's '▁'); tracing uses
-                     it for infini-gram's `enforce_bow`
-    card.json        `flexolmo.base.artifacts.tokenizer.TokenizerCard`: inputs (source content, size),
-                     vocabulary size, special ids, file hashes
+    tokenizer.json      loadable by `tokenizers.Tokenizer` and `transformers.PreTrainedTokenizerFast`
+    bow_ids.txt         one id per line: the ids that begin a word (their text starts with
+                        whitespace: byte-level `Ġ`, sentencepiece `▁`); tracing uses it for
+                        infini-gram's `enforce_bow`
+    delimiter_ids.txt   one id per line: the ids a span is cut after (a newline inside, or '.')
+    card.json           `flexolmo.base.artifacts.tokenizer.TokenizerCard`: inputs (source content, size),
+                        vocabulary size, special ids, file hashes, where it was imported from
 
 Whitespace runs (`whitespace_runs=True`, `--whitespace-runs`): a BPE learned from public text
 with almost no indentation (the encyclopedia-only public source before run G) has no token for
@@ -36,6 +39,9 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+import numpy as np
+
+from flexolmo.base import pieces
 from flexolmo.base.artifacts import tokenizer as artifact
 from flexolmo.base.errors import ConflictError, InputError, IntegrityError, NotFoundError
 from flexolmo.base.sources import get_source, iter_texts
@@ -44,10 +50,18 @@ from flexolmo.base.workspace import Workspace, atomic_dir, file_sha256
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 SPECIAL_TOKENS = [EOS_TOKEN, PAD_TOKEN]
-MAX_VOCAB = 65535  # u16 ids 0..65534; 65535 is infini-gram's document separator
+U16_VOCAB = 65535  # u16 ids 0..65534; 0xFFFF is infini-gram's document separator
+MAX_VOCAB = 2**32 - 1  # u32 ids 0..2^32-2; 0xFFFFFFFF is the separator of u32 indexes
 DEFAULT_VOCAB = 8192  # small embeddings keep the CPU model profiles fast
 SPACE, TAB = "Ġ", "ĉ"  # the byte-level alphabet's space and tab
 WHITESPACE_RUNS = {SPACE: (2, 4, 8, 16), TAB: (2, 4)}  # run lengths that get a token of their own
+
+
+def ids_dtype(vocab_size: int) -> np.dtype:
+    """The id type of a vocabulary: uint16 up to 65,535 ids, uint32 beyond (token caches, indexes)."""
+    if not 0 < vocab_size <= MAX_VOCAB:
+        raise InputError(f"a vocabulary of {vocab_size:,} ids does not fit an index (1..{MAX_VOCAB:,})")
+    return np.dtype(np.uint16) if vocab_size <= U16_VOCAB else np.dtype(np.uint32)
 
 
 @dataclass(frozen=True)
@@ -81,7 +95,11 @@ def train_tokenizer(
     n_runs = sum(len(v) for v in WHITESPACE_RUNS.values()) if whitespace_runs else 0
     if not 256 + len(SPECIAL_TOKENS) + n_runs < vocab_size <= MAX_VOCAB:
         raise InputError(f"--vocab-size {vocab_size} is out of range: use {257 + len(SPECIAL_TOKENS) + n_runs}..{MAX_VOCAB} "
-                         "(u16 index ids)")
+                         "(u32 index ids; up to 65535 the indexes store u16 ids)")
+    old = artifact.TokenizerCard.find(artifact.folder(ws)) if (artifact.folder(ws) / artifact.TOKENIZER_FILE).exists() else None
+    if old is not None and old.imported_from and not force:
+        raise ConflictError(f"this workspace's tokenizer was imported from {old.imported_from}; training would "
+                            "replace it (and its indexes and models would need rebuilding): pass --force")
     settings = {"vocab_size": vocab_size, **({"whitespace_runs": WHITESPACE_RUNS} if whitespace_runs else {})}
     if texts is None:
         src = get_source(ws, source)
@@ -107,14 +125,14 @@ def train_tokenizer(
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
     if whitespace_runs:
         tok = with_whitespace_runs(tok)
-    bow = bow_ids(tok)
+    bow, delims = bow_ids(tok), pieces.delimiter_ids(tok)
     card = dict(
         inputs=inputs, vocab_size=tok.get_vocab_size(), eos_token=EOS_TOKEN, eos_id=tok.token_to_id(EOS_TOKEN),
         pad_token=PAD_TOKEN, pad_id=tok.token_to_id(PAD_TOKEN), trained_on=source, n_texts=len(texts),
         n_bow_ids=len(bow), seconds=round(time.time() - t0, 2),
         whitespace_runs={"space": list(WHITESPACE_RUNS[SPACE]), "tab": list(WHITESPACE_RUNS[TAB])} if whitespace_runs else {},
     )
-    artifact.write(ws, tok, bow, card, check_text=texts[0][:2000])
+    artifact.write(ws, tok, bow, card, check_text=texts[0][:2000], delims=delims)
     return tokenizer_info(ws)
 
 
@@ -137,13 +155,8 @@ def with_whitespace_runs(tok: Tokenizer) -> Tokenizer:
 
 
 def bow_ids(tok: Tokenizer) -> list[int]:
-    """Ids whose decoded text begins with whitespace (a new word), plus the special tokens."""
-    out = []
-    for token, i in tok.get_vocab().items():
-        text = tok.decode([i], skip_special_tokens=False)
-        if token in SPECIAL_TOKENS or (text[:1].isspace()):
-            out.append(i)
-    return sorted(out)
+    """Ids whose text begins with whitespace (a new word), plus the special tokens."""
+    return pieces.word_start_ids(tok)
 
 
 def _require(ws: Workspace) -> Path:
@@ -171,14 +184,16 @@ def load_raw_tokenizer(ws: Workspace) -> Tokenizer:
 
 
 def load_tokenizer(ws_or_dir: Workspace | Path):
-    """The shared tokenizer as a `transformers.PreTrainedTokenizerFast`."""
+    """The shared tokenizer as a `transformers.PreTrainedTokenizerFast` (eos and pad as its card names them)."""
     from transformers import PreTrainedTokenizerFast
 
     folder = artifact.folder(ws_or_dir) if isinstance(ws_or_dir, Workspace) else Path(ws_or_dir)
     path = folder / artifact.TOKENIZER_FILE
     if not path.exists():
         raise NotFoundError(f"no tokenizer in {folder}; run `flexolmo tokenizer train` first")
-    return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+    card = artifact.TokenizerCard.find(folder)
+    eos, pad = (card.eos_token, card.pad_token) if card is not None else (EOS_TOKEN, PAD_TOKEN)
+    return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token=eos, pad_token=pad)
 
 
 def read_bow_ids(ws: Workspace) -> list[int]:
@@ -186,37 +201,78 @@ def read_bow_ids(ws: Workspace) -> list[int]:
     return [int(x) for x in (artifact.folder(ws) / artifact.BOW_FILE).read_text().split()]
 
 
-def import_tokenizer(w: Workspace, folder: Path, force: bool = False) -> TokenizerInfo:
-    """Copy a tokenizer folder into the workspace atomically, after checking it is whole: the card
-    reads, tokenizer.json loads and has the card's hash, bow_ids.txt holds ids of its vocabulary."""
-    from tokenizers import Tokenizer
+def read_delimiter_ids(ws: Workspace) -> list[int]:
+    """The ids a span is cut after: every token whose text holds a newline, and '.'.
 
-    if not (folder / artifact.TOKENIZER_FILE).is_file() or not (folder / artifact.BOW_FILE).is_file():
-        raise InputError(f"{folder} is not a tokenizer folder: it needs {artifact.TOKENIZER_FILE}, "
-                         f"{artifact.BOW_FILE} and card.json (copy the folder `tokenizer/` of the shared workspace)")
-    card = artifact.TokenizerCard.read(folder)  # NotFoundError/OutdatedError say what is wrong
+    Read from delimiter_ids.txt; a tokenizer folder written before that file existed gets
+    them derived from tokenizer.json by the same rule (flexolmo/base/pieces.py)."""
+    path = _require(ws)
+    f = artifact.folder(ws) / artifact.DELIM_FILE
+    if f.exists():
+        return [int(x) for x in f.read_text().split()]
+    return pieces.delimiter_ids(Tokenizer.from_file(str(path)))
+
+
+def import_tokenizer(w: Workspace, folder: Path, force: bool = False) -> TokenizerInfo:
+    """Bring a tokenizer folder into the workspace atomically, after checking it can be used.
+
+    Either the `tokenizer/` folder of another flexolmo workspace (its card reads, tokenizer.json
+    has the card's hash, bow_ids.txt holds ids of its vocabulary), or a plain Hugging Face
+    folder (tokenizer.json + tokenizer_config.json / special_tokens_map.json, no card.json):
+    eos, pad, word starts and delimiters are then derived from it (flexolmo/base/hf_import.py).
+    """
+    folder = Path(folder)
+    if not (folder / artifact.TOKENIZER_FILE).is_file():
+        raise InputError(f"{folder} is not a tokenizer folder: it has no {artifact.TOKENIZER_FILE} (give a "
+                         "Hugging Face tokenizer folder as `save_pretrained` writes it, or the `tokenizer/` "
+                         "folder of the shared workspace)")
+    if (folder / "card.json").is_file():
+        _, bow, delims, card = _project_folder(folder)
+    else:
+        from flexolmo.base.hf_import import read_folder
+
+        got = read_folder(folder, MAX_VOCAB)
+        bow, delims = got.bow, got.delims
+        card = {**got.card, "inputs": {"tokenizer_json": file_sha256(folder / artifact.TOKENIZER_FILE)}}
     digest = file_sha256(folder / artifact.TOKENIZER_FILE)
-    if digest != card.sha256:
-        raise IntegrityError(f"{folder / artifact.TOKENIZER_FILE} has sha256 {digest}, its card says {card.sha256}: "
-                             "the folder was altered or mixed up; copy it again")
-    if card.files.get(artifact.BOW_FILE) not in (None, file_sha256(folder / artifact.BOW_FILE)):
-        raise IntegrityError(f"{folder / artifact.BOW_FILE} does not match its card; copy the folder again")
-    try:
-        tok = Tokenizer.from_file(str(folder / artifact.TOKENIZER_FILE))
-        bow = [int(x) for x in (folder / artifact.BOW_FILE).read_text().split()]
-    except Exception as e:  # tokenizers raises its own exception type
-        raise InputError(f"{folder} does not load as a tokenizer ({str(e)[:200]})") from None
-    if tok.get_vocab_size() != card.vocab_size or tok.get_vocab_size() > MAX_VOCAB \
-            or any(not 0 <= i < card.vocab_size for i in bow):
-        raise InputError(f"{folder}: vocabulary size or word-start ids disagree with the card (or exceed u16 ids)")
     current = artifact.TokenizerCard.find(artifact.folder(w)) if (artifact.folder(w) / artifact.TOKENIZER_FILE).exists() else None
     if current is not None and tokenizer_hash(w) != digest and not force:
         raise ConflictError(f"this workspace already has another tokenizer ({tokenizer_hash(w)[:12]}, the "
                             f"import is {digest[:12]}); its indexes and models would need rebuilding: pass --force")
     with atomic_dir(artifact.folder(w)) as tmp:
-        for name in (artifact.TOKENIZER_FILE, artifact.BOW_FILE):
-            shutil.copyfile(folder / name, tmp / name)
-        card.save(tmp)
+        # tokenizer.json is copied byte for byte: its sha256 is the tokenizer's identity
+        shutil.copyfile(folder / artifact.TOKENIZER_FILE, tmp / artifact.TOKENIZER_FILE)
+        (tmp / artifact.BOW_FILE).write_text("".join(f"{i}\n" for i in bow))
+        (tmp / artifact.DELIM_FILE).write_text("".join(f"{i}\n" for i in delims))
+        names = (artifact.TOKENIZER_FILE, artifact.BOW_FILE, artifact.DELIM_FILE)
+        files = {**card.pop("files", {}), **{n: file_sha256(tmp / n) for n in names}}
+        artifact.TokenizerCard(**{**card, "n_delimiter_ids": len(delims)}, files=files).save(tmp)
         if file_sha256(tmp / artifact.TOKENIZER_FILE) != digest:
             raise IntegrityError("the copied tokenizer.json differs from the original; nothing was imported")
     return tokenizer_info(w)
+
+
+def _project_folder(folder: Path) -> tuple[Tokenizer, list[int], list[int], dict]:
+    """A flexolmo workspace's tokenizer folder, checked against its card: (tok, bow, delims, card fields)."""
+    if not (folder / artifact.BOW_FILE).is_file():
+        raise InputError(f"{folder} is not a tokenizer folder: it has card.json but no {artifact.BOW_FILE} "
+                         "(copy the whole folder `tokenizer/` of the shared workspace)")
+    card = artifact.TokenizerCard.read(folder)  # NotFoundError/OutdatedError say what is wrong
+    digest = file_sha256(folder / artifact.TOKENIZER_FILE)
+    if digest != card.sha256:
+        raise IntegrityError(f"{folder / artifact.TOKENIZER_FILE} has sha256 {digest}, its card says {card.sha256}: "
+                             "the folder was altered or mixed up; copy it again")
+    for name in (artifact.BOW_FILE, artifact.DELIM_FILE):
+        if card.files.get(name) not in (None, file_sha256(folder / name) if (folder / name).exists() else None):
+            raise IntegrityError(f"{folder / name} does not match its card; copy the folder again")
+    try:
+        tok = Tokenizer.from_file(str(folder / artifact.TOKENIZER_FILE))
+        bow = [int(x) for x in (folder / artifact.BOW_FILE).read_text().split()]
+    except Exception as e:  # tokenizers raises its own exception type
+        raise InputError(f"{folder} is not a tokenizer folder: it does not load ({str(e)[:200]})") from None
+    if tok.get_vocab_size() != card.vocab_size or tok.get_vocab_size() > MAX_VOCAB \
+            or any(not 0 <= i < card.vocab_size for i in bow):
+        raise InputError(f"{folder}: vocabulary size or word-start ids disagree with the card (or exceed u32 ids)")
+    delim_file = folder / artifact.DELIM_FILE
+    delims = [int(x) for x in delim_file.read_text().split()] if delim_file.exists() else pieces.delimiter_ids(tok)
+    return tok, bow, delims, card.model_dump()

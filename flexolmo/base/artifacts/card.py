@@ -55,6 +55,7 @@ class Card(BaseModel):
 
     KIND: ClassVar[str] = ""
     REBUILD: ClassVar[str] = ""
+    FILE: ClassVar[str] = CARD_FILE  # the index's card keeps infini-gram-era name manifest.json
 
     kind: str
     format: int = FORMAT
@@ -86,14 +87,14 @@ class Card(BaseModel):
 
     @classmethod
     def read(cls, folder: Path) -> Self:
-        """Read `folder/card.json`, upgrading a previous version's card.
+        """Read `folder/card.json` (`FILE`), upgrading a previous version's card.
 
         :raises NotFoundError: no card
         :raises OutdatedError: a card this version cannot read (says how to rebuild)
         """
-        path = Path(folder) / CARD_FILE
+        path = Path(folder) / cls.FILE
         if not path.exists():
-            raise NotFoundError(f"no {cls.KIND} in {folder} ({CARD_FILE} missing); build it with `{cls._rebuild(folder)}`")
+            raise NotFoundError(f"no {cls.KIND} in {folder} ({cls.FILE} missing); build it with `{cls._rebuild(folder)}`")
         hint = f"rebuild it with `{cls._rebuild(folder)}`"
         try:
             data = json.loads(path.read_text())
@@ -116,7 +117,7 @@ class Card(BaseModel):
     @classmethod
     def find(cls, folder: Path) -> Self | None:
         """The card in `folder`, or None when there is none (a card that cannot be read raises)."""
-        return cls.read(folder) if (Path(folder) / CARD_FILE).exists() else None
+        return cls.read(folder) if (Path(folder) / cls.FILE).exists() else None
 
     @classmethod
     def status(cls, folder: Path, inputs: Inputs) -> str | None:
@@ -131,7 +132,7 @@ class Card(BaseModel):
 
     def save(self, folder: Path) -> None:
         """Write `folder/card.json` (inside the artifact's temporary folder: see `atomic_dir`)."""
-        (Path(folder) / CARD_FILE).write_text(self.model_dump_json(indent=2))
+        (Path(folder) / self.FILE).write_text(self.model_dump_json(indent=2))
 
     def as_dict(self) -> dict:
         return self.model_dump()

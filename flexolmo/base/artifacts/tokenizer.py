@@ -1,8 +1,12 @@
-"""The tokenizer artifact: `<workspace>/tokenizer/` (tokenizer.json, bow_ids.txt, card.json).
+"""The tokenizer artifact: `<workspace>/tokenizer/` (tokenizer.json, bow_ids.txt,
+delimiter_ids.txt, card.json).
 
 Inputs: `source` (the public source's content hash) and `settings` (the vocabulary size
-asked for); a tokenizer trained on given texts (tests) records `texts` instead of `source`.
-flexolmo/base/tokenizer.py trains it; this module owns its files and its card.
+asked for); a tokenizer trained on given texts (tests) records `texts` instead of `source`,
+and one imported from a plain Hugging Face folder records `tokenizer_json` (its sha256).
+flexolmo/base/tokenizer.py trains and imports it; this module owns its files and its card.
+A tokenizer written before delimiter_ids.txt existed has none: readers derive the ids from
+tokenizer.json (`flexolmo.base.tokenizer.read_delimiter_ids`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from flexolmo.base.artifacts.card import Card, Inputs, sha256_json
 
 TOKENIZER_FILE = "tokenizer.json"
 BOW_FILE = "bow_ids.txt"
+DELIM_FILE = "delimiter_ids.txt"
 
 
 class TokenizerCard(Card):
@@ -38,6 +43,11 @@ class TokenizerCard(Card):
     files: dict[str, str]  # file name -> sha256
     seconds: float
     whitespace_runs: dict[str, list[int]] = {}  # run lengths of spaces / tabs with a token of their own (none: {})
+    style: str = "byte_level"  # byte_level (Ġ) | metaspace (SentencePiece ▁): flexolmo/base/pieces.py
+    n_delimiter_ids: int | None = None  # None: written before delimiter_ids.txt existed
+    delimiter_rule: str = "token text holds a newline, or is '.'"
+    imported_from: str | None = None  # a plain Hugging Face folder this tokenizer was imported from
+    pad_note: str | None = None  # e.g. the folder named no pad token, so pad = eos
 
     @property
     def sha256(self) -> str:
@@ -74,17 +84,24 @@ def read(ws: Workspace) -> TokenizerCard:
     return TokenizerCard.read(folder(ws))
 
 
-def write(ws: Workspace, tok: Tokenizer, bow: list[int], card: dict, check_text: str) -> TokenizerCard:
+def write(ws: Workspace, tok: Tokenizer, bow: list[int], card: dict, check_text: str,
+          delims: list[int] | None = None) -> TokenizerCard:
     """Write the tokenizer atomically: temp folder, verify (loads, round-trips `check_text`), rename.
 
     :param card: the card's fields except `files`
+    :param delims: the delimiter ids (delimiter_ids.txt)
     """
     with atomic_dir(folder(ws)) as tmp:
         tok.save(str(tmp / TOKENIZER_FILE))
         (tmp / BOW_FILE).write_text("".join(f"{i}\n" for i in bow))
-        full = TokenizerCard(**card, files={f: file_sha256(tmp / f) for f in (TOKENIZER_FILE, BOW_FILE)})
+        names = [TOKENIZER_FILE, BOW_FILE]
+        if delims is not None:
+            (tmp / DELIM_FILE).write_text("".join(f"{i}\n" for i in delims))
+            names.append(DELIM_FILE)
+            card = {**card, "n_delimiter_ids": len(delims)}
+        full = TokenizerCard(**card, files={f: file_sha256(tmp / f) for f in names})
         full.save(tmp)
         check = Tokenizer.from_file(str(tmp / TOKENIZER_FILE))
-        if check.decode(check.encode(check_text).ids) != check_text:
-            raise IntegrityError("the trained tokenizer does not round-trip its own training text; this is a bug")
+        if check_text and check.decode(check.encode(check_text).ids) != check_text:
+            raise IntegrityError("the tokenizer does not round-trip its own check text; this is a bug")
     return full

@@ -181,7 +181,7 @@ def _readme(card: PublicModelCard, command: str) -> str:
         f"- profile: `{card.profile}`; {card.n_params:,} parameters; {card.steps} steps, {card.tokens:,} tokens;"
         f" final training loss {card.final_loss:.3f}",
         f"- trained in {card.seconds:,.0f} s ({card.throughput}) on 2 shared CPU cores; created {card.created_at}",
-        f"- inputs: " + ", ".join(f"{k} `{v[:16]}`" for k, v in card.inputs.items()),
+        "- inputs: " + ", ".join(f"{k} `{v[:16]}`" for k, v in card.inputs.items()),
         f"- weights hash (shared_weights_hash): `{card.weights}`",
         f"- {card.router_init}",
         "",
