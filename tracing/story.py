@@ -30,7 +30,9 @@ from .trace import Tracer
 LONG = 8  # tokens: a span this long is the story's evidence (shorter ones occur by chance)
 PROSE = ("Here is what I found, quoting my sources.", "As one passage has it:", "Another source puts it this way:",
          "And a third says:", "That is the whole answer.")
-SENTENCE = re.compile(r"[^.!?\n]+[.!?]")
+SENTENCE = re.compile(r"[^.!?]+[.!?]")  # a sentence may run over lines (verse, wrapped prose)
+WORD = re.compile(r"\S+")
+MARKUP = re.compile(r"[*#`|<>_=\[\]{}]|\n\s*\n")  # speaker names, headings, code, tables, paragraph breaks
 
 
 @dataclass(frozen=True)
@@ -55,8 +57,9 @@ def pasted_response(tracer: Tracer, sources: Sequence[str], *, words: tuple[int,
                     seed: int = 0, tries: int = 400) -> Pasted:
     """A response assembled from one passage per source, joined by the prose of `PROSE`.
 
-    Each passage is a run of `words` words inside one sentence of a train document, that
-    occurs in its own source's index and in no other. Deterministic for a given `seed`.
+    Each passage is the last `words` words of one sentence of a train document, verbatim
+    (a verse quote keeps its line breaks), without markup, that occurs in its own source's
+    index and in no other. Deterministic for a given `seed`.
     :raises InputError: a source without such a passage in `tries` candidates
     """
     rng = random.Random(seed)
@@ -78,13 +81,16 @@ def _unique_passage(tracer: Tracer, name: str, words: tuple[int, int], rng: rand
         raise InputError(f"source {name!r} has no train documents to take a passage from")
     for _ in range(tries):
         doc = rng.choice(docs)
-        sentences = [s.strip() for s in SENTENCE.findall(doc["text"]) if len(s.split()) >= words[0]]
+        sentences = [m.group() for m in SENTENCE.finditer(doc["text"]) if len(m.group().split()) >= words[0]]
         if not sentences:
             continue
-        ws = rng.choice(sentences).split()
-        n = rng.randint(words[0], min(words[1], len(ws)))
-        i = rng.randint(0, len(ws) - n)
-        passage = " ".join(ws[i:i + n])
+        sentence = rng.choice(sentences)
+        spans = [m.span() for m in WORD.finditer(sentence)]
+        n = rng.randint(words[0], min(words[1], len(spans)))
+        i = len(spans) - n  # the sentence's last n words: the quote ends where the sentence does
+        passage = sentence[spans[i][0]:spans[-1][1]]  # verbatim: the source's own line breaks kept
+        if MARKUP.search(passage) or passage.count("\n") > 2:
+            continue
         counts = tracer.fed.count(tracer.tokenizer(" " + passage, add_special_tokens=False)["input_ids"])
         if counts.get(name, 0) >= 1 and not any(c for s, c in counts.items() if s != name):
             return doc, passage
