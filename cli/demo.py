@@ -150,8 +150,8 @@ def tell_story(w: Workspace) -> None:
     console.rule("8. the demo model's own words, traced")
     t = tracer.generate_and_trace(TOY_PROMPT, GenerationOptions(max_new_tokens=40))
     n = num_parameters(tracer.model)
-    console.print(f"[dim]An {n / 1e6:.1f}M-parameter model trained for minutes on 2 cores writes nonsense; "
-                  "tracing works the same on a real model (`flexolmo trace --model PATH`).[/]")
+    console.print(f"[dim]The demo's model ({n / 1e6:.1f}M parameters, trained for minutes on 2 cores) writes "
+                  "nonsense; tracing works the same on a real model (`flexolmo trace --model PATH`).[/]")
     console.print(f"{TOY_PROMPT}[bold]{t.response}[/]", highlight=False)
     longest = max(t.spans, key=lambda s: s.end - s.start, default=None)
     console.print(f"{len(t.spans)} spans found verbatim in the training data" + (
@@ -169,6 +169,9 @@ def tell_story(w: Workspace) -> None:
         found = [s for s in m.trace.spans if any(d.doc_id == m.doc_id for d in s.documents)]
         console.print(f"traced: {len(found)} span(s) lead back to {m.doc_id}" + (
             f", the longest {max(s.end - s.start for s in found)} tokens" if found else ""), highlight=False)
+    if m.verbatim_tokens < story.LONG:
+        console.print("[dim]A model this small memorises almost nothing; a large one repeats text it saw often, "
+                      "and its trace then reads like step 7's.[/]")
 
     console.rule(f"10. the {OPT_OUT} owner switches its source off")
     governance.set_policy(w, OPT_OUT, active=False, by="demo")
