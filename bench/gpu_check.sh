@@ -111,20 +111,13 @@ for s in news code; do
 done
 quiet flex "$WS" merge --experts news,code
 
-# -- trace. `flexolmo trace --device/--dtype` is being added on main (issue 22 item 5); until this
-# branch has it, trace on the CPU and say so
-TRACE_DEV=(); TRACE_NOTE=""
-if flex "$WS" trace --help 2>/dev/null | grep -q -- "--device"; then
-  TRACE_DEV=(--device "$DEVICE" --dtype "$DTYPE")
-elif [ $ON_GPU = 1 ]; then
-  TRACE_NOTE="note: this flexolmo trace has no --device yet: traced on the CPU both times"
-fi
+# -- trace on the device (and, below, on the CPU: same workspace, same text)
 trace_ms() {  # workspace, device options...: "<timings_ms.total> <timings_ms.experts> <wall s>"
   local t0 json; t0=$(now)
   json=$(flex "$1" trace --text "$TEXT" --json "${@:2}" 2> "$SCRATCH/log") || { tail -n 20 "$SCRATCH/log" >&2; exit 1; }
   echo "$("$PYTHON" -c "import json, sys; t = json.loads(sys.stdin.read())['timings_ms']; print(t['total'], t.get('experts', 0))" <<< "$json") $(secs "$t0" "$(now)")"
 }
-read -r TR_TOTAL TR_EXPERTS TR_WALL <<< "$(trace_ms "$WS" "${TRACE_DEV[@]}")"
+read -r TR_TOTAL TR_EXPERTS TR_WALL <<< "$(trace_ms "$WS" --device "$DEVICE" --dtype "$DTYPE")"
 
 # -- the CPU comparison
 if [ $ON_GPU = 1 ]; then
@@ -132,8 +125,7 @@ if [ $ON_GPU = 1 ]; then
   CPU_PUBLIC=$(card "$CPU_WS/models/public/card.json" tokens_per_s)
   quiet flex "$CPU_WS" train expert --source news --profile "$PROFILE" --device cpu --steps "$CPU_STEPS"
   CPU_NEWS=$(card "$CPU_WS/experts/news/card.json" tokens_per_s)
-  CPU_TRACE=(); [ ${#TRACE_DEV[@]} -gt 0 ] && CPU_TRACE=(--device cpu --dtype float32)
-  read -r C_TOTAL C_EXPERTS C_WALL <<< "$(trace_ms "$WS" "${CPU_TRACE[@]}")"
+  read -r C_TOTAL C_EXPERTS C_WALL <<< "$(trace_ms "$WS" --device cpu --dtype float32)"
 fi
 
 # -- report
@@ -160,5 +152,4 @@ else
   row "trace command, s (wall)" "$TR_WALL" "" ""
 fi
 echo "wall time per training command, s: public ${WALL[public]}, news ${WALL[news]}, code ${WALL[code]}"
-[ -z "$TRACE_NOTE" ] || echo "$TRACE_NOTE"
 echo "gpu_check: done in $(secs "$T_START" "$(now)") s"
