@@ -178,3 +178,25 @@ def test_model_options_are_checked_before_loading(ws, tmp_path):
         ModelSpec.parse(None, dtype="float16")
     r = CliRunner().invoke(app, ["-w", str(ws.root), "trace", "--model", str(tmp_path), "--text", "x"])
     assert r.exit_code != 0 and "no config.json" in r.output
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tracing_on_cuda_matches_the_cpu(ws, tmp_path):
+    """The same stock FlexOlmo traced on the GPU (fp32, then bf16) and on the CPU: the same spans,
+    routing shares and counterfactuals (fp32 to 1e-3; bf16 within its precision), generation too."""
+    folder = tmp_path / "stock"
+    _flexolmo(folder, vocab=len(Tracer.open(ws, model=None).tokenizer))
+    passage, names = _passage(ws), "public,news,code"
+    cpu = Tracer.open(ws, model=ModelSpec.parse(folder, experts=names)).trace(passage, store=False)
+    for dtype, tol in (("float32", 1e-3), ("bfloat16", 5e-2)):
+        tracer = Tracer.open(ws, model=ModelSpec.parse(folder, experts=names, device="cuda", dtype=dtype))
+        assert tracer.model.device.type == "cuda" and tracer.model_card()["dtype"] == dtype
+        t = tracer.trace(passage, store=False)
+        assert [(s.start, s.end, s.count) for s in t.spans] == [(s.start, s.end, s.count) for s in cpu.spans]
+        for s, c in zip(t.spans, cpu.spans):
+            assert [e.routing_share for e in s.experts] == pytest.approx([e.routing_share for e in c.experts], abs=tol)
+            cf = [e.counterfactual or 0.0 for e in s.experts]
+            assert cf == pytest.approx([e.counterfactual or 0.0 for e in c.experts], abs=tol * 10)
+        g = tracer.generate_and_trace(" President", GenerationOptions(max_new_tokens=8), store=False)
+        assert g.generated and len(g.response) > 0
