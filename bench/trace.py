@@ -42,7 +42,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flexolmo.base import sources# noqa: E402
+from flexolmo.base import sources  # noqa: E402
 from flexolmo.base.workspace import Workspace  # noqa: E402
 from flexolmo.model.generate import GenerationOptions  # noqa: E402
 from tracing.experts import link_experts  # noqa: E402
@@ -88,12 +88,9 @@ def open_tracer(ws: Workspace, args) -> Tracer:
         tracer.model = random_model(ws, tracer, args.random_model)
         tracer.model_name = f"random {args.random_model}"
         return tracer
-    model = "auto"
-    if args.model:
-        from flexolmo.model.merge import load_merged
+    from flexolmo.model.loading import ModelSpec
 
-        model = load_merged(args.model, ws=ws)
-    return Tracer.open(ws, model=model)
+    return Tracer.open(ws, model=ModelSpec.parse(args.model))  # None: the workspace's merged model
 
 
 def main() -> None:
@@ -260,7 +257,8 @@ def bare(ws: Workspace, tracer: Tracer, args) -> None:
     data = inputs(ws, tracer, args.bare)
     eng = InfiniGramEngine(index_dir=[str(index_dir(ws, n)) for n in tracer.fed.names], eos_token_id=0,
                            bow_ids_path=str(ws.tokenizer_dir / "bow_ids.txt"), precompute_unigram_logprobs=True)
-    bare_ms, pipe_ms, same = [], [], 0
+    bare_ms, pipe_ms, whole_ms, same = [], [], [], 0
+    bare_tracer = replace(tracer, model=None)
     for ids in data:
         t0 = time.perf_counter()
         ref = eng.attribute(ids, delim_ids=tracer.delims, min_len=1, max_cnt=1_000_000, enforce_bow=True)["spans"]
@@ -268,11 +266,17 @@ def bare(ws: Workspace, tracer: Tracer, args) -> None:
         t0 = time.perf_counter()
         mine = tracer.fed.find_spans(ids, tracer.delims, tracer.bow)
         pipe_ms.append((time.perf_counter() - t0) * 1000)
+        t0 = time.perf_counter()
+        bare_tracer.trace_ids(ids, prompt=None, prompt_ids=[], routing=None, generated=False, store=False,
+                              response=tracer.tokenizer.decode(ids))
+        whole_ms.append((time.perf_counter() - t0) * 1000)
         same += [(s["l"], s["r"], s["count"]) for s in ref] == [(s.l, s.r, s.count) for s in mine]
     print(f"bare engine.attribute      p50 {pct(bare_ms, 50):8.1f} ms  p95 {pct(bare_ms, 95):8.1f} ms  on {len(bare_ms)} inputs")
     print(f"span search alone          p50 {pct(pipe_ms, 50):8.1f} ms  p95 {pct(pipe_ms, 95):8.1f} ms; speed-up "
           f"{pct(bare_ms, 50) / pct(pipe_ms, 50):.0f}x; identical spans on {same}/{len(bare_ms)} inputs "
           f"({len(tracer.delims)} delimiter ids)")
+    print(f"whole pipeline (no model)  p50 {pct(whole_ms, 50):8.1f} ms  p95 {pct(whole_ms, 95):8.1f} ms; speed-up "
+          f"{pct(bare_ms, 50) / pct(whole_ms, 50):.0f}x over the bare engine on the same inputs")
 
 
 def agreement(ws: Workspace, tracer: Tracer, args) -> None:
