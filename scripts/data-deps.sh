@@ -5,7 +5,7 @@ set -euo pipefail
 VENV=${VENV:-.venv}
 R_CACHE=${FLEXOLMO_R_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/flexolmo/r-cran}
 PUBLIC_CACHE=${FLEXOLMO_PUBLIC_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/flexolmo/public-debs}
-# flexolmo/base/samples.py PUBLIC_DEBS, at the versions the shipped public model was trained on (a
+# flexolmo/base/sample_public.py PUBLIC_DEBS, at the versions the shipped public model was trained on (a
 # newer version, where the pinned one has left the mirror, changes the public source: `make demo`
 # then trains its own public model instead of installing the shipped one)
 PUBLIC_DEBS="manpages=6.03-2 manpages-dev=6.03-2 dict-gcide=0.48.5+nmu2 perl-modules-5.36=5.36.0-7+deb12u4"

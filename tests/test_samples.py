@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from flexolmo.base import samples, sources
+from flexolmo.base import sample_public, sample_text, samples, sources
 from flexolmo.base.errors import NotFoundError
 
 
 def test_pack_respects_limit_and_keeps_text():
     pieces = [f"para {i} " + "word " * (i * 7) + "\n\n" for i in range(60)]
-    chunks = samples.pack(pieces, max_chars=500)
-    assert all(len(c) <= 500 + samples.MIN_CHARS for c in chunks)
+    chunks = sample_text.pack(pieces, max_chars=500)
+    assert all(len(c) <= 500 + sample_text.MIN_CHARS for c in chunks)
     assert "".join(chunks).replace("\n", "").replace(" ", "") == "".join(pieces).replace("\n", "").replace(" ", "")
 
 
 def test_split_before_scenes():
     play = "# Play\n\n## ACT I\n\n### SCENE I. A room.\n\nA line.\n\n### SCENE II. A hall.\n\nB line.\n"
-    parts = samples.split_before(play, r"^##+ ")
+    parts = sample_text.split_before(play, r"^##+ ")
     assert [p.splitlines()[0] for p in parts] == ["# Play", "## ACT I", "### SCENE I. A room.", "### SCENE II. A hall."]
 
 
@@ -28,7 +28,7 @@ def test_tex_title_ignores_comments_and_markup():
 
 def test_missing_package_names_the_command(monkeypatch, ws):
     with pytest.raises(NotFoundError, match=r"pip install --no-deps no-such-pkg==1"):
-        samples._package_dir("no_such_module_xyz", "no-such-pkg==1")
+        sample_text.package_dir("no_such_module_xyz", "no-such-pkg==1")
     monkeypatch.setenv("FLEXOLMO_R_CACHE", "/nonexistent/r-cache")
     results = samples.build_samples(ws, only=["academic"])
     assert not results[0].ok and "make data-deps" in results[0].message
@@ -114,21 +114,21 @@ def test_public_general_text_builders(monkeypatch, tmp_path):
     _public_cache(tmp_path)
     monkeypatch.setenv("FLEXOLMO_PUBLIC_CACHE", str(tmp_path))
     for name in ("MAN_ONE_IN", "GCIDE_ONE_IN", "PERL_ONE_IN"):
-        monkeypatch.setattr(samples, name, 1)  # keep every document of the tiny cache
+        monkeypatch.setattr(sample_public, name, 1)  # keep every document of the tiny cache
 
-    words = samples.build_gcide()
+    words = sample_public.build_gcide()
     text = "".join(r["text"] for r in words)
     assert "The fleshy pome" in text and "Apricot" in text and "--Shak." in text
     assert "[1913 Webster]" not in text and "00-database" not in text  # source tags and the header dropped
     assert all(r["metadata"]["licence"] == "GPL-2+" for r in words)
 
-    perl = samples.build_perl_modules()
+    perl = sample_public.build_perl_modules()
     assert [r["title"] for r in perl] == ["Frob.pm"]  # Module::CoreList is a data table, not code
     assert "    return $x * 2;" in perl[0]["text"]  # indentation kept
 
     if shutil.which("groff") is None:
         pytest.skip("groff is not installed (make data-deps installs groff-base)")
-    pages = samples.build_manpages()
+    pages = sample_public.build_manpages()
     assert [r["title"] for r in pages] == ["frob(2)"]  # the .so alias is not a page of its own
     page = pages[0]["text"]
     assert page.startswith("NAME\n       frob - frobnicate a file descriptor")
@@ -138,6 +138,6 @@ def test_public_general_text_builders(monkeypatch, tmp_path):
 
 def test_public_builders_name_the_command_when_the_cache_is_missing(monkeypatch, tmp_path):
     monkeypatch.setenv("FLEXOLMO_PUBLIC_CACHE", str(tmp_path / "nothing"))
-    for build in (samples.build_manpages, samples.build_gcide, samples.build_perl_modules):
+    for build in (sample_public.build_manpages, sample_public.build_gcide, sample_public.build_perl_modules):
         with pytest.raises(NotFoundError, match="make data-deps"):
             build()

@@ -25,9 +25,8 @@ import pyarrow.parquet as pq
 from flexolmo.base import catalog
 from flexolmo.base.catalog import BY_MAX, check_by, check_text  # noqa: F401  (validated caller text, re-exported)
 from flexolmo.base.errors import ConflictError, InputError, NotFoundError
-from flexolmo.base.documents import (DOC_SCHEMA, DOCUMENTS_FILE, ROW_GROUP_ROWS,  # noqa: F401  (re-exported)
-                                     VALIDATION_PER_MILLE, content_hash, documents_table, split_of,
-                                     write_documents)
+from flexolmo.base.documents import DOCUMENTS_FILE, ROW_GROUP_ROWS, documents_table, write_documents
+from flexolmo.base.documents import split_of  # noqa: F401  (re-exported: sources.split_of)
 from flexolmo.base.records import read_records  # noqa: F401  (re-exported: sources.read_records)
 from flexolmo.base.workspace import Workspace, current_user, replace_dir
 

@@ -5,7 +5,7 @@ One hash scheme: an input is named (`tokenizer`, `source`, `config`, `public_mod
 `expert:<name>`, `settings`) and identified by a sha256 hex digest:
 
     tokenizer      sha256 of tokenizer.json                          (flexolmo.base.tokenizer.tokenizer_hash)
-    source         a source's content hash                           (flexolmo.base.sources.content_hash)
+    source         a source's content hash                           (flexolmo.base.documents.content_hash)
     config         sha256 of the canonical JSON of the recipe        (`sha256_json`)
     public_model   sha256 of the public model's weights              (flexolmo.model.layout.shared_weights_hash)
     expert:<name>  sha256 of an expert package's expert.safetensors
