@@ -91,6 +91,35 @@ def test_forward_runs_in_bfloat16_under_the_trainer():
     assert all(p.dtype == torch.float32 for p in params)
 
 
+def test_training_runs_the_experts_with_the_devices_implementation_and_puts_it_back():
+    from flexolmo.model.moe import build_model, experts_implementation
+    from flexolmo.model.trainer import TRAINING_EXPERTS, Callback
+
+    cfg = get_profile("tiny")
+    model = build_model(cfg.model.hf_config(vocab_size=64, eos_id=0, pad_id=1, num_experts=2), seed=0)
+    before = model.config._experts_implementation
+    assert before != TRAINING_EXPERTS["cpu"]  # else this test shows nothing
+
+    class Seen(Callback):
+        impl: list[str] = []
+
+        def post_step(self, tr):
+            self.impl.append(tr.model.config._experts_implementation)
+
+    stream = torch.randint(2, 64, (500,))
+    fit = Trainer(model, list(model.parameters()), TrainConfig(steps=2, batch_size=2, seq_len=16, warmup_steps=1),
+                  stream, callbacks=[Seen()]).fit()
+    assert Seen.impl == [TRAINING_EXPERTS["cpu"]] * 2 and math.isfinite(fit.final_loss)
+    assert model.config._experts_implementation == before
+    # both implementations compute the same model: outputs agree to float rounding
+    x = torch.randint(2, 64, (2, 16))
+    with torch.no_grad():
+        want = model(input_ids=x).logits
+        with experts_implementation(model, "eager"):
+            got = model(input_ids=x).logits
+    assert torch.allclose(got, want, atol=1e-5) and model.config._experts_implementation == before
+
+
 def test_dp_sgd_under_bfloat16(fed):
     from flexolmo.model.privacy import DPConfig
 

@@ -345,6 +345,34 @@ def test_router_margin_in_one_unit_and_bias_at_its_target(fed):
         scale_margin(model, pub, std=0.0)
 
 
+def test_reading_routers_up_to_a_layer_stops_there_with_a_full_pass_values(fed):
+    from flexolmo.model.bias import logit_margins, per_layer
+    from flexolmo.model.merge import load_expert_model
+
+    model = load_expert_model(fed["ws"], "news")
+    pub = _public_windows(fed)
+    L = len(routers(model))
+    full = logit_margins(model, pub)
+    assert full.shape[0] == L
+    ran = []  # layers whose MoE block ran: a pass read up to layer l runs no further
+    hooks = [layer.mlp.register_forward_hook(lambda *_a, k=k: ran.append(k))
+             for k, layer in enumerate(model.module.model.layers)]
+    try:
+        for upto in range(L):
+            ran.clear()
+            part = logit_margins(model, pub, upto=upto)
+            assert part.shape[0] == upto + 1 and torch.equal(part, full[: upto + 1])
+            assert max(ran) == upto - 1 if upto else not ran  # the MoE block after the last router read never runs
+    finally:
+        for h in hooks:
+            h.remove()
+    with torch.no_grad():  # the model is whole afterwards: no hook left behind
+        assert torch.equal(model(input_ids=pub[:2]).logits, model(input_ids=pub[:2]).logits)
+        assert not any(r._forward_hooks for r in routers(model))
+    with pytest.raises(InputError, match="upto=9"):
+        per_layer(model, pub, lambda h, out: out[0], 8, upto=9)
+
+
 def test_classifier_rows_separate_own_from_public_text_per_layer(fed):
     from flexolmo.model.bias import router_inputs, sample_windows
     from flexolmo.model.config import override

@@ -77,21 +77,42 @@ def sample_windows(stream: torch.Tensor, seq_len: int, n: int, seed: int) -> tor
     return torch.stack([stream[s: s + seq_len] for s in starts])
 
 
+class _Read(Exception):
+    """Raised by `per_layer`'s hook at the last router it reads: the rest of the pass is not needed."""
+
+
 @torch.no_grad()
-def per_layer(model, windows: torch.Tensor, take, batch_size: int) -> list[torch.Tensor]:
+def per_layer(model, windows: torch.Tensor, take, batch_size: int, upto: int | None = None) -> list[torch.Tensor]:
     """`take(router input, router output)` at every layer's router over `windows` (eval mode,
     batches of `batch_size`, on the model's device), concatenated per layer as float. E.g. the
-    router's input and logits together: `take = lambda h, out: torch.cat([h.flatten(0, -2), out[0]], 1)`."""
+    router's input and logits together: `take = lambda h, out: torch.cat([h.flatten(0, -2), out[0]], 1)`.
+
+    :param upto: read layers 0..upto only (None: all). Each pass stops at that layer's router:
+        the layers after it and the LM head are not run (nothing they compute is read, so the
+        values are those of a full pass)
+    """
     module = as_module(model)
     device = model_device(module)
     was = module.training
     module.eval()
-    taken: list[list[torch.Tensor]] = [[] for _ in routers(module)]
-    hooks = [r.register_forward_hook(lambda _m, inp, out, k=k: taken[k].append(take(inp[0], out)))
-             for k, r in enumerate(routers(module))]
+    rs = routers(module)
+    last = len(rs) - 1 if upto is None else upto
+    if not 0 <= last < len(rs):
+        raise InputError(f"upto={upto}: the model has layers 0..{len(rs) - 1}")
+    taken: list[list[torch.Tensor]] = [[] for _ in rs[: last + 1]]
+
+    def hook(_m, inp, out, k):
+        taken[k].append(take(inp[0], out))
+        if k == last:
+            raise _Read
+
+    hooks = [r.register_forward_hook(lambda m, inp, out, k=k: hook(m, inp, out, k)) for k, r in enumerate(rs[: last + 1])]
     try:
         for b in range(0, len(windows), batch_size):
-            module(input_ids=windows[b: b + batch_size].to(device), use_cache=False)
+            try:
+                module(input_ids=windows[b: b + batch_size].to(device), use_cache=False)
+            except _Read:
+                pass
     finally:
         for h in hooks:
             h.remove()
@@ -99,9 +120,11 @@ def per_layer(model, windows: torch.Tensor, take, batch_size: int) -> list[torch
     return [torch.cat(m).float() for m in taken]
 
 
-def logit_margins(model, windows: torch.Tensor, expert: int = 1, batch_size: int = 8) -> torch.Tensor:
-    """(L, N) router logit of `expert` minus that of expert 0, bias included, at every token."""
-    return torch.stack(per_layer(model, windows, lambda _h, out: out[0][:, expert] - out[0][:, 0], batch_size))
+def logit_margins(model, windows: torch.Tensor, expert: int = 1, batch_size: int = 8,
+                  upto: int | None = None) -> torch.Tensor:
+    """(L, N) router logit of `expert` minus that of expert 0, bias included, at every token
+    (layers 0..upto only when `upto` is given: (upto + 1, N))."""
+    return torch.stack(per_layer(model, windows, lambda _h, out: out[0][:, expert] - out[0][:, 0], batch_size, upto))
 
 
 def router_inputs(model, windows: torch.Tensor, batch_size: int = 8) -> list[torch.Tensor]:
@@ -177,8 +200,9 @@ def set_quantile(model, public_windows: torch.Tensor, target: float, expert: int
     passes = [[l] for l in range(len(rs))] if sequential else [range(len(rs))]  # the layers each pass sets
     use_own = own_windows is not None and floor is not None
     for layers in passes:
-        margins = logit_margins(model, public_windows, expert)  # (L, N), biases included
-        own = logit_margins(model, own_windows, expert) if use_own else None
+        upto = max(layers)  # a pass reads the layers it sets, and runs no further
+        margins = logit_margins(model, public_windows, expert, upto=upto)  # (upto + 1, N), biases included
+        own = logit_margins(model, own_windows, expert, upto=upto) if use_own else None
         for l in layers:
             b = float(rs[l].bias.detach()[expert])
             d = layer_shift(margins[l], own[l] if use_own else None, target, floor)

@@ -197,6 +197,23 @@ def experts_off(model, indices: Iterable[int]) -> Iterator[None]:
         set_active(model, before)
 
 
+@contextlib.contextmanager
+def experts_implementation(model, name: str | None) -> Iterator[None]:
+    """Within: transformers runs the fused experts with its `name` implementation ("eager",
+    "grouped_mm", ...; None or a model without fused experts: unchanged). The same weights and
+    routing; only how the expert matmuls are grouped, so results agree to float rounding."""
+    module = as_module(model)
+    if name is None or not isinstance(module, FlexOlmoForCausalLM) or not hasattr(module, "set_experts_implementation"):
+        yield
+        return
+    before = module.config._experts_implementation
+    module.set_experts_implementation(name)
+    try:
+        yield
+    finally:
+        module.set_experts_implementation(before)
+
+
 # ---------------------------------------------------------------------------------------
 # save and load
 

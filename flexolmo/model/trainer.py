@@ -18,7 +18,8 @@ differs between recipes lives in the callbacks and the loss function:
 
 Where: `cfg.device` (the model is moved there, batches go there; under torchrun each rank's own
 GPU) in `cfg.dtype`: bfloat16 runs the forward pass under autocast while the weights and
-AdamW's state stay float32 (the master copy), and the loss is taken in float32.
+AdamW's state stay float32 (the master copy), and the loss is taken in float32. The fused
+experts run with transformers' implementation in `TRAINING_EXPERTS` for the device (CPU: eager).
 """
 
 from __future__ import annotations
@@ -34,8 +35,16 @@ from flexolmo.model import distributed
 from flexolmo.model.config import TrainConfig
 from flexolmo.model.device import autocast, resolve_dtype
 from flexolmo.model.losses import lm_loss
-from flexolmo.model.moe import as_module
+from flexolmo.model.moe import as_module, experts_implementation
 from flexolmo.model.stream import Mixture, get_batch
+
+
+# transformers' experts implementation while training, per device type (else its default,
+# grouped_mm). On the CPU, "eager" runs the owner model's forward and backward 1.27x faster
+# (16 x 256 tokens, 2 experts, 1.82 s vs 2.35 s a step, 2026-12-05): grouped_mm's CPU path
+# sorts and gathers every token when each goes to both experts. The public model (1 expert)
+# and inference are the same either way.
+TRAINING_EXPERTS = {"cpu": "eager"}
 
 
 def get_lr(cfg: TrainConfig, step: int) -> float:
@@ -137,26 +146,27 @@ class Trainer:
         self.net = distributed.wrap(d, self.model)
         per_step = cfg.tokens_per_step(d.world_size)
         start, seconds0, t0 = self.step, self.seconds, time.time()
-        while self.step < cfg.steps and self.stop_reason is None:
-            step = self.step
-            # learning rate
-            for g in self.opt.param_groups:
-                g["lr"] = get_lr(cfg, step) * g.get("lr_scale", 1.0)
-            # forward, backward, update
-            x, y = get_batch(self.stream, cfg, step, d.rank)
-            loss = self._backward(x.to(self.device), y.to(self.device))
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-            self.step, self.tokens = step + 1, self.tokens + per_step
-            # logging
-            self.last_loss = loss.item()
-            if step % cfg.log_every == 0 or step == cfg.steps - 1:
-                self.losses.append((step, round(distributed.mean(d, self.last_loss), 4)))
-            self.seconds = seconds0 + time.time() - t0
-            self.tokens_per_s = (self.step - start) * per_step / max(1e-9, time.time() - t0)
-            # frozen rows, progress, early stop, checkpoint (in this order)
-            for cb in self.callbacks:
-                cb.post_step(self)
+        with experts_implementation(self.model, TRAINING_EXPERTS.get(self.device.type)):
+            while self.step < cfg.steps and self.stop_reason is None:
+                step = self.step
+                # learning rate
+                for g in self.opt.param_groups:
+                    g["lr"] = get_lr(cfg, step) * g.get("lr_scale", 1.0)
+                # forward, backward, update
+                x, y = get_batch(self.stream, cfg, step, d.rank)
+                loss = self._backward(x.to(self.device), y.to(self.device))
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+                self.step, self.tokens = step + 1, self.tokens + per_step
+                # logging
+                self.last_loss = loss.item()
+                if step % cfg.log_every == 0 or step == cfg.steps - 1:
+                    self.losses.append((step, round(distributed.mean(d, self.last_loss), 4)))
+                self.seconds = seconds0 + time.time() - t0
+                self.tokens_per_s = (self.step - start) * per_step / max(1e-9, time.time() - t0)
+                # frozen rows, progress, early stop, checkpoint (in this order)
+                for cb in self.callbacks:
+                    cb.post_step(self)
         for cb in self.callbacks:
             cb.post_train(self)
         return FitResult(
