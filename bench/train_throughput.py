@@ -3,8 +3,10 @@
     .venv/bin/python bench/train_throughput.py [--steps 6] [--quick]
 
 The peak is measured here first (fp32 matmul, 1024^3, all threads), and every variant is a
-ratio against it and against the baseline (the profile's settings: batch 16 x 256 tokens,
-2 threads, eager, AdamW foreach). Variants: threads, batch/sequence shape, fused AdamW,
+ratio against it and against the baseline (the Trainer's settings: batch 16 x 256 tokens,
+2 threads, eager mode, AdamW foreach, transformers' experts implementation the Trainer picks on the
+CPU: flexolmo/model/trainer.py TRAINING_EXPERTS). Variants: threads, experts by transformers' default
+(grouped_mm), batch/sequence shape, fused AdamW,
 bfloat16 autocast (the Trainer's `--dtype bfloat16`: float32 weights), torch.compile. Model FLOPs per token: 6 x (non-embedding parameters + lm_head) + 12 x
 layers x hidden x sequence (attention), the usual estimate; for the owner's 2-expert model
 the backward pass still runs through both experts (activations), weights of one only.
@@ -26,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flexolmo.model.config import get_profile  # noqa: E402
 from flexolmo.model.device import autocast, resolve_dtype  # noqa: E402
 from flexolmo.base.hflog import quiet_transformers  # noqa: E402
-from flexolmo.model.moe import build_model  # noqa: E402
+from flexolmo.model.moe import build_model, experts_implementation  # noqa: E402
+from flexolmo.model.trainer import TRAINING_EXPERTS  # noqa: E402
 
 VOCAB = 8192
 
@@ -49,7 +52,7 @@ def model_flops_per_token(model, seq_len: int) -> float:
 
 
 def run(experts: int, batch: int, seq: int, threads: int, fused: bool, compiled: bool, steps: int,
-        dtype: str = "float32") -> tuple[float, float]:
+        dtype: str = "float32", impl: str | None = TRAINING_EXPERTS.get("cpu")) -> tuple[float, float]:
     torch.set_num_threads(threads)
     p = get_profile("demo")
     hf = p.model.hf_config(vocab_size=VOCAB, eos_id=0, pad_id=1, num_experts=experts, top_k=2)
@@ -64,7 +67,7 @@ def run(experts: int, batch: int, seq: int, threads: int, fused: bool, compiled:
     x = torch.randint(0, VOCAB, (batch, seq + 1))
 
     def step():
-        with autocast(torch.device("cpu"), resolve_dtype(dtype)):
+        with autocast(torch.device("cpu"), resolve_dtype(dtype)), experts_implementation(model, impl):
             logits = net(input_ids=x[:, :-1], use_cache=False).logits.float()
         F.cross_entropy(logits.reshape(-1, VOCAB), x[:, 1:].reshape(-1)).backward()
         opt.step()
@@ -82,13 +85,14 @@ def run(experts: int, batch: int, seq: int, threads: int, fused: bool, compiled:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--quick", action="store_true", help="baseline, threads and fused only")
+    ap.add_argument("--quick", action="store_true", help="baseline, threads, experts implementation, fused AdamW and bfloat16 only")
     a = ap.parse_args()
     quiet_transformers()
     peak = peak_gflops()
     print(f"matmul peak here: {peak:.0f} GFLOP/s ({torch.get_num_threads()} threads)")
     variants = [("baseline 16x256, 2 threads", dict(batch=16, seq=256, threads=2, fused=False, compiled=False)),
                 ("1 thread", dict(batch=16, seq=256, threads=1, fused=False, compiled=False)),
+                ("grouped_mm experts", dict(batch=16, seq=256, threads=2, fused=False, compiled=False, impl="grouped_mm")),
                 ("fused AdamW", dict(batch=16, seq=256, threads=2, fused=True, compiled=False)),
                 ("bfloat16 autocast", dict(batch=16, seq=256, threads=2, fused=False, compiled=False, dtype="bfloat16"))]
     if not a.quick:

