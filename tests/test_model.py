@@ -354,6 +354,8 @@ def test_reading_routers_up_to_a_layer_stops_there_with_a_full_pass_values(fed):
     L = len(routers(model))
     full = logit_margins(model, pub)
     assert full.shape[0] == L
+    with torch.no_grad():
+        logits = model(input_ids=pub[:2]).logits
     ran = []  # layers whose MoE block ran: a pass read up to layer l runs no further
     hooks = [layer.mlp.register_forward_hook(lambda *_a, k=k: ran.append(k))
              for k, layer in enumerate(model.module.model.layers)]
@@ -366,9 +368,9 @@ def test_reading_routers_up_to_a_layer_stops_there_with_a_full_pass_values(fed):
     finally:
         for h in hooks:
             h.remove()
-    with torch.no_grad():  # the model is whole afterwards: no hook left behind
-        assert torch.equal(model(input_ids=pub[:2]).logits, model(input_ids=pub[:2]).logits)
-        assert not any(r._forward_hooks for r in routers(model))
+    with torch.no_grad():  # the model is whole afterwards: no hook left behind, the same output as before
+        assert torch.equal(model(input_ids=pub[:2]).logits, logits)
+    assert not any(r._forward_hooks for r in routers(model))
     with pytest.raises(InputError, match="upto=9"):
         per_layer(model, pub, lambda h, out: out[0], 8, upto=9)
 

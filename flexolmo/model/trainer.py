@@ -42,8 +42,9 @@ from flexolmo.model.stream import Mixture, get_batch
 # transformers' experts implementation while training, per device type (else its default,
 # grouped_mm). On the CPU "eager" ran the owner model's steps (16 x 256 tokens, 2 experts) at
 # 0.93x-1.27x grouped_mm's speed over six runs on 2026-12-05, median about 1.05x, and a demo
-# expert's whole fit at 1.10x (95.4 s -> 86.9 s); a small gain inside the cores' noise. The
-# public model (1 expert) and inference are the same either way.
+# expert's whole fit at 1.10x (95.4 s -> 86.9 s); a small gain inside the cores' noise. For
+# the public model (1 expert) it is a wash or a small loss: 1.02x in an interleaved run, 0.84x
+# and 0.95x in two runs of bench/train_throughput.py (the demo installs a shipped public model).
 TRAINING_EXPERTS = {"cpu": "eager"}
 
 
