@@ -97,7 +97,7 @@ def create_app(workspace: str | os.PathLike | Workspace | None = None,
 
 def _finish_pending(ws: Workspace) -> None:
     """Owner changes a crash left half-applied are finished before the first request."""
-    from tracing import store
+    from tracing.provenance import store
 
     if (ws.traces_path.parent / "manifest.json").exists() or ws.traces_path.exists():
         try:

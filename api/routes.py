@@ -35,18 +35,18 @@ from fastapi import APIRouter, HTTPException, Path, Request, Response
 from fastapi import Query as Query_
 
 from flexolmo.base import sources as src_lib
-from index.models import Takedown
+from index.results import Takedown
 from index import query as index_query
 from index.query import NextTokens, Query, SearchResult
 from index.takedown import list_takedowns
-from tracing import governance
-from tracing import provenance, store
-from tracing import queries
-from tracing.models import Trace
+from tracing.provenance import governance
+from tracing.provenance import listing, store
+from tracing.provenance import queries
+from tracing.results import Trace
 from flexolmo.model.generate import GenerationOptions
 from tracing.options import TraceOptions
-from tracing.provenance import TraceFilter, list_provenance
-from tracing.queries import Contribution
+from tracing.provenance.listing import TraceFilter, list_provenance
+from tracing.provenance.queries import Contribution
 from tracing.trace import Tracer
 
 from .auth import AdminKey, OwnerKey
@@ -154,9 +154,9 @@ def traces(svc: ServiceDep, source: str | None = Query_(None, max_length=40), ow
 @router.get("/traces/{trace_id}/report", response_model=None)
 def trace_report(trace_id: TraceId, svc: ServiceDep, format: Literal["json", "csv"] = "json") -> Any:
     """One response's provenance: spans, sources, top expert (and its signal), documents with repeats grouped."""
-    rep = svc.read(provenance.report, svc.ws, trace_id)
+    rep = svc.read(listing.report, svc.ws, trace_id)
     if format == "csv":
-        return Response(provenance.report_csv(rep), media_type="text/csv; charset=utf-8",
+        return Response(listing.report_csv(rep), media_type="text/csv; charset=utf-8",
                         headers={"Content-Disposition": f'attachment; filename="trace-{trace_id}.csv"'})
     return rep
 
@@ -235,7 +235,7 @@ def contribution_png(name: SourceName, svc: ServiceDep, _: OwnerKey) -> Response
     import tempfile
     from pathlib import Path as P
 
-    from tracing.plots import contribution_png as draw
+    from tracing.provenance.plots import contribution_png as draw
 
     src_lib.get_source(svc.ws, name)
     c = svc.read(queries.contribution, svc.ws, name, timeout_s=svc.settings.query_budget_s)

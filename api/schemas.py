@@ -1,7 +1,7 @@
 """Request and response bodies of the API.
 
 Trace shapes are not repeated here: the routes answer with the dataclasses of
-`tracing/models.py` (FastAPI validates and documents dataclasses as it does pydantic
+`tracing/results.py` (FastAPI validates and documents dataclasses as it does pydantic
 models). This file holds what only the API needs: request bodies and a few envelopes.
 """
 

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flexolmo.base import sources# noqa: E402
 from flexolmo.base.workspace import Workspace  # noqa: E402
 from index.keys import KeyStore  # noqa: E402
-from tracing import queries
+from tracing.provenance import queries
 
 HOST = "127.0.0.1"  # the only address this bench ever binds or calls
 
@@ -52,7 +52,7 @@ READER = """
 import json, sys, time
 from pathlib import Path
 from flexolmo.base.workspace import Workspace
-from tracing import store
+from tracing.provenance import store
 ws, stop, out = Workspace(Path(sys.argv[1])), Path(sys.argv[2]), Path(sys.argv[3])
 ok = errors = 0
 while not stop.exists():

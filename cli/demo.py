@@ -132,7 +132,8 @@ def _catalog(rows: list[dict]) -> Table:
 def tell_story(w: Workspace) -> None:
     from flexolmo.base import sources as src_lib
     from flexolmo.model.moe import num_parameters
-    from tracing import governance, story
+    from tracing import story
+    from tracing.provenance import governance
     from tracing.trace import Tracer
 
     tracer = Tracer.open(w)

@@ -98,7 +98,7 @@ def takedown(
     by: Annotated[Optional[str], typer.Option(help="Who asks (default: the OS user).")] = None,
 ) -> None:
     """Take a document down: traces will show its windows as blocked."""
-    from tracing.governance import takedown as take_down
+    from tracing.provenance.governance import takedown as take_down
 
     t = take_down(ws(), source, doc_id, reason, by=by)
     console.print(f"took down {t.source}/{t.doc_id} ({t.reason}) at {t.created_at} by {t.requested_by}")

@@ -87,7 +87,7 @@ def set_(
     by: Annotated[Optional[str], typer.Option(help="Who makes the change (default: the OS user).")] = None,
 ) -> None:
     """Change a source's policy; the change is logged with who and when."""
-    from tracing.governance import set_policy
+    from tracing.provenance.governance import set_policy
 
     if max_verbatim is not None:
         lib.check_max_verbatim(max_verbatim)  # 0 is not a limit here: --no-max-verbatim lifts it

@@ -12,8 +12,8 @@ from rich.table import Table
 from rich.text import Text
 
 from flexolmo.base.errors import InputError
-from tracing import queries
-from tracing.models import Span, Trace
+from tracing.provenance import queries
+from tracing.results import Span, Trace
 from tracing.options import TraceOptions
 from tracing.trace import Tracer
 
@@ -172,7 +172,7 @@ def contribution(
     get_source(ws(), source)
     c = queries.contribution(ws(), source)
     if plot is not None:
-        from tracing.plots import contribution_png
+        from tracing.provenance.plots import contribution_png
 
         if plot.suffix.lower() != ".png":
             raise InputError(f"--plot writes a PNG: give a path ending in .png, not {plot.name!r}")
@@ -217,7 +217,7 @@ def export(
 def repair(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """Finish owner changes a crash left half-applied (takedowns, `counts` sources) in stored
     traces, import a store of the DuckDB-file era, and remove what crashed writers left."""
-    from tracing.governance import repair as run
+    from tracing.provenance.governance import repair as run
 
     r = run(ws())
     if as_json:
@@ -241,7 +241,7 @@ def list_traces(
     as_json: Annotated[bool, typer.Option("--json", help="Print rows as JSON objects.")] = False,
 ) -> None:
     """Stored traces, spans or documents filtered by source, owner, licence, relevance and date."""
-    from tracing.provenance import TraceFilter, list_provenance
+    from tracing.provenance.listing import TraceFilter, list_provenance
 
     f = TraceFilter(source=source, owner=owner, licence=licence, bucket=bucket, since=since and since.date(),
                     until=until and until.date(), level=level, limit=limit)
@@ -264,7 +264,7 @@ def report(
     out: Annotated[Optional[Path], typer.Option(help="Write to this file (default: stdout).")] = None,
 ) -> None:
     """One response's provenance: its spans, their sources, top expert and documents (repeats grouped)."""
-    from tracing.provenance import report as build, report_csv
+    from tracing.provenance.listing import report as build, report_csv
 
     if fmt not in ("json", "csv"):
         raise InputError(f"--format is json or csv, not {fmt!r}")

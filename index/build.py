@@ -39,7 +39,7 @@ from flexolmo.base.workspace import Workspace, atomic_dir
 from . import catalog, format as fmt, width as widths
 from .format import diff_dir, index_dir  # noqa: F401 -- callers of the builder find the paths here too
 from .manifest import IndexManifest, inputs_for
-from .models import BuildResult, IndexRecord
+from .results import BuildResult, IndexRecord
 from .suffix_array import build_suffix_array, max_shard_bytes, shards_for
 from .takedown import rebuild_diff
 from .verify import verify_folder

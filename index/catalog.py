@@ -24,7 +24,7 @@ from flexolmo.base.workspace import Workspace
 
 from . import format as fmt
 from .manifest import IndexManifest
-from .models import IndexRecord, Takedown
+from .results import IndexRecord, Takedown
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS indexes (

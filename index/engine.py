@@ -32,7 +32,7 @@ from flexolmo.base.errors import ConflictError, FlexolmoError, InputError, Integ
 from flexolmo.base.workspace import Workspace
 
 from . import format as fmt, search
-from .models import AttributedSpan, DocRef, SpanDocument, SpanMatch
+from .results import AttributedSpan, DocRef, SpanDocument, SpanMatch
 from .remote import RemoteSettings, RemoteSource, RemoteUnavailable, open_remotes
 from .source import MAX_ID, SourceIndex, check_ids
 

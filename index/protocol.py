@@ -97,7 +97,7 @@ class DocumentsRequest(_Wire):
 
 
 class WireDocument(_Wire):
-    """`index.models.SpanDocument` as it crosses the wire (the same fields)."""
+    """`index.results.SpanDocument` as it crosses the wire (the same fields)."""
 
     source: str
     doc_id: str

@@ -42,7 +42,7 @@ from flexolmo.base.workspace import Workspace
 from . import catalog, width as widths
 from . import protocol as P
 from .keys import read_key_file, write_secret
-from .models import SourceMatches, SpanDocument
+from .results import SourceMatches, SpanDocument
 from .source import check_ids
 
 MAX_ANSWER_BYTES = 64_000_000  # an answer larger than this is garbage

@@ -37,7 +37,7 @@ from numba.typed import List as TypedList
 
 from flexolmo.base.errors import IntegrityError
 
-from .models import SourceMatches, SpanMatch
+from .results import SourceMatches, SpanMatch
 from .width import U16, Width
 
 NO_CAP = np.iinfo(np.int64).max  # max_cnt of a per-source search: the cap applies to merged counts

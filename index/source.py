@@ -34,7 +34,7 @@ from flexolmo.base.workspace import Workspace, file_sha256
 
 from . import catalog, format as fmt, search
 from .manifest import IndexManifest
-from .models import AttributedSpan, DocRef, SourceMatches, SpanDoc, SpanDocument
+from .results import AttributedSpan, DocRef, SourceMatches, SpanDoc, SpanDocument
 from .verify import quick_check
 
 MAX_ID = 0xFFFE  # u16 ids; 0xFFFF is the document separator (a u32 index: its vocabulary's last id)

@@ -27,7 +27,7 @@ from flexolmo.base.workspace import Workspace, current_user, replace_dir
 from . import catalog, format as fmt
 from .format import diff_dir
 from .manifest import IndexManifest
-from .models import Takedown
+from .results import Takedown
 from .suffix_array import build_suffix_array
 from .verify import verify_folder
 

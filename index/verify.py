@@ -25,7 +25,7 @@ from flexolmo.base.workspace import Workspace
 
 from . import catalog, format as fmt
 from .manifest import IndexManifest, ShardStat
-from .models import VerifyResult
+from .results import VerifyResult
 from .width import Width
 
 OPEN_RANKS = 64  # adjacent suffix-array pairs checked per shard at every open

@@ -92,7 +92,7 @@ def test_cli_and_bad_input(fed):
 
 
 def test_contribution_report_shows_the_latest_audit(fed):
-    from tracing import queries
+    from tracing.provenance import queries
     from tracing.trace import Tracer
 
     ws = fed["ws"]

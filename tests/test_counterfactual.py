@@ -14,7 +14,7 @@ from flexolmo.model.generate import RoutingCapture, token_logprobs
 from flexolmo.model.moe import LoadedModel, build_model, routers, set_active
 from tracing.counterfactual import base_window, expert_off_rows
 from tracing.experts import link_experts
-from tracing.models import Span
+from tracing.results import Span
 
 VOCAB = 300
 LOUD = 3e6  # the tiny model's MoE outputs have mean square ~1e-13; times LOUD ~ 1, as a trained model's

@@ -37,7 +37,7 @@ from index.cluster import issue_keys, restart_node, start_nodes, stop_nodes
 from index.engine import Federation
 from index.keys import KeyStore, write_secret
 from index.remote import RemoteSettings, add_remote
-from tracing import governance
+from tracing.provenance import governance
 
 SOURCES = {"public": ("Wiki", "full"), "alpha": ("Lab A", "full"), "beta": ("Lab B", "counts"),
            "gamma": ("Lab C", "snippets")}

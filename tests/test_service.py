@@ -32,8 +32,8 @@ from api.deps import Settings
 from api.worker import Busy, TraceWorker
 from flexolmo.base import sources
 from index.keys import KeyStore
-from tracing import parts, store
-from tracing import queries
+from tracing.provenance import parts, store
+from tracing.provenance import queries
 
 NAMES = ("public", "news", "code")
 LOOPBACK = "127.0.0.1"

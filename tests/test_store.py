@@ -24,8 +24,8 @@ from flexolmo.base import sources
 from flexolmo.base.errors import ConflictError, InputError
 from index import takedown as td
 from index.build import build_source
-from tracing import governance, parts, store
-from tracing import queries
+from tracing.provenance import governance, parts, store
+from tracing.provenance import queries
 from tracing.trace import Tracer
 
 NAMES = ("public", "news", "code")
@@ -36,7 +36,7 @@ READER = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
     from flexolmo.base.workspace import Workspace
-    from tracing import store
+    from tracing.provenance import store
     ws, stop, out = Workspace(Path(sys.argv[1])), Path(sys.argv[2]), Path(sys.argv[3])
     ok = errors = 0
     last = None

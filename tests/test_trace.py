@@ -15,8 +15,9 @@ from flexolmo.model.merge import merge
 from flexolmo.model.train import train_expert, train_public
 from index.build import build_source, index_dir
 from flexolmo.base.errors import InputError
-from tracing import governance, story
-from tracing import queries
+from tracing import story
+from tracing.provenance import governance
+from tracing.provenance import queries
 from tracing.experts import link_experts
 from tracing.options import TraceOptions
 from flexolmo.model.generate import GenerationOptions

@@ -32,7 +32,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .models import ExpertLink, Span
+from .results import ExpertLink, Span
 
 Method = Literal["batched", "per_expert"]
 MAX_ROWS = 8  # experts switched off per batched call (bounds the batch's memory)

@@ -24,7 +24,7 @@ from flexolmo.base import sources as src_lib
 from flexolmo.base.errors import InputError
 from flexolmo.model.generate import GenerationOptions
 
-from .models import Span, Trace
+from .results import Span, Trace
 from .trace import Tracer
 
 LONG = 8  # tokens: a span this long is the story's evidence (shorter ones occur by chance)

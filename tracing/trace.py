@@ -43,13 +43,13 @@ from flexolmo.model.generate import GenerationOptions
 from flexolmo.model.loading import ModelSpec, open_model
 from flexolmo.model.moe import LoadedModel
 from index.engine import Federation
-from index.models import SpanDocument, SpanMatch
+from index.results import SpanDocument, SpanMatch
 from index.snippets import marked
 
 from . import relevance
 from .alignment import Alignment
 from .experts import link_experts
-from .models import DocHit, Span, SpanGroup, Trace
+from .results import DocHit, Span, SpanGroup, Trace
 from .options import TraceOptions
 
 
@@ -202,7 +202,7 @@ class Tracer:
 
     def _stored(self, trace: Trace, store: bool) -> Trace:
         if store:
-            from .store import save_trace
+            from .provenance.store import save_trace
 
             save_trace(self.ws, trace)
         return trace

@@ -9,7 +9,7 @@
       models/merged/                merged FlexOlmo checkpoint
       experts/<name>/               expert packages (weights + card), one per source
       indexes/<name>/               infini-gram index of a source's train split
-      traces/manifest.json, parts/  stored traces: append-only Parquet parts (tracing/parts.py)
+      traces/manifest.json, parts/  stored traces: append-only Parquet parts (tracing/provenance/parts.py)
       cache/                        downloaded packages for the sample federation
 
 Every writer builds into a temporary sibling and renames it into place (`atomic_dir`),

@@ -20,7 +20,7 @@ from flexolmo.base.errors import ConflictError
 from flexolmo.base.workspace import Workspace
 from index import catalog as index_catalog
 from index import takedown as td
-from index.models import Takedown
+from index.results import Takedown
 
 from . import store
 

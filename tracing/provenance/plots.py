@@ -2,7 +2,7 @@
 
     flexolmo report contribution --source news --plot news.png
 
-Three panels from `store.contribution` (tracing/queries.py): spans matched in the source per
+Three panels from `store.contribution` (tracing/provenance/queries.py): spans matched in the source per
 day; the mean routing share of the source's expert on spans of each domain; the mean drop in
 a span's log-probability when that expert is switched off, per domain. The page draws the
 same series itself (api/static/app.js).

@@ -13,7 +13,7 @@ Tables (one row per ...):
     span_documents  retrieved document: source, doc_id, blocked, snippet, BM25 relevance
     span_experts    (span, expert): routing share and counterfactual log-prob drop
 
-On disk the tables are append-only Parquet parts under `traces/` (tracing/parts.py): a
+On disk the tables are append-only Parquet parts under `traces/` (tracing/provenance/parts.py): a
 reader never locks anything, so no notebook, query or export can make a trace fail, and
 it holds the files it reads open, so no trace, takedown or compaction can make a read fail.
 
@@ -45,7 +45,7 @@ from flexolmo.base.errors import ConflictError, NotFoundError
 from flexolmo.base.workspace import Workspace
 
 from . import parts
-from .models import Trace
+from ..results import Trace
 
 SCHEMA = """
 CREATE TABLE traces (
@@ -372,5 +372,5 @@ def _pending(ws: Workspace, m: parts.Manifest) -> bool:
     return bool({tuple(k) for k in demands(ws)} - {tuple(k) for k in m.applied})
 
 
-# The read side (SQL, contribution, export) lives in tracing/queries.py, over `reader`.
+# The read side (SQL, contribution, export) lives in tracing/provenance/queries.py, over `reader`.
 __all__ = ["SCHEMA", "TABLES", "demands", "reader", "redact_documents", "redact_trace", "repair", "save_trace", "sync"]
