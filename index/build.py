@@ -36,7 +36,7 @@ from flexolmo.base.errors import ConflictError, FlexolmoError, InputError, Integ
 from flexolmo.base.tokens import source_tokens
 from flexolmo.base.workspace import Workspace, atomic_dir
 
-from . import catalog, format as fmt, width as widths
+from . import catalog, doc_freq, format as fmt, width as widths
 from .format import diff_dir, index_dir  # noqa: F401 -- callers of the builder find the paths here too
 from .manifest import IndexManifest, inputs_for
 from .results import BuildResult, IndexRecord
@@ -171,6 +171,7 @@ def _build_locked(ws: Workspace, source: src_lib.Source, force: bool, progress: 
             shutil.rmtree(tmp / f".work-{k}", ignore_errors=True)
             progress(name, step, st["ds_tokens"], st["ds_tokens"], "tokens")
         shutil.copyfile(ws.tokenizer_dir / fmt.BOW_FILE, tmp / fmt.BOW_FILE)
+        doc_freq.write_for_build(tmp, tok_info.path, width, shards)  # relevance's statistics, checksummed below
 
         progress(name, "checksums", 0, None, "files")
         manifest = IndexManifest(

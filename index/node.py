@@ -29,10 +29,10 @@ from fastapi.responses import JSONResponse
 
 from flexolmo.base import sources as src_lib
 from flexolmo.base import tokenizer as tok_lib
-from flexolmo.base.errors import ConflictError, FlexolmoError
+from flexolmo.base.errors import ConflictError, FlexolmoError, NotFoundError
 from flexolmo.base.workspace import Workspace
 
-from . import catalog, format as fmt
+from . import catalog, doc_freq, format as fmt
 from . import protocol as P
 from .keys import KeyRecord, KeyStore, bearer
 from .source import SourceIndex
@@ -114,6 +114,18 @@ class Node:
                for s in req.spans]
         return {"protocol": P.PROTOCOL, "source": src.name, "build_id": ix.build_id, "visibility": vis,
                 "documents": out}
+
+    def doc_freq(self, req: P.DocFreqRequest) -> dict:
+        src, ix = self.serving()
+        table = doc_freq.open_table(ix.folder)
+        if table is None:
+            raise NotFoundError(f"the index of {src.name!r} has no document-frequency table; its owner rebuilds it "
+                                f"with `flexolmo index build --source {src.name} --force`")
+        words = [w[: P.MAX_WORD_CHARS] for w in req.words]
+        st = table.stats
+        return P.DocFreqAnswer(source=src.name, build_id=ix.build_id, n_docs=table.n_docs, n_words=st["n_words"],
+                               n_tokens=st["n_tokens"], doc_words_quantiles=st["doc_words_quantiles"],
+                               df=table.df(words).tolist()).model_dump()
 
 
 # -- the HTTP face -----------------------------------------------------------------------
@@ -198,6 +210,11 @@ def create_app(node: Node) -> FastAPI:
     def documents(req: P.DocumentsRequest, _: Caller, node: NodeDep):
         """Sampled documents of each span, cut to the owner's policy; takedowns blocked, no text."""
         return JSONResponse(node.documents(req))
+
+    @app.post("/v1/doc_freq", response_model=P.DocFreqAnswer)
+    def doc_freq_(req: P.DocFreqRequest, _: Caller, node: NodeDep):
+        """Documents holding each word, and the source's document count and lengths (relevance's statistics)."""
+        return JSONResponse(node.doc_freq(req))
 
     app.add_middleware(_BodyLimit, max_bytes=P.MAX_BODY_BYTES)
     return app

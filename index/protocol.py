@@ -119,3 +119,28 @@ class DocumentsAnswer(_Wire):
     build_id: str
     visibility: Literal["full", "snippets", "counts"]
     documents: list[list[WireDocument]]  # one list per requested span, in request order
+
+
+# -- document frequencies (relevance's collection statistics: index/doc_freq.py) ------------
+# POST /v1/doc_freq -> DocFreqAnswer. A node whose index has no table answers 404; the
+# tracer then rates that source's windows by the windows' own IDF and says so.
+
+MAX_DF_WORDS = 16_384  # words per doc_freq request
+MAX_WORD_CHARS = 200
+
+
+class DocFreqRequest(_Wire):
+    """Words (`\\w+`, lowercased) of the response and of the windows this node returned."""
+
+    words: list[str] = Field(max_length=MAX_DF_WORDS)
+
+
+class DocFreqAnswer(_Wire):
+    protocol: str = PROTOCOL
+    source: str
+    build_id: str
+    n_docs: int
+    n_words: int
+    n_tokens: int
+    doc_words_quantiles: list[float] = Field(max_length=1_001)
+    df: list[int]  # one per requested word, in request order (0: no document holds it)

@@ -311,6 +311,18 @@ class RemoteSource:
             out.append([SpanDocument(**d.model_dump()) for d in docs])
         return out
 
+    def doc_freq(self, words: Sequence[str]):
+        """The node's document frequencies of `words` and its source's document statistics
+        (`index.doc_freq.Stats`); RemoteUnavailable when it has none or does not answer."""
+        from .doc_freq import Stats
+
+        uniq = sorted(set(words))[: P.MAX_DF_WORDS]
+        a = self.client.call("POST", "/v1/doc_freq", P.DocFreqAnswer, {"words": uniq})
+        if a.source != self.name or len(a.df) != len(uniq) or any(not 0 <= d <= a.n_docs for d in a.df):
+            raise RemoteUnavailable(f"{self.url} answered garbage (document frequencies that do not fit the request)")
+        return Stats(n_docs=a.n_docs, n_words=a.n_words, n_tokens=a.n_tokens,
+                     doc_words_quantiles=list(a.doc_words_quantiles), dfs=dict(zip(uniq, a.df)))
+
     def count(self, ids: Sequence[int]) -> int:
         raise ConflictError(f"source {self.name!r} is held by its owner's node, which answers only matches "
                             "and documents; counts come with each trace's spans")

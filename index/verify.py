@@ -23,7 +23,7 @@ from flexolmo.base import tokenizer as tok_lib
 from flexolmo.base.errors import FlexolmoError
 from flexolmo.base.workspace import Workspace
 
-from . import catalog, format as fmt
+from . import catalog, doc_freq, format as fmt
 from .manifest import IndexManifest, ShardStat
 from .results import VerifyResult
 from .width import Width
@@ -72,7 +72,7 @@ def verify_folder(folder: Path, manifest: IndexManifest, *, n_ngrams: int = 64, 
     """Every problem found in an index folder; an empty list means it is sound.
 
     Checks, in order (later checks need the earlier ones): file sizes (and checksums), the
-    structure of each shard, the suffix array's order at sampled ranks, that the upstream
+    structure of each shard and of the document-frequency table, the suffix array's order at sampled ranks, that the upstream
     engine loads it with the right document and token counts, and that sampled n-gram
     counts equal a brute-force count over the token files.
     """
@@ -102,6 +102,7 @@ def verify_folder(folder: Path, manifest: IndexManifest, *, n_ngrams: int = 64, 
             problems.append(f"shard {k}: the number of separators differs from the number of documents")
         problems += _order_problems(folder, m, st, rng, n_ranks)
         files.append(tokenized)
+    problems += doc_freq.check_folder(folder, m.n_docs, m.files)  # relevance's table, when the index has one
     if problems:
         return problems
 

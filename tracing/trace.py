@@ -9,7 +9,7 @@ OLMoTrace's production settings (docs/architecture.md, Tracing; `TraceOptions` i
 only the response is traced; maximal spans cut at delimiters, min_len 1, max_cnt 1,000,000,
 word boundaries enforced; keep the K = ceil(0.05 L) spans with the lowest unigram log-prob
 sum; up to 10 documents per span (seeded sample), 250 tokens of context a side and a
-40-token snippet; BM25 relevance over the retrieved windows (tracing/relevance.py, buckets
+40-token snippet; BM25 relevance with each source's document frequencies (tracing/relevance.py, buckets
 calibrated for this federation). Two adaptations: every token that *contains* a newline is
 a delimiter, as is '.' (the byte-level BPE merges newlines with indentation), and spans
 made only of whitespace and punctuation are not kept. Beyond OLMoTrace, each span is linked
@@ -264,7 +264,8 @@ class Tracer:
         timings["documents"] = _ms(t1)
 
         t2 = time.perf_counter()
-        relevance.rate(windows, (prompt or "") + " " + response, len(response))
+        fallback = relevance.rate(windows, prompt, response, self.fed.indexes, context_tokens=st.context_tokens,
+                                  snippet_tokens=st.snippet_tokens)
         timings["relevance"] = _ms(t2)
 
         off = sorted(self.model.off) if self.model is not None else []
@@ -289,6 +290,7 @@ class Tracer:
             sources_searched=self.fed.names, sources_skipped=dict(self.fed.skipped), experts_off=off,
             spans=spans, groups=groups, timings_ms=timings,
             settings={**st.as_dict(), "delimiter_ids": self.delims, "k": k, "relevance": relevance.FORMULA,
+                      **({"relevance_fallback": fallback} if fallback else {}),
                       "model": self.model_card()},
         )
         return trace
