@@ -30,7 +30,9 @@ Labels of the retrieved documents (each hit = one document window under one kept
   origin     the document a passage was copied from, under a span inside the copied part:
              must rate high
   common     a document whose longest span shared with the input is at most --short tokens
-             (a common short phrase), not the origin: must not rate high
+             (a common short phrase), not the origin, and holding no run of 8 of the input's
+             words however its lines are wrapped (a licence re-wrapped in another file shares
+             only line-long spans, the trace's spans stop at line breaks): must not rate high
 Other hits (a document that shares a longer run that is not the copied one, such as another
 copy of the same licence) are unlabelled. `recurring` origin hits are those whose span occurs
 in 20 or more documents' worth of positions (the passage recurs across the corpus).
@@ -99,10 +101,28 @@ def make_inputs(ws: Workspace, names: list[str], per_source: int, seed: int = 0)
     return out
 
 
+SHINGLE = 8  # words: a document sharing a run this long with the input (whitespace aside) is a copy
+
+
+def shingles(text: str) -> set[tuple[str, ...]]:
+    w = text.lower().split()
+    return {tuple(w[i: i + SHINGLE]) for i in range(max(0, len(w) - SHINGLE + 1))}
+
+
 def collect(tracer: Tracer, inputs: list[dict], short: int) -> tuple[list[dict], dict]:
     """Every retrieved hit with its label and its scores (now, and with the windows' own IDF as
     before); and span hygiene counts."""
     hits, hygiene = [], Counter()
+    texts = {(n, d["doc_id"]): d["text"] for n in tracer.fed.names
+             for d in sources.load_documents(tracer.ws, n, columns=["doc_id", "text"]).to_pylist()}
+    doc_shingles: dict[tuple, set] = {}
+
+    def copies(key: tuple, text: str) -> bool:
+        """Does the document hold a run of SHINGLE words of `text`, however the lines are wrapped?"""
+        if key not in doc_shingles:
+            doc_shingles[key] = shingles(texts.get(key, ""))
+        return not doc_shingles[key].isdisjoint(shingles(text))
+
     for i, x in enumerate(inputs):
         t = tracer.trace(x["text"], x["prompt"], store=False)
         # what OLMoTrace's rules alone (no whitespace/punctuation filter) would have kept
@@ -128,7 +148,7 @@ def collect(tracer: Tracer, inputs: list[dict], short: int) -> tuple[list[dict],
             if x["origin"] is not None and key == tuple(x["origin"]):
                 if x["region"][0] <= s.char_start and s.char_end <= x["region"][1]:
                     label = "origin"
-            elif longest[key] <= short:
+            elif longest[key] <= short and not copies(key, x["text"]):  # spans cut by line breaks: not common
                 label = "common"
             old_norm = relevance.normalise(old, old_bound)
             hits.append(dict(input=i, kind=x["kind"], label=label, source=d.source, full=d.context is not None,
@@ -156,9 +176,11 @@ def accuracy(hits: list[dict], key: str) -> dict:
     pos = [h[key] == "high" for h in hits if h["label"] == "origin"]
     neg = [h[key] != "high" for h in hits if h["label"] == "common"]
     rec = [h[key] == "high" for h in hits if h["label"] == "origin" and h["span_count"] >= RECURRING]
+    prompted = [h[key] == "high" for h in hits if h["label"] == "origin" and h["kind"] == "prompted"]
     full = [h[key] == "high" for h in hits if h["label"] == "origin" and h["full"]]
     pct = lambda xs: f"{sum(xs)}/{len(xs)} ({np.mean(xs):.1%})" if xs else "-"  # noqa: E731
     return dict(origin_high=pct(pos), common_not_high=pct(neg), origin_high_recurring=pct(rec),
+                origin_high_prompted=pct(prompted),
                 origin_high_full_context=pct(full),
                 common_low=pct([h[key] == "low" for h in hits if h["label"] == "common"]))
 
@@ -280,14 +302,16 @@ def main() -> None:
         for h in hits:
             h["refit"] = relevance.bucket(h["norm"], high, medium)
     print("\nheld-out (odd) inputs: origin rated high / common-phrase documents not high")
-    print(f"| corpus/tokenizer | scheme | origin high | common not high | origin high, passage recurring (>= {RECURRING}) |")
-    print("|---|---|---|---|---|")
+    print(f"| corpus/tokenizer | scheme | origin high | common not high | origin high: prompted "
+          f"| origin high: passage recurring (>= {RECURRING}) |")
+    print("|---|---|---|---|---|---|")
     for label, hits in runs.items():
         held = [h for h in hits if h["input"] % 2 == 1]
         for name, key in (("before: windows' IDF, 0.12/0.08", "before"), ("OLMoTrace 0.18 x chars, 0.7/0.5", "olmotrace"),
                           ("now: source df (tracing/relevance.py)", "bucket"), ("refit on this run", "refit")):
             a = accuracy(held, key)
-            print(f"| {label} | {name} | {a['origin_high']} | {a['common_not_high']} | {a['origin_high_recurring']} |")
+            print(f"| {label} | {name} | {a['origin_high']} | {a['common_not_high']} | {a['origin_high_prompted']} "
+                  f"| {a['origin_high_recurring']} |")
     for label, hits in runs.items():
         for lab in ("origin", "common"):
             xs = np.array([h["norm"] for h in hits if h["label"] == lab])

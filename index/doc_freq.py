@@ -47,7 +47,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from flexolmo.base import pieces
-from flexolmo.base.errors import IntegrityError
+from flexolmo.base.errors import FlexolmoError, IntegrityError
 
 from . import format as fmt
 from .width import Width
@@ -57,7 +57,7 @@ FORMAT = 1
 WORD_RULE = r"\w+ of the lowercased text"
 ROW = np.dtype([("key", "<u8"), ("df", "<u4")])
 QUANTILES = 101
-DOCS_PER_BATCH = 4096
+DOCS_PER_BATCH = 1024
 _WORD = re.compile(r"\w+")
 
 
@@ -76,30 +76,23 @@ def keys(ws: Iterable[str]) -> np.ndarray:
 # building
 
 
-def _byte_gather(tok) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(all token bytes concatenated, start of each id's bytes, their length)."""
+def _byte_table(tok) -> tuple[list[bytes], np.ndarray]:
+    """(the bytes of every token id, their lengths)."""
     table = pieces.token_bytes(tok)
-    lens = np.fromiter((len(b) for b in table), dtype=np.int64, count=len(table))
-    starts = np.concatenate([[0], np.cumsum(lens[:-1])]).astype(np.int64)
-    flat = np.frombuffer(b"".join(table), dtype=np.uint8)
-    return flat, starts, lens
+    return table, np.fromiter((len(b) for b in table), dtype=np.int64, count=len(table))
 
 
-def _doc_texts(ids: np.ndarray, bounds: np.ndarray, gather) -> list[str]:
-    """Texts of the documents whose ids are ids[bounds[i]:bounds[i+1]] (vectorised byte lookup)."""
-    flat, starts, lens = gather
-    ids = ids.astype(np.int64)
-    L = lens[ids]
-    ends = np.cumsum(L)
-    idx = np.repeat(starts[ids] - (ends - L), L) + np.arange(int(ends[-1]) if len(ends) else 0)
-    data = flat[idx].tobytes()
-    cut = np.concatenate([[0], ends])[bounds]
-    return [data[a:b].decode("utf-8", errors="replace") for a, b in zip(cut[:-1].tolist(), cut[1:].tolist())]
+def _doc_texts(ids: np.ndarray, bounds: np.ndarray, table: tuple[list[bytes], np.ndarray]) -> list[str]:
+    """Texts of the documents whose ids are ids[bounds[i]:bounds[i+1]]."""
+    pieces_, lens = table
+    data = b"".join(map(pieces_.__getitem__, ids.tolist()))
+    cut = np.concatenate([[0], np.cumsum(lens[ids])])[bounds].tolist()
+    return [data[a:b].decode("utf-8", errors="replace") for a, b in zip(cut[:-1], cut[1:])]
 
 
 def count_words(folder: Path, tok, width: Width, n_shards: int) -> tuple[Counter, np.ndarray, int]:
     """(df per word, words per document, tokens) over every document of an index folder's shards."""
-    gather = _byte_gather(tok)
+    table = _byte_table(tok)
     df: Counter = Counter()
     per_doc: list[int] = []
     n_tokens = 0
@@ -118,7 +111,7 @@ def count_words(folder: Path, tok, width: Width, n_shards: int) -> tuple[Counter
             bounds = rel - np.arange(len(rel))  # document i: [rel[i] - i, rel[i+1] - (i+1)) without separators
             ids = ids[keep]
             n_tokens += len(ids)
-            for text in _doc_texts(ids, bounds, gather):
+            for text in _doc_texts(ids, bounds, table):
                 ws = words(text)
                 per_doc.append(len(ws))
                 df.update(set(ws))
@@ -276,15 +269,18 @@ def check_folder(folder: Path, n_docs: int, listed: Iterable[str]) -> list[str]:
 # the statistics of served sources, local or remote
 
 
+def is_remote(ix) -> bool:
+    """A `RemoteSource` (asked over HTTP) rather than a local `SourceIndex`."""
+    return callable(getattr(ix, "doc_freq", None))
+
+
 def source_stats(ix, ws: Sequence[str]) -> tuple[Stats | None, str | None]:
     """(statistics of `ws` in the source `ix`, None) or (None, why not): a local `SourceIndex`
     reads its folder's table; a `RemoteSource` asks its node (`/v1/doc_freq`)."""
-    from .remote import RemoteSource, RemoteUnavailable
-
-    if isinstance(ix, RemoteSource):
+    if is_remote(ix):
         try:
             return ix.doc_freq(ws), None
-        except RemoteUnavailable as e:
+        except FlexolmoError as e:  # RemoteUnavailable: down, slow, or a node without the table
             return None, f"its node gave no document frequencies ({e})"
     try:
         t = open_table(ix.folder)

@@ -42,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 import bm25s
 import numpy as np
 
-from index.doc_freq import Stats, source_stats, words
+from index.doc_freq import Stats, is_remote, source_stats, words
 
 K1, B = 1.5, 0.75  # BM25's (bm25s' and Lucene's defaults)
 # fitted by bench/relevance.py on two corpora x two tokenizers (docs/bench-trace.md)
@@ -148,7 +148,7 @@ def rate(windows: list, prompt: str | None, response: str, indexes: dict, *, con
         ix = indexes.get(name)
         return (None, f"source {name!r} is not served") if ix is None else source_stats(ix, asks[name])
 
-    remote = [n for n in by_source if type(indexes.get(n)).__name__ == "RemoteSource"]
+    remote = [n for n in by_source if is_remote(indexes.get(n))]
     got = {n: ask(n) for n in by_source if n not in remote}
     if remote:
         with ThreadPoolExecutor(max_workers=len(remote)) as pool:
