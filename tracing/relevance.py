@@ -14,18 +14,29 @@ shared word an IDF of about zero, and its origin document rated low.)
 
     idf(w)   = ln(1 + (N - df(w) + 0.5) / (df(w) + 0.5))
     score    = sum over the query's words w of idf(w) * tf / (tf + k1 (1 - b + b dl/avgdl))
-    bound    = sum over the query's words w of idf(w)               (never reached: tf/(tf + x) < 1)
-    norm     = score / bound          high >= HIGH > medium >= MEDIUM > low
+    bound    = sum over the query's words w of idf(w), a word no document of the source
+               holds counting ln 2 (the IDF of a word in half the documents)
+    norm     = score / bound  (in [0, 1): tf / (tf + x) < 1)      high >= HIGH > medium >= MEDIUM > low
+
+`norm` is the share of the query's weight that the window holds. A word the source never
+holds (another subject, the unindexed part of a response) weighs as an ordinary word, not
+as the rarest: with the largest IDF such words outweighed a passage copied from the source
+whenever the response also said other things (bench/relevance.py: origins of passages inside
+other text rated low), and left out altogether, a response whose only words the source
+holds are "the", "of", "and" would rate every window holding those high.
 
 Which words a source is asked about (an owner node over `/v1/doc_freq`): the query's words
 that are in the response (whose ids the node already has) or in the windows it returned. A
-prompt word counts with its df in a window that holds it, and with the largest IDF (df 0)
-in one that does not, locally and remotely alike: the prompt never reaches a node except
-for words its own windows hold, and no window's rating depends on another window. A source with no
-statistics (an index built before its document-frequency table, or a node that does not
-serve `/v1/doc_freq`) has its windows rated as before: BM25 with the IDF of the retrieved
-windows of such sources and the thresholds fitted for that (FALLBACK_HIGH, FALLBACK_MEDIUM);
-the trace names those sources and why in `settings["relevance_fallback"]`.
+prompt word counts with its df in a window that holds it, and as a word the source lacks
+(ln 2) in one that does not, locally and remotely alike: the prompt never reaches a node
+except for words its own windows hold, and no window's rating depends on another window.
+
+A source with no statistics (an index built before its document-frequency table, or a node
+that does not serve `/v1/doc_freq`) has its windows rated as before: BM25 with the IDF of
+the retrieved windows of such sources and the thresholds fitted for that (FALLBACK_HIGH,
+FALLBACK_MEDIUM); the trace names those sources and why in `settings["relevance_fallback"]`.
+The table is not built when an old index is opened (that would write into a served folder
+outside a build); `flexolmo index build --source NAME --force` adds it.
 
 HIGH and MEDIUM were measured, not guessed: `bench/relevance.py` traces inputs of known
 origin on several corpora and tokenizers (passages copied from a training document, such
@@ -45,11 +56,13 @@ import numpy as np
 from index.doc_freq import Stats, is_remote, source_stats, words
 
 K1, B = 1.5, 0.75  # BM25's (bm25s' and Lucene's defaults)
+ABSENT_IDF = math.log(2)  # the weight in the bound of a query word the source does not hold
 # fitted by bench/relevance.py on two corpora x two tokenizers (docs/bench-trace.md)
-HIGH, MEDIUM = 0.12, 0.08
+HIGH, MEDIUM = 0.14, 0.08
 # sources without statistics: the windows' own IDF, as fitted on the sample federation
 FALLBACK_HIGH, FALLBACK_MEDIUM = 0.12, 0.08
-FORMULA = (f"bm25 (source document frequencies) / sum(idf(query words)); high >= {HIGH}, medium >= {MEDIUM}")
+FORMULA = (f"bm25 (source document frequencies) / sum(idf(query words); ln 2 for a word the source lacks); "
+           f"high >= {HIGH}, medium >= {MEDIUM}")
 # OLMoTrace's published formula, kept for comparison (bench/relevance.py "before")
 OLMOTRACE_NORM_FACTOR, OLMOTRACE_HIGH, OLMOTRACE_MEDIUM = 0.18, 0.7, 0.5
 
@@ -68,8 +81,8 @@ def score_window(window_words: list[str], query: Counter, stats: Stats, cap_word
     :param query: the query's words with their counts
     :param cap_words: the most words a window of this source can hold (avgdl counts documents up to it)
     :param known: the query words that count with their df in every window (the response's);
-        another (a prompt word) counts with its df only where this window holds it, else with
-        df 0 (module docstring). None: every query word counts with its df.
+        another (a prompt word) counts with its df only where this window holds it, else as
+        a word the source lacks (module docstring). None: every query word counts with its df.
     """
     tf = Counter(window_words)
     dl, avgdl = len(window_words), stats.avg_words(cap_words)
@@ -77,7 +90,8 @@ def score_window(window_words: list[str], query: Counter, stats: Stats, cap_word
     score = bound = 0.0
     for w, q in query.items():
         f = tf.get(w, 0)
-        i = idf(stats.dfs.get(w, 0) if known is None or f or w in known else 0, stats.n_docs)
+        df = stats.dfs.get(w, 0) if known is None or f or w in known else 0
+        i = idf(df, stats.n_docs) if df else ABSENT_IDF  # no document of the source holds it
         bound += q * i
         if f:
             score += q * i * f / (f + norm_len)
