@@ -1,6 +1,6 @@
 """Relevance buckets calibrated on inputs of known origin, on several corpora and tokenizers.
 
-    .venv/bin/python bench/relevance.py --root /tmp/relbench        # builds 2 corpora x 2 tokenizers, fits, reports
+    .venv/bin/python bench/relevance.py --root /tmp/relbench --per-source 48   # 2 corpora x 2 tokenizers [--df-cost]
     .venv/bin/python bench/relevance.py --workspace /tmp/ws-exp [--per-source 16] [--out /tmp/rel.json]
 
 With `--root`, four workspaces are built there from text on this machine (kept and reused
@@ -309,6 +309,29 @@ def build_workspace(root: Path, corpus: str, tok: str, cache: dict) -> Workspace
     return ws
 
 
+def df_cost(ws: Workspace) -> None:
+    """The document-frequency table's cost per source: rewritten from a copy of the index's token
+    files, CPU seconds (the cores are shared, wall time is not the machine's) and size."""
+    import tempfile
+
+    from flexolmo.base import tokenizer as tok_lib
+    from index import doc_freq, format as fmt
+
+    for name in [s.name for s in sources.list_sources(ws)]:
+        folder = fmt.index_dir(ws, name)
+        m = fmt.read_manifest(folder)
+        with tempfile.TemporaryDirectory() as tmp:
+            for st in m.shards:
+                for kind in ("tokenized", "offset"):
+                    shutil.copy(m.shard_file(folder, kind, st.shard), tmp)
+            c0 = time.process_time()
+            stats = doc_freq.write_for_build(Path(tmp), tok_lib.tokenizer_info(ws).path, m.width, m.n_shards)
+            cpu = time.process_time() - c0
+            size = sum((Path(tmp) / f).stat().st_size for f in (doc_freq.TABLE_FILE, doc_freq.STATS_FILE))
+        print(f"  df table of {ws.root.name}/{name}: {m.n_tokens:,} tokens, {stats['n_keys']:,} words, "
+              f"{cpu:.2f} CPU s ({m.n_tokens / cpu / 1e6:.2f}M tokens per CPU second), {size:,} bytes", flush=True)
+
+
 def half(h: dict) -> int:
     """0: the calibration half, 1: held out (every kind of input in both: kinds cycle in fours)."""
     return (h["input"] // 4) % 2
@@ -328,6 +351,7 @@ def main() -> None:
     ap.add_argument("--per-source", type=int, default=32)
     ap.add_argument("--short", type=int, default=6, help="A 'common short phrase' is at most this many tokens.")
     ap.add_argument("--out", default=None, help="Write every hit as JSON here.")
+    ap.add_argument("--df-cost", action="store_true", help="Also time the document-frequency table of each source.")
     args = ap.parse_args()
     foreign: dict[str, list[str] | None] = {}
     if args.root:
@@ -340,6 +364,9 @@ def main() -> None:
         foreign = {label: news if label.startswith("licences/") else None for label in spaces}
     else:
         spaces = {"workspace": Workspace.resolve(args.workspace)}
+    if args.df_cost:
+        for ws in spaces.values():
+            df_cost(ws)
     runs = {}
     for label, ws in spaces.items():
         t0 = time.perf_counter()
