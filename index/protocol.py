@@ -3,6 +3,7 @@
     GET  /v1/identity    -> Identity         who the node is: source, owner, tokenizer, counts, build
     POST /v1/matches     -> MatchesAnswer    longest match and its count at every query position
     POST /v1/documents   -> DocumentsAnswer  sampled occurrences of kept spans, cut to the owner's policy
+    POST /v1/doc_freq    -> DocFreqAnswer    document frequencies of words, for relevance (404: no table)
 
 Every request carries `Authorization: Bearer <key>` (a key the source's owner issued with
 scope `index`): 401 without a valid one, 403 with another owner's. Errors are JSON
