@@ -278,7 +278,8 @@ def _u32_tokenizer(folder: Path, texts: list[str]) -> Path:
     for a in spec["added_tokens"]:
         a["id"] = new[a["content"]]
     folder.mkdir(parents=True, exist_ok=True)
-    PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token=eos).save_pretrained(str(folder))
+    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token=eos)
+    fast.save_pretrained(str(folder))
     return folder
 
 
@@ -303,8 +304,8 @@ def build_workspace(root: Path, corpus: str, tok: str, cache: dict) -> Workspace
     for name in recs:
         t0 = time.perf_counter()
         r = build.build_source(ws, name)
-        print(f"  built {corpus}-{tok}/{name}: {r.n_docs} docs, {r.n_tokens:,} tokens in {time.perf_counter() - t0:.0f} s",
-              flush=True)
+        print(f"  built {corpus}-{tok}/{name}: {r.n_docs} docs, {r.n_tokens:,} tokens "
+              f"in {time.perf_counter() - t0:.0f} s", flush=True)
     (ws.root / ".built").touch()
     return ws
 
@@ -382,13 +383,15 @@ def main() -> None:
     for hits in runs.values():
         for h in hits:
             h["refit"] = relevance.bucket(h["norm"], high, medium)
-    print("\nheld-out half: origin documents rated high / common-phrase documents not high (one row per input and document)")
+    print("\nheld-out half: origin documents rated high / common-phrase documents not high "
+          "(one row per input and document)")
     print("| corpus/tokenizer | scheme | origin high | common not high | origin high: embedded | origin high: prompted "
           f"| origin high: passage recurring (>= {RECURRING}) |")
     print("|---|---|---|---|---|---|---|")
     for label, hits in runs.items():
         held = [h for h in hits if half(h) == 1]
-        for name, key in (("before: windows' IDF, 0.12/0.08", "before"), ("OLMoTrace 0.18 x chars, 0.7/0.5", "olmotrace"),
+        for name, key in (("before: windows' IDF, 0.12/0.08", "before"),
+                          ("OLMoTrace 0.18 x chars, 0.7/0.5", "olmotrace"),
                           ("now: source df (tracing/relevance.py)", "bucket"), ("refit on this run", "refit")):
             a = accuracy(held, key)
             print(f"| {label} | {name} | {a['origin_high']} | {a['common_not_high']} | {a['origin_high_embedded']} "

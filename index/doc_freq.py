@@ -132,7 +132,8 @@ def write_table(folder: Path, tok, width: Width, n_shards: int) -> dict:
         rows = np.array([(k, int(rows["df"][rows["key"] == k].max())) for k in uniq], dtype=ROW)
     q = np.quantile(per_doc, np.linspace(0, 1, QUANTILES)) if len(per_doc) else np.zeros(QUANTILES)
     stats = {"format": FORMAT, "words": WORD_RULE, "n_docs": int(len(per_doc)), "n_words": int(per_doc.sum()),
-             "n_tokens": int(n_tokens), "n_keys": int(len(rows)), "doc_words_quantiles": [round(float(x), 2) for x in q]}
+             "n_tokens": int(n_tokens), "n_keys": int(len(rows)),
+             "doc_words_quantiles": [round(float(x), 2) for x in q]}
     _write(folder / TABLE_FILE, lambda f: np.save(f, rows, allow_pickle=False))
     _write(folder / STATS_FILE, lambda f: f.write(json.dumps(stats, indent=1).encode()))
     return stats
@@ -202,10 +203,11 @@ class Table:
         if not len(ws):
             return np.zeros(0, dtype=np.int64)
         k = keys(ws)
-        at = np.searchsorted(self.rows["key"], k)
-        at_c = np.minimum(at, max(0, len(self.rows) - 1))
-        hit = (at < len(self.rows)) & (np.asarray(self.rows["key"][at_c]) == k) if len(self.rows) else np.zeros(len(k), bool)
-        return np.where(hit, np.asarray(self.rows["df"][at_c], dtype=np.int64), 0)
+        if not len(self.rows):
+            return np.zeros(len(k), dtype=np.int64)
+        at = np.minimum(np.searchsorted(self.rows["key"], k), len(self.rows) - 1)
+        hit = np.asarray(self.rows["key"][at]) == k
+        return np.where(hit, np.asarray(self.rows["df"][at], dtype=np.int64), 0)
 
     def lookup(self, ws: Sequence[str]) -> Stats:
         uniq = sorted(set(ws))

@@ -72,9 +72,10 @@ def verify_folder(folder: Path, manifest: IndexManifest, *, n_ngrams: int = 64, 
     """Every problem found in an index folder; an empty list means it is sound.
 
     Checks, in order (later checks need the earlier ones): file sizes (and checksums), the
-    structure of each shard and of the document-frequency table, the suffix array's order at sampled ranks, that the upstream
-    engine loads it with the right document and token counts, and that sampled n-gram
-    counts equal a brute-force count over the token files.
+    structure of each shard and of the document-frequency table (index/doc_freq.py), the
+    suffix array's order at sampled ranks, that the upstream engine loads it with the right
+    document and token counts, and that sampled n-gram counts equal a brute-force count over
+    the token files.
     """
     from infini_gram.engine import InfiniGramEngine
 
