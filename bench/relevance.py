@@ -210,12 +210,17 @@ def fit(calib: dict[str, list[dict]]) -> tuple[float, float]:
     for c in cands:
         rates = [float((x >= c).mean()) for x in pos.values() if x.size] + \
                 [float((x < c).mean()) for x in neg.values() if x.size]
-        worst.append(min(rates))
+        worst.append(min(rates, default=0.0))
     worst = np.array(worst)
+    if worst.max() == 0:
+        raise SystemExit("no labelled documents to fit on: more inputs (--per-source), or a corpus with unindexed text")
     top = cands[worst >= worst.max() - 1e-9]
     high = float(np.round((top.min() + top.max()) / 2, 2))
-    allneg = np.concatenate([x for x in neg.values() if x.size])
-    medium = min(high, float(np.round(np.quantile(allneg, 0.90), 2)))
+    negs = [x for x in neg.values() if x.size]
+    if not negs:  # a corpus whose every document copies others has no common-phrase documents of its own
+        print("no common-phrase documents: medium kept as tracing/relevance.py has it")
+        return high, min(high, relevance.MEDIUM)
+    medium = min(high, float(np.round(np.quantile(np.concatenate(negs), 0.90), 2)))
     return high, medium
 
 
