@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from flexolmo.base import source_schema
 from flexolmo.base import sources as lib
 
 from .common import console, print_json, ws
@@ -75,26 +76,28 @@ def show(name: str, as_json: Annotated[bool, typer.Option("--json", help="Print 
                       highlight=False, soft_wrap=True)
 
 
+P = source_schema.POLICY_HELP  # the policy's fields and their help: defined once
+
+
 @app.command("set")
 def set_(
     name: str,
-    active: Annotated[Optional[bool], typer.Option("--active/--inactive", help="Switch the source on or off.")] = None,
-    visibility: Annotated[Optional[str], typer.Option(help="full | snippets | counts")] = None,
-    expires: Annotated[Optional[str], typer.Option(help="Licence expiry, YYYY-MM-DD, or 'never'.")] = None,
-    max_verbatim: Annotated[Optional[int], typer.Option(
-        "--max-verbatim", help="Generation never emits more than N consecutive tokens found in this source.")] = None,
-    no_max_verbatim: Annotated[bool, typer.Option("--no-max-verbatim", help="Remove the verbatim limit.")] = False,
+    active: Annotated[Optional[bool], typer.Option("--active/--inactive", help=P["active"])] = None,
+    visibility: Annotated[Optional[str], typer.Option("--visibility", help=P["visibility"])] = None,
+    expires: Annotated[Optional[str], typer.Option("--expires", help=P["expires"])] = None,
+    max_verbatim: Annotated[Optional[str], typer.Option("--max-verbatim", metavar="N|none", help=P["max_verbatim"])] = None,
     by: Annotated[Optional[str], typer.Option(help="Who makes the change (default: the OS user).")] = None,
 ) -> None:
     """Change a source's policy; the change is logged with who and when."""
     from tracing.provenance.governance import set_policy
 
-    if max_verbatim is not None:
-        lib.check_max_verbatim(max_verbatim)  # 0 is not a limit here: --no-max-verbatim lifts it
-    src = set_policy(ws(), name, active=active, visibility=visibility, expires=expires,
-                     max_verbatim=0 if no_max_verbatim else max_verbatim, by=by)
-    console.print(f"{src.name}: active={src.active} visibility={src.visibility} expires={src.expires or 'never'} "
-                  f"max_verbatim={src.max_verbatim or 'none'}")
+    given = {"active": active, "visibility": visibility, "expires": expires, "max_verbatim": max_verbatim}
+    change = {k: source_schema.parse_cli_value(k, v) if k in ("expires", "max_verbatim") else v
+              for k, v in given.items() if v is not None}
+    src = set_policy(ws(), name, by=by, **change)
+    console.print(f"{src.name}: active={src.active} visibility={src.visibility} "
+                  f"expires={src.expires or source_schema.NO_EXPIRY_WORD} "
+                  f"max_verbatim={src.max_verbatim or source_schema.NO_LIMIT_WORD}", highlight=False)
 
 
 def sources_table(rows: list[lib.Source]) -> Table:
