@@ -19,7 +19,7 @@ from typing import Iterator
 
 import duckdb
 
-from flexolmo.base import source_schema
+from flexolmo.base import migrate, source_schema
 from flexolmo.base.errors import InputError
 from flexolmo.base.workspace import Workspace, current_user
 
@@ -143,3 +143,16 @@ def check_by(by: str | None) -> str:
 
     Stored as data and shown escaped, never as markup."""
     return current_user() if by is None else check_text(by, "by (who makes the change)", BY_MAX)
+
+
+def _migrate_step(ws: Workspace, apply: bool) -> list[str]:
+    """`flexolmo migrate`'s catalog step: the columns added since the catalog was written."""
+    if not ws.catalog_path.exists():
+        return []
+    with _LOCK, contextlib.closing(_open(ws, read_only=not apply)) as con:
+        if apply:
+            return upgrade(con)
+        return [f"catalog: added column {t}.{c.name}" for t, c in missing_columns(con)]
+
+
+migrate.register(migrate.Step("catalog", _migrate_step, "columns of `sources` and `policy_log` added since"))
