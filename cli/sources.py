@@ -11,6 +11,7 @@ from rich.text import Text
 from flexolmo.base import source_schema
 from flexolmo.base import sources as lib
 
+from . import tables as T
 from .common import console, print_json, ws
 
 app = typer.Typer(help="Register and inspect sources (one per data owner).", no_args_is_help=True)
@@ -47,13 +48,9 @@ def add(
 
 
 @app.command("list")
-def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """List the registered sources with document and character counts per split."""
-    rows = lib.list_sources(ws())
-    if as_json:
-        print_json([s.to_dict() for s in rows])
-        return
-    console.print(sources_table(rows))
+def list_(as_json: T.JsonOpt = False, as_csv: T.CsvOpt = False) -> None:
+    """List the registered sources with their policy and document and character counts per split."""
+    show_sources(lib.list_sources(ws()), as_json, as_csv)
 
 
 @app.command("show")
@@ -100,29 +97,40 @@ def set_(
                   f"max_verbatim={src.max_verbatim or source_schema.NO_LIMIT_WORD}", highlight=False)
 
 
-def sources_table(rows: list[lib.Source]) -> Table:
-    t = Table(title="sources")
-    for col in ("name", "domain", "visibility", "on", "docs train", "docs valid", "chars train", "chars valid"):
-        t.add_column(col, justify="right" if col.startswith(("docs", "chars")) else "left", no_wrap=col == "name")
-    for s in rows:
-        on = "yes" if s.available() else ("expired" if s.active else "no")
-        t.add_row(s.name, Text(_one_line(s.domain, 40)), s.visibility, on, f"{s.n_docs_train:,}", f"{s.n_docs_valid:,}",
-                  _mchars(s.n_chars_train), _mchars(s.n_chars_valid))
-    if rows:
-        t.add_section()
-        t.add_row("total", "", "", "", f"{sum(s.n_docs_train for s in rows):,}",
-                  f"{sum(s.n_docs_valid for s in rows):,}", _mchars(sum(s.n_chars_train for s in rows)),
-                  _mchars(sum(s.n_chars_valid for s in rows)))
-    return t
+def _on(r: dict) -> str:
+    return "yes" if r["available"] else ("expired" if r["active"] else "no")
+
+
+def _mchars(n: int | None) -> str:
+    return "" if n is None else f"{n / 1e6:.2f}M"
+
+
+# the columns of `sources list`, the least useful (highest priority number) left out first when narrow
+LIST_COLUMNS = [
+    T.Col("name"),
+    T.Col("owner", priority=4, wrap=True),
+    T.Col("domain", priority=3, wrap=True),
+    T.Col("visibility", priority=1),
+    T.Col("on", value=_on),
+    T.Col("n_docs_train", "docs train", priority=1, show=T.num(), right=True),
+    T.Col("n_docs_valid", "docs valid", priority=5, show=T.num(), right=True),
+    T.Col("n_chars_train", "chars train", priority=2, show=_mchars, right=True),
+    T.Col("n_chars_valid", "chars valid", priority=6, show=_mchars, right=True),
+    T.Col("max_verbatim", "verbatim max", priority=7, show=T.num()),
+    T.Col("expires", priority=8),
+]
+
+
+def show_sources(rows: list[lib.Source], as_json: bool = False, as_csv: bool = False) -> None:
+    """The sources as a table fitted to the terminal (with a total row), or JSON / CSV."""
+    records = [s.to_dict() for s in rows]
+    sums = {k: sum(r[k] for r in records) for k in ("n_docs_train", "n_docs_valid", "n_chars_train", "n_chars_valid")}
+    totals = {"name": "total", "available": True, "active": True, **sums} if records else None
+    cols = LIST_COLUMNS if not totals else [c if c.key != "on" else T.Col("on", value=lambda r: "" if r is totals
+                                                                            else _on(r)) for c in LIST_COLUMNS]
+    T.emit(console, records, cols, title="sources", as_json=as_json, as_csv=as_csv, totals=totals)
 
 
 def _one_line(v: object, limit: int = 200) -> str:
-    """A stored value for display: escapes for control characters (no forged lines), clipped
-    (rows written before `by` was validated may be long)."""
-    s = "" if v is None else str(v)
-    s = s if s.isprintable() else repr(s)[1:-1]
-    return s if len(s) <= limit else s[:limit] + f"... (+{len(s) - limit:,} characters)"
-
-
-def _mchars(n: int) -> str:
-    return f"{n / 1e6:.2f}M"
+    """A stored value for display, one line (rows written before `by` was validated may be long)."""
+    return T.one_line(v, limit)
