@@ -98,6 +98,8 @@ def set_(
 
 
 def _on(r: dict) -> str:
+    if "available" not in r:  # the total row
+        return ""
     return "yes" if r["available"] else ("expired" if r["active"] else "no")
 
 
@@ -125,10 +127,8 @@ def show_sources(rows: list[lib.Source], as_json: bool = False, as_csv: bool = F
     """The sources as a table fitted to the terminal (with a total row), or JSON / CSV."""
     records = [s.to_dict() for s in rows]
     sums = {k: sum(r[k] for r in records) for k in ("n_docs_train", "n_docs_valid", "n_chars_train", "n_chars_valid")}
-    totals = {"name": "total", "available": True, "active": True, **sums} if records else None
-    cols = LIST_COLUMNS if not totals else [c if c.key != "on" else T.Col("on", value=lambda r: "" if r is totals
-                                                                            else _on(r)) for c in LIST_COLUMNS]
-    T.emit(console, records, cols, title="sources", as_json=as_json, as_csv=as_csv, totals=totals)
+    totals = {"name": "total", **sums} if records else None
+    T.emit(console, records, LIST_COLUMNS, title="sources", as_json=as_json, as_csv=as_csv, totals=totals)
 
 
 def _one_line(v: object, limit: int = 200) -> str:

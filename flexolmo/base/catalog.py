@@ -8,6 +8,10 @@ Within one process, connections are taken one at a time (a process-wide lock): D
 refuses a read-only and a read-write connection to the same file at once in one process,
 and the service runs catalog reads and owner changes on several threads. Across processes,
 a connection that finds the file locked retries for `BUSY_WAIT_S` before giving up.
+
+The tables are written from their one definition (flexolmo/base/source_schema.py). A catalog
+that lacks columns added since it was written gains them at its first open (`upgrade`, also
+`flexolmo migrate`'s `catalog` step: flexolmo/base/migrate.py).
 """
 
 from __future__ import annotations
