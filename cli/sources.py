@@ -24,7 +24,7 @@ def add(
     domain: Annotated[str, typer.Option(help="The domain, e.g. news, code, math.")],
     licence: Annotated[str, typer.Option(help="Licence of the documents.")],
     path: Annotated[Optional[str], typer.Option("--path", help="A JSONL or Parquet file, or a folder of them, with a 'text' column.")] = None,
-    visibility: Annotated[str, typer.Option(help="full | snippets | counts: what traces may show.")] = "full",
+    visibility: Annotated[str, typer.Option(help=source_schema.POLICY_HELP["visibility"])] = "full",
     expires: Annotated[Optional[str], typer.Option(help="Licence expiry, YYYY-MM-DD.")] = None,
     remote: Annotated[Optional[str], typer.Option("--remote", help="Instead of --path: the owner node's URL "
                                                                    "(`flexolmo index serve`); no documents come here.")] = None,

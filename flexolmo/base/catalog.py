@@ -87,7 +87,7 @@ def upgrade(con: duckdb.DuckDBPyConnection) -> list[str]:
         con.execute("ROLLBACK")
         raise
     con.execute("COMMIT")
-    return [f"catalog: added column {table}.{col.name}" for table, col in todo]
+    return [f"added column {table}.{col.name}" for table, col in todo]
 
 
 def _needs_upgrade(ws: Workspace, con: duckdb.DuckDBPyConnection) -> bool:
@@ -156,7 +156,7 @@ def _migrate_step(ws: Workspace, apply: bool) -> list[str]:
     with _LOCK, contextlib.closing(_open(ws, read_only=not apply)) as con:
         if apply:
             return upgrade(con)
-        return [f"catalog: added column {t}.{c.name}" for t, c in missing_columns(con)]
+        return [f"would add column {t}.{c.name}" for t, c in missing_columns(con)]
 
 
 migrate.register(migrate.Step("catalog", _migrate_step, "columns of `sources` and `policy_log` added since"))
