@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from flexolmo.base.source_schema import VISIBILITY_ORDER, Visibility  # least to most text
+from flexolmo.base.source_schema import VISIBILITY_ORDER, Visibility  # the policy's one definition
 
 PROTOCOL = "flexolmo-node/1"
 MAX_QUERY_TOKENS = 16_384  # ids per matches request (a long response; the API caps traces lower)
