@@ -192,7 +192,7 @@ def source(name: SourceName, svc: ServiceDep) -> dict:
 @router.patch("/sources/{name}", response_model=SourceOut)
 def set_policy(name: SourceName, req: PolicyUpdate, svc: ServiceDep, key: OwnerKey) -> dict:
     """Change a source's policy; later traces follow it (an inactive source is neither searched nor routed)."""
-    src = governance.set_policy(svc.ws, name, **req.model_dump(exclude_none=True, exclude={"comment"}), by=key.owner,
+    src = governance.set_policy(svc.ws, name, **req.changes(), by=key.owner,
                                 key_id=key.key_id, comment=req.comment)
     svc.reopen()
     return src.to_dict()

@@ -7,11 +7,11 @@ models). This file holds what only the API needs: request bodies and a few envel
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, AliasChoices, BaseModel, Field
 
+from flexolmo.base.source_schema import PolicyChange, source_model
 from flexolmo.model.generate import MAX_NEW_TOKENS, GenerationOptions
 from tracing.options import TraceOptions
 
@@ -83,34 +83,14 @@ class StoredTrace(BaseModel):
     tables: dict[str, QueryResponse]
 
 
-class SourceOut(BaseModel):
-    """One source of the catalog with its policy (`flexolmo.base.sources.Source`)."""
-
-    name: str
-    owner: str
-    domain: str
-    licence: str
-    visibility: str
-    active: bool
-    available: bool  # active and not expired: searched and routed
-    expires: dt.date | None
-    max_verbatim: int | None  # the verbatim guard's limit (None: none)
-    n_docs_train: int
-    n_docs_valid: int
-    n_synthetic: int
-    updated_at: dt.datetime
-    updated_by: str
+SourceOut = source_model("SourceOut", doc="One source of the catalog with its policy (`flexolmo.base.sources.Source`; "
+                                         "fields and types: `flexolmo.base.source_schema`).")
 
 
-class PolicyUpdate(BaseModel):
-    """Fields to change; omitted fields stay as they are."""
+class PolicyUpdate(PolicyChange):
+    """Fields to change; omitted fields stay as they are, null sets "none" (no expiry date,
+    no verbatim limit)."""
 
-    active: bool | None = None
-    visibility: Literal["full", "snippets", "counts"] | None = None
-    expires: Text | None = Field(None, description="YYYY-MM-DD, or 'never' to clear the expiry date.", max_length=20)
-    max_verbatim: int | None = Field(None, ge=0, le=1_000_000,
-                                     description="The longest run of tokens generation may copy verbatim from "
-                                                 "this source (the verbatim guard); 0 lifts the limit.")
     comment: Text | None = Field(None, validation_alias=AliasChoices("comment", "by"), max_length=100,
                                  description="A note logged with the change (one printable line, at most 100 "
                                              "characters; `by` is accepted too). Who made the change is the key's "

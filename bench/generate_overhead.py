@@ -88,7 +88,7 @@ def _guard(workspace: str | None, model, tok, prompt: str, kw: dict, ws=None, te
             return VerbatimGuard.open(ws), "every source at max_verbatim 8"
         finally:
             for n, v in olds.items():
-                sources.set_policy(ws, n, max_verbatim=v, clear_max_verbatim=v is None, by="bench")
+                sources.set_policy(ws, n, max_verbatim=v, by="bench")
     out = generate(model, tok, prompt, capture=False, **kw).token_ids
     docs = [{"doc_id": f"t-{i}", "text": tok.decode(out)} for i in range(8)]
     docs += [{"doc_id": f"o-{i}", "text": t} for i, t in enumerate(texts)]

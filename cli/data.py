@@ -10,7 +10,7 @@ from flexolmo.base import samples
 from flexolmo.base import sources as src_lib
 
 from .common import console, err_console, ws
-from .sources import sources_table
+from .sources import show_sources
 
 app = typer.Typer(help="Sample data: the eight-source demo federation.", no_args_is_help=True)
 
@@ -36,5 +36,5 @@ def build_and_report(only: list[str] | None = None) -> list[samples.SampleResult
 
     console.print("building sample sources")
     results = samples.build_samples(ws(), only=only, on_result=show)
-    console.print(sources_table(src_lib.list_sources(ws())))
+    show_sources(src_lib.list_sources(ws()))
     return results

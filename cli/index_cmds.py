@@ -6,14 +6,14 @@ import time
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
 from flexolmo.base.errors import InputError
 from index import build as lib
 from index import takedown as td
 from index import verify as checks
 
-from .common import console, print_json, ws
+from . import tables as T
+from .common import console, ws
 
 app = typer.Typer(help="Per-source suffix-array indexes (infini-gram format) and takedowns.", no_args_is_help=True)
 
@@ -104,53 +104,57 @@ def takedown(
     console.print(f"took down {t.source}/{t.doc_id} ({t.reason}) at {t.created_at} by {t.requested_by}")
 
 
+TAKEDOWN_COLUMNS = [
+    T.Col("source"),
+    T.Col("doc_id", wrap=True),
+    T.Col("reason", priority=2, wrap=True),
+    T.Col("requested_by", "by", priority=1, wrap=True),
+    T.Col("created_at", "when", priority=3),
+]
+
+
 @app.command("takedowns")
 def takedowns(
     source: Annotated[Optional[str], typer.Option("--source", help="Only this source.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: T.JsonOpt = False,
+    as_csv: T.CsvOpt = False,
 ) -> None:
     """List the takedowns."""
-    rows = td.list_takedowns(ws(), source)
-    if as_json:
-        print_json([t.to_dict() for t in rows])
-        return
-    t = Table(title="takedowns")
-    for col in ("source", "doc_id", "reason", "by", "when"):
-        t.add_column(col)
-    for r in rows:
-        t.add_row(r.source, r.doc_id, r.reason, r.requested_by, str(r.created_at))
-    console.print(t)
+    rows = [t.to_dict() for t in td.list_takedowns(ws(), source)]
+    T.emit(console, rows, TAKEDOWN_COLUMNS, title="takedowns", as_json=as_json, as_csv=as_csv)
 
 
 @app.command("list")
-def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+def list_(as_json: T.JsonOpt = False, as_csv: T.CsvOpt = False) -> None:
     """The catalog: every source with its policy and index stats."""
-    rows = lib.catalog_table(ws())
-    if as_json:
-        print_json(rows)
-        return
-    console.print(catalog_rich_table(rows))
+    T.emit(console, lib.catalog_table(ws()), CATALOG_COLUMNS, title="source catalog", as_json=as_json, as_csv=as_csv)
 
 
-def catalog_rich_table(rows: list[dict]) -> Table:
-    """The catalog as a rich table (also used by `flexolmo demo`)."""
-    t = Table(title="source catalog")
-    cols = ("source", "owner", "domain", "visibility", "on", "docs", "tokens", "MB", "B/token", "build s",
-            "tokens/s", "takedowns", "state")
-    for c in cols:
-        t.add_column(c, justify="right" if c in ("docs", "tokens", "MB", "B/token", "build s", "tokens/s", "takedowns") else "left")
+def _state(r: dict) -> str:
+    return "remote" if r.get("remote") else "not built" if not r["indexed"] else "stale: rebuild" if r["stale"] else "ok"
 
-    def num(v, f="{:,}"):
-        return "" if v is None else f.format(v)
 
-    for r in rows:
-        state = ("remote" if r.get("remote") else "not built" if not r["indexed"]
-                 else "stale: rebuild" if r["stale"] else "ok")
-        t.add_row(r["source"], r["owner"], r["domain"], r["visibility"], "yes" if r["available"] else "no",
-                  num(r["n_docs"]), num(r["n_tokens"]), num(r["bytes"] and r["bytes"] / 1e6, "{:.1f}"),
-                  num(r["bytes_per_token"], "{:.1f}"), num(r["build_seconds"], "{:.1f}"),
-                  num(r["tokens_per_second"], "{:,.0f}"), str(r["takedowns"]), state)
-    return t
+# `index list`'s columns, the least useful (highest priority number) left out first when narrow
+CATALOG_COLUMNS = [
+    T.Col("source"),
+    T.Col("owner", priority=5, wrap=True),
+    T.Col("domain", priority=4, wrap=True),
+    T.Col("visibility", priority=2),
+    T.Col("available", "on", show=lambda v: "yes" if v else "no"),
+    T.Col("n_docs", "docs", priority=1, show=T.num(), right=True),
+    T.Col("n_tokens", "tokens", priority=1, show=T.num(), right=True),
+    T.Col("bytes", "MB", priority=3, show=lambda v: "" if v is None else f"{v / 1e6:.1f}", right=True),
+    T.Col("bytes_per_token", "B/token", priority=8, show=T.num("{:.1f}"), right=True),
+    T.Col("build_seconds", "build s", priority=7, show=T.num("{:.1f}"), right=True),
+    T.Col("tokens_per_second", "tokens/s", priority=6, show=T.num("{:,.0f}"), right=True),
+    T.Col("takedowns", priority=3, show=T.num(), right=True),
+    T.Col("state", value=_state),
+]
+
+
+def catalog_rich_table(rows: list[dict], width: int | None = None):
+    """The catalog as a rich table fitted to `width` (None: every column)."""
+    return T.table(rows, CATALOG_COLUMNS, "source catalog", width)
 
 
 @app.command("serve")

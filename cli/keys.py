@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
 from flexolmo.base.workspace import Workspace
 from index.keys import ADMIN, SCOPES, KeyStore, write_secret
 
-from .common import console, print_json, ws
+from . import tables as T
+from .common import console, ws
 
 app = typer.Typer(help="Keys an owner issues: to tracers for its node, to people for owner actions.",
                   no_args_is_help=True)
@@ -44,23 +44,26 @@ def create(
                f"{store.path}" + (f"; also written to {out}" if out else ""), err=True)
 
 
+KEY_COLUMNS = [
+    T.Col("key_id"),
+    T.Col("owner", wrap=True),
+    T.Col("scope"),
+    T.Col("label", priority=2, wrap=True),
+    T.Col("created_at", "created", priority=1),
+    T.Col("revoked", show=lambda v: "yes" if v else ""),
+]
+
+
 @app.command("list")
 def list_(
     owner: Annotated[Optional[str], typer.Option(help="Only this owner's keys.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: T.JsonOpt = False,
+    as_csv: T.CsvOpt = False,
     keys: KeysOpt = None,
 ) -> None:
     """List issued keys (ids, owners, scopes; never the keys)."""
-    rows = KeyStore.for_workspace(ws(), keys).list(owner)
-    if as_json:
-        print_json([r.public() for r in rows])
-        return
-    t = Table(title="keys")
-    for c in ("key_id", "owner", "scope", "label", "created", "revoked"):
-        t.add_column(c)
-    for r in rows:
-        t.add_row(r.key_id, r.owner, r.scope, r.label, r.created_at, "yes" if r.revoked else "")
-    console.print(t)
+    rows = [r.public() for r in KeyStore.for_workspace(ws(), keys).list(owner)]
+    T.emit(console, rows, KEY_COLUMNS, title="keys", as_json=as_json, as_csv=as_csv)
 
 
 @app.command("revoke")

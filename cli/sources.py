@@ -8,8 +8,10 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from flexolmo.base import source_schema
 from flexolmo.base import sources as lib
 
+from . import tables as T
 from .common import console, print_json, ws
 
 app = typer.Typer(help="Register and inspect sources (one per data owner).", no_args_is_help=True)
@@ -22,7 +24,7 @@ def add(
     domain: Annotated[str, typer.Option(help="The domain, e.g. news, code, math.")],
     licence: Annotated[str, typer.Option(help="Licence of the documents.")],
     path: Annotated[Optional[str], typer.Option("--path", help="A JSONL or Parquet file, or a folder of them, with a 'text' column.")] = None,
-    visibility: Annotated[str, typer.Option(help="full | snippets | counts: what traces may show.")] = "full",
+    visibility: Annotated[str, typer.Option(help=source_schema.POLICY_HELP["visibility"])] = "full",
     expires: Annotated[Optional[str], typer.Option(help="Licence expiry, YYYY-MM-DD.")] = None,
     remote: Annotated[Optional[str], typer.Option("--remote", help="Instead of --path: the owner node's URL "
                                                                    "(`flexolmo index serve`); no documents come here.")] = None,
@@ -46,13 +48,9 @@ def add(
 
 
 @app.command("list")
-def list_(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """List the registered sources with document and character counts per split."""
-    rows = lib.list_sources(ws())
-    if as_json:
-        print_json([s.to_dict() for s in rows])
-        return
-    console.print(sources_table(rows))
+def list_(as_json: T.JsonOpt = False, as_csv: T.CsvOpt = False) -> None:
+    """List the registered sources with their policy and document and character counts per split."""
+    show_sources(lib.list_sources(ws()), as_json, as_csv)
 
 
 @app.command("show")
@@ -75,51 +73,64 @@ def show(name: str, as_json: Annotated[bool, typer.Option("--json", help="Print 
                       highlight=False, soft_wrap=True)
 
 
+P = source_schema.POLICY_HELP  # the policy's fields and their help: defined once
+
+
 @app.command("set")
 def set_(
     name: str,
-    active: Annotated[Optional[bool], typer.Option("--active/--inactive", help="Switch the source on or off.")] = None,
-    visibility: Annotated[Optional[str], typer.Option(help="full | snippets | counts")] = None,
-    expires: Annotated[Optional[str], typer.Option(help="Licence expiry, YYYY-MM-DD, or 'never'.")] = None,
-    max_verbatim: Annotated[Optional[int], typer.Option(
-        "--max-verbatim", help="Generation never emits more than N consecutive tokens found in this source.")] = None,
-    no_max_verbatim: Annotated[bool, typer.Option("--no-max-verbatim", help="Remove the verbatim limit.")] = False,
+    active: Annotated[Optional[bool], typer.Option("--active/--inactive", help=P["active"])] = None,
+    visibility: Annotated[Optional[str], typer.Option("--visibility", help=P["visibility"])] = None,
+    expires: Annotated[Optional[str], typer.Option("--expires", help=P["expires"])] = None,
+    max_verbatim: Annotated[Optional[str], typer.Option("--max-verbatim", metavar="N|none", help=P["max_verbatim"])] = None,
     by: Annotated[Optional[str], typer.Option(help="Who makes the change (default: the OS user).")] = None,
 ) -> None:
     """Change a source's policy; the change is logged with who and when."""
     from tracing.provenance.governance import set_policy
 
-    if max_verbatim is not None:
-        lib.check_max_verbatim(max_verbatim)  # 0 is not a limit here: --no-max-verbatim lifts it
-    src = set_policy(ws(), name, active=active, visibility=visibility, expires=expires,
-                     max_verbatim=0 if no_max_verbatim else max_verbatim, by=by)
-    console.print(f"{src.name}: active={src.active} visibility={src.visibility} expires={src.expires or 'never'} "
-                  f"max_verbatim={src.max_verbatim or 'none'}")
+    given = {"active": active, "visibility": visibility, "expires": expires, "max_verbatim": max_verbatim}
+    change = {k: source_schema.parse_cli_value(k, v) if k in ("expires", "max_verbatim") else v
+              for k, v in given.items() if v is not None}
+    src = set_policy(ws(), name, by=by, **change)
+    console.print(f"{src.name}: active={src.active} visibility={src.visibility} "
+                  f"expires={src.expires or source_schema.NO_EXPIRY_WORD} "
+                  f"max_verbatim={src.max_verbatim or source_schema.NO_LIMIT_WORD}", highlight=False)
 
 
-def sources_table(rows: list[lib.Source]) -> Table:
-    t = Table(title="sources")
-    for col in ("name", "domain", "visibility", "on", "docs train", "docs valid", "chars train", "chars valid"):
-        t.add_column(col, justify="right" if col.startswith(("docs", "chars")) else "left", no_wrap=col == "name")
-    for s in rows:
-        on = "yes" if s.available() else ("expired" if s.active else "no")
-        t.add_row(s.name, Text(_one_line(s.domain, 40)), s.visibility, on, f"{s.n_docs_train:,}", f"{s.n_docs_valid:,}",
-                  _mchars(s.n_chars_train), _mchars(s.n_chars_valid))
-    if rows:
-        t.add_section()
-        t.add_row("total", "", "", "", f"{sum(s.n_docs_train for s in rows):,}",
-                  f"{sum(s.n_docs_valid for s in rows):,}", _mchars(sum(s.n_chars_train for s in rows)),
-                  _mchars(sum(s.n_chars_valid for s in rows)))
-    return t
+def _on(r: dict) -> str:
+    if "available" not in r:  # the total row
+        return ""
+    return "yes" if r["available"] else ("expired" if r["active"] else "no")
+
+
+def _mchars(n: int | None) -> str:
+    return "" if n is None else f"{n / 1e6:.2f}M"
+
+
+# the columns of `sources list`, the least useful (highest priority number) left out first when narrow
+LIST_COLUMNS = [
+    T.Col("name"),
+    T.Col("owner", priority=4, wrap=True),
+    T.Col("domain", priority=3, wrap=True),
+    T.Col("visibility", priority=1),
+    T.Col("on", value=_on),
+    T.Col("n_docs_train", "docs train", priority=1, show=T.num(), right=True),
+    T.Col("n_docs_valid", "docs valid", priority=5, show=T.num(), right=True),
+    T.Col("n_chars_train", "chars train", priority=2, show=_mchars, right=True),
+    T.Col("n_chars_valid", "chars valid", priority=6, show=_mchars, right=True),
+    T.Col("max_verbatim", "verbatim max", priority=7, show=T.num()),
+    T.Col("expires", priority=8),
+]
+
+
+def show_sources(rows: list[lib.Source], as_json: bool = False, as_csv: bool = False) -> None:
+    """The sources as a table fitted to the terminal (with a total row), or JSON / CSV."""
+    records = [s.to_dict() for s in rows]
+    sums = {k: sum(r[k] for r in records) for k in ("n_docs_train", "n_docs_valid", "n_chars_train", "n_chars_valid")}
+    totals = {"name": "total", **sums} if records else None
+    T.emit(console, records, LIST_COLUMNS, title="sources", as_json=as_json, as_csv=as_csv, totals=totals)
 
 
 def _one_line(v: object, limit: int = 200) -> str:
-    """A stored value for display: escapes for control characters (no forged lines), clipped
-    (rows written before `by` was validated may be long)."""
-    s = "" if v is None else str(v)
-    s = s if s.isprintable() else repr(s)[1:-1]
-    return s if len(s) <= limit else s[:limit] + f"... (+{len(s) - limit:,} characters)"
-
-
-def _mchars(n: int) -> str:
-    return f"{n / 1e6:.2f}M"
+    """A stored value for display, one line (rows written before `by` was validated may be long)."""
+    return T.one_line(v, limit)

@@ -17,6 +17,7 @@ from tracing.results import Span, Trace
 from tracing.options import TraceOptions
 from tracing.trace import Tracer
 
+from . import tables as T
 from .common import (GEN, DeviceOpt, DtypeOpt, ExpertsOpt, MaxNewTokensOpt, ModelOpt, SampleOpt, SeedOpt,
                      TemperatureOpt, TopKOpt, TopPOpt, console, err_console, generation_options, model_spec,
                      print_json, check_unicode, ws)
@@ -140,12 +141,13 @@ def query(
     sql: Annotated[str, typer.Argument(help="Read-only SQL over traces, spans, span_sources, span_documents, span_experts.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print rows as JSON objects.")] = False,
     limit: Annotated[int, typer.Option(help="At most this many rows.")] = 1000,
+    as_csv: T.CsvOpt = False,
 ) -> None:
     """Run read-only SQL over the provenance store."""
     check_unicode(sql, "the query")
     res = queries.query(ws(), sql, limit=limit)
-    if as_json:
-        print_json([dict(zip(res.columns, r)) for r in res.rows])
+    if as_json or as_csv:  # every column the query asked for, as it asked
+        T.emit(console, [dict(zip(res.columns, r)) for r in res.rows], [], as_json=as_json, as_csv=as_csv)
         return
     table = Table()
     for c in res.columns:
@@ -239,6 +241,7 @@ def list_traces(
     level: Annotated[str, typer.Option(help="List traces, spans or documents.")] = "traces",
     limit: Annotated[int, typer.Option(help="At most this many rows.")] = 100,
     as_json: Annotated[bool, typer.Option("--json", help="Print rows as JSON objects.")] = False,
+    as_csv: T.CsvOpt = False,
 ) -> None:
     """Stored traces, spans or documents filtered by source, owner, licence, relevance and date."""
     from tracing.provenance.listing import TraceFilter, list_provenance
@@ -246,15 +249,9 @@ def list_traces(
     f = TraceFilter(source=source, owner=owner, licence=licence, bucket=bucket, since=since and since.date(),
                     until=until and until.date(), level=level, limit=limit)
     res = list_provenance(ws(), f)
-    if as_json:
-        print_json([dict(zip(res.columns, r)) for r in res.rows])
-        return
-    table = Table(title=f"{len(res.rows)} {level}")
-    for c in res.columns:
-        table.add_column(c, overflow="fold")
-    for r in res.rows:
-        table.add_row(*[Text("" if v is None else _clip(str(v), 200)) for v in r])
-    console.print(table)
+    rows = [dict(zip(res.columns, r)) for r in res.rows]
+    T.emit(console, rows, T.columns_of(res.columns, rows), title=f"{len(res.rows)} {level}", as_json=as_json,
+           as_csv=as_csv)
 
 
 @traces_app.command("report")

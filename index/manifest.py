@@ -129,16 +129,6 @@ class IndexManifest(Card):
                                          f"rebuild it with `flexolmo index build --source {self.source}`")
 
     @classmethod
-    def upgrade(cls, old: dict) -> dict:
-        # the manifests before cards: every input is recorded, so an upgraded index stays current
-        kind = "takedown_index" if old.get("kind") == "takedown diff" else "index"
-        keep = ("build_id", "source", "split", "n_docs", "n_tokens", "n_shards", "shards", "eos_id", "built_at",
-                "files", "main_build_id", "doc_ids", "engine", "version", "token_dtype")
-        return {**{k: old[k] for k in keep if k in old}, "kind": kind, "format": 1,
-                "inputs": inputs_for(old["tokenizer_hash"], old["content_hash"], shards=old["n_shards"],
-                                     width=widths.named(old.get("token_dtype", "u16")))}
-
-    @classmethod
     def _rebuild(cls, folder: Path) -> str:
         name = Path(folder).name.removesuffix("-removed")  # a takedown index is rebuilt with its source
         return cls.REBUILD.format(name=name)

@@ -18,9 +18,10 @@ tracer (`index/remote.py`) to check each answer before it is used.
 
 from __future__ import annotations
 
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from flexolmo.base.source_schema import VISIBILITY_ORDER, Visibility  # the policy's one definition
 
 PROTOCOL = "flexolmo-node/1"
 MAX_QUERY_TOKENS = 16_384  # ids per matches request (a long response; the API caps traces lower)
@@ -30,7 +31,6 @@ MAX_SPANS = 256  # spans per documents request
 MAX_CONTEXT = 1_000  # context tokens a side
 MAX_SNIPPET = 500
 MAX_BODY_BYTES = 2_000_000  # a request body larger than this is refused with 413
-VISIBILITY_ORDER = ("counts", "snippets", "full")  # least to most text
 
 
 def stricter(a: str, b: str) -> str:
@@ -56,7 +56,7 @@ class Identity(_Wire):
     owner: str
     domain: str
     licence: str
-    visibility: Literal["full", "snippets", "counts"]
+    visibility: Visibility
     available: bool  # False: the owner switched it off, or its licence expired
     tokenizer_hash: str
     n_tokens: int
@@ -79,7 +79,7 @@ class MatchesAnswer(_Wire):
     protocol: str = PROTOCOL
     source: str
     build_id: str
-    visibility: Literal["full", "snippets", "counts"]
+    visibility: Visibility
     lengths: list[int]
     counts: list[int]
 
@@ -94,7 +94,7 @@ class DocumentsRequest(_Wire):
     spans: list[SpanRequest] = Field(max_length=MAX_SPANS)
     context_tokens: int = Field(default=250, ge=0, le=MAX_CONTEXT)
     snippet_tokens: int = Field(default=40, ge=0, le=MAX_SNIPPET)
-    max_visibility: Literal["full", "snippets", "counts"] = "full"  # the tracer's own cap, if stricter
+    max_visibility: Visibility = "full"  # the tracer's own cap, if stricter
 
 
 class WireDocument(_Wire):
@@ -107,7 +107,7 @@ class WireDocument(_Wire):
     doc_ix: int
     token_offset: int
     blocked: bool
-    visibility: Literal["full", "snippets", "counts"]
+    visibility: Visibility
     token_ids: list[int]
     needle_offset: int
     needle_len: int
@@ -118,7 +118,7 @@ class DocumentsAnswer(_Wire):
     protocol: str = PROTOCOL
     source: str
     build_id: str
-    visibility: Literal["full", "snippets", "counts"]
+    visibility: Visibility
     documents: list[list[WireDocument]]  # one list per requested span, in request order
 
 

@@ -132,19 +132,26 @@ def test_policy_errors(client, keys):
     assert client.patch("/api/sources/nope", json={"active": False}, headers=_auth(keys["news"])).status_code == 404
     assert client.patch("/api/sources/news", json={"visibility": "secret"}, headers=admin).status_code == 422
     r = client.patch("/api/sources/news", json={"expires": "next tuesday"}, headers=admin)
-    assert r.status_code == 400 and "YYYY-MM-DD" in r.json()["detail"]
+    assert r.status_code == 422 and "YYYY-MM-DD" in r.text
+    r = client.patch("/api/sources/news", json={"expires": "never"}, headers=admin)  # null is "no expiry"
+    assert r.status_code == 422 and "null" in r.text
     assert client.post("/api/trace", json={"text": "   "}).status_code == 400
     assert client.get("/api/sources/nope").status_code == 404
 
 
 def test_every_policy_field_is_in_the_api(client, keys):
-    """The verbatim guard's limit too: set, shown, lifted (0) through PATCH like any other field."""
+    """The verbatim guard's limit too: set, shown, lifted (null: the one spelling of "no limit")
+    through PATCH like any other field; 0 is refused, an omitted field is kept."""
     owner = _auth(keys["news"])
     r = client.patch("/api/sources/news", json={"max_verbatim": 12}, headers=owner)
     assert r.status_code == 200 and r.json()["max_verbatim"] == 12
     assert client.get("/api/sources/news").json()["max_verbatim"] == 12
     assert client.patch("/api/sources/news", json={"max_verbatim": -1}, headers=owner).status_code == 422
     r = client.patch("/api/sources/news", json={"max_verbatim": 0}, headers=owner)
+    assert r.status_code == 422 and "null" in r.text and "none" in r.text
+    r = client.patch("/api/sources/news", json={"active": True}, headers=owner)
+    assert r.status_code == 200 and r.json()["max_verbatim"] == 12  # left out: kept
+    r = client.patch("/api/sources/news", json={"max_verbatim": None}, headers=owner)
     assert r.status_code == 200 and r.json()["max_verbatim"] is None
     fields = set(client.get("/openapi.json").json()["components"]["schemas"]["PolicyUpdate"]["properties"])
     assert {"active", "visibility", "expires", "max_verbatim"} <= fields

@@ -67,7 +67,7 @@ def test_guard_never_lets_a_long_run_through(world, sample):
         assert longest_run(guard.sources[0].shards, r.token_ids) <= n
         assert r.guard and all(e["source"] == "tempt" and e["limit"] == n for e in r.guard)
         assert r.token_ids != unguarded
-    sources.set_policy(ws, "tempt", clear_max_verbatim=True)
+    sources.set_policy(ws, "tempt", max_verbatim=None)
     assert VerbatimGuard.open(ws) is None
 
 
@@ -76,7 +76,7 @@ def guarded_sources_for(ws, name, limit):
     try:
         return next(g for g in guarded_sources(ws) if g.name == name).shards
     finally:
-        sources.set_policy(ws, name, clear_max_verbatim=True)
+        sources.set_policy(ws, name, max_verbatim=None)
 
 
 @pytest.mark.parametrize("sample", [False, True])
@@ -91,7 +91,7 @@ def test_generation_that_never_touches_a_guarded_source_is_unchanged(world, samp
         assert guarded.token_ids == plain.token_ids and guarded.guard == []
         assert guarded.routing == plain.routing
     finally:
-        sources.set_policy(ws, "news", clear_max_verbatim=True)
+        sources.set_policy(ws, "news", max_verbatim=None)
 
 
 def test_incremental_match_equals_a_fresh_search(world):
@@ -122,7 +122,7 @@ def test_trace_records_where_the_guard_acted(world):
         g = t.settings["verbatim_guard"]
         assert g["limits"] == {"tempt": 4} and g["acted"] and g["acted"][0]["source"] == "tempt"
     finally:
-        sources.set_policy(ws, "tempt", clear_max_verbatim=True)
+        sources.set_policy(ws, "tempt", max_verbatim=None)
 
 
 def test_bad_limits_are_refused(world):
@@ -137,7 +137,7 @@ def test_bad_limits_are_refused(world):
     r = CliRunner().invoke(app, ["--workspace", str(ws.root), "sources", "set", "tempt", "--max-verbatim", "7"])
     assert r.exit_code == 0 and "max_verbatim=7" in r.output
     assert any(e["field"] == "max_verbatim" and e["new_value"] == "7" for e in sources.policy_log(ws, "tempt"))
-    sources.set_policy(ws, "tempt", clear_max_verbatim=True)
+    sources.set_policy(ws, "tempt", max_verbatim=None)
 
 
 def test_guarded_source_without_index_fails_closed(world, tmp_path):
@@ -151,4 +151,4 @@ def test_guarded_source_without_index_fails_closed(world, tmp_path):
         with pytest.raises(ConflictError, match="no index here"):
             VerbatimGuard.open(ws)
     finally:
-        sources.set_policy(ws, "noidx", clear_max_verbatim=True)
+        sources.set_policy(ws, "noidx", max_verbatim=None)

@@ -174,7 +174,7 @@ def test_catalog_switches_sources_off(fed):
     try:
         assert "news" in load_merged(ws).off
     finally:
-        set_policy(ws, "news", clear_expiry=True)
+        set_policy(ws, "news", expires=None)
     with pytest.raises(InputError, match="no expert for source 'nope'"):
         load_merged(ws, exclude=["nope"])
 

@@ -166,7 +166,7 @@ def test_generation_with_another_tokenizer(ws, char_model):
             tracer.generate_and_trace(" President", GenerationOptions(max_new_tokens=4), store=False)
         assert tracer.trace(" the nation", store=False) is not None  # tracing text stays allowed
     finally:
-        sources.set_policy(ws, "news", clear_max_verbatim=True)
+        sources.set_policy(ws, "news", max_verbatim=None)
 
 
 def test_model_options_are_checked_before_loading(ws, tmp_path):

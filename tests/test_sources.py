@@ -215,3 +215,74 @@ def test_by_is_validated_stored_as_data_and_shown_literally(ws, write_jsonl):
     assert "(+499,800 characters)" in r.output  # clipped
     r = CliRunner().invoke(app, ["--workspace", str(ws.root), "sources", "set", "notes", "--inactive", "--by", "[/x]\nforged"])
     assert r.exit_code == 1 and "control" in r.output
+
+
+# ---------------------------------------------------------------------------------------
+# the source schema and policy: one definition (flexolmo/base/source_schema.py)
+
+
+def test_every_copy_of_the_source_schema_agrees_with_its_definition(ws, write_jsonl):
+    import dataclasses
+    import typing
+
+    import typer.main
+
+    from api.schemas import PolicyUpdate, SourceOut
+    from flexolmo.base import catalog, source_schema as S
+    from index import protocol
+
+    # the catalog's tables are the definition's columns, in order, with their types
+    sources.add_source(ws, "notes", write_jsonl("a.jsonl", docs(3)), **OWNER)
+    with catalog.connect(ws, read_only=True) as con:
+        for table, cols in S.TABLES.items():
+            got = con.execute("SELECT column_name, data_type, is_nullable FROM information_schema.columns "
+                              "WHERE table_name = ? ORDER BY ordinal_position", [table]).fetchall()
+            assert got == [(c.name, c.sql, "YES" if c.nullable else "NO") for c in cols], table
+    # the Source record: the same fields with the same types
+    hints = typing.get_type_hints(sources.Source)
+    assert [f.name for f in dataclasses.fields(sources.Source)] == [c.name for c in S.SOURCE_COLUMNS]
+    assert all(hints[c.name] == S.py_type(c) for c in S.SOURCE_COLUMNS)
+    # the API: SourceOut's types are the columns'; PolicyUpdate is the policy change plus a note
+    for name, f in SourceOut.model_fields.items():
+        assert name == "available" or f.annotation == S.py_type(S.column(name)), name
+    assert issubclass(PolicyUpdate, S.PolicyChange) and set(PolicyUpdate.model_fields) == set(S.POLICY_FIELDS) | {"comment"}
+    # the protocol's visibility is the schema's
+    assert typing.get_args(protocol.Identity.model_fields["visibility"].annotation) == S.VISIBILITIES
+    # the CLI's `sources set` options: one per policy field, with the definition's help
+    cmd = typer.main.get_command(app).commands["sources"].commands["set"]
+    opts = {p.name: p for p in cmd.params if p.param_type_name == "option"}
+    assert set(opts) == set(S.POLICY_FIELDS) | {"by"}
+    assert all(opts[f].help == S.POLICY_HELP[f] for f in S.POLICY_FIELDS)
+
+
+def test_no_limit_has_one_spelling(ws, write_jsonl):
+    """None (JSON null, `none` / `never` on the command line) is "none"; 0, 'off', a negative number
+    and the old clear_* flags are refused with a message naming the spelling to use."""
+    sources.add_source(ws, "notes", write_jsonl("a.jsonl", docs(3)), **OWNER)
+    src = sources.set_policy(ws, "notes", max_verbatim=8, expires="2099-01-01")
+    assert (src.max_verbatim, str(src.expires)) == (8, "2099-01-01")
+    assert sources.set_policy(ws, "notes", active=False).max_verbatim == 8  # a field left out is kept
+    for bad in (0, -1, "off", "none", 2.5, True):
+        with pytest.raises(InputError, match=r"max-verbatim must be a whole number .*None \(null in JSON, 'none'"):
+            sources.set_policy(ws, "notes", max_verbatim=bad)
+    with pytest.raises(InputError, match=r"expires 'never' is not a date.*None \(null in JSON, 'never'"):
+        sources.set_policy(ws, "notes", expires="never")
+    for flag in ("clear_max_verbatim", "clear_expiry"):
+        with pytest.raises(InputError, match=r"not a policy field .*max_verbatim=None lifts the limit"):
+            sources.set_policy(ws, "notes", **{flag: True})
+    assert sources.get_source(ws, "notes").max_verbatim == 8  # nothing refused was applied
+    src = sources.set_policy(ws, "notes", max_verbatim=None, expires=None)
+    assert src.max_verbatim is None and src.expires is None
+    assert [(e["field"], e["new_value"]) for e in sources.policy_log(ws, "notes")][-2:] == [
+        ("expires", None), ("max_verbatim", None)]
+    # the command line: N or `none`, a date or `never`; 0 and the old --no-max-verbatim are refused
+    base = ["--workspace", str(ws.root), "sources", "set", "notes"]
+    r = CliRunner().invoke(app, base + ["--max-verbatim", "5", "--expires", "2098-02-02"])
+    assert r.exit_code == 0 and "max_verbatim=5" in r.output and "expires=2098-02-02" in r.output
+    r = CliRunner().invoke(app, base + ["--max-verbatim", "0"])
+    assert r.exit_code == 1 and "'none' on the command line" in r.output
+    r = CliRunner().invoke(app, base + ["--no-max-verbatim"])
+    assert r.exit_code == 2 and "No such option" in r.output
+    r = CliRunner().invoke(app, base + ["--max-verbatim", "none", "--expires", "never"])
+    assert r.exit_code == 0 and "max_verbatim=none" in r.output and "expires=never" in r.output
+    assert sources.get_source(ws, "notes").max_verbatim is None

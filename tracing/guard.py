@@ -78,7 +78,7 @@ def guarded_sources(ws: Workspace) -> list[GuardedSource]:
             why = "no index here" if isinstance(e, NotFoundError) else f"its index is not usable ({e})"
             raise ConflictError(f"source {s.name!r} has --max-verbatim {s.max_verbatim} but {why}, so the "
                                 f"guard cannot check it; run `flexolmo index build --source {s.name}` (or remove the "
-                                f"limit with `flexolmo sources set {s.name} --no-max-verbatim`)") from None
+                                f"limit with `flexolmo sources set {s.name} --max-verbatim none`)") from None
         out.append(GuardedSource(s.name, shards, s.max_verbatim))
     return out
 

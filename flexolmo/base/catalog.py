@@ -8,6 +8,10 @@ Within one process, connections are taken one at a time (a process-wide lock): D
 refuses a read-only and a read-write connection to the same file at once in one process,
 and the service runs catalog reads and owner changes on several threads. Across processes,
 a connection that finds the file locked retries for `BUSY_WAIT_S` before giving up.
+
+The tables are written from their one definition (flexolmo/base/source_schema.py). A catalog
+that lacks columns added since it was written gains them at its first open (`upgrade`, also
+`flexolmo migrate`'s `catalog` step: flexolmo/base/migrate.py).
 """
 
 from __future__ import annotations
@@ -19,46 +23,11 @@ from typing import Iterator
 
 import duckdb
 
+from flexolmo.base import migrate, source_schema
 from flexolmo.base.errors import InputError
 from flexolmo.base.workspace import Workspace, current_user
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS sources (
-    name            VARCHAR PRIMARY KEY,
-    owner           VARCHAR NOT NULL,
-    domain          VARCHAR NOT NULL,
-    licence         VARCHAR NOT NULL,
-    visibility      VARCHAR NOT NULL CHECK (visibility IN ('full', 'snippets', 'counts')),
-    active          BOOLEAN NOT NULL DEFAULT TRUE,
-    expires         DATE,                 -- licence expiry: after this day the source is off
-    origin          VARCHAR NOT NULL,     -- where the documents came from (path or sample)
-    content_hash    VARCHAR NOT NULL,     -- sha256 over (doc_id, text) in doc_id order
-    n_docs_train    BIGINT NOT NULL,
-    n_docs_valid    BIGINT NOT NULL,
-    n_chars_train   BIGINT NOT NULL,
-    n_chars_valid   BIGINT NOT NULL,
-    n_synthetic     BIGINT NOT NULL DEFAULT 0,  -- documents generated, not collected
-    created_at      TIMESTAMP NOT NULL,
-    updated_at      TIMESTAMP NOT NULL,
-    updated_by      VARCHAR NOT NULL
-);
-CREATE TABLE IF NOT EXISTS policy_log (
-    source      VARCHAR NOT NULL,
-    changed_at  TIMESTAMP NOT NULL,
-    changed_by  VARCHAR NOT NULL,
-    field       VARCHAR NOT NULL,   -- active | visibility | expires | max_verbatim
-    old_value   VARCHAR,
-    new_value   VARCHAR
-);
--- the verbatim guard (tracing/guard.py): generation never emits a run of more than this
--- many consecutive tokens found in the source; NULL: no limit. Added after the first
--- catalogs were written, hence ALTER (a no-op once the column exists).
-ALTER TABLE sources ADD COLUMN IF NOT EXISTS max_verbatim INTEGER;
--- who changed a policy through the service is the key's owner (changed_by); which key, and
--- the caller's own note (the request's `by`, at most a comment), sit beside it.
-ALTER TABLE policy_log ADD COLUMN IF NOT EXISTS key_id VARCHAR;
-ALTER TABLE policy_log ADD COLUMN IF NOT EXISTS comment VARCHAR;
-"""
+SCHEMA = source_schema.SCHEMA  # the `sources` and `policy_log` tables, written from their one definition
 
 
 BUSY_WAIT_S = 3.0  # how long a connection waits for another process to release the file
@@ -76,12 +45,61 @@ def connect(ws: Workspace, read_only: bool = False) -> Iterator[duckdb.DuckDBPyC
         else:
             ws.ensure()
             con = _open(ws, read_only)
+            if read_only and _needs_upgrade(ws, con):
+                con.close()  # an older catalog: upgraded (a short write) before it is read
+                with contextlib.closing(_open(ws, False)) as rw:
+                    upgrade(rw)
+                con = _open(ws, read_only)
             if not read_only:
                 con.execute(SCHEMA)
+                upgrade(con)
         try:
             yield con
         finally:
             con.close()
+
+
+# -- older catalogs ----------------------------------------------------------------------------
+
+_CHECKED: set[tuple] = set()  # catalog files (path, size, mtime) seen current by this process
+
+
+def missing_columns(con: duckdb.DuckDBPyConnection) -> list[tuple[str, source_schema.Column]]:
+    """(table, column) of the schema that the catalog's tables lack (added since it was written)."""
+    have: dict[str, set[str]] = {}
+    for t, c in con.execute("SELECT table_name, column_name FROM information_schema.columns "
+                            "WHERE table_name IN ('sources', 'policy_log')").fetchall():
+        have.setdefault(t, set()).add(c)
+    return [(t, c) for t, cols in source_schema.TABLES.items() if t in have for c in cols if c.name not in have[t]]
+
+
+def upgrade(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """Add the columns an older catalog lacks, in one transaction (the rows already there get
+    NULL or the column's default: no limit, no key, no note); what it added, in words."""
+    todo = missing_columns(con)
+    if not todo:
+        return []
+    con.execute("BEGIN")
+    try:
+        for table, col in todo:
+            con.execute(col.add_column_sql(table))
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+    return [f"added column {table}.{col.name}" for table, col in todo]
+
+
+def _needs_upgrade(ws: Workspace, con: duckdb.DuckDBPyConnection) -> bool:
+    """Does the catalog lack columns? (Asked once per version of the file in this process.)"""
+    st = ws.catalog_path.stat()
+    stamp = (str(ws.catalog_path), st.st_size, st.st_mtime_ns)
+    if stamp in _CHECKED:
+        return False
+    if missing_columns(con):
+        return True
+    _CHECKED.add(stamp)
+    return False
 
 
 def _open(ws: Workspace, read_only: bool) -> duckdb.DuckDBPyConnection:
@@ -129,3 +147,16 @@ def check_by(by: str | None) -> str:
 
     Stored as data and shown escaped, never as markup."""
     return current_user() if by is None else check_text(by, "by (who makes the change)", BY_MAX)
+
+
+def _migrate_step(ws: Workspace, apply: bool) -> list[str]:
+    """`flexolmo migrate`'s catalog step: the columns added since the catalog was written."""
+    if not ws.catalog_path.exists():
+        return []
+    with _LOCK, contextlib.closing(_open(ws, read_only=not apply)) as con:
+        if apply:
+            return upgrade(con)
+        return [f"would add column {t}.{c.name}" for t, c in missing_columns(con)]
+
+
+migrate.register(migrate.Step("catalog", _migrate_step, "columns of `sources` and `policy_log` added since"))

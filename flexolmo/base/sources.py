@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from flexolmo.base import catalog
+from flexolmo.base import catalog, source_schema
 from flexolmo.base.catalog import BY_MAX, check_by, check_text  # noqa: F401  (validated caller text, re-exported)
 from flexolmo.base.errors import ConflictError, InputError, NotFoundError
 from flexolmo.base.documents import DOCUMENTS_FILE, ROW_GROUP_ROWS, documents_table, write_documents
@@ -30,7 +30,7 @@ from flexolmo.base.documents import split_of  # noqa: F401  (re-exported: source
 from flexolmo.base.records import read_records  # noqa: F401  (re-exported: sources.read_records)
 from flexolmo.base.workspace import Workspace, current_user, replace_dir
 
-VISIBILITIES = ("full", "snippets", "counts")
+VISIBILITIES = source_schema.VISIBILITIES
 REMOTE_ORIGIN = "remote:"  # origin of a source held by its owner's node (index/remote.py)
 
 # A source name becomes a folder name under indexes/, and infini-gram's loader classifies
@@ -38,19 +38,17 @@ REMOTE_ORIGIN = "remote:"  # origin of a source held by its owner's node (index/
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 RESERVED_SUBSTRINGS = ("tokenized", "table", "offset", "metadata", "metaoff", "unigram")
 
-INSERT_COLUMNS = ("(name, owner, domain, licence, visibility, active, expires, origin, content_hash, n_docs_train, "
-                  "n_docs_valid, n_chars_train, n_chars_valid, n_synthetic, created_at, updated_at, updated_by)")
 
 
 @dataclass(frozen=True)
 class Source:
-    """One row of the source registry."""
+    """One row of the source registry (its columns: `source_schema.SOURCE_COLUMNS`, checked by a test)."""
 
     name: str
     owner: str
     domain: str
     licence: str
-    visibility: str
+    visibility: source_schema.Visibility
     active: bool
     expires: dt.date | None
     origin: str
@@ -108,21 +106,22 @@ def check_visibility(visibility: str) -> str:
     return visibility
 
 
-def check_max_verbatim(n) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise InputError(f"--max-verbatim must be a whole number of tokens >= 1, got {n!r}")
-    return n
-
-
 def parse_date(value: str | dt.date | None, what: str = "expiry date") -> dt.date | None:
+    """A date given as YYYY-MM-DD (None: no date)."""
     if value is None or isinstance(value, dt.date):
         return value
-    if value.strip().lower() in ("", "none", "never"):
-        return None
     try:
         return dt.date.fromisoformat(value.strip())
     except ValueError:
-        raise InputError(f"{what} {value!r} does not parse: write it as YYYY-MM-DD (or 'never')") from None
+        raise InputError(f"{what} {value!r} does not parse: write it as YYYY-MM-DD") from None
+
+
+def _insert(con, row: dict) -> None:
+    """Insert a `sources` row (columns left out take their default: NULL or the schema's)."""
+    cols = [c.name for c in source_schema.SOURCE_COLUMNS if c.name in row]
+    assert set(cols) == set(row), set(row) - set(cols)
+    con.execute(f"INSERT INTO sources ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                [row[c] for c in cols])
 
 
 # ---------------------------------------------------------------------------------------
@@ -190,12 +189,9 @@ def add_document_batches(
             con.execute("BEGIN")
             try:
                 con.execute("DELETE FROM sources WHERE name = ?", [name])
-                con.execute(
-                    f"INSERT INTO sources {INSERT_COLUMNS} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [name, owner, domain, licence, visibility, active, expires, origin, digest,
-                     stats["n_docs_train"], stats["n_docs_valid"], stats["n_chars_train"], stats["n_chars_valid"],
-                     n_synthetic, now, now, by],
-                )
+                _insert(con, dict(name=name, owner=owner, domain=domain, licence=licence, visibility=visibility,
+                                  active=active, expires=expires, origin=origin, content_hash=digest, **stats,
+                                  n_synthetic=n_synthetic, created_at=now, updated_at=now, updated_by=by))
                 # the documents are in place before the catalog row becomes visible
                 replace_dir(tmp, final)
             except BaseException:
@@ -220,9 +216,10 @@ def insert_remote_row(con, name: str, *, owner: str, domain: str, licence: str, 
     if con.execute("SELECT 1 FROM sources WHERE name = ?", [name]).fetchone():
         raise ConflictError(f"source {name!r} already exists; choose another name")
     now = dt.datetime.now().replace(microsecond=0)
-    con.execute(f"INSERT INTO sources {INSERT_COLUMNS} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [name, owner, domain, licence, visibility, True, None, origin, content_hash, int(n_docs), 0, 0, 0, 0,
-                 now, now, check_by(by)])
+    _insert(con, dict(name=name, owner=owner, domain=domain, licence=licence, visibility=visibility, active=True,
+                      expires=None, origin=origin, content_hash=content_hash, n_docs_train=int(n_docs), n_docs_valid=0,
+                      n_chars_train=0, n_chars_valid=0, n_synthetic=0, created_at=now, updated_at=now,
+                      updated_by=check_by(by)))
 
 
 def add_source(ws: Workspace, name: str, path: str | Path, **kwargs) -> Source:
@@ -291,51 +288,23 @@ def iter_document_batches(ws: Workspace, name: str, split: str | None, columns: 
             yield t.select(columns)
 
 
-def set_policy(
-    ws: Workspace,
-    name: str,
-    *,
-    active: bool | None = None,
-    visibility: str | None = None,
-    expires: str | dt.date | None = None,
-    clear_expiry: bool = False,
-    max_verbatim: int | None = None,
-    clear_max_verbatim: bool = False,
-    by: str | None = None,
-    key_id: str | None = None,
-    comment: str | None = None,
-) -> Source:
-    """Change a source's policy (on/off, visibility, expiry, the verbatim guard's limit),
-    logging who and when.
+def set_policy(ws: Workspace, name: str, *, by: str | None = None, key_id: str | None = None,
+               comment: str | None = None, **change) -> Source:
+    """Change a source's policy, logging who and when. Owners' changes go through
+    `tracing.provenance.governance.set_policy`, which also brings stored traces in line.
 
+    :param change: the policy fields to set (`source_schema.POLICY_FIELDS`): active, visibility,
+        expires, max_verbatim; None sets "none" (`expires=None`: no expiry date,
+        `max_verbatim=None`: no limit), a field left out is kept
     :param by: who (default: the OS user); the service passes its key's owner
     :param key_id: the key the change was made with (the service), logged beside `by`
     :param comment: a note logged with the change (one printable line)
     """
+    wanted = source_schema.policy_change(**change).changes()
     by = check_by(by)
     comment = None if comment is None else check_text(comment, "comment", BY_MAX)
-    if max_verbatim is not None:
-        check_max_verbatim(max_verbatim)
     src = get_source(ws, name)
-    changes: dict[str, object] = {}
-    if clear_max_verbatim:
-        if src.max_verbatim is not None:
-            changes["max_verbatim"] = None
-    elif max_verbatim is not None and max_verbatim != src.max_verbatim:
-        changes["max_verbatim"] = int(max_verbatim)
-    if active is not None and active != src.active:
-        changes["active"] = active
-    if visibility is not None:
-        check_visibility(visibility)
-        if visibility != src.visibility:
-            changes["visibility"] = visibility
-    if clear_expiry:
-        if src.expires is not None:
-            changes["expires"] = None
-    elif expires is not None:
-        new = parse_date(expires)
-        if new != src.expires:
-            changes["expires"] = new
+    changes = {k: v for k, v in wanted.items() if v != getattr(src, k)}
     if not changes:
         return src
     now = dt.datetime.now().replace(microsecond=0)

@@ -13,8 +13,6 @@ repeating the action finishes it too (a retried takedown is not refused half-don
 
 from __future__ import annotations
 
-import datetime as dt
-
 from flexolmo.base import sources as src_lib
 from flexolmo.base.errors import ConflictError
 from flexolmo.base.workspace import Workspace
@@ -48,18 +46,16 @@ def takedown(ws: Workspace, source: str, doc_id: str, reason: str, by: str | Non
     return t
 
 
-def set_policy(ws: Workspace, name: str, *, active: bool | None = None, visibility: str | None = None,
-               expires: str | dt.date | None = None, clear_expiry: bool = False, max_verbatim: int | None = None,
-               by: str | None = None, key_id: str | None = None, comment: str | None = None) -> src_lib.Source:
+def set_policy(ws: Workspace, name: str, *, by: str | None = None, key_id: str | None = None,
+               comment: str | None = None, **change) -> src_lib.Source:
     """Change a source's policy; moving to `counts` also strips its documents from stored traces.
 
-    :param max_verbatim: the verbatim guard's limit in tokens; 0 lifts it
+    :param change: the policy fields to set (active, visibility, expires, max_verbatim); None
+        sets "none" (`max_verbatim=None` lifts the limit, `expires=None` the expiry date), a
+        field left out is kept (`flexolmo.base.source_schema.PolicyChange`)
     Repeating a change that is recorded but not yet applied to the store applies it. `by`,
     `key_id` and `comment` go to the policy log (`flexolmo.base.sources.set_policy`)."""
-    lift = max_verbatim == 0
-    src = src_lib.set_policy(ws, name, active=active, visibility=visibility, expires=expires,
-                             clear_expiry=clear_expiry, max_verbatim=None if lift else max_verbatim,
-                             clear_max_verbatim=lift, by=by, key_id=key_id, comment=comment)
+    src = src_lib.set_policy(ws, name, by=by, key_id=key_id, comment=comment, **change)
     if src.visibility == "counts":
         store.sync(ws)
     return src

@@ -41,10 +41,11 @@ from typing import Iterator
 import duckdb
 import pyarrow as pa
 
+from flexolmo.base import migrate
 from flexolmo.base.errors import ConflictError, NotFoundError
 from flexolmo.base.workspace import Workspace
 
-from . import parts
+from . import parts, upgrades
 from ..results import Trace
 
 SCHEMA = """
@@ -230,32 +231,18 @@ def save_trace(ws: Workspace, t: Trace) -> None:
 
 
 def _manifest(ws: Workspace, r: Path) -> parts.Manifest:
-    """The manifest, created on first use (importing a store of the DuckDB-file era, if any)."""
+    """The manifest, created on first use (importing a DuckDB-file store, if any: upgrades.py)."""
     m = parts.Manifest.read(r)
     if m is not None:
         return m
-    m, legacy = parts.Manifest(), ws.traces_path
-    sch = schemas()
-    tables = {n: sch[n].empty_table() for n in TABLES}
-    if legacy.exists():
-        try:
-            con = duckdb.connect(str(legacy), read_only=True)
-        except duckdb.Error as e:
-            raise ConflictError(f"the old store {legacy} is held by another process ({str(e).splitlines()[0]}); "
-                                "close it, then run `flexolmo traces repair` to import it") from None
-        with contextlib.closing(con):
-            for n in TABLES:
-                have = {r[0] for r in con.execute("SELECT column_name FROM information_schema.columns "
-                                                  "WHERE table_name = ?", [n]).fetchall()}
-                src = {f.name: f'"{f.name}"' if f.name in have else "NULL" for f in sch[n]}  # later columns: NULL
-                cols = ", ".join(f'CAST({src[f.name]} AS {_sql_type(n, f.name)}) AS "{f.name}"' for f in sch[n])
-                tables[n] = con.sql(f"SELECT {cols} FROM {n}").to_arrow_table().cast(sch[n])
+    m, old = parts.Manifest(), ws.traces_path
+    sch = {n: schemas()[n] for n in TABLES}
+    tables = upgrades.read_duckdb_store(old, sch, _sql_type) if old.exists() else {n: s.empty_table() for n, s in sch.items()}
     part_id, tmp = parts.new_part_dir(ws)
     parts.write_tables(tmp, tables)
     parts.commit(r, m, part_id, tmp, tables["traces"].num_rows)
-    if legacy.exists():  # imported: the old file (perhaps unredacted, see issue 10) goes
-        for p in (legacy, legacy.with_name(legacy.name + ".wal")):
-            p.unlink(missing_ok=True)
+    if old.exists():
+        upgrades.remove_duckdb_store(old)
     return m
 
 
@@ -370,6 +357,20 @@ def _pin(ws: Workspace, m: parts.Manifest, stack: contextlib.ExitStack) -> tuple
 
 def _pending(ws: Workspace, m: parts.Manifest) -> bool:
     return bool({tuple(k) for k in demands(ws)} - {tuple(k) for k in m.applied})
+
+
+def _migrate_step(ws: Workspace, apply: bool) -> list[str]:
+    """`flexolmo migrate`'s store step: import a DuckDB-file store into Parquet parts."""
+    if not ws.traces_path.exists() or parts.Manifest.read(parts.root(ws)) is not None:
+        return []
+    if apply:
+        with parts.writer(ws) as r:
+            n = sum(p["n"] for p in _manifest(ws, r).parts)
+        return [f"traces/provenance.duckdb: {n} traces imported into Parquet parts (traces/parts/), the file removed"]
+    return ["traces/provenance.duckdb: would be imported into Parquet parts (traces/parts/) and removed"]
+
+
+migrate.register(migrate.Step("provenance store", _migrate_step, "the single-file DuckDB store -> Parquet parts"))
 
 
 # The read side (SQL, contribution, export) lives in tracing/provenance/queries.py, over `reader`.

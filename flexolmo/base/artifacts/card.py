@@ -13,11 +13,11 @@ One hash scheme: an input is named (`tokenizer`, `source`, `config`, `public_mod
 
 An artifact is current when its card's inputs equal the inputs computed now.
 
-Cards written by the previous version (keys `tokenizer_sha256`, `shared_weights_sha256`,
-`public_hash`, ... and no `inputs`) are upgraded on read by each card's `upgrade`, which
-names the inputs it can recover; one it cannot recover is left out, so the artifact loads
-but is not current. A card that cannot be read at all raises `OutdatedError` saying how to
-rebuild the artifact.
+A card of the format before `inputs` is upgraded on read by the upgrade registered for its
+class (flexolmo/base/migrate.py; the upgrades themselves live in each layer's `upgrades.py`),
+which names the inputs it can recover; one it cannot recover is left out, so the artifact
+loads but is not current. `flexolmo migrate` writes upgraded cards back. A card that cannot be
+read at all raises `OutdatedError` saying how to rebuild the artifact.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ from typing import ClassVar, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from flexolmo.base import migrate
 from flexolmo.base.errors import NotFoundError, OutdatedError
 
-FORMAT = 2  # 1: the cards before typed artifacts (no `inputs`)
+FORMAT = 2  # 1: cards without `inputs` (upgraded on read: flexolmo/base/migrate.py)
 CARD_FILE = "card.json"
 
 Inputs = dict[str, str]  # input name -> sha256 hex
@@ -49,7 +50,8 @@ def now() -> str:
 
 class Card(BaseModel):
     """Base of every artifact card. Subclasses set `KIND` and `REBUILD` (the command that
-    rebuilds the artifact, shown when its card cannot be read) and may override `upgrade`."""
+    rebuilds the artifact, shown when its card cannot be read); an older format's upgrade is
+    registered with `flexolmo.base.migrate.card_upgrade`."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -62,6 +64,7 @@ class Card(BaseModel):
     inputs: Inputs
     created_at: str = Field(default_factory=now)
     upgraded_from: int | None = None  # the format this card was read from, when older
+    previous_fields: dict | None = None  # the older card's fields this format holds differently
 
     # -- is it current? ---------------------------------------------------------------------
 
@@ -79,11 +82,6 @@ class Card(BaseModel):
         return f"{what} changed since it was built"
 
     # -- read and write ------------------------------------------------------------------------
-
-    @classmethod
-    def upgrade(cls, old: dict) -> dict:
-        """Turn a card of the previous format into this format's fields (override per kind)."""
-        raise OutdatedError(f"a {cls.KIND} card without `inputs`")
 
     @classmethod
     def read(cls, folder: Path) -> Self:
@@ -106,10 +104,10 @@ class Card(BaseModel):
             raise OutdatedError(f"{path} was written by a newer flexolmo (card format {data['format']}, this "
                                 f"version reads up to {FORMAT}); upgrade flexolmo or {hint}")
         try:
-            if "inputs" not in data:
-                data = {**cls.upgrade(data), "upgraded_from": data.get("format", 1)}
+            if migrate.is_old_card(data):
+                data = migrate.upgrade_card_dict(cls, data, FORMAT)
             return cls.model_validate(data)
-        except (OutdatedError, ValidationError, KeyError, TypeError, ValueError) as e:
+        except (LookupError, ValidationError, KeyError, TypeError, ValueError) as e:
             detail = e.errors()[0] if isinstance(e, ValidationError) else e
             raise OutdatedError(f"{path} was written by another version of flexolmo and cannot be read "
                                 f"({_short(detail)}); {hint}") from None

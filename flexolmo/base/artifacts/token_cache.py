@@ -37,13 +37,6 @@ class TokenCacheCard(Card):
     n_docs: int
     n_tokens: int
 
-    @classmethod
-    def upgrade(cls, old: dict) -> dict:
-        # the previous card recorded the tokenizer but not the source's content: not current
-        return {"kind": "token_cache", "format": 1, "inputs": {"tokenizer": old["tokenizer_sha256"]},
-                **{k: old[k] for k in ("source", "split", "n_docs", "n_tokens")}}
-
-
 def folder(ws: Workspace, source: str, split: str, tokenizer_sha256: str) -> Path:
     return ws.source_dir(source) / f"tokens-{split}-{tokenizer_sha256[:16]}"
 

@@ -54,18 +54,6 @@ class TokenizerCard(Card):
         """The tokenizer's identity: sha256 of tokenizer.json (other artifacts' `tokenizer` input)."""
         return self.files[TOKENIZER_FILE]
 
-    @classmethod
-    def upgrade(cls, old: dict) -> dict:
-        content = old.get("source_content_hash")
-        return {
-            "kind": "tokenizer", "format": 1, "algorithm": old["kind"],
-            "inputs": inputs_for(content, {"vocab_size": old["vocab_size"]}) if content else {},
-            **{k: old[k] for k in ("vocab_size", "eos_token", "eos_id", "pad_token", "pad_id", "n_texts", "seconds")},
-            "trained_on": old["trained_on"], "n_bow_ids": old["n_bow_ids"],
-            "files": {TOKENIZER_FILE: old["sha256"]},
-        }
-
-
 def folder(ws: Workspace) -> Path:
     return ws.tokenizer_dir
 

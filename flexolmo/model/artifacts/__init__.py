@@ -3,4 +3,7 @@
     public_model.py    models/public/       PublicModelCard
     expert_package.py  experts/<source>/    ExpertPackageCard (+ the package format)
     merged_model.py    models/merged/       MergedModelCard
+    upgrades.py        the older cards' upgrades (flexolmo/base/migrate.py applies them on read)
 """
+
+from . import upgrades  # noqa: F401  (registers the upgrades before any card is read)

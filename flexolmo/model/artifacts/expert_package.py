@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from flexolmo.model.config import PREVIOUS_RECIPE, Profile
+from flexolmo.model.config import Profile
 from flexolmo.base.errors import ConflictError, IntegrityError, NotFoundError
 from flexolmo.model.layout import get_slice, slice_shapes
 from flexolmo.base.sources import get_source
@@ -62,22 +62,6 @@ class ExpertPackageCard(Card):
     @property
     def public_model(self) -> str | None:
         return self.inputs.get("public_model")
-
-    @classmethod
-    def upgrade(cls, old: dict) -> dict:
-        # previous keys: public_hash, tokenizer_sha256; trained with PREVIOUS_RECIPE, the
-        # source's content not recorded: it loads and merges, but is not current
-        config = old["config"]
-        profile = Profile.from_dict({**config, "public": {**PREVIOUS_RECIPE, **config["public"]},
-                                     "expert": {**PREVIOUS_RECIPE, **config["expert"]}})
-        dp = old.get("privacy", {})
-        keep = ("source", "owner", "domain", "profile", "config", "n_params", "n_trainable", "steps", "tokens",
-                "final_loss", "losses", "seconds", "tokens_per_s", "throughput", "resumed_from", "world_size",
-                "router_init", "privacy", "files", "created_at", "created_by")
-        return {"kind": "expert_package", "format": 1, **{k: old[k] for k in keep if k in old},
-                "inputs": {"tokenizer": old["tokenizer_sha256"], "public_model": old["public_hash"],
-                           "config": config_hash(profile, _dp_settings(dp) if dp.get("dp") else None)}}
-
 
 def _dp_settings(privacy: dict) -> dict:
     return {k: privacy[k] for k in ("noise_multiplier", "max_grad_norm", "delta")}

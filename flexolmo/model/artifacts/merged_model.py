@@ -37,17 +37,6 @@ class MergedModelCard(Card):
     def names(self) -> list[str]:
         return [e["source"] for e in self.experts]
 
-    @classmethod
-    def upgrade(cls, old: dict) -> dict:
-        # previous keys: public_hash; every input is recoverable from the old card
-        experts = old["experts"]
-        packages = {e["source"]: e["package_sha256"] for e in experts[1:]}
-        keep = ("experts", "top_k", "n_params", "router_bias", "router_tuning", "created_at")
-        return {"kind": "merged_model", "format": 1, **{k: old[k] for k in keep if k in old},
-                "public_model": old["public_hash"],
-                "inputs": inputs_for(old["public_hash"], packages, old["top_k"])}
-
-
 def folder(ws: Workspace) -> Path:
     return ws.models_dir / "merged"
 

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Literal
 
-from flexolmo.model.config import PREVIOUS_RECIPE, Profile
+from flexolmo.model.config import Profile
 from flexolmo.base.errors import InputError, IntegrityError, NotFoundError
 from flexolmo.model.layout import shared_weights_hash
 from flexolmo.model.moe import LoadedModel, load_model, save_model
@@ -50,20 +50,6 @@ class PublicModelCard(Card):
         default, or one only owner training reads, does not make a public model stale."""
         recorded = {**self.inputs, "config": sha256_json(Profile.from_dict(self.config).recipe("public"))}
         return Card.stale_reason(self.model_copy(update={"inputs": recorded}), inputs)
-
-    @classmethod
-    def upgrade(cls, old: dict) -> dict:
-        # previous keys: tokenizer_sha256, shared_weights_sha256; the source's content was not recorded
-        config = old["config"]
-        config = {**config, "public": {**PREVIOUS_RECIPE, **config["public"]},
-                  "expert": {**PREVIOUS_RECIPE, **config["expert"]}}  # what it was really trained with
-        recipe = Profile.from_dict(config).recipe("public")
-        keep = ("source", "profile", "n_params", "steps", "tokens", "final_loss", "losses", "seconds",
-                "tokens_per_s", "throughput", "resumed_from", "world_size", "router_init", "created_at")
-        return {"kind": "public_model", "format": 1, **{k: old[k] for k in keep if k in old}, "config": config,
-                "inputs": {"tokenizer": old["tokenizer_sha256"], "config": sha256_json(recipe)},
-                "weights": old["shared_weights_sha256"]}
-
 
 def folder(ws: Workspace) -> Path:
     return ws.models_dir / "public"
