@@ -12,8 +12,8 @@ is current (its manifest's rule, index/manifest.py: same tokenizer, source conte
 count and width) is not rebuilt unless forced.
 
 It streams: the source is tokenized batch by batch into the token cache (flexolmo/base/tokens.py),
-the shards are written from it a bounded run at a time (index/write.py), and rust_indexing
-works within `IndexConfig.mem_gib` (index/suffix_array.py). Memory is therefore bounded by the
+the shards are written from it a bounded run at a time (index/write.py), and each shard's
+suffix sort works within `IndexConfig.mem_gib` (index/suffix_array.py). Memory is therefore bounded by the
 budget, not by the source: a source whose token file would not fit is split into shards
 (by default as many as the budget needs; `--shards N` or `max_shard_tokens` to choose).
 Ids are u16 or u32 as the tokenizer's vocabulary needs (index/width.py). A source held by
@@ -40,7 +40,7 @@ from . import catalog, format as fmt, width as widths
 from .format import diff_dir, index_dir  # noqa: F401 -- callers of the builder find the paths here too
 from .manifest import IndexManifest, inputs_for
 from .results import BuildResult, IndexRecord
-from .suffix_array import build_suffix_array, max_shard_bytes, shards_for
+from .suffix_array import METHODS, build_suffix_array, check_method, max_shard_bytes, shards_for
 from .takedown import rebuild_diff
 from .verify import verify_folder
 from .write import write_shards
@@ -61,11 +61,12 @@ def _no_progress(source: str, step: str, done: float, total: float | None, unit:
 @dataclass(frozen=True)
 class IndexConfig:
     shards: int | None = None  # None: as many as the memory budget (and max_shard_tokens) needs
-    cpus: int = max(1, min(os.cpu_count() or 1, 8))  # rust_indexing processes / threads at a time
-    mem_gib: float = 8.0  # rust_indexing's budget: make-part slices and the shard merge fit in it
+    cpus: int = max(1, min(os.cpu_count() or 1, 8))  # suffix-sort threads (rust_indexing: processes) at a time
+    mem_gib: float = 8.0  # the suffix sort's budget: a shard's sort fits in it (index/suffix_array.py)
     max_shard_tokens: int | None = None  # positions (ids + separators) per shard at most; None: the budget's
     verify_ngrams: int = 64  # sampled n-gram counts checked against a brute-force count
     verify_sa_ranks: int = 256  # sampled adjacent suffix-array ranks checked for order
+    suffix_array: str = METHODS[0]  # "divsufsort", or "rust" (rust_indexing: the same tables, slow on repeats)
 
     def check(self) -> "IndexConfig":
         if self.shards is not None and not 1 <= self.shards <= MAX_SHARDS:
@@ -74,13 +75,14 @@ class IndexConfig:
             raise InputError(f"--mem-gib {self.mem_gib:g} / --cpus {self.cpus}: use 0.25..4096 GiB and 1..256 cpus")
         if self.max_shard_tokens is not None and self.max_shard_tokens < 1000:
             raise InputError(f"--max-shard-tokens {self.max_shard_tokens} is too small: use at least 1000")
+        check_method(self.suffix_array)
         return self
 
     def shards_for(self, n_positions: int, width: widths.Width) -> int:
         """The shard count for a source of `n_positions` (ids + separators)."""
         if self.shards is not None:
             return self.shards
-        n = shards_for(n_positions * width.bytes, self.mem_gib, self.max_shard_tokens, width)
+        n = shards_for(n_positions * width.bytes, self.mem_gib, self.max_shard_tokens, width, self.suffix_array)
         if n > MAX_SHARDS:
             raise InputError(f"{n_positions:,} tokens need {n} shards under --mem-gib {self.mem_gib:g}, more than "
                              f"{MAX_SHARDS}; give more memory (--mem-gib) or larger shards (--max-shard-tokens)")
@@ -155,7 +157,7 @@ def _build_locked(ws: Workspace, source: src_lib.Source, force: bool, progress: 
         shards = config.shards_for(int(toks.offsets[-1]) + toks.n_docs, width)
         n_docs, n_tokens, shard_stats = write_shards(ws, tmp, name, toks, shards, width, tok_info.vocab_size)
         tokenize_seconds = time.perf_counter() - t0
-        cap = max_shard_bytes(config.mem_gib)
+        cap = max_shard_bytes(config.mem_gib, config.suffix_array)
         big = [s["shard"] for s in shard_stats if s["ds_tokens"] * width.bytes > cap]
         if big:
             raise InputError(f"shard(s) {big} of {name!r} hold more than --mem-gib {config.mem_gib:g} allows "
@@ -167,7 +169,7 @@ def _build_locked(ws: Workspace, source: src_lib.Source, force: bool, progress: 
             progress(name, step, 0, st["ds_tokens"], "tokens")
             sa_seconds += build_suffix_array(fmt.shard_file(tmp, "tokenized", k, shards),
                                              fmt.shard_file(tmp, "table", k, shards), tmp / f".work-{k}", width,
-                                             cpus=config.cpus, mem_gib=config.mem_gib)
+                                             cpus=config.cpus, mem_gib=config.mem_gib, method=config.suffix_array)
             shutil.rmtree(tmp / f".work-{k}", ignore_errors=True)
             progress(name, step, st["ds_tokens"], st["ds_tokens"], "tokens")
         shutil.copyfile(ws.tokenizer_dir / fmt.BOW_FILE, tmp / fmt.BOW_FILE)
