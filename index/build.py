@@ -1,6 +1,7 @@
 """Build and record one infini-gram index per source (train split only).
 
     flexolmo index build --all            # or --source NAME, --shards N, --force, --mem-gib, --cpus
+    flexolmo index build --all --ray      # the shards' suffix arrays as Ray tasks (index/ray_build.py)
 
 A build is atomic: everything is written into `indexes/.tmp-<name>-*`, checked by
 `index/verify.py` (the engine loads it; document and token counts match; sampled n-gram
@@ -67,6 +68,8 @@ class IndexConfig:
     verify_ngrams: int = 64  # sampled n-gram counts checked against a brute-force count
     verify_sa_ranks: int = 256  # sampled adjacent suffix-array ranks checked for order
     suffix_array: str = METHODS[0]  # "divsufsort", or "rust" (rust_indexing: the same tables, slow on repeats)
+    ray: bool = False  # the shards' suffix arrays as Ray tasks (index/ray_build.py)
+    ray_address: str | None = None  # with ray: a running cluster's address; None: a local Ray of `cpus` CPUs
 
     def check(self) -> "IndexConfig":
         if self.shards is not None and not 1 <= self.shards <= MAX_SHARDS:
@@ -76,6 +79,8 @@ class IndexConfig:
         if self.max_shard_tokens is not None and self.max_shard_tokens < 1000:
             raise InputError(f"--max-shard-tokens {self.max_shard_tokens} is too small: use at least 1000")
         check_method(self.suffix_array)
+        if self.ray_address is not None and not self.ray:
+            raise InputError("--ray-address names the Ray cluster of --ray; add --ray")
         return self
 
     def shards_for(self, n_positions: int, width: widths.Width) -> int:
@@ -164,7 +169,12 @@ def _build_locked(ws: Workspace, source: src_lib.Source, force: bool, progress: 
                              f"({cap:,} bytes of tokens); use more shards, or leave --shards out")
 
         sa_seconds = 0.0
-        for st in shard_stats:
+        if config.ray:  # imported here: a plain build never loads Ray
+            from .ray_build import suffix_arrays_on_ray
+
+            sa_seconds = suffix_arrays_on_ray(tmp, shard_stats, width, config,
+                                              lambda step, done, total: progress(name, step, done, total, "shards"))
+        for st in [] if config.ray else shard_stats:
             k, step = st["shard"], f"suffix array {st['shard'] + 1}/{shards}"
             progress(name, step, 0, st["ds_tokens"], "tokens")
             sa_seconds += build_suffix_array(fmt.shard_file(tmp, "tokenized", k, shards),
