@@ -138,6 +138,7 @@ def _build_locked(ws: Workspace, source: src_lib.Source, force: bool, progress: 
     name = source.name
     tok_hash = tok_lib.tokenizer_hash(ws)
     tok_info = tok_lib.tokenizer_info(ws)
+    tok_lib.ensure_token_bytes(ws)  # the byte table traces decode windows with (index/snippets.py)
     width = widths.for_vocab(tok_info.vocab_size)
     final = index_dir(ws, name)
 
