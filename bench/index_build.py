@@ -1,6 +1,22 @@
-"""Benchmark: build the sample federation's indexes, compare with bare rust_indexing, query latency by size.
+"""Benchmark: build the sample federation's indexes, compare with the bare suffix sort, query latency by size;
+with --repeats, suffix sorts on prose and on text with long repeats, libdivsufsort vs rust_indexing.
 
     .venv/bin/python bench/index_build.py --workspace flexolmo-work [--scratch /tmp/fx-bench] [--with-100m] [--json F]
+    .venv/bin/python bench/index_build.py --repeats [--chars 8e6] [--vocabs 8192,100000] [--scratch /tmp/fx-rep] [--json F]
+
+--repeats (`repeats_bench`): a scratch workspace with two sources of the same number of tokens:
+`prose` (the first --chars characters of the sample federation's news: State of the Union
+addresses) and `repeats` (the package copyright files of /usr/share/doc and the licences of
+/usr/share/common-licenses, where the same licence texts recur in hundreds of documents;
+copied again if short). Two
+tokenizers trained on `prose` with `tokenizer train`: 8,192 ids (u16 indexes), and the
+largest it learns (about 30,000 ids) with its tokens moved to ids spread over 100,000 and
+imported with `tokenizer import` (u32 indexes: a text can learn no more than that). Each source is built once to fill its token cache, then with each construction
+(`IndexConfig.suffix_array`), each build in a fresh process: tokens/s of the suffix-array
+stage and of the whole build (tokens cached), peak memory (the process's VmHWM, where
+libdivsufsort runs; rust_indexing's children: ru_maxrss, an upper bound that includes the
+parent's size at fork), and whether the two tables are byte for byte the same (where they
+are not: which of them is out of suffix order at the ranks that differ).
 
 The sample workspace (after `flexolmo data samples` and `flexolmo tokenizer train`) is
 copied (sources, tokenizer, catalog) into the scratch folder, so the workspace itself is
@@ -37,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flexolmo.base import sources as src_lib# noqa: E402
 from flexolmo.base import tokenizer as tok_lib# noqa: E402
 from flexolmo.base.workspace import Workspace  # noqa: E402
-from index import build, format as fmt  # noqa: E402
+from index import build, format as fmt, width as widths  # noqa: E402
 from index.suffix_array import build_suffix_array  # noqa: E402
 from index.width import U16  # noqa: E402
 
@@ -50,7 +66,7 @@ def _build_one(root: str, name: str) -> dict:
 
 
 def _bare_sa(folder: Path, scratch: Path, n_shards: int) -> float:
-    """rust_indexing alone on a copy of the same token files."""
+    """The suffix sort alone (the build's construction) on a copy of the same token files."""
     secs = 0.0
     for k in range(n_shards):
         d = scratch / f"bare-{folder.name}"
@@ -288,6 +304,144 @@ def _totals(rows: list[dict]) -> dict:
     return total
 
 
+def _repeat_records(tok, n_tokens: int) -> list[dict]:
+    """Package copyright files and common licences, in name order (copied again if short), until
+    they hold `n_tokens` ids under `tok`."""
+    files = sorted(Path("/usr/share/doc").glob("*/copyright")) + sorted(Path("/usr/share/common-licenses").glob("*"))
+    texts = [(f, f.read_text(encoding="utf-8", errors="replace")) for f in files if f.is_file()]
+    texts = [(f, t) for f, t in texts if t.strip()]
+    out, n, copy = [], 0, 0
+    while n < n_tokens and texts:
+        for i in range(0, len(texts), 256):
+            batch = texts[i: i + 256]
+            for (f, t), enc in zip(batch, tok.encode_batch([t for _, t in batch], add_special_tokens=False)):
+                if n >= n_tokens:
+                    return out
+                out.append({"doc_id": f"{copy}/{f}", "title": f.parent.name, "text": t})
+                n += len(enc.ids)
+        copy += 1
+    return out
+
+
+def _spread_ids(ws: Workspace, out: Path, n_ids: int) -> Path:
+    """The workspace's trained BPE with its tokens moved to ids spread over [0, n_ids) (a permutation;
+    the rest unreachable fillers), saved as a plain Hugging Face folder: a u32 tokenizer with the
+    same tokens, so u16 and u32 rows tokenize the text alike."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(tok_lib.load_raw_tokenizer(ws).to_str())
+    vocab = spec["model"]["vocab"]
+    new = {t: (i * 7919 + 255) % n_ids for t, i in vocab.items()}  # 7919 is prime: distinct ids
+    spec["model"]["vocab"] = {**new, **{f"<unused{i}>": i for i in sorted(set(range(n_ids)) - set(new.values()))}}
+    for a in spec["added_tokens"]:
+        a["id"] = new[a["content"]]
+    out.mkdir(parents=True, exist_ok=True)
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+                            eos_token=tok_lib.EOS_TOKEN).save_pretrained(str(out))
+    return out
+
+
+def _order_at(folder: Path, table: bytes, ranks: np.ndarray, width) -> int:
+    """How many of the adjacent pairs (rank, rank + 1) of `table` are out of suffix order."""
+    ds = fmt.shard_file(folder, "tokenized", 0).read_bytes()
+    r = fmt.ptr_size(len(ds))
+    bad = 0
+    for i in ranks[:2000]:
+        a, b = (int.from_bytes(table[j * r: (j + 1) * r], "little") for j in (i, i + 1))
+        bad += ds[a:] > ds[b:]
+    return bad
+
+
+def _prose_records(chars: int) -> list[dict]:
+    from flexolmo.base.samples import build_news
+
+    out, n = [], 0
+    for r in build_news():
+        if n >= chars:
+            break
+        out.append(r)
+        n += len(r["text"])
+    return out
+
+
+def _build_with(root: str, name: str, method: str) -> dict:
+    cfg = build.IndexConfig(suffix_array=method, cpus=2)
+    r = build.build_source(Workspace(Path(root)), name, force=True, config=cfg)
+    # VmHWM, not ru_maxrss: Linux carries the parent's maximum across fork and exec into ru_maxrss
+    own = next(int(x.split()[1]) for x in Path("/proc/self/status").read_text().splitlines()
+               if x.startswith("VmHWM")) / 1024
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {**r.to_dict(), "path": str(r.path), "peak_mb_python": own, "peak_mb_rust": kids}
+
+
+def repeats_bench(scratch: Path, chars: int, vocabs: list[int]) -> list[dict]:
+    """The --repeats section (module docstring); one row per (tokenizer, source, construction)."""
+    from index.suffix_array import METHODS
+
+    ctx = mp.get_context("spawn")
+    prose = _prose_records(chars)
+    recs = {"prose": prose, "repeats": []}
+    rows = []
+    for vocab in vocabs:
+        ws = Workspace(scratch / f"ws-{vocab}").ensure()
+        src_lib.add_records(ws, "prose", prose, owner="bench", domain="prose", licence="various", origin="bench",
+                            replace=True)
+        tok_lib.train_tokenizer(ws, vocab_size=min(vocab, tok_lib.U16_VOCAB), source="prose", force=True)
+        if vocab > tok_lib.U16_VOCAB:
+            tok_lib.import_tokenizer(ws, _spread_ids(ws, scratch / f"hf-{vocab}", vocab), force=True)
+        info = tok_lib.tokenizer_info(ws)
+        tok = tok_lib.load_raw_tokenizer(ws)
+        n_prose = sum(len(e.ids) for e in tok.encode_batch([r["text"] for r in prose], add_special_tokens=False))
+        src_lib.add_records(ws, "repeats", _repeat_records(tok, n_prose), owner="bench", domain="repeats",
+                            licence="various", origin="bench", replace=True)
+        for name in recs:
+            with ctx.Pool(1, maxtasksperchild=1) as pool:  # fills the token cache (tokenize rate, cold)
+                cold = pool.apply(_build_with, (str(ws.root), name, METHODS[0]))
+            tables = {}
+            for method in METHODS:
+                with ctx.Pool(1, maxtasksperchild=1) as pool:
+                    r = pool.apply(_build_with, (str(ws.root), name, method))
+                folder = Path(r["path"])
+                tables[method] = [fmt.shard_file(folder, "table", k, r["n_shards"]).read_bytes()
+                                  for k in range(r["n_shards"])]
+                row = {"vocab": info.vocab_size, "source": name, "method": method, "n_tokens": r["n_tokens"],
+                       "n_shards": r["n_shards"], "sa_s": r["suffix_array_seconds"], "build_s": r["seconds"],
+                       "sa_tok_s": r["n_tokens"] / r["suffix_array_seconds"], "build_tok_s": r["n_tokens"] / r["seconds"],
+                       "cold_build_s": cold["seconds"], "tokenize_s": cold["tokenize_seconds"],
+                       "peak_mb_python": r["peak_mb_python"], "peak_mb_rust": r["peak_mb_rust"], "load": _load()}
+                rows.append(row)
+                print(f"vocab {row['vocab']:>7,} {name:8s} {method:10s} {row['n_tokens']:>10,} tok: suffix array "
+                      f"{row['sa_s']:7.2f}s {row['sa_tok_s']:>11,.0f} tok/s | build (tokens cached) {row['build_s']:7.2f}s "
+                      f"{row['build_tok_s']:>10,.0f} tok/s | peak MB python {row['peak_mb_python']:,.0f} rust "
+                      f"{row['peak_mb_rust']:,.0f} | load {row['load']}", flush=True)
+            same = tables[METHODS[0]] == tables["rust"]
+            note = ""
+            if not same and r["n_shards"] == 1:  # where they differ, which table is in suffix order
+                width = widths.for_vocab(info.vocab_size)
+                ra = fmt.ptr_size(width.bytes * (r["n_tokens"] + r["n_docs"]))
+                a, b = (np.frombuffer(tables[m][0], dtype=np.uint8).reshape(-1, ra) for m in METHODS)
+                ranks = np.flatnonzero((a != b).any(axis=1))
+                ranks = ranks[ranks + 1 < len(a)]
+                note = (f"; {len(ranks):,} ranks differ; out of order at the first {min(len(ranks), 2000)} of them: "
+                        + ", ".join(f"{m} {_order_at(folder, tables[m][0], ranks, width)}" for m in METHODS))
+            for row in rows[-len(METHODS):]:
+                row["tables_identical"] = same
+                row["difference"] = note
+            print(f"vocab {info.vocab_size:>7,} {name:8s} tables identical: {same}{note}", flush=True)
+    by = {(r["vocab"], r["source"], r["method"]): r for r in rows}
+    for vocab in sorted({r["vocab"] for r in rows}):
+        for method in METHODS:
+            p, q = by[(vocab, "prose", method)], by[(vocab, "repeats", method)]
+            print(f"vocab {vocab:>7,} {method:10s} repeats / prose suffix-array rate {q['sa_tok_s'] / p['sa_tok_s']:.2f}, "
+                  f"whole build {q['build_tok_s'] / p['build_tok_s']:.2f}", flush=True)
+        for name in recs:
+            d, r = by[(vocab, name, METHODS[0])], by[(vocab, name, "rust")]
+            print(f"vocab {vocab:>7,} {name:8s} divsufsort / rust_indexing suffix-array speed {r['sa_s'] / d['sa_s']:.2f}x, "
+                  f"whole build {r['build_s'] / d['build_s']:.2f}x", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workspace", default="flexolmo-work")
@@ -302,9 +456,18 @@ def main() -> None:
     ap.add_argument("--reuse-build", action="store_true",
                     help="skip the build section and reuse the source indexes already in --scratch")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
+    ap.add_argument("--repeats", action="store_true", help="only the prose vs repeats suffix-sort section")
+    ap.add_argument("--chars", type=float, default=8e6, help="--repeats: characters per source")
+    ap.add_argument("--vocabs", default="8192,100000", help="--repeats: tokenizer sizes (u16 up to 65,535, u32 beyond)")
     args = ap.parse_args()
 
     scratch = Path(args.scratch).resolve()
+    if args.repeats:
+        print(f"--repeats: {args.chars:,.0f} characters a source; load {_load()}", flush=True)
+        rows = repeats_bench(scratch, int(args.chars), [int(v) for v in args.vocabs.split(",")])
+        if args.json:
+            Path(args.json).write_text(json.dumps({"repeats": rows}, indent=2))
+        return
     if not args.reuse_build:
         src_ws = Workspace.resolve(args.workspace)
         shutil.rmtree(scratch, ignore_errors=True)

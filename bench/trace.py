@@ -107,7 +107,12 @@ def main() -> None:
     ap.add_argument("--agreement-only", action="store_true", help="Skip the latency parts.")
     ap.add_argument("--skip-agreement", action="store_true")
     ap.add_argument("--first-trace-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--bigtok-first", default=None, metavar="SCRATCH",
+                    help="Only: first trace vs warm with a 111,059-id tokenizer (u32 index built in SCRATCH).")
+    ap.add_argument("--bigtok-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.bigtok_first:
+        return bigtok_first(Path(args.bigtok_first), child=args.bigtok_child)
     t_import = time.perf_counter()
     from flexolmo.base.hflog import quiet_transformers
 
@@ -246,6 +251,62 @@ def first_trace_child(ws: Workspace, args, t_import: float) -> None:
         stages.append(tr.timings_ms)
     print(json.dumps(dict(import_s=t0 - t_import, open_s=t1 - t0, first_ms=ms[0], warm_ms=statistics.median(ms[1:]),
                           first_timings=stages[0], warm_timings=warm_stages(stages[1:]))))
+
+
+def bigtok_first(scratch: Path, child: bool = False) -> None:
+    """--bigtok-first: the first trace of a new process against a warm one with a tokenizer of more
+    than 65,535 ids (bench/synthetic_corpus.py's byte-level BPE of 111,059 ids, `tokenizer import`,
+    a u32 index of 600 documents), spans and documents (no model). Each figure is from a fresh
+    interpreter; with the tokenizer's stored byte table (token_bytes.bin) and without it (the table
+    built in the process, as a tokenizer folder without the file gets), run twice each."""
+    from flexolmo.base import tokenizer as tok_lib
+    from index import build
+
+    ws = Workspace(scratch / "ws")
+    if child:
+        from flexolmo.base.hflog import quiet_transformers
+
+        quiet_transformers()
+        t0 = time.perf_counter()
+        tracer = Tracer.open(ws, model=None)
+        open_s = time.perf_counter() - t0
+        data = inputs(ws, tracer, 8, seed=7)
+        ms, stages = [], []
+        for ids in data:
+            t = time.perf_counter()
+            tr = tracer.trace_ids(ids, prompt=None, prompt_ids=[], routing=None, generated=False, store=False)
+            ms.append((time.perf_counter() - t) * 1000)
+            stages.append(tr.timings_ms)
+        print(json.dumps(dict(open_s=open_s, first_ms=ms[0], warm_ms=statistics.median(ms[1:]), first_timings=stages[0],
+                              warm_timings=warm_stages(stages[1:]))))
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from synthetic_corpus import document_batches, tokenizer_folder
+
+    if not (ws.root / "indexes").exists():
+        ws.ensure()
+        sources.add_document_batches(ws, "synthetic", document_batches(600), owner="bench", domain="synthetic",
+                                     licence="cc0", origin="bench/synthetic_corpus.py")
+        tok_lib.import_tokenizer(ws, tokenizer_folder(scratch / "hf-tokenizer"))
+        build.build_source(ws, "synthetic")
+    info = tok_lib.tokenizer_info(ws)
+    stored = ws.tokenizer_dir / tok_lib.TOKEN_BYTES_FILE
+    print(f"--bigtok-first: {info.vocab_size:,} ids (u32 index), load {load()}")
+    for label in ("stored byte table", "no stored table", "stored byte table", "no stored table"):
+        if label.startswith("no"):
+            stored.unlink(missing_ok=True)
+        else:
+            tok_lib.ensure_token_bytes(ws)
+        r = subprocess.run([sys.executable, __file__, "--bigtok-first", str(scratch), "--bigtok-child"],
+                           capture_output=True, text=True)
+        if r.returncode:
+            print(f"{label}: failed: {r.stderr[-500:]}")
+            continue
+        d = json.loads(r.stdout.strip().splitlines()[-1])
+        print(f"{label:18s} new process: open {d['open_s']:.2f} s; first trace {d['first_ms']:.0f} ms, warm p50 "
+              f"{d['warm_ms']:.0f} ms: first / warm {d['first_ms'] / d['warm_ms']:.2f}x; first trace's stages "
+              f"{ {k: round(v) for k, v in d['first_timings'].items()} }; load {load()}", flush=True)
+    tok_lib.ensure_token_bytes(ws)
 
 
 def bare(ws: Workspace, tracer: Tracer, args) -> None:

@@ -48,16 +48,21 @@ def build(
     force: Annotated[bool, typer.Option(help="Rebuild even if the source and tokenizer are unchanged.")] = False,
     mem_gib: Annotated[float, typer.Option("--mem-gib", help="Memory budget of the suffix-array build (GiB); a "
                                                              "shard's tokens must fit in 3/4 of it.")] = lib.IndexConfig.mem_gib,
-    cpus: Annotated[int, typer.Option(help="rust_indexing processes / threads at a time.")] = lib.IndexConfig.cpus,
+    cpus: Annotated[int, typer.Option(help="Suffix-sort threads at a time (with --ray: the local Ray's CPUs).")] = lib.IndexConfig.cpus,
     max_shard_tokens: Annotated[Optional[int], typer.Option("--max-shard-tokens", help="At most this many tokens "
                                                                                        "per shard.")] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Build the shards' suffix arrays as Ray tasks (the `ray` extra): "
+                                                    "a local Ray of --cpus CPUs, or the cluster at --ray-address.")] = False,
+    ray_address: Annotated[Optional[str], typer.Option(help="With --ray: a running cluster's address (the build "
+                                                            "folder must be on storage its nodes share).")] = None,
 ) -> None:
     """Build the index of a source's train split (atomically; verified before it is served).
     Streams: memory stays within --mem-gib whatever the source's size."""
     if bool(source) == all_:
         raise InputError("give either --source NAME or --all")
     progress = _RichProgress()
-    config = lib.IndexConfig(shards=shards, mem_gib=mem_gib, cpus=cpus, max_shard_tokens=max_shard_tokens)
+    config = lib.IndexConfig(shards=shards, mem_gib=mem_gib, cpus=cpus, max_shard_tokens=max_shard_tokens, ray=ray,
+                             ray_address=ray_address)
     results = lib.build_all(ws(), force=force, progress=progress, names=[source] if source else None, config=config)
     for r in results:
         if r.remote:

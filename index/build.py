@@ -1,6 +1,7 @@
 """Build and record one infini-gram index per source (train split only).
 
     flexolmo index build --all            # or --source NAME, --shards N, --force, --mem-gib, --cpus
+    flexolmo index build --all --ray      # the shards' suffix arrays as Ray tasks (index/ray_build.py)
 
 A build is atomic: everything is written into `indexes/.tmp-<name>-*`, checked by
 `index/verify.py` (the engine loads it; document and token counts match; sampled n-gram
@@ -12,8 +13,8 @@ is current (its manifest's rule, index/manifest.py: same tokenizer, source conte
 count and width) is not rebuilt unless forced.
 
 It streams: the source is tokenized batch by batch into the token cache (flexolmo/base/tokens.py),
-the shards are written from it a bounded run at a time (index/write.py), and rust_indexing
-works within `IndexConfig.mem_gib` (index/suffix_array.py). Memory is therefore bounded by the
+the shards are written from it a bounded run at a time (index/write.py), and each shard's
+suffix sort works within `IndexConfig.mem_gib` (index/suffix_array.py). Memory is therefore bounded by the
 budget, not by the source: a source whose token file would not fit is split into shards
 (by default as many as the budget needs; `--shards N` or `max_shard_tokens` to choose).
 Ids are u16 or u32 as the tokenizer's vocabulary needs (index/width.py). A source held by
@@ -40,7 +41,7 @@ from . import catalog, doc_freq, format as fmt, width as widths
 from .format import diff_dir, index_dir  # noqa: F401 -- callers of the builder find the paths here too
 from .manifest import IndexManifest, inputs_for
 from .results import BuildResult, IndexRecord
-from .suffix_array import build_suffix_array, max_shard_bytes, shards_for
+from .suffix_array import METHODS, build_suffix_array, check_method, max_shard_bytes, shards_for
 from .takedown import rebuild_diff
 from .verify import verify_folder
 from .write import write_shards
@@ -61,11 +62,14 @@ def _no_progress(source: str, step: str, done: float, total: float | None, unit:
 @dataclass(frozen=True)
 class IndexConfig:
     shards: int | None = None  # None: as many as the memory budget (and max_shard_tokens) needs
-    cpus: int = max(1, min(os.cpu_count() or 1, 8))  # rust_indexing processes / threads at a time
-    mem_gib: float = 8.0  # rust_indexing's budget: make-part slices and the shard merge fit in it
+    cpus: int = max(1, min(os.cpu_count() or 1, 8))  # suffix-sort threads (rust_indexing: processes) at a time
+    mem_gib: float = 8.0  # the suffix sort's budget: a shard's sort fits in it (index/suffix_array.py)
     max_shard_tokens: int | None = None  # positions (ids + separators) per shard at most; None: the budget's
     verify_ngrams: int = 64  # sampled n-gram counts checked against a brute-force count
     verify_sa_ranks: int = 256  # sampled adjacent suffix-array ranks checked for order
+    suffix_array: str = METHODS[0]  # "divsufsort", or "rust" (rust_indexing: the same tables, slow on repeats)
+    ray: bool = False  # the shards' suffix arrays as Ray tasks (index/ray_build.py)
+    ray_address: str | None = None  # with ray: a running cluster's address; None: a local Ray of `cpus` CPUs
 
     def check(self) -> "IndexConfig":
         if self.shards is not None and not 1 <= self.shards <= MAX_SHARDS:
@@ -74,13 +78,16 @@ class IndexConfig:
             raise InputError(f"--mem-gib {self.mem_gib:g} / --cpus {self.cpus}: use 0.25..4096 GiB and 1..256 cpus")
         if self.max_shard_tokens is not None and self.max_shard_tokens < 1000:
             raise InputError(f"--max-shard-tokens {self.max_shard_tokens} is too small: use at least 1000")
+        check_method(self.suffix_array)
+        if self.ray_address is not None and not self.ray:
+            raise InputError("--ray-address names the Ray cluster of --ray; add --ray")
         return self
 
     def shards_for(self, n_positions: int, width: widths.Width) -> int:
         """The shard count for a source of `n_positions` (ids + separators)."""
         if self.shards is not None:
             return self.shards
-        n = shards_for(n_positions * width.bytes, self.mem_gib, self.max_shard_tokens, width)
+        n = shards_for(n_positions * width.bytes, self.mem_gib, self.max_shard_tokens, width, self.suffix_array)
         if n > MAX_SHARDS:
             raise InputError(f"{n_positions:,} tokens need {n} shards under --mem-gib {self.mem_gib:g}, more than "
                              f"{MAX_SHARDS}; give more memory (--mem-gib) or larger shards (--max-shard-tokens)")
@@ -131,6 +138,7 @@ def _build_locked(ws: Workspace, source: src_lib.Source, force: bool, progress: 
     name = source.name
     tok_hash = tok_lib.tokenizer_hash(ws)
     tok_info = tok_lib.tokenizer_info(ws)
+    tok_lib.ensure_token_bytes(ws)  # the byte table traces decode windows with (index/snippets.py)
     width = widths.for_vocab(tok_info.vocab_size)
     final = index_dir(ws, name)
 
@@ -155,19 +163,24 @@ def _build_locked(ws: Workspace, source: src_lib.Source, force: bool, progress: 
         shards = config.shards_for(int(toks.offsets[-1]) + toks.n_docs, width)
         n_docs, n_tokens, shard_stats = write_shards(ws, tmp, name, toks, shards, width, tok_info.vocab_size)
         tokenize_seconds = time.perf_counter() - t0
-        cap = max_shard_bytes(config.mem_gib)
+        cap = max_shard_bytes(config.mem_gib, config.suffix_array)
         big = [s["shard"] for s in shard_stats if s["ds_tokens"] * width.bytes > cap]
         if big:
             raise InputError(f"shard(s) {big} of {name!r} hold more than --mem-gib {config.mem_gib:g} allows "
                              f"({cap:,} bytes of tokens); use more shards, or leave --shards out")
 
         sa_seconds = 0.0
-        for st in shard_stats:
+        if config.ray:  # imported here: a plain build never loads Ray
+            from .ray_build import suffix_arrays_on_ray
+
+            sa_seconds = suffix_arrays_on_ray(tmp, shard_stats, width, config,
+                                              lambda step, done, total: progress(name, step, done, total, "shards"))
+        for st in [] if config.ray else shard_stats:
             k, step = st["shard"], f"suffix array {st['shard'] + 1}/{shards}"
             progress(name, step, 0, st["ds_tokens"], "tokens")
             sa_seconds += build_suffix_array(fmt.shard_file(tmp, "tokenized", k, shards),
                                              fmt.shard_file(tmp, "table", k, shards), tmp / f".work-{k}", width,
-                                             cpus=config.cpus, mem_gib=config.mem_gib)
+                                             cpus=config.cpus, mem_gib=config.mem_gib, method=config.suffix_array)
             shutil.rmtree(tmp / f".work-{k}", ignore_errors=True)
             progress(name, step, st["ds_tokens"], st["ds_tokens"], "tokens")
         shutil.copyfile(ws.tokenizer_dir / fmt.BOW_FILE, tmp / fmt.BOW_FILE)

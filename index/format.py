@@ -10,8 +10,8 @@ One shard k of an index folder is
     unigram.k     "<id> <count>" per line for every id that occurs, separator included
     table.k       suffix array: for each of the tok_cnt = size(tokenized.k) / width positions,
                   its byte offset in `ptr_size` little-endian bytes, sorted by the little-endian
-                  bytes of the ids that follow; built by the package's `rust_indexing`
-                  (index/suffix_array.py)
+                  bytes of the ids that follow, as the package's `rust_indexing` writes it;
+                  built by libdivsufsort (index/suffix_array.py)
 
 plus `bow_ids.txt` (one id per line) and `manifest.json` (the index's card: index/manifest.py).
 `shard_file` is the one place these names are made (padded, `tokenized.07`, when an index has
@@ -53,7 +53,7 @@ SPOT_BLOCKS, SPOT_BYTES = 16, 1 << 16
 
 
 def ptr_size(ds_size: int) -> int:
-    """Bytes per suffix-array entry, as rust_indexing chooses them (`--ratio`)."""
+    """Bytes per suffix-array entry, as rust_indexing chooses them (its `--ratio`) and the engine reads them."""
     return max(1, math.ceil(math.log2(max(ds_size, 2)) / 8))
 
 

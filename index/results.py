@@ -29,7 +29,7 @@ class BuildResult:
     bytes: int  # all files of the index folder
     seconds: float  # whole build: read, tokenize, write, suffix array, verify, record
     tokenize_seconds: float
-    suffix_array_seconds: float  # the bare rust_indexing steps (make-part, merge, concat)
+    suffix_array_seconds: float  # the shards' suffix sorts (index/suffix_array.py)
     verify_seconds: float
     reason: str = ""
     remote: str | None = None  # the owner node's URL of a remote source (not built here)

@@ -21,11 +21,13 @@ _TABLES: "weakref.WeakKeyDictionary[object, list[bytes]]" = weakref.WeakKeyDicti
 
 def token_bytes(tok) -> list[bytes]:
     """The raw bytes of every token id (byte-level BPE or SentencePiece-style: flexolmo/base/pieces.py),
-    built once per tokenizer object: asking a tokenizer for its vocabulary costs milliseconds and a
-    trace decodes hundreds of windows."""
+    once per tokenizer object: read from the workspace's token_bytes.bin when the tokenizer came
+    from `flexolmo.base.tokenizer.load_tokenizer` (milliseconds), else built from the vocabulary
+    (about a second for 100k ids)."""
     table = _TABLES.get(tok)
     if table is None:
-        table = _TABLES[tok] = pieces.token_bytes(tok)
+        stored = getattr(tok, "flexolmo_token_bytes", None)
+        table = _TABLES[tok] = (stored() if stored is not None else None) or pieces.token_bytes(tok)
     return table
 
 

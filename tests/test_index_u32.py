@@ -149,6 +149,40 @@ def test_documents_windows_and_token_cache(u32):
     assert docs and all(d.token_ids[d.needle_offset:d.needle_offset + d.needle_len] == list(span.ids) for d in docs)
 
 
+def test_stored_byte_table_read_not_rebuilt(u32, tmp_path, monkeypatch):
+    """The tokenizer's byte table is written at import and read by a new tokenizer object, never
+    rebuilt from the vocabulary; a table made from another tokenizer.json is ignored."""
+    from flexolmo.base import pieces
+    from index import snippets
+
+    ws = u32["ws"]
+    folder = ws.tokenizer_dir
+    built = pieces.token_bytes(u32["tok"])
+    stored = tokenizer.stored_token_bytes(folder)
+    assert (folder / tokenizer.TOKEN_BYTES_FILE).exists() and len(stored) == len(built) == N_IDS
+    assert list(stored) == built and stored[0xFFFF] == built[0xFFFF] != b""
+    tok = tokenizer.load_tokenizer(ws)
+
+    def no_rebuild(_tok):
+        raise AssertionError("the byte table was rebuilt from the vocabulary")
+
+    monkeypatch.setattr(pieces, "token_bytes", no_rebuild)
+    ids = next(iter(u32["train"]["alpha"].values()))[:40]
+    text, (a, b) = snippets.marked(tok, ids[:10], ids[10:30], ids[30:])
+    assert text == u32["tok"].decode(ids) and text[a:b] == u32["tok"].decode(ids[10:30])
+    monkeypatch.undo()
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copyfile(folder / "tokenizer.json", other / "tokenizer.json")
+    tokenizer.write_token_bytes(other, u32["tok"], "0" * 64)  # made from another tokenizer.json
+    assert tokenizer.stored_token_bytes(other) is None
+    tokenizer.write_token_bytes(other, u32["tok"], tokenizer.file_sha256(other / "tokenizer.json"))
+    assert list(tokenizer.stored_token_bytes(other)) == built
+    with open(other / tokenizer.TOKEN_BYTES_FILE, "r+b") as f:  # cut short
+        f.truncate(f.seek(0, 2) - 5)
+    assert tokenizer.stored_token_bytes(other) is None
+
+
 def test_verify_takedown_guard_and_node_on_u32(u32, tmp_path):
     ws = Workspace(tmp_path / "copy")
     shutil.copytree(u32["ws"].root, ws.root)

@@ -14,6 +14,11 @@ Files in `<workspace>/tokenizer/`:
     delimiter_ids.txt   one id per line: the ids a span is cut after (a newline inside, or '.')
     card.json           `flexolmo.base.artifacts.tokenizer.TokenizerCard`: inputs (source content, size),
                         vocabulary size, special ids, file hashes, where it was imported from
+    token_bytes.bin     the raw bytes of every id (flexolmo/base/pieces.py), for decoding windows
+                        without rebuilding the table in every process: written when the tokenizer
+                        is trained or imported and by `index build` when missing; it opens with
+                        the sha256 of the tokenizer.json it was made from and is ignored (the
+                        table rebuilt in memory) when that is not tokenizer.json's (`stored_token_bytes`)
 
 Whitespace runs (`whitespace_runs=True`, `--whitespace-runs`): a BPE learned from public text
 with almost no indentation (the encyclopedia-only public source before run G) has no token for
@@ -32,8 +37,11 @@ source now holds man pages and Perl code (run G), and the BPE learns runs of spa
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
+import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,6 +141,7 @@ def train_tokenizer(
         whitespace_runs={"space": list(WHITESPACE_RUNS[SPACE]), "tab": list(WHITESPACE_RUNS[TAB])} if whitespace_runs else {},
     )
     artifact.write(ws, tok, bow, card, check_text=texts[0][:2000], delims=delims)
+    ensure_token_bytes(ws)
     return tokenizer_info(ws)
 
 
@@ -193,7 +202,78 @@ def load_tokenizer(ws_or_dir: Workspace | Path):
         raise NotFoundError(f"no tokenizer in {folder}; run `flexolmo tokenizer train` first")
     card = artifact.TokenizerCard.find(folder)
     eos, pad = (card.eos_token, card.pad_token) if card is not None else (EOS_TOKEN, PAD_TOKEN)
-    return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token=eos, pad_token=pad)
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token=eos, pad_token=pad)
+    digest = card.sha256 if card is not None else None
+    tok.flexolmo_token_bytes = lambda: stored_token_bytes(folder, digest)  # read by index/snippets.py when first needed
+    return tok
+
+
+TOKEN_BYTES_FILE = "token_bytes.bin"
+TOKEN_BYTES_MAGIC = b"flexolmo-token-bytes-1\n"
+
+
+def write_token_bytes(folder: Path, tok, digest: str) -> Path:
+    """Write `folder/token_bytes.bin` for `tok` (whose tokenizer.json has sha256 `digest`), atomically:
+    magic, the digest (64 hex digits and a newline), the id count (u64), offsets (u64, count + 1), bytes."""
+    table = pieces.token_bytes(tok)
+    offsets = np.zeros(len(table) + 1, dtype="<u8")
+    offsets[1:] = np.cumsum([len(b) for b in table])
+    out = folder / TOKEN_BYTES_FILE
+    tmp = folder / f".{TOKEN_BYTES_FILE}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"  # concurrent builds each write their own
+    with open(tmp, "wb") as f:
+        f.write(TOKEN_BYTES_MAGIC + digest.encode() + b"\n")
+        f.write(np.array([len(table)], dtype="<u8").tobytes() + offsets.tobytes() + b"".join(table))
+    tmp.replace(out)
+    return out
+
+
+class StoredTokenBytes(Sequence):
+    """id -> bytes over token_bytes.bin's offsets and bytes, sliced when asked (no per-id objects
+    made at load: a trace reads a few thousand ids of a 100k vocabulary)."""
+
+    def __init__(self, offsets: np.ndarray, blob: bytes) -> None:
+        self._off, self._blob = offsets, blob
+
+    def __len__(self) -> int:
+        return len(self._off) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self._blob[self._off[i]: self._off[i + 1]]
+
+
+def stored_token_bytes(folder: Path, digest: str | None = None) -> StoredTokenBytes | None:
+    """The byte table of `folder`'s tokenizer from token_bytes.bin; None when the file is missing,
+    damaged or made from another tokenizer.json (the caller then builds it: `pieces.token_bytes`).
+
+    :param digest: tokenizer.json's sha256 as its card records it (the loader has read the card);
+        None: hashed here.
+    """
+    path = Path(folder) / TOKEN_BYTES_FILE
+    try:
+        data = path.read_bytes()
+        digest = digest or file_sha256(Path(folder) / artifact.TOKENIZER_FILE)
+    except OSError:
+        return None
+    head = len(TOKEN_BYTES_MAGIC) + 65
+    if len(data) < head + 8 or data[: head] != TOKEN_BYTES_MAGIC + digest.encode() + b"\n":
+        return None
+    n = int(np.frombuffer(data, dtype="<u8", count=1, offset=head)[0])
+    start = head + 8 + 8 * (n + 1)
+    if start > len(data):
+        return None
+    offsets = np.frombuffer(data, dtype="<u8", count=n + 1, offset=head + 8).astype(np.int64)
+    if int(offsets[-1]) != len(data) - start or np.any(np.diff(offsets) < 0):
+        return None
+    return StoredTokenBytes(offsets.tolist(), data[start:])
+
+
+def ensure_token_bytes(ws: Workspace) -> None:
+    """Write the workspace tokenizer's token_bytes.bin unless a current one is there."""
+    folder = artifact.folder(ws)
+    if stored_token_bytes(folder) is None:
+        write_token_bytes(folder, Tokenizer.from_file(str(_require(ws))), tokenizer_hash(ws))
 
 
 def read_bow_ids(ws: Workspace) -> list[int]:
@@ -249,6 +329,7 @@ def import_tokenizer(w: Workspace, folder: Path, force: bool = False) -> Tokeniz
         artifact.TokenizerCard(**{**card, "n_delimiter_ids": len(delims)}, files=files).save(tmp)
         if file_sha256(tmp / artifact.TOKENIZER_FILE) != digest:
             raise IntegrityError("the copied tokenizer.json differs from the original; nothing was imported")
+    ensure_token_bytes(w)
     return tokenizer_info(w)
 
 
