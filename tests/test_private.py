@@ -283,7 +283,7 @@ def test_traces_without_an_owner_are_for_analysts_and_the_cli_reads_everything(c
     assert queries.trace_rows(old, two["a"]["trace_id"], caller=analyst)["traces"].rows
 
 
-def test_new_scope_is_issued_by_the_admin_and_the_cli(client, fed, keys):
+def test_new_scope_is_issued_by_the_admin_and_the_cli(client, fed, keys, two):
     r = client.post("/api/keys", json={"owner": "audit", "scope": "analyst"}, headers=_as(key=keys["admin"]))
     assert r.status_code == 201 and r.json()["scope"] == "analyst"
     assert client.get("/api/traces", headers=_as(key=r.json()["key"])).status_code == 200
