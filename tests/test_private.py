@@ -292,3 +292,14 @@ def test_new_scope_is_issued_by_the_admin_and_the_cli(client, fed, keys, two):
     # an analyst key reads; it does not act as an owner
     r = client.patch("/api/sources/news", json={"active": True}, headers=_as(key=keys["analyst"]))
     assert r.status_code == 403 and "analyst" in r.json()["detail"]
+
+
+def test_serve_says_which_scopes_exist(fed, keys, monkeypatch):
+    import uvicorn
+
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.append(kw))  # the command, not a server
+    res = CliRunner().invoke(cli, ["-w", str(fed.root), "serve", "--port", "1"])
+    out = " ".join(res.output.split())
+    assert res.exit_code == 0 and served and served[0]["port"] == 1, res.output
+    assert "scope analyst or admin every trace" in out and "index, owner, analyst, admin" in out
