@@ -321,7 +321,6 @@ async function setPolicy(name, change) {
     await loadSources();
     await showOwner();
     await loadHealth();
-loadMine();
     status("owner-status", "Saved: later traces follow the new policy.");
   } catch (e) {
     status("owner-status", e.message, true);
@@ -406,3 +405,4 @@ async function loadHealth() {
   }
 }
 loadHealth();
+loadMine();
