@@ -47,6 +47,7 @@ from typing import Iterator
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from flexolmo.base.errors import ConflictError, NotFoundError
 from flexolmo.base.workspace import Workspace
@@ -375,7 +376,10 @@ def _parts_select(con: duckdb.DuckDBPyConnection, table: str, files: list[str]) 
     written before it was added) reads as NULL, as union_by_name does when some parts have it."""
     listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
     src = f"read_parquet([{listed}], union_by_name = true)"
-    have = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {src}").fetchall()}
+    want = schemas()[table].names
+    have = set(pq.read_schema(files[-1]).names) if files else set()  # the newest part: usually every column
+    if not set(want) <= have:
+        have = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {src}").fetchall()}
     cols = ", ".join(f'"{f.name}"' if f.name in have else f'CAST(NULL AS {_sql_type(table, f.name)}) AS "{f.name}"'
                      for f in schemas()[table])
     return f"SELECT {cols} FROM {src}"
