@@ -1,7 +1,13 @@
-"""Who may act on the owner and admin routes: FastAPI dependencies over the request's key.
+"""Who may act on the owner and admin routes, and who reads stored traces: FastAPI dependencies
+over the request's key (and capability token).
 
     def set_policy(name: SourceName, ..., key: OwnerKey)   # the source owner's key, or the admin key
     def create_key(..., key: AdminKey)                     # the admin key only
+    def traces(..., who: CallerDep)                        # reads and stores as this caller
+
+`CallerDep` is the request's `tracing.provenance.access.Caller`: its key (a key that is not valid
+is 401, never read as no key), else the capability token of header X-Flexolmo-Token, else a
+new token (handed back with the trace it stores). The rules of who reads what are access.py's.
 
 Refused from the first start without a valid `Authorization: Bearer <key>` (401, asked for
 before anything is looked up), and with another owner's key or a tracer's key (403); the
@@ -15,7 +21,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from flexolmo.base import sources as src_lib
-from index.keys import ADMIN, KeyRecord, authorize
+from index.keys import ADMIN, KeyRecord, KeyRequired, authorize, bearer
+from tracing.provenance.access import TOKEN_HEADER, Caller
 
 from .clients import identify
 from .deps import get_service
@@ -35,5 +42,16 @@ def admin_key(request: Request) -> KeyRecord:
     return authorize(identify(request.scope, get_service(request).keys)[0], None)
 
 
+def caller(request: Request) -> Caller:
+    """Stored traces: who asks (its key, its token, or a new token)."""
+    svc = get_service(request)
+    rec, _ = identify(request.scope, svc.keys)
+    if rec is None and bearer(request.headers.get("authorization")):
+        raise KeyRequired("this request's key is not valid (mistyped, or revoked); send a valid key, or none "
+                          "to read the traces made with this client's token")
+    return Caller.for_request(svc.ws, rec, request.headers.get(TOKEN_HEADER))
+
+
 OwnerKey = Annotated[KeyRecord, Depends(owner_key)]
 AdminKey = Annotated[KeyRecord, Depends(admin_key)]
+CallerDep = Annotated[Caller, Depends(caller)]

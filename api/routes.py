@@ -22,7 +22,10 @@
     GET   /api/health
 
 Owner routes take the source owner's key or the admin key, admin routes the admin key
-(`Authorization: Bearer <key>`; api/auth.py); every other route is open.
+(`Authorization: Bearer <key>`; api/auth.py). Stored traces belong to whoever made them (its
+key, or the capability token a client without a key gets back as header X-Flexolmo-Token and
+sends again): the four read routes above (traces, a trace, its report, SQL) show a caller
+only what tracing/provenance/access.py lets it read. Every other route is open.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from index.takedown import list_takedowns
 from tracing.provenance import governance
 from tracing.provenance import listing, store
 from tracing.provenance import queries
+from tracing.provenance.access import TOKEN_HEADER, Caller, owner_of
 from tracing.results import Trace
 from flexolmo.model.generate import GenerationOptions
 from tracing.options import TraceOptions
@@ -49,7 +53,7 @@ from tracing.provenance.listing import TraceFilter, list_provenance
 from tracing.provenance.queries import Contribution
 from tracing.trace import Tracer
 
-from .auth import AdminKey, OwnerKey
+from .auth import AdminKey, CallerDep, OwnerKey
 from .deps import ServiceDep
 from .schemas import (GenerateRequest, Health, KeyCreate, KeyIssued, KeyOut, NextTokensRequest, PolicyUpdate,
                       QueryRequest, QueryResponse, SearchRequest, SourceOut, StoredTrace, TakedownRequest, TraceRequest)
@@ -72,7 +76,7 @@ def _cap(what: str, text: str | None, limit: int, budget_s: float) -> None:
 
 
 @router.post("/trace", response_model=Trace)
-async def trace(req: TraceRequest, svc: ServiceDep, request: Request) -> Trace:
+async def trace(req: TraceRequest, svc: ServiceDep, request: Request, who: CallerDep, response: Response) -> Trace:
     """Trace a response to the training documents and experts that shaped it; the record is stored."""
     st = svc.settings
     _cap("text", req.text, st.max_trace_chars, st.trace_budget_s)
@@ -84,14 +88,18 @@ async def trace(req: TraceRequest, svc: ServiceDep, request: Request) -> Trace:
     def run(tracer: Tracer, job: Job) -> Trace:
         t = tracer.trace(req.text, prompt=req.prompt, store=False, options=opts)  # its set fields over the service's
         job.check()  # stopped or abandoned: not stored
-        store.save_trace(tracer.ws, t)
+        if req.store:
+            store.save_trace(tracer.ws, t, owner=owner_of(who))
         return t
+
+    if req.store and who.token:  # a client without a key reads its trace back with this token
+        response.headers[TOKEN_HEADER] = who.token
 
     return await svc.traced(request, "trace", st.trace_budget_s, run)
 
 
 @router.post("/generate", response_model=Trace)
-async def generate(req: GenerateRequest, svc: ServiceDep, request: Request) -> Trace:
+async def generate(req: GenerateRequest, svc: ServiceDep, request: Request, who: CallerDep, response: Response) -> Trace:
     """Generate a response with the merged model (routing captured), then trace it; the record is stored."""
     st = svc.settings
     _cap("prompt", req.prompt, st.max_trace_chars, st.generate_budget_s)
@@ -103,8 +111,12 @@ async def generate(req: GenerateRequest, svc: ServiceDep, request: Request) -> T
     def run(tracer: Tracer, job: Job) -> Trace:
         t = tracer.generate_and_trace(req.prompt, gen, options=req.options, store=False)
         job.check()
-        store.save_trace(tracer.ws, t)
+        if req.store:
+            store.save_trace(tracer.ws, t, owner=owner_of(who))
         return t
+
+    if req.store and who.token:
+        response.headers[TOKEN_HEADER] = who.token
 
     return await svc.traced(request, "generation", st.generate_budget_s, run)
 
@@ -139,22 +151,22 @@ async def next_tokens(req: NextTokensRequest, svc: ServiceDep, request: Request)
 
 
 @router.get("/traces", response_model=QueryResponse)
-def traces(svc: ServiceDep, source: str | None = Query_(None, max_length=40), owner: str | None = Query_(None, max_length=200),
+def traces(svc: ServiceDep, who: CallerDep, source: str | None = Query_(None, max_length=40), owner: str | None = Query_(None, max_length=200),
            licence: str | None = Query_(None, max_length=200),
            bucket: Literal["high", "medium", "low"] | None = None, since: dt.date | None = None,
            until: dt.date | None = None, level: Literal["traces", "spans", "documents"] = "traces",
            limit: int = Query_(100, ge=1, le=10_000)) -> QueryResponse:
-    """Stored traces, spans or documents filtered by source, owner, licence, relevance bucket and date (inclusive)."""
+    """The caller's stored traces, spans or documents, filtered by source, owner, licence, relevance bucket and date."""
     f = TraceFilter(source=source, owner=owner, licence=licence, bucket=bucket, since=since, until=until,
                     level=level, limit=limit)
-    res = svc.read(list_provenance, svc.ws, f)
+    res = svc.read(list_provenance, svc.ws, f, caller=who)
     return QueryResponse(columns=res.columns, rows=[list(r) for r in res.rows])
 
 
 @router.get("/traces/{trace_id}/report", response_model=None)
-def trace_report(trace_id: TraceId, svc: ServiceDep, format: Literal["json", "csv"] = "json") -> Any:
-    """One response's provenance: spans, sources, top expert (and its signal), documents with repeats grouped."""
-    rep = svc.read(listing.report, svc.ws, trace_id)
+def trace_report(trace_id: TraceId, svc: ServiceDep, who: CallerDep, format: Literal["json", "csv"] = "json") -> Any:
+    """One of the caller's responses' provenance: spans, sources, top expert (and its signal), documents."""
+    rep = svc.read(listing.report, svc.ws, trace_id, caller=who)
     if format == "csv":
         return Response(listing.report_csv(rep), media_type="text/csv; charset=utf-8",
                         headers={"Content-Disposition": f'attachment; filename="trace-{trace_id}.csv"'})
@@ -162,15 +174,15 @@ def trace_report(trace_id: TraceId, svc: ServiceDep, format: Literal["json", "cs
 
 
 @router.get("/traces/{trace_id}", response_model=StoredTrace)
-def stored_trace(trace_id: TraceId, svc: ServiceDep) -> StoredTrace:
-    """The stored rows of one trace, from every provenance table."""
-    return StoredTrace(trace_id=trace_id, tables=svc.read(_trace_rows, svc.ws, trace_id))
+def stored_trace(trace_id: TraceId, svc: ServiceDep, who: CallerDep) -> StoredTrace:
+    """The stored rows of one trace that the caller may read, from every provenance table."""
+    return StoredTrace(trace_id=trace_id, tables=svc.read(_trace_rows, svc.ws, trace_id, who))
 
 
 @router.post("/query", response_model=QueryResponse)
-def query(req: QueryRequest, svc: ServiceDep) -> QueryResponse:
-    """Run one read-only SQL statement over the provenance store (writes are refused; stopped at its budget)."""
-    res = svc.read(queries.query, svc.ws, req.sql, limit=req.limit, timeout_s=svc.settings.query_budget_s)
+def query(req: QueryRequest, svc: ServiceDep, who: CallerDep) -> QueryResponse:
+    """Run one read-only SQL statement over the caller's rows of the provenance store (writes are refused)."""
+    res = svc.read(queries.query, svc.ws, req.sql, limit=req.limit, timeout_s=svc.settings.query_budget_s, caller=who)
     return QueryResponse(columns=res.columns, rows=[list(r) for r in res.rows])
 
 
@@ -278,6 +290,6 @@ async def health(svc: ServiceDep) -> Health:
                   queued=svc.worker.queued, pid=os.getpid(), limits=svc.settings.caps())
 
 
-def _trace_rows(ws, trace_id: str) -> dict[str, QueryResponse]:
+def _trace_rows(ws, trace_id: str, who: Caller) -> dict[str, QueryResponse]:
     return {t: QueryResponse(columns=r.columns, rows=[list(x) for x in r.rows])
-            for t, r in queries.trace_rows(ws, trace_id).items()}
+            for t, r in queries.trace_rows(ws, trace_id, caller=who).items()}

@@ -38,6 +38,7 @@ class TraceRequest(BaseModel):
     options: TraceOptions | None = Field(None, description="The trace's options, as `flexolmo trace` takes them "
                                                            "(tracing/options.py); the fields set override the service's.")
     counterfactual: bool | None = Field(None, description="Shorthand for options.counterfactual.")
+    store: bool = Field(True, description="Keep the trace in the provenance store, readable by its maker; false keeps nothing.")
 
 
 class GenerateRequest(BaseModel):
@@ -47,6 +48,7 @@ class GenerateRequest(BaseModel):
     options: TraceOptions | None = Field(None, description="The trace's options (experts off, counterfactuals, ...); "
                                                            "the fields set override the service's.")
     max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS, description="Shorthand for generation.max_new_tokens.")
+    store: bool = Field(True, description="Keep the trace in the provenance store, readable by its maker; false keeps nothing.")
 
 
 class SearchRequest(BaseModel):
@@ -117,8 +119,9 @@ class KeyOut(BaseModel):
 
 class KeyCreate(BaseModel):
     owner: Text = Field(min_length=1, max_length=200, description="The owner the key acts for (as in its sources' `owner`).")
-    scope: Literal["owner", "index"] = Field("owner", description="owner: a person acting as the owner; "
-                                                                  "index: a tracer asking the owner's node.")
+    scope: Literal["owner", "index", "analyst"] = Field("owner", description="owner: a person acting as the owner; "
+                                                                  "index: a tracer asking the owner's node; "
+                                                                  "analyst: reads every stored trace.")
     label: Text = Field("", max_length=200, description="Who the key is for (shown in the list).")
 
 

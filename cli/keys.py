@@ -28,8 +28,9 @@ def register(app_: typer.Typer) -> None:
 @app.command("create")
 def create(
     owner: Annotated[str, typer.Option(help="The owner issuing the key (as in its sources' `owner`).")],
-    scope: Annotated[str, typer.Option(help=f"{' | '.join(SCOPES)}: a tracer asking this owner's node, or a "
-                                            "person acting as the owner.")] = "index",
+    scope: Annotated[str, typer.Option(help=f"{' | '.join(SCOPES)}: a tracer asking this owner's node, a "
+                                            "person acting as the owner, or an analyst reading every stored "
+                                            "trace through the service.")] = "index",
     label: Annotated[str, typer.Option(help="Who the key is for (shown in `keys list`).")] = "",
     out: Annotated[Optional[str], typer.Option("--out", help="Also write the key to this file (mode 0600).")] = None,
     keys: KeysOpt = None,

@@ -27,6 +27,7 @@ import typer
 
 from flexolmo.base.errors import InputError
 from index.keys import KeyStore
+from tracing.provenance.access import SCOPE_LINE
 
 from .common import DeviceOpt, DtypeOpt, ExpertsOpt, ModelOpt, console, ws
 from .keys import announce_admin_key
@@ -87,6 +88,7 @@ def serve(
     if not announce_admin_key(keys):
         console.print("owner routes need a key: the source owner's or the admin key (`flexolmo keys list` shows "
                       "ids; `flexolmo keys admin --rotate` replaces a lost admin key)", highlight=False)
+    console.print(SCOPE_LINE, highlight=False)
     console.print(f"serving {root.root} on http://{host}:{port} with {workers} worker process"
                   f"{'es' if workers > 1 else ''}", highlight=False)
     if workers == 1:

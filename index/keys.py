@@ -1,5 +1,6 @@
 """Keys: to tracers (scope `index`, for an owner's node), to people acting as an owner
-(scope `owner`, for that owner's sources) and the workspace's admin key (scope `admin`).
+(scope `owner`, for that owner's sources), to analysts reading every stored trace (scope
+`analyst`) and the workspace's admin key (scope `admin`).
 
     flexolmo keys create --owner "Lab A" --scope index     # prints the key once
     flexolmo keys admin                                     # the admin key: created once, shown once
@@ -44,7 +45,8 @@ from flexolmo.base.workspace import Workspace
 
 ENV_VAR = "FLEXOLMO_KEYS"
 FILE = "keys.json"
-SCOPES = ("index", "owner")  # index: a tracer asking an owner node; owner: a person acting as the owner
+ANALYST = "analyst"  # reads every stored trace through the service (tracing/provenance/access.py)
+SCOPES = ("index", "owner", ANALYST)  # index: a tracer asking an owner node; owner: a person acting as the owner
 ADMIN = "admin"  # the scope (and owner name) of the workspace's admin key: every source, and key management
 KEY_RE = re.compile(r"^flx_([0-9a-f]{8})_([A-Za-z0-9_-]{43})$")
 
@@ -264,6 +266,6 @@ def authorize(rec: KeyRecord | None, owner: str | None) -> KeyRecord:
     if owner is None:
         raise KeyForbidden("only the admin key may do this (`flexolmo keys list` shows its id)")
     if rec.scope != "owner" or rec.owner != owner:
-        raise KeyForbidden(f"this key {'is a tracer key' if rec.scope != 'owner' else 'belongs to another owner'}; "
+        raise KeyForbidden(f"this key {'belongs to another owner' if rec.scope == 'owner' else f'has scope {rec.scope!r}'}; "
                            f"only a key of scope 'owner' issued by {owner!r}, or the admin key, may do this")
     return rec

@@ -16,6 +16,7 @@ from api.app import create_app
 from api.deps import Settings
 from flexolmo.base import sources
 from index.keys import KeyStore
+from tracing.provenance.access import TOKEN_HEADER, new_token
 
 NAMES = ("public", "news", "code")
 
@@ -27,7 +28,8 @@ def fed(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(fed) -> Iterator[TestClient]:
-    with TestClient(create_app(fed)) as c:  # `with` runs the lifespan: the tracer opens once
+    # one capability token for every request: the traces it stores are this client's to read back
+    with TestClient(create_app(fed), headers={TOKEN_HEADER: new_token()}) as c:  # `with` runs the lifespan
         yield c
 
 

@@ -274,7 +274,7 @@ def test_takedown_while_a_reader_process_holds_the_store(fed, live, tmp_path, ad
     assert seen["errors"] == 0 and seen["ok"] > 0, (seen, reader.err[-2000:])
     assert all(m.status_code == 200 for m in more) and _stored_once(fed, [m.json()["trace_id"] for m in more])
     assert r.status_code == 201, r.text
-    rows = httpx.get(srv.url + f"/api/traces/{t['trace_id']}").json()["tables"]["span_documents"]
+    rows = httpx.get(srv.url + f"/api/traces/{t['trace_id']}", headers=admin).json()["tables"]["span_documents"]
     cols = rows["columns"]
     mine = [dict(zip(cols, x)) for x in rows["rows"] if x[cols.index("doc_id")] == doc["doc_id"]]
     assert mine and all(x["blocked"] and x["snippet"] is None and x["title"] is None for x in mine)

@@ -34,12 +34,20 @@ function askForKey(what) {
   return true;
 }
 
+// The capability token of this tab's stored traces: the service hands it back with the first
+// stored trace (header X-Flexolmo-Token); sent with every request, it alone reads them back.
+// Kept in this tab's sessionStorage only, as the owner key is.
+const TOKEN_HEADER = "X-Flexolmo-Token";
+const traceToken = () => sessionStorage.getItem("trace-token") || "";
+
 async function api(method, path, body, extraHeaders = {}) {
   const res = await fetch(path, {
     method,
-    headers: { ...(body ? { "Content-Type": "application/json" } : {}), ...extraHeaders },
+    headers: { ...(body ? { "Content-Type": "application/json" } : {}),
+      ...(traceToken() ? { [TOKEN_HEADER]: traceToken() } : {}), ...extraHeaders },
     body: body ? JSON.stringify(body) : undefined,
   });
+  if (res.headers.get(TOKEN_HEADER)) sessionStorage.setItem("trace-token", res.headers.get(TOKEN_HEADER));
   const data = await res.json().catch(() => ({}));
   if (!res.ok) {
     const d = data.detail;
@@ -76,6 +84,7 @@ async function runTrace(path, body, label) {
     const t = await api("POST", path, body);
     status("trace-status", "");
     showTrace(t);
+    loadMine();
   } catch (e) {
     status("trace-status", e.message, true);
   } finally {
@@ -166,7 +175,8 @@ function documentsList(s) {
     else if (d.snippet && d.snippet_span) {
       const [a, b, c] = cut(d.snippet, d.snippet_span[0], d.snippet_span[1]);
       body = el("p", { class: "snippet" }, "…", a, el("mark", {}, b), c, "…");
-    } else body = el("p", { class: "muted" }, "No text (source policy).");
+    } else if (d.snippet) body = el("p", { class: "snippet" }, "…", d.snippet, "…");  // a stored trace: no span offsets
+    else body = el("p", { class: "muted" }, "No text (source policy).");
     return el("li", { class: d.blocked ? "doc is-blocked" : "doc" }, head, body);
   }));
 }
@@ -194,6 +204,53 @@ $("generate-form").addEventListener("submit", (e) => {
   runTrace("/api/generate", { prompt: $("gen-prompt").value,
     options: { max_new_tokens: Number($("gen-tokens").value) || 60, counterfactual: $("trace-cf").checked } }, "Generating");
 });
+
+// This tab's stored traces (read back with its token): listed, and shown again from the store.
+async function loadMine() {
+  if (!traceToken()) return;
+  try {
+    const res = await api("GET", "/api/traces?limit=20");
+    const col = (name) => res.columns.indexOf(name);
+    $("my-traces").hidden = !res.rows.length;
+    $("my-traces").replaceChildren(el("h2", {}, "Your stored traces (this tab)"),
+      el("ul", {}, res.rows.map((r) => el("li", {},
+        el("button", { class: "secondary", "data-trace": r[col("trace_id")], on: { click: () => showStored(r[col("trace_id")]) } }, "show"),
+        ` ${String(r[col("created_at")]).replace("T", " ")} · `, el("span", { class: "muted" }, r[col("response")])))));
+  } catch (e) {
+    $("my-traces").hidden = true;  // nothing stored yet
+  }
+}
+
+async function showStored(id) {
+  try {
+    showTrace(fromStore((await api("GET", `/api/traces/${encodeURIComponent(id)}`)).tables));
+  } catch (e) {
+    status("trace-status", e.message, true);
+  }
+}
+
+// A stored trace's rows (GET /api/traces/{id}) in the shape of a trace answer, for showTrace.
+function fromStore(tables) {
+  const rows = (name) => tables[name].rows.map((r) => Object.fromEntries(tables[name].columns.map((c, i) => [c, r[i]])));
+  const of = (name, i) => rows(name).filter((x) => x.span_index === i);
+  const t = rows("traces")[0];
+  const spans = rows("spans").sort((a, b) => a.span_index - b.span_index).map((s) => ({
+    ...s, start: s.start_token, end: s.end_token,
+    count_by_source: Object.fromEntries(of("span_sources", s.span_index).map((x) => [x.source, x.count])),
+    experts: of("span_experts", s.span_index).sort((a, b) => a.expert - b.expert),
+    documents: of("span_documents", s.span_index).sort((a, b) => a.position - b.position),
+  }));
+  const groups = [];
+  spans.forEach((s, i) => {
+    const g = groups.find((x) => x.index === s.group_index) ||
+      groups[groups.push({ index: s.group_index, char_start: s.char_start, char_end: s.char_end, spans: [] }) - 1];
+    g.char_start = Math.min(g.char_start, s.char_start);
+    g.char_end = Math.max(g.char_end, s.char_end);
+    g.spans.push(i);
+  });
+  groups.sort((a, b) => a.char_start - b.char_start).forEach((g, k) => { g.index = k; });
+  return { ...t, spans, groups, sources_skipped: {}, timings_ms: JSON.parse(t.timings_ms || "{}") };
+}
 
 // ---------------------------------------------------------------------------------------
 // owner view
@@ -348,3 +405,4 @@ async function loadHealth() {
   }
 }
 loadHealth();
+loadMine();

@@ -27,7 +27,8 @@ import duckdb
 from flexolmo.base import sources as src_lib
 from flexolmo.base.errors import InputError
 
-from .queries import QueryResult, read_store, trace_rows
+from .access import OPERATOR, Caller
+from .queries import QueryResult, not_found, read_store, trace_rows
 
 Level = Literal["traces", "spans", "documents"]
 BUCKETS = ("high", "medium", "low")
@@ -98,8 +99,12 @@ def _span_match(f: TraceFilter, names: list[str] | None) -> tuple[str, list]:
     return " AND ".join(cond) or "TRUE", args
 
 
-def list_provenance(ws, f: TraceFilter) -> QueryResult:
-    """Stored traces, spans or documents (`f.level`) that pass the filter, newest first."""
+def list_provenance(ws, f: TraceFilter, caller: Caller = OPERATOR) -> QueryResult:
+    """Stored traces, spans or documents (`f.level`) that pass the filter, newest first.
+
+    :param caller: lists only what it may read (access.py); an owner key's documents of its sources
+        in others' traces are listed without the span text and date, which are not its to read
+    """
     names = f.sources(ws)
     if names == []:  # an owner or licence no source has
         return QueryResult(_COLUMNS[f.level], [])
@@ -107,10 +112,11 @@ def list_provenance(ws, f: TraceFilter) -> QueryResult:
     span_cond, span_args = _span_match(f, names)
     where = " AND ".join(cond) or "TRUE"
     if f.level == "documents":
-        sql = f"""SELECT t.trace_id, t.created_at, d.span_index, s.text AS span_text, d.position, d.source, d.doc_id,
+        sql = f"""SELECT d.trace_id, t.created_at, d.span_index, s.text AS span_text, d.position, d.source, d.doc_id,
                          d.title, d.blocked, d.bucket, round(d.relevance_norm, 4) AS relevance_norm, d.repeat_of
-                  FROM span_documents d JOIN spans s USING (trace_id, span_index) JOIN traces t USING (trace_id)
-                  WHERE {where} ORDER BY t.created_at DESC, t.trace_id, d.span_index, d.position LIMIT ?"""
+                  FROM span_documents d LEFT JOIN spans s ON s.trace_id = d.trace_id AND s.span_index = d.span_index
+                  LEFT JOIN traces t ON t.trace_id = d.trace_id
+                  WHERE {where} ORDER BY t.created_at DESC, d.trace_id, d.span_index, d.position LIMIT ?"""
         params = args + [f.limit]
     elif f.level == "spans":
         sql = f"""SELECT t.trace_id, t.created_at, s.span_index, s.text, s.count, s.top_expert_source, s.top_expert_by,
@@ -136,7 +142,7 @@ def list_provenance(ws, f: TraceFilter) -> QueryResult:
         cur = con.execute(sql, params)
         return QueryResult([d[0] for d in cur.description], cur.fetchall())
 
-    return read_store(ws, run)
+    return read_store(ws, run, caller=caller)
 
 
 _COLUMNS = {
@@ -153,10 +159,16 @@ REPORT_COLUMNS = ["trace_id", "span_index", "span_text", "span_count", "sources"
                   "snippet"]
 
 
-def report(ws, trace_id: str) -> dict:
+def report(ws, trace_id: str, caller: Caller = OPERATOR) -> dict:
     """One stored trace as a provenance report: the response, then each span with its sources,
-    top expert (and the signal that chose it), experts and documents (repeats grouped)."""
-    tables = {t: [dict(zip(r.columns, row)) for row in r.rows] for t, r in trace_rows(ws, trace_id).items()}
+    top expert (and the signal that chose it), experts and documents (repeats grouped).
+
+    :param caller: must be able to read the trace itself (access.py), else NotFoundError
+    """
+    tables = {t: [dict(zip(r.columns, row)) for row in r.rows]
+              for t, r in trace_rows(ws, trace_id, caller=caller).items()}
+    if not tables["traces"]:  # an owner key's rows of another's trace: no report of its response
+        raise not_found(trace_id, caller)
     t = tables["traces"][0]
     spans = []
     for s in sorted(tables["spans"], key=lambda s: s["span_index"]):

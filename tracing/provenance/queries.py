@@ -4,7 +4,8 @@
     flexolmo traces export --out provenance-export
 
 Every read goes through `store.reader` (pending redactions first, then an in-memory DuckDB
-over the committed parts); a read that raced a compaction is retried. Analysts' SQL is one
+over the committed parts, holding only the rows its `caller` may read: access.py); a read
+that raced a compaction is retried. Analysts' SQL is one
 read-only statement, checked before it runs, with a time budget enforced by DuckDB's
 `interrupt()`.
 """
@@ -22,6 +23,7 @@ import duckdb
 from flexolmo.base.errors import FlexolmoError, InputError, NotFoundError
 from flexolmo.base.workspace import Workspace
 
+from .access import OPERATOR, TOKEN_HEADER, Caller
 from .store import reader
 
 T = TypeVar("T")
@@ -40,11 +42,15 @@ class QueryTimeout(FlexolmoError):
 _MISSING = ("No files found", "No such file", "Cannot open file")
 
 
-def read_store(ws: Workspace, fn: Callable[[duckdb.DuckDBPyConnection], T], sandbox: bool = True) -> T:
-    """fn(reader); retried when a compaction removed a part between manifest and read."""
+def read_store(ws: Workspace, fn: Callable[[duckdb.DuckDBPyConnection], T], sandbox: bool = True,
+               caller: Caller = OPERATOR) -> T:
+    """fn(reader); retried when a compaction removed a part between manifest and read.
+
+    :param caller: whose read: the rows it may read only (access.py; default the operator, every row)
+    """
     for attempt in range(4):
         try:
-            with reader(ws, sandbox=sandbox) as con:
+            with reader(ws, sandbox=sandbox, caller=caller) as con:
                 return fn(con)
         except duckdb.IOException as e:
             if attempt == 3 or not any(s in str(e) for s in _MISSING):
@@ -74,8 +80,12 @@ def check_sql(sql: str) -> None:
                          f"SHOW, SUMMARIZE) and EXPLAIN are run, not {stmts[0].type.name}")
 
 
-def query(ws: Workspace, sql: str, limit: int | None = 1000, timeout_s: float | None = None) -> QueryResult:
-    """Run one read-only SQL statement over the store; interrupted after `timeout_s` seconds."""
+def query(ws: Workspace, sql: str, limit: int | None = 1000, timeout_s: float | None = None,
+          caller: Caller = OPERATOR) -> QueryResult:
+    """Run one read-only SQL statement over the store; interrupted after `timeout_s` seconds.
+
+    :param caller: the tables hold only the rows this caller may read (access.py); the operator reads all
+    """
     check_sql(sql)
 
     def run(con: duckdb.DuckDBPyConnection) -> QueryResult:
@@ -99,11 +109,14 @@ def query(ws: Workspace, sql: str, limit: int | None = 1000, timeout_s: float | 
             if timer:
                 timer.cancel()
 
-    return read_store(ws, run)
+    return read_store(ws, run, caller=caller)
 
 
-def trace_rows(ws: Workspace, trace_id: str) -> dict[str, QueryResult]:
-    """Every table's rows for one stored trace (NotFoundError when there is none)."""
+def trace_rows(ws: Workspace, trace_id: str, caller: Caller = OPERATOR) -> dict[str, QueryResult]:
+    """Every table's rows for one stored trace that `caller` may read (NotFoundError when there are none).
+
+    An owner key reading another's trace that touched its sources gets those sources' span_sources
+    and span_documents rows, and no row of the other tables."""
     def run(con: duckdb.DuckDBPyConnection) -> dict[str, QueryResult]:
         out = {}
         for table in TABLES:
@@ -111,11 +124,19 @@ def trace_rows(ws: Workspace, trace_id: str) -> dict[str, QueryResult]:
             out[table] = QueryResult([d[0] for d in cur.description], cur.fetchall())
         return out
 
-    out = read_store(ws, run)
-    if not out["traces"].rows:
-        raise NotFoundError(f"no stored trace {trace_id!r}; list them with "
-                            "flexolmo query \"SELECT trace_id, created_at FROM traces\"")
+    out = read_store(ws, run, caller=caller)
+    if not any(r.rows for r in out.values()):
+        raise not_found(trace_id, caller)
     return out
+
+
+def not_found(trace_id: str, caller: Caller) -> NotFoundError:
+    """No trace `trace_id` that `caller` may read (whether another's exists is not told)."""
+    if caller.reads_all:
+        return NotFoundError(f"no stored trace {trace_id!r}; list them with "
+                             "flexolmo query \"SELECT trace_id, created_at FROM traces\"")
+    return NotFoundError(f"no stored trace {trace_id!r} made with this request's key or {TOKEN_HEADER} token "
+                         "(a trace is read back with the key or token that made it; GET /api/traces lists yours)")
 
 
 def export_parquet(ws: Workspace, out: Path, force: bool = False) -> list[Path]:

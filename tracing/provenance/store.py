@@ -17,6 +17,13 @@ On disk the tables are append-only Parquet parts under `traces/` (tracing/proven
 reader never locks anything, so no notebook, query or export can make a trace fail, and
 it holds the files it reads open, so no trace, takedown or compaction can make a read fail.
 
+Who reads what (tracing/provenance/access.py). Every trace stored for a request records its
+owner in `traces.owner` (the key that made it, or the hash of a client's capability token);
+`reader(ws, caller=...)` gives a caller only the rows it may read: its own traces, all of
+them for an analyst or admin key, and for an owner key also its sources' span_sources and
+span_documents rows. The operator's CLI (`OPERATOR`, the default) reads everything. Parts
+written before owners existed read `owner` as NULL: analysts and admins read them.
+
 Owner guarantees. The catalog says what the store must not hold (`demands`): the text of a
 taken-down document, and the documents of a `counts` source. `sync` makes the store agree
 with it and records what it applied in the manifest. Every writer and every reader runs it
@@ -40,6 +47,7 @@ from typing import Iterator
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from flexolmo.base import migrate
 from flexolmo.base.errors import ConflictError, NotFoundError
@@ -47,6 +55,7 @@ from flexolmo.base.workspace import Workspace
 
 from . import parts, upgrades
 from ..results import Trace
+from .access import OPERATOR, Caller
 
 SCHEMA = """
 CREATE TABLE traces (
@@ -61,7 +70,8 @@ CREATE TABLE traces (
     experts_off       VARCHAR[] NOT NULL,
     n_spans           INTEGER NOT NULL,
     timings_ms        VARCHAR,            -- JSON text
-    settings          VARCHAR             -- JSON text
+    settings          VARCHAR,            -- JSON text
+    owner             VARCHAR             -- who made it: key:<key_id> | token:<sha256> | NULL (operator, or older)
 );
 CREATE TABLE spans (
     trace_id            VARCHAR NOT NULL,
@@ -185,13 +195,13 @@ def redact_trace(t: Trace, keys) -> None:
 # -- writing ----------------------------------------------------------------------------------
 
 
-def _tables(t: Trace) -> dict[str, pa.Table]:
+def _tables(t: Trace, owner: str | None = None) -> dict[str, pa.Table]:
     rows: dict[str, list[dict]] = {n: [] for n in TABLES}
     rows["traces"].append(dict(
         trace_id=t.trace_id, created_at=dt.datetime.fromisoformat(t.created_at), prompt=t.prompt,
         response=t.response, n_tokens=t.n_tokens, generated=t.generated, model=t.model,
         sources_searched=list(t.sources_searched), experts_off=list(t.experts_off), n_spans=len(t.spans),
-        timings_ms=json.dumps(t.timings_ms), settings=json.dumps(t.settings, default=str)))
+        timings_ms=json.dumps(t.timings_ms), settings=json.dumps(t.settings, default=str), owner=owner))
     for s in t.spans:
         top_src = s.experts[s.top_expert].source if s.top_expert is not None and s.experts else None
         rows["spans"].append(dict(
@@ -214,15 +224,18 @@ def _tables(t: Trace) -> dict[str, pa.Table]:
     return {n: pa.Table.from_pylist(r, schema=sch[n]) for n, r in rows.items()}
 
 
-def save_trace(ws: Workspace, t: Trace) -> None:
-    """Store a trace (one part, committed whole), redacted as the catalog asks now; `t` too."""
+def save_trace(ws: Workspace, t: Trace, owner: str | None = None) -> None:
+    """Store a trace (one part, committed whole), redacted as the catalog asks now; `t` too.
+
+    :param owner: who may read it back (`access.owner_of(caller)`); None: the operator's (analysts read it)
+    """
     with parts.writer(ws) as r:
         m = _manifest(ws, r)
         _sync(ws, r, m)
         redact_trace(t, m.applied)
         part_id, tmp = parts.new_part_dir(ws)
         try:
-            parts.write_tables(tmp, _tables(t))
+            parts.write_tables(tmp, _tables(t, owner))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -246,6 +259,7 @@ def _manifest(ws: Workspace, r: Path) -> parts.Manifest:
     return m
 
 
+@lru_cache(maxsize=None)
 def _sql_type(table: str, column: str) -> str:
     con = duckdb.connect(":memory:")
     con.execute(SCHEMA)
@@ -304,15 +318,18 @@ def repair(ws: Workspace) -> dict:
 
 
 @contextlib.contextmanager
-def reader(ws: Workspace, sandbox: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
+def reader(ws: Workspace, sandbox: bool = True, caller: Caller = OPERATOR) -> Iterator[duckdb.DuckDBPyConnection]:
     """An in-memory DuckDB whose five tables are views over the committed parts.
 
     Pending redactions are applied first. The connection reads a snapshot: the files of the
     parts committed when it opened, held open until it closes (`parts.pinned`), so a trace,
     a takedown or a compaction meanwhile never makes one of its reads fail or read a file
     half old, half new; open a new reader to see what was committed since. With `sandbox`
-    the connection reads nothing but the store (no ATTACH, no COPY TO, no other file), on one
-    thread, and its settings are locked.
+    the connection reads nothing but the store (no ATTACH, no COPY TO, no other file, no
+    Python object), on one thread, and its settings are locked.
+
+    :param caller: whose reads (tracing/provenance/access.py); one who does not read every
+        trace gets tables holding only its rows, and a connection that reads no file at all
     """
     r = parts.root(ws)
     m = parts.Manifest.read(r)
@@ -326,17 +343,46 @@ def reader(ws: Workspace, sandbox: bool = True) -> Iterator[duckdb.DuckDBPyConne
         files, folder = _pin(ws, m, stack)
         con = duckdb.connect(":memory:", config={"threads": 1} if sandbox else {})
         stack.callback(con.close)  # before the files are let go
+        prefix = "" if caller.reads_all else "_all_"
         for t in TABLES:
-            listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files[t])
-            # union_by_name: parts written before a column was added read it as NULL
-            cols = ", ".join(f'"{f.name}"' for f in schemas()[t])
-            con.execute(f"CREATE VIEW {t} AS SELECT {cols} FROM read_parquet([{listed}], union_by_name = true)")
-        if sandbox:  # a pinned file is allowed under parts/, or, once replaced or removed, in its folder
-            allowed = [f"{r / 'parts'}/"] + ([f"{folder}/"] if folder else [])
-            con.execute("SET allowed_directories = [" + ", ".join("'" + a.replace("'", "''") + "'" for a in allowed) + "]")
+            con.execute(f"CREATE VIEW {prefix}{t} AS {_parts_select(con, t, files[t])}")
+        if not caller.reads_all:
+            _restrict(con, caller)
+        if sandbox:
+            if caller.reads_all:  # a pinned file is allowed under parts/, or, once replaced or removed, in its folder
+                allowed = [f"{r / 'parts'}/"] + ([f"{folder}/"] if folder else [])
+                con.execute("SET allowed_directories = [" + ", ".join("'" + a.replace("'", "''") + "'" for a in allowed) + "]")
             con.execute("SET enable_external_access = false")
+            con.execute("SET python_enable_replacements = false")  # no Python variable read as a table
             con.execute("SET lock_configuration = true")
         yield con
+
+
+def _parts_select(con: duckdb.DuckDBPyConnection, table: str, files: list[str]) -> str:
+    """SELECT of `table`'s columns over its Parquet files; a column no part has yet (every part
+    written before it was added) reads as NULL, as union_by_name does when some parts have it."""
+    listed = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+    src = f"read_parquet([{listed}], union_by_name = true)"
+    want = schemas()[table].names
+    have = set(pq.read_schema(files[-1]).names) if files else set()  # the newest part: usually every column
+    if not set(want) <= have:
+        have = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {src}").fetchall()}
+    cols = ", ".join(f'"{f.name}"' if f.name in have else f'CAST(NULL AS {_sql_type(table, f.name)}) AS "{f.name}"'
+                     for f in schemas()[table])
+    return f"SELECT {cols} FROM {src}"
+
+
+def _restrict(con: duckdb.DuckDBPyConnection, caller: Caller) -> None:
+    """Replace the views `_all_<table>` by tables of the rows `caller` may read (access.py's rule)."""
+    con.execute("CREATE TABLE traces AS SELECT * FROM _all_traces WHERE list_contains(?, owner)",
+                [sorted(caller.owners)])
+    for t in ("spans", "span_experts"):
+        con.execute(f"CREATE TABLE {t} AS SELECT * FROM _all_{t} WHERE trace_id IN (SELECT trace_id FROM traces)")
+    for t in ("span_sources", "span_documents"):  # an owner key's sources: their rows in every trace
+        con.execute(f"CREATE TABLE {t} AS SELECT * FROM _all_{t} "
+                    "WHERE trace_id IN (SELECT trace_id FROM traces) OR list_contains(?, source)", [sorted(caller.sources)])
+    for t in TABLES:
+        con.execute(f"DROP VIEW _all_{t}")
 
 
 def _pin(ws: Workspace, m: parts.Manifest, stack: contextlib.ExitStack) -> tuple[dict[str, list[str]], str | None]:
@@ -374,4 +420,4 @@ migrate.register(migrate.Step("provenance store", _migrate_step, "the single-fil
 
 
 # The read side (SQL, contribution, export) lives in tracing/provenance/queries.py, over `reader`.
-__all__ = ["SCHEMA", "TABLES", "demands", "reader", "redact_documents", "redact_trace", "repair", "save_trace", "sync"]
+__all__ = ["SCHEMA", "TABLES", "Caller", "OPERATOR", "demands", "reader", "redact_documents", "redact_trace", "repair", "save_trace", "sync"]
