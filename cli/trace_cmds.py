@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -17,13 +18,18 @@ from tracing.results import Span, Trace
 from tracing.options import TraceOptions
 from tracing.trace import Tracer
 
-from .common import (GEN, DeviceOpt, DtypeOpt, ExpertsOpt, MaxNewTokensOpt, ModelOpt, SampleOpt, SeedOpt,
-                     TemperatureOpt, TopKOpt, TopPOpt, console, err_console, generation_options, model_spec,
-                     print_json, check_unicode, ws)
+from flexolmo.model.device import DEVICE, DTYPE
+from flexolmo.model.generate import GenerationOptions
+
+from .common import (GEN, TRACE, DeviceOpt, DtypeOpt, ExcludeOpt, ExpertsOpt, IncludeOpt, MaxNewTokensOpt, ModelOpt,
+                     SampleOpt, SeedOpt, TemperatureOpt, TopKOpt, TopPOpt, check_unicode, console, err_console,
+                     field_option, model_spec, options_of, print_json, ws)
 
 report_app = typer.Typer(help="Reports for data owners.", no_args_is_help=True)
 traces_app = typer.Typer(help="The provenance store.", no_args_is_help=True)
 
+_flag = functools.partial(field_option, TraceOptions)
+TRACE_RENAMED = {"docs_seed": "seed"}  # `--seed` is the generation's: the document sample's is `--docs-seed`
 STYLES = ["on dark_green", "on dark_blue", "on dark_magenta", "on dark_red", "on dark_cyan", "on grey37"]
 
 
@@ -38,28 +44,37 @@ def trace(
     text: Annotated[Optional[str], typer.Option("--text", help="The response to trace ('-' or omitted: stdin).")] = None,
     prompt: Annotated[Optional[str], typer.Option(help="The prompt the response answered (used for relevance).")] = None,
     generate: Annotated[Optional[str], typer.Option("--generate", help="Generate a response to this prompt, then trace it.")] = None,
+    # how the response is generated (with --generate): GenerationOptions
     max_new_tokens: MaxNewTokensOpt = GEN.max_new_tokens,
-    sample: SampleOpt = GEN.do_sample,
+    do_sample: SampleOpt = GEN.do_sample,
     temperature: TemperatureOpt = GEN.temperature,
     top_p: TopPOpt = GEN.top_p,
     top_k: TopKOpt = GEN.top_k,
     seed: SeedOpt = GEN.seed,
-    exclude: Annotated[str, typer.Option(help="Switch these experts off, e.g. 'news,forum'.")] = "",
-    include: Annotated[Optional[str], typer.Option(help="Only these experts (plus public) stay on, e.g. 'news'.")] = None,
-    no_counterfactual: Annotated[bool, typer.Option("--no-counterfactual", help="Skip the per-expert passes.")] = False,
-    max_docs: Annotated[int, typer.Option(help="Documents per span.")] = 10,
+    # how it is traced: TraceOptions
+    exclude: ExcludeOpt = None,
+    include: IncludeOpt = None,
+    counterfactual: Annotated[bool, _flag("counterfactual", "--counterfactual/--no-counterfactual")] = TRACE.counterfactual,
+    max_docs: Annotated[int, _flag("max_docs")] = TRACE.max_docs,
+    context_tokens: Annotated[int, _flag("context_tokens")] = TRACE.context_tokens,
+    snippet_tokens: Annotated[int, _flag("snippet_tokens")] = TRACE.snippet_tokens,
+    docs_seed: Annotated[int, _flag("seed", "--docs-seed")] = TRACE.seed,
+    min_len: Annotated[int, _flag("min_len")] = TRACE.min_len,
+    max_cnt: Annotated[int, _flag("max_cnt")] = TRACE.max_cnt,
+    enforce_bow: Annotated[bool, _flag("enforce_bow", "--enforce-bow/--no-enforce-bow")] = TRACE.enforce_bow,
+    span_density: Annotated[float, _flag("span_density")] = TRACE.span_density,
     model: ModelOpt = None,
     experts: ExpertsOpt = None,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = DEVICE,
+    dtype: DtypeOpt = DTYPE,
     as_json: Annotated[bool, typer.Option("--json", help="Print the full trace record as JSON.")] = False,
 ) -> None:
     """Trace a response back to the training documents and the experts that shaped it."""
     if generate is not None and (text is not None or prompt is not None):
         raise InputError("--generate PROMPT generates its own response: drop --text/--prompt, or drop --generate")
     # the same options models, and so the same validation, as POST /api/trace and /api/generate
-    opts = TraceOptions.parse(exclude=exclude, include=include, counterfactual=not no_counterfactual, max_docs=max_docs)
-    gen = generation_options(max_new_tokens, sample, temperature, top_p, top_k, seed)
+    opts = options_of(TraceOptions, locals(), TRACE_RENAMED)
+    gen = options_of(GenerationOptions, locals())
     tracer = Tracer.open(ws(), options=opts, model=model_spec(model, experts, device, dtype))
     if (opts.exclude or opts.include is not None) and tracer.model is None:
         raise InputError("--exclude/--include switch experts off, but there is no merged model; run `flexolmo merge` first")
