@@ -1,30 +1,28 @@
 """What every command shares: the workspace option, the console, error reporting, the model options,
 and the options of the library's option models (trace, generation) as flags.
 
-A command's flags for an option model are declared with `field_option`, which takes the flag's
-help and limits from the model's field, and the command's defaults are the model's
-(`TRACE.max_docs`); `options_of(Model, locals())` builds the model from the command's values,
-validated by the model (InputError naming the field and its limit). tests/test_options.py
-checks that every field of the models has its flag with the model's default.
+A command takes an option model's fields as flags with `@with_options(TraceOptions, "options")`:
+one flag per field, with the field's type, default, description and limits, handed to the
+command as one validated `TraceOptions`, the model the API takes as its body and the library
+as its argument. tests/test_options.py checks the three against each other.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Any, Optional, Union, get_args, get_origin
 
 import typer
-from pydantic import BaseModel
 from rich.console import Console
 
 from flexolmo.base.errors import InputError
 from flexolmo.base.options import Options
 from flexolmo.base.workspace import Workspace
 from flexolmo.model.device import DEVICE, DTYPE
-from flexolmo.model.generate import GenerationOptions
-from tracing.options import TraceOptions
 
 console = Console()
 err_console = Console(stderr=True)
@@ -87,14 +85,9 @@ def model_spec(model: Path | None, experts: str | None, device: str, dtype: str)
 
 # -- the option models' fields as flags -------------------------------------------------------
 
-TRACE = TraceOptions()  # the defaults of the trace flags (tracing/options.py)
-GEN = GenerationOptions()  # the defaults of the generation flags (flexolmo/model/generate.py)
-
-M = TypeVar("M", bound=Options)
-
 
 def _limits(field) -> str:
-    """'0 to 100', 'over 0, at most 1', '1 or more' from a field's constraints ('' when none)."""
+    """'at least 0, at most 100' from a field's constraints ('' when none)."""
     lo = hi = None
     for m in field.metadata:
         for attr, word in (("ge", "at least"), ("gt", "over")):
@@ -106,33 +99,50 @@ def _limits(field) -> str:
     return ", ".join(f"{w} {v:,}" for w, v in (x for x in (lo, hi) if x))
 
 
-def field_option(model: type[BaseModel], name: str, *decls: str) -> Any:
-    """The typer option of `model`'s field `name`: `--name-with-dashes` (or `decls`), its help
-    the field's description and limits. The command gives the model's default
-    (`max_docs: Annotated[int, field_option(TraceOptions, "max_docs")] = TRACE.max_docs`)."""
-    field = model.model_fields[name]
+def _flag(name: str, field, decls: tuple[str, ...] | None) -> inspect.Parameter:
+    """The command parameter of one field: its type, default, flag, help (description and limits)."""
+    kind = field.annotation
+    if get_origin(kind) is Union:  # Optional[X]
+        kind = next(a for a in get_args(kind) if a is not type(None))
+    if get_origin(kind) is tuple:  # names: given as 'a,b' (the model splits them)
+        kind = str
+    dashed = name.replace("_", "-")
+    decls = decls or ((f"--{dashed}/--no-{dashed}",) if kind is bool else (f"--{dashed}",))
     limits = _limits(field)
-    return typer.Option(*(decls or (f"--{name.replace('_', '-')}",)),
-                        help=(field.description or "") + (f" ({limits})" if limits else ""))
+    option = typer.Option(*decls, help=(field.description or "") + (f" ({limits})" if limits else ""))
+    default = None if field.default is None or kind is str else field.default  # None: the model's default
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=Annotated[Optional[kind] if default is None else kind, option])
 
 
-def options_of(model: type[M], values: dict[str, Any], renamed: dict[str, str] | None = None) -> M:
-    """`model` built from a command's values (its `locals()`): each field from the parameter of
-    its name (or the one `renamed` maps to it), None meaning "the model's default"; validated."""
-    renamed = renamed or {}
-    by_field = {p: v for p, v in values.items() if p not in renamed.values()}
-    by_field.update({f: values[p] for p, f in renamed.items() if p in values})
-    return model.parse(**{f: by_field[f] for f in model.model_fields if by_field.get(f) is not None})
+def with_options(model: type[Options], param: str, *, only: set[str] | None = None,
+                 renamed: dict[str, str] | None = None, flags: dict[str, tuple[str, ...]] | None = None):
+    """A command decorator: the command gets one flag per field of `model` (`--max-docs`: the
+    field's type, default, description and limits) and receives them as one validated `model`
+    in its parameter `param` (InputError naming a bad field and its limit).
+
+    :param only: these fields only (default: all)
+    :param renamed: field -> parameter name, where two models of one command share a name
+    :param flags: field -> the flags to use instead of `--field-name` (e.g. ("--sample/--greedy",))
+    """
+    renamed, flags = renamed or {}, flags or {}
+    names = {f: renamed.get(f, f) for f in model.model_fields if only is None or f in only}
+
+    def decorate(command):
+        sig = inspect.signature(command, eval_str=True)  # typer reads the options from the annotations
+        added = [_flag(p, model.model_fields[f], flags.get(f)) for f, p in names.items()]
+
+        @functools.wraps(command)
+        def run(*args, **kwargs):
+            values = {f: kwargs.pop(p) for f, p in names.items()}
+            kwargs[param] = model.parse(**{f: v for f, v in values.items() if v is not None})
+            return command(*args, **kwargs)
+
+        run.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != param] + added)
+        return run
+
+    return decorate
 
 
-# the flags of `GenerationOptions`: `flexolmo generate` and `flexolmo trace --generate`
-MaxNewTokensOpt = Annotated[int, field_option(GenerationOptions, "max_new_tokens", "--max-new-tokens", "-n")]
-SampleOpt = Annotated[bool, field_option(GenerationOptions, "do_sample", "--sample/--greedy")]
-TemperatureOpt = Annotated[float, field_option(GenerationOptions, "temperature")]
-TopPOpt = Annotated[float, field_option(GenerationOptions, "top_p")]
-TopKOpt = Annotated[Optional[int], field_option(GenerationOptions, "top_k")]
-SeedOpt = Annotated[int, field_option(GenerationOptions, "seed")]
-
-# the expert switches of `TraceOptions`: `flexolmo trace` and `flexolmo generate`
-ExcludeOpt = Annotated[Optional[str], field_option(TraceOptions, "exclude")]
-IncludeOpt = Annotated[Optional[str], field_option(TraceOptions, "include")]
+# the generation's flags that are not `--field-name` (flexolmo generate, flexolmo trace --generate)
+GENERATION_FLAGS = {"max_new_tokens": ("--max-new-tokens", "-n"), "do_sample": ("--sample/--greedy",)}

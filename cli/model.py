@@ -20,8 +20,8 @@ from flexolmo.model.device import DEVICE, DTYPE
 from flexolmo.model.generate import GenerationOptions
 from tracing.options import TraceOptions
 
-from .common import (GEN, DeviceOpt, DtypeOpt, ExcludeOpt, ExpertsOpt, IncludeOpt, MaxNewTokensOpt, ModelOpt, SampleOpt,
-                     SeedOpt, TemperatureOpt, TopKOpt, TopPOpt, console, model_spec, options_of, print_json, ws)
+from .common import (GENERATION_FLAGS, DeviceOpt, DtypeOpt, ExpertsOpt, ModelOpt, console, model_spec, print_json,
+                     with_options, ws)
 
 train_app = typer.Typer(help="Train the public model or a data owner's expert.", no_args_is_help=True)
 
@@ -156,23 +156,22 @@ def tune_router_cmd(
     console.print(f"written to {r.out_dir}" + (f" (untuned model kept in {r.untuned_dir})" if r.untuned_dir else ""))
 
 
+@with_options(TraceOptions, "switches", only={"exclude", "include"})
+@with_options(GenerationOptions, "gen", flags=GENERATION_FLAGS)
 def generate_cmd(
     prompt: Annotated[str, typer.Argument(help="Text to continue.")],
-    exclude: ExcludeOpt = None,
-    include: IncludeOpt = None,
-    max_new_tokens: MaxNewTokensOpt = GEN.max_new_tokens,
-    do_sample: SampleOpt = GEN.do_sample,
-    temperature: TemperatureOpt = GEN.temperature,
-    top_p: TopPOpt = GEN.top_p,
-    top_k: TopKOpt = GEN.top_k,
-    seed: SeedOpt = GEN.seed,
     model: ModelOpt = None,
     experts: ExpertsOpt = None,
     device: DeviceOpt = DEVICE,
     dtype: DtypeOpt = DTYPE,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result, with per-token routing, as JSON.")] = False,
+    *,
+    gen: GenerationOptions,
+    switches: TraceOptions,
 ) -> None:
-    """Generate a continuation and show which experts the router chose for every token."""
+    """Generate a continuation and show which experts the router chose for every token.
+
+    From --max-new-tokens on, the flags are GenerationOptions' fields (as in POST /api/generate), then the experts switched off."""
     from flexolmo.base.tokenizer import load_tokenizer
     from flexolmo.model.generate import generate
     from flexolmo.model.loading import open_model
@@ -180,8 +179,6 @@ def generate_cmd(
 
     w = ws()
     spec = model_spec(model, experts, device, dtype)
-    gen = options_of(GenerationOptions, locals())
-    switches = options_of(TraceOptions, {"exclude": exclude, "include": include})  # the experts switched off
     guard = VerbatimGuard.open(w)  # owners' --max-verbatim limits; checked before the model loads
     index_tok = load_tokenizer(w)
     loaded, own = open_model(w, spec, exclude=switches.exclude, include=switches.include, index_tokenizer=index_tok)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -21,15 +20,12 @@ from tracing.trace import Tracer
 from flexolmo.model.device import DEVICE, DTYPE
 from flexolmo.model.generate import GenerationOptions
 
-from .common import (GEN, TRACE, DeviceOpt, DtypeOpt, ExcludeOpt, ExpertsOpt, IncludeOpt, MaxNewTokensOpt, ModelOpt,
-                     SampleOpt, SeedOpt, TemperatureOpt, TopKOpt, TopPOpt, check_unicode, console, err_console,
-                     field_option, model_spec, options_of, print_json, ws)
+from .common import (GENERATION_FLAGS, DeviceOpt, DtypeOpt, ExpertsOpt, ModelOpt, check_unicode, console,
+                     err_console, model_spec, print_json, with_options, ws)
 
 report_app = typer.Typer(help="Reports for data owners.", no_args_is_help=True)
 traces_app = typer.Typer(help="The provenance store.", no_args_is_help=True)
 
-_flag = functools.partial(field_option, TraceOptions)
-TRACE_RENAMED = {"docs_seed": "seed"}  # `--seed` is the generation's: the document sample's is `--docs-seed`
 STYLES = ["on dark_green", "on dark_blue", "on dark_magenta", "on dark_red", "on dark_cyan", "on grey37"]
 
 
@@ -40,41 +36,26 @@ def register(app: typer.Typer) -> None:
     app.add_typer(traces_app, name="traces")
 
 
+@with_options(TraceOptions, "opts", renamed={"seed": "docs_seed"}, flags={"seed": ("--docs-seed",)})
+@with_options(GenerationOptions, "gen", flags=GENERATION_FLAGS)
 def trace(
     text: Annotated[Optional[str], typer.Option("--text", help="The response to trace ('-' or omitted: stdin).")] = None,
     prompt: Annotated[Optional[str], typer.Option(help="The prompt the response answered (used for relevance).")] = None,
     generate: Annotated[Optional[str], typer.Option("--generate", help="Generate a response to this prompt, then trace it.")] = None,
-    # how the response is generated (with --generate): GenerationOptions
-    max_new_tokens: MaxNewTokensOpt = GEN.max_new_tokens,
-    do_sample: SampleOpt = GEN.do_sample,
-    temperature: TemperatureOpt = GEN.temperature,
-    top_p: TopPOpt = GEN.top_p,
-    top_k: TopKOpt = GEN.top_k,
-    seed: SeedOpt = GEN.seed,
-    # how it is traced: TraceOptions
-    exclude: ExcludeOpt = None,
-    include: IncludeOpt = None,
-    counterfactual: Annotated[bool, _flag("counterfactual", "--counterfactual/--no-counterfactual")] = TRACE.counterfactual,
-    max_docs: Annotated[int, _flag("max_docs")] = TRACE.max_docs,
-    context_tokens: Annotated[int, _flag("context_tokens")] = TRACE.context_tokens,
-    snippet_tokens: Annotated[int, _flag("snippet_tokens")] = TRACE.snippet_tokens,
-    docs_seed: Annotated[int, _flag("seed", "--docs-seed")] = TRACE.seed,
-    min_len: Annotated[int, _flag("min_len")] = TRACE.min_len,
-    max_cnt: Annotated[int, _flag("max_cnt")] = TRACE.max_cnt,
-    enforce_bow: Annotated[bool, _flag("enforce_bow", "--enforce-bow/--no-enforce-bow")] = TRACE.enforce_bow,
-    span_density: Annotated[float, _flag("span_density")] = TRACE.span_density,
     model: ModelOpt = None,
     experts: ExpertsOpt = None,
     device: DeviceOpt = DEVICE,
     dtype: DtypeOpt = DTYPE,
     as_json: Annotated[bool, typer.Option("--json", help="Print the full trace record as JSON.")] = False,
+    *,
+    gen: GenerationOptions,
+    opts: TraceOptions,
 ) -> None:
-    """Trace a response back to the training documents and the experts that shaped it."""
+    """Trace a response back to the training documents and the experts that shaped it.
+
+    From --max-new-tokens on, the flags are GenerationOptions' fields (with --generate), then TraceOptions' (as in POST /api/generate and /api/trace); --seed is the generation's, --docs-seed the document sample's."""
     if generate is not None and (text is not None or prompt is not None):
         raise InputError("--generate PROMPT generates its own response: drop --text/--prompt, or drop --generate")
-    # the same options models, and so the same validation, as POST /api/trace and /api/generate
-    opts = options_of(TraceOptions, locals(), TRACE_RENAMED)
-    gen = options_of(GenerationOptions, locals())
     tracer = Tracer.open(ws(), options=opts, model=model_spec(model, experts, device, dtype))
     if (opts.exclude or opts.include is not None) and tracer.model is None:
         raise InputError("--exclude/--include switch experts off, but there is no merged model; run `flexolmo merge` first")
