@@ -14,7 +14,7 @@ import inspect
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional, Union, get_args, get_origin
+from typing import Annotated, Any, Callable, Optional, Union, get_args, get_origin
 
 import typer
 from rich.console import Console
@@ -115,6 +115,25 @@ def _flag(name: str, field, decls: tuple[str, ...] | None) -> inspect.Parameter:
                              annotation=Annotated[Optional[kind] if default is None else kind, option])
 
 
+def _takes(param: str, added: list[inspect.Parameter], build: Callable[[dict[str, Any]], Any]):
+    """A command decorator: the command gets the parameters `added` and receives
+    `build({name: value})` of their values in its parameter `param` instead."""
+    names = [p.name for p in added]
+
+    def decorate(command):
+        sig = inspect.signature(command, eval_str=True)  # typer reads the options from the annotations
+
+        @functools.wraps(command)
+        def run(*args, **kwargs):
+            kwargs[param] = build({n: kwargs.pop(n) for n in names})
+            return command(*args, **kwargs)
+
+        run.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != param] + added)
+        return run
+
+    return decorate
+
+
 def with_options(model: type[Options], param: str, *, only: set[str] | None = None,
                  renamed: dict[str, str] | None = None, flags: dict[str, tuple[str, ...]] | None = None):
     """A command decorator: the command gets one flag per field of `model` (`--max-docs`: the
@@ -127,21 +146,17 @@ def with_options(model: type[Options], param: str, *, only: set[str] | None = No
     """
     renamed, flags = renamed or {}, flags or {}
     names = {f: renamed.get(f, f) for f in model.model_fields if only is None or f in only}
+    added = [_flag(p, model.model_fields[f], flags.get(f)) for f, p in names.items()]
+    return _takes(param, added, lambda v: model.parse(**{f: v[p] for f, p in names.items() if v[p] is not None}))
 
-    def decorate(command):
-        sig = inspect.signature(command, eval_str=True)  # typer reads the options from the annotations
-        added = [_flag(p, model.model_fields[f], flags.get(f)) for f, p in names.items()]
 
-        @functools.wraps(command)
-        def run(*args, **kwargs):
-            values = {f: kwargs.pop(p) for f, p in names.items()}
-            kwargs[param] = model.parse(**{f: v for f, v in values.items() if v is not None})
-            return command(*args, **kwargs)
-
-        run.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != param] + added)
-        return run
-
-    return decorate
+def with_model(param: str = "spec"):
+    """A command decorator: --model, --experts, --device and --dtype, received as one
+    `flexolmo.model.loading.ModelSpec` in the command's parameter `param`."""
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=option)
+             for name, option, default in (("model", ModelOpt, None), ("experts", ExpertsOpt, None),
+                                           ("device", DeviceOpt, DEVICE), ("dtype", DtypeOpt, DTYPE))]
+    return _takes(param, added, lambda v: model_spec(**v))
 
 
 # the generation's flags that are not `--field-name` (flexolmo generate, flexolmo trace --generate)

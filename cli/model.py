@@ -18,10 +18,10 @@ import typer
 
 from flexolmo.model.device import DEVICE, DTYPE
 from flexolmo.model.generate import GenerationOptions
+from flexolmo.model.loading import ModelSpec
 from tracing.options import TraceOptions
 
-from .common import (GENERATION_FLAGS, DeviceOpt, DtypeOpt, ExpertsOpt, ModelOpt, console, model_spec, print_json,
-                     with_options, ws)
+from .common import GENERATION_FLAGS, DeviceOpt, DtypeOpt, console, print_json, with_model, with_options, ws
 
 train_app = typer.Typer(help="Train the public model or a data owner's expert.", no_args_is_help=True)
 
@@ -158,27 +158,24 @@ def tune_router_cmd(
 
 @with_options(TraceOptions, "switches", only={"exclude", "include"})
 @with_options(GenerationOptions, "gen", flags=GENERATION_FLAGS)
+@with_model("spec")
 def generate_cmd(
     prompt: Annotated[str, typer.Argument(help="Text to continue.")],
-    model: ModelOpt = None,
-    experts: ExpertsOpt = None,
-    device: DeviceOpt = DEVICE,
-    dtype: DtypeOpt = DTYPE,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result, with per-token routing, as JSON.")] = False,
     *,
+    spec: ModelSpec,
     gen: GenerationOptions,
     switches: TraceOptions,
 ) -> None:
     """Generate a continuation and show which experts the router chose for every token.
 
-    From --max-new-tokens on, the flags are GenerationOptions' fields (as in POST /api/generate), then the experts switched off."""
+    From --model on: the model, then GenerationOptions' fields (as in POST /api/generate), then the experts switched off."""
     from flexolmo.base.tokenizer import load_tokenizer
     from flexolmo.model.generate import generate
     from flexolmo.model.loading import open_model
     from tracing.guard import VerbatimGuard
 
     w = ws()
-    spec = model_spec(model, experts, device, dtype)
     guard = VerbatimGuard.open(w)  # owners' --max-verbatim limits; checked before the model loads
     index_tok = load_tokenizer(w)
     loaded, own = open_model(w, spec, exclude=switches.exclude, include=switches.include, index_tokenizer=index_tok)

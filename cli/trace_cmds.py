@@ -17,11 +17,11 @@ from tracing.results import Span, Trace
 from tracing.options import TraceOptions
 from tracing.trace import Tracer
 
-from flexolmo.model.device import DEVICE, DTYPE
 from flexolmo.model.generate import GenerationOptions
+from flexolmo.model.loading import ModelSpec
 
-from .common import (GENERATION_FLAGS, DeviceOpt, DtypeOpt, ExpertsOpt, ModelOpt, check_unicode, console,
-                     err_console, model_spec, print_json, with_options, ws)
+from .common import (GENERATION_FLAGS, check_unicode, console, err_console, print_json, with_model, with_options,
+                     ws)
 
 report_app = typer.Typer(help="Reports for data owners.", no_args_is_help=True)
 traces_app = typer.Typer(help="The provenance store.", no_args_is_help=True)
@@ -38,25 +38,23 @@ def register(app: typer.Typer) -> None:
 
 @with_options(TraceOptions, "opts", renamed={"seed": "docs_seed"}, flags={"seed": ("--docs-seed",)})
 @with_options(GenerationOptions, "gen", flags=GENERATION_FLAGS)
+@with_model("spec")
 def trace(
     text: Annotated[Optional[str], typer.Option("--text", help="The response to trace ('-' or omitted: stdin).")] = None,
     prompt: Annotated[Optional[str], typer.Option(help="The prompt the response answered (used for relevance).")] = None,
     generate: Annotated[Optional[str], typer.Option("--generate", help="Generate a response to this prompt, then trace it.")] = None,
-    model: ModelOpt = None,
-    experts: ExpertsOpt = None,
-    device: DeviceOpt = DEVICE,
-    dtype: DtypeOpt = DTYPE,
     as_json: Annotated[bool, typer.Option("--json", help="Print the full trace record as JSON.")] = False,
     *,
+    spec: ModelSpec,
     gen: GenerationOptions,
     opts: TraceOptions,
 ) -> None:
     """Trace a response back to the training documents and the experts that shaped it.
 
-    From --max-new-tokens on, the flags are GenerationOptions' fields (with --generate), then TraceOptions' (as in POST /api/generate and /api/trace); --seed is the generation's, --docs-seed the document sample's."""
+    From --model on: the model, then GenerationOptions' fields (with --generate), then TraceOptions' (as in POST /api/generate and /api/trace); --seed is the generation's, --docs-seed the document sample's."""
     if generate is not None and (text is not None or prompt is not None):
         raise InputError("--generate PROMPT generates its own response: drop --text/--prompt, or drop --generate")
-    tracer = Tracer.open(ws(), options=opts, model=model_spec(model, experts, device, dtype))
+    tracer = Tracer.open(ws(), options=opts, model=spec)
     if (opts.exclude or opts.include is not None) and tracer.model is None:
         raise InputError("--exclude/--include switch experts off, but there is no merged model; run `flexolmo merge` first")
     if generate is not None:
