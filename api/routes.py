@@ -48,7 +48,6 @@ from tracing.provenance import queries
 from tracing.provenance.access import TOKEN_HEADER, Caller, owner_of
 from tracing.results import Trace
 from flexolmo.model.generate import GenerationOptions
-from tracing.options import TraceOptions
 from tracing.provenance.listing import TraceFilter, list_provenance
 from tracing.provenance.queries import Contribution
 from tracing.trace import Tracer
@@ -82,11 +81,8 @@ async def trace(req: TraceRequest, svc: ServiceDep, request: Request, who: Calle
     _cap("text", req.text, st.max_trace_chars, st.trace_budget_s)
     _cap("prompt", req.prompt, st.max_trace_chars, st.trace_budget_s)
 
-    opts = req.options.replace(counterfactual=req.counterfactual) if req.options else \
-        (TraceOptions(counterfactual=req.counterfactual) if req.counterfactual is not None else None)
-
     def run(tracer: Tracer, job: Job) -> Trace:
-        t = tracer.trace(req.text, prompt=req.prompt, store=False, options=opts)  # its set fields over the service's
+        t = tracer.trace(req.text, prompt=req.prompt, store=False, options=req.options)  # its set fields over the service's
         job.check()  # stopped or abandoned: not stored
         if req.store:
             store.save_trace(tracer.ws, t, owner=owner_of(who))
@@ -103,7 +99,7 @@ async def generate(req: GenerateRequest, svc: ServiceDep, request: Request, who:
     """Generate a response with the merged model (routing captured), then trace it; the record is stored."""
     st = svc.settings
     _cap("prompt", req.prompt, st.max_trace_chars, st.generate_budget_s)
-    gen = (req.generation or GenerationOptions()).replace(max_new_tokens=req.max_new_tokens)
+    gen = req.generation or GenerationOptions()
     if gen.max_new_tokens > st.max_new_tokens:
         raise HTTPException(422, detail=f"max_new_tokens is {gen.max_new_tokens}; this service generates and traces "
                                         f"at most {st.max_new_tokens} within its {st.generate_budget_s:g} s budget")

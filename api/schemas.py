@@ -2,17 +2,20 @@
 
 Trace shapes are not repeated here: the routes answer with the dataclasses of
 `tracing/results.py` (FastAPI validates and documents dataclasses as it does pydantic
-models). This file holds what only the API needs: request bodies and a few envelopes.
+models). Options are not repeated either: a request's `options` is the library's `TraceOptions`
+(tracing/options.py) and its `generation` a `GenerationOptions` (flexolmo/model/generate.py),
+the models `flexolmo trace` and `flexolmo generate` build from their flags. This file holds what
+only the API needs: request bodies and a few envelopes.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, AliasChoices, BaseModel, Field
+from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field
 
 from flexolmo.base.source_schema import PolicyChange, source_model
-from flexolmo.model.generate import MAX_NEW_TOKENS, GenerationOptions
+from flexolmo.model.generate import GenerationOptions
 from tracing.options import TraceOptions
 
 # Hard limits of the schema; the service's budgets set lower caps (api/deps.py Settings).
@@ -33,21 +36,23 @@ Text = Annotated[str, AfterValidator(_unicode)]
 
 
 class TraceRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt or misplaced option is refused, not ignored
+
     text: Text = Field(description="The response to trace.", max_length=TEXT_MAX)
     prompt: Text | None = Field(None, description="The prompt it answered (used for relevance).", max_length=TEXT_MAX)
     options: TraceOptions | None = Field(None, description="The trace's options, as `flexolmo trace` takes them "
                                                            "(tracing/options.py); the fields set override the service's.")
-    counterfactual: bool | None = Field(None, description="Shorthand for options.counterfactual.")
     store: bool = Field(True, description="Keep the trace in the provenance store, readable by its maker; false keeps nothing.")
 
 
 class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     prompt: Text = Field(min_length=1, max_length=TEXT_MAX)
     generation: GenerationOptions | None = Field(None, description="Length, sampling and seed, as `flexolmo generate` "
                                                                    "and `flexolmo trace --generate` take them.")
     options: TraceOptions | None = Field(None, description="The trace's options (experts off, counterfactuals, ...); "
                                                            "the fields set override the service's.")
-    max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS, description="Shorthand for generation.max_new_tokens.")
     store: bool = Field(True, description="Keep the trace in the provenance store, readable by its maker; false keeps nothing.")
 
 

@@ -133,7 +133,7 @@ def client(url: str, until: float, seed: int, texts: list[str], has_model: bool,
                 kind, body, expect = "query", {"sql": rng.choice(QUERIES)}, 200
             elif r < 0.4 and has_model:
                 prompt = " ".join(rng.choice(texts).split()[:8])  # short: fits small models' positions
-                kind, body, expect = "generate", {"prompt": prompt, "max_new_tokens": 24}, 200
+                kind, body, expect = "generate", {"prompt": prompt, "generation": {"max_new_tokens": 24}}, 200
             else:
                 kind, body, expect = "trace", {"text": rng.choice(texts)}, 200
             path = "/api/query" if kind == "query" or (kind == "bad" and "sql" in body) else (

@@ -12,6 +12,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from flexolmo.model.device import DEVICE, DTYPE
+
 from .common import DeviceOpt, DtypeOpt, console, print_json, ws
 
 
@@ -31,8 +33,8 @@ def eval_cmd(
     task_lines: Annotated[int, typer.Option("--task-lines", help="Held-out code lines for the next-line task.")] = 100,
     report: Annotated[Optional[Path], typer.Option("--report", help="Write results.md and results/ (JSON, PNG) into this folder.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result object as JSON (progress goes to stderr).")] = False,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = DEVICE,
+    dtype: DtypeOpt = DTYPE,
 ) -> None:
     """Evaluate the FlexOlmo model against its baselines on every source's validation split."""
     import sys

@@ -16,8 +16,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import (GEN, DeviceOpt, DtypeOpt, ExpertsOpt, MaxNewTokensOpt, ModelOpt, SampleOpt, SeedOpt,
-                     TemperatureOpt, TopKOpt, TopPOpt, console, generation_options, model_spec, print_json, ws)
+from flexolmo.model.device import DEVICE, DTYPE
+from flexolmo.model.generate import GenerationOptions
+from flexolmo.model.loading import ModelSpec
+from tracing.options import TraceOptions
+
+from .common import GENERATION_FLAGS, DeviceOpt, DtypeOpt, console, print_json, with_model, with_options, ws
 
 train_app = typer.Typer(help="Train the public model or a data owner's expert.", no_args_is_help=True)
 
@@ -54,8 +58,8 @@ def train_public_cmd(
     profile: ProfileOpt = "demo",
     steps: StepsOpt = None,
     source: Annotated[str, typer.Option(help="The public source to train on.")] = "public",
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = DEVICE,
+    dtype: DtypeOpt = DTYPE,
 ) -> None:
     """Train the public model (one dense expert) on the public source's train split."""
     from flexolmo.model.train import train_public
@@ -88,8 +92,8 @@ def train_expert_cmd(
     dp_noise_multiplier: Annotated[
         Optional[float], typer.Option("--dp-noise-multiplier", help="A fixed DP-SGD noise multiplier instead of --dp-epsilon.")
     ] = None,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = DEVICE,
+    dtype: DtypeOpt = DTYPE,
 ) -> None:
     """Train SOURCE's expert against the frozen public model; write the expert package.
 
@@ -138,8 +142,8 @@ def tune_router_cmd(
                                       "owner consenting, 3e-2 beats 3e-3 (gm perplexity 150 vs 165); on proxies alone 3e-2 sends "
                                       "nearly everything to the public expert (412 vs 207).")] = 3e-3,
     seed: Annotated[int, typer.Option()] = 0,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = DEVICE,
+    dtype: DtypeOpt = DTYPE,
 ) -> None:
     """Tune only the routers of a merged model on a small proxy set of each source's training data."""
     from flexolmo.model.router_tuning import tune_router
@@ -152,35 +156,29 @@ def tune_router_cmd(
     console.print(f"written to {r.out_dir}" + (f" (untuned model kept in {r.untuned_dir})" if r.untuned_dir else ""))
 
 
+@with_options(TraceOptions, "switches", only={"exclude", "include"})
+@with_options(GenerationOptions, "gen", flags=GENERATION_FLAGS)
+@with_model("spec")
 def generate_cmd(
     prompt: Annotated[str, typer.Argument(help="Text to continue.")],
-    exclude: Annotated[Optional[str], typer.Option("--exclude", help="Comma-separated sources to switch off.")] = None,
-    include: Annotated[Optional[str], typer.Option("--include", help="Only these sources (plus public) stay on.")] = None,
-    max_new_tokens: MaxNewTokensOpt = GEN.max_new_tokens,
-    sample: SampleOpt = GEN.do_sample,
-    temperature: TemperatureOpt = GEN.temperature,
-    top_p: TopPOpt = GEN.top_p,
-    top_k: TopKOpt = GEN.top_k,
-    seed: SeedOpt = GEN.seed,
-    model: ModelOpt = None,
-    experts: ExpertsOpt = None,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result, with per-token routing, as JSON.")] = False,
+    *,
+    spec: ModelSpec,
+    gen: GenerationOptions,
+    switches: TraceOptions,
 ) -> None:
-    """Generate a continuation and show which experts the router chose for every token."""
+    """Generate a continuation and show which experts the router chose for every token.
+
+    From --model on: the model, then GenerationOptions' fields (as in POST /api/generate), then the experts switched off."""
     from flexolmo.base.tokenizer import load_tokenizer
     from flexolmo.model.generate import generate
     from flexolmo.model.loading import open_model
     from tracing.guard import VerbatimGuard
 
     w = ws()
-    spec = model_spec(model, experts, device, dtype)
-    gen = generation_options(max_new_tokens, sample, temperature, top_p, top_k, seed)
     guard = VerbatimGuard.open(w)  # owners' --max-verbatim limits; checked before the model loads
     index_tok = load_tokenizer(w)
-    loaded, own = open_model(w, spec, exclude=_names(exclude), include=_names(include) if include else None,
-                             index_tokenizer=index_tok)
+    loaded, own = open_model(w, spec, exclude=switches.exclude, include=switches.include, index_tokenizer=index_tok)
     if loaded is None:
         from flexolmo.base.errors import NotFoundError
 

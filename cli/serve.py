@@ -29,7 +29,7 @@ from flexolmo.base.errors import InputError
 from index.keys import KeyStore
 from tracing.provenance.access import SCOPE_LINE
 
-from .common import DeviceOpt, DtypeOpt, ExpertsOpt, ModelOpt, console, ws
+from .common import EnvDeviceOpt, EnvDtypeOpt, ExpertsOpt, ModelOpt, console, ws
 from .keys import announce_admin_key
 
 
@@ -47,8 +47,8 @@ def serve(
                                               "up to the number of cores is useful.")] = 1,
     model: ModelOpt = None,
     experts: ExpertsOpt = None,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
+    device: EnvDeviceOpt = None,
+    dtype: EnvDtypeOpt = None,
     client_rps: Annotated[Optional[float], typer.Option(help="Requests per second per client (its key, else its "
                                                              "address) and worker; 0: no limit "
                                                              "(default: $FLEXOLMO_CLIENT_RPS, else 20).")] = None,
@@ -67,7 +67,8 @@ def serve(
     if not 1 <= workers <= 64:
         raise InputError(f"--workers must be between 1 and 64, got {workers}")
     root = ws()
-    # every worker process (and the app of a single one) reads the model from the environment
+    # every worker process (and the app of a single one) reads the model from the environment;
+    # an option not given leaves the environment's value
     for key, value in (("FLEXOLMO_MODEL", model), ("FLEXOLMO_EXPERTS", experts), ("FLEXOLMO_DEVICE", device),
                        ("FLEXOLMO_DTYPE", dtype)):
         if value is not None:

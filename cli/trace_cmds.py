@@ -18,9 +18,11 @@ from tracing.options import TraceOptions
 from tracing.trace import Tracer
 
 from . import tables as T
-from .common import (GEN, DeviceOpt, DtypeOpt, ExpertsOpt, MaxNewTokensOpt, ModelOpt, SampleOpt, SeedOpt,
-                     TemperatureOpt, TopKOpt, TopPOpt, console, err_console, generation_options, model_spec,
-                     print_json, check_unicode, ws)
+from flexolmo.model.generate import GenerationOptions
+from flexolmo.model.loading import ModelSpec
+
+from .common import (GENERATION_FLAGS, check_unicode, console, err_console, print_json, with_model, with_options,
+                     ws)
 
 report_app = typer.Typer(help="Reports for data owners.", no_args_is_help=True)
 traces_app = typer.Typer(help="The provenance store.", no_args_is_help=True)
@@ -35,33 +37,25 @@ def register(app: typer.Typer) -> None:
     app.add_typer(traces_app, name="traces")
 
 
+@with_options(TraceOptions, "opts", renamed={"seed": "docs_seed"}, flags={"seed": ("--docs-seed",)})
+@with_options(GenerationOptions, "gen", flags=GENERATION_FLAGS)
+@with_model("spec")
 def trace(
     text: Annotated[Optional[str], typer.Option("--text", help="The response to trace ('-' or omitted: stdin).")] = None,
     prompt: Annotated[Optional[str], typer.Option(help="The prompt the response answered (used for relevance).")] = None,
     generate: Annotated[Optional[str], typer.Option("--generate", help="Generate a response to this prompt, then trace it.")] = None,
-    max_new_tokens: MaxNewTokensOpt = GEN.max_new_tokens,
-    sample: SampleOpt = GEN.do_sample,
-    temperature: TemperatureOpt = GEN.temperature,
-    top_p: TopPOpt = GEN.top_p,
-    top_k: TopKOpt = GEN.top_k,
-    seed: SeedOpt = GEN.seed,
-    exclude: Annotated[str, typer.Option(help="Switch these experts off, e.g. 'news,forum'.")] = "",
-    include: Annotated[Optional[str], typer.Option(help="Only these experts (plus public) stay on, e.g. 'news'.")] = None,
-    no_counterfactual: Annotated[bool, typer.Option("--no-counterfactual", help="Skip the per-expert passes.")] = False,
-    max_docs: Annotated[int, typer.Option(help="Documents per span.")] = 10,
-    model: ModelOpt = None,
-    experts: ExpertsOpt = None,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
     as_json: Annotated[bool, typer.Option("--json", help="Print the full trace record as JSON.")] = False,
+    *,
+    spec: ModelSpec,
+    gen: GenerationOptions,
+    opts: TraceOptions,
 ) -> None:
-    """Trace a response back to the training documents and the experts that shaped it."""
+    """Trace a response back to the training documents and the experts that shaped it.
+
+    From --model on: the model, then GenerationOptions' fields (with --generate), then TraceOptions' (as in POST /api/generate and /api/trace); --seed is the generation's, --docs-seed the document sample's."""
     if generate is not None and (text is not None or prompt is not None):
         raise InputError("--generate PROMPT generates its own response: drop --text/--prompt, or drop --generate")
-    # the same options models, and so the same validation, as POST /api/trace and /api/generate
-    opts = TraceOptions.parse(exclude=exclude, include=include, counterfactual=not no_counterfactual, max_docs=max_docs)
-    gen = generation_options(max_new_tokens, sample, temperature, top_p, top_k, seed)
-    tracer = Tracer.open(ws(), options=opts, model=model_spec(model, experts, device, dtype))
+    tracer = Tracer.open(ws(), options=opts, model=spec)
     if (opts.exclude or opts.include is not None) and tracer.model is None:
         raise InputError("--exclude/--include switch experts off, but there is no merged model; run `flexolmo merge` first")
     if generate is not None:

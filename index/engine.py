@@ -32,6 +32,7 @@ from flexolmo.base.errors import ConflictError, FlexolmoError, InputError, Integ
 from flexolmo.base.workspace import Workspace
 
 from . import format as fmt, search
+from .options import WINDOW
 from .results import AttributedSpan, DocRef, SpanDocument, SpanMatch
 from .remote import RemoteSettings, RemoteSource, RemoteUnavailable, open_remotes
 from .source import MAX_ID, SourceIndex, check_ids
@@ -240,8 +241,9 @@ class Federation:
                 out[n] = f.result()
         return out
 
-    def documents(self, span: SpanMatch, n: int = 10, seed: int = 0, *, context_tokens: int = 250,
-                  snippet_tokens: int = 40) -> list[SpanDocument]:
+    def documents(self, span: SpanMatch, n: int = WINDOW.max_docs, seed: int = 0, *,
+                  context_tokens: int = WINDOW.context_tokens,
+                  snippet_tokens: int = WINDOW.snippet_tokens) -> list[SpanDocument]:
         """Up to `n` distinct documents containing `span`, sampled with `seed` over its occurrences.
 
         A seeded sample of up to DRAWS_PER_DOC * n occurrences over the sources that show
@@ -250,8 +252,9 @@ class Federation:
         """
         return self.documents_many([span], n, seed, context_tokens=context_tokens, snippet_tokens=snippet_tokens)[0]
 
-    def documents_many(self, spans: Sequence[SpanMatch], n: int = 10, seed: int = 0, *, context_tokens: int = 250,
-                       snippet_tokens: int = 40) -> list[list[SpanDocument]]:
+    def documents_many(self, spans: Sequence[SpanMatch], n: int = WINDOW.max_docs, seed: int = 0, *,
+                       context_tokens: int = WINDOW.context_tokens,
+                       snippet_tokens: int = WINDOW.snippet_tokens) -> list[list[SpanDocument]]:
         """`documents` of several spans (the same sample per span), one round trip per remote source."""
         if n < 0:
             raise InputError("n must be >= 0")

@@ -22,14 +22,13 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from flexolmo.base.source_schema import VISIBILITY_ORDER, Visibility  # the policy's one definition
+from .options import DOCS_LIMIT, WINDOW, ContextTokens, MaxDocs, SnippetTokens
 
 PROTOCOL = "flexolmo-node/1"
 MAX_QUERY_TOKENS = 16_384  # ids per matches request (a long response; the API caps traces lower)
-MAX_DOCS = 100  # documents per span
+MAX_DOCS = DOCS_LIMIT  # documents per span: the document window's limits (index/options.py) are the wire's
 MAX_PICKS = 4 * MAX_DOCS  # occurrences sampled per span (the tracer draws 4 per wanted document)
 MAX_SPANS = 256  # spans per documents request
-MAX_CONTEXT = 1_000  # context tokens a side
-MAX_SNIPPET = 500
 MAX_BODY_BYTES = 2_000_000  # a request body larger than this is refused with 413
 
 
@@ -87,13 +86,13 @@ class MatchesAnswer(_Wire):
 class SpanRequest(_Wire):
     span_ids: list[int] = Field(min_length=1, max_length=MAX_QUERY_TOKENS)
     picks: list[int] = Field(max_length=MAX_PICKS)  # occurrence numbers in [0, count)
-    n: int = Field(default=10, ge=0, le=MAX_DOCS)
+    n: MaxDocs = WINDOW.max_docs
 
 
 class DocumentsRequest(_Wire):
     spans: list[SpanRequest] = Field(max_length=MAX_SPANS)
-    context_tokens: int = Field(default=250, ge=0, le=MAX_CONTEXT)
-    snippet_tokens: int = Field(default=40, ge=0, le=MAX_SNIPPET)
+    context_tokens: ContextTokens = WINDOW.context_tokens
+    snippet_tokens: SnippetTokens = WINDOW.snippet_tokens
     max_visibility: Visibility = "full"  # the tracer's own cap, if stricter
 
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from flexolmo.base.errors import InputError
 
+from .options import SNIPPET_LIMIT, WINDOW
 from .snippets import decode, marked
 
 if TYPE_CHECKING:
@@ -201,7 +202,7 @@ def _sources(fed: "Federation", source: str | None) -> tuple[list[str], dict[str
 
 
 def search(fed: "Federation", tok, query: str | Query, *, source: str | None = None, n_docs: int = 10,
-           seed: int = 0, snippet_tokens: int = 40, max_clause_freq: int = MAX_CLAUSE_FREQ,
+           seed: int = 0, snippet_tokens: int = WINDOW.snippet_tokens, max_clause_freq: int = MAX_CLAUSE_FREQ,
            max_diff_tokens: int = MAX_DIFF_TOKENS) -> SearchResult:
     """Count `query` in every served source (or `source`) and return up to `n_docs` documents per source.
 
@@ -211,8 +212,8 @@ def search(fed: "Federation", tok, query: str | Query, *, source: str | None = N
     q = query if isinstance(query, Query) else Query.parse(query)
     if not 0 <= n_docs <= MAX_DOCS:
         raise InputError(f"n_docs must be between 0 and {MAX_DOCS}, got {n_docs}")
-    if not 1 <= snippet_tokens <= 500:
-        raise InputError(f"snippet_tokens must be between 1 and 500, got {snippet_tokens}")
+    if not 1 <= snippet_tokens <= SNIPPET_LIMIT:
+        raise InputError(f"snippet_tokens must be between 1 and {SNIPPET_LIMIT}, got {snippet_tokens}")
     if not (1 <= max_clause_freq <= 10 * MAX_CLAUSE_FREQ and 1 <= max_diff_tokens <= 1000):
         raise InputError(f"max_clause_freq must be in [1, {10 * MAX_CLAUSE_FREQ}] and max_diff_tokens in [1, 1000]")
     cnf = q.ids(tok)

@@ -4,7 +4,7 @@
                domain="biology", licence="CC BY 4.0")         # checks the node, then registers it
     rs = RemoteSource("lab", url, key, tokenizer_hash=...)    # what Federation.open builds for it
     rs.matches(ids, delim_ids, bow_ids)                       # SourceMatches, as SourceIndex.matches
-    rs.documents_many([(span_ids, picks, n)], 250, 40)        # [[SpanDocument]], one round trip
+    rs.documents_many([(span_ids, picks, n)])                 # [[SpanDocument]], one round trip
 
 `RemoteSource` answers the same questions as `index/source.py`'s `SourceIndex` (identity:
 name, visibility, counts, unigram counts, build; `matches`; `documents`), so the
@@ -42,6 +42,7 @@ from flexolmo.base.workspace import Workspace
 from . import catalog, width as widths
 from . import protocol as P
 from .keys import read_key_file, write_secret
+from .options import WINDOW
 from .results import SourceMatches, SpanDocument
 from .source import check_ids
 
@@ -283,12 +284,14 @@ class RemoteSource:
             self.identity(refresh=True)
         return SourceMatches(self.name, list(a.lengths), list(a.counts))
 
-    def documents(self, span_ids: Sequence[int], picks: Sequence[int], n: int = 10, context_tokens: int = 250,
-                  snippet_tokens: int = 40) -> list[SpanDocument]:
+    def documents(self, span_ids: Sequence[int], picks: Sequence[int], n: int = WINDOW.max_docs,
+                  context_tokens: int = WINDOW.context_tokens,
+                  snippet_tokens: int = WINDOW.snippet_tokens) -> list[SpanDocument]:
         return self.documents_many([(span_ids, picks, n)], context_tokens, snippet_tokens)[0]
 
-    def documents_many(self, requests: Sequence[tuple[Sequence[int], Sequence[int], int]], context_tokens: int = 250,
-                       snippet_tokens: int = 40) -> list[list[SpanDocument]]:
+    def documents_many(self, requests: Sequence[tuple[Sequence[int], Sequence[int], int]],
+                       context_tokens: int = WINDOW.context_tokens,
+                       snippet_tokens: int = WINDOW.snippet_tokens) -> list[list[SpanDocument]]:
         """Documents of several spans in one round trip: one list per (span_ids, picks, n)."""
         if self.visibility == "counts" or not requests:
             return [[] for _ in requests]

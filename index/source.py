@@ -34,6 +34,7 @@ from flexolmo.base.workspace import Workspace, file_sha256
 
 from . import catalog, format as fmt, search
 from .manifest import IndexManifest
+from .options import WINDOW
 from .results import AttributedSpan, DocRef, SourceMatches, SpanDoc, SpanDocument
 from .verify import quick_check
 
@@ -224,8 +225,9 @@ class SourceIndex:
 
     # -- documents -----------------------------------------------------------------------
 
-    def documents(self, span_ids: Sequence[int], picks: Sequence[int], n: int = 10, context_tokens: int = 250,
-                  snippet_tokens: int = 40) -> list[SpanDocument]:
+    def documents(self, span_ids: Sequence[int], picks: Sequence[int], n: int = WINDOW.max_docs,
+                  context_tokens: int = WINDOW.context_tokens,
+                  snippet_tokens: int = WINDOW.snippet_tokens) -> list[SpanDocument]:
         """Up to `n` distinct documents at the span's occurrences `picks`, in the order first picked.
 
         :param picks: occurrence numbers in [0, count) (suffix-array order over the shards);

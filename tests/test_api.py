@@ -178,7 +178,7 @@ def test_takedown_blocks_the_document(client, fed, keys):
 
 
 def test_generate_and_contribution(client, fed, keys):
-    r = client.post("/api/generate", json={"prompt": "The president", "max_new_tokens": 12})
+    r = client.post("/api/generate", json={"prompt": "The president", "generation": {"max_new_tokens": 12}})
     assert r.status_code == 200, r.text
     t = r.json()
     assert t["generated"] and 1 <= t["n_tokens"] <= 12 and t["prompt"] == "The president"

@@ -1,5 +1,9 @@
 """The page in a real browser: headless Chromium (Debian's `chromium` + `chromium-driver`, driven
 by Selenium) against a real server on 127.0.0.1, over a tiny federation with a merged model.
+Every control of the page is used, each with an effect checked: the three tabs, the trace form
+(prompt, response, counterfactual box), the generate form (prompt, tokens), a span by click
+and by keyboard, the search form (query, source, documents, Search, Next tokens), and the
+owner view (source, key, switch off/on, visibility, takedown form).
 
     .venv/bin/python -m pytest tests/test_browser.py -q
     FLEXOLMO_SCREENSHOTS=docs .venv/bin/python -m pytest tests/test_browser.py -q   # refresh docs/*.png
@@ -19,13 +23,17 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import httpx
 import pytest
 import uvicorn
 from conftest_model import build_served_federation
 
 from api.app import create_app
 from flexolmo.base import sources
+from flexolmo.model.generate import GenerationOptions
 from index.keys import KeyStore
+from index.takedown import list_takedowns
+from tracing.options import TraceOptions
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
@@ -34,6 +42,7 @@ try:
     from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import Select, WebDriverWait
 except ImportError:  # pragma: no cover - the test extra installs it
@@ -93,7 +102,7 @@ def _passage(ws, source: str, i: int, a: int = 2, b: int = 24) -> str:
     return " " + " ".join(text.split(" ")[a:b])
 
 
-def _wait(driver, cond, timeout: float = 120):
+def _wait(driver, cond, timeout: float = 300):
     """Wait for cond(driver); an element re-rendered meanwhile (stale) is looked up again."""
     return WebDriverWait(driver, timeout, poll_frequency=0.2,
                          ignored_exceptions=(StaleElementReferenceException,)).until(cond)
@@ -130,17 +139,28 @@ def _shot(driver, tmp_path: Path, name: str) -> None:
         driver.save_screenshot(str(Path(SHOTS) / name))
 
 
-def _trace(driver, text: str) -> str:
-    """Paste `text`, trace it, wait for the result; the new trace's id."""
-    driver.find_element(By.CSS_SELECTOR, '.tab[data-view="trace-view"]').click()
-    before = driver.find_element(By.ID, "result-meta").text
-    box = driver.find_element(By.ID, "trace-text")
+def _type(driver, element_id: str, text: str) -> None:
+    box = driver.find_element(By.ID, element_id)
     box.clear()
     box.send_keys(text)
-    driver.find_element(By.CSS_SELECTOR, "#trace-form button[type=submit]").click()
-    _wait(driver, lambda d: d.find_element(By.ID, "result-meta").text not in ("", before))
+
+
+def _submit(driver, form: str) -> str:
+    """Submit the trace view's `form`, wait for its result; the new trace's id."""
+    before = driver.find_element(By.ID, "result-meta").text
+    driver.find_element(By.CSS_SELECTOR, f"#{form} button[type=submit]").click()
+    _wait(driver, lambda d: d.find_element(By.ID, "result-meta").text not in ("", before)
+          or d.find_element(By.ID, "trace-status").get_attribute("class") == "status error")
     assert not driver.find_element(By.ID, "trace-status").text, driver.find_element(By.ID, "trace-status").text
     return driver.find_element(By.ID, "result-meta").text.rsplit("trace ", 1)[-1]
+
+
+def _trace(driver, text: str, prompt: str = "") -> str:
+    """Paste `text` (and `prompt`), trace it, wait for the result; the new trace's id."""
+    driver.find_element(By.CSS_SELECTOR, '.tab[data-view="trace-view"]').click()
+    _type(driver, "trace-prompt", prompt)
+    _type(driver, "trace-text", text)
+    return _submit(driver, "trace-form")
 
 
 def _details(driver) -> list[tuple[list[str], dict[str, tuple[str, bool]]]]:
@@ -232,3 +252,108 @@ def test_trace_click_switch_off_and_search(fed, server, browser, owner_key, tmp_
     d.find_element(By.ID, "next-button").click()
     _wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, "table.next-tokens tbody tr"))
     assert "occurrences" in d.find_element(By.ID, "search-result").text
+
+
+def _owner_view(driver, owner_key: str, source: str) -> None:
+    """The owner view on `source`, with the owner's key entered."""
+    driver.find_element(By.CSS_SELECTOR, '.tab[data-view="owner-view"]').click()
+    _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#owner-source option"))
+    _select_source(driver, source)
+    key = driver.find_element(By.ID, "owner-key")
+    if key.get_attribute("value") != owner_key:
+        key.clear()
+        key.send_keys(owner_key)
+        driver.execute_script("arguments[0].dispatchEvent(new Event('change'))", key)
+    _wait(driver, lambda d: f"{source}-owner" in d.find_element(By.ID, "owner-policy").text)
+
+
+def test_tabs_show_their_view_and_the_forms_take_the_option_models_defaults(server, browser):
+    d = browser
+    d.get(server + "/")
+    _wait(d, lambda d: "sources searched" in d.find_element(By.ID, "health").text)
+    views = ("trace-view", "search-view", "owner-view")
+    for view in views[::-1]:
+        d.find_element(By.CSS_SELECTOR, f'.tab[data-view="{view}"]').click()
+        assert [d.find_element(By.ID, v).is_displayed() for v in views] == [v == view for v in views]
+        assert "active" in d.find_element(By.CSS_SELECTOR, f'.tab[data-view="{view}"]').get_attribute("class")
+    # the generate form's tokens and the counterfactual box: the models' defaults and limits
+    limit = httpx.get(server + "/api/health", trust_env=False).json()["limits"]["max_new_tokens"]
+    tokens = d.find_element(By.ID, "gen-tokens")
+    _wait(d, lambda d: tokens.get_attribute("value"))
+    assert int(tokens.get_attribute("value")) == GenerationOptions().max_new_tokens
+    assert int(tokens.get_attribute("min")) == GenerationOptions.model_fields["max_new_tokens"].metadata[0].ge
+    assert int(tokens.get_attribute("max")) == min(limit, GenerationOptions.model_fields["max_new_tokens"].metadata[1].le)
+    assert d.find_element(By.ID, "trace-cf").is_selected() == TraceOptions().counterfactual
+
+
+def test_generate_and_trace_and_the_trace_forms_controls(fed, server, browser):
+    d = browser
+    d.get(server + "/")
+    _wait(d, lambda d: d.find_element(By.ID, "gen-tokens").get_attribute("value"))
+    # generate, then trace: a generated response of at most the tokens asked for
+    _type(d, "gen-prompt", "The president")
+    _type(d, "gen-tokens", "5")
+    _submit(d, "generate-form")
+    meta = d.find_element(By.ID, "result-meta").text
+    assert meta.startswith("Generated") and 1 <= int(meta.split(" tokens")[0].rsplit(" ", 1)[-1]) <= 5, meta
+    assert "Prompt: The president" in d.find_element(By.ID, "result-prompt").text
+
+    # a pasted response with its prompt, counterfactuals off; a span opened from the keyboard
+    d.find_element(By.ID, "trace-cf").click()
+    assert not d.find_element(By.ID, "trace-cf").is_selected()
+    try:
+        _trace(d, _passage(fed, "code", 4), prompt="a question about code")
+        assert "Prompt: a question about code" in d.find_element(By.ID, "result-prompt").text
+        mark = max(d.find_elements(By.CSS_SELECTOR, "#response mark"), key=lambda m: len(m.text))
+        mark.send_keys(Keys.ENTER)
+        detail = _wait(d, EC.visibility_of_element_located((By.ID, "detail")))
+        assert "selected" in mark.get_attribute("class")
+        drops = [r.find_elements(By.TAG_NAME, "td")[2].text for r in detail.find_elements(By.CSS_SELECTOR, "table.experts tbody tr")]
+        assert drops and set(drops) == {"—"}  # no counterfactual computed
+        assert "(by routing)" in detail.find_element(By.CSS_SELECTOR, ".top-expert").text
+    finally:
+        if not d.find_element(By.ID, "trace-cf").is_selected():
+            d.find_element(By.ID, "trace-cf").click()
+
+
+def test_search_by_source_with_and_without_documents(fed, server, browser):
+    d = browser
+    d.get(server + "/")
+    d.find_element(By.CSS_SELECTOR, '.tab[data-view="search-view"]').click()
+    phrase = " ".join(_passage(fed, "news", 6).split()[2:5])
+    _type(d, "search-query", phrase)
+    _wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, '#search-source option[value="news"]'))
+    Select(d.find_element(By.ID, "search-source")).select_by_value("news")
+    for n_docs in (0, 2):
+        _type(d, "search-docs", str(n_docs))
+        d.execute_script("document.getElementById('search-result').replaceChildren()")
+        d.find_element(By.CSS_SELECTOR, "#search-form button[type=submit]").click()
+        rows = _wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, "table.search tbody tr"))
+        assert [r.get_attribute("data-source") for r in rows] == ["news"]  # the source chosen only
+        assert int(rows[0].find_elements(By.TAG_NAME, "td")[1].text.replace(",", "")) >= 1
+        docs = rows[0].find_elements(By.CSS_SELECTOR, "li.doc")
+        assert (len(docs) == 0) if n_docs == 0 else (1 <= len(docs) <= n_docs), (n_docs, len(docs))
+    d.find_element(By.ID, "next-button").click()
+    _wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, "table.next-tokens tbody tr"))
+    assert [th.text for th in d.find_elements(By.CSS_SELECTOR, "table.next-tokens thead th")][2:] == ["news"]
+
+
+def test_owner_changes_visibility_and_takes_a_document_down(fed, server, browser, owner_key):
+    d = browser
+    d.get(server + "/")
+    _owner_view(d, owner_key, "news")
+    for vis in ("snippets", "full"):
+        Select(d.find_element(By.CSS_SELECTOR, "#owner-policy select")).select_by_value(vis)
+        _wait(d, lambda d: d.find_element(By.ID, "owner-status").text.startswith("Saved"))
+        assert sources.get_source(fed, "news").visibility == vis
+        assert Select(d.find_element(By.CSS_SELECTOR, "#owner-policy select")).first_selected_option.text == vis
+
+    doc_id = sources.load_documents(fed, "news", split="train").to_pylist()[7]["doc_id"]
+    form = d.find_element(By.CSS_SELECTOR, "#owner-takedowns form")
+    form.find_element(By.CSS_SELECTOR, "input[placeholder=doc_id]").send_keys(doc_id)
+    form.find_element(By.CSS_SELECTOR, "input[placeholder=reason]").send_keys("asked by its author")
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    _wait(d, lambda d: d.find_element(By.ID, "owner-status").text.startswith(f"Taken down: {doc_id}"))
+    assert doc_id in [c.text for c in d.find_elements(By.CSS_SELECTOR, "#owner-takedowns li code")]
+    (t,) = [t for t in list_takedowns(fed, "news") if t.doc_id == doc_id]
+    assert t.reason == "asked by its author" and t.requested_by == "news-owner"

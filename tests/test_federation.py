@@ -151,6 +151,25 @@ def test_trace_through_nodes_equals_local_trace(fx):
     assert "relevance_fallback" not in b.settings and any(d.relevance > 0 for s in b.spans for d in s.documents)
 
 
+def test_the_widest_document_window_a_trace_allows_is_served_by_every_node(fx):
+    from tracing.options import TraceOptions
+    from tracing.trace import Tracer
+
+    def most(name: str) -> int:
+        return next(m.le for m in TraceOptions.model_fields[name].metadata if getattr(m, "le", None) is not None)
+
+    widest = TraceOptions(max_docs=most("max_docs"), context_tokens=most("context_tokens"),
+                          snippet_tokens=most("snippet_tokens"))
+    ids = next(_inputs(fx, 1, seed=11))
+    kw = dict(prompt=None, prompt_ids=[], routing=None, generated=False, store=False, options=widest)
+    a = Tracer.open(fx["ws"], model=None).trace_ids(ids, **kw)
+    b = Tracer.open(fx["tws"], model=None).trace_ids(ids, **kw)
+    assert b.sources_skipped == {} and b.sources_searched == sorted(SOURCES)  # no node refused the window
+    assert [[(d.doc_id, d.context) for d in s.documents] for s in a.spans] == \
+        [[(d.doc_id, d.context) for d in s.documents] for s in b.spans]
+    assert any(s.documents for s in b.spans if s.count_by_source["alpha"])
+
+
 # -- keys and bad input --------------------------------------------------------------------
 
 

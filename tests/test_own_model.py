@@ -22,6 +22,7 @@ from flexolmo.base.errors import ConflictError, InputError, IntegrityError
 from flexolmo.model.generate import GenerationOptions, route
 from flexolmo.model.loading import ModelSpec, read_expert_names
 from index.build import build_source
+from tracing.options import TraceOptions
 from tracing.trace import Tracer
 
 NAMES = ("public", "news", "code")
@@ -113,7 +114,7 @@ def test_a_dense_model_gives_spans_and_documents_only(ws, tmp_path):
     g = tracer.generate_and_trace(" President", GenerationOptions(max_new_tokens=8), store=False)  # generation works, no routing
     assert g.generated and all(s.experts == [] for s in g.spans)
     with pytest.raises(InputError, match="dense model"):
-        Tracer.open(ws, model=ModelSpec.parse(folder), exclude=("news",))
+        Tracer.open(ws, model=ModelSpec.parse(folder), options=TraceOptions(exclude=("news",)))
     r = CliRunner().invoke(app, ["-w", str(ws.root), "trace", "--model", str(folder), "--text", passage])
     assert r.exit_code == 0, r.output
     assert "expert linkage: not applicable" in r.output

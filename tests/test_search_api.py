@@ -220,8 +220,10 @@ def test_trace_options_parity(client, fed):
     assert a["settings"]["generation"]["do_sample"] is True and a["settings"]["counterfactual"] is False
     r = client.post("/api/generate", json={"prompt": "x", "generation": {"max_new_tokens": 4000}})
     assert r.status_code == 422 and "max_new_tokens" in r.text  # over this service's budget
-    r = client.post("/api/generate", json={"prompt": "x", "max_new_tokens": 5000})
-    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "max_new_tokens"]  # over the schema's
+    r = client.post("/api/generate", json={"prompt": "x", "generation": {"max_new_tokens": 5000}})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "generation", "max_new_tokens"]  # over the schema's
+    r = client.post("/api/generate", json={"prompt": "x", "max_new_tokens": 5}).json()  # one spelling per option
+    assert r["detail"][0]["loc"] == ["body", "max_new_tokens"] and "not permitted" in r["detail"][0]["msg"]
     # the generation options are the CLI's: same names, same limits
     res = CliRunner().invoke(cli, ["-w", str(fed.root), "generate", "x", "--max-new-tokens", "5000"])
     assert res.exit_code == 1 and "max_new_tokens" in res.output

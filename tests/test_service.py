@@ -232,7 +232,7 @@ def test_bad_requests_get_clear_small_errors(fed, admin):
         assert r.status_code == 422 and "at most" in r.json()["detail"] and "zzzz" not in r.text
         r = c.post("/api/trace", content=b'{"text": "hello \\ud800 world"}', headers={"content-type": "application/json"})
         assert r.status_code == 422 and "lone surrogate" in r.text and r.json()["detail"][0]["loc"] == ["body", "text"]
-        r = c.post("/api/generate", json={"prompt": "The", "max_new_tokens": 1024})
+        r = c.post("/api/generate", json={"prompt": "The", "generation": {"max_new_tokens": 1024}})
         assert r.status_code == 422 and "max_new_tokens" in r.json()["detail"]
         r = c.post("/api/query", json={"sql": "-- nothing but a comment"})
         assert r.status_code == 400 and "no SQL statement" in r.json()["detail"]

@@ -94,7 +94,7 @@ def test_spans_respect_word_boundaries_delimiters_and_k(fed):
 
 
 def test_expert_linkage(fed):
-    tracer = Tracer.open(fed, exclude=("math",))
+    tracer = Tracer.open(fed, options=TraceOptions(exclude=("math",)))
     text = " " + " ".join(_doc(fed, "code", 4)["text"].split(" ")[3:25])
     t = tracer.trace(text, store=False)
     assert t.experts_off == ["math"]
@@ -134,7 +134,7 @@ def test_top_expert_is_the_argmax_of_the_counterfactual_drop(fed):
 
 
 def test_batched_counterfactuals_equal_one_pass_per_expert(fed):
-    tracer = Tracer.open(fed, exclude=("code",))
+    tracer = Tracer.open(fed, options=TraceOptions(exclude=("code",)))
     for prompt, text in ((None, " " + " ".join(_doc(fed, "public", 3)["text"].split(" ")[1:45])),
                          ("tell me", " " + " ".join(_doc(fed, "math", 6)["text"].split(" ")[4:30]))):
         t = tracer.trace(text, prompt=prompt, store=False)
@@ -275,7 +275,7 @@ def test_store_query_report_and_cli(fed, tmp_path):
 
 
 def test_single_expert_left_on_still_traces(fed):
-    tracer = Tracer.open(fed, include=("public",))  # every owner's expert off
+    tracer = Tracer.open(fed, options=TraceOptions(include=("public",)))  # every owner's expert off
     t = tracer.trace(" " + " ".join(_doc(fed, "public", 2)["text"].split(" ")[2:20]), store=False)
     assert t.spans and sorted(t.experts_off) == ["code", "math", "news"]
     for s in t.spans:

@@ -6,8 +6,10 @@
     tracer.trace(text, options=TraceOptions(max_docs=2))         # per call: set fields win
 
 The span and document fields are OLMoTrace's published production settings (docs/architecture.md,
-Tracing): change them only to experiment. `exclude`/`include` switch experts off: given to
-`Tracer.open` they apply when the model loads, given per call they apply to that call on top.
+Tracing): change them only to experiment. The document window (`max_docs`, `context_tokens`,
+`snippet_tokens`) is `index.options.DocumentWindow`'s, with its defaults and limits, which are
+also the owner-node protocol's. `exclude`/`include` switch experts off: in the options given to
+`Tracer.open` they apply when the model loads, in a call's options to that call on top.
 A generation's own options (length, sampling, its seed) are `GenerationOptions`
 (flexolmo/model/generate.py), shared by `flexolmo generate`, `trace --generate` and
 `/api/generate`.
@@ -22,12 +24,12 @@ from typing import Annotated, Optional, Tuple
 
 from pydantic import Field, field_validator, model_validator
 
-from flexolmo.base.options import Options
+from index.options import DocumentWindow
 
 _NAME = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 
 
-class TraceOptions(Options):
+class TraceOptions(DocumentWindow):
     """Everything a caller may set about one trace, with OLMoTrace's values as defaults."""
 
     WHAT = "trace options"
@@ -37,15 +39,12 @@ class TraceOptions(Options):
     max_cnt: int = Field(1_000_000, ge=1, description="Spans more frequent than this (over all sources) are dropped.")
     enforce_bow: bool = Field(True, description="Spans start and end at word boundaries.")
     span_density: float = Field(0.05, gt=0, le=1, description="Keep K = ceil(span_density * response tokens) spans.")
-    # -- documents
-    max_docs: int = Field(10, ge=0, le=100, description="Documents per span, sampled with `seed` when more.")
-    context_tokens: int = Field(250, ge=0, le=2000, description="Context a side of the match in the long view.")
-    snippet_tokens: int = Field(40, ge=1, le=500, description="Tokens of the short snippet around the match.")
+    # -- documents: max_docs, context_tokens and snippet_tokens from DocumentWindow, and
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the document sample.")
     # -- experts
     counterfactual: bool = Field(True, description="Compute each expert's counterfactual drop (one batched pass).")
-    exclude: Tuple[_NAME, ...] = Field((), description="Experts (source names) switched off for these traces.")
-    include: Optional[Tuple[_NAME, ...]] = Field(None, description="Only these experts (plus public) stay on.")
+    exclude: Tuple[_NAME, ...] = Field((), description="Experts (source names) switched off, e.g. 'news,forum'.")
+    include: Optional[Tuple[_NAME, ...]] = Field(None, description="Only these experts (plus public) stay on, e.g. 'news'.")
 
     @field_validator("exclude", "include", mode="before")
     @classmethod

@@ -75,21 +75,19 @@ class Tracer:
     fingerprint: tuple = ()  # the catalog state this tracer was opened under (see `stale`)
 
     @classmethod
-    def open(cls, ws: Workspace, *, model: ModelSpec | LoadedModel | None = ModelSpec(), exclude: tuple[str, ...] | None = None,
-             include: tuple[str, ...] | None = None, today: dt.date | None = None,
-             options: TraceOptions | None = None) -> "Tracer":
+    def open(cls, ws: Workspace, *, model: ModelSpec | LoadedModel | None = ModelSpec(),
+             options: TraceOptions | None = None, today: dt.date | None = None) -> "Tracer":
         """Open the available sources' indexes and the model (by default the merged model, if built).
 
         :param model: a `ModelSpec` (a model folder: the project's, a stock FlexOlmo checkpoint or
             any causal LM, with its experts' names, device and dtype; `ModelSpec()` is the
             workspace's merged model), a `LoadedModel`, or None for no model (spans and documents
             only). Default: `ModelSpec()`.
-        :param exclude: sources whose expert is switched off for these traces (their documents
-            are still searched: switching an expert off is a model decision, not a policy);
-            given here, it overrides `options.exclude` (as `include` does `options.include`)
+        :param options: the defaults of every call; its `exclude`/`include` switch experts off
+            when the model loads (their documents are still searched: switching an expert off is
+            a model decision, not a policy)
         """
-        opts = (options or TraceOptions()).replace(exclude=tuple(exclude) if exclude is not None else None,
-                                                   include=tuple(include) if include is not None else None)
+        opts = options or TraceOptions()
         fed = Federation.open(ws, today=today, strict=False)  # a damaged index is skipped, not fatal
         tok = tok_lib.load_tokenizer(ws)
         own = None

@@ -194,15 +194,20 @@ function expertsTable(s) {
   );
 }
 
+// The bodies are the API's: `options` a TraceOptions, `generation` a GenerationOptions; a field
+// left out takes the service's setting.
+const traceOptions = () => ({ counterfactual: $("trace-cf").checked });
+
 $("trace-form").addEventListener("submit", (e) => {
   e.preventDefault();
   runTrace("/api/trace", { text: $("trace-text").value, prompt: $("trace-prompt").value || null,
-    counterfactual: $("trace-cf").checked }, "Tracing");
+    options: traceOptions() }, "Tracing");
 });
 $("generate-form").addEventListener("submit", (e) => {
   e.preventDefault();
+  const tokens = $("gen-tokens").value;
   runTrace("/api/generate", { prompt: $("gen-prompt").value,
-    options: { max_new_tokens: Number($("gen-tokens").value) || 60, counterfactual: $("trace-cf").checked } }, "Generating");
+    generation: tokens ? { max_new_tokens: Number(tokens) } : {}, options: traceOptions() }, "Generating");
 });
 
 // This tab's stored traces (read back with its token): listed, and shown again from the store.
@@ -250,6 +255,17 @@ function fromStore(tables) {
   });
   groups.sort((a, b) => a.char_start - b.char_start).forEach((g, k) => { g.index = k; });
   return { ...t, spans, groups, sources_skipped: {}, timings_ms: JSON.parse(t.timings_ms || "{}") };
+}
+
+// The forms' defaults and limits come from the option models in the API's schema
+// (/openapi.json), the tokens' cap from this service's budget (/api/health).
+async function loadOptionDefaults() {
+  const schemas = (await api("GET", "/openapi.json")).components.schemas;
+  const tokens = schemas.GenerationOptions.properties.max_new_tokens;
+  $("gen-tokens").min = tokens.minimum;
+  $("gen-tokens").max = tokens.maximum;
+  $("gen-tokens").value = tokens.default;
+  $("trace-cf").checked = schemas.TraceOptions.properties.counterfactual.default;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -320,7 +336,7 @@ async function setPolicy(name, change) {
     await api("PATCH", `/api/sources/${encodeURIComponent(name)}`, change, ownerHeaders());
     await loadSources();
     await showOwner();
-    await loadHealth();
+    await loadOptionDefaults().catch((e) => status("trace-status", e.message, true)).finally(loadHealth);
     status("owner-status", "Saved: later traces follow the new policy.");
   } catch (e) {
     status("owner-status", e.message, true);
@@ -396,6 +412,7 @@ for (const tab of document.querySelectorAll(".tab")) {
 async function loadHealth() {
   try {
     const h = await api("GET", "/api/health");
+    if (h.limits.max_new_tokens) $("gen-tokens").max = Math.min(Number($("gen-tokens").max) || Infinity, h.limits.max_new_tokens);
     $("health").textContent = h.tracer_open
       ? `${h.sources_searched.length} sources searched${h.model ? " · model loaded" : " · no model"}`
       : `tracer not open: ${h.error}`;
@@ -404,5 +421,5 @@ async function loadHealth() {
     $("health").textContent = e.message;
   }
 }
-loadHealth();
+loadOptionDefaults().catch((e) => status("trace-status", e.message, true)).finally(loadHealth);
 loadMine();

@@ -34,7 +34,7 @@ import numpy as np
 
 from flexolmo.model.artifacts import expert_package, public_model
 from flexolmo.model.config import get_profile, override
-from flexolmo.model.device import autocast, resolve_device, resolve_dtype
+from flexolmo.model.device import DEVICE, DTYPE, autocast, resolve_device, resolve_dtype
 from flexolmo.base.errors import InputError
 from flexolmo.model.layout import shared_weights_hash
 from flexolmo.model.merge import load_expert_model, load_merged, merge
@@ -73,8 +73,8 @@ def _merged(ws: Workspace, profile, owners: list[str], out: Path, packages_dir: 
 
 
 def run_eval(ws: Workspace, profile: str = "demo", *, rows: list[str] | None = None, tokens_per_domain: int = 16_384,
-             bytes_per_domain: int | None = None, task_lines: int = 100, tune_steps: int = 200, device: str = "cpu",
-             dtype: str = "float32", progress: bool = True, log: Callable[[str], None] = print,
+             bytes_per_domain: int | None = None, task_lines: int = 100, tune_steps: int = 200, device: str = DEVICE,
+             dtype: str = DTYPE, progress: bool = True, log: Callable[[str], None] = print,
              on_row: Callable[[dict], None] | None = None) -> dict:
     """Train what is missing, measure every row on every domain's validation split; the result
     dict of flexolmo/evaluation/report.py. `on_row(result so far)` runs after every row (the

@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from flexolmo.base.errors import InputError
-from flexolmo.model.device import DEVICES, resolve_dtype
+from flexolmo.model.device import DEVICE, DEVICES, DTYPE, resolve_dtype
 
 
 @dataclass
@@ -157,10 +157,10 @@ class TrainConfig:
     # where the run trains: "cpu", "cuda", "cuda:N" or "auto" (flexolmo/model/device.py
     # `resolve_device`, resolved when the run starts: a config read from a card on a machine
     # without a GPU stays readable); under torchrun each rank uses its own GPU instead
-    device: str = "cpu"
+    device: str = DEVICE
     # "float32", or "bfloat16": the forward pass under autocast, weights and optimizer state
     # stay float32 (master weights), the loss in float32
-    dtype: str = "float32"
+    dtype: str = DTYPE
 
     def __post_init__(self) -> None:
         resolve_dtype(self.dtype)  # InputError for a name that is not a dtype

@@ -3,7 +3,8 @@
     device = resolve_device("auto")        # cuda when a GPU is visible, else cpu
     dtype = resolve_dtype("bfloat16")
 
-CPU and float32 are the defaults everywhere. bfloat16 is for GPUs (it runs on a CPU too, which
+CPU and float32 are the defaults everywhere (`DEVICE`, `DTYPE`: every command, the API and the
+library functions take theirs from here). bfloat16 is for GPUs (it runs on a CPU too, which
 the tests use, but no faster than float32 there); float16 is not offered: the router softmax and
 the counterfactual log-probability drops need bfloat16's range. Log-probabilities are always
 computed in float32 from the model's logits, whatever the model's dtype.
@@ -22,16 +23,18 @@ DeviceName = Literal["auto", "cpu", "cuda"]
 DtypeName = Literal["float32", "bfloat16"]
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DEVICE = "cpu"  # the default device
+DTYPE = "float32"  # the default dtype
 
 
-def resolve_device(name: str | torch.device | None = "cpu") -> torch.device:
+def resolve_device(name: str | torch.device | None = DEVICE) -> torch.device:
     """'cpu', 'cuda', 'cuda:1' or 'auto' (cuda when available) as a `torch.device`.
 
     :raises InputError: an unknown name, or cuda asked for on a machine without a GPU
     """
     if isinstance(name, torch.device):
         return name
-    name = (name or "cpu").strip().lower()
+    name = (name or DEVICE).strip().lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
@@ -48,12 +51,12 @@ def resolve_device(name: str | torch.device | None = "cpu") -> torch.device:
 
 
 def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype:
-    """'float32' or 'bfloat16' as a torch dtype; None: float32."""
+    """'float32' or 'bfloat16' as a torch dtype; None: the default (`DTYPE`)."""
     if isinstance(name, torch.dtype):
         if name not in DTYPES.values():
             raise InputError(f"dtype {name} is not supported; use one of {', '.join(DTYPES)}")
         return name
-    key = (name or "float32").strip().lower()
+    key = (name or DTYPE).strip().lower()
     if key not in DTYPES:
         raise InputError(f"--dtype {name!r} is not supported; use one of {', '.join(DTYPES)}")
     return DTYPES[key]

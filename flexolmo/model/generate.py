@@ -183,8 +183,8 @@ class GenerationOptions(Options):
 
     max_new_tokens: int = Field(60, ge=1, le=MAX_NEW_TOKENS, description="Tokens to generate.")
     do_sample: bool = Field(False, description="Sample (with temperature, top_p, top_k and seed); else greedy.")
-    temperature: float = Field(0.8, gt=0, le=10, description="Sampling temperature (with do_sample).")
-    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass (with do_sample).")
+    temperature: float = Field(0.8, gt=0, le=10, description="Sampling temperature (when sampling).")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass (when sampling).")
     top_k: Optional[int] = Field(None, ge=1, le=100_000, description="Sample among the k most likely tokens only "
                                                                       "(None: transformers' default, 50).")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the sampled generation (greedy ignores it).")

@@ -30,7 +30,7 @@ import torch
 
 from flexolmo.base.errors import InputError, NotFoundError
 
-from .device import resolve_device, resolve_dtype
+from .device import DEVICE, DTYPE, resolve_device, resolve_dtype
 from .moe import LoadedModel
 
 FLEXOLMO = "flex_olmo"
@@ -42,21 +42,21 @@ class ModelSpec:
 
     path: Path | None = None
     experts: tuple[str, ...] | None = None  # expert names in index order (FlexOlmo models only)
-    device: str = "cpu"
-    dtype: str = "float32"
+    device: str = DEVICE
+    dtype: str = DTYPE
 
     @classmethod
     def parse(cls, path: str | Path | None = None, experts: str | None = None, device: str | None = None,
               dtype: str | None = None) -> "ModelSpec":
         """From command-line or environment strings; bad values raise InputError now, not at load."""
-        resolve_device(device or "cpu")
-        resolve_dtype(dtype or "float32")
+        resolve_device(device or DEVICE)
+        resolve_dtype(dtype or DTYPE)
         folder = Path(path).expanduser() if path else None
         if folder is not None and not (folder / "config.json").is_file():
             raise NotFoundError(f"--model {path}: no config.json there; give a Hugging Face model folder "
                                 "(saved with save_pretrained, or downloaded beforehand: nothing is fetched from a hub)")
         names = read_expert_names(experts) if experts else None
-        return cls(path=folder, experts=names, device=device or "cpu", dtype=dtype or "float32")
+        return cls(path=folder, experts=names, device=device or DEVICE, dtype=dtype or DTYPE)
 
 
 def read_expert_names(value: str) -> tuple[str, ...]:

@@ -56,7 +56,7 @@ from flexolmo.model.artifacts.merged_model import MergedModelCard
 from flexolmo.model.bias import router_lr_scale
 from flexolmo.model.callbacks import standard_callbacks, train_rows
 from flexolmo.model.config import TrainConfig
-from flexolmo.model.device import autocast, model_device, resolve_dtype
+from flexolmo.model.device import DEVICE, DTYPE, autocast, model_device, resolve_dtype
 from flexolmo.base.errors import InputError, NotFoundError
 from flexolmo.model.generate import RoutingCapture
 from flexolmo.model.layout import shared_weights_hash
@@ -206,8 +206,8 @@ def tune_router(
     eval_windows_per_source: int = 8,
     seed: int = 0,
     consent: tuple[str, ...] = (),
-    device: str = "cpu",
-    dtype: str = "float32",
+    device: str = DEVICE,
+    dtype: str = DTYPE,
     progress: bool = True,
     stop_after: int | None = None,
 ) -> RouterTuneResult:
