@@ -87,9 +87,10 @@ def test_api_bodies_are_the_option_models(tmp_path):
         (r,) = [x["$ref"] for x in spec[body]["properties"][field]["anyOf"] if "$ref" in x]
         return r.rsplit("/", 1)[-1]
 
-    # no private shorthand beside the models: each option is said one way
-    assert set(spec["TraceRequest"]["properties"]) == {"text", "prompt", "options"}
-    assert set(spec["GenerateRequest"]["properties"]) == {"prompt", "generation", "options"}
+    # no private shorthand beside the models: each option is said one way (`store` is the request's
+    # own: whether the service keeps the trace, not an option of the trace)
+    assert set(spec["TraceRequest"]["properties"]) == {"text", "prompt", "options", "store"}
+    assert set(spec["GenerateRequest"]["properties"]) == {"prompt", "generation", "options", "store"}
     assert ref("TraceRequest", "options") == ref("GenerateRequest", "options") == "TraceOptions"
     assert ref("GenerateRequest", "generation") == "GenerationOptions"
     for model in (TraceOptions, GenerationOptions):
