@@ -285,6 +285,19 @@ def test_cli_trace_batch_and_report(fed, tmp_path):
     assert r.exit_code == 1 and "no record has a 'question' field" in r.output
 
 
+def test_the_demo_batch_traces_held_out_passages_of_every_source(fed):
+    from tracing.batch.demo import WORDS, demo_batch
+
+    held = {f"{s}:{d['doc_id']}": d["text"] for s in NAMES
+            for d in sources.load_documents(fed, s, split="validation").to_pylist() if len(d["text"].split()) >= 20}
+    assert held, "the fixture has held-out documents"
+    res, rep = demo_batch(fed, n=30, workers=1)
+    assert res.complete and res.total == len(held) and rep.n_ok == len(held)
+    rows = BatchDir(fed, res.batch_id).read("responses").to_pylist()
+    assert {r["id"]: r["response"] for r in rows} == {k: " ".join(v.split()[:WORDS]) for k, v in held.items()}
+    assert rep.overall["source"] == "any" and rep.longest["n"] == len(held)
+
+
 def test_the_local_default_never_imports_ray():
     code = ("import sys, cli.main, tracing.batch, tracing.batch.run; "
             "assert 'ray' not in sys.modules, 'ray imported'; print('ok')")
