@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flexolmo.base.errors import InputError, NotFoundError
+from flexolmo.base.errors import ConflictError, InputError, NotFoundError
 from flexolmo.base.workspace import Workspace
 
 from .inputs import read_rows
@@ -101,10 +101,7 @@ def run_batch(ws: Workspace, input_path: Path, spec: BatchSpec | None = None, *,
     bid = batch_id(rows.digest, spec)
     b = BatchDir(ws, bid)
     with b.lock():
-        if not (b.root / "batch.json").is_file():
-            b.write_meta({"id": bid, "created_at": dt.datetime.now().replace(microsecond=0).isoformat(),
-                          "input": str(Path(input_path).resolve()), "input_sha256": rows.digest, "n_rows": rows.n,
-                          "mode": spec.mode, "spec": spec.model_dump(mode="json"), "submitted_by": submitted_by})
+        _first_meta(b, input_path, rows, spec, submitted_by)
         b.clean_tmp()
         first = spec.tables[0]
         done_before = b.done_rows(first)
@@ -136,6 +133,15 @@ def run_batch(ws: Workspace, input_path: Path, spec: BatchSpec | None = None, *,
     return BatchResult(batch_id=bid, folder=b.root, total=rows.n, done=prog.done, errors=prog.errors,
                        run_rows=run_rows, resumed_from=len(done_before), seconds=round(time.monotonic() - t0, 2),
                        engine=engine, workers=workers, files=files)
+
+
+def _first_meta(b: BatchDir, input_path: Path, rows, spec: BatchSpec, submitted_by: str) -> None:
+    """batch.json, written by the batch's first run (or submission) only."""
+    if not (b.root / "batch.json").is_file():
+        b.root.mkdir(parents=True, exist_ok=True)
+        b.write_meta({"id": b.id, "created_at": dt.datetime.now().replace(microsecond=0).isoformat(),
+                      "input": str(Path(input_path).resolve()), "input_sha256": rows.digest, "n_rows": rows.n,
+                      "mode": spec.mode, "spec": spec.model_dump(mode="json"), "submitted_by": submitted_by})
 
 
 def _errors(b: BatchDir, table: str) -> int:
@@ -235,3 +241,50 @@ def _local_outputs(ws: Workspace, spec: BatchSpec, bid: str, chunks: Iterable[di
     finally:
         ex.shutdown(wait=True, cancel_futures=True)
 
+
+
+# -- running in the background (the API) -------------------------------------------------------
+
+
+def save_upload(ws: Workspace, data: bytes, fmt: str) -> Path:
+    """Keep an uploaded input in the workspace (batches/uploads/<sha256>.<fmt>), written atomically."""
+    import hashlib
+
+    from .layout import batches_dir
+
+    if fmt not in ("jsonl", "parquet"):
+        raise InputError(f"an uploaded batch is jsonl or parquet, not {fmt!r}")
+    folder = batches_dir(ws) / "uploads"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{hashlib.sha256(data).hexdigest()[:24]}.{fmt}"
+    if not path.exists():
+        tmp = folder / f".{path.name}.tmp"
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    return path
+
+
+def start_batch(ws: Workspace, input_path: Path, spec: BatchSpec, *, submitted_by: str,
+                workers: int | None = None) -> str:
+    """Start `run_batch` on a background thread; returns the batch id at once (its progress is
+    `BatchDir.progress()`: state running, done, incomplete or failed with the error)."""
+    import threading
+
+    rows = read_rows(Path(input_path), spec)  # bad input is refused now, before anything starts
+    bid = batch_id(rows.digest, spec)
+    b = BatchDir(ws, bid)
+    if (b.root / "batch.json").is_file() and b.meta().get("submitted_by") != submitted_by:
+        raise ConflictError(f"batch {bid} (the same input and options) was submitted by someone else; "
+                            "change an option or the input to run your own")
+    _first_meta(b, input_path, rows, spec, submitted_by)
+    if b.progress() is None:
+        b.write_progress({"state": "queued", "done": 0, "total": rows.n, "errors": 0})
+
+    def run() -> None:
+        try:
+            run_batch(ws, Path(input_path), spec, workers=workers, submitted_by=submitted_by, bar=False, every_s=60)
+        except Exception as e:  # the poller reads why
+            b.write_progress({**(b.progress() or {}), "state": "failed", "error": str(e)[:500]})
+
+    threading.Thread(target=run, name=f"batch-{bid}", daemon=True).start()
+    return bid
