@@ -322,3 +322,37 @@ def test_ray_data_engine_gives_the_local_pools_results(fed, tmp_path):
         got = pq.read_table(b.root / f"{t}.parquet")
         drop = ["trace_ms"] if t == "responses" else []
         assert got.drop_columns(drop).equals(w.drop_columns(drop)), t
+
+
+@pytest.mark.slow
+def test_with_the_model_experts_and_the_owner_report_agree_with_single_traces(tmp_path):
+    from conftest_model import build_served_federation
+
+    names = ("public", "news")  # the public expert and one owner's: the smallest model with an owner
+    ws = build_served_federation(tmp_path / "m", sources=names, n_docs=30)
+    news, code = _docs(ws, "news"), _docs(ws, "public")
+    texts = [" " + " ".join((news if i % 2 else code)[i].split()[2:18]) for i in range(6)]
+    inp = _write(tmp_path / "m.jsonl", [_json({"id": f"m{i}", "text": t}) for i, t in enumerate(texts)])
+    res = run_batch(ws, inp, BatchSpec(), workers=1, stream=open(os.devnull, "w"))
+    rep = batch_report(ws, res.batch_id)
+    tracer = Tracer.open(ws)
+    singles = [tracer.trace(t, store=False) for t in texts]
+    experts = BatchDir(ws, res.batch_id).read("experts").to_pylist()
+    assert len(experts) == sum(len(s.experts) for t in singles for s in t.spans) > 0
+    want: dict[str, dict] = {}
+    for t in singles:
+        for s in t.spans:
+            for e in s.experts:
+                w = want.setdefault(e.source, {"own": [0.0, 0.0], "elsewhere": [0.0, 0.0]})
+                side = "own" if e.source in s.sources else "elsewhere"
+                w[side][0] += e.routing_share
+                w[side][1] += e.counterfactual or 0.0
+    got = {o["source"]: o for o in rep.owners}
+    assert set(got) == set(want) == set(names)
+    for src, w in want.items():
+        for side in ("own", "elsewhere"):
+            assert got[src][f"routing_share_{side}"] == pytest.approx(w[side][0], rel=1e-6, abs=1e-9)
+            assert (got[src][f"counterfactual_{side}"] or 0.0) == pytest.approx(w[side][1], rel=1e-5, abs=1e-6)
+    assert got["news"]["owner"] == "news-owner"
+    tops = BatchDir(ws, res.batch_id).read("responses").column("top_experts").to_pylist()
+    assert all(tops[i] for i in range(6) if singles[i].spans)

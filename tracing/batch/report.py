@@ -176,7 +176,7 @@ def _distribution(values: list[int]) -> dict:
     v = sorted(values)
 
     def q(p: float) -> int:
-        return v[min(len(v) - 1, int(p * (len(v) - 1) + 0.5))]
+        return v[min(len(v) - 1, round(p * (len(v) - 1)))]
 
     return {"histogram": {int(k): c for k, c in sorted(Counter(v).items())}, "n": len(v),
             "mean": sum(v) / len(v), "p50": q(0.5), "p90": q(0.9), "max": v[-1]}
