@@ -62,8 +62,8 @@ def trace_batch(
                                                     "CPUs, or the cluster at --ray-address.")] = False,
     ray_address: Annotated[Optional[str], typer.Option(help="With --ray: a running cluster's address "
                                                             "(e.g. ray://head:10001, or auto).")] = None,
-    chunk_rows: Annotated[int, typer.Option(help="Rows per committed chunk (a kill loses at most the chunks in "
-                                                 "flight).")] = 32,
+    chunk_rows: Annotated[Optional[int], typer.Option(help="Rows per committed chunk (a kill loses at most the "
+                                                           "chunks in flight); default 32, or 256 without a model.")] = None,
     max_chars: Annotated[int, typer.Option(help="Rows longer than this are reported as bad rows.")] = MAX_CHARS,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run and the report as JSON.")] = False,
 ) -> None:

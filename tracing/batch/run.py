@@ -40,7 +40,16 @@ from .spec import BatchSpec, batch_id
 from .tables import tables_of, trace_from_dict
 from .tracer import BatchTracer
 
-CHUNK_ROWS = 32  # rows per committed unit: a kill loses at most this many per worker
+# Rows per committed chunk (a kill loses at most the chunks in flight). Each chunk is one commit
+# to the provenance store, which reads the catalog's redactions first (tens of ms, more on busy
+# cores): spans-only rows take a few ms each, so they go in larger chunks than rows with a model.
+CHUNK_ROWS = 32
+CHUNK_ROWS_NO_MODEL = 256
+
+
+def chunk_rows_for(spec: BatchSpec) -> int:
+    """The default chunk size of a batch: larger where a row costs milliseconds (no model)."""
+    return CHUNK_ROWS if spec.use_model and spec.mode != "contamination" else CHUNK_ROWS_NO_MODEL
 
 
 @dataclass
@@ -78,12 +87,13 @@ def default_workers() -> int:
 
 
 def run_batch(ws: Workspace, input_path: Path, spec: BatchSpec | None = None, *, workers: int | None = None,
-              engine: str = "local", ray_address: str | None = None, chunk_rows: int = CHUNK_ROWS,
+              engine: str = "local", ray_address: str | None = None, chunk_rows: int | None = None,
               submitted_by: str = "operator", stream: TextIO | None = None, bar: bool | None = None,
               every_s: float = 5.0) -> BatchResult:
     """Trace every row of `input_path` not done yet; commit as it goes; finish the batch's Parquet.
 
     :param workers: worker processes (local) or actors (ray); default: the cores
+    :param chunk_rows: rows per committed chunk (default: `chunk_rows_for(spec)`)
     :param engine: "local" or "ray" (`ray_address`: a cluster's address; None: a local one)
     :param submitted_by: who submitted the batch (the operator, or an API key's id): it owns it
     :param stream: where progress goes (default stderr): a bar on a terminal, else a line every `every_s`
@@ -92,6 +102,7 @@ def run_batch(ws: Workspace, input_path: Path, spec: BatchSpec | None = None, *,
 
     spec = spec or BatchSpec()
     workers = workers or default_workers()
+    chunk_rows = chunk_rows or chunk_rows_for(spec)
     if workers < 1 or chunk_rows < 1:
         raise InputError("--workers and the chunk size must be at least 1")
     if engine not in ("local", "ray"):
