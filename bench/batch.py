@@ -118,6 +118,7 @@ def main() -> None:
         ws = build(a.workspace or Path(tmp.name) / "ws", a.docs)
     print(f"workspace {ws.root} ready in {time.perf_counter() - t:.0f} s; cores {os.cpu_count()}, "
           f"load average before {os.getloadavg()[0]:.1f}", flush=True)
+    _RUN[0] = len(list((ws.root / "batches").glob("b*")))  # past the batches of earlier runs on this workspace
     big = responses(ws, a.rows, Path(tmp.name) / "rows.jsonl")
     small = responses(ws, a.cf_rows, Path(tmp.name) / "cf.jsonl", seed=1)
     out = {}
