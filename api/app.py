@@ -31,6 +31,7 @@ from flexolmo.base.errors import FlexolmoError
 from flexolmo.base.workspace import Workspace
 from tracing.trace import Tracer
 
+from .batch import router as batch_router
 from .clients import ClientGate, log
 from .deps import Service, Settings
 from .limits import BodyLimit, validation_error
@@ -74,6 +75,7 @@ def create_app(workspace: str | os.PathLike | Workspace | None = None,
                   lifespan=lifespan)
     app.state.service = service
     app.include_router(router)
+    app.include_router(batch_router)
     app.add_middleware(BodyLimit, max_bytes=service.settings.max_body_bytes)
     app.add_middleware(ClientGate, service=service)  # outermost: limits before the body is read
     app.add_exception_handler(RequestValidationError, validation_error)

@@ -43,6 +43,14 @@ def demo(
     s = time.time()
     tell_story(w)
     steps["story"] = time.time() - s
+    s = time.time()
+    console.rule("11. a batch: held-out passages of every source, traced at once (flexolmo trace-batch)")
+    from tracing.batch.demo import demo_batch
+
+    from .batch import show_report
+
+    show_report(demo_batch(w)[1])
+    steps["batch"] = time.time() - s
     console.rule(f"done in {time.time() - t0:.0f} s; workspace {w.root}")
     console.print("  ".join(f"{k} {v:.0f} s" for k, v in steps.items()), highlight=False)
     what_next(w)

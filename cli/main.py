@@ -50,7 +50,8 @@ app.add_typer(data.app, name="data")
 app.add_typer(tokenizer.app, name="tokenizer")
 
 # Command groups of the later packages register themselves here when present.
-for _module in ("model", "index_cmds", "trace_cmds", "serve", "demo", "keys", "federation", "eval_cmd", "search", "audit", "migrate"):
+for _module in ("model", "index_cmds", "trace_cmds", "serve", "demo", "keys", "federation", "eval_cmd", "search", "audit",
+                "migrate", "batch"):
     try:
         _mod = __import__(f"cli.{_module}", fromlist=["register"])
     except ModuleNotFoundError as e:

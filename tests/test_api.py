@@ -211,6 +211,8 @@ ROUTES = {  # every route, and the test that covers it (here, tests/test_search_
     ("get", "/api/sources/{name}/policy-log"), ("get", "/api/sources/{name}/contribution"),
     ("get", "/api/sources/{name}/contribution.png"), ("get", "/api/health"),
     ("get", "/api/keys"), ("post", "/api/keys"), ("delete", "/api/keys/{key_id}"),
+    ("post", "/api/batches"), ("get", "/api/batches/{batch_id}"), ("get", "/api/batches/{batch_id}/report"),  # test_batch_api.py
+    ("get", "/api/batches/{batch_id}/plot.png"), ("get", "/api/batches/{batch_id}/parquet/{table}"),
 }
 
 
