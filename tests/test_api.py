@@ -202,6 +202,7 @@ ROUTES = {  # every route, and the test that covers it (here, tests/test_search_
     ("get", "/api/sources/{name}/policy-log"), ("get", "/api/sources/{name}/contribution"),
     ("get", "/api/sources/{name}/contribution.png"), ("get", "/api/health"),
     ("get", "/api/keys"), ("post", "/api/keys"), ("delete", "/api/keys/{key_id}"),
+    ("post", "/api/trace/stream"),  # tests/test_progressive.py
 }
 
 
