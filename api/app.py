@@ -36,6 +36,7 @@ from .clients import ClientGate, log
 from .deps import Service, Settings
 from .limits import BodyLimit, validation_error
 from .routes import router
+from .stream import router as stream_router
 from .worker import ServiceTracer
 
 STATIC = Path(__file__).parent / "static"
@@ -76,6 +77,7 @@ def create_app(workspace: str | os.PathLike | Workspace | None = None,
     app.state.service = service
     app.include_router(router)
     app.include_router(batch_router)
+    app.include_router(stream_router)  # POST /api/trace/stream: spans first, experts after
     app.add_middleware(BodyLimit, max_bytes=service.settings.max_body_bytes)
     app.add_middleware(ClientGate, service=service)  # outermost: limits before the body is read
     app.add_exception_handler(RequestValidationError, validation_error)

@@ -19,6 +19,20 @@ print it to nobody).
 Prints per level: requests/s, p50 and p99 latency (of 2xx traces and of everything), errors
 (anything not 2xx except the bad requests' expected 4xx; 503/504 are budget refusals),
 the reader's failures, and whether every 2xx trace is in the store exactly once.
+
+Closed-loop clients measure capacity (each waits for its answer before the next request: by
+Little's law the latency grows with the clients). What a user sees when the service is busy
+is measured open-loop: requests arrive as a Poisson process at a set rate, whatever the
+answers, a mix of request kinds (KINDS: pasted traces with and without counterfactuals, the
+first part of a streamed trace, generations when there is a model):
+
+    .venv/bin/python bench/load_api.py -w WS --open-loop 0.8,2 --seconds 30   # x the measured capacity
+
+Each kind's idle p50 is measured first (one request at a time); the capacity is the rate
+that keeps the one tracer thread busy (1 / the mix's mean idle service time). Prints per
+load and kind: p50 and p99 of the admitted requests and their ratio to the kind's idle p50,
+refusals (429/503) with the p99 time to the refusal and whether each carried Retry-After,
+errors, and whether every admitted trace is stored exactly once.
 """
 
 from __future__ import annotations
@@ -185,6 +199,92 @@ def run_level(url: str, ws: Workspace, c: int, seconds: float, texts: list[str],
             "stored_exactly_once": all(counts.get(i) == 1 for i in ids)}
 
 
+# open-loop request kinds: (share of arrivals, path, body); "spans" is the time to a streamed
+# trace's first part (its spans, documents and relevance), the rest the whole answer
+KINDS = {"trace": (0.4, "/api/trace", {"counterfactual": True}),
+         "trace-nocf": (0.3, "/api/trace", {"counterfactual": False}),
+         "spans": (0.2, "/api/trace/stream", {"counterfactual": True}),
+         "generate": (0.1, "/api/generate", {"max_new_tokens": 24})}
+
+
+def one(c: httpx.Client, kind: str, text: str) -> dict:
+    """Send one request of `kind`; its status, seconds to the answer (to the first part for
+    "spans"), Retry-After and the trace id it stored (None if none)."""
+    _, path, extra = KINDS[kind]
+    body = {"prompt": " ".join(text.split()[:8]), **extra} if kind == "generate" else {"text": text, **extra}
+    t0 = time.perf_counter()
+    tid = None
+    try:
+        if kind == "spans":
+            with c.stream("POST", path, json=body) as r:
+                status, secs, retry = r.status_code, None, r.headers.get("retry-after")
+                for line in r.iter_lines():  # read to the end: the trace is stored after the last part
+                    if line.startswith("data: ") and secs is None:
+                        secs = time.perf_counter() - t0
+                        tid = json.loads(line[6:]).get("trace_id")
+                    if line == "event: error":
+                        status = 504
+        else:
+            r = c.post(path, json=body)
+            status, retry = r.status_code, r.headers.get("retry-after")
+            tid = r.json().get("trace_id") if status == 200 else None
+            secs = None
+    except httpx.HTTPError:
+        status, retry = 0, None
+    secs = secs if secs is not None else time.perf_counter() - t0
+    return {"kind": kind, "status": status, "secs": secs, "retry_after": retry, "trace_id": tid if status == 200 else None}
+
+
+def idle_p50(url: str, texts: list[str], kinds: list[str], n: int = 3) -> dict[str, float]:
+    """Each kind's p50, one request at a time on an otherwise idle service."""
+    out = {}
+    with httpx.Client(base_url=url, timeout=httpx.Timeout(180.0)) as c:
+        for k in kinds:
+            out[k] = float(np.median([one(c, k, texts[i % len(texts)])["secs"] for i in range(n)]))
+    return out
+
+
+def open_loop(url: str, ws: Workspace, rate: float, seconds: float, texts: list[str], kinds: list[str],
+              idle: dict[str, float], seed: int = 0) -> dict:
+    """Poisson arrivals at `rate` per second for `seconds`, each request on its own thread."""
+    rng = random.Random(seed)
+    shares = [KINDS[k][0] for k in kinds]
+    out: list[dict] = []
+    threads = []
+    c = httpx.Client(base_url=url, timeout=httpx.Timeout(180.0), limits=httpx.Limits(max_connections=1000))
+    t_end = time.monotonic() + seconds
+    at = time.monotonic()
+    while True:
+        at += rng.expovariate(rate)
+        if at > t_end:
+            break
+        time.sleep(max(0.0, at - time.monotonic()))
+        kind = rng.choices(kinds, shares)[0]
+        th = threading.Thread(target=lambda k=kind, t=rng.choice(texts): out.append(one(c, k, t)))
+        th.start()
+        threads.append(th)
+    for th in threads:
+        th.join()
+    c.close()
+    counts = dict(queries.query(ws, "SELECT trace_id, count(*) FROM traces GROUP BY 1", limit=None).rows)
+    pct = lambda xs, q: round(float(np.percentile(xs, q)), 3) if xs else None  # noqa: E731
+    per = {}
+    for k in kinds:
+        rs = [r for r in out if r["kind"] == k]
+        ok = [r["secs"] for r in rs if r["status"] == 200]
+        refused = [r for r in rs if r["status"] in (429, 503)]
+        per[k] = {"n": len(rs), "ok": len(ok), "idle_p50_s": round(idle[k], 3), "p50_s": pct(ok, 50),
+                  "p99_s": pct(ok, 99), "p99_x_idle": round(pct(ok, 99) / idle[k], 1) if ok else None,
+                  "refused": len(refused), "refused_p99_s": pct([r["secs"] for r in refused], 99),
+                  "refused_with_retry_after": sum(1 for r in refused if r["retry_after"]),
+                  "errors": sum(1 for r in rs if r["status"] not in (200, 429, 503)),
+                  "errors_by_status": {str(s): sum(1 for r in rs if r["status"] == s)
+                                       for s in sorted({r["status"] for r in rs} - {200, 429, 503})}}
+    ids = [r["trace_id"] for r in out if r["trace_id"]]
+    return {"rate_per_s": round(rate, 3), "requests": len(out), "kinds": per,
+            "stored_exactly_once": all(counts.get(i) == 1 for i in ids)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-w", "--workspace", default=None, help="a workspace with built indexes")
@@ -194,6 +294,8 @@ def main() -> None:
     ap.add_argument("--words", type=int, default=100, help="words per traced passage")
     ap.add_argument("--client-rps", type=float, default=0, help="the server's requests/s per client (0: no limit)")
     ap.add_argument("--client-passes", type=int, default=0, help="the server's model passes per client (0: no limit)")
+    ap.add_argument("--open-loop", default=None, metavar="X,Y",
+                    help="open-loop instead: Poisson arrivals at these multiples of the measured capacity")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
     ws = Workspace.resolve(args.workspace)
@@ -207,6 +309,21 @@ def main() -> None:
         health = httpx.get(url + "/api/health").json()
         has_model, cap = health["model"] is not None, health["limits"]["max_trace_chars"]
         httpx.post(url + "/api/trace", json={"text": texts[0]}, timeout=180)  # warm up; the store exists
+        if args.open_loop:
+            kinds = [k for k in KINDS if has_model or k != "generate"]
+            idle = idle_p50(url, texts, kinds)
+            share = sum(KINDS[k][0] for k in kinds)
+            # a streamed trace holds the tracer thread as long as a whole trace with counterfactuals
+            busy = {k: idle["trace"] if k == "spans" else idle[k] for k in kinds}
+            capacity = 1 / sum(KINDS[k][0] / share * busy[k] for k in kinds)
+            loads = [float(x) for x in args.open_loop.split(",")]
+            runs = [{"load": x, **open_loop(url, ws, x * capacity, seconds, texts, kinds, idle, seed=i)}
+                    for i, x in enumerate(loads)]
+            report = {"workspace": str(ws.root), "workers": args.workers, "model": has_model, "words": args.words,
+                      "seconds": seconds, "cores": os.cpu_count(), "capacity_per_s": round(capacity, 3),
+                      "idle_p50_s": {k: round(v, 3) for k, v in idle.items()}, "runs": runs}
+            print(json.dumps(report) if args.json else _open_loop_table(report))
+            return
         reader = subprocess.Popen([sys.executable, "-c", READER, str(ws.root), str(tmp / "stop"), str(tmp / "r.json")],
                                   cwd=Path(__file__).resolve().parent.parent, stderr=open(tmp / "reader.err", "w"))
         results = [run_level(url, ws, c, seconds, texts, has_model, cap) for c in levels]
@@ -235,6 +352,21 @@ def main() -> None:
         print(f"{r['clients']:>3} {r['req_per_s']:>6} {r['requests']:>5} {r['traces_ok']:>6} {r['trace_p50_s'] or '-':>6} "
               f"{r['trace_p99_s'] or '-':>6} {r['all_p99_s'] or '-':>7} {r['errors']:>6}  {r['stored_exactly_once']}"
               + (f"  {r['errors_by_status']} {r['error_examples']}" if r["errors"] else ""))
+
+
+def _open_loop_table(rep: dict) -> str:
+    lines = [f"{rep['workspace']}: {rep['workers']} worker(s), model: {'yes' if rep['model'] else 'no'}, "
+             f"{rep['words']}-word passages, {rep['seconds']:g} s per load, {rep['cores']} cores; capacity "
+             f"{rep['capacity_per_s']} req/s (1 / the mix's mean idle service time)",
+             f"{'load':>5} {'req/s':>6} {'kind':<10} {'n':>4} {'ok':>4} {'idle p50':>8} {'p50':>6} {'p99':>6} "
+             f"{'p99/idle':>8} {'refused':>7} {'ref p99':>7} {'errors':>6}  stored once"]
+    for run in rep["runs"]:
+        for k, r in run["kinds"].items():
+            lines.append(f"{run['load']:>5} {run['rate_per_s']:>6} {k:<10} {r['n']:>4} {r['ok']:>4} {r['idle_p50_s']:>8} "
+                         f"{r['p50_s'] or '-':>6} {r['p99_s'] or '-':>6} {r['p99_x_idle'] or '-':>8} "
+                         f"{r['refused']:>7} {r['refused_p99_s'] or '-':>7} {r['errors']:>6}  {run['stored_exactly_once']}"
+                         + (f" {r['errors_by_status']}" if r["errors"] else ""))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,11 @@ def trace(
             check_unicode(text, "--text")
         if prompt is not None:
             check_unicode(prompt, "--prompt")
+        if not as_json:  # the spans table as soon as it is found, the experts when linked
+            parts = tracer.trace_parts(text, prompt=prompt)
+            show_trace(next(parts), experts=False)
+            show_experts(next(parts))
+            return
         t = tracer.trace(text, prompt=prompt)
     if as_json:
         print_json(t.to_dict())
@@ -88,8 +93,9 @@ def read_text(data: bytes, where: str) -> str:
     return text
 
 
-def show_trace(t: Trace, max_docs: int = 3) -> None:
-    """The response with its spans highlighted, then a table of spans, sources, documents, experts."""
+def show_trace(t: Trace, max_docs: int = 3, experts: bool = True) -> None:
+    """The response with its spans highlighted, then a table of spans, sources, documents, experts
+    (without the experts column and the closing line when `experts` is False: they follow)."""
     if t.prompt:
         console.print(Text.assemble(("prompt: ", "bold"), t.prompt))  # caller text: never markup
     body = Text(t.response)
@@ -99,7 +105,7 @@ def show_trace(t: Trace, max_docs: int = 3) -> None:
     console.print(body)
     table = Table(title=f"trace {t.trace_id}: {len(t.spans)} spans of {t.n_tokens} tokens, "
                         f"searched {', '.join(t.sources_searched) or 'nothing'}")
-    for col in ("#", "span", "sources (count)", "documents (relevance)", "experts (share, drop)"):
+    for col in ("#", "span", "sources (count)", "documents (relevance)", "experts (share, drop)")[: 4 + experts]:
         table.add_column(col, overflow="fold")
     for s in t.spans:
         srcs = ", ".join(f"{k} ({v})" for k, v in s.count_by_source.items() if v)
@@ -109,12 +115,37 @@ def show_trace(t: Trace, max_docs: int = 3) -> None:
                                 for d in shown[:max_docs])
         if len(shown) > max_docs:
             docs.append(f"\n+{len(shown) - max_docs} more")
-        experts = "\n".join([top_line(s)] * bool(s.experts) + [
-            f"{e.source} {e.routing_share:.0%}" + (f", {e.counterfactual:+.2f}" if e.counterfactual is not None else "")
-            for e in sorted(s.experts, key=lambda e: -e.routing_share)[:3] if e.routing_share > 0])
         mark = "" if s.agreement is None else (" ✓" if s.agreement else " ✗")
-        table.add_row(f"{s.index}{mark}", Text(repr(s.text.strip())[1:-1][:80]), Text(srcs), docs, Text(experts))
+        table.add_row(f"{s.index}{mark}", Text(repr(s.text.strip())[1:-1][:80]), Text(srcs), docs,
+                      *[Text(experts_cell(s))] * experts)
     console.print(table)
+    if experts:
+        closing(t)
+    elif t.spans and (t.settings.get("model") or {}).get("kind") == "flexolmo":
+        console.print("[dim]finding the experts…[/]")
+
+
+def show_experts(t: Trace) -> None:
+    """The experts of each span (after `show_trace(t, experts=False)` printed the spans)."""
+    if t.spans and any(s.experts for s in t.spans):
+        table = Table(title=f"trace {t.trace_id}: experts")
+        for col in ("#", "span", "experts (share, drop)"):
+            table.add_column(col, overflow="fold")
+        for s in t.spans:
+            mark = "" if s.agreement is None else (" ✓" if s.agreement else " ✗")
+            table.add_row(f"{s.index}{mark}", Text(repr(s.text.strip())[1:-1][:80]), Text(experts_cell(s)))
+        console.print(table)
+    closing(t)
+
+
+def experts_cell(s: Span) -> str:
+    return "\n".join([top_line(s)] * bool(s.experts) + [
+        f"{e.source} {e.routing_share:.0%}" + (f", {e.counterfactual:+.2f}" if e.counterfactual is not None else "")
+        for e in sorted(s.experts, key=lambda e: -e.routing_share)[:3] if e.routing_share > 0])
+
+
+def closing(t: Trace) -> None:
+    """The line under a trace: expert linkage notes, time, experts off, sources not searched."""
     linkage = (t.settings.get("model") or {}).get("expert_linkage")
     if linkage:
         console.print(f"[dim]expert linkage: {linkage}[/]")

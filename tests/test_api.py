@@ -213,6 +213,7 @@ ROUTES = {  # every route, and the test that covers it (here, tests/test_search_
     ("get", "/api/keys"), ("post", "/api/keys"), ("delete", "/api/keys/{key_id}"),
     ("post", "/api/batches"), ("get", "/api/batches/{batch_id}"), ("get", "/api/batches/{batch_id}/report"),  # test_batch_api.py
     ("get", "/api/batches/{batch_id}/plot.png"), ("get", "/api/batches/{batch_id}/parquet/{table}"),
+    ("post", "/api/trace/stream"),  # tests/test_progressive.py
 }
 
 

@@ -4,6 +4,11 @@
     t = tracer.trace("pasted response", prompt="...")
     t = tracer.generate_and_trace("prompt", GenerationOptions(max_new_tokens=60))
     t = tracer.trace(text, options=TraceOptions(max_docs=2))   # per call: the fields set win
+    for t in tracer.trace_parts(text): ...        # spans first (no model pass yet), then experts
+
+A trace runs in two stages: the first (spans, documents, relevance) needs only the indexes;
+the second (expert linkage) runs the model passes over the first's spans. `trace` is the
+two in sequence; `trace_parts` yields the trace after each, so the spans can be shown at once.
 
 OLMoTrace's production settings (docs/architecture.md, Tracing; `TraceOptions` in tracing/options.py):
 only the response is traced; maximal spans cut at delimiters, min_len 1, max_cnt 1,000,000,
@@ -31,7 +36,7 @@ import time
 import uuid
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -56,6 +61,20 @@ from .options import TraceOptions
 def has_words(text: str) -> bool:
     """Does the text hold a letter, digit or symbol, i.e. more than whitespace and punctuation?"""
     return any(not (c.isspace() or unicodedata.category(c).startswith("P")) for c in text)
+
+
+@dataclass
+class Pending:
+    """A trace after its first stage (spans, documents, relevance): the `trace` has its spans
+    with their experts pending, and this holds what the second stage (expert linkage) needs."""
+
+    trace: Trace
+    ids: list[int]  # the response in the index's ids
+    prompt_ids: list[int]  # the prompt in the model's ids (routing context)
+    routing: tuple[np.ndarray, np.ndarray] | None  # captured while generating; None: one forward pass
+    align: Alignment | None
+    counterfactual: bool
+    t0: float  # time.perf_counter() when the trace began (timings' "total" counts from it)
 
 
 @dataclass
@@ -168,17 +187,46 @@ class Tracer:
         """Trace a response that the model did not generate here (routing by one forward pass).
 
         :param options: this call's options: the fields it sets override the tracer's"""
+        ids, prompt_ids, align = self._tokenized(response, prompt)
+        return self.trace_ids(ids, prompt=prompt, prompt_ids=prompt_ids, options=options, store=store,
+                              response=response, align=align)
+
+    def trace_parts(self, response: str, prompt: str | None = None, *, options: TraceOptions | None = None,
+                    store: bool = True, checkpoint: Callable[[], None] | None = None) -> Iterator[Trace]:
+        """`trace`, in two parts as they are ready: yields the Trace once its spans, documents and
+        relevance are found (every span's `experts` empty, no model pass run yet), then the same
+        Trace (same trace_id, completed in place) once its expert linkage is done; it is stored
+        once, after the second part. Closing the generator after the first part skips the model work.
+
+            for t in tracer.trace_parts(text): show(t)
+
+        :param options: this call's options: the fields it sets override the tracer's
+        :param checkpoint: called before the second stage and before every decoder layer of its
+            model passes; it raises to stop the work (a service's deadline, a client gone)"""
+        ids, prompt_ids, align = self._tokenized(response, prompt)
+        o = self.options.merged(options)
+        with self._experts_off_for(o):
+            pending = self._first(list(ids), o, prompt=prompt, prompt_ids=list(prompt_ids), routing=None,
+                                  generated=False, response=response, align=align)
+            yield pending.trace
+            if checkpoint is not None:
+                checkpoint()
+            with _layer_checkpoints(self.model, checkpoint):
+                trace = self._link(pending)
+        yield self._stored(trace, store)
+
+    def _tokenized(self, response: str, prompt: str | None) -> tuple[list[int], list[int], Alignment | None]:
+        """The response in the index's ids, the prompt in the model's, and their alignment when
+        the model has its own tokenizer (None: it shares the index's)."""
         if not response or not response.strip():
             raise InputError("the response to trace is empty; pass --text TEXT or pipe text on stdin")
-        align = None
         if self.model_tokenizer is None:
             ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
             prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-        else:  # spans on the index's ids, routing and counterfactuals on the model's
-            align = Alignment.of_text(self.tokenizer, self.model_tokenizer, response, prompt)
-            ids, prompt_ids = align.ids, align.prompt_model_ids
-        return self.trace_ids(ids, prompt=prompt, prompt_ids=prompt_ids, options=options, store=store,
-                              response=response, align=align)
+            return ids, prompt_ids, None
+        # spans on the index's ids, routing and counterfactuals on the model's
+        align = Alignment.of_text(self.tokenizer, self.model_tokenizer, response, prompt)
+        return align.ids, align.prompt_model_ids, align
 
     def trace_ids(self, ids: list[int], *, prompt: str | None = None, prompt_ids: list[int] = (),
                   routing: tuple[np.ndarray, np.ndarray] | None = None, generated: bool = False,
@@ -242,7 +290,15 @@ class Tracer:
     def _run(self, ids: list[int], st: TraceOptions, *, prompt: str | None, prompt_ids: list[int],
              routing: tuple[np.ndarray, np.ndarray] | None, generated: bool, response: str | None = None,
              align: Alignment | None = None) -> Trace:
-        """spans -> documents -> relevance -> experts, under the options `st` (already merged)."""
+        """spans -> documents -> relevance -> experts, under the options `st` (already merged):
+        the two stages in sequence."""
+        return self._link(self._first(ids, st, prompt=prompt, prompt_ids=prompt_ids, routing=routing,
+                                      generated=generated, response=response, align=align))
+
+    def _first(self, ids: list[int], st: TraceOptions, *, prompt: str | None, prompt_ids: list[int],
+               routing: tuple[np.ndarray, np.ndarray] | None, generated: bool, response: str | None = None,
+               align: Alignment | None = None) -> Pending:
+        """The first stage: spans -> documents -> relevance, no model pass (experts pending)."""
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         response = response if response is not None else self.tokenizer.decode(ids)
@@ -267,20 +323,7 @@ class Tracer:
         timings["relevance"] = _ms(t2)
 
         off = sorted(self.model.off) if self.model is not None else []
-        if self.model is not None and self.model.is_moe and spans:
-            t3 = time.perf_counter()
-            mtok = self.model_tokenizer or self.tokenizer
-            bos = mtok.bos_token_id if mtok.bos_token_id is not None else mtok.eos_token_id
-            if align is None:
-                sub = link_experts(self.model, spans, ids, prompt_ids, routing, counterfactual=st.counterfactual,
-                                   bos_id=int(bos))
-            else:
-                ranges = [align.model_range(s.char_start, s.char_end) for s in spans]
-                sub = link_experts(self.model, spans, align.model_ids, prompt_ids, routing,
-                                   counterfactual=st.counterfactual, bos_id=int(bos), ranges=ranges)
-            timings["experts"] = _ms(t3)
-            timings.update({f"experts.{k}": v for k, v in sub.items()})
-        timings["total"] = _ms(t0)
+        timings["first_part"] = _ms(t0)
         trace = Trace(
             trace_id=uuid.uuid4().hex[:16],
             created_at=dt.datetime.now().replace(microsecond=0).isoformat(),
@@ -291,6 +334,27 @@ class Tracer:
                       **({"relevance_fallback": fallback} if fallback else {}),
                       "model": self.model_card()},
         )
+        return Pending(trace=trace, ids=ids, prompt_ids=prompt_ids, routing=routing, align=align,
+                       counterfactual=st.counterfactual, t0=t0)
+
+    def _link(self, p: Pending) -> Trace:
+        """The second stage: expert linkage (routing share, counterfactuals) over the first stage's
+        spans, filled into `p.trace` in place; the model passes run here and only here."""
+        trace, spans, timings = p.trace, p.trace.spans, p.trace.timings_ms
+        if self.model is not None and self.model.is_moe and spans:
+            t3 = time.perf_counter()
+            mtok = self.model_tokenizer or self.tokenizer
+            bos = mtok.bos_token_id if mtok.bos_token_id is not None else mtok.eos_token_id
+            if p.align is None:
+                sub = link_experts(self.model, spans, p.ids, p.prompt_ids, p.routing, counterfactual=p.counterfactual,
+                                   bos_id=int(bos))
+            else:
+                ranges = [p.align.model_range(s.char_start, s.char_end) for s in spans]
+                sub = link_experts(self.model, spans, p.align.model_ids, p.prompt_ids, p.routing,
+                                   counterfactual=p.counterfactual, bos_id=int(bos), ranges=ranges)
+            timings["experts"] = _ms(t3)
+            timings.update({f"experts.{k}": v for k, v in sub.items()})
+        timings["total"] = _ms(p.t0)
         return trace
 
     def _span(self, index: int, raw: SpanMatch, ids: list[int], docs: list[SpanDocument],
@@ -351,6 +415,26 @@ def catalog_fingerprint(ws: Workspace) -> tuple:
             tuple((s.name, s.active, s.visibility, s.expires, s.updated_at) for s in src_lib.list_sources(ws)),
             len(list_takedowns(ws)),
             tuple(sorted((r.source, r.build_id) for r in list_indexes(ws))))
+
+
+@contextlib.contextmanager
+def _layer_checkpoints(model: LoadedModel | None, check: Callable[[], None] | None) -> Iterator[None]:
+    """Call `check` before every decoder layer of every model pass while the block runs.
+
+    The hook sits on each decoder layer's `post_attention_layernorm`: transformers' layer
+    forward calls it, and so do the layer-by-layer passes of tracing/counterfactual.py, which
+    call the layer's parts rather than the layer."""
+    if model is None or check is None:
+        yield
+        return
+    layers = [m for m in model.module.modules() if type(m).__name__.endswith("DecoderLayer")]
+    hooks = [m.post_attention_layernorm.register_forward_pre_hook(lambda *_: check())
+             for m in layers if hasattr(m, "post_attention_layernorm")]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def _groups(spans: list[Span], ids: list[int], tok, response: str | None = None) -> list[SpanGroup]:

@@ -92,10 +92,73 @@ async function runTrace(path, body, label) {
   }
 }
 
+// A pasted trace streams (POST /api/trace/stream, server-sent events): the spans are shown
+// as soon as they are found, the experts filled in when they arrive, for the same trace id.
+async function streamTrace(body) {
+  status("trace-status", "Tracing…");
+  for (const b of document.querySelectorAll("#trace-view button")) b.disabled = true;
+  try {
+    const res = await fetch("/api/trace/stream", {
+      method: "POST", body: JSON.stringify(body),
+      headers: { "Content-Type": "application/json", ...(traceToken() ? { [TOKEN_HEADER]: traceToken() } : {}) } });
+    if (res.headers.get(TOKEN_HEADER)) sessionStorage.setItem("trace-token", res.headers.get(TOKEN_HEADER));
+    if (!res.ok) {
+      const d = (await res.json().catch(() => ({}))).detail;
+      throw new Error(`${res.status}: ${typeof d === "string" ? d : Array.isArray(d) ? d.map((x) => x.msg).join("; ") : res.statusText}`);
+    }
+    const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buf = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buf += value;
+      let cut_at;
+      while ((cut_at = buf.indexOf("\n\n")) >= 0) {
+        const block = buf.slice(0, cut_at);
+        buf = buf.slice(cut_at + 2);
+        const kind = (block.match(/^event: (.*)$/m) || [])[1];
+        const data = JSON.parse((block.match(/^data: (.*)$/m) || [, "null"])[1]);
+        if (kind === "spans") {
+          showTrace(data);
+          status("trace-status", `${data.spans.length} spans found; finding the experts…`);
+        } else if (kind === "experts") {
+          fillExperts(data);
+          status("trace-status", "");
+          loadMine();
+        } else if (kind === "error") throw new Error(`${data.status}: ${data.detail}`);
+      }
+    }
+  } catch (e) {
+    status("trace-status", e.message, true);
+  } finally {
+    for (const b of document.querySelectorAll("#trace-view button")) b.disabled = false;
+  }
+}
+
+function fillExperts(part) {
+  if (!current || current.trace_id !== part.trace_id) return;
+  for (const s of part.spans) Object.assign(current.spans[s.index], s);
+  current.timings_ms = part.timings_ms;
+  delete current.experts_pending;
+  const open = document.querySelector("#response mark.selected");
+  showTrace(current);
+  if (open) showGroup(Number(open.dataset.group));
+}
+
 function showTrace(t) {
   current = t;
   $("result").hidden = false;
   $("detail").hidden = true;
+  if (t.experts_pending) {  // the line of figures waits for the whole trace (its total time)
+    $("result-meta").replaceChildren();
+  } else {
+    showMeta(t);
+  }
+  $("result-prompt").replaceChildren(t.prompt ? el("p", { class: "prompt" }, el("b", {}, "Prompt: "), t.prompt) : "");
+  showResponse(t);
+}
+
+function showMeta(t) {
   const skipped = Object.entries(t.sources_skipped).map(([k, v]) => `${k} (${v})`);
   $("result-meta").replaceChildren(
     `${t.generated ? "Generated" : "Pasted"} · ${t.n_tokens} tokens · ${t.spans.length} spans in ${t.groups.length} groups · `,
@@ -104,8 +167,9 @@ function showTrace(t) {
     t.experts_off.length ? ` · experts off: ${t.experts_off.join(", ")}` : "",
     ` · ${Math.round(t.timings_ms.total || 0)} ms · trace ${t.trace_id}`,
   );
-  $("result-prompt").replaceChildren(t.prompt ? el("p", { class: "prompt" }, el("b", {}, "Prompt: "), t.prompt) : "");
+}
 
+function showResponse(t) {
   const cps = Array.from(t.response);
   const parts = [];
   let pos = 0;
@@ -182,6 +246,7 @@ function documentsList(s) {
 }
 
 function expertsTable(s) {
+  if (current && current.experts_pending) return el("p", { class: "muted experts-pending" }, "Finding the experts…");
   if (!s.experts.length) return el("p", { class: "muted" }, "No model loaded: expert linkage unavailable.");
   const rows = [...s.experts].sort((a, b) => b.routing_share - a.routing_share);
   return el("table", { class: "experts" },
@@ -200,8 +265,8 @@ const traceOptions = () => ({ counterfactual: $("trace-cf").checked });
 
 $("trace-form").addEventListener("submit", (e) => {
   e.preventDefault();
-  runTrace("/api/trace", { text: $("trace-text").value, prompt: $("trace-prompt").value || null,
-    options: traceOptions() }, "Tracing");
+  streamTrace({ text: $("trace-text").value, prompt: $("trace-prompt").value || null,
+    options: traceOptions() });
 });
 $("generate-form").addEventListener("submit", (e) => {
   e.preventDefault();

@@ -1,0 +1,147 @@
+"""Progressive traces over server-sent events: the spans as soon as they are found, the experts after.
+
+    POST /api/trace/stream      the body of POST /api/trace; the answer is text/event-stream:
+
+    event: spans    data: the Trace without its expert linkage (spans, documents, relevance;
+                          every span's `experts` empty, "experts_pending": true)
+    event: experts  data: {"trace_id", "spans": [{"index", "experts", "top_expert", ...}], "timings_ms"}
+    event: done     data: {"trace_id", "stored": true}
+    event: error    data: {"trace_id", "status", "detail"}   (the expert stage was stopped or failed)
+
+The trace is one job on the tracer thread (api/worker.py) within the trace budget: its first
+stage (tracing/trace.py `Tracer.trace_parts`) needs no model pass, and its part is sent the
+moment it is ready; the second stage (routing share, counterfactuals) follows on the same
+thread, and the trace is stored once, complete, before `experts` is sent. Errors before the
+first part (busy: 503, a client over its limits: 429, each with Retry-After) are plain HTTP
+errors. A client that disconnects sets the job's cancel flag, which the worker checks before
+every decoder layer of every model pass (`Job.check`), so the model work stops there and
+nothing is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import StreamingResponse
+
+from flexolmo.base.errors import FlexolmoError
+from tracing.provenance.access import TOKEN_HEADER, owner_of
+from tracing.provenance import store
+from tracing.results import Trace
+from tracing.trace import Tracer
+
+from .auth import CallerDep
+from .clients import client_of
+from .deps import GRACE_S, ServiceDep
+from .routes import _cap
+from .schemas import TraceRequest
+from .worker import Busy, Job, Stopped
+
+router = APIRouter(prefix="/api")
+
+# what the second stage fills in on every span
+EXPERT_FIELDS = ("experts", "top_expert", "top_expert_by", "top_by_routing", "top_by_counterfactual", "agreement")
+
+
+def experts_part(t: Trace) -> dict[str, Any]:
+    """The `experts` event: each span's expert linkage, and the trace's timings."""
+    spans = jsonable_encoder(t)["spans"]
+    return {"trace_id": t.trace_id, "spans": [{"index": s["index"], **{k: s[k] for k in EXPERT_FIELDS}} for s in spans],
+            "timings_ms": t.timings_ms}
+
+
+def sse(event: str, data: Any) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, default=str)}\n\n".encode()
+
+
+@router.post("/trace/stream", response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {}},
+                              "description": "`spans`, then `experts`, then `done` (or `error`)"}})
+async def trace_stream(req: TraceRequest, svc: ServiceDep, request: Request, who: CallerDep) -> StreamingResponse:
+    """Trace a response, sending its spans and documents at once and its experts when ready; stored once complete."""
+    st = svc.settings
+    _cap("text", req.text, st.max_trace_chars, st.trace_budget_s)
+    _cap("prompt", req.prompt, st.max_trace_chars, st.trace_budget_s)
+    opts = req.options  # its set fields over the service's
+
+    loop = asyncio.get_running_loop()
+    parts: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    def put(kind: str, data: Any) -> None:  # from the tracer thread
+        loop.call_soon_threadsafe(parts.put_nowait, (kind, data))
+
+    def run(tracer: Tracer, job: Job) -> None:
+        steps = tracer.trace_parts(req.text, prompt=req.prompt, options=opts, store=False, checkpoint=job.check)
+        first = next(steps)
+        put("spans", {**jsonable_encoder(first), "experts_pending": True})  # as POST /api/trace shapes a Trace
+        t = next(steps)  # the model passes: stopped at the next decoder layer once job.cancel is set
+        job.check()
+        if req.store:
+            store.save_trace(tracer.ws, t, owner=owner_of(who))  # readable by its maker (tracing/provenance/access.py)
+        put("experts", experts_part(t))
+        put("done", {"trace_id": t.trace_id, "stored": req.store})
+
+    gate = contextlib.ExitStack()
+    gate.enter_context(svc.limits.model_pass(client_of(request.scope, svc.keys)))  # 429 over the client's limit
+    try:
+        job, fut = svc.worker.submit(run, "trace", st.trace_budget_s)
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception() is None or put("error", f.exception()))
+        kind, first = await _next(parts, job, fut, request)
+        if kind == "error":
+            raise first
+    except BaseException:
+        gate.close()
+        raise
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            yield sse("spans", first)
+            while True:
+                try:
+                    kind, data = await _next(parts, job, fut, request)
+                except Stopped as e:
+                    kind, data = "error", e
+                if kind == "error":
+                    yield sse("error", {"trace_id": first["trace_id"], "status": getattr(data, "http_status", 500),
+                                        "detail": str(data) if isinstance(data, FlexolmoError) else
+                                        f"the expert stage failed: {type(data).__name__}"})
+                    return
+                yield sse(kind, data)
+                if kind == "done":
+                    return
+        finally:
+            if not fut.done():  # the client went away (or the stream was closed): stop the model work
+                job.cancel.set()
+                fut.cancel()
+            gate.close()
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    if req.store and who.token:  # a client without a key reads its trace back with this token
+        headers[TOKEN_HEADER] = who.token
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+
+async def _next(parts: asyncio.Queue, job: Job, fut, request: Request) -> tuple[str, Any]:
+    """The job's next part; the job is cancelled when its client disconnects or it overruns its budget."""
+    while True:
+        try:
+            return await asyncio.wait_for(parts.get(), timeout=0.25)
+        except asyncio.TimeoutError:
+            pass
+        if await request.is_disconnected():
+            job.cancel.set()
+            fut.cancel()
+            raise Stopped(f"the client went away; the {job.what} was stopped and not stored")
+        now = time.monotonic()
+        if now > job.deadline and not job.started and fut.cancel():
+            raise Busy(f"the tracer was busy with earlier requests for this {job.what}'s whole "
+                       f"{job.budget_s:g} s budget; retry in a moment")
+        if now > job.deadline + GRACE_S:
+            job.cancel.set()
+            raise Stopped(f"the {job.what} ran past its {job.budget_s:g} s budget and was stopped; nothing was stored")
