@@ -1,5 +1,7 @@
-"""Counterfactual drops (tracing/counterfactual.py) against the reference: one full forward pass
-of transformers' module per switched-off expert. Tiny random models, no federation."""
+"""Counterfactual drops (flexolmo/model/counterfactual.py, behind flexolmo/model/passes.py)
+against the reference: one full forward pass of transformers' module per switched-off expert;
+and the cancellation checkpoint that stops every model pass within one decoder layer. Tiny
+random models, no federation."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 from flexolmo.model.config import get_profile
 from flexolmo.model.generate import RoutingCapture, token_logprobs
 from flexolmo.model.moe import LoadedModel, build_model, routers, set_active
-from tracing.counterfactual import base_window, expert_off_rows
+from flexolmo.model.counterfactual import base_window, expert_off_rows
 from tracing.experts import link_experts
 from tracing.results import Span
 

@@ -104,6 +104,10 @@ class Tracer:
                    delims=tok_lib.read_delimiter_ids(ws), policies={s.name: s for s in src_lib.list_sources(ws)}, model=model,
                    model_name=name, model_tokenizer=own, options=opts, fingerprint=catalog_fingerprint(ws))
 
+    def checkpoint(self) -> None:
+        """Called before every decoder layer of every model pass (generation, routing,
+        counterfactuals); a service sets it to raise at a trace's deadline (api/worker.py)."""
+
     def model_card(self) -> dict | None:
         """What the trace says about its model: where it is, its kind, tokenizer, device and dtype,
         and whether expert linkage applies (None: no model)."""
@@ -145,7 +149,7 @@ class Tracer:
             guard.require_index_tokenizer(self.model_tokenizer)
         mtok = self.model_tokenizer or self.tokenizer
         with self._experts_off_for(o):
-            gen = generate(self.model, mtok, prompt, generation, guard=guard)
+            gen = generate(self.model, mtok, prompt, generation, guard=guard, check=self.checkpoint)
             ids = list(gen.token_ids)
             if ids and ids[-1] == mtok.eos_token_id:  # the end-of-text token is not part of the text
                 ids.pop()
@@ -274,11 +278,12 @@ class Tracer:
             bos = mtok.bos_token_id if mtok.bos_token_id is not None else mtok.eos_token_id
             if align is None:
                 sub = link_experts(self.model, spans, ids, prompt_ids, routing, counterfactual=st.counterfactual,
-                                   bos_id=int(bos))
+                                   bos_id=int(bos), check=self.checkpoint)
             else:
                 ranges = [align.model_range(s.char_start, s.char_end) for s in spans]
                 sub = link_experts(self.model, spans, align.model_ids, prompt_ids, routing,
-                                   counterfactual=st.counterfactual, bos_id=int(bos), ranges=ranges)
+                                   counterfactual=st.counterfactual, bos_id=int(bos), ranges=ranges,
+                                   check=self.checkpoint)
             timings["experts"] = _ms(t3)
             timings.update({f"experts.{k}": v for k, v in sub.items()})
         timings["total"] = _ms(t0)
