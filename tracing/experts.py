@@ -63,7 +63,7 @@ def link_experts(model, spans: list[Span], ids: list[int], prompt_ids: list[int]
     at = np.flatnonzero(need)
     want = Need(targets=(at + len(ctx)).tolist(), routing=routing is None,
                 drops=("routed" if method == "batched" else "all") if counterfactual else "none",
-                reference=method == "per_expert")
+                reference=method == "per_expert", start=len(ctx))
     got = model_passes(model, ctx + list(ids), want, check=check)
     if routing is None:
         L, k = got.experts.shape[1:]

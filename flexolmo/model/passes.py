@@ -49,6 +49,8 @@ class Need:
     # target (the others get none); "all" every switched-on expert. Switched-off experts drop by 0.
     drops: Drops = "none"
     reference: bool = False  # drops by one full forward pass per expert instead of the expert-off rows
+    start: int | None = None  # where the windows' chunks begin when the tokens exceed the model's positions
+    # (e.g. the response's first token; None: the first target)
 
 
 @dataclass
@@ -103,7 +105,8 @@ def model_passes(model, tokens: Sequence[int], need: Need, check: Check | None =
         out.drops = {e: np.zeros(0) for e in range(len(on)) if not on[e] and need.drops != "none"}
         return out
     windows = [(a, b, s, e, targets[(targets >= s) & (targets < e)])
-               for a, b, s, e in model_windows(int(targets[0]), int(targets[-1]) + 1, cfg.max_position_embeddings)]
+               for a, b, s, e in model_windows(min(int(targets[0]), need.start or int(targets[0])), len(tokens),
+                                               cfg.max_position_embeddings)]
     t0 = time.perf_counter()
     bases = []
     if need.routing or need.drops == "routed" or (need.drops != "none" and not need.reference):
