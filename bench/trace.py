@@ -4,6 +4,7 @@ counterfactual.
 
     .venv/bin/python bench/trace.py [--workspace W] [--inputs 40] [--bare 20] [--responses 200]
     .venv/bin/python bench/trace.py --workspace W --random-model demo --skip-agreement
+    .venv/bin/python bench/trace.py --workspace W --random-model demo --floors-only --inputs 6
 
 Needs indexes of every source and a merged model (`make demo`); `--random-model demo` builds
 a demo-sized 8-expert model with random weights instead (latency only: its routing means
@@ -110,6 +111,8 @@ def main() -> None:
                     help="Latency with a random-weight model of this profile (no merged model needed).")
     ap.add_argument("--agreement-only", action="store_true", help="Skip the latency parts.")
     ap.add_argument("--skip-agreement", action="store_true")
+    ap.add_argument("--floors-only", action="store_true",
+                    help="Only the model stages against their arithmetic floor (warm traces of --inputs inputs).")
     ap.add_argument("--first-trace-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     t_import = time.perf_counter()
@@ -125,6 +128,11 @@ def main() -> None:
     print(f"workspace {ws.root}: {len(tracer.fed.names)} sources, "
           f"{sum(tracer.fed.source(n).n_tokens for n in tracer.fed.names):,} indexed tokens; model {tracer.model_name}, "
           f"{len(tracer.model.experts)} experts, top-{tracer.model.config.num_experts_per_tok}")
+    if args.floors_only:
+        data = inputs(ws, tracer, args.inputs)
+        stages = [tracer.trace_ids(ids, prompt=None, prompt_ids=[], routing=None, generated=False,
+                                   store=False).timings_ms for ids in data]
+        return floors(tracer, data[1:], stages[1:], tracer.tokenizer.eos_token_id)
     if not args.agreement_only:
         latency(ws, tracer, args)
         first_trace(args)
