@@ -5,11 +5,11 @@ process runs one trace at a time, in arrival order, on this thread. Every job ca
 deadline and a cancel flag:
 
 - a job still waiting when its deadline passes never starts (the route answers 503, busy);
-- a running job checks its deadline before every decoder layer of every forward pass
-  (generation, routing, the per-expert counterfactual passes: about 90% of a trace) and
-  before each span is assembled (its documents come in one call for all spans), and stops
-  with 504; the span search itself is bounded by
-  the input caps, which are derived from the same budget;
+- a running job checks its deadline before every decoder layer of every model pass
+  (generation, routing, the counterfactual rows: about 90% of a trace; the tracer hands its
+  `checkpoint` to `generate` and flexolmo/model/passes.py) and before each span is assembled
+  (its documents come in one call for all spans), and stops with 504; the span search itself
+  is bounded by the input caps, which are derived from the same budget;
 - a job whose client went away is stopped the same way, and what it computed is not stored.
 
 Readers (SQL, stored traces, reports) never come here: they read the store's committed
@@ -60,9 +60,8 @@ class Job:
 
 
 class ServiceTracer(Tracer):
-    """A Tracer that checks the current job's deadline before each span's documents."""
-
-    checkpoint: Callable[[], None] = staticmethod(lambda: None)
+    """A Tracer that checks the current job's deadline before each span's documents (and, as
+    every Tracer, at its `checkpoint` before every decoder layer)."""
 
     def _span(self, *args, **kwargs):
         self.checkpoint()
@@ -132,7 +131,7 @@ class TraceWorker:
         finally:
             self._job = None
 
-    def _check(self, *_args: Any) -> None:
+    def _check(self) -> None:
         job = self._job
         if job is not None:
             job.check()
@@ -147,19 +146,8 @@ class TraceWorker:
         except FlexolmoError as e:  # served anyway: /api/health and the sources still answer
             self.tracer, self.error = None, str(e)
         else:
-            if isinstance(new, ServiceTracer):
-                new.checkpoint = self._check
-            _hook_layers(new.model, self._check)
+            new.checkpoint = self._check  # before every decoder layer of every model pass
             self.tracer, self.error = new, None
         if old is not None and old is not self.tracer:
             old.fed.close()
 
-
-def _hook_layers(model: Any, check: Callable[..., None]) -> None:
-    """Call `check` before every decoder layer's forward (and the model's own, if no layers)."""
-    if model is None:
-        return
-    module = getattr(model, "module", model)  # a LoadedModel wraps the torch module
-    layers = [m for m in module.modules() if type(m).__name__.endswith("DecoderLayer")]
-    for m in layers or [module]:
-        m.register_forward_pre_hook(check)

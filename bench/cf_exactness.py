@@ -3,7 +3,7 @@
     .venv/bin/python bench/cf_exactness.py [--workspace W] [--inputs 10]
 
 On held-out 450-token inputs (bench/trace.py's), every kept span's drop in log-probability
-when each expert is switched off, three ways: as now (tracing/counterfactual.py, float32), the
+when each expert is switched off, three ways: as now (flexolmo/model/counterfactual.py, float32), the
 reference (one full transformers pass per expert, float32) and the same reference with the
 model in float64; and as now with the model in bfloat16 (`--dtype bfloat16`: an approximate
 mode, the CPU here has avx512_bf16). Prints the largest and the 99th-percentile |difference| of each float32

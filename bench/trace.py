@@ -4,6 +4,7 @@ counterfactual.
 
     .venv/bin/python bench/trace.py [--workspace W] [--inputs 40] [--bare 20] [--responses 200]
     .venv/bin/python bench/trace.py --workspace W --random-model demo --skip-agreement
+    .venv/bin/python bench/trace.py --workspace W --random-model demo --floors-only --inputs 6
 
 Needs indexes of every source and a merged model (`make demo`); `--random-model demo` builds
 a demo-sized 8-expert model with random weights instead (latency only: its routing means
@@ -12,10 +13,12 @@ nothing, so agreement is skipped). Nothing is written: traces are not stored.
 1. Inputs: 450-token windows of held-out (validation) documents of every source.
 2. Latency p50/p95: spans + documents + relevance; + routing pass; + counterfactuals by the
    reference (one full forward pass per switched-on expert, plus one for the base log-probs)
-   and as now (tracing/counterfactual.py), interleaved on the same inputs, with the largest
+   and as now (flexolmo/model/counterfactual.py), interleaved on the same inputs, with the largest
    difference between the two drops (the same numbers, to float tolerance), the counterfactual
    stage alone, the FLOPs of both on one input, the warm traces' stage breakdown (p50 over
-   inputs after the first) and the load average (timings on shared cores are noisy).
+   inputs after the first) and the load average (timings on shared cores are noisy); then each
+   model stage against its arithmetic floor: the FLOPs it must do (torch's FlopCounterMode) and
+   the rate it achieves, against the cores' float32 matmul rate measured in the same run.
 3. First trace of a new process against a warm one (fresh interpreter, run twice: the first
    run may fill numba's on-disk cache, the second shows a normal start).
 4. The bare `InfiniGramEngine.attribute` with the same delimiters: latency, speed-up, same spans.
@@ -58,7 +61,9 @@ def inputs(ws: Workspace, tracer: Tracer, n: int, length: int = 450, seed: int =
     tok = tracer.tokenizer
     pools = {}
     for name in tracer.fed.names:
-        texts = sources.load_documents(ws, name, split="validation", columns=["text"]).column("text").to_pylist()
+        load = lambda split: sources.load_documents(ws, name, split=split,  # noqa: E731
+                                                    columns=["text"]).column("text").to_pylist()
+        texts = load("validation") or load("train")  # tiny test federations hold no validation
         ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
         pools[name] = [x for x in ids if len(x) >= length] or [sum(ids, [])]
     out = []
@@ -106,6 +111,8 @@ def main() -> None:
                     help="Latency with a random-weight model of this profile (no merged model needed).")
     ap.add_argument("--agreement-only", action="store_true", help="Skip the latency parts.")
     ap.add_argument("--skip-agreement", action="store_true")
+    ap.add_argument("--floors-only", action="store_true",
+                    help="Only the model stages against their arithmetic floor (warm traces of --inputs inputs).")
     ap.add_argument("--first-trace-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--bigtok-first", default=None, metavar="SCRATCH",
                     help="Only: first trace vs warm with a 111,059-id tokenizer (u32 index built in SCRATCH).")
@@ -126,6 +133,11 @@ def main() -> None:
     print(f"workspace {ws.root}: {len(tracer.fed.names)} sources, "
           f"{sum(tracer.fed.source(n).n_tokens for n in tracer.fed.names):,} indexed tokens; model {tracer.model_name}, "
           f"{len(tracer.model.experts)} experts, top-{tracer.model.config.num_experts_per_tok}")
+    if args.floors_only:
+        data = inputs(ws, tracer, args.inputs)
+        stages = [tracer.trace_ids(ids, prompt=None, prompt_ids=[], routing=None, generated=False,
+                                   store=False).timings_ms for ids in data]
+        return floors(tracer, data[1:], stages[1:], tracer.tokenizer.eos_token_id)
     if not args.agreement_only:
         latency(ws, tracer, args)
         first_trace(args)
@@ -136,7 +148,7 @@ def main() -> None:
 
 def latency(ws: Workspace, tracer: Tracer, args) -> None:
     """2. pipeline latency; counterfactuals by the reference (one full pass per expert) and now
-    (tracing/counterfactual.py) on the same inputs, interleaved; warm stage breakdown."""
+    (flexolmo/model/counterfactual.py) on the same inputs, interleaved; warm stage breakdown."""
     data = inputs(ws, tracer, args.inputs)
     dec = tracer.tokenizer.decode
     tracer.trace_ids(data[0], prompt=None, prompt_ids=[], routing=None, generated=False, store=False)  # warm-up
@@ -185,6 +197,55 @@ def latency(ws: Workspace, tracer: Tracer, args) -> None:
     flops(tracer, data[0], eos)
     print(f"warm traces (Tracer.trace_ids, inputs 2..{len(stages)}), p50 per stage (ms): "
           f"{warm_stages(stages[1:])}; load average after: {load()}")
+    floors(tracer, data[1: 1 + min(8, len(data) - 1)], stages[1:], eos)
+
+
+def matmul_rate(n: int = 1024, reps: int = 8) -> float:
+    """The cores' float32 matmul rate (GFLOP/s): the best of several timed (n x n) @ (n x n) products
+    with torch's threads, as the model runs."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    best = 0.0
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        best = max(best, 4 * 2 * n ** 3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def floors(tracer: Tracer, data: list[list[int]], stages: list[dict[str, float]], eos: int) -> None:
+    """Each model stage against its arithmetic floor: per input, the stage's FLOPs (matmuls and
+    attention, torch's FlopCounterMode) over its warm time (the same inputs' `timings_ms`), against
+    the cores' matmul rate measured now. The floor is the time the FLOPs take at that rate."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    peak = matmul_rate()
+    got: dict[str, list[tuple[float, float]]] = {"routing": [], "counterfactual": []}  # (GFLOP, ms) per input
+    for ids, st in zip(data, stages):
+        tr = replace(tracer, model=None).trace_ids(ids, prompt=None, prompt_ids=[], routing=None, generated=False,
+                                                   store=False)
+        if not tr.spans:
+            continue
+        total = {}
+        for cf in (False, True):
+            with FlopCounterMode(display=False) as fc:
+                link_experts(tracer.model, copy.deepcopy(tr.spans), ids, [], None, counterfactual=cf, bos_id=eos)
+            total[cf] = fc.get_total_flops() / 1e9
+        got["routing"].append((total[False], st["experts.routing"]))
+        if "experts.counterfactual" in st:
+            got["counterfactual"].append((total[True] - total[False], st["experts.counterfactual"]))
+    print(f"model stages against their arithmetic floor (float32 matmul rate of the cores now: {peak:.0f} GFLOP/s; "
+          f"p50 over {len(got['routing'])} warm inputs; load average {load()}):")
+    for stage, xs in got.items():
+        if not xs:
+            continue
+        gflop = pct([g for g, _ in xs], 50)
+        rate = pct([g / (ms / 1000) for g, ms in xs], 50)
+        print(f"  {stage}: {gflop:.1f} GFLOP at {rate:.0f} GFLOP/s, {peak / rate:.1f}x its arithmetic floor "
+              f"(p50 {pct([ms for _, ms in xs], 50):.0f} ms, floor {gflop / peak * 1000:.0f} ms)")
 
 
 def warm_stages(timings: list[dict[str, float]]) -> dict[str, float]:

@@ -1,8 +1,11 @@
-"""Counterfactual drops (tracing/counterfactual.py) against the reference: one full forward pass
-of transformers' module per switched-off expert. Tiny random models, no federation."""
+"""Counterfactual drops (flexolmo/model/counterfactual.py, behind flexolmo/model/passes.py)
+against the reference: one full forward pass of transformers' module per switched-off expert;
+and the cancellation checkpoint that stops every model pass within one decoder layer. Tiny
+random models, no federation."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -12,7 +15,7 @@ import torch
 from flexolmo.model.config import get_profile
 from flexolmo.model.generate import RoutingCapture, token_logprobs
 from flexolmo.model.moe import LoadedModel, build_model, routers, set_active
-from tracing.counterfactual import base_window, expert_off_rows
+from flexolmo.model.counterfactual import base_window, expert_off_rows
 from tracing.experts import link_experts
 from tracing.results import Span
 
@@ -148,3 +151,103 @@ def test_link_experts_batched_equals_per_expert_over_several_windows(prompt):
         mine = {x.expert: y.counterfactual for x, y in zip(a.experts, b.experts) if x.active and x.counterfactual is not None}
         assert a.top_expert == max(mine, key=mine.get)  # the reference's argmax over the experts computed
     assert computed >= 3 * len(ranges)
+
+
+# -- the cancellation checkpoint -------------------------------------------------------------
+
+
+class Stop(Exception):
+    """What the tests' checkpoints raise (a service raises its own `Stopped`)."""
+
+
+class Checkpoint:
+    """Counts its calls and raises Stop at call `stop_at` (None: never); records every module
+    of the model that runs after it raised (there must be none)."""
+
+    def __init__(self, model: LoadedModel, stop_at: int | None = None):
+        self.calls, self.stop_at, self.after = 0, stop_at, []
+        self.handles = [m.register_forward_pre_hook(self._ran) for m in model.module.modules()]
+
+    def _ran(self, module, _args):
+        if self.stop_at is not None and self.calls >= self.stop_at:
+            self.after.append(type(module).__name__)
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if self.stop_at is not None and self.calls >= self.stop_at:
+            raise Stop
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _pass(what: str, model: LoadedModel, check) -> None:
+    from flexolmo.model.generate import route
+    from flexolmo.model.passes import Need, model_passes
+
+    ids, need = window()
+    targets = [p + 1 for p in need]
+    if what == "routing":
+        model_passes(model, ids, Need(targets=targets), check=check)
+    elif what == "expert-off rows":
+        model_passes(model, ids, Need(targets=targets, drops="routed"), check=check)
+    elif what == "reference":
+        model_passes(model, ids, Need(targets=targets, routing=False, drops="all", reference=True), check=check)
+    elif what == "route":
+        route(model, ids, check=check)
+    else:  # generation, as `generate` runs it: transformers' generate with its key-value cache
+        from flexolmo.model.moe import layer_checkpoints
+
+        with torch.no_grad(), layer_checkpoints(model, check):
+            model.module.generate(torch.tensor([ids[:10]]), max_new_tokens=5, do_sample=False, pad_token_id=1)
+
+
+@pytest.mark.parametrize("what", ["routing", "expert-off rows", "reference", "route", "generation"])
+def test_every_model_pass_stops_at_the_checkpoint_before_the_next_layer(what):
+    model = tiny()
+    L = model.config.num_hidden_layers
+    full = Checkpoint(model)
+    _pass(what, model, full)
+    full.close()
+    passes = {"routing": 1, "expert-off rows": 2, "reference": 1 + len(model.experts), "route": 1, "generation": 5}[what]
+    assert full.calls >= passes * L, (what, full.calls)  # at least once per decoder layer of every pass
+    for stop_at in sorted({1, min(L + 1, full.calls), full.calls}):  # the first layer, the second pass, the last
+        check = Checkpoint(model, stop_at)
+        with pytest.raises(Stop):
+            _pass(what, model, check)
+        check.close()
+        assert check.calls == stop_at and not check.after, (what, stop_at, check.after)  # nothing ran after
+
+
+def test_a_deadline_stops_a_counterfactual_pass_within_one_layers_time():
+    """A model made slow on purpose (0.5 s more per decoder layer's attention): the pass with
+    counterfactual rows takes seconds; a deadline at 0.5 s stops it within one layer's time
+    (the longest gap between two checkpoints of the same pass run to its end)."""
+    from flexolmo.model.passes import Need, model_passes
+
+    model = tiny()
+    layer_s = 0.5
+    slow = [layer.self_attn.q_proj.register_forward_pre_hook(lambda *_: time.sleep(layer_s))
+            for layer in model.module.model.layers]
+    ids, need = window()
+    want = Need(targets=[p + 1 for p in need], drops="routed")
+    try:
+        stamps = []
+        model_passes(model, ids, want, check=lambda: stamps.append(time.monotonic()))
+        layer = float(np.diff(stamps + [time.monotonic()]).max())  # the longest layer, checkpoint to checkpoint
+        assert stamps[-1] - stamps[0] > 4 * layer_s  # the base pass's 3 layers and the rows' 2 at least
+
+        deadline = time.monotonic() + layer_s
+
+        def check():
+            if time.monotonic() > deadline:
+                raise Stop
+
+        with pytest.raises(Stop):
+            model_passes(model, ids, want, check=check)
+        late = time.monotonic() - deadline
+    finally:
+        for h in slow:
+            h.remove()
+    assert late < layer + 0.25, (late, layer)  # stopped within one layer's time of its deadline

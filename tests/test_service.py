@@ -166,6 +166,35 @@ def test_a_trace_past_its_budget_is_stopped_a_queued_one_refused_neither_stored(
     assert httpx.get(srv.url + "/api/health").json()["queued"] == 0
 
 
+def test_a_trace_past_its_deadline_in_the_model_passes_stops_within_a_layer(fed, live, monkeypatch):
+    """A model made slow on purpose (0.5 s more per decoder layer in the routing and
+    counterfactual passes, which would run for many seconds): the tracer thread starts no layer
+    after the deadline but the one under way, answers 504 and is free for the next request."""
+    from flexolmo.model import counterfactual as cf
+
+    layer_s, budget, entered = 0.5, 5.0, []
+    attention = cf._attention
+
+    def slow(*args, **kwargs):
+        entered.append(time.monotonic())
+        time.sleep(layer_s)
+        return attention(*args, **kwargs)
+
+    monkeypatch.setattr(cf, "_attention", slow)
+    srv = live(replace(Settings.from_env(fed.root), trace_budget_s=budget, chars_per_s=100_000))
+    t0 = time.monotonic()
+    r = httpx.post(srv.url + "/api/trace", json={"text": _text(fed, "news", 2000)}, timeout=60)
+    assert r.status_code == 504 and "budget" in r.json()["detail"], r.text[:300]
+    assert entered and entered[0] < t0 + budget  # the model passes were running at the deadline
+    deadline = time.monotonic() + 30
+    while httpx.get(srv.url + "/api/health").json()["queued"]:
+        assert time.monotonic() < deadline, "the tracer thread kept computing"
+        time.sleep(0.05)
+    time.sleep(2 * layer_s)
+    late = [round(x - t0, 2) for x in entered if x > t0 + budget + 0.5]
+    assert len(late) <= 1, late  # at most the layer already under way when the deadline passed
+
+
 def _send_and_leave(url: str, text: str) -> socket.socket:
     body = json.dumps({"text": text}).encode()
     host, port = url.removeprefix("http://").split(":")

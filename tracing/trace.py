@@ -121,6 +121,10 @@ class Tracer:
                    delims=tok_lib.read_delimiter_ids(ws), policies={s.name: s for s in src_lib.list_sources(ws)}, model=model,
                    model_name=name, model_tokenizer=own, options=opts, fingerprint=catalog_fingerprint(ws))
 
+    def checkpoint(self) -> None:
+        """Called before every decoder layer of every model pass (generation, routing,
+        counterfactuals); a service sets it to raise at a trace's deadline (api/worker.py)."""
+
     def model_card(self) -> dict | None:
         """What the trace says about its model: where it is, its kind, tokenizer, device and dtype,
         and whether expert linkage applies (None: no model)."""
@@ -162,7 +166,7 @@ class Tracer:
             guard.require_index_tokenizer(self.model_tokenizer)
         mtok = self.model_tokenizer or self.tokenizer
         with self._experts_off_for(o):
-            gen = generate(self.model, mtok, prompt, generation, guard=guard)
+            gen = generate(self.model, mtok, prompt, generation, guard=guard, check=self.checkpoint)
             ids = list(gen.token_ids)
             if ids and ids[-1] == mtok.eos_token_id:  # the end-of-text token is not part of the text
                 ids.pop()
@@ -209,10 +213,9 @@ class Tracer:
             pending = self._first(list(ids), o, prompt=prompt, prompt_ids=list(prompt_ids), routing=None,
                                   generated=False, response=response, align=align)
             yield pending.trace
-            if checkpoint is not None:
-                checkpoint()
-            with _layer_checkpoints(self.model, checkpoint):
-                trace = self._link(pending)
+            check = self.checkpoint if checkpoint is None else _both(self.checkpoint, checkpoint)
+            check()
+            trace = self._link(pending, check)
         yield self._stored(trace, store)
 
     def _tokenized(self, response: str, prompt: str | None) -> tuple[list[int], list[int], Alignment | None]:
@@ -337,9 +340,11 @@ class Tracer:
         return Pending(trace=trace, ids=ids, prompt_ids=prompt_ids, routing=routing, align=align,
                        counterfactual=st.counterfactual, t0=t0)
 
-    def _link(self, p: Pending) -> Trace:
+    def _link(self, p: Pending, check: Callable[[], None] | None = None) -> Trace:
         """The second stage: expert linkage (routing share, counterfactuals) over the first stage's
-        spans, filled into `p.trace` in place; the model passes run here and only here."""
+        spans, filled into `p.trace` in place; the model passes run here and only here, calling
+        `check` (default: the tracer's `checkpoint`) before every decoder layer."""
+        check = check or self.checkpoint
         trace, spans, timings = p.trace, p.trace.spans, p.trace.timings_ms
         if self.model is not None and self.model.is_moe and spans:
             t3 = time.perf_counter()
@@ -347,11 +352,11 @@ class Tracer:
             bos = mtok.bos_token_id if mtok.bos_token_id is not None else mtok.eos_token_id
             if p.align is None:
                 sub = link_experts(self.model, spans, p.ids, p.prompt_ids, p.routing, counterfactual=p.counterfactual,
-                                   bos_id=int(bos))
+                                   bos_id=int(bos), check=check)
             else:
                 ranges = [p.align.model_range(s.char_start, s.char_end) for s in spans]
                 sub = link_experts(self.model, spans, p.align.model_ids, p.prompt_ids, p.routing,
-                                   counterfactual=p.counterfactual, bos_id=int(bos), ranges=ranges)
+                                   counterfactual=p.counterfactual, bos_id=int(bos), ranges=ranges, check=check)
             timings["experts"] = _ms(t3)
             timings.update({f"experts.{k}": v for k, v in sub.items()})
         timings["total"] = _ms(p.t0)
@@ -417,24 +422,12 @@ def catalog_fingerprint(ws: Workspace) -> tuple:
             tuple(sorted((r.source, r.build_id) for r in list_indexes(ws))))
 
 
-@contextlib.contextmanager
-def _layer_checkpoints(model: LoadedModel | None, check: Callable[[], None] | None) -> Iterator[None]:
-    """Call `check` before every decoder layer of every model pass while the block runs.
-
-    The hook sits on each decoder layer's `post_attention_layernorm`: transformers' layer
-    forward calls it, and so do the layer-by-layer passes of tracing/counterfactual.py, which
-    call the layer's parts rather than the layer."""
-    if model is None or check is None:
-        yield
-        return
-    layers = [m for m in model.module.modules() if type(m).__name__.endswith("DecoderLayer")]
-    hooks = [m.post_attention_layernorm.register_forward_pre_hook(lambda *_: check())
-             for m in layers if hasattr(m, "post_attention_layernorm")]
-    try:
-        yield
-    finally:
-        for h in hooks:
-            h.remove()
+def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
+    """One checkpoint that asks two (the tracer's own, then a caller's)."""
+    def check() -> None:
+        first()
+        second()
+    return check
 
 
 def _groups(spans: list[Span], ids: list[int], tok, response: str | None = None) -> list[SpanGroup]:

@@ -10,10 +10,12 @@ distribution). In `generate`, generated token j's routing is that of the forward
 produced it; `route(model, ids)` returns the decisions at every position, so the routing
 that produced `ids[t]` is row t-1 (`Routing.producing(t)`).
 
-For tracing (issue 5):
+For tracing:
     route(model, input_ids)                        one forward pass, per-position top-k
     token_logprobs(model, input_ids, exclude=[i])  log p(ids[t] | ids[:t]) for t >= 1 with
                                                    experts i switched off: one forward pass
+(the trace pipeline asks `flexolmo/model/passes.py` for routing and counterfactual drops).
+Every pass takes a `check`: a cancellation checkpoint called before every decoder layer.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from pydantic import Field
 from flexolmo.base.errors import InputError
 from flexolmo.base.options import Options
 from flexolmo.model.device import model_device
-from flexolmo.model.moe import active_experts, as_module, expert_names, experts_off, has_routers, routers
+from flexolmo.model.moe import (Check, active_experts, as_module, expert_names, experts_off, has_routers,
+                                layer_checkpoints, routers)
 
 
 class RoutingCapture:
@@ -150,23 +153,27 @@ def _check_range(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def route(model, input_ids) -> Routing:
-    """Per-position, per-layer top-k experts and weights for given text, by one forward pass."""
+def route(model, input_ids, check: Check | None = None) -> Routing:
+    """Per-position, per-layer top-k experts and weights for given text, by one forward pass.
+
+    :param check: called before every decoder layer; raises to stop the pass (a deadline)"""
     ids = _check_range(model, _ids(input_ids))
-    with RoutingCapture(model, keep_logits=True) as cap:
+    with RoutingCapture(model, keep_logits=True) as cap, layer_checkpoints(model, check):
         model(input_ids=ids[None], use_cache=False)
     idx, w, lg = cap.stacked()
     return Routing(token_ids=ids.tolist(), experts=idx, weights=w, logits=lg, expert_names=expert_names(model))
 
 
 @torch.no_grad()
-def token_logprobs(model, input_ids, exclude: Iterable[int] = ()) -> torch.Tensor:
+def token_logprobs(model, input_ids, exclude: Iterable[int] = (), check: Check | None = None) -> torch.Tensor:
     """log p(ids[t] | ids[:t]) for t = 1..T-1 (shape (T-1,)), with experts `exclude` (indices)
-    switched off for this call only; one forward pass over the whole sequence."""
+    switched off for this call only; one forward pass over the whole sequence.
+
+    :param check: called before every decoder layer; raises to stop the pass (a deadline)"""
     ids = _check_range(model, _ids(input_ids))
     exclude = list(exclude)
     ctx = experts_off(model, exclude) if exclude else contextlib.nullcontext()
-    with ctx:
+    with ctx, layer_checkpoints(model, check):
         logits = model(input_ids=ids[None], use_cache=False).logits[0].float()  # (T, V)
     lp = torch.log_softmax(logits[:-1], dim=-1)
     return lp.gather(1, ids[1:, None])[:, 0].cpu()
@@ -192,7 +199,7 @@ class GenerationOptions(Options):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt: str, options: GenerationOptions | None = None, *, capture: bool = True,
-             stop_at_eos: bool = True, guard=None, **overrides) -> GenerationResult:
+             stop_at_eos: bool = True, guard=None, check: Check | None = None, **overrides) -> GenerationResult:
     """Generate a continuation of `prompt`, recording the router decisions for every new token.
 
     :param model: a `LoadedModel` (e.g. from `load_merged`) or a bare torch module
@@ -202,6 +209,7 @@ def generate(model, tokenizer, prompt: str, options: GenerationOptions | None = 
     :param stop_at_eos: stop at the end-of-text token (False: always `max_new_tokens` tokens)
     :param guard: a `tracing.guard.VerbatimGuard` (`VerbatimGuard.open(ws)`): no run longer than
         a guarded source's `max_verbatim` is emitted; the result's `guard` says where it acted
+    :param check: called before every decoder layer of every step; raises to stop the generation
     """
     import time
 
@@ -242,7 +250,7 @@ def generate(model, tokenizer, prompt: str, options: GenerationOptions | None = 
         kwargs.update(temperature=None, top_p=None, top_k=None)
     module.eval()
     t0 = time.perf_counter()
-    with RoutingCapture(module) if capture else contextlib.nullcontext() as cap:
+    with RoutingCapture(module) if capture else contextlib.nullcontext() as cap, layer_checkpoints(module, check):
         out = module.generate(ids, **kwargs)
     seconds = time.perf_counter() - t0
     new = out[0, len(prompt_ids):].tolist()

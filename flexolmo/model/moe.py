@@ -29,7 +29,7 @@ import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -195,6 +195,34 @@ def experts_off(model, indices: Iterable[int]) -> Iterator[None]:
         yield
     finally:
         set_active(model, before)
+
+
+Check = Callable[[], None]  # a cancellation checkpoint: returns, or raises to stop a model pass
+
+
+def no_check() -> None:
+    """The checkpoint of a pass nothing can stop."""
+
+
+def decoder_layers(model) -> list[nn.Module]:
+    """The model's decoder layers (any transformers causal LM: the modules named *DecoderLayer)."""
+    return [m for m in as_module(model).modules() if type(m).__name__.endswith("DecoderLayer")]
+
+
+@contextlib.contextmanager
+def layer_checkpoints(model, check: Check | None) -> Iterator[None]:
+    """Within: `check()` runs before every decoder layer's forward (the model's own forward when
+    it has none), so that a deadline or a cancel stops a transformers forward pass, or a whole
+    `generate`, within one layer's time. None: nothing is hooked."""
+    if check is None or check is no_check:
+        yield
+        return
+    handles = [m.register_forward_pre_hook(lambda *_: check()) for m in decoder_layers(model) or [as_module(model)]]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @contextlib.contextmanager

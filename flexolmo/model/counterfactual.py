@@ -4,7 +4,7 @@ run layer by layer so that each expert-off row recomputes only what switching it
     base = base_window(model, ids, need, targets)    # routing + base log-probs + what rows reuse
     lp = expert_off_rows(model, base, [1, 4, 6])      # (3, K) log-probs with each expert off
 
-`tracing/experts.py` calls these per model window: one window is one model call over T tokens
+`flexolmo/model/passes.py` (`model_passes`) calls these per model window: one window is one model call over T tokens
 (positions 0..T-1, cut after the last needed one) whose next-token log-probs are wanted at K
 "needed" positions (the kept spans' tokens). A row with expert e switched off skips, exactly (up
 to float rounding):
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.flex_olmo.modeling_flex_olmo import apply_rotary_pos_emb, repeat_kv
 
-from flexolmo.model.moe import FlexRouter, as_module
+from flexolmo.model.moe import Check, FlexRouter, as_module, no_check
 
 SCALE_TOL = 1e-6  # largest relative change of a normed MoE output that prefix reuse may ignore
 
@@ -81,13 +81,14 @@ class WindowBase:
 
 
 @torch.no_grad()
-def base_window(model, ids: list[int], need: list[int], targets: list[int]) -> WindowBase:
+def base_window(model, ids: list[int], need: list[int], targets: list[int], check: Check = no_check) -> WindowBase:
     """Run one window with nothing more switched off; keep routing, base log-probs and the state
     the expert-off rows reuse.
 
     :param ids: the window's input tokens (T,): nothing after the last needed position
     :param need: positions p (0..T-1, ascending) whose log p(targets[i] | ids[:p + 1]) is wanted
     :param targets: the token predicted at each needed position
+    :param check: called before every decoder layer; raises to stop the pass (a deadline)
     """
     m = as_module(model)
     dev = next(m.parameters()).device
@@ -104,6 +105,7 @@ def base_window(model, ids: list[int], need: list[int], targets: list[int]) -> W
     every = torch.arange(T, device=dev)
     loud = torch.zeros(T, dtype=torch.bool, device=dev)  # positions where the norm's eps could show a rescale
     for li, layer in enumerate(layers):
+        check()
         last = li == L - 1 and L > 1  # a one-layer model keeps layer 0 whole (the rows reuse it)
         at = need_t if last else every  # positions whose output this layer computes
         h, kk, vv = _attention(layer.self_attn, x, every, cos, sin, None, None, need_t if last else None)
@@ -128,13 +130,15 @@ def base_window(model, ids: list[int], need: list[int], targets: list[int]) -> W
 
 
 @torch.no_grad()
-def expert_off_rows(model, base: WindowBase, rows: list[int], positions: torch.Tensor | None = None) -> torch.Tensor:
+def expert_off_rows(model, base: WindowBase, rows: list[int], positions: torch.Tensor | None = None,
+                    check: Check = no_check) -> torch.Tensor:
     """(B, K) float32 log-probs of the base's targets, row b with expert rows[b] switched off
     (on top of those already off).
 
     :param positions: window positions to recompute, ascending (None: exact, every position
         from the rows' first `start` on). Others keep the base's state: exact before the start,
         an approximation elsewhere. Needed positions outside it keep the base's log-prob.
+    :param check: called before every decoder layer; raises to stop the pass (a deadline)
     """
     m = as_module(model)
     layers = m.model.layers
@@ -152,9 +156,11 @@ def expert_off_rows(model, base: WindowBase, rows: list[int], positions: torch.T
     k = _k(layers[0].mlp.gate, 1)
     cos, sin = m.model.rotary_emb(base.mid0[None], torch.arange(T, device=dev)[None])
 
+    check()
     x = _layer0(layers[0], base, rows_t, positions, k)  # (B, P, H)
     q_at = torch.searchsorted(positions, base.need[live])  # (K',) needed positions' rows in x
     for li in range(1, L):
+        check()
         layer = layers[li]
         last = li == L - 1
         pk = base.keys[li][None].expand(B, -1, -1, -1)  # (B, Hkv, T, D): the base's where not recomputed
