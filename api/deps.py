@@ -56,7 +56,7 @@ class Settings:
     generate_budget_s: float = 60.0  # FLEXOLMO_GENERATE_BUDGET_S: generation + its trace
     query_budget_s: float = 10.0  # FLEXOLMO_QUERY_BUDGET_S: SQL, stored traces, reports
     # Trace speed of an idle service, conservative: the demo workspace (8 experts, every
-    # counterfactual pass) traces 300-word passages at about 500 characters/s (issue 10).
+    # counterfactual pass) traces 300-word passages at about 500 characters/s.
     chars_per_s: float = 400.0  # FLEXOLMO_TRACE_CHARS_PER_S
     tokens_per_s: float = 20.0  # FLEXOLMO_GENERATE_TOKENS_PER_S: generation on the demo model
     max_body_bytes: int = 1_000_000  # FLEXOLMO_MAX_BODY_BYTES

@@ -99,7 +99,7 @@ def serve(
     os.environ.setdefault("FLEXOLMO_TORCH_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
     # uvicorn kills a worker that does not answer its health ping within the timeout (5 s by
     # default), from the moment it is spawned: a spawned worker first re-imports this command
-    # (seconds of imports, 30 s measured on a loaded 2-core machine) and was killed over and over.
+    # (seconds of imports, up to 30 s on a loaded 2-core machine), so the timeout must cover that.
     uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers,
                 timeout_worker_healthcheck=WORKER_HEALTHCHECK_S)
 

@@ -25,6 +25,7 @@ async function pollBatch(id) {
   try {
     const st = await api("GET", `/api/batches/${id}`, null, ownerHeaders());
     const p = st.progress || { done: 0, total: st.n_rows };
+    await showBatchReport(id);  // the report first: once the status says done, the final report is on the page
     $("batch-progress").hidden = false;
     $("batch-progress").max = p.total || 1;
     $("batch-progress").value = p.done || 0;
@@ -32,7 +33,6 @@ async function pollBatch(id) {
     status("batch-status", `Batch ${id}: ${p.done}/${p.total} rows, ${p.errors || 0} bad, ` +
       `${(p.rate_per_s || 0).toFixed(1)} rows/s${eta} (${p.state || "running"})` + (p.error ? `: ${p.error}` : ""),
       p.state === "failed");
-    await showBatchReport(id);
     if (!st.complete && p.state !== "failed") batchTimer = setTimeout(() => pollBatch(id), 1000);
   } catch (e) { status("batch-status", e.message, true); }
 }

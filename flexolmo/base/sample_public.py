@@ -20,8 +20,8 @@ def public_cache_dir() -> Path:
     return cache_dir("public-debs", "FLEXOLMO_PUBLIC_CACHE")
 
 
-# Debian 12 packages whose text joins the Wikipedia leads in the public source (issue 9: the
-# public model must know more than encyclopedia prose; the design once listed Wikipedia only).
+# Debian 12 packages whose text joins the Wikipedia leads in the public source: the public
+# model must know more than encyclopedia prose (commands, definitions, code).
 # The builders keep a fixed share of each.
 PUBLIC_DEBS = ("manpages", "manpages-dev", "dict-gcide", "perl-modules-5.36")
 

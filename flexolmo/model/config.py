@@ -75,8 +75,8 @@ class ModelConfig:
 
 
 ROUTER_INITS = ("domain_mean", "domain_unit", "random", "classifier", "embedder")
-# the recipe before issue 9 (a bias starting at 0, no z-loss, a unit-length router row): what
-# cards written by that code were trained with (flexolmo/artifacts reads them)
+# the first recipe (a bias starting at 0, no z-loss, a unit-length router row): what cards
+# without recipe fields were trained with (their upgrade fills these in)
 PREVIOUS_RECIPE = {"router_bias_init": 0.0, "router_z_loss": 0.0, "router_init": "domain_unit", "router_margin_std": None,
                    "router_bias_every": 0, "public_mix": 0.0}
 

@@ -7,7 +7,7 @@ The paper (section 3.3.2) starts each expert's router row at the mean embedding 
 itself (its final hidden state after the last norm); `TrainConfig.router_init` chooses:
 
     domain_mean   the mean hidden state, as is (default; the paper's recipe, this embedder)
-    domain_unit   the same, scaled to unit length (the recipe before issue 9)
+    domain_unit   the same, scaled to unit length (the first recipe's rows)
     random        a seeded random row (N(0, initializer_range)), for the ablation
     classifier    per layer, row 0 + an own-vs-public logistic regression on the router's input
                   (`classifier_rows`; experimental, measured in docs/eval-diagnosis.md)
