@@ -103,6 +103,23 @@ class Settings:
                 "client_rps": self.client_rps, "client_burst": self.client_burst, "client_passes": self.client_passes}
 
 
+async def watch(job: Job, fut, request: Request) -> None:
+    """One look at a job its route is waiting for: stop it (and raise) when its client went
+    away (Stopped), when it could not start within its budget (Busy: 503) or when it ran past
+    its budget (Stopped: 504). A route calls it between waits of a fraction of a second."""
+    if await request.is_disconnected():
+        job.cancel.set()
+        fut.cancel()
+        raise Stopped(f"the client went away; the {job.what} was stopped and not stored")
+    now = time.monotonic()
+    if now > job.deadline and not job.started and fut.cancel():
+        raise Busy(f"the tracer was busy with earlier requests for this {job.what}'s whole "
+                   f"{job.budget_s:g} s budget; retry in a moment")
+    if now > job.deadline + GRACE_S:
+        job.cancel.set()
+        raise Stopped(f"the {job.what} ran past its {job.budget_s:g} s budget and was stopped; nothing was stored")
+
+
 class Service:
     """The workspace, its tracer thread, its keys and the limits, shared by every request."""
 
@@ -147,17 +164,7 @@ class Service:
                 done, _ = await asyncio.wait({afut}, timeout=0.25)
                 if done:
                     return afut.result()
-                now = time.monotonic()
-                if await request.is_disconnected():
-                    job.cancel.set()
-                    fut.cancel()
-                    raise Stopped(f"the client went away; the {what} was stopped and not stored")
-                if now > job.deadline and not job.started and fut.cancel():
-                    raise Busy(f"the tracer was busy with earlier requests for this {what}'s whole "
-                               f"{budget_s:g} s budget; retry in a moment")
-                if now > job.deadline + GRACE_S:
-                    job.cancel.set()
-                    raise Stopped(f"the {what} ran past its {budget_s:g} s budget and was stopped; nothing was stored")
+                await watch(job, fut, request)
         except asyncio.CancelledError:
             job.cancel.set()
             fut.cancel()

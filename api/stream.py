@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -38,10 +37,10 @@ from tracing.trace import Tracer
 
 from .auth import CallerDep
 from .clients import client_of
-from .deps import GRACE_S, ServiceDep
+from .deps import ServiceDep, watch
 from .routes import _cap
 from .schemas import TraceRequest
-from .worker import Busy, Job, Stopped
+from .worker import Job, Stopped
 
 router = APIRouter(prefix="/api")
 
@@ -128,20 +127,9 @@ async def trace_stream(req: TraceRequest, svc: ServiceDep, request: Request, who
 
 
 async def _next(parts: asyncio.Queue, job: Job, fut, request: Request) -> tuple[str, Any]:
-    """The job's next part; the job is cancelled when its client disconnects or it overruns its budget."""
+    """The job's next part; the job is stopped when its client disconnects or it overruns its budget."""
     while True:
         try:
             return await asyncio.wait_for(parts.get(), timeout=0.25)
         except asyncio.TimeoutError:
-            pass
-        if await request.is_disconnected():
-            job.cancel.set()
-            fut.cancel()
-            raise Stopped(f"the client went away; the {job.what} was stopped and not stored")
-        now = time.monotonic()
-        if now > job.deadline and not job.started and fut.cancel():
-            raise Busy(f"the tracer was busy with earlier requests for this {job.what}'s whole "
-                       f"{job.budget_s:g} s budget; retry in a moment")
-        if now > job.deadline + GRACE_S:
-            job.cancel.set()
-            raise Stopped(f"the {job.what} ran past its {job.budget_s:g} s budget and was stopped; nothing was stored")
+            await watch(job, fut, request)
