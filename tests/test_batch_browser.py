@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import threading
-import time
 from typing import Iterator
 
 import pytest
-import uvicorn
+from served import serving
 from conftest_model import build_federation
 
 from api.app import create_app
@@ -46,18 +43,8 @@ def fed(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(fed) -> Iterator[str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(create_app(fed), log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not srv.started:
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    srv.should_exit = True
-    thread.join(30)
+    with serving(create_app(fed)) as url:
+        yield url
 
 
 def test_the_batches_tab_submits_follows_and_reports(fed, server):

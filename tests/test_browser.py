@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 from typing import Iterator
 
 import httpx
 import pytest
-import uvicorn
+from served import serving
 from conftest_model import build_served_federation
 
 from api.app import create_app
@@ -70,18 +67,8 @@ def owner_key(fed) -> str:
 
 @pytest.fixture(scope="module")
 def server(fed, owner_key) -> Iterator[str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(create_app(fed), log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not srv.started:
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    srv.should_exit = True
-    thread.join(30)
+    with serving(create_app(fed)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,12 @@ slow on purpose by a forward hook that sleeps before its first decoder layer.
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 from typing import Iterator
 
 import httpx
 import pytest
-import uvicorn
+from served import serving
 from conftest_model import build_served_federation
 from fastapi.testclient import TestClient
 
@@ -184,18 +182,8 @@ def test_stream_refuses_bad_input_before_streaming(client):
 @pytest.fixture(scope="module")
 def server(fed) -> Iterator[tuple[str, object]]:
     app = create_app(fed)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not srv.started:
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", app.state.service
-    srv.should_exit = True
-    thread.join(30)
+    with serving(app) as url:
+        yield url, app.state.service
 
 
 def test_slow_model_spans_arrive_before_any_model_pass(fed, server):

@@ -9,13 +9,10 @@ tests/test_browser.py does, whose fixtures this file uses).
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from typing import Iterator
 
 import pytest
-import uvicorn
+from served import serving
 from test_browser import _passage, _wait, browser, fed, pytestmark  # noqa: F401  fixtures
 from test_progressive import LayerCalls
 
@@ -33,20 +30,9 @@ APPS: dict[str, object] = {}  # the server's url -> its app (its tracer's model 
 @pytest.fixture(scope="module")
 def server(fed) -> Iterator[str]:  # noqa: F811  test_browser's, with the app kept
     app = create_app(fed)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not srv.started:
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    APPS[url] = app
-    yield url
-    srv.should_exit = True
-    thread.join(30)
+    with serving(app) as url:
+        APPS[url] = app
+        yield url
 
 
 def test_page_shows_spans_before_experts(fed, server, browser):  # noqa: F811

@@ -22,7 +22,7 @@ from typing import Iterator
 
 import httpx
 import pytest
-import uvicorn
+from served import LiveServer
 from conftest_model import build_served_federation
 from fastapi.testclient import TestClient
 from test_store import Reader
@@ -53,26 +53,6 @@ def admin(fed) -> dict[str, str]:
 def _text(ws, source: str, n_chars: int, start: int = 0) -> str:
     docs = sources.load_documents(ws, source, split="train").to_pylist()
     return " " + " ".join(d["text"] for d in docs[start:])[:n_chars]
-
-
-class LiveServer:
-    """uvicorn in a thread, on a free port of 127.0.0.1."""
-
-    def __init__(self, app):
-        sock = socket.socket()
-        sock.bind((LOOPBACK, 0))
-        self.url = f"http://{LOOPBACK}:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 @pytest.fixture
