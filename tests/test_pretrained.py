@@ -174,3 +174,20 @@ def test_the_packaged_real_model_imports_and_its_answer_is_traced(tmp_path):
     passage = " " + " ".join(words[3:28])  # a passage of a news document, traced through the real model
     t = tracer.trace(passage, store=False)
     assert any(s.count_by_source.get("news", 0) > 0 and s.end - s.start >= 8 for s in t.spans)
+
+
+def test_the_import_command_writes_into_the_workspace(tiny, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from flexolmo.base.workspace import Workspace
+
+    path, original = tiny
+    w = Workspace(tmp_path / "ws").ensure()
+    r = CliRunner().invoke(app, ["-w", str(w.root), "model", "import", "--gguf", str(path), "--name", "tiny", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["path"] == str(pretrained.pretrained_dir(w, "tiny")) and out["parameters"] == original.num_parameters()
+    assert (pretrained.pretrained_dir(w, "tiny") / "model.safetensors").is_file()
+    r = CliRunner().invoke(app, ["-w", str(w.root), "model", "import", "--gguf", str(tmp_path / "none.gguf")])
+    assert r.exit_code != 0 and "no such file" in r.output

@@ -20,8 +20,10 @@ which file (sha256), so a second import of the same file keeps it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -159,7 +161,8 @@ def _convert(gguf: Path):
         raise InputError(f"{gguf}: transformers cannot read this GGUF model ({e})") from None
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
+    with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):  # its own progress bar, unswitchable
+        tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
     state = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in tensors.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
