@@ -2,16 +2,20 @@
 
     .venv/bin/python scripts/web_screenshot.py                     # after `make demo`
     .venv/bin/python scripts/web_screenshot.py -w flexolmo-work --out docs/web-trace.png
+    .venv/bin/python scripts/web_screenshot.py --model flexolmo-work/models/pretrained/smollm2-135m-instruct
 
 Serves the workspace on 127.0.0.1 (the app `flexolmo serve` runs), opens the page in headless
 Chromium (Debian's chromium + chromium-driver through Selenium, as tests/test_browser.py does),
 pastes the demo's step-7 response (tracing/story.py `pasted_response`, the same passages as the
-demo's), traces it, clicks its longest span and saves the screenshot.
+demo's), traces it, clicks its longest span and saves the screenshot. `--model DIR` serves that
+model instead of the merged one (as `flexolmo serve --model DIR` does): a dense model's trace has
+spans and documents, no experts.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import socket
 import sys
@@ -27,6 +31,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-w", "--workspace", default=str(ROOT / "flexolmo-work"))
     ap.add_argument("--out", default=str(ROOT / "docs" / "web-trace.png"))
+    ap.add_argument("--model", help="a Hugging Face model folder to serve instead of the merged model")
     args = ap.parse_args()
 
     import uvicorn
@@ -48,8 +53,10 @@ def main() -> None:
     if not chromium or not driver_path:
         sys.exit("needs Debian's chromium and chromium-driver: bash scripts/setup.sh --browser")
     ws = Workspace.resolve(args.workspace)
-    if not (ws.models_dir / "merged" / "config.json").is_file():
-        sys.exit(f"no merged model in {ws.root}: run `make demo` first")
+    if args.model:
+        os.environ["FLEXOLMO_MODEL"] = str(Path(args.model).resolve())  # read by the app (api/deps.py)
+    elif not (ws.models_dir / "merged" / "config.json").is_file():
+        sys.exit(f"no merged model in {ws.root}: run `make demo` first (or give --model)")
     have = {s.name for s in sources.available_sources(ws)}
     text = story.pasted_response(Tracer.open(ws, model=None), [s for s in PASTED_FROM if s in have]).text
 
