@@ -32,6 +32,9 @@ def main() -> None:
     ap.add_argument("-w", "--workspace", default=str(ROOT / "flexolmo-work"))
     ap.add_argument("--out", default=str(ROOT / "docs" / "web-trace.png"))
     ap.add_argument("--model", help="a Hugging Face model folder to serve instead of the merged model")
+    ap.add_argument("--generate", metavar="PROMPT", help="generate from PROMPT and trace (the page's Generate form) "
+                                                         "instead of pasting the demo's step-7 response")
+    ap.add_argument("--tokens", type=int, default=40, help="tokens to generate (with --generate)")
     args = ap.parse_args()
 
     import uvicorn
@@ -58,7 +61,8 @@ def main() -> None:
     elif not (ws.models_dir / "merged" / "config.json").is_file():
         sys.exit(f"no merged model in {ws.root}: run `make demo` first (or give --model)")
     have = {s.name for s in sources.available_sources(ws)}
-    text = story.pasted_response(Tracer.open(ws, model=None), [s for s in PASTED_FROM if s in have]).text
+    text = None if args.generate else story.pasted_response(Tracer.open(ws, model=None),
+                                                            [s for s in PASTED_FROM if s in have]).text
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -85,10 +89,18 @@ def main() -> None:
         d.get(f"http://127.0.0.1:{sock.getsockname()[1]}/")
         wait(lambda d: "sources searched" in d.find_element(By.ID, "health").text)
         d.find_element(By.CSS_SELECTOR, '.tab[data-view="trace-view"]').click()
-        box = d.find_element(By.ID, "trace-text")
-        box.clear()
-        box.send_keys(text)
-        d.find_element(By.CSS_SELECTOR, "#trace-form button[type=submit]").click()
+        if args.generate:
+            box = d.find_element(By.ID, "gen-prompt")
+            box.send_keys(args.generate)
+            n = d.find_element(By.ID, "gen-tokens")
+            n.clear()
+            n.send_keys(str(args.tokens))
+            d.find_element(By.CSS_SELECTOR, "#generate-form button[type=submit]").click()
+        else:
+            box = d.find_element(By.ID, "trace-text")
+            box.clear()
+            box.send_keys(text)
+            d.find_element(By.CSS_SELECTOR, "#trace-form button[type=submit]").click()
         wait(lambda d: d.find_element(By.ID, "result-meta").text)
         status = d.find_element(By.ID, "trace-status").text
         if status:
