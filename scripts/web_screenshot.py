@@ -88,6 +88,7 @@ def main() -> None:
     try:
         d.get(f"http://127.0.0.1:{sock.getsockname()[1]}/")
         wait(lambda d: "sources searched" in d.find_element(By.ID, "health").text)
+        print("page up", flush=True)
         d.find_element(By.CSS_SELECTOR, '.tab[data-view="trace-view"]').click()
         if args.generate:
             box = d.find_element(By.ID, "gen-prompt")
@@ -101,7 +102,8 @@ def main() -> None:
             box.clear()
             box.send_keys(text)
             d.find_element(By.CSS_SELECTOR, "#trace-form button[type=submit]").click()
-        wait(lambda d: d.find_element(By.ID, "result-meta").text)
+        wait(lambda d: d.find_element(By.ID, "result-meta").text or d.find_element(By.ID, "trace-status").text
+             not in ("", "Tracing…", "Generating…"))
         status = d.find_element(By.ID, "trace-status").text
         if status:
             sys.exit(f"the page said: {status}")
