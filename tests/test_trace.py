@@ -340,7 +340,40 @@ def test_memorisation_probe_finds_the_longest_verbatim_continuation(fed):
         assert m.trace is not None and m.trace.generated
 
 
-def test_the_demo_story_prints_a_screen_per_step(fed):
+def _dense_model(fed, folder):
+    """A tiny random dense causal LM on the index's tokenizer: the stand-in for a real pretrained one."""
+    import torch
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    torch.manual_seed(0)
+    Olmo2ForCausalLM(Olmo2Config(vocab_size=len(Tracer.open(fed, model=None).tokenizer), hidden_size=32,
+                                 intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                 max_position_embeddings=256, eos_token_id=0, pad_token_id=1,
+                                 bos_token_id=None)).save_pretrained(folder)
+    return folder
+
+
+def test_a_real_models_answer_to_a_documents_opening_is_traced(fed, tmp_path):
+    from flexolmo.model.loading import ModelSpec
+
+    tracer = Tracer.open(fed, model=ModelSpec.parse(_dense_model(fed, tmp_path / "dense")))
+    doc = _doc(fed, "news", 1)
+    a = story.real_answer(tracer, "news", doc["doc_id"], prompt_words=6, new_tokens=12)
+    assert a.prompt == " ".join(doc["text"].split(" ")[:6]) and a.source == "news" and a.title == doc.get("title")
+    assert a.trace.generated and a.trace.prompt == a.prompt
+    # the notable spans: the longest first, at most n (on a pasted passage, where spans are long)
+    pasted = story.RealAnswer("news", doc["doc_id"], None, "", tracer.trace(" " + " ".join(doc["text"].split(" ")[2:30]),
+                                                                          store=False))
+    lengths = [s.end - s.start for s in pasted.notable(3)]
+    assert 1 <= len(lengths) <= 3 and lengths == sorted(lengths, reverse=True)
+    assert lengths[0] == max(s.end - s.start for s in pasted.trace.spans) >= 8
+    with pytest.raises(InputError, match="no train document"):
+        story.real_answer(tracer, "news", "no/such-doc")
+    with pytest.raises(InputError, match="needs a model"):
+        story.real_answer(Tracer.open(fed, model=None), "news", doc["doc_id"])
+
+
+def test_the_demo_story_prints_a_screen_per_step(fed, tmp_path):
     from rich.console import Console
 
     from cli import demo
@@ -348,13 +381,15 @@ def test_the_demo_story_prints_a_screen_per_step(fed):
     out = Console(record=True, width=100, file=open("/dev/null", "w"))
     saved = demo.console
     demo.console = out
+    real = demo.RealModel(_dense_model(fed, tmp_path / "dense"), "a tiny dense test model", "news", _doc(fed, "news", 1)["doc_id"])
     try:
-        demo.tell_story(fed)
+        demo.tell_story(fed, real)
         demo.what_next(fed)
     finally:
         demo.console = saved
     text = out.export_text()
-    for title in ("7. a pasted response", "8. the demo model", "9. memorisation", "10. the news owner", "what next"):
+    for title in ("7. a pasted response", "8. a model's own words", "9. memorisation", "10. the news owner", "what next"):
         assert title in text
     assert "was pasted together by the demo" in text and "flexolmo serve" in text
-    assert len(text.splitlines()) < 120
+    assert "a tiny dense test model" in text and "greedy answer in bold" in text and "A dense model has no experts" in text
+    assert len(text.splitlines()) < 140

@@ -4,6 +4,7 @@
     t = tracer.trace(pasted.text, prompt=pasted.prompt)                     # long spans, right sources
     attributed(t, pasted)                                                    # each long span's origin
     best = memorised(tracer, ["news", "creative"])                           # a training opening, greedy
+    real = real_answer(Tracer.open(ws, model=ModelSpec.parse(path)), "public", "wiki/United States")  # a real model
     change = opt_out(tracer_before, t_before, t_after, "news")              # what switching news off did
 
 A pasted response is assembled, honestly labelled as pasted, from passages the demo takes out
@@ -165,6 +166,42 @@ def memorised(tracer: Tracer, sources: Sequence[str], *, docs_per_source: int = 
     n, name, doc_id, prompt = best
     trace = tracer.generate_and_trace(prompt, GenerationOptions(max_new_tokens=new_tokens), store=False) if n else None
     return Memorised(name, doc_id, prompt, n, tried, trace)
+
+
+@dataclass(frozen=True)
+class RealAnswer:
+    """A real pretrained model's greedy answer to the opening of a document it plausibly saw, traced."""
+
+    source: str
+    doc_id: str
+    title: str | None
+    prompt: str
+    trace: Trace
+
+    def notable(self, n: int = 6) -> list[Span]:
+        """The answer's `n` longest spans, longest first (the earliest of equal ones first)."""
+        return sorted(self.trace.spans, key=lambda s: (s.start - s.end, s.start))[:n]
+
+
+def real_answer(tracer: Tracer, source: str, doc_id: str, *, prompt_words: int = 12,
+                new_tokens: int = 40) -> RealAnswer:
+    """Prompt `tracer`'s model with the first `prompt_words` words of train document `doc_id`
+    of `source`, decode greedily and trace the answer (the prompt itself is not traced).
+
+    :raises InputError: no model, or no such train document (or one too short to prompt with)
+    """
+    if tracer.model is None:
+        raise InputError("a real model's answer needs a model: open the tracer with --model PATH")
+    docs = src_lib.load_documents(tracer.ws, source, split="train", columns=["doc_id", "title", "text"]).to_pylist()
+    doc = next((d for d in docs if d["doc_id"] == doc_id), None)
+    if doc is None:
+        raise InputError(f"{source!r} has no train document {doc_id!r} to take a prompt from")
+    words = doc["text"].split(" ")
+    if len(words) <= prompt_words:
+        raise InputError(f"{source}:{doc_id} is not longer than {prompt_words} words")
+    prompt = " ".join(words[:prompt_words])
+    t = tracer.generate_and_trace(prompt, GenerationOptions(max_new_tokens=new_tokens), store=False)
+    return RealAnswer(source, doc_id, doc.get("title"), prompt, t)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

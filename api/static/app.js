@@ -247,7 +247,7 @@ function documentsList(s) {
 
 function expertsTable(s) {
   if (current && current.experts_pending) return el("p", { class: "muted experts-pending" }, "Finding the experts…");
-  if (!s.experts.length) return el("p", { class: "muted" }, "No model loaded: expert linkage unavailable.");
+  if (!s.experts.length) return el("p", { class: "muted" }, "No experts: no model is loaded, or it is a dense model (spans and documents only).");
   const rows = [...s.experts].sort((a, b) => b.routing_share - a.routing_share);
   return el("table", { class: "experts" },
     el("thead", {}, el("tr", {}, el("th", {}, "expert"), el("th", {}, "routing share"), el("th", { title: "drop in the span's log-probability with this expert off" }, "drop if off"))),
