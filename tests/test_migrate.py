@@ -110,7 +110,10 @@ def old_store(ws: Workspace) -> None:
     con = duckdb.connect(str(ws.traces_path))
     ddl = store.SCHEMA.replace("timings_ms        VARCHAR", "timings_ms        JSON")
     ddl = ddl.replace("trace_id          VARCHAR NOT NULL,", "trace_id          VARCHAR PRIMARY KEY,")
-    lines = [ln for ln in ddl.splitlines() if not ln.strip().startswith(("top_expert_by", "top_by_"))]
+    lines = [ln for ln in ddl.splitlines() if not ln.strip().startswith(("top_expert_by", "top_by_", "owner"))]
+    ddl = "\n".join(lines).replace("settings          VARCHAR,            -- JSON text",
+                                   "settings          VARCHAR             -- JSON text")
+    lines = ddl.splitlines()
     ddl = "\n".join(ln.replace("BOOLEAN,", "BOOLEAN") if ln.strip().startswith("agreement") else ln for ln in lines)
     assert "top_by_routing" not in ddl
     con.execute(ddl)
