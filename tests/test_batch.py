@@ -319,6 +319,18 @@ def test_the_local_pool_gives_the_in_process_results(fed, tmp_path):
     assert sorted(r[0] for r in got.rows) == list(range(30))  # each traced row stored once
 
 
+def test_a_spans_only_worker_never_imports_torch(fed):
+    # a pool worker starts in a fraction of a second when it needs no model: torch stays out
+    code = ("import sys, numpy as np; from tracing.batch.run import _init_worker, _work; from tracing.batch import BatchSpec; "
+            f"_init_worker({str(fed.root)!r}, BatchSpec.parse(use_model=False).model_dump(mode='json'), 'bt', 1); "
+            "out = _work({'row': np.array([0]), 'id': np.array(['a'], dtype=object), "
+            "'text': np.array(['the nation and the president'], dtype=object)}); "
+            "assert list(out['status']) == ['ok'], out; assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-800:]
+
+
 def test_the_local_default_never_imports_ray():
     code = ("import sys, cli.main, tracing.batch, tracing.batch.run; "
             "assert 'ray' not in sys.modules, 'ray imported'; print('ok')")
