@@ -214,9 +214,11 @@ def _commit(ws: Workspace, b: BatchDir, spec: BatchSpec, out: dict, stored: set[
 
     traces = {}
     if spec.mode != "contamination":
+        built = out.get("trace")  # rebuilt by a local worker already
         for i, status in enumerate(out["status"]):
             if status == "ok":
-                traces[int(out["row"][i])] = trace_from_dict(json.loads(out["result"][i]))
+                traces[int(out["row"][i])] = (built[i] if built is not None else
+                                              trace_from_dict(json.loads(out["result"][i])))
         new = [t for t in traces.values() if t.trace_id not in stored]
         store.save_traces(ws, new, owner=None if owner == "operator" else owner)  # redacts them as it stores them
         stored.update(t.trace_id for t in new)
@@ -243,7 +245,7 @@ def _init_worker(workspace: str, spec: dict, bid: str, threads: int) -> None:
         quiet_transformers()
         torch.set_num_threads(threads)
     try:
-        _WORKER["tracer"] = BatchTracer(workspace, spec, bid)
+        _WORKER["tracer"] = BatchTracer(workspace, spec, bid, with_traces=True)
     except Exception as e:  # raised again by the first task, so the run stops with the reason
         _WORKER["error"] = e
 
@@ -285,7 +287,9 @@ def _local_outputs(ws: Workspace, spec: BatchSpec, bid: str, chunks: Iterable[di
     finished_all = False
     try:
         while todo or running:
-            while todo and len(running) < 2 * workers:  # a task queued behind each one in flight
+            # a task queued behind each one in flight, and a chunk's worth more: the workers go on
+            # while the driver commits (this generator waits meanwhile)
+            while todo and len(running) < 2 * workers + TASKS_PER_CHUNK:
                 running.add(ex.submit(_work, todo.popleft()))
             finished, running = wait(running, return_when=FIRST_COMPLETED)
             for f in finished:
