@@ -258,15 +258,15 @@ def _work(batch: dict) -> dict:
 
 def _pool_context():
     """Where the pool's workers come from: forked from a fork server (a clean process started once
-    per driver, which imports this module and its dependencies, torch and numba included, once),
-    so a worker starts in a fraction of a second instead of importing everything again; spawned
-    where there is no fork server (not POSIX)."""
+    per driver, which imports this module, the tracer's and the search's compiled typed lists once:
+    warm.py), so a worker starts without importing and compiling everything again; spawned where
+    there is no fork server (not POSIX)."""
     import multiprocessing
 
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
+    ctx.set_forkserver_preload([__name__, f"{__package__}.warm"])
     return ctx
 
 
