@@ -256,7 +256,7 @@ def _work(batch: dict) -> dict:
     return _WORKER["tracer"](batch)
 
 
-def _pool_context():
+def _pool_context(use_model: bool):
     """Where the pool's workers come from: forked from a fork server (a clean process started once
     per driver, which imports this module, the tracer's and the search's compiled typed lists once:
     warm.py), so a worker starts without importing and compiling everything again; spawned where
@@ -266,7 +266,10 @@ def _pool_context():
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__, f"{__package__}.warm"])
+    # torch and the model classes too where the first pool needs the model (a pool without one
+    # forks small workers); the fork server, once started, keeps what it has
+    model = ["flexolmo.model.loading", "flexolmo.model.merge", "tracing.experts"] if use_model else []
+    ctx.set_forkserver_preload([__name__, f"{__package__}.warm", *model])
     return ctx
 
 
@@ -281,7 +284,8 @@ def _local_outputs(ws: Workspace, spec: BatchSpec, bid: str, chunks: Iterable[di
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     threads = max(1, default_workers() // workers)
-    ex = ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context(),
+    ctx = _pool_context(spec.use_model and spec.mode != "contamination")
+    ex = ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
                              initializer=_init_worker, initargs=(str(ws.root), sd, bid, threads))
     todo, running = deque(chunks), set()
     finished_all = False
