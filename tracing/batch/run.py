@@ -4,8 +4,10 @@
     res = run_batch(ws, Path("answers.jsonl"), BatchSpec(), engine="ray", workers=2)   # Ray Data
 
 Engines. `local` (the default): with one worker, a `BatchTracer` in this process; with N, a
-pool of N worker processes (spawned, each opening the federation once, memory-mapped indexes
-sharing the page cache, and loading the model once; torch gets cores / N threads each).
+pool of N worker processes (forked from a fork server that imported the tracer once; each opens
+the federation once, memory-mapped indexes sharing the page cache, and loads the model once;
+torch gets cores / N threads each). The pool's tasks are a quarter of a chunk, regrouped into
+whole chunks for the commits, which the driver makes while the workers go on.
 `ray`: the same `BatchTracer` as Ray Data actors (tracing/batch/ray_engine.py). Whatever the
 engine, the rows come back here and are committed the same way, so the results are the same.
 
