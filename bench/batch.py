@@ -11,7 +11,8 @@ training documents (20-40 words), half new text from the same words (short match
 Every run is a new batch (a distinct batch id; nothing is skipped as done) committed to the
 store as `trace-batch` does; the figures are end to end (worker start, model load, store
 commits included) and each is printed with the ratio to its baseline measured in this run.
-The machine's cores may be shared: the load average is printed with the figures.
+The machine's cores may be shared: the load average is printed with the figures, and the CPU
+seconds of this process (the driver; with one local worker, the tracing too).
 """
 
 from __future__ import annotations
@@ -92,11 +93,12 @@ def timed(ws: Workspace, inp: Path, engine: str, workers: int, counterfactual: b
     _RUN[0] += 1  # a distinct spec, so a new batch: every row traced and stored in every run
     spec = BatchSpec.parse(use_model=use_model, options={"counterfactual": counterfactual},
                            max_chars=MAX_CHARS - _RUN[0])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     r = run_batch(ws, inp, spec, workers=workers, engine=engine, chunk_rows=chunk, stream=open(os.devnull, "w"))
-    s = time.perf_counter() - t0
+    s, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert r.complete and r.run_rows == r.total, r
-    return {"engine": engine, "workers": workers, "rows": r.total, "seconds": round(s, 2), "rows_per_s": r.total / s}
+    return {"engine": engine, "workers": workers, "rows": r.total, "seconds": round(s, 2), "rows_per_s": r.total / s,
+            "driver_cpu_s": round(cpu, 2), "load_after": round(os.getloadavg()[0], 1)}
 
 
 def main() -> None:
@@ -131,7 +133,8 @@ def main() -> None:
         out["ray_2"] = timed(ws, big, "ray", 2, False, False, a.chunk)
     for k, v in out.items():
         print(f"{k:8s} {v['engine']:5s} x{v['workers']}  {v['rows']:5d} rows  {v['seconds']:7.1f} s  "
-              f"{v['rows_per_s']:7.2f} rows/s", flush=True)
+              f"{v['rows_per_s']:7.2f} rows/s  (this process's CPU {v['driver_cpu_s']:.1f} s, load after "
+              f"{v['load_after']})", flush=True)
     print(f"spans-only 2 workers / 1: {out['spans_2']['rows_per_s'] / out['spans_1']['rows_per_s']:.2f}x"
           + (f"; with counterfactuals 2 / 1: {out['cf_2']['rows_per_s'] / out['cf_1']['rows_per_s']:.2f}x"
              if "cf_1" in out else "")

@@ -298,6 +298,39 @@ def test_the_demo_batch_traces_held_out_passages_of_every_source(fed):
     assert rep.overall["source"] == "any" and rep.longest["n"] == len(held)
 
 
+def test_the_local_pool_gives_the_in_process_results(fed, tmp_path):
+    import shutil
+
+    inp = _write(tmp_path / "pool.jsonl", _corpus(fed, 30, 7) + [_json({"id": "e", "text": " "})])
+    one = run_batch(fed, inp, NO_MODEL, workers=1, chunk_rows=8, stream=open(os.devnull, "w"))
+    b = BatchDir(fed, one.batch_id)
+    want = {t: pq.read_table(b.root / f"{t}.parquet") for t in ("responses", "spans", "documents", "experts")}
+    assert want["spans"].num_rows > 0
+    shutil.rmtree(b.root)  # the same batch again (the store keeps its traces), on a pool of 2 with tasks of 2 rows
+    two = run_batch(fed, inp, NO_MODEL, workers=2, chunk_rows=8, stream=open(os.devnull, "w"))
+    assert two.batch_id == one.batch_id and two.complete and two.run_rows == 31 and two.errors == 1
+    assert len(b.unit_files("responses")) == 4  # committed in chunks of 8 rows, not per task
+    for t, w in want.items():
+        got = pq.read_table(b.root / f"{t}.parquet")
+        drop = ["trace_ms"] if t == "responses" else []
+        assert got.drop_columns(drop).equals(w.drop_columns(drop)), t
+    got = queries.query(fed, "SELECT json_extract(settings, '$.batch.row')::INT FROM traces "
+                             f"WHERE json_extract_string(settings, '$.batch.id') = '{one.batch_id}'", limit=None)
+    assert sorted(r[0] for r in got.rows) == list(range(30))  # each traced row stored once
+
+
+def test_a_spans_only_worker_never_imports_torch(fed):
+    # a pool worker starts in a fraction of a second when it needs no model: torch stays out
+    code = ("import sys, numpy as np; from tracing.batch.run import _init_worker, _work; from tracing.batch import BatchSpec; "
+            f"_init_worker({str(fed.root)!r}, BatchSpec.parse(use_model=False).model_dump(mode='json'), 'bt', 1); "
+            "out = _work({'row': np.array([0]), 'id': np.array(['a'], dtype=object), "
+            "'text': np.array(['the nation and the president'], dtype=object)}); "
+            "assert list(out['status']) == ['ok'], out; assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-800:]
+
+
 def test_the_local_default_never_imports_ray():
     code = ("import sys, cli.main, tracing.batch, tracing.batch.run; "
             "assert 'ray' not in sys.modules, 'ray imported'; print('ok')")

@@ -44,16 +44,14 @@ from flexolmo.base import sources as src_lib
 from flexolmo.base import tokenizer as tok_lib
 from flexolmo.base.errors import InputError
 from flexolmo.base.workspace import Workspace
-from flexolmo.model.generate import GenerationOptions
 from flexolmo.model.loading import ModelSpec, open_model
-from flexolmo.model.moe import LoadedModel
+from flexolmo.model.specs import GenerationOptions
 from index.engine import Federation
 from index.results import SpanDocument, SpanMatch
 from index.snippets import marked
 
 from . import relevance
 from .alignment import Alignment
-from .experts import link_experts
 from .results import DocHit, Span, SpanGroup, Trace
 from .options import TraceOptions
 
@@ -113,7 +111,7 @@ class Tracer:
         if isinstance(model, ModelSpec):
             model, own = open_model(ws, model, exclude=opts.exclude, include=opts.include, today=today,
                                     index_tokenizer=tok)
-        elif model is not None and not isinstance(model, LoadedModel):
+        elif model is not None and not _is_loaded_model(model):
             raise InputError(f"Tracer.open(model=...) takes a ModelSpec, a LoadedModel (flexolmo.model.merge.load_merged) "
                              f"or None, not {type(model).__name__}")
         name = str(model.folder) if model is not None and model.folder else None
@@ -260,8 +258,6 @@ class Tracer:
     def _experts_off_for(self, o: TraceOptions) -> Iterator[None]:
         """For one call: the experts `o.exclude`/`o.include` switch off on top of those already off
         (by policy or when the tracer opened), back on afterwards; the trace lists them in `experts_off`."""
-        from flexolmo.model.moe import experts_off, resolve_experts
-
         want = set(o.exclude)
         if self.model is None or not self.model.is_moe:
             if want or o.include is not None:
@@ -270,6 +266,8 @@ class Tracer:
                     "this is a dense model without experts"))
             yield
             return
+        from flexolmo.model.moe import experts_off, resolve_experts
+
         names = list(self.model.experts)
         if o.include is not None:
             resolve_experts(self.model, o.include)  # unknown names are refused
@@ -351,11 +349,11 @@ class Tracer:
             mtok = self.model_tokenizer or self.tokenizer
             bos = mtok.bos_token_id if mtok.bos_token_id is not None else mtok.eos_token_id
             if p.align is None:
-                sub = link_experts(self.model, spans, p.ids, p.prompt_ids, p.routing, counterfactual=p.counterfactual,
+                sub = _link_experts(self.model, spans, p.ids, p.prompt_ids, p.routing, counterfactual=p.counterfactual,
                                    bos_id=int(bos), check=check)
             else:
                 ranges = [p.align.model_range(s.char_start, s.char_end) for s in spans]
-                sub = link_experts(self.model, spans, p.align.model_ids, p.prompt_ids, p.routing,
+                sub = _link_experts(self.model, spans, p.align.model_ids, p.prompt_ids, p.routing,
                                    counterfactual=p.counterfactual, bos_id=int(bos), ranges=ranges, check=check)
             timings["experts"] = _ms(t3)
             timings.update({f"experts.{k}": v for k, v in sub.items()})
@@ -454,3 +452,15 @@ def _groups(spans: list[Span], ids: list[int], tok, response: str | None = None)
 
 def _ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000, 2)
+
+
+def _is_loaded_model(model) -> bool:
+    from flexolmo.model.moe import LoadedModel
+
+    return isinstance(model, LoadedModel)
+
+
+def _link_experts(*args, **kwargs):
+    from .experts import link_experts  # the model layer (torch): imported only where a trace has a model
+
+    return link_experts(*args, **kwargs)

@@ -19,12 +19,12 @@ import torch
 
 from flexolmo.base.errors import InputError
 
+from .specs import DEVICE, DTYPE  # noqa: F401 (the defaults, defined where torch is not needed)
+
 DeviceName = Literal["auto", "cpu", "cuda"]
 DtypeName = Literal["float32", "bfloat16"]
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-DEVICE = "cpu"  # the default device
-DTYPE = "float32"  # the default dtype
 
 
 def resolve_device(name: str | torch.device | None = DEVICE) -> torch.device:

@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch
 
-from pydantic import Field
-
 from flexolmo.base.errors import InputError
-from flexolmo.base.options import Options
 from flexolmo.model.device import model_device
+from flexolmo.model.specs import MAX_NEW_TOKENS, GenerationOptions  # noqa: F401 (the CLI and the API import them from here)
 from flexolmo.model.moe import (Check, active_experts, as_module, expert_names, experts_off, has_routers,
                                 layer_checkpoints, routers)
 
@@ -177,24 +175,6 @@ def token_logprobs(model, input_ids, exclude: Iterable[int] = (), check: Check |
         logits = model(input_ids=ids[None], use_cache=False).logits[0].float()  # (T, V)
     lp = torch.log_softmax(logits[:-1], dim=-1)
     return lp.gather(1, ids[1:, None])[:, 0].cpu()
-
-
-MAX_NEW_TOKENS = 4096  # the schema's limit everywhere; a service caps lower by its time budget (api/deps.py)
-
-
-class GenerationOptions(Options):
-    """How a response is generated: one set of names, defaults and limits for `flexolmo generate`,
-    `flexolmo trace --generate` and `POST /api/generate`."""
-
-    WHAT = "generation options"
-
-    max_new_tokens: int = Field(60, ge=1, le=MAX_NEW_TOKENS, description="Tokens to generate.")
-    do_sample: bool = Field(False, description="Sample (with temperature, top_p, top_k and seed); else greedy.")
-    temperature: float = Field(0.8, gt=0, le=10, description="Sampling temperature (when sampling).")
-    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass (when sampling).")
-    top_k: Optional[int] = Field(None, ge=1, le=100_000, description="Sample among the k most likely tokens only "
-                                                                      "(None: transformers' default, 50).")
-    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the sampled generation (greedy ignores it).")
 
 
 @torch.no_grad()

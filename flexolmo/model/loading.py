@@ -24,14 +24,16 @@ import datetime as dt
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
-
-import torch
+from typing import TYPE_CHECKING, Sequence
 
 from flexolmo.base.errors import InputError, NotFoundError
 
-from .device import DEVICE, DTYPE, resolve_device, resolve_dtype
-from .moe import LoadedModel
+from .specs import DEVICE, DTYPE
+
+if TYPE_CHECKING:  # torch and the model classes are imported where a model is loaded, not to name one
+    import torch
+
+    from .moe import LoadedModel
 
 FLEXOLMO = "flex_olmo"
 
@@ -49,6 +51,8 @@ class ModelSpec:
     def parse(cls, path: str | Path | None = None, experts: str | None = None, device: str | None = None,
               dtype: str | None = None) -> "ModelSpec":
         """From command-line or environment strings; bad values raise InputError now, not at load."""
+        from .device import resolve_device, resolve_dtype
+
         resolve_device(device or DEVICE)
         resolve_dtype(dtype or DTYPE)
         folder = Path(path).expanduser() if path else None
@@ -95,6 +99,8 @@ def model_type(folder: Path) -> str:
 def load_dense(folder: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     """Any causal LM transformers knows, as a LoadedModel without experts."""
     from transformers import AutoModelForCausalLM
+
+    from .moe import LoadedModel
 
     try:
         module = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
@@ -148,6 +154,8 @@ def open_model(ws, spec: ModelSpec, *, exclude: Sequence[str] = (), include: Seq
     folder = spec.path if spec.path is not None else ws.models_dir / "merged"
     if spec.path is None and not (folder / "config.json").exists():
         return None, None
+    from .device import resolve_device, resolve_dtype
+
     device, dtype = resolve_device(spec.device), resolve_dtype(spec.dtype)
     if model_type(folder) == FLEXOLMO:
         model = load_merged(folder, ws=ws, exclude=exclude, include=include, today=today, device=device, dtype=dtype,

@@ -50,7 +50,7 @@ def demo_input(ws: Workspace, n: int = 300) -> Path:
 def demo_batch(ws: Workspace, n: int = 300, workers: int | None = 1) -> tuple[BatchResult, BatchReport]:
     """Trace the demo's held-out passages as one batch (resumable like any) and report on it.
 
-    One worker by default: a few hundred spans-only rows take seconds, less than spawned
-    workers take to start (docs/benchmarks.md, Batch)."""
+    One worker by default: a few hundred spans-only rows take a few seconds, in which a pool's
+    start-up and a second process's share of shared cores win little (docs/benchmarks.md, Batch)."""
     res = run_batch(ws, demo_input(ws, n), BatchSpec.parse(use_model=False), workers=workers)
     return res, batch_report(ws, res.batch_id)

@@ -4,8 +4,10 @@
     res = run_batch(ws, Path("answers.jsonl"), BatchSpec(), engine="ray", workers=2)   # Ray Data
 
 Engines. `local` (the default): with one worker, a `BatchTracer` in this process; with N, a
-pool of N worker processes (spawned, each opening the federation once, memory-mapped indexes
-sharing the page cache, and loading the model once; torch gets cores / N threads each).
+pool of N worker processes (forked from a fork server that imported the tracer once; each opens
+the federation once, memory-mapped indexes sharing the page cache, and loads the model once;
+torch gets cores / N threads each). The pool's tasks are a quarter of a chunk, regrouped into
+whole chunks for the commits, which the driver makes while the workers go on.
 `ray`: the same `BatchTracer` as Ray Data actors (tracing/batch/ray_engine.py). Whatever the
 engine, the rows come back here and are committed the same way, so the results are the same.
 
@@ -45,6 +47,9 @@ from .tracer import BatchTracer
 # cores): spans-only rows take a few ms each, so they go in larger chunks than rows with a model.
 CHUNK_ROWS = 32
 CHUNK_ROWS_NO_MODEL = 256
+# A pool's task is a fraction of a chunk: the workers stay busy while the driver commits, and the
+# last chunk's rows are shared between the workers instead of left to one.
+TASKS_PER_CHUNK = 4
 
 
 def chunk_rows_for(spec: BatchSpec) -> int:
@@ -131,8 +136,11 @@ def run_batch(ws: Workspace, input_path: Path, spec: BatchSpec | None = None, *,
 
                     outs = ray_outputs(ws, spec, bid, pending, workers=workers, chunk_rows=chunk_rows,
                                        address=ray_address)
-                else:
+                elif workers == 1:
                     outs = _local_outputs(ws, spec, bid, chunks, workers)
+                else:  # smaller tasks keep both workers busy to the end; the commits stay chunk-sized
+                    tasks = _chunks(pending, max(1, -(-chunk_rows // TASKS_PER_CHUNK)))
+                    outs = _regroup(_local_outputs(ws, spec, bid, tasks, workers), chunk_rows)
                 for out in outs:
                     n, bad = _commit(ws, b, spec, out, stored, submitted_by)
                     run_rows += n
@@ -182,15 +190,37 @@ def _chunks(t: pa.Table, n: int) -> Iterator[dict[str, np.ndarray]]:
         yield {k: np.array(v, dtype=np.int64 if k == "row" else object) for k, v in d.items()}
 
 
+def _regroup(outs: Iterable[dict], n: int) -> Iterator[dict]:
+    """The tracer's output batches joined into batches of at least `n` rows (the last: the rest)."""
+    held: list[dict] = []
+    rows = 0
+    for out in outs:
+        held.append(out)
+        rows += len(out["row"])
+        if rows >= n:
+            yield _concat(held)
+            held, rows = [], 0
+    if held:
+        yield _concat(held)
+
+
+def _concat(outs: list[dict]) -> dict:
+    if len(outs) == 1:
+        return outs[0]
+    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+
 def _commit(ws: Workspace, b: BatchDir, spec: BatchSpec, out: dict, stored: set[str], owner: str) -> tuple[int, int]:
     """Store a chunk's traces (those not stored yet), then commit its tables as a unit. (rows, bad rows)"""
     from ..provenance import store
 
     traces = {}
     if spec.mode != "contamination":
+        built = out.get("trace")  # rebuilt by a local worker already
         for i, status in enumerate(out["status"]):
             if status == "ok":
-                traces[int(out["row"][i])] = trace_from_dict(json.loads(out["result"][i]))
+                traces[int(out["row"][i])] = (built[i] if built is not None else
+                                              trace_from_dict(json.loads(out["result"][i])))
         new = [t for t in traces.values() if t.trace_id not in stored]
         store.save_traces(ws, new, owner=None if owner == "operator" else owner)  # redacts them as it stores them
         stored.update(t.trace_id for t in new)
@@ -209,14 +239,15 @@ _WORKER: dict = {}
 
 
 def _init_worker(workspace: str, spec: dict, bid: str, threads: int) -> None:
-    import torch
+    if spec.get("use_model") and spec.get("mode") != "contamination":  # a worker without the model needs no torch
+        import torch
 
-    from flexolmo.base.hflog import quiet_transformers
+        from flexolmo.base.hflog import quiet_transformers
 
-    quiet_transformers()
-    torch.set_num_threads(threads)
+        quiet_transformers()
+        torch.set_num_threads(threads)
     try:
-        _WORKER["tracer"] = BatchTracer(workspace, spec, bid)
+        _WORKER["tracer"] = BatchTracer(workspace, spec, bid, with_traces=True)
     except Exception as e:  # raised again by the first task, so the run stops with the reason
         _WORKER["error"] = e
 
@@ -227,30 +258,52 @@ def _work(batch: dict) -> dict:
     return _WORKER["tracer"](batch)
 
 
+def _pool_context(use_model: bool):
+    """Where the pool's workers come from: forked from a fork server (a clean process started once
+    per driver, which imports this module, the tracer's and the search's compiled typed lists once:
+    warm.py), so a worker starts without importing and compiling everything again; spawned where
+    there is no fork server (not POSIX)."""
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    # torch and the model classes too where the first pool needs the model (a pool without one
+    # forks small workers); the fork server, once started, keeps what it has
+    model = ["flexolmo.model.loading", "flexolmo.model.merge", "tracing.experts"] if use_model else []
+    ctx.set_forkserver_preload([__name__, f"{__package__}.warm", *model])
+    return ctx
+
+
 def _local_outputs(ws: Workspace, spec: BatchSpec, bid: str, chunks: Iterable[dict], workers: int) -> Iterator[dict]:
-    """Each chunk traced: in this process with one worker, else by a pool of spawned processes."""
+    """Each chunk traced: in this process with one worker, else by a pool of worker processes."""
     sd = spec.model_dump(mode="json")
     if workers == 1:
         bt = BatchTracer(str(ws.root), sd, bid)
         for c in chunks:
             yield bt(c)
         return
-    import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     threads = max(1, default_workers() // workers)
-    ex = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+    ctx = _pool_context(spec.use_model and spec.mode != "contamination")
+    ex = ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
                              initializer=_init_worker, initargs=(str(ws.root), sd, bid, threads))
     todo, running = deque(chunks), set()
+    finished_all = False
     try:
         while todo or running:
-            while todo and len(running) < 2 * workers:  # a chunk queued behind each one in flight
+            # a task queued behind each one in flight, and a chunk's worth more: the workers go on
+            # while the driver commits (this generator waits meanwhile)
+            while todo and len(running) < 2 * workers + TASKS_PER_CHUNK:
                 running.add(ex.submit(_work, todo.popleft()))
             finished, running = wait(running, return_when=FIRST_COMPLETED)
             for f in finished:
                 yield f.result()
+        finished_all = True
     finally:
-        ex.shutdown(wait=True, cancel_futures=True)
+        # every result is in: the workers exit on their own (seconds of tear-down nobody waits for)
+        ex.shutdown(wait=not finished_all, cancel_futures=True)
 
 
 

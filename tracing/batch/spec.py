@@ -15,7 +15,7 @@ from typing import Literal, Optional, Tuple
 from pydantic import Field
 
 from flexolmo.base.options import Options
-from flexolmo.model.generate import GenerationOptions
+from flexolmo.model.specs import GenerationOptions
 
 from ..options import TraceOptions
 

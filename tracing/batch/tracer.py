@@ -27,7 +27,7 @@ from flexolmo.base.workspace import Workspace
 
 from .inputs import row_problem
 from .spec import BatchSpec
-from .tables import OUTPUT_COLUMNS
+from .tables import OUTPUT_COLUMNS, trace_from_dict
 
 
 def trace_id_of(batch_id: str, row: int) -> str:
@@ -38,10 +38,13 @@ def trace_id_of(batch_id: str, row: int) -> str:
 class BatchTracer:
     """Opens the federation and the model once; maps batches of rows to traced results."""
 
-    def __init__(self, workspace: str, spec: dict, batch_id: str):
+    def __init__(self, workspace: str, spec: dict, batch_id: str, with_traces: bool = False):
+        """:param with_traces: add a column `trace`: each ok row's `Trace` as the driver rebuilds it from
+            `result` (`tables.trace_from_dict`), so that a local worker does that work, not the driver"""
         self.ws = Workspace(Path(workspace))
         self.spec = BatchSpec.parse(**spec)
         self.batch_id = batch_id
+        self.with_traces = with_traces and self.spec.mode != "contamination"
         if self.spec.mode == "contamination":
             from .contamination import ItemMatcher
 
@@ -59,6 +62,10 @@ class BatchTracer:
                          _str(col["error"], i)) for i in range(n)]
         out = {k: np.array([r[k] for r in rows], dtype=object) for k in OUTPUT_COLUMNS}
         out["row"] = np.array([r["row"] for r in rows], dtype=np.int64)
+        if self.with_traces:
+            out["trace"] = np.empty(n, dtype=object)
+            for i, r in enumerate(rows):
+                out["trace"][i] = trace_from_dict(json.loads(r["result"])) if r["status"] == "ok" else None
         return out
 
     def one(self, row: int, rid: str, text: str | None, prompt: str | None, error: str | None) -> dict:
