@@ -102,8 +102,10 @@ def main() -> None:
             box.clear()
             box.send_keys(text)
             d.find_element(By.CSS_SELECTOR, "#trace-form button[type=submit]").click()
+        # a pasted trace streams: its spans first ("finding the experts…"), then the experts; the
+        # figures line appears once the whole trace is in
         wait(lambda d: d.find_element(By.ID, "result-meta").text or d.find_element(By.ID, "trace-status").text
-             not in ("", "Tracing…", "Generating…"))
+             not in ("", "Tracing…", "Generating…") and "finding the experts" not in d.find_element(By.ID, "trace-status").text)
         status = d.find_element(By.ID, "trace-status").text
         if status:
             sys.exit(f"the page said: {status}")
