@@ -4,7 +4,6 @@ key, paste a JSONL batch, watch the progress bar fill, read the per-source table
 from __future__ import annotations
 
 import json
-import shutil
 from typing import Iterator
 
 import pytest
@@ -16,19 +15,12 @@ from flexolmo.base import sources
 from index.build import build_source
 from index.keys import KeyStore
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-DRIVER = shutil.which("chromedriver")
-try:
-    from selenium import webdriver
+from test_browser import CHROMIUM, DRIVER, pytestmark, webdriver  # noqa: F401  the same skip as the page's test
+
+if webdriver is not None:
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
-except ImportError:  # pragma: no cover - the test extra installs it
-    webdriver = None
-
-pytestmark = pytest.mark.skipif(
-    webdriver is None or not CHROMIUM or not DRIVER,
-    reason="needs Debian's chromium and chromium-driver and the selenium package: run scripts/setup.sh")
 
 NAMES = ("public", "news", "code")
 
