@@ -225,6 +225,16 @@ class Federation:
         ulp = self._logprobs([a.source for a in answers])
         return search.merge_matches(answers, ids, ulp, min_len, max_cnt)
 
+    def warm(self, delim_ids: Sequence[int], bow_ids: Sequence[int]) -> None:
+        """Load now what the first search of a process otherwise loads: each local index's compiled
+        span search (numba's on-disk cache) and its unigram counts. Remote sources are left alone
+        (no round trip at open)."""
+        probe = [int(i) for i in list(bow_ids)[:4]] or [0]
+        bow = np.asarray(bow_ids, dtype=np.int64)
+        for ix in self.local.values():
+            ix.matches(probe, self._ids(delim_ids, "delim_ids"), bow, True)
+        self._logprobs(list(self.local))
+
     def _collect(self, futures: dict, what: str) -> dict[str, object]:
         """The answers of the remote calls that answered in time; the others are marked unavailable."""
         wait(futures.values(), timeout=self._wait_s)  # each call has its own deadline; this is the backstop

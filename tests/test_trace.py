@@ -393,3 +393,11 @@ def test_the_demo_story_prints_a_screen_per_step(fed, tmp_path):
     assert "was pasted together by the demo" in text and "flexolmo serve" in text
     assert "a tiny dense test model" in text and "greedy answer in bold" in text and "A dense model has no experts" in text
     assert len(text.splitlines()) < 140
+
+
+def test_open_loads_what_the_first_search_would(fed):
+    """Tracer.open warms every local index (its unigram counts, the compiled span search), so that a
+    process's first trace costs what the others do; the federation's unigram log-probs are ready."""
+    tracer = Tracer.open(fed, model=None)
+    assert tracer.fed.local and all(ix._unigram is not None for ix in tracer.fed.local.values())
+    assert tracer.fed._ulp is not None and tracer.fed._ulp[0] == tuple((n, ix.build_id) for n, ix in tracer.fed.local.items())

@@ -115,8 +115,10 @@ class Tracer:
             raise InputError(f"Tracer.open(model=...) takes a ModelSpec, a LoadedModel (flexolmo.model.merge.load_merged) "
                              f"or None, not {type(model).__name__}")
         name = str(model.folder) if model is not None and model.folder else None
-        return cls(ws=ws, fed=fed, tokenizer=tok, bow=np.asarray(tok_lib.read_bow_ids(ws)),
-                   delims=tok_lib.read_delimiter_ids(ws), policies={s.name: s for s in src_lib.list_sources(ws)}, model=model,
+        bow, delims = np.asarray(tok_lib.read_bow_ids(ws)), tok_lib.read_delimiter_ids(ws)
+        fed.warm(delims, bow)  # the first trace then costs what the others do
+        return cls(ws=ws, fed=fed, tokenizer=tok, bow=bow, delims=delims,
+                   policies={s.name: s for s in src_lib.list_sources(ws)}, model=model,
                    model_name=name, model_tokenizer=own, options=opts, fingerprint=catalog_fingerprint(ws))
 
     def checkpoint(self) -> None:
