@@ -229,6 +229,8 @@ class Federation:
         """Load now what the first search of a process otherwise loads: each local index's compiled
         span search (numba's on-disk cache) and its unigram counts. Remote sources are left alone
         (no round trip at open)."""
+        if not self.local:
+            return
         probe = [int(i) for i in list(bow_ids)[:4]] or [0]
         bow = np.asarray(bow_ids, dtype=np.int64)
         for ix in self.local.values():
