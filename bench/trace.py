@@ -303,15 +303,19 @@ def first_trace_child(ws: Workspace, args, t_import: float) -> None:
     t0 = time.perf_counter()
     tracer = open_tracer(ws, args)
     t1 = time.perf_counter()
-    data = inputs(ws, tracer, 6, seed=7)
+    print(json.dumps(dict(import_s=t0 - t_import, open_s=t1 - t0, **first_and_warm(ws, tracer, 6))))
+
+
+def first_and_warm(ws: Workspace, tracer: Tracer, n: int) -> dict:
+    """A new tracer's first trace and the warm ones after it (ms, and their stages) on n inputs."""
     ms, stages = [], []
-    for ids in data:
+    for ids in inputs(ws, tracer, n, seed=7):
         t = time.perf_counter()
         tr = tracer.trace_ids(ids, prompt=None, prompt_ids=[], routing=None, generated=False, store=False)
         ms.append((time.perf_counter() - t) * 1000)
         stages.append(tr.timings_ms)
-    print(json.dumps(dict(import_s=t0 - t_import, open_s=t1 - t0, first_ms=ms[0], warm_ms=statistics.median(ms[1:]),
-                          first_timings=stages[0], warm_timings=warm_stages(stages[1:]))))
+    return dict(first_ms=ms[0], warm_ms=statistics.median(ms[1:]), first_timings=stages[0],
+                warm_timings=warm_stages(stages[1:]))
 
 
 def bigtok_first(scratch: Path, child: bool = False) -> None:
@@ -331,15 +335,7 @@ def bigtok_first(scratch: Path, child: bool = False) -> None:
         t0 = time.perf_counter()
         tracer = Tracer.open(ws, model=None)
         open_s = time.perf_counter() - t0
-        data = inputs(ws, tracer, 8, seed=7)
-        ms, stages = [], []
-        for ids in data:
-            t = time.perf_counter()
-            tr = tracer.trace_ids(ids, prompt=None, prompt_ids=[], routing=None, generated=False, store=False)
-            ms.append((time.perf_counter() - t) * 1000)
-            stages.append(tr.timings_ms)
-        print(json.dumps(dict(open_s=open_s, first_ms=ms[0], warm_ms=statistics.median(ms[1:]), first_timings=stages[0],
-                              warm_timings=warm_stages(stages[1:]))))
+        print(json.dumps(dict(open_s=open_s, **first_and_warm(ws, tracer, 8))))
         return
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from synthetic_corpus import document_batches, tokenizer_folder
