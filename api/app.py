@@ -37,13 +37,12 @@ from .deps import Service, Settings
 from .limits import BodyLimit, validation_error
 from .routes import router
 from .stream import router as stream_router
-from .worker import ServiceTracer
 
 STATIC = Path(__file__).parent / "static"
 
 
 def create_app(workspace: str | os.PathLike | Workspace | None = None,
-               open_tracer: Callable[[Workspace], Tracer] = ServiceTracer.open,
+               open_tracer: Callable[[Workspace], Tracer] = Tracer.open,
                settings: Settings | None = None) -> FastAPI:
     """The FastAPI app over `workspace` (default: $FLEXOLMO_HOME, else ./flexolmo-work).
 

@@ -1,11 +1,14 @@
-"""What every route shares: settings from the environment, the tracer thread, the budgets,
+"""What every route shares: settings from the environment, the tracer's lanes, the budgets,
 the keys file and the per-client limits (api/clients.py).
 
-Every request has a time budget (`Settings`): traces and generations run on the one tracer
-thread (api/worker.py) and are stopped at their deadline; reads (SQL, stored traces,
-reports, sources) run on the server's thread pool against the store's committed parts, with
-DuckDB interrupted at the deadline, so neither kind holds the other. Input caps follow from
-the budgets: a text is accepted only if an idle service can trace it within its budget.
+Every request has a time budget (`Settings`): traces, generations and searches run as stages
+on the tracer's two lanes (api/worker.py: index and model), are admitted at arrival only if
+they can be answered within their target (api/admission.py: `queue_factor` x their idle time,
+within the budget; else 503 with Retry-After at once) and are stopped at their deadline;
+reads (SQL, stored traces, reports, sources) run on the server's thread pool against the
+store's committed parts, with DuckDB interrupted at the deadline, so neither kind holds the
+other. Input caps follow from the budgets: a text is accepted only if an idle service can
+trace it within its budget.
 """
 
 from __future__ import annotations
@@ -24,11 +27,15 @@ from flexolmo.base.errors import InputError
 from flexolmo.base.workspace import Workspace
 from flexolmo.model.generate import MAX_NEW_TOKENS
 from flexolmo.model.loading import ModelSpec
+from flexolmo.model.specs import GenerationOptions
 from index.keys import KeyStore
-from tracing.trace import Tracer
+from tracing.options import TraceOptions
+from tracing.results import Trace
+from tracing.trace import Pending, Tracer
 
+from .admission import Estimates
 from .clients import ClientLimits, client_of
-from .worker import Busy, Job, ServiceTracer, Stopped, TraceWorker
+from .worker import Busy, Job, Stage, Stopped, TraceWorker
 
 GRACE_S = 2.0  # after a deadline, how long a route waits for the tracer thread to stop the job
 
@@ -69,6 +76,9 @@ class Settings:
     client_rps: float = 20.0  # FLEXOLMO_CLIENT_RPS: sustained requests per second
     client_burst: int = 40  # FLEXOLMO_CLIENT_BURST: requests at once before the rate applies
     client_passes: int = 2  # FLEXOLMO_CLIENT_PASSES: traces, generations, searches running or queued
+    # A request is admitted only if it can be answered within queue_factor x its time on an idle
+    # service (and its budget); else 503 with Retry-After at once. 0: within its budget only.
+    queue_factor: float = 4.0  # FLEXOLMO_QUEUE_FACTOR
 
     @classmethod
     def from_env(cls, workspace: str | os.PathLike | Workspace | None = None) -> "Settings":
@@ -83,7 +93,8 @@ class Settings:
                                          os.environ.get("FLEXOLMO_DEVICE") or None, os.environ.get("FLEXOLMO_DTYPE") or None),
                    client_rps=_env("FLEXOLMO_CLIENT_RPS", cls.client_rps, "no rate limit"),
                    client_burst=int(_env("FLEXOLMO_CLIENT_BURST", cls.client_burst)),
-                   client_passes=int(_env("FLEXOLMO_CLIENT_PASSES", cls.client_passes, "no limit")))
+                   client_passes=int(_env("FLEXOLMO_CLIENT_PASSES", cls.client_passes, "no limit")),
+                   queue_factor=_env("FLEXOLMO_QUEUE_FACTOR", cls.queue_factor, "admit what fits the budget"))
 
     @property
     def max_trace_chars(self) -> int:
@@ -100,37 +111,45 @@ class Settings:
         return {"trace_budget_s": self.trace_budget_s, "generate_budget_s": self.generate_budget_s,
                 "query_budget_s": self.query_budget_s, "max_trace_chars": self.max_trace_chars,
                 "max_new_tokens": self.max_new_tokens, "max_body_bytes": self.max_body_bytes,
-                "client_rps": self.client_rps, "client_burst": self.client_burst, "client_passes": self.client_passes}
+                "client_rps": self.client_rps, "client_burst": self.client_burst, "client_passes": self.client_passes,
+                "queue_factor": self.queue_factor}
+
+    def priors(self) -> dict[str, float]:
+        """Seconds per unit of each stage kind until the service has timed one (api/admission.py):
+        `chars_per_s` is a whole trace with counterfactuals, about 10% of it the index stage."""
+        per_char = 1 / self.chars_per_s
+        return {"first": 0.1 * per_char, "routing": 0.25 * per_char, "counterfactual": 0.9 * per_char,
+                "generate": 1 / self.tokens_per_s, "search": 0.2}
 
 
-async def watch(job: Job, fut, request: Request) -> None:
+async def watch(job: Job, request: Request, worker: TraceWorker) -> None:
     """One look at a job its route is waiting for: stop it (and raise) when its client went
     away (Stopped), when it could not start within its budget (Busy: 503) or when it ran past
     its budget (Stopped: 504). A route calls it between waits of a fraction of a second."""
     if await request.is_disconnected():
-        job.cancel.set()
-        fut.cancel()
+        worker.forget(job)
         raise Stopped(f"the client went away; the {job.what} was stopped and not stored")
     now = time.monotonic()
-    if now > job.deadline and not job.started and fut.cancel():
+    if now > job.deadline and not job.started:
+        worker.forget(job)
         raise Busy(f"the tracer was busy with earlier requests for this {job.what}'s whole "
                    f"{job.budget_s:g} s budget; retry in a moment")
     if now > job.deadline + GRACE_S:
-        job.cancel.set()
+        worker.forget(job)
         raise Stopped(f"the {job.what} ran past its {job.budget_s:g} s budget and was stopped; nothing was stored")
 
 
 class Service:
-    """The workspace, its tracer thread, its keys and the limits, shared by every request."""
+    """The workspace, its tracer lanes, its keys and the limits, shared by every request."""
 
-    def __init__(self, settings: Settings, open_tracer: Callable[[Workspace], Tracer] = ServiceTracer.open):
+    def __init__(self, settings: Settings, open_tracer: Callable[[Workspace], Tracer] = Tracer.open):
         self.settings = settings
         self.ws = settings.workspace
         if settings.model != ModelSpec():  # another model than the workspace's merged one, or on a GPU
             open_tracer = functools.partial(open_tracer, model=settings.model)
         self.keys = KeyStore.for_workspace(self.ws)
         self.limits = ClientLimits(settings.client_rps, settings.client_burst, settings.client_passes)
-        self.worker = TraceWorker(self.ws, open_tracer)
+        self.worker = TraceWorker(self.ws, open_tracer, Estimates(settings.priors()), settings.queue_factor)
         self._queries = threading.BoundedSemaphore(settings.max_queries)
 
     @property
@@ -147,27 +166,73 @@ class Service:
     def close(self) -> None:
         self.worker.close()
 
-    async def traced(self, request: Request, what: str, budget_s: float, fn: Callable[[Tracer, Job], Any]) -> Any:
-        """Run fn(tracer, job) on the tracer thread within `budget_s`, queueing included.
+    # -- the stages of each request kind (api/worker.py) -----------------------------------------
 
-        503 when it could not start in time, 504 when it was stopped at its deadline; a
-        client that disconnects stops it too; 429 when the client has its model passes running."""
+    def trace_stages(self, text: str, prompt: str | None, options: TraceOptions | None,
+                     then: Callable[[Tracer, Job, Trace], Any],
+                     first_seen: Callable[[Trace], None] | None = None) -> list[Stage]:
+        """A pasted trace: its index stage, then its model stage when it links experts. `then`
+        runs after the last stage, on its lane (store the trace, say); `first_seen(trace)` gets the
+        first part (spans, documents, relevance) the moment it is ready."""
+        units = len(text) + len(prompt or "")
+
+        def first(tracer: Tracer, job: Job, _: Any) -> Pending:
+            p = tracer.first_part(text, prompt, options=options, check=job.check)
+            if first_seen is not None:
+                first_seen(p.trace)
+            return p
+
+        return self._linked([Stage("index", "first", units, first)], options, units, then)
+
+    def generation_stages(self, prompt: str, generation: GenerationOptions, options: TraceOptions | None,
+                          then: Callable[[Tracer, Job, Trace], Any]) -> list[Stage]:
+        """A generation: the model generates, the index stage traces, the model stage links experts."""
+        units = len(prompt) + 4 * generation.max_new_tokens  # characters traced, about 4 a token
+        return self._linked([
+            Stage("model", "generate", generation.max_new_tokens,
+                  lambda t, j, _: t.generate_part(prompt, generation, options=options, check=j.check)),
+            Stage("index", "first", units, lambda t, j, g: t.first_part_of(g, check=j.check))], options, units, then)
+
+    def _linked(self, stages: list[Stage], options: TraceOptions | None, units: float,
+                then: Callable[[Tracer, Job, Trace], Any]) -> list[Stage]:
+        """`stages` followed by expert linkage on the model lane, or closed on their own lane when
+        the trace links no experts (no model, or `link_experts` false)."""
+        def last(tracer: Tracer, job: Job, p: Pending) -> Any:
+            return then(tracer, job, tracer.last_part(p, check=job.check))
+
+        tracer = self.tracer
+        if tracer is not None and tracer.needs_model(options):
+            kind = "counterfactual" if tracer.options.merged(options).counterfactual else "routing"
+            return stages + [Stage("model", kind, units, last)]
+        *head, tail = stages
+        return head + [Stage(tail.lane, tail.kind, tail.units, lambda t, j, prev: last(t, j, tail.fn(t, j, prev)))]
+
+    @staticmethod
+    def index_stages(fn: Callable[[Tracer], Any]) -> list[Stage]:
+        """A search or a next-token query: one stage on the index lane."""
+        return [Stage("index", "search", 1, lambda t, j, _: fn(t))]
+
+    # -- running them ---------------------------------------------------------------------------
+
+    async def run(self, request: Request, what: str, budget_s: float, stages: list[Stage]) -> Any:
+        """Run a request's stages within `budget_s`, queueing included: 503 at once when it cannot
+        be answered within its target (Retry-After says when it could), 504 when stopped at its
+        deadline; a client that disconnects stops it too; 429 when the client has its passes running."""
         with self.limits.model_pass(client_of(request.scope, self.keys)):
-            return await self._traced(request, what, budget_s, fn)
+            return await self.wait(self.worker.submit(stages, what, budget_s), request)
 
-    async def _traced(self, request: Request, what: str, budget_s: float, fn: Callable[[Tracer, Job], Any]) -> Any:
-        job, fut = self.worker.submit(fn, what, budget_s)
-        afut = asyncio.wrap_future(fut)
+    async def wait(self, job: Job, request: Request) -> Any:
+        """The job's result; the job is stopped when its client leaves or it overruns its budget."""
+        afut = asyncio.wrap_future(job.future)
         afut.add_done_callback(lambda f: f.cancelled() or f.exception())  # read, even when abandoned
         try:
             while True:
                 done, _ = await asyncio.wait({afut}, timeout=0.25)
                 if done:
                     return afut.result()
-                await watch(job, fut, request)
+                await watch(job, request, self.worker)
         except asyncio.CancelledError:
-            job.cancel.set()
-            fut.cancel()
+            self.worker.forget(job)
             raise
 
     def read(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -181,13 +246,10 @@ class Service:
             self._queries.release()
 
     def reopen(self) -> None:
-        """After a policy change or a takedown: reopen the tracer (waits up to a trace budget)."""
+        """After a policy change or a takedown: reopen the tracer before the next job starts
+        (waits up to a trace budget for the jobs under way to finish and the tracer to open)."""
         self.worker.reopen_soon()
-        _, fut = self.worker.submit(lambda t, j: None, "reopen", self.settings.trace_budget_s)
-        try:
-            fut.result(timeout=self.settings.trace_budget_s + GRACE_S)
-        except Exception:  # noqa: BLE001  the next trace reopens anyway (reopen_soon)
-            pass
+        self.worker.wait_reopened(self.settings.trace_budget_s + GRACE_S)
 
 
 def get_service(request: Request) -> Service:

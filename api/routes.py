@@ -80,18 +80,10 @@ async def trace(req: TraceRequest, svc: ServiceDep, request: Request, who: Calle
     st = svc.settings
     _cap("text", req.text, st.max_trace_chars, st.trace_budget_s)
     _cap("prompt", req.prompt, st.max_trace_chars, st.trace_budget_s)
-
-    def run(tracer: Tracer, job: Job) -> Trace:
-        t = tracer.trace(req.text, prompt=req.prompt, store=False, options=req.options)  # its set fields over the service's
-        job.check()  # stopped or abandoned: not stored
-        if req.store:
-            store.save_trace(tracer.ws, t, owner=owner_of(who))
-        return t
-
     if req.store and who.token:  # a client without a key reads its trace back with this token
         response.headers[TOKEN_HEADER] = who.token
-
-    return await svc.traced(request, "trace", st.trace_budget_s, run)
+    stages = svc.trace_stages(req.text, req.prompt, req.options, _keep(req.store, who))  # its set fields over the service's
+    return await svc.run(request, "trace", st.trace_budget_s, stages)
 
 
 @router.post("/generate", response_model=Trace)
@@ -103,21 +95,24 @@ async def generate(req: GenerateRequest, svc: ServiceDep, request: Request, who:
     if gen.max_new_tokens > st.max_new_tokens:
         raise HTTPException(422, detail=f"max_new_tokens is {gen.max_new_tokens}; this service generates and traces "
                                         f"at most {st.max_new_tokens} within its {st.generate_budget_s:g} s budget")
-
-    def run(tracer: Tracer, job: Job) -> Trace:
-        t = tracer.generate_and_trace(req.prompt, gen, options=req.options, store=False)
-        job.check()
-        if req.store:
-            store.save_trace(tracer.ws, t, owner=owner_of(who))
-        return t
-
     if req.store and who.token:
         response.headers[TOKEN_HEADER] = who.token
+    stages = svc.generation_stages(req.prompt, gen, req.options, _keep(req.store, who))
+    return await svc.run(request, "generation", st.generate_budget_s, stages)
 
-    return await svc.traced(request, "generation", st.generate_budget_s, run)
+
+def _keep(keep: bool, who: Caller):
+    """What a trace's last stage does with the finished trace: store it as its maker's (unless
+    its job was stopped or abandoned meanwhile, or `store` is false) and answer it."""
+    def then(tracer: Tracer, job: Job, t: Trace) -> Trace:
+        job.check()  # stopped or abandoned: not stored
+        if keep:
+            store.save_trace(tracer.ws, t, owner=owner_of(who))  # readable by its maker (tracing/provenance/access.py)
+        return t
+    return then
 
 
-# -- searching the training data (on the tracer thread: it owns the indexes) ------------------
+# -- searching the training data (on the tracer's index lane) ----------------------------------
 
 
 @router.post("/search", response_model=SearchResult)
@@ -127,20 +122,17 @@ async def search(req: SearchRequest, svc: ServiceDep, request: Request) -> Searc
         raise HTTPException(422, detail="give either `query` (a phrase, or `a OR b AND c`) or `cnf` "
                                         '([["a", "b"], ["c"]]), not both and not neither')
     q = Query.parse(req.query) if req.query is not None else Query.from_cnf(req.cnf)
-
-    def run(tracer: Tracer, job: Job) -> SearchResult:
-        return index_query.search(tracer.fed, tracer.tokenizer, q, source=req.source, n_docs=req.n_docs, seed=req.seed)
-
-    return await svc.traced(request, "search", svc.settings.query_budget_s, run)
+    stages = svc.index_stages(lambda t: index_query.search(t.fed, t.tokenizer, q, source=req.source, n_docs=req.n_docs,
+                                                           seed=req.seed))
+    return await svc.run(request, "search", svc.settings.query_budget_s, stages)
 
 
 @router.post("/search/next-tokens", response_model=NextTokens)
 async def next_tokens(req: NextTokensRequest, svc: ServiceDep, request: Request) -> NextTokens:
     """Which tokens follow a phrase in each source (infini-gram's next-token distribution)."""
-    def run(tracer: Tracer, job: Job) -> NextTokens:
-        return index_query.next_tokens(tracer.fed, tracer.tokenizer, req.phrase, source=req.source, top=req.top)
-
-    return await svc.traced(request, "search", svc.settings.query_budget_s, run)
+    stages = svc.index_stages(lambda t: index_query.next_tokens(t.fed, t.tokenizer, req.phrase, source=req.source,
+                                                                top=req.top))
+    return await svc.run(request, "search", svc.settings.query_budget_s, stages)
 
 
 # -- reading the store (thread pool, never the tracer thread) ----------------------------------
@@ -283,7 +275,8 @@ async def health(svc: ServiceDep) -> Health:
     return Health(status="ok" if t is not None else "degraded", workspace=str(svc.ws.root), tracer_open=t is not None,
                   error=svc.error, sources_searched=list(t.fed.names) if t else [],
                   sources_skipped=dict(t.fed.skipped) if t else {}, model=t.model_name if t else None,
-                  queued=svc.worker.queued, pid=os.getpid(), limits=svc.settings.caps())
+                  queued=svc.worker.queued, lanes=svc.worker.lanes(), estimates=svc.worker.estimates.snapshot(),
+                  pid=os.getpid(), limits=svc.settings.caps())
 
 
 def _trace_rows(ws, trace_id: str, who: Caller) -> dict[str, QueryResponse]:

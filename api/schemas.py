@@ -142,6 +142,8 @@ class Health(BaseModel):
     sources_searched: list[str]
     sources_skipped: dict[str, str]
     model: str | None
-    queued: int = 0  # traces and generations waiting or running in this process
+    queued: int = 0  # traces, generations and searches admitted and not finished in this process
+    lanes: dict[str, dict[str, int]] = {}  # per tracer lane (index, model): stages running and waiting
+    estimates: dict[str, dict[str, float]] = {}  # per stage kind: runs timed, seconds per 1,000 units (api/admission.py)
     pid: int = 0  # this worker process (`serve --workers N` runs N)
     limits: dict[str, Any] = {}  # budgets (seconds) and input caps

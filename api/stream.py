@@ -6,16 +6,19 @@
                           every span's `experts` empty, "experts_pending": true)
     event: experts  data: {"trace_id", "spans": [{"index", "experts", "top_expert", ...}], "timings_ms"}
     event: done     data: {"trace_id", "stored": true}
-    event: error    data: {"trace_id", "status", "detail"}   (the expert stage was stopped or failed)
+    event: error    data: {"trace_id", "status", "detail", "retry_after"}   (the expert stage was
+                          stopped, failed, or not started because the model lane was full)
 
-The trace is one job on the tracer thread (api/worker.py) within the trace budget: its first
-stage (tracing/trace.py `Tracer.trace_parts`) needs no model pass, and its part is sent the
-moment it is ready; the second stage (routing share, counterfactuals) follows on the same
-thread, and the trace is stored once, complete, before `experts` is sent. Errors before the
-first part (busy: 503, a client over its limits: 429, each with Retry-After) are plain HTTP
-errors. A client that disconnects sets the job's cancel flag, which the worker checks before
-every decoder layer of every model pass (`Job.check`), so the model work stops there and
-nothing is stored.
+The trace is one job within the trace budget (api/worker.py): its first stage (spans,
+documents, relevance: no model pass) runs on the index lane and its part is sent the moment
+it is ready; the second (routing share, counterfactuals) follows on the model lane, and the
+trace is stored once, complete, before `experts` is sent. When the model lane cannot take the
+trace within its target but the index lane can, the spans are still sent, followed by an
+`error` event with status 503 and `retry_after` (nothing is stored). Errors before the first
+part (busy: 503, a client over its limits: 429, each with Retry-After) are plain HTTP errors.
+A client that disconnects sets the job's cancel flag, which the worker checks before every
+decoder layer of every model pass (`Job.check`), so the model work stops there and nothing is
+stored.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from .clients import client_of
 from .deps import ServiceDep, watch
 from .routes import _cap
 from .schemas import TraceRequest
-from .worker import Job, Stopped
+from .worker import Busy, Job, Stage, Stopped
 
 router = APIRouter(prefix="/api")
 
@@ -72,15 +75,14 @@ async def trace_stream(req: TraceRequest, svc: ServiceDep, request: Request, who
     loop = asyncio.get_running_loop()
     parts: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
-    def put(kind: str, data: Any) -> None:  # from the tracer thread
+    def put(kind: str, data: Any) -> None:  # from the tracer's lanes
         loop.call_soon_threadsafe(parts.put_nowait, (kind, data))
 
-    def run(tracer: Tracer, job: Job) -> None:
-        steps = tracer.trace_parts(req.text, prompt=req.prompt, options=opts, store=False, checkpoint=job.check)
-        first = next(steps)
-        put("spans", {**jsonable_encoder(first), "experts_pending": True})  # as POST /api/trace shapes a Trace
-        t = next(steps)  # the model passes: stopped at the next decoder layer once job.cancel is set
-        job.check()
+    def shown(first: Trace) -> None:  # as POST /api/trace shapes a Trace
+        put("spans", {**jsonable_encoder(first), "experts_pending": True})
+
+    def finish(tracer: Tracer, job: Job, t: Trace) -> None:
+        job.check()  # stopped or abandoned: not stored
         if req.store:
             store.save_trace(tracer.ws, t, owner=owner_of(who))  # readable by its maker (tracing/provenance/access.py)
         put("experts", experts_part(t))
@@ -89,9 +91,16 @@ async def trace_stream(req: TraceRequest, svc: ServiceDep, request: Request, who
     gate = contextlib.ExitStack()
     gate.enter_context(svc.limits.model_pass(client_of(request.scope, svc.keys)))  # 429 over the client's limit
     try:
-        job, fut = svc.worker.submit(run, "trace", st.trace_budget_s)
-        fut.add_done_callback(lambda f: f.cancelled() or f.exception() is None or put("error", f.exception()))
-        kind, first = await _next(parts, job, fut, request)
+        stages = svc.trace_stages(req.text, req.prompt, opts, finish, first_seen=shown)
+        try:
+            job = svc.worker.submit(stages, "trace", st.trace_budget_s)
+        except Busy as busy:
+            if len(stages) == 1:
+                raise
+            # the model lane is full: the spans alone, if the index lane can find them in time
+            job = svc.worker.submit([_then_refuse(stages[0], put, busy)], "trace", st.trace_budget_s)
+        job.future.add_done_callback(lambda f: f.cancelled() or f.exception() is None or put("error", f.exception()))
+        kind, first = await _next(parts, job, request, svc)
         if kind == "error":
             raise first
     except BaseException:
@@ -103,21 +112,21 @@ async def trace_stream(req: TraceRequest, svc: ServiceDep, request: Request, who
             yield sse("spans", first)
             while True:
                 try:
-                    kind, data = await _next(parts, job, fut, request)
+                    kind, data = await _next(parts, job, request, svc)
                 except Stopped as e:
                     kind, data = "error", e
                 if kind == "error":
                     yield sse("error", {"trace_id": first["trace_id"], "status": getattr(data, "http_status", 500),
                                         "detail": str(data) if isinstance(data, FlexolmoError) else
-                                        f"the expert stage failed: {type(data).__name__}"})
+                                        f"the expert stage failed: {type(data).__name__}",
+                                        "retry_after": getattr(data, "retry_after", None)})
                     return
                 yield sse(kind, data)
                 if kind == "done":
                     return
         finally:
-            if not fut.done():  # the client went away (or the stream was closed): stop the model work
-                job.cancel.set()
-                fut.cancel()
+            if not job.future.done():  # the client went away (or the stream was closed): stop the model work
+                svc.worker.forget(job)
             gate.close()
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -126,10 +135,19 @@ async def trace_stream(req: TraceRequest, svc: ServiceDep, request: Request, who
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
 
-async def _next(parts: asyncio.Queue, job: Job, fut, request: Request) -> tuple[str, Any]:
+def _then_refuse(first: Stage, put, busy: Busy) -> Stage:
+    """The index stage alone, followed by the `error` event saying why the experts will not come."""
+    def run(tracer: Tracer, job: Job, prev: Any) -> None:
+        first.fn(tracer, job, prev)
+        put("error", Busy(f"the spans are shown but the experts were not linked: {busy}", busy.retry_after))
+
+    return Stage(first.lane, first.kind, first.units, run)
+
+
+async def _next(parts: asyncio.Queue, job: Job, request: Request, svc) -> tuple[str, Any]:
     """The job's next part; the job is stopped when its client disconnects or it overruns its budget."""
     while True:
         try:
             return await asyncio.wait_for(parts.get(), timeout=0.25)
         except asyncio.TimeoutError:
-            await watch(job, fut, request)
+            await watch(job, request, svc.worker)

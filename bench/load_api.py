@@ -24,15 +24,17 @@ Closed-loop clients measure capacity (each waits for its answer before the next 
 Little's law the latency grows with the clients). What a user sees when the service is busy
 is measured open-loop: requests arrive as a Poisson process at a set rate, whatever the
 answers, a mix of request kinds (KINDS: pasted traces with and without counterfactuals, the
-first part of a streamed trace, generations when there is a model):
+first part of a streamed trace, spans-only traces (no expert linkage), generations when there
+is a model):
 
     .venv/bin/python bench/load_api.py -w WS --open-loop 0.8,2 --seconds 30   # x the measured capacity
 
 Each kind's idle p50 is measured first (one request at a time); the capacity is the rate
-that keeps the one tracer thread busy (1 / the mix's mean idle service time). Prints per
-load and kind: p50 and p99 of the admitted requests and their ratio to the kind's idle p50,
-refusals (429/503) with the p99 time to the refusal and whether each carried Retry-After,
-errors, and whether every admitted trace is stored exactly once.
+that keeps the tracer's model lane busy (1 / the mix's mean idle time on it; api/worker.py).
+Prints per load and kind: p50 and p99 of the admitted requests and their ratio to the kind's
+idle p50, refusals (429/503) with the p99 time to the refusal and whether each carried
+Retry-After, errors, what became of the streamed traces' experts (linked, or 503: refused
+after the spans were sent) and whether every admitted trace is stored exactly once.
 """
 
 from __future__ import annotations
@@ -199,40 +201,48 @@ def run_level(url: str, ws: Workspace, c: int, seconds: float, texts: list[str],
             "stored_exactly_once": all(counts.get(i) == 1 for i in ids)}
 
 
-# open-loop request kinds: (share of arrivals, path, body); "spans" is the time to a streamed
-# trace's first part (its spans, documents and relevance), the rest the whole answer
-KINDS = {"trace": (0.4, "/api/trace", {"counterfactual": True}),
-         "trace-nocf": (0.3, "/api/trace", {"counterfactual": False}),
-         "spans": (0.2, "/api/trace/stream", {"counterfactual": True}),
-         "generate": (0.1, "/api/generate", {"max_new_tokens": 24})}
+# open-loop request kinds: (share of arrivals, path, body fields, holds the model lane); "spans" is
+# the time to a streamed trace's first part (its spans, documents and relevance), the rest the
+# whole answer; "spans-only" asks for no expert linkage (index lane only)
+KINDS = {"trace": (0.35, "/api/trace", {"options": {"counterfactual": True}}, True),
+         "trace-nocf": (0.25, "/api/trace", {"options": {"counterfactual": False}}, True),
+         "spans": (0.15, "/api/trace/stream", {"options": {"counterfactual": True}}, True),
+         "spans-only": (0.15, "/api/trace", {"options": {"link_experts": False}}, False),
+         "generate": (0.1, "/api/generate", {"generation": {"max_new_tokens": 24}}, True)}
 
 
 def one(c: httpx.Client, kind: str, text: str) -> dict:
     """Send one request of `kind`; its status, seconds to the answer (to the first part for
-    "spans"), Retry-After and the trace id it stored (None if none)."""
-    _, path, extra = KINDS[kind]
+    "spans"), Retry-After, the trace id it stored (None if none) and, for a streamed trace, what
+    became of its experts ("done", or the `error` event's status: 503 not started, 504 stopped)."""
+    _, path, extra, _ = KINDS[kind]
     body = {"prompt": " ".join(text.split()[:8]), **extra} if kind == "generate" else {"text": text, **extra}
     t0 = time.perf_counter()
-    tid = None
+    tid, secs, experts = None, None, None
     try:
         if kind == "spans":
             with c.stream("POST", path, json=body) as r:
-                status, secs, retry = r.status_code, None, r.headers.get("retry-after")
+                status, retry, event = r.status_code, r.headers.get("retry-after"), None
                 for line in r.iter_lines():  # read to the end: the trace is stored after the last part
-                    if line.startswith("data: ") and secs is None:
-                        secs = time.perf_counter() - t0
-                        tid = json.loads(line[6:]).get("trace_id")
-                    if line == "event: error":
-                        status = 504
+                    if line.startswith("event: "):
+                        event = line[7:]
+                    elif line.startswith("data: "):
+                        data = json.loads(line[6:])
+                        if event == "spans":
+                            secs = time.perf_counter() - t0
+                        elif event == "done":
+                            experts, tid = "done", data["trace_id"] if data.get("stored") else None
+                        elif event == "error":
+                            experts = data.get("status")
         else:
             r = c.post(path, json=body)
             status, retry = r.status_code, r.headers.get("retry-after")
             tid = r.json().get("trace_id") if status == 200 else None
-            secs = None
     except httpx.HTTPError:
         status, retry = 0, None
     secs = secs if secs is not None else time.perf_counter() - t0
-    return {"kind": kind, "status": status, "secs": secs, "retry_after": retry, "trace_id": tid if status == 200 else None}
+    return {"kind": kind, "status": status, "secs": secs, "retry_after": retry, "experts": experts,
+            "trace_id": tid if status == 200 else None}
 
 
 def idle_p50(url: str, texts: list[str], kinds: list[str], n: int = 3) -> dict[str, float]:
@@ -273,7 +283,9 @@ def open_loop(url: str, ws: Workspace, rate: float, seconds: float, texts: list[
         rs = [r for r in out if r["kind"] == k]
         ok = [r["secs"] for r in rs if r["status"] == 200]
         refused = [r for r in rs if r["status"] in (429, 503)]
+        streamed = [r["experts"] for r in rs if r["status"] == 200 and k == "spans"]
         per[k] = {"n": len(rs), "ok": len(ok), "idle_p50_s": round(idle[k], 3), "p50_s": pct(ok, 50),
+                  **({"experts": {str(x): streamed.count(x) for x in sorted(set(streamed), key=str)}} if streamed else {}),
                   "p99_s": pct(ok, 99), "p99_x_idle": round(pct(ok, 99) / idle[k], 1) if ok else None,
                   "refused": len(refused), "refused_p99_s": pct([r["secs"] for r in refused], 99),
                   "refused_with_retry_after": sum(1 for r in refused if r["retry_after"]),
@@ -314,7 +326,8 @@ def main() -> None:
             idle = idle_p50(url, texts, kinds)
             share = sum(KINDS[k][0] for k in kinds)
             # a streamed trace holds the tracer thread as long as a whole trace with counterfactuals
-            busy = {k: idle["trace"] if k == "spans" else idle[k] for k in kinds}
+            # the model lane's time per request: a streamed trace holds it as long as a whole trace
+            busy = {k: (idle["trace"] if k == "spans" else idle[k]) if KINDS[k][3] else 0.0 for k in kinds}
             capacity = 1 / sum(KINDS[k][0] / share * busy[k] for k in kinds)
             loads = [float(x) for x in args.open_loop.split(",")]
             runs = [{"load": x, **open_loop(url, ws, x * capacity, seconds, texts, kinds, idle, seed=i)}
@@ -357,7 +370,7 @@ def main() -> None:
 def _open_loop_table(rep: dict) -> str:
     lines = [f"{rep['workspace']}: {rep['workers']} worker(s), model: {'yes' if rep['model'] else 'no'}, "
              f"{rep['words']}-word passages, {rep['seconds']:g} s per load, {rep['cores']} cores; capacity "
-             f"{rep['capacity_per_s']} req/s (1 / the mix's mean idle service time)",
+             f"{rep['capacity_per_s']} req/s (1 / the mix's mean idle time on the model lane)",
              f"{'load':>5} {'req/s':>6} {'kind':<10} {'n':>4} {'ok':>4} {'idle p50':>8} {'p50':>6} {'p99':>6} "
              f"{'p99/idle':>8} {'refused':>7} {'ref p99':>7} {'errors':>6}  stored once"]
     for run in rep["runs"]:
@@ -365,7 +378,8 @@ def _open_loop_table(rep: dict) -> str:
             lines.append(f"{run['load']:>5} {run['rate_per_s']:>6} {k:<10} {r['n']:>4} {r['ok']:>4} {r['idle_p50_s']:>8} "
                          f"{r['p50_s'] or '-':>6} {r['p99_s'] or '-':>6} {r['p99_x_idle'] or '-':>8} "
                          f"{r['refused']:>7} {r['refused_p99_s'] or '-':>7} {r['errors']:>6}  {run['stored_exactly_once']}"
-                         + (f" {r['errors_by_status']}" if r["errors"] else ""))
+                         + (f" {r['errors_by_status']}" if r["errors"] else "")
+                         + (f"  experts: {r['experts']}" if r.get("experts") else ""))
     return "\n".join(lines)
 
 

@@ -42,6 +42,8 @@ class TraceOptions(DocumentWindow):
     # -- documents: max_docs, context_tokens and snippet_tokens from DocumentWindow, and
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the document sample.")
     # -- experts
+    link_experts: bool = Field(True, description="Link each span to the experts (routing share, and the counterfactual "
+                                                 "drops if asked); false: spans and documents only, no model pass.")
     counterfactual: bool = Field(True, description="Compute each expert's counterfactual drop (one batched pass).")
     exclude: Tuple[_NAME, ...] = Field((), description="Experts (source names) switched off, e.g. 'news,forum'.")
     include: Optional[Tuple[_NAME, ...]] = Field(None, description="Only these experts (plus public) stay on, e.g. 'news'.")

@@ -6,9 +6,16 @@
     t = tracer.trace(text, options=TraceOptions(max_docs=2))   # per call: the fields set win
     for t in tracer.trace_parts(text): ...        # spans first (no model pass yet), then experts
 
-A trace runs in two stages: the first (spans, documents, relevance) needs only the indexes;
-the second (expert linkage) runs the model passes over the first's spans. `trace` is the
-two in sequence; `trace_parts` yields the trace after each, so the spans can be shown at once.
+A trace runs in stages, each a public call, so that a service can run them on different
+threads (api/worker.py: the index stage never waits behind model passes):
+
+    g = tracer.generate_part(prompt, generation)   # model: the response, its routing captured
+    p = tracer.first_part(text) or tracer.first_part_of(g)  # index: spans, documents, relevance
+    t = tracer.last_part(p)                        # model: expert linkage (routing share, counterfactuals)
+
+The first part touches no model state (the experts a call switches off are named from its
+options), the model parts no index; `trace`, `trace_parts` and `generate_and_trace` are the
+stages in sequence on one thread.
 
 OLMoTrace's production settings (docs/architecture.md, Tracing; `TraceOptions` in tracing/options.py):
 only the response is traced; maximal spans cut at delimiters, min_len 1, max_cnt 1,000,000,
@@ -34,7 +41,6 @@ import datetime as dt
 import math
 import time
 import uuid
-import unicodedata
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -47,18 +53,29 @@ from flexolmo.base.workspace import Workspace
 from flexolmo.model.loading import ModelSpec, open_model
 from flexolmo.model.specs import GenerationOptions
 from index.engine import Federation
-from index.results import SpanDocument, SpanMatch
-from index.snippets import marked
 
 from . import relevance
 from .alignment import Alignment
-from .results import DocHit, Span, SpanGroup, Trace
 from .options import TraceOptions
+from .results import Trace
+from .spans import assemble, group, has_words
+
+Check = Callable[[], None]
+EXCLUDED = "excluded for this trace"  # why an expert a call switched off is off
 
 
-def has_words(text: str) -> bool:
-    """Does the text hold a letter, digit or symbol, i.e. more than whitespace and punctuation?"""
-    return any(not (c.isspace() or unicodedata.category(c).startswith("P")) for c in text)
+@dataclass
+class Generated:
+    """A response the model generated (`Tracer.generate_part`), ready for the first stage."""
+
+    prompt: str
+    options: TraceOptions  # the call's options, merged over the tracer's
+    ids: list[int]  # the response in the index's ids
+    prompt_ids: list[int]  # the prompt in the model's ids
+    routing: tuple[np.ndarray, np.ndarray] | None  # per response token (model ids), captured while generating
+    response: str | None  # the text, when the model has its own tokenizer (else decoded from `ids`)
+    align: Alignment | None
+    settings: dict  # what the trace records of the generation (options, verbatim guard)
 
 
 @dataclass
@@ -71,7 +88,7 @@ class Pending:
     prompt_ids: list[int]  # the prompt in the model's ids (routing context)
     routing: tuple[np.ndarray, np.ndarray] | None  # captured while generating; None: one forward pass
     align: Alignment | None
-    counterfactual: bool
+    options: TraceOptions  # the call's options, merged over the tracer's (the experts it switches off)
     t0: float  # time.perf_counter() when the trace began (timings' "total" counts from it)
 
 
@@ -146,7 +163,7 @@ class Tracer:
         """
         return catalog_fingerprint(self.ws) != self.fingerprint
 
-    # -- entry points ----------------------------------------------------------------------
+    # -- entry points: the stages in sequence ------------------------------------------------
 
     def generate_and_trace(self, prompt: str, generation: GenerationOptions | None = None, *,
                            options: TraceOptions | None = None, store: bool = True) -> Trace:
@@ -154,49 +171,18 @@ class Tracer:
 
         :param generation: length, sampling and seed (default: `GenerationOptions()`)
         :param options: this call's trace options: the fields it sets override the tracer's"""
-        from flexolmo.model.generate import generate
-        from tracing.guard import VerbatimGuard
-
-        o = self.options.merged(options)
-        generation = generation or GenerationOptions()
-        if self.model is None:
-            raise InputError("no merged model to generate with; run `flexolmo merge` first, or trace --text")
-        guard = VerbatimGuard.open(self.ws)  # owners' --max-verbatim limits (tracing/guard.py)
-        if guard is not None:
-            guard.require_index_tokenizer(self.model_tokenizer)
-        mtok = self.model_tokenizer or self.tokenizer
-        with self._experts_off_for(o):
-            gen = generate(self.model, mtok, prompt, generation, guard=guard, check=self.checkpoint)
-            ids = list(gen.token_ids)
-            if ids and ids[-1] == mtok.eos_token_id:  # the end-of-text token is not part of the text
-                ids.pop()
-            if not ids:
-                raise InputError("the model generated nothing for this prompt; try another prompt")
-            kept = gen.routing[: len(ids)]
-            routing = (np.asarray([r.experts for r in kept]), np.asarray([r.weights for r in kept])) if kept else None
-            if self.model_tokenizer is None:
-                trace = self._run(ids, o, prompt=prompt, prompt_ids=gen.prompt_ids, routing=routing, generated=True)
-            else:
-                response = mtok.decode(ids)
-                align = Alignment.of_generated(self.tokenizer, mtok, response, ids, gen.prompt_ids)
-                trace = self._run(align.ids, o, prompt=prompt, prompt_ids=gen.prompt_ids, routing=routing,
-                                  generated=True, response=response, align=align)
-        trace.settings["generation"] = generation.as_dict()
-        if guard is not None:  # where the guard vetoed tokens, and the limits it applied
-            trace.settings["verbatim_guard"] = {"limits": {g.name: g.limit for g in guard.sources}, "acted": gen.guard}
-        return self._stored(trace, store)
+        g = self.generate_part(prompt, generation, options=options)
+        return self._stored(self.last_part(self.first_part_of(g)), store)
 
     def trace(self, response: str, prompt: str | None = None, *, options: TraceOptions | None = None,
               store: bool = True) -> Trace:
         """Trace a response that the model did not generate here (routing by one forward pass).
 
         :param options: this call's options: the fields it sets override the tracer's"""
-        ids, prompt_ids, align = self._tokenized(response, prompt)
-        return self.trace_ids(ids, prompt=prompt, prompt_ids=prompt_ids, options=options, store=store,
-                              response=response, align=align)
+        return self._stored(self.last_part(self.first_part(response, prompt, options=options)), store)
 
     def trace_parts(self, response: str, prompt: str | None = None, *, options: TraceOptions | None = None,
-                    store: bool = True, checkpoint: Callable[[], None] | None = None) -> Iterator[Trace]:
+                    store: bool = True, checkpoint: Check | None = None) -> Iterator[Trace]:
         """`trace`, in two parts as they are ready: yields the Trace once its spans, documents and
         relevance are found (every span's `experts` empty, no model pass run yet), then the same
         Trace (same trace_id, completed in place) once its expert linkage is done; it is stored
@@ -207,29 +193,9 @@ class Tracer:
         :param options: this call's options: the fields it sets override the tracer's
         :param checkpoint: called before the second stage and before every decoder layer of its
             model passes; it raises to stop the work (a service's deadline, a client gone)"""
-        ids, prompt_ids, align = self._tokenized(response, prompt)
-        o = self.options.merged(options)
-        with self._experts_off_for(o):
-            pending = self._first(list(ids), o, prompt=prompt, prompt_ids=list(prompt_ids), routing=None,
-                                  generated=False, response=response, align=align)
-            yield pending.trace
-            check = self.checkpoint if checkpoint is None else _both(self.checkpoint, checkpoint)
-            check()
-            trace = self._link(pending, check)
-        yield self._stored(trace, store)
-
-    def _tokenized(self, response: str, prompt: str | None) -> tuple[list[int], list[int], Alignment | None]:
-        """The response in the index's ids, the prompt in the model's, and their alignment when
-        the model has its own tokenizer (None: it shares the index's)."""
-        if not response or not response.strip():
-            raise InputError("the response to trace is empty; pass --text TEXT or pipe text on stdin")
-        if self.model_tokenizer is None:
-            ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
-            prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-            return ids, prompt_ids, None
-        # spans on the index's ids, routing and counterfactuals on the model's
-        align = Alignment.of_text(self.tokenizer, self.model_tokenizer, response, prompt)
-        return align.ids, align.prompt_model_ids, align
+        pending = self.first_part(response, prompt, options=options, check=checkpoint)
+        yield pending.trace
+        yield self._stored(self.last_part(pending, check=checkpoint), store)
 
     def trace_ids(self, ids: list[int], *, prompt: str | None = None, prompt_ids: list[int] = (),
                   routing: tuple[np.ndarray, np.ndarray] | None = None, generated: bool = False,
@@ -244,10 +210,108 @@ class Tracer:
             index's (`tracing/alignment.py`); None: the model shares the index tokenizer
         """
         o = self.options.merged(options)
-        with self._experts_off_for(o):
-            trace = self._run(list(ids), o, prompt=prompt, prompt_ids=list(prompt_ids), routing=routing,
+        pending = self._first(list(ids), o, prompt=prompt, prompt_ids=list(prompt_ids), routing=routing,
                               generated=generated, response=response, align=align)
-        return self._stored(trace, store)
+        return self._stored(self.last_part(pending), store)
+
+    # -- the stages --------------------------------------------------------------------------
+
+    def generate_part(self, prompt: str, generation: GenerationOptions | None = None, *,
+                      options: TraceOptions | None = None, check: Check | None = None) -> Generated:
+        """The model stage of a generation: the response, with the routing of every step captured
+        (owners' verbatim limits applied, tracing/guard.py), under the call's experts off."""
+        from flexolmo.model.generate import generate
+        from tracing.guard import VerbatimGuard
+
+        o = self.options.merged(options)
+        generation = generation or GenerationOptions()
+        if self.model is None:
+            raise InputError("no merged model to generate with; run `flexolmo merge` first, or trace --text")
+        guard = VerbatimGuard.open(self.ws)  # owners' --max-verbatim limits (tracing/guard.py)
+        if guard is not None:
+            guard.require_index_tokenizer(self.model_tokenizer)
+        mtok = self.model_tokenizer or self.tokenizer
+        with self._experts_off_for(o):
+            gen = generate(self.model, mtok, prompt, generation, guard=guard, check=self._check(check))
+        ids = list(gen.token_ids)
+        if ids and ids[-1] == mtok.eos_token_id:  # the end-of-text token is not part of the text
+            ids.pop()
+        if not ids:
+            raise InputError("the model generated nothing for this prompt; try another prompt")
+        kept = gen.routing[: len(ids)]
+        routing = (np.asarray([r.experts for r in kept]), np.asarray([r.weights for r in kept])) if kept else None
+        settings = {"generation": generation.as_dict()}
+        if guard is not None:  # where the guard vetoed tokens, and the limits it applied
+            settings["verbatim_guard"] = {"limits": {g.name: g.limit for g in guard.sources}, "acted": gen.guard}
+        if self.model_tokenizer is None:
+            return Generated(prompt=prompt, options=o, ids=ids, prompt_ids=list(gen.prompt_ids), routing=routing,
+                             response=None, align=None, settings=settings)
+        response = mtok.decode(ids)
+        align = Alignment.of_generated(self.tokenizer, mtok, response, ids, gen.prompt_ids)
+        return Generated(prompt=prompt, options=o, ids=align.ids, prompt_ids=list(gen.prompt_ids), routing=routing,
+                         response=response, align=align, settings=settings)
+
+    def first_part(self, response: str, prompt: str | None = None, *, options: TraceOptions | None = None,
+                   check: Check | None = None) -> Pending:
+        """The index stage of a pasted response: spans, documents and relevance (no model pass;
+        `check` is called before each span)."""
+        ids, prompt_ids, align = self._tokenized(response, prompt)
+        return self._first(list(ids), self.options.merged(options), prompt=prompt, prompt_ids=list(prompt_ids),
+                           routing=None, generated=False, response=response, align=align, check=check)
+
+    def first_part_of(self, g: Generated, check: Check | None = None) -> Pending:
+        """The index stage of a generated response (`generate_part`)."""
+        p = self._first(g.ids, g.options, prompt=g.prompt, prompt_ids=g.prompt_ids, routing=g.routing, generated=True,
+                        response=g.response, align=g.align, check=check)
+        p.trace.settings.update(g.settings)
+        return p
+
+    def last_part(self, p: Pending, check: Check | None = None) -> Trace:
+        """The model stage: expert linkage (routing share, counterfactuals) over the first stage's
+        spans, filled into `p.trace` in place, under the call's experts off; the model passes run
+        here and only here, calling `check` (and the tracer's `checkpoint`) before every decoder
+        layer. The trace is returned, not stored."""
+        check = self._check(check)
+        trace, spans, timings = p.trace, p.trace.spans, p.trace.timings_ms
+        if self.model is not None and self.model.is_moe and spans and p.options.link_experts:
+            check()
+            t3 = time.perf_counter()
+            mtok = self.model_tokenizer or self.tokenizer
+            bos = mtok.bos_token_id if mtok.bos_token_id is not None else mtok.eos_token_id
+            with self._experts_off_for(p.options):
+                if p.align is None:
+                    sub = _link_experts(self.model, spans, p.ids, p.prompt_ids, p.routing,
+                                        counterfactual=p.options.counterfactual, bos_id=int(bos), check=check)
+                else:
+                    ranges = [p.align.model_range(s.char_start, s.char_end) for s in spans]
+                    sub = _link_experts(self.model, spans, p.align.model_ids, p.prompt_ids, p.routing,
+                                        counterfactual=p.options.counterfactual, bos_id=int(bos), ranges=ranges,
+                                        check=check)
+            timings["experts"] = _ms(t3)
+            timings.update({f"experts.{k}": v for k, v in sub.items()})
+        timings["total"] = _ms(p.t0)
+        return trace
+
+    def needs_model(self, options: TraceOptions | None = None) -> bool:
+        """Does a trace under these options run model passes (the last part does work)?"""
+        return self.model is not None and self.model.is_moe and self.options.merged(options).link_experts
+
+    def _check(self, check: Check | None) -> Check:
+        """The tracer's checkpoint, then the caller's."""
+        return self.checkpoint if check is None else _both(self.checkpoint, check)
+
+    def _tokenized(self, response: str, prompt: str | None) -> tuple[list[int], list[int], Alignment | None]:
+        """The response in the index's ids, the prompt in the model's, and their alignment when
+        the model has its own tokenizer (None: it shares the index's)."""
+        if not response or not response.strip():
+            raise InputError("the response to trace is empty; pass --text TEXT or pipe text on stdin")
+        if self.model_tokenizer is None:
+            ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
+            prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+            return ids, prompt_ids, None
+        # spans on the index's ids, routing and counterfactuals on the model's
+        align = Alignment.of_text(self.tokenizer, self.model_tokenizer, response, prompt)
+        return align.ids, align.prompt_model_ids, align
 
     def _stored(self, trace: Trace, store: bool) -> Trace:
         if store:
@@ -256,54 +320,62 @@ class Tracer:
             save_trace(self.ws, trace)
         return trace
 
-    @contextlib.contextmanager
-    def _experts_off_for(self, o: TraceOptions) -> Iterator[None]:
-        """For one call: the experts `o.exclude`/`o.include` switch off on top of those already off
-        (by policy or when the tracer opened), back on afterwards; the trace lists them in `experts_off`."""
+    def _experts_off_names(self, o: TraceOptions) -> list[str]:
+        """The experts a call under `o` runs without: those off when the tracer opened (policy,
+        its options) and those `o` switches off; read without changing the model, so that the
+        index stage can name them while a model stage runs."""
+        if self.model is None:
+            return []
+        names = list(self.model.experts)
+        extra = self._extra_off(o)
+        return sorted({n for n, why in self.model.off.items() if why != EXCLUDED} | {names[i] for i in extra})
+
+    def _extra_off(self, o: TraceOptions) -> list[int]:
+        """The experts (indices) `o.exclude`/`o.include` switch off on top of those already off;
+        unknown names are refused."""
         want = set(o.exclude)
         if self.model is None or not self.model.is_moe:
             if want or o.include is not None:
                 raise InputError("exclude/include switch experts off, but " + (
                     "there is no merged model; run `flexolmo merge` first" if self.model is None else
                     "this is a dense model without experts"))
-            yield
-            return
-        from flexolmo.model.moe import experts_off, resolve_experts
+            return []
+        from flexolmo.model.moe import resolve_experts
 
         names = list(self.model.experts)
         if o.include is not None:
             resolve_experts(self.model, o.include)  # unknown names are refused
             want |= {n for n in names[1:] if n not in o.include}
         on = self.model.active
-        extra = [i for i in resolve_experts(self.model, sorted(want)) if on[i]]
+        return [i for i in resolve_experts(self.model, sorted(want)) if on[i]]
+
+    @contextlib.contextmanager
+    def _experts_off_for(self, o: TraceOptions) -> Iterator[None]:
+        """For one model stage: the experts `o.exclude`/`o.include` switch off on top of those
+        already off (by policy or when the tracer opened), back on afterwards."""
+        extra = self._extra_off(o)
         if not extra:
             yield
             return
+        from flexolmo.model.moe import experts_off
+
+        names = list(self.model.experts)
         before = dict(self.model.off)
         try:
             with experts_off(self.model, extra):
-                self.model.off.update({names[i]: "excluded for this trace" for i in extra})
+                self.model.off.update({names[i]: EXCLUDED for i in extra})
                 yield
         finally:
             self.model.off.clear()
             self.model.off.update(before)
 
-    # -- the pipeline ----------------------------------------------------------------------
-
-    def _run(self, ids: list[int], st: TraceOptions, *, prompt: str | None, prompt_ids: list[int],
-             routing: tuple[np.ndarray, np.ndarray] | None, generated: bool, response: str | None = None,
-             align: Alignment | None = None) -> Trace:
-        """spans -> documents -> relevance -> experts, under the options `st` (already merged):
-        the two stages in sequence."""
-        return self._link(self._first(ids, st, prompt=prompt, prompt_ids=prompt_ids, routing=routing,
-                                      generated=generated, response=response, align=align))
-
     def _first(self, ids: list[int], st: TraceOptions, *, prompt: str | None, prompt_ids: list[int],
                routing: tuple[np.ndarray, np.ndarray] | None, generated: bool, response: str | None = None,
-               align: Alignment | None = None) -> Pending:
+               align: Alignment | None = None, check: Check | None = None) -> Pending:
         """The first stage: spans -> documents -> relevance, no model pass (experts pending)."""
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
+        off = self._experts_off_names(st)  # refuses unknown expert names before any work
         response = response if response is not None else self.tokenizer.decode(ids)
         raw = self.fed.find_spans(ids, self.delims, self.bow, min_len=st.min_len, max_cnt=st.max_cnt,
                                   enforce_bow=st.enforce_bow)
@@ -313,19 +385,16 @@ class Tracer:
         timings["spans"] = _ms(t0)
 
         t1 = time.perf_counter()
-        windows: list[tuple[DocHit, str]] = []  # every hit with its window text (for relevance only)
         docs = self.fed.documents_many(kept, st.max_docs, st.seed, context_tokens=st.context_tokens,
                                        snippet_tokens=st.snippet_tokens)  # one round trip per owner node
-        spans = [self._span(i, s, ids, d, windows, align, st.snippet_tokens) for i, (s, d) in enumerate(zip(kept, docs))]
-        groups = _groups(spans, ids, self.tokenizer, response if align is not None else None)
+        spans, windows = assemble(self.tokenizer, kept, docs, ids, align, st.snippet_tokens, check=check)
+        groups = group(spans, ids, self.tokenizer, response if align is not None else None)
         timings["documents"] = _ms(t1)
 
         t2 = time.perf_counter()
         fallback = relevance.rate(windows, prompt, response, self.fed.indexes, context_tokens=st.context_tokens,
                                   snippet_tokens=st.snippet_tokens)
         timings["relevance"] = _ms(t2)
-
-        off = sorted(self.model.off) if self.model is not None else []
         timings["first_part"] = _ms(t0)
         trace = Trace(
             trace_id=uuid.uuid4().hex[:16],
@@ -337,79 +406,7 @@ class Tracer:
                       **({"relevance_fallback": fallback} if fallback else {}),
                       "model": self.model_card()},
         )
-        return Pending(trace=trace, ids=ids, prompt_ids=prompt_ids, routing=routing, align=align,
-                       counterfactual=st.counterfactual, t0=t0)
-
-    def _link(self, p: Pending, check: Callable[[], None] | None = None) -> Trace:
-        """The second stage: expert linkage (routing share, counterfactuals) over the first stage's
-        spans, filled into `p.trace` in place; the model passes run here and only here, calling
-        `check` (default: the tracer's `checkpoint`) before every decoder layer."""
-        check = check or self.checkpoint
-        trace, spans, timings = p.trace, p.trace.spans, p.trace.timings_ms
-        if self.model is not None and self.model.is_moe and spans:
-            t3 = time.perf_counter()
-            mtok = self.model_tokenizer or self.tokenizer
-            bos = mtok.bos_token_id if mtok.bos_token_id is not None else mtok.eos_token_id
-            if p.align is None:
-                sub = _link_experts(self.model, spans, p.ids, p.prompt_ids, p.routing, counterfactual=p.counterfactual,
-                                   bos_id=int(bos), check=check)
-            else:
-                ranges = [p.align.model_range(s.char_start, s.char_end) for s in spans]
-                sub = _link_experts(self.model, spans, p.align.model_ids, p.prompt_ids, p.routing,
-                                   counterfactual=p.counterfactual, bos_id=int(bos), ranges=ranges, check=check)
-            timings["experts"] = _ms(t3)
-            timings.update({f"experts.{k}": v for k, v in sub.items()})
-        timings["total"] = _ms(p.t0)
-        return trace
-
-    def _span(self, index: int, raw: SpanMatch, ids: list[int], docs: list[SpanDocument],
-              windows: list[tuple[DocHit, str]], align: Alignment | None, snippet_tokens: int) -> Span:
-        if align is None:  # one tokenizer: character positions by decoding, as the response was made
-            dec = self.tokenizer.decode
-            char_start = len(dec(ids[: raw.l]))
-            text = dec(ids[raw.l: raw.r])
-        else:  # the index's own character offsets in the response
-            char_start, char_end = align.chars(raw.l, raw.r)
-            text = align.response[char_start:char_end]
-        return Span(index=index, start=raw.l, end=raw.r, char_start=char_start, char_end=char_start + len(text),
-                    text=text, count=raw.count, count_by_source=dict(raw.count_by_source),
-                    unigram_logprob_sum=raw.unigram_logprob_sum, group=-1,
-                    documents=self._documents(docs, windows, snippet_tokens))
-
-    def _documents(self, docs: list[SpanDocument], windows: list[tuple[DocHit, str]],
-                   snippet_tokens: int) -> list[DocHit]:
-        """The span's documents (up to max_docs distinct ones, sampled with a fixed seed from its
-        occurrences in sources that show documents, each cut to its source's policy) as hits;
-        hits with the same text under other doc_ids point at the first (`repeat_of`)."""
-        out, first = [], {}
-        for d in docs:
-            hit, text = self._hit(d, snippet_tokens)
-            key = (tuple(d.token_ids), d.needle_offset, d.token_offset)
-            if not d.blocked and key in first:
-                hit.repeat_of = first[key]
-                out[first[key]].repeats += 1
-            elif not d.blocked:
-                first[key] = len(out)
-            out.append(hit)
-            if text is not None:
-                windows.append((hit, text))
-        return out
-
-    def _hit(self, d: SpanDocument, snippet_tokens: int) -> tuple[DocHit, str | None]:
-        """A document as the trace shows it, and the text BM25 rates it on (None when blocked)."""
-        hit = DocHit(source=d.source, doc_id=d.doc_id, title=d.title, shard=d.shard, doc_ix=d.doc_ix,
-                     token_offset=d.token_offset, blocked=d.blocked, snippet=None, snippet_span=None, context=None,
-                     context_span=None)
-        if d.blocked:  # nothing of a taken-down document leaves the index but its id
-            return hit, None
-        toks, a, n = d.token_ids, d.needle_offset, d.needle_len
-        side = max(0, (snippet_tokens - n) // 2)
-        hit.snippet, hit.snippet_span = marked(self.tokenizer, toks[max(0, a - side): a], toks[a: a + n],
-                                               toks[a + n: a + n + side])
-        text, span = marked(self.tokenizer, toks[:a], toks[a: a + n], toks[a + n:])
-        if d.visibility == "full":
-            hit.context, hit.context_span = text, span
-        return hit, text
+        return Pending(trace=trace, ids=ids, prompt_ids=prompt_ids, routing=routing, align=align, options=st, t0=t0)
 
 
 def catalog_fingerprint(ws: Workspace) -> tuple:
@@ -422,34 +419,12 @@ def catalog_fingerprint(ws: Workspace) -> tuple:
             tuple(sorted((r.source, r.build_id) for r in list_indexes(ws))))
 
 
-def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
+def _both(first: Check, second: Check) -> Check:
     """One checkpoint that asks two (the tracer's own, then a caller's)."""
     def check() -> None:
         first()
         second()
     return check
-
-
-def _groups(spans: list[Span], ids: list[int], tok, response: str | None = None) -> list[SpanGroup]:
-    """Merge overlapping spans into top-level groups (spans are sorted by start); a group's text
-    is decoded from its ids, or cut from `response` by the spans' characters when given."""
-    groups: list[SpanGroup] = []
-    for s in spans:
-        if groups and s.start < groups[-1].end:
-            g = groups[-1]
-            g.end = max(g.end, s.end)
-            g.spans.append(s.index)
-        else:
-            groups.append(SpanGroup(index=len(groups), start=s.start, end=s.end, char_start=s.char_start,
-                                    char_end=s.char_end, text="", spans=[s.index]))
-        s.group = groups[-1].index
-    for g in groups:
-        if response is None:
-            g.text = tok.decode(ids[g.start: g.end])
-        else:
-            g.text = response[g.char_start: max(spans[i].char_end for i in g.spans)]
-        g.char_end = g.char_start + len(g.text)
-    return groups
 
 
 def _ms(t0: float) -> float:

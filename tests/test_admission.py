@@ -1,0 +1,258 @@
+"""Admission at arrival and the tracer's two lanes (api/admission.py, api/worker.py).
+
+The planner on its own (pure: times in, verdicts out), the worker with stages that wait on
+events (what each lane runs, in which order, what it refuses), and the served API under a burst
+(refusals within 100 ms with Retry-After; spans-only traces answered while the model lane is
+busy; a streamed trace's spans even when its experts are refused).
+
+    .venv/bin/python -m pytest tests/test_admission.py -q
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import threading
+import time
+from dataclasses import replace
+
+import httpx
+import pytest
+from conftest_model import build_served_federation
+from served import LiveServer
+
+from api.admission import Estimates, Fit, Planned, admit, plan
+from api.app import create_app
+from api.deps import Settings
+from api.worker import Busy, Stage, Stopped, TraceWorker
+from flexolmo.base import sources
+from tracing.provenance import queries
+from tracing.trace import Tracer
+
+NAMES = ("public", "news", "code")
+
+
+# -- the planner -------------------------------------------------------------------------------
+
+
+def test_plan_runs_each_lane_earliest_due_first_and_chains_stages():
+    free = {"index": 0.0, "model": 0.0}
+    long = Planned(key=1, due=100.0, ready=0.0, steps=[("index", 1.0), ("model", 10.0)])
+    short = Planned(key=2, due=5.0, ready=0.0, steps=[("index", 1.0), ("model", 2.0)])
+    got = plan(free, [long, short])
+    # short is due first: its index step runs first (0-1), its model step 1-3; long's index 1-2, model 3-13
+    assert got == {2: 3.0, 1: 13.0}
+    # a busy model lane delays both model steps; the index lane is unaffected
+    assert plan({"index": 0.0, "model": 4.0}, [long, short]) == {2: 6.0, 1: 16.0}
+
+
+def test_admit_refuses_what_would_be_late_and_what_would_make_others_late():
+    free = {"index": 0.0, "model": 0.0}
+    a = Planned(key=1, due=5.5, ready=0.0, steps=[("model", 5.0)])
+    ok = admit(0.0, free, [a], Planned(key=2, due=20.0, ready=0.0, steps=[("model", 5.0)]))
+    assert ok.admitted and ok.finish == 10.0
+    late = admit(0.0, free, [a], Planned(key=2, due=8.0, ready=0.0, steps=[("model", 5.0)]))
+    assert not late.admitted and late.retry_after_s == 2  # 10 - 8
+    # an earlier-due newcomer would go first and push `a` past its due: refused too
+    pushy = admit(0.0, free, [a], Planned(key=2, due=2.0, ready=0.0, steps=[("model", 1.0)]))
+    assert not pushy.admitted and pushy.retry_after_s == 1
+    # index-only work is not held by a full model lane
+    assert admit(0.0, {"index": 0.0, "model": 50.0}, [], Planned(key=3, due=0.5, ready=0.0,
+                                                                   steps=[("index", 0.1)])).admitted
+
+
+def test_fit_learns_a_fixed_cost_and_a_rate_and_estimates_fall_back_to_priors():
+    f = Fit()
+    assert f.predict(10) is None
+    for x in (100, 200, 400, 800):
+        f.add(x, 0.05 + 0.001 * x)
+    assert f.predict(1000) == pytest.approx(1.05, rel=1e-6)
+    est = Estimates({"first": 0.001, "counterfactual": 0.01})
+    assert est.seconds("first", 500) == pytest.approx(0.5)  # the prior
+    est.observe("counterfactual", 100, 3.0, alone=False)  # timed under load only
+    assert est.seconds("counterfactual", 100, idle=True) == pytest.approx(3.0)  # the loaded fit stands in
+    est.observe("counterfactual", 100, 1.0, alone=True)
+    assert est.seconds("counterfactual", 100, idle=True) == pytest.approx(1.0)
+    assert 1.0 < est.seconds("counterfactual", 100) < 3.0
+
+
+# -- the worker's lanes ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory):
+    return build_served_federation(tmp_path_factory.mktemp("admission"), sources=NAMES)
+
+
+@pytest.fixture
+def worker(fed):
+    est = Estimates({"first": 0.001, "routing": 0.001, "counterfactual": 0.001, "generate": 0.01, "search": 0.01})
+    w = TraceWorker(fed, lambda ws: Tracer.open(ws, model=None), est, factor=4.0)
+    w.start()
+    yield w
+    w.close()
+
+
+def _stage(lane: str, fn, kind: str = "first", units: float = 100) -> Stage:
+    return Stage(lane, kind, units, lambda tracer, job, prev: fn())
+
+
+def test_the_index_lane_answers_while_the_model_lane_is_busy(worker):
+    release, order = threading.Event(), []
+    model = worker.submit([_stage("model", lambda: release.wait(10), "counterfactual")], "trace", 30.0)
+    time.sleep(0.1)
+    t0 = time.monotonic()
+    spans = worker.submit([_stage("index", lambda: order.append("index") or "spans")], "trace", 30.0)
+    assert spans.future.result(5) == "spans" and time.monotonic() - t0 < 1.0
+    assert not model.future.done()  # still running on the other lane
+    release.set()
+    assert model.future.result(5) is True and worker.queued == 0
+
+
+def test_a_burst_is_refused_at_once_with_retry_after_and_admitted_jobs_run_earliest_due_first(worker):
+    for _ in range(3):  # the model lane's stages take ~1 s per 100 characters (timed, alone)
+        worker.estimates.observe("counterfactual", 100, 1.0, alone=True)
+    release, ran = threading.Event(), []
+    first = worker.submit([_stage("model", lambda: release.wait(10), "counterfactual")], "trace", 30.0)
+    time.sleep(0.05)
+    admitted, refused = [], []
+    for i in range(8):  # 1 s each, target 4 s: about three fit behind the running one
+        t0 = time.monotonic()
+        try:
+            admitted.append(worker.submit([_stage("model", lambda i=i: ran.append(i), "counterfactual")], "trace", 30.0))
+        except Busy as e:
+            refused.append((time.monotonic() - t0, e))
+    assert 2 <= len(admitted) <= 4 and len(refused) == 8 - len(admitted), (len(admitted), len(refused))
+    assert all(secs < 0.1 for secs, _ in refused)
+    assert all(e.retry_after >= 1 and "retry in" in str(e) and "target" in str(e) for _, e in refused)
+    release.set()
+    for j in [first, *admitted]:
+        j.future.result(10)
+    assert sorted(ran) == list(range(len(admitted)))
+    # a job due sooner overtakes those admitted before it that still wait (targets = budgets here)
+    worker.factor, ran[:] = 0, []
+    release.clear()
+    block = worker.submit([_stage("model", lambda: release.wait(10), "counterfactual")], "trace", 30.0)
+    time.sleep(0.05)
+    late = [worker.submit([_stage("model", lambda i=i: ran.append(i), "counterfactual")], "trace", 30.0) for i in range(2)]
+    soon = worker.submit([_stage("model", lambda: ran.append("soon"), "counterfactual")], "trace", 5.0)
+    release.set()
+    for j in [block, *late, soon]:
+        j.future.result(10)
+    assert ran == ["soon", 0, 1]
+
+
+def test_a_job_that_cannot_start_within_its_budget_never_runs(worker):
+    release, ran, started = threading.Event(), [], threading.Event()
+    worker.factor = 0  # admitted on its budget alone
+    first = worker.submit([_stage("model", lambda: started.set() or release.wait(5), "counterfactual")], "trace", 5.0)
+    assert started.wait(5)  # running: the second, though due sooner, waits for it
+    second = worker.submit([_stage("model", lambda: ran.append(1), "counterfactual", units=1)], "trace", 0.2)
+    time.sleep(0.4)
+    release.set()
+    assert first.future.result(10) is True
+    with pytest.raises(Busy, match="busy"):
+        second.future.result(10)
+    assert not ran and worker.queued == 0
+
+
+def test_a_forgotten_job_stops_between_stages_and_a_reopen_waits_for_jobs_under_way(worker):
+    release, ran = threading.Event(), []
+    job = worker.submit([_stage("index", lambda: release.wait(5)), _stage("model", lambda: ran.append("model"))],
+                        "trace", 30.0)
+    time.sleep(0.1)
+    worker.reopen_soon()
+    tracer = worker.tracer
+    later = worker.submit([_stage("index", lambda: ran.append("later"))], "trace", 30.0)
+    time.sleep(0.2)
+    assert ran == [] and worker.tracer is tracer  # the reopen waits for the job under way; `later` waits for it
+    worker.forget(job)
+    release.set()
+    with pytest.raises(Stopped):
+        job.future.result(5)
+    later.future.result(10)
+    assert ran == ["later"] and worker.tracer is not tracer  # reopened before `later` started
+
+
+# -- the served API ----------------------------------------------------------------------------
+
+
+def _text(ws, source: str, n_chars: int, start: int = 0) -> str:
+    docs = sources.load_documents(ws, source, split="train").to_pylist()
+    return " " + " ".join(d["text"] for d in docs[start:])[:n_chars]
+
+
+@pytest.fixture
+def live(fed):
+    servers = []
+
+    def start(settings: Settings) -> LiveServer:
+        servers.append(LiveServer(create_app(fed, settings=settings)))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+def _stored_once(ws, ids: list[str]) -> bool:
+    counts = dict(queries.query(ws, "SELECT trace_id, count(*) FROM traces GROUP BY 1", limit=None).rows)
+    return all(counts.get(i) == 1 for i in ids)
+
+
+def test_served_burst_refusals_come_fast_and_spans_only_traces_pass_the_busy_model(fed, live):
+    srv = live(replace(Settings.from_env(fed.root), client_passes=0, trace_budget_s=60))
+    long = _text(fed, "news", 2500) + _text(fed, "code", 2500)
+    with httpx.Client(base_url=srv.url, timeout=120) as c:
+        for i in range(2):  # the service times its stages (alone)
+            assert c.post("/api/trace", json={"text": _text(fed, "news", 3000, start=i)}).status_code == 200
+        est = c.get("/api/health").json()["estimates"]
+        assert est["counterfactual"]["runs"] >= 2 and est["first"]["runs"] >= 2
+
+        def post(body):
+            t0 = time.perf_counter()
+            r = httpx.post(srv.url + "/api/trace", json=body, timeout=120)
+            return r, time.perf_counter() - t0
+
+        with cf.ThreadPoolExecutor(12) as pool:
+            burst = [pool.submit(post, {"text": long}) for _ in range(10)]
+            time.sleep(0.3)
+            spans = [post({"text": _text(fed, "code", 600, start=i), "options": {"link_experts": False}})
+                     for i in range(3)]
+            res = [f.result() for f in burst]
+        ok = [r for r, _ in res if r.status_code == 200]
+        refused = [(r, s) for r, s in res if r.status_code == 503]
+        assert ok and refused and len(ok) + len(refused) == 10, [r.status_code for r, _ in res]
+        assert all(s < 0.5 and int(r.headers["retry-after"]) >= 1 and "busy" in r.json()["detail"] for r, s in refused)
+        assert max(s for r, s in refused) < 0.5
+        # spans-only traces: answered while the model lane works through the admitted ones
+        assert all(r.status_code == 200 and not any(s["experts"] for s in r.json()["spans"]) for r, _ in spans), \
+            [(r.status_code, r.text[:300], s) for r, s in spans]
+        assert all(r.json()["spans"] for r, _ in spans) and max(s for _, s in spans) < 5
+        assert _stored_once(fed, [r.json()["trace_id"] for r in ok] + [r.json()["trace_id"] for r, _ in spans])
+
+
+def test_a_streamed_trace_shows_its_spans_when_its_experts_are_refused(fed, live):
+    srv = live(replace(Settings.from_env(fed.root), client_passes=0, trace_budget_s=60, queue_factor=2))
+    long = _text(fed, "news", 10_000) + _text(fed, "code", 10_000)
+    with httpx.Client(base_url=srv.url, timeout=120) as c:
+        assert c.post("/api/trace", json={"text": long}).status_code == 200  # timed
+        with cf.ThreadPoolExecutor(4) as pool:
+            busy = [pool.submit(httpx.post, srv.url + "/api/trace", json={"text": long}, timeout=120) for _ in range(3)]
+            time.sleep(0.3)
+            events = []
+            with c.stream("POST", "/api/trace/stream", json={"text": long}) as r:
+                assert r.status_code == 200
+                kind = None
+                for line in r.iter_lines():
+                    if line.startswith("event: "):
+                        kind = line[7:]
+                    elif line.startswith("data: "):
+                        events.append((kind, json.loads(line[6:])))
+            [f.result() for f in busy]
+    kinds = [k for k, _ in events]
+    assert kinds == ["spans", "error"], kinds
+    err = events[1][1]
+    assert err["status"] == 503 and err["retry_after"] >= 1 and "experts were not linked" in err["detail"]
+    assert events[0][1]["spans"] and _stored_once(fed, []) and not queries.query(
+        fed, f"SELECT count(*) FROM traces WHERE trace_id = '{events[0][1]['trace_id']}'").rows[0][0]
