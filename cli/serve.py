@@ -57,6 +57,10 @@ def serve(
     client_passes: Annotated[Optional[int], typer.Option(help="Traces, generations and searches per client running "
                                                               "at once; 0: no limit "
                                                               "(default: $FLEXOLMO_CLIENT_PASSES, else 2).")] = None,
+    queue_factor: Annotated[Optional[float], typer.Option(help="Admit a trace, generation or search only if it can be "
+                                                               "answered within this many times its time on an idle "
+                                                               "service (else 503 with Retry-After at once); 0: within "
+                                                               "its budget (default: $FLEXOLMO_QUEUE_FACTOR, else 4).")] = None,
 ) -> None:
     """Serve the web page and the trace API over the workspace."""
     import uvicorn
@@ -79,6 +83,8 @@ def serve(
                 raise InputError(f"--client-{name} must be {least} or more{' (0: no limit)' if least == 0 else ''}, "
                                  f"got {value}")
             os.environ[f"FLEXOLMO_CLIENT_{name.upper()}"] = str(value)
+    if queue_factor is not None:
+        os.environ["FLEXOLMO_QUEUE_FACTOR"] = str(queue_factor)
     Settings.from_env(root)  # every setting checked here, not in each worker
     keys = KeyStore.for_workspace(root)
     if not is_loopback(host) and not keys.has_access_keys():

@@ -271,6 +271,7 @@ def test_tabs_show_their_view_and_the_forms_take_the_option_models_defaults(serv
     assert int(tokens.get_attribute("min")) == GenerationOptions.model_fields["max_new_tokens"].metadata[0].ge
     assert int(tokens.get_attribute("max")) == min(limit, GenerationOptions.model_fields["max_new_tokens"].metadata[1].le)
     assert d.find_element(By.ID, "trace-cf").is_selected() == TraceOptions().counterfactual
+    assert d.find_element(By.ID, "trace-experts").is_selected() == TraceOptions().link_experts
 
 
 def test_generate_and_trace_and_the_trace_forms_controls(fed, server, browser):
@@ -298,7 +299,18 @@ def test_generate_and_trace_and_the_trace_forms_controls(fed, server, browser):
         drops = [r.find_elements(By.TAG_NAME, "td")[2].text for r in detail.find_elements(By.CSS_SELECTOR, "table.experts tbody tr")]
         assert drops and set(drops) == {"—"}  # no counterfactual computed
         assert "(by routing)" in detail.find_element(By.CSS_SELECTOR, ".top-expert").text
+        # spans and documents only: no model pass, and the counterfactual box has nothing to say
+        d.find_element(By.ID, "trace-experts").click()
+        assert not d.find_element(By.ID, "trace-experts").is_selected() and not d.find_element(By.ID, "trace-cf").is_enabled()
+        _trace(d, _passage(fed, "news", 5))
+        mark = max(d.find_elements(By.CSS_SELECTOR, "#response mark"), key=lambda m: len(m.text))
+        mark.click()
+        detail = _wait(d, EC.visibility_of_element_located((By.ID, "detail")))
+        assert not detail.find_elements(By.CSS_SELECTOR, "table.experts")
+        assert "spans and documents only" in detail.find_element(By.CSS_SELECTOR, ".experts-none").text
     finally:
+        if not d.find_element(By.ID, "trace-experts").is_selected():
+            d.find_element(By.ID, "trace-experts").click()
         if not d.find_element(By.ID, "trace-cf").is_selected():
             d.find_element(By.ID, "trace-cf").click()
 

@@ -247,7 +247,11 @@ function documentsList(s) {
 
 function expertsTable(s) {
   if (current && current.experts_pending) return el("p", { class: "muted experts-pending" }, "Finding the experts…");
-  if (!s.experts.length) return el("p", { class: "muted" }, "No experts: no model is loaded, or it is a dense model (spans and documents only).");
+  if (!s.experts.length) {
+    return el("p", { class: "muted experts-none" }, current && current.settings && current.settings.link_experts === false
+      ? "Experts not linked: this trace asked for spans and documents only."
+      : "No experts: no model is loaded, or it is a dense model (spans and documents only).");
+  }
   const rows = [...s.experts].sort((a, b) => b.routing_share - a.routing_share);
   return el("table", { class: "experts" },
     el("thead", {}, el("tr", {}, el("th", {}, "expert"), el("th", {}, "routing share"), el("th", { title: "drop in the span's log-probability with this expert off" }, "drop if off"))),
@@ -261,7 +265,8 @@ function expertsTable(s) {
 
 // The bodies are the API's: `options` a TraceOptions, `generation` a GenerationOptions; a field
 // left out takes the service's setting.
-const traceOptions = () => ({ counterfactual: $("trace-cf").checked });
+const traceOptions = () => ({ link_experts: $("trace-experts").checked, counterfactual: $("trace-cf").checked });
+$("trace-experts").addEventListener("change", () => { $("trace-cf").disabled = !$("trace-experts").checked; });
 
 $("trace-form").addEventListener("submit", (e) => {
   e.preventDefault();
@@ -331,6 +336,7 @@ async function loadOptionDefaults() {
   $("gen-tokens").max = tokens.maximum;
   $("gen-tokens").value = tokens.default;
   $("trace-cf").checked = schemas.TraceOptions.properties.counterfactual.default;
+  $("trace-experts").checked = schemas.TraceOptions.properties.link_experts.default;
 }
 
 // ---------------------------------------------------------------------------------------
