@@ -10,7 +10,7 @@ from conftest_model import build_federation
 from typer.testing import CliRunner
 
 from cli.main import app
-from flexolmo.base import sources
+from flexolmo.base import catalog, sources
 from flexolmo.model.merge import merge
 from flexolmo.model.train import train_expert, train_public
 from index.build import build_source, index_dir
@@ -21,7 +21,7 @@ from tracing.provenance import queries
 from tracing.experts import link_experts
 from tracing.options import TraceOptions
 from flexolmo.model.generate import GenerationOptions
-from tracing.trace import Tracer
+from tracing.trace import Tracer, _stamp
 
 NAMES = ("public", "news", "code", "math")
 
@@ -401,3 +401,21 @@ def test_open_loads_what_the_first_search_would(fed):
     tracer = Tracer.open(fed, model=None)
     assert tracer.fed.local and all(ix._unigram is not None for ix in tracer.fed.local.values())
     assert tracer.fed._ulp is not None and tracer.fed._ulp[0] == tuple((n, ix.build_id) for n, ix in tracer.fed.local.items())
+
+
+def test_a_tracer_sees_a_policy_change_from_another_process_at_its_next_check(fed):
+    """`stale()` reads only the catalog files' stamps until they change; a write that changes
+    nothing a trace depends on keeps the tracer, a policy change makes it stale."""
+    tracer = Tracer.open(fed, model=None)
+    assert not tracer.stale() and not tracer.stale()
+    before = sources.get_source(fed, "news").visibility
+    with catalog.connect(fed) as con:  # a write the tracer does not depend on
+        con.execute("CREATE TABLE IF NOT EXISTS scratch_note (x INTEGER)")
+        con.execute("INSERT INTO scratch_note VALUES (1)")
+    assert tracer.stamp != _stamp(fed) and not tracer.stale() and tracer.stamp == _stamp(fed)
+    sources.set_policy(fed, "news", visibility="snippets" if before != "snippets" else "full")
+    try:
+        assert tracer.stale()
+        assert not Tracer.open(fed, model=None).stale()
+    finally:
+        sources.set_policy(fed, "news", visibility=before)

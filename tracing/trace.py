@@ -107,6 +107,7 @@ class Tracer:
     model_tokenizer: object | None = None  # the model's own tokenizer; None: it shares the index's
     options: TraceOptions = field(default_factory=TraceOptions)  # the defaults of every call (a service's settings)
     fingerprint: tuple = ()  # the catalog state this tracer was opened under (see `stale`)
+    stamp: tuple = ()  # the date and the catalog files' stamp when `fingerprint` was last found unchanged
 
     @classmethod
     def open(cls, ws: Workspace, *, model: ModelSpec | LoadedModel | None = ModelSpec(),
@@ -136,7 +137,8 @@ class Tracer:
         fed.warm(delims, bow)  # the first trace then costs what the others do
         return cls(ws=ws, fed=fed, tokenizer=tok, bow=bow, delims=delims,
                    policies={s.name: s for s in src_lib.list_sources(ws)}, model=model,
-                   model_name=name, model_tokenizer=own, options=opts, fingerprint=catalog_fingerprint(ws))
+                   model_name=name, model_tokenizer=own, options=opts, stamp=_stamp(ws),
+                   fingerprint=catalog_fingerprint(ws))
 
     def checkpoint(self) -> None:
         """Called before every decoder layer of every model pass (generation, routing,
@@ -161,7 +163,13 @@ class Tracer:
         A long-running service checks this before each trace and reopens: a source switched
         off from the command line, or one whose licence expires at midnight, stops at once.
         """
-        return catalog_fingerprint(self.ws) != self.fingerprint
+        now = _stamp(self.ws)  # microseconds; the catalog itself is read only when its files changed
+        if now == self.stamp:
+            return False
+        if catalog_fingerprint(self.ws) != self.fingerprint:
+            return True
+        self.stamp = now  # written to, but nothing this tracer depends on changed
+        return False
 
     # -- entry points: the stages in sequence ------------------------------------------------
 
@@ -407,6 +415,12 @@ class Tracer:
                       "model": self.model_card()},
         )
         return Pending(trace=trace, ids=ids, prompt_ids=prompt_ids, routing=routing, align=align, options=st, t0=t0)
+
+
+def _stamp(ws: Workspace) -> tuple:
+    from flexolmo.base.catalog import stamp
+
+    return dt.date.today(), stamp(ws)
 
 
 def catalog_fingerprint(ws: Workspace) -> tuple:

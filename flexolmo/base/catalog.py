@@ -35,6 +35,20 @@ BUSY_WAIT_S = 3.0  # how long a connection waits for another process to release 
 _LOCK = threading.RLock()  # one catalog connection at a time in this process
 
 
+def stamp(ws: Workspace) -> tuple:
+    """The catalog files' modification times and sizes (the database and its write-ahead log):
+    unchanged stamps mean an unchanged catalog, read in microseconds without opening it."""
+    out = []
+    for p in (ws.catalog_path, ws.catalog_path.with_name(ws.catalog_path.name + ".wal")):
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            out.append(None)
+        else:
+            out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+    return tuple(out)
+
+
 @contextlib.contextmanager
 def connect(ws: Workspace, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
     """Open the workspace catalog (creating it and its tables when writable)."""
