@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 
 from flexolmo.base.errors import InputError
 from flexolmo.base.workspace import Workspace
@@ -30,6 +31,7 @@ from flexolmo.model.loading import ModelSpec
 from flexolmo.model.specs import GenerationOptions
 from index.keys import KeyStore
 from tracing.options import TraceOptions
+from tracing.provenance import store
 from tracing.results import Trace
 from tracing.trace import Pending, Tracer
 
@@ -169,11 +171,10 @@ class Service:
     # -- the stages of each request kind (api/worker.py) -----------------------------------------
 
     def trace_stages(self, text: str, prompt: str | None, options: TraceOptions | None,
-                     then: Callable[[Tracer, Job, Trace], Any],
                      first_seen: Callable[[Trace], None] | None = None) -> list[Stage]:
-        """A pasted trace: its index stage, then its model stage when it links experts. `then`
-        runs after the last stage, on its lane (store the trace, say); `first_seen(trace)` gets the
-        first part (spans, documents, relevance) the moment it is ready."""
+        """A pasted trace: its index stage, then its model stage when it links experts; the last
+        stage's result is the Trace (not stored: `keep`). `first_seen(trace)` gets the first
+        part (spans, documents, relevance) the moment it is ready."""
         units = len(text) + len(prompt or "")
 
         def first(tracer: Tracer, job: Job, _: Any) -> Pending:
@@ -182,23 +183,21 @@ class Service:
                 first_seen(p.trace)
             return p
 
-        return self._linked([Stage("index", "first", units, first)], options, units, then)
+        return self._linked([Stage("index", "first", units, first)], options, units)
 
-    def generation_stages(self, prompt: str, generation: GenerationOptions, options: TraceOptions | None,
-                          then: Callable[[Tracer, Job, Trace], Any]) -> list[Stage]:
+    def generation_stages(self, prompt: str, generation: GenerationOptions, options: TraceOptions | None) -> list[Stage]:
         """A generation: the model generates, the index stage traces, the model stage links experts."""
         units = len(prompt) + 4 * generation.max_new_tokens  # characters traced, about 4 a token
         return self._linked([
             Stage("model", "generate", generation.max_new_tokens,
                   lambda t, j, _: t.generate_part(prompt, generation, options=options, check=j.check)),
-            Stage("index", "first", units, lambda t, j, g: t.first_part_of(g, check=j.check))], options, units, then)
+            Stage("index", "first", units, lambda t, j, g: t.first_part_of(g, check=j.check))], options, units)
 
-    def _linked(self, stages: list[Stage], options: TraceOptions | None, units: float,
-                then: Callable[[Tracer, Job, Trace], Any]) -> list[Stage]:
+    def _linked(self, stages: list[Stage], options: TraceOptions | None, units: float) -> list[Stage]:
         """`stages` followed by expert linkage on the model lane, or closed on their own lane when
         the trace links no experts (no model, or `link_experts` false)."""
-        def last(tracer: Tracer, job: Job, p: Pending) -> Any:
-            return then(tracer, job, tracer.last_part(p, check=job.check))
+        def last(tracer: Tracer, job: Job, p: Pending) -> Trace:
+            return tracer.last_part(p, check=job.check)
 
         tracer = self.tracer
         if tracer is not None and tracer.needs_model(options):
@@ -206,6 +205,14 @@ class Service:
             return stages + [Stage("model", kind, units, last)]
         *head, tail = stages
         return head + [Stage(tail.lane, tail.kind, tail.units, lambda t, j, prev: last(t, j, tail.fn(t, j, prev)))]
+
+    async def keep(self, request: Request, t: Trace, owner: str | None) -> Trace:
+        """Store a finished trace as `owner`'s (tracing/provenance/access.py), off the tracer's
+        lanes (a commit takes tens of milliseconds); nothing is stored for a client that left."""
+        if await request.is_disconnected():
+            raise Stopped("the client went away; the trace was not stored")
+        await run_in_threadpool(store.save_trace, self.ws, t, owner=owner)
+        return t
 
     @staticmethod
     def index_stages(fn: Callable[[Tracer], Any]) -> list[Stage]:

@@ -43,20 +43,17 @@ from index import query as index_query
 from index.query import NextTokens, Query, SearchResult
 from index.takedown import list_takedowns
 from tracing.provenance import governance
-from tracing.provenance import listing, store
+from tracing.provenance import listing
 from tracing.provenance import queries
 from tracing.provenance.access import TOKEN_HEADER, Caller, owner_of
 from tracing.results import Trace
 from flexolmo.model.generate import GenerationOptions
 from tracing.provenance.listing import TraceFilter, list_provenance
 from tracing.provenance.queries import Contribution
-from tracing.trace import Tracer
-
 from .auth import AdminKey, CallerDep, OwnerKey
 from .deps import ServiceDep
 from .schemas import (GenerateRequest, Health, KeyCreate, KeyIssued, KeyOut, NextTokensRequest, PolicyUpdate,
                       QueryRequest, QueryResponse, SearchRequest, SourceOut, StoredTrace, TakedownRequest, TraceRequest)
-from .worker import Job
 
 router = APIRouter(prefix="/api")
 
@@ -82,8 +79,8 @@ async def trace(req: TraceRequest, svc: ServiceDep, request: Request, who: Calle
     _cap("prompt", req.prompt, st.max_trace_chars, st.trace_budget_s)
     if req.store and who.token:  # a client without a key reads its trace back with this token
         response.headers[TOKEN_HEADER] = who.token
-    stages = svc.trace_stages(req.text, req.prompt, req.options, _keep(req.store, who))  # its set fields over the service's
-    return await svc.run(request, "trace", st.trace_budget_s, stages)
+    t = await svc.run(request, "trace", st.trace_budget_s, svc.trace_stages(req.text, req.prompt, req.options))
+    return await svc.keep(request, t, owner_of(who)) if req.store else t  # readable by its maker
 
 
 @router.post("/generate", response_model=Trace)
@@ -97,19 +94,8 @@ async def generate(req: GenerateRequest, svc: ServiceDep, request: Request, who:
                                         f"at most {st.max_new_tokens} within its {st.generate_budget_s:g} s budget")
     if req.store and who.token:
         response.headers[TOKEN_HEADER] = who.token
-    stages = svc.generation_stages(req.prompt, gen, req.options, _keep(req.store, who))
-    return await svc.run(request, "generation", st.generate_budget_s, stages)
-
-
-def _keep(keep: bool, who: Caller):
-    """What a trace's last stage does with the finished trace: store it as its maker's (unless
-    its job was stopped or abandoned meanwhile, or `store` is false) and answer it."""
-    def then(tracer: Tracer, job: Job, t: Trace) -> Trace:
-        job.check()  # stopped or abandoned: not stored
-        if keep:
-            store.save_trace(tracer.ws, t, owner=owner_of(who))  # readable by its maker (tracing/provenance/access.py)
-        return t
-    return then
+    t = await svc.run(request, "generation", st.generate_budget_s, svc.generation_stages(req.prompt, gen, req.options))
+    return await svc.keep(request, t, owner_of(who)) if req.store else t
 
 
 # -- searching the training data (on the tracer's index lane) ----------------------------------

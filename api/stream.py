@@ -12,7 +12,7 @@
 The trace is one job within the trace budget (api/worker.py): its first stage (spans,
 documents, relevance: no model pass) runs on the index lane and its part is sent the moment
 it is ready; the second (routing share, counterfactuals) follows on the model lane, and the
-trace is stored once, complete, before `experts` is sent. When the model lane cannot take the
+trace is stored once, complete, before `experts` is sent (`Service.keep`). When the model lane cannot take the
 trace within its target but the index lane can, the spans are still sent, followed by an
 `error` event with status 503 and `retry_after` (nothing is stored). Errors before the first
 part (busy: 503, a client over its limits: 429, each with Retry-After) are plain HTTP errors.
@@ -34,7 +34,6 @@ from fastapi.responses import StreamingResponse
 
 from flexolmo.base.errors import FlexolmoError
 from tracing.provenance.access import TOKEN_HEADER, owner_of
-from tracing.provenance import store
 from tracing.results import Trace
 from tracing.trace import Tracer
 
@@ -81,17 +80,10 @@ async def trace_stream(req: TraceRequest, svc: ServiceDep, request: Request, who
     def shown(first: Trace) -> None:  # as POST /api/trace shapes a Trace
         put("spans", {**jsonable_encoder(first), "experts_pending": True})
 
-    def finish(tracer: Tracer, job: Job, t: Trace) -> None:
-        job.check()  # stopped or abandoned: not stored
-        if req.store:
-            store.save_trace(tracer.ws, t, owner=owner_of(who))  # readable by its maker (tracing/provenance/access.py)
-        put("experts", experts_part(t))
-        put("done", {"trace_id": t.trace_id, "stored": req.store})
-
     gate = contextlib.ExitStack()
     gate.enter_context(svc.limits.model_pass(client_of(request.scope, svc.keys)))  # 429 over the client's limit
     try:
-        stages = svc.trace_stages(req.text, req.prompt, opts, finish, first_seen=shown)
+        stages = svc.trace_stages(req.text, req.prompt, opts, first_seen=shown)
         try:
             job = svc.worker.submit(stages, "trace", st.trace_budget_s)
         except Busy as busy:
@@ -99,7 +91,8 @@ async def trace_stream(req: TraceRequest, svc: ServiceDep, request: Request, who
                 raise
             # the model lane is full: the spans alone, if the index lane can find them in time
             job = svc.worker.submit([_then_refuse(stages[0], put, busy)], "trace", st.trace_budget_s)
-        job.future.add_done_callback(lambda f: f.cancelled() or f.exception() is None or put("error", f.exception()))
+        job.future.add_done_callback(lambda f: f.cancelled() or put(*(("error", f.exception()) if f.exception() else
+                                                                      ("linked", f.result()))))
         kind, first = await _next(parts, job, request, svc)
         if kind == "error":
             raise first
@@ -115,14 +108,25 @@ async def trace_stream(req: TraceRequest, svc: ServiceDep, request: Request, who
                     kind, data = await _next(parts, job, request, svc)
                 except Stopped as e:
                     kind, data = "error", e
+                if kind == "linked" and data is None:  # the spans alone (the experts were refused: said before)
+                    return
+                if kind == "linked":  # the trace is complete: stored, then sent
+                    try:
+                        if req.store:
+                            await svc.keep(request, data, owner_of(who))  # readable by its maker
+                    except Stopped:
+                        return  # the client left
+                    except Exception as e:  # noqa: BLE001  told to the client below
+                        kind, data = "error", e
+                    else:
+                        yield sse("experts", experts_part(data))
+                        yield sse("done", {"trace_id": data.trace_id, "stored": req.store})
+                        return
                 if kind == "error":
                     yield sse("error", {"trace_id": first["trace_id"], "status": getattr(data, "http_status", 500),
                                         "detail": str(data) if isinstance(data, FlexolmoError) else
-                                        f"the expert stage failed: {type(data).__name__}",
+                                        f"the trace could not be completed: {type(data).__name__}",
                                         "retry_after": getattr(data, "retry_after", None)})
-                    return
-                yield sse(kind, data)
-                if kind == "done":
                     return
         finally:
             if not job.future.done():  # the client went away (or the stream was closed): stop the model work
