@@ -125,7 +125,14 @@ async function streamTrace(body) {
           fillExperts(data);
           status("trace-status", "");
           loadMine();
-        } else if (kind === "error") throw new Error(`${data.status}: ${data.detail}`);
+        } else if (kind === "error") {
+          if (current && current.trace_id === data.trace_id) {  // the spans stay; the experts will not come
+            current.experts_pending = false;
+            current.experts_missing = data.detail;
+            showTrace(current);
+          }
+          throw new Error(`${data.status}: ${data.detail}`);
+        }
       }
     }
   } catch (e) {
@@ -165,7 +172,7 @@ function showMeta(t) {
     `searched ${t.sources_searched.join(", ") || "nothing"}`,
     skipped.length ? ` · not searched: ${skipped.join(", ")}` : "",
     t.experts_off.length ? ` · experts off: ${t.experts_off.join(", ")}` : "",
-    ` · ${Math.round(t.timings_ms.total || 0)} ms · trace ${t.trace_id}`,
+    ` · ${Math.round(t.timings_ms.total || t.timings_ms.first_part || 0)} ms · trace ${t.trace_id}`,
   );
 }
 
@@ -248,9 +255,11 @@ function documentsList(s) {
 function expertsTable(s) {
   if (current && current.experts_pending) return el("p", { class: "muted experts-pending" }, "Finding the experts…");
   if (!s.experts.length) {
-    return el("p", { class: "muted experts-none" }, current && current.settings && current.settings.link_experts === false
-      ? "Experts not linked: this trace asked for spans and documents only."
-      : "No experts: no model is loaded, or it is a dense model (spans and documents only).");
+    return el("p", { class: "muted experts-none" }, current && current.experts_missing
+      ? `Experts not linked: ${current.experts_missing}`
+      : current && current.settings && current.settings.link_experts === false
+        ? "Experts not linked: this trace asked for spans and documents only."
+        : "No experts: no model is loaded, or it is a dense model (spans and documents only).");
   }
   const rows = [...s.experts].sort((a, b) => b.routing_share - a.routing_share);
   return el("table", { class: "experts" },
