@@ -16,9 +16,10 @@ every bench client shares one address. The bench touches no owner route, so it n
 a workspace without an admin key gets one here, printed once on stderr (else the server would
 print it to nobody).
 
-Prints per level: requests/s, p50 and p99 latency (of 2xx traces and of everything), errors
-(anything not 2xx except the bad requests' expected 4xx; 503/504 are budget refusals),
-the reader's failures, and whether every 2xx trace is in the store exactly once.
+Prints per level: requests/s and completed traces/s, p50 and p99 latency (of 2xx traces and of
+everything), refusals (429/503: a refused client waits its Retry-After, then goes on), errors
+(anything else not 2xx except the bad requests' expected 4xx; 504 is a trace stopped at its
+budget), the reader's failures, and whether every 2xx trace is in the store exactly once.
 
 Closed-loop clients measure capacity (each waits for its answer before the next request: by
 Little's law the latency grows with the clients). What a user sees when the service is busy
@@ -167,8 +168,11 @@ def client(url: str, until: float, seed: int, texts: list[str], has_model: bool,
                 status, data = 0, {"detail": repr(e)}
             secs = time.perf_counter() - t0
             tid = data.get("trace_id") if status == 200 and kind in ("trace", "generate") else None
+            refused = status in (429, 503) and kind != "bad"
             out.append({"kind": kind, "status": status, "expect": expect, "secs": secs, "trace_id": tid,
-                        "detail": None if status == expect else str(data.get("detail"))[:200]})
+                        "refused": refused, "detail": None if status == expect or refused else str(data.get("detail"))[:200]})
+            if refused:  # as a client should: back after Retry-After (or the budget's end)
+                time.sleep(min(float(resp.headers.get("retry-after", 1)), max(0.0, until - time.monotonic())))
 
 
 def run_level(url: str, ws: Workspace, c: int, seconds: float, texts: list[str], has_model: bool, cap: int) -> dict:
@@ -185,12 +189,14 @@ def run_level(url: str, ws: Workspace, c: int, seconds: float, texts: list[str],
     ok_traces = [r for r in out if r["trace_id"]]
     ids = [r["trace_id"] for r in ok_traces]
     counts = dict(queries.query(ws, "SELECT trace_id, count(*) FROM traces GROUP BY 1", limit=None).rows)
-    errors = [r for r in out if r["status"] != r["expect"]]
+    errors = [r for r in out if r["status"] != r["expect"] and not r["refused"]]
     lat_t = [r["secs"] for r in ok_traces if r["kind"] == "trace"]
     lat_all = [r["secs"] for r in out]
     pct = lambda xs, q: round(float(np.percentile(xs, q)), 3) if xs else None  # noqa: E731
     return {"clients": c, "requests": len(out), "wall_s": round(wall, 1), "req_per_s": round(len(out) / wall, 2),
             "traces_ok": len([r for r in ok_traces if r["kind"] == "trace"]),
+            "traces_per_s": round(len([r for r in ok_traces if r["kind"] == "trace"]) / wall, 2),
+            "refused": sum(1 for r in out if r["refused"]),
             "generates_ok": len([r for r in ok_traces if r["kind"] == "generate"]),
             "queries": len([r for r in out if r["kind"] == "query"]), "bad": len([r for r in out if r["kind"] == "bad"]),
             "trace_p50_s": pct(lat_t, 50), "trace_p99_s": pct(lat_t, 99),
@@ -361,11 +367,12 @@ def main() -> None:
         return
     print(f"{ws.root}: {args.workers} worker(s), model: {'yes' if has_model else 'no'}, {args.words}-word passages, "
           f"{seconds:g} s per level; reader: {seen['ok']} reads, {seen['errors']} failures {seen.get('messages', '')}")
-    print(f"{'C':>3} {'req/s':>6} {'req':>5} {'traces':>6} {'p50 s':>6} {'p99 s':>6} {'all p99':>7} "
-          f"{'errors':>6}  stored once")
+    print(f"{'C':>3} {'req/s':>6} {'req':>5} {'traces':>6} {'tr/s':>5} {'p50 s':>6} {'p99 s':>6} {'all p99':>7} "
+          f"{'refused':>7} {'errors':>6}  stored once")
     for r in results:
-        print(f"{r['clients']:>3} {r['req_per_s']:>6} {r['requests']:>5} {r['traces_ok']:>6} {r['trace_p50_s'] or '-':>6} "
-              f"{r['trace_p99_s'] or '-':>6} {r['all_p99_s'] or '-':>7} {r['errors']:>6}  {r['stored_exactly_once']}"
+        print(f"{r['clients']:>3} {r['req_per_s']:>6} {r['requests']:>5} {r['traces_ok']:>6} {r['traces_per_s']:>5} "
+              f"{r['trace_p50_s'] or '-':>6} {r['trace_p99_s'] or '-':>6} {r['all_p99_s'] or '-':>7} {r['refused']:>7} "
+              f"{r['errors']:>6}  {r['stored_exactly_once']}"
               + (f"  {r['errors_by_status']} {r['error_examples']}" if r["errors"] else ""))
 
 
