@@ -6,11 +6,13 @@ is a chain of stages on these lanes, e.g. a pasted trace is [first@index, last@m
 admitted request has a due time, arrival + its target, where the target is `factor` times
 what the request takes on an idle service (at least MIN_TARGET_S, at most its budget): a
 short request may wait a little, a long one longer, none beyond `factor` times its own idle
-time. Each lane runs its ready stages earliest-due first.
+time. Each lane runs its ready stages earliest-due first, and on the model lane a stage due
+sooner does not wait for a long one under way: the long one pauses at its next decoder layer
+(`Step.pausable`, `Step.nestable`; api/worker.py).
 
-At arrival `Admission.admit` plans every admitted, unfinished request plus the new one on the
-two lanes as they will run (earliest-due first, each stage ready when its previous one ends,
-times from `Estimates`) and takes the new one only if it finishes by its due time and no
+At arrival `admit` plans every admitted, unfinished request plus the new one on the two lanes
+as they will run (`plan`: earliest-due first, pauses included, each stage ready when its
+previous one ends, times from `Estimates`) and takes the new one only if it finishes by its due time and no
 admitted request is pushed past its own. Otherwise the request is refused at once (503)
 with the seconds after which it would be taken (Retry-After): an overloaded service says
 no in milliseconds instead of letting requests age in a queue.
@@ -92,14 +94,25 @@ class Estimates:
                     "idle_s_per_1000_units": round(self.seconds(k, 1000, idle=True), 4)} for k in self.priors}
 
 
+@dataclass(frozen=True)
+class Step:
+    """One stage of a request as the planner sees it."""
+
+    lane: str
+    seconds: float  # what is left of it
+    pausable: bool = False  # may pause at a decoder layer for a step due sooner (model passes)
+    nestable: bool = False  # may run inside another step's pause
+    started: bool = False  # under way (running, or paused under a nested step)
+
+
 @dataclass
 class Planned:
     """A request as the planner sees it: its unfinished stages and when it is due."""
 
     key: int
     due: float  # time.monotonic() by which it should be answered
-    steps: list[tuple[str, float]]  # (lane, seconds) of its stages not yet started, in order
-    ready: float  # when its first step may start (now, or when its running stage ends)
+    steps: list[Step]  # its stages not finished, in order
+    ready: float  # when its first step may start (now, or when its previous stage ends)
     order: int = 0  # arrival order: ties in due go first come, first served
     dues: list[float] = field(default_factory=list)  # each step's due: the request's less the later steps'
 
@@ -108,38 +121,62 @@ class Planned:
         self.dues = [0.0] * len(self.steps)
         for i in range(len(self.steps) - 1, -1, -1):
             self.dues[i] = self.due - later
-            later += self.steps[i][1]
+            later += self.steps[i].seconds
 
 
-def plan(lane_free: dict[str, float], jobs: list[Planned]) -> dict[int, float]:
-    """When each request would finish if the lanes run as they do: each lane, when free, starts
-    the ready step due first (a step is ready when the request's previous step has ended).
+def plan(now: float, jobs: list[Planned], holding: dict[str, int | None] | None = None) -> dict[int, float]:
+    """When each request would finish if the lanes run as they do: a lane runs, of the steps
+    ready on it, the one due first; a pausable step under way gives way at its next decoder
+    layer to a nestable step due sooner (it resumes when that ends); any other step under way
+    holds its lane until it ends, and a step that is not nestable starts only on a lane with
+    no step under way. A step is ready when the request's previous step has ended.
 
-    :param lane_free: when each lane finishes the stage it is running (now, if idle)
+    :param holding: per lane, the request whose step is running and may not pause (None: none)
     :returns: request key -> finish time (requests with no steps left finish at their `ready`)"""
-    free = dict(lane_free)
+    eps = 1e-9
+    t = now
     at = {j.key: 0 for j in jobs}
+    left = {j.key: j.steps[0].seconds for j in jobs if j.steps}
+    started = {j.key: j.steps[0].started for j in jobs if j.steps}
     ready = {j.key: j.ready for j in jobs}
     done = {j.key: j.ready for j in jobs if not j.steps}
-    live = [j for j in jobs if j.steps]
+    live = {j.key: j for j in jobs if j.steps}
+    hold = {lane: k for lane, k in (holding or {}).items() if k in live}
     while live:
-        best = None  # (start, due, order, lane, job)
-        for lane in free:
-            mine = [j for j in live if j.steps[at[j.key]][0] == lane]
-            if not mine:
+        chosen: dict[str, int] = {}
+        for lane in LANES:
+            k = hold.get(lane)
+            if k is not None:
+                chosen[lane] = k
                 continue
-            start = max(free[lane], min(ready[j.key] for j in mine))
-            j = min((j for j in mine if ready[j.key] <= start), key=lambda j: (j.dues[at[j.key]], j.order))
-            cand = (start, j.dues[at[j.key]], j.order, lane, j)
-            if best is None or cand[:3] < best[:3]:
-                best = cand
-        start, _, _, lane, j = best
-        end = start + j.steps[at[j.key]][1]
-        free[lane] = ready[j.key] = end
-        at[j.key] += 1
-        if at[j.key] == len(j.steps):
-            done[j.key] = end
-            live.remove(j)
+            mine = [j for j in live.values() if j.steps[at[j.key]].lane == lane and ready[j.key] <= t + eps]
+            busy = any(started[j.key] for j in mine)
+            mine = [j for j in mine if started[j.key] or j.steps[at[j.key]].nestable or not busy]
+            if mine:
+                j = min(mine, key=lambda j: (j.dues[at[j.key]], j.order))
+                chosen[lane] = j.key
+                started[j.key] = True
+                if not j.steps[at[j.key]].pausable:
+                    hold[lane] = j.key
+        waiting = [ready[k] for k in live if ready[k] > t + eps]
+        if not chosen:
+            t = min(waiting)
+            continue
+        dt = min([left[k] for k in chosen.values()] + [r - t for r in waiting])
+        t += dt
+        for lane, k in chosen.items():
+            left[k] -= dt
+            if left[k] > eps:
+                continue
+            if hold.get(lane) == k:
+                del hold[lane]
+            j = live[k]
+            at[k] += 1
+            if at[k] == len(j.steps):
+                done[k] = t
+                del live[k]
+            else:
+                ready[k], left[k], started[k] = t, j.steps[at[k]].seconds, False
     return done
 
 
@@ -150,15 +187,15 @@ class Verdict:
     retry_after_s: int = 0  # when refused: seconds after which it would be taken
 
 
-def admit(now: float, lane_free: dict[str, float], admitted: list[Planned], new: Planned) -> Verdict:
+def admit(now: float, admitted: list[Planned], new: Planned, holding: dict[str, int | None] | None = None) -> Verdict:
     """Take `new` if it finishes by its due time and no admitted request is pushed past its own
     (one already late may stay late, but no later than before)."""
-    before = plan(lane_free, admitted)
-    after = plan(lane_free, admitted + [new])
+    before = plan(now, admitted, holding)
+    after = plan(now, admitted + [new], holding)
     late = after[new.key] - new.due
     for j in admitted:
         if after[j.key] > max(j.due, before[j.key]) + 1e-9:
             late = max(late, after[j.key] - max(j.due, before[j.key]))
-    if late <= 0:
+    if late <= 1e-9:
         return Verdict(True, after[new.key])
     return Verdict(False, after[new.key], retry_after_s=max(1, math.ceil(late)))

@@ -190,7 +190,8 @@ class Service:
         units = len(prompt) + 4 * generation.max_new_tokens  # characters traced, about 4 a token
         return self._linked([
             Stage("model", "generate", generation.max_new_tokens,
-                  lambda t, j, _: t.generate_part(prompt, generation, options=options, check=j.check)),
+                  lambda t, j, _: t.generate_part(prompt, generation, options=options, check=j.check),
+                  nestable=self._shares_model(options)),  # never pauses: its capture hooks stay on the model
             Stage("index", "first", units, lambda t, j, g: t.first_part_of(g, check=j.check))], options, units)
 
     def _linked(self, stages: list[Stage], options: TraceOptions | None, units: float) -> list[Stage]:
@@ -202,9 +203,16 @@ class Service:
         tracer = self.tracer
         if tracer is not None and tracer.needs_model(options):
             kind = "counterfactual" if tracer.options.merged(options).counterfactual else "routing"
-            return stages + [Stage("model", kind, units, last)]
+            shares = self._shares_model(options)
+            return stages + [Stage("model", kind, units, last, pausable=shares, nestable=shares)]
         *head, tail = stages
         return head + [Stage(tail.lane, tail.kind, tail.units, lambda t, j, prev: last(t, j, tail.fn(t, j, prev)))]
+
+    def _shares_model(self, options: TraceOptions | None) -> bool:
+        """May this request's model stages pause for others, or run in their pause? Not when it
+        switches experts off for itself (the model's routers then hold its exclusions)."""
+        o = (self.tracer.options if self.tracer is not None else TraceOptions()).merged(options)
+        return not o.exclude and o.include is None
 
     async def keep(self, request: Request, t: Trace, owner: str | None) -> Trace:
         """Store a finished trace as `owner`'s (tracing/provenance/access.py), off the tracer's

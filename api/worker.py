@@ -10,7 +10,12 @@ A request is a chain of stages (`Stage`), each on a lane:
 Each lane is one thread running its ready stages earliest-due first (api/admission.py sets
 each request's due time when it is admitted), so the spans of a new trace are found while the
 model lane computes another trace's counterfactuals: the index stage never waits behind model
-passes. The Tracer's parts are used apart: index stages touch the indexes and the tokenizer,
+passes. On the model lane a stage due sooner does not wait for a long one either: at its next
+decoder layer (the checkpoint every model pass calls) the long one pauses and the urgent one
+runs on the same thread, nested; then the long one resumes from where it paused. A stage may
+pause (`Stage.pausable`) and run nested (`Stage.nestable`) only where nothing else can see the
+model's state: a trace that switches experts off for itself does neither, and a generation,
+whose routing capture hooks stay on the model while it is paused, never pauses. The Tracer's parts are used apart: index stages touch the indexes and the tokenizer,
 model stages the model (tracing/trace.py `first_part`, `last_part`, `generate_part`).
 
 A request is admitted at arrival or refused at once (`Busy`, 503 with Retry-After): it is
@@ -41,7 +46,7 @@ from flexolmo.base.errors import FlexolmoError
 from flexolmo.base.workspace import Workspace
 from tracing.trace import Tracer
 
-from .admission import LANES, MIN_TARGET_S, Estimates, Planned, admit
+from .admission import LANES, MIN_TARGET_S, Estimates, Planned, Step, admit
 
 
 class Busy(FlexolmoError):
@@ -69,6 +74,8 @@ class Stage:
     kind: str
     units: float
     fn: Callable[[Tracer, "Job", Any], Any]
+    pausable: bool = False  # may pause at a decoder layer while a stage due sooner runs nested
+    nestable: bool = False  # may run inside another stage's pause
 
 
 @dataclass
@@ -82,8 +89,7 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     future: Future = field(default_factory=Future)
     at: int = 0  # the next stage to run
-    running: bool = False
-    ready: bool = True  # its next stage may start (not waiting for another lane)
+    running: bool = False  # its stage `at` is under way (running, or paused under a nested one)
     seconds: list[float] = field(default_factory=list)  # each stage's estimate when admitted
     value: Any = None  # the last finished stage's result
     tracer: Tracer | None = None  # the tracer its first stage ran on (the later ones use it too)
@@ -92,6 +98,11 @@ class Job:
     def started(self) -> bool:
         return self.at > 0 or self.running
 
+    @property
+    def stage_due(self) -> float:
+        """When its next stage should end: its due, less what its later stages take."""
+        return self.due - sum(self.seconds[self.at + 1:])
+
     def check(self) -> None:
         """Raise Stopped when the client left or the deadline passed (called from the passes)."""
         if self.cancel.is_set():
@@ -99,6 +110,16 @@ class Job:
         if time.monotonic() > self.deadline:
             raise Stopped(f"the {self.what} ran past its {self.budget_s:g} s budget and was stopped; nothing was "
                           "stored. Send a shorter text, or use `flexolmo trace` on the command line (no budget)")
+
+
+@dataclass
+class Running:
+    """A stage under way on a lane: when it began, its estimate, the seconds it spent paused."""
+
+    job: Job
+    start: float
+    estimate: float
+    paused: float = 0.0
 
 
 class TraceWorker:
@@ -114,7 +135,7 @@ class TraceWorker:
         self.tracer: Tracer | None = None
         self.error: str | None = None  # why the tracer could not be opened
         self._jobs: list[Job] = []  # admitted, unfinished, in arrival order
-        self._running: dict[str, tuple[Job, float, float] | None] = {lane: None for lane in LANES}  # job, start, estimate
+        self._running: dict[str, list[Running]] = {lane: [] for lane in LANES}  # per lane: paused ones, then the running one
         self._runs = {lane: 0 for lane in LANES}  # stages started per lane (to tell a stage that ran alone)
         self._cond = threading.Condition()
         self._keys = count(1)
@@ -131,11 +152,11 @@ class TraceWorker:
             return len(self._jobs)
 
     def lanes(self) -> dict[str, dict[str, int]]:
-        """Per lane: stages running and waiting (for /api/health)."""
+        """Per lane: stages running, paused (under a nested one) and waiting (for /api/health)."""
         with self._cond:
-            return {lane: {"running": int(self._running[lane] is not None),
-                           "waiting": sum(1 for j in self._jobs if not j.running and j.at < len(j.stages)
-                                          and j.stages[j.at].lane == lane)} for lane in LANES}
+            return {lane: {"running": int(bool(self._running[lane])), "paused": max(0, len(self._running[lane]) - 1),
+                           "waiting": sum(1 for j in self._jobs if not j.running and j.stages[j.at].lane == lane)}
+                    for lane in LANES}
 
     def start(self) -> None:
         self._open()
@@ -176,8 +197,8 @@ class TraceWorker:
             if self._stop:
                 raise Busy("the service is shutting down; retry in a moment")
             job.key = next(self._keys)
-            free, admitted = self._planned(now)
-            verdict = admit(now, free, admitted, self._as_planned(job, now))
+            admitted = [self._as_planned(j, now) for j in self._jobs if not j.cancel.is_set()]
+            verdict = admit(now, admitted, self._as_planned(job, now), self._holding())
             if not verdict.admitted:
                 raise Busy(f"the service is busy: it expects to answer this {what} in {verdict.finish - now:.1f} s, "
                            f"over its target of {target:.1f} s ({self._target_rule(budget_s)}); retry in "
@@ -199,38 +220,43 @@ class TraceWorker:
 
     # -- planning (under the lock) --------------------------------------------------------------
 
-    def _planned(self, now: float) -> tuple[dict[str, float], list[Planned]]:
-        free = {}
-        for lane, run in self._running.items():
-            free[lane] = now if run is None else now + max(0.1 * run[2], run[1] + run[2] - now)
-        return free, [self._as_planned(j, now, free) for j in self._jobs if not j.cancel.is_set()]
+    def _as_planned(self, job: Job, now: float) -> Planned:
+        steps = []
+        for i in range(job.at, len(job.stages)):
+            s, secs = job.stages[i], job.seconds[i]
+            started = i == job.at and job.running
+            if started:  # what is left of it
+                run = next(r for r in self._running[s.lane] if r.job is job)
+                secs = max(0.1 * secs, secs - (now - run.start - run.paused))
+            steps.append(Step(s.lane, secs, pausable=s.pausable, nestable=s.nestable, started=started))
+        return Planned(key=job.key, due=job.due, order=job.key, ready=now, steps=steps)
 
-    @staticmethod
-    def _as_planned(job: Job, now: float, free: dict[str, float] | None = None) -> Planned:
-        if job.running:  # its running stage ends when its lane is free
-            at, ready = job.at + 1, free[job.stages[job.at].lane]
-        else:
-            at, ready = job.at, now
-        return Planned(key=job.key, due=job.due, order=job.key, ready=ready,
-                       steps=[(s.lane, job.seconds[i]) for i, s in enumerate(job.stages) if i >= at])
+    def _holding(self) -> dict[str, int | None]:
+        """Per lane, the job whose running stage will not pause (it holds the lane until it ends)."""
+        out = {}
+        for lane, stack in self._running.items():
+            top = stack[-1].job if stack else None
+            out[lane] = top.key if top is not None and not top.stages[top.at].pausable else None
+        return out
 
     # -- on the lane threads --------------------------------------------------------------------
 
-    def _next(self, lane: str) -> Job | None:
-        """The ready job whose next stage is on `lane` and due first (under the lock)."""
+    def _next(self, lane: str, nested: bool = False) -> Job | None:
+        """The ready job whose next stage is on `lane` and due first (under the lock); `nested`:
+        among stages that may run inside another's pause."""
         best = None
         for j in self._jobs:
-            if j.running or not j.ready or j.stages[j.at].lane != lane:
+            if j.running or j.cancel.is_set() or j.stages[j.at].lane != lane:
+                continue
+            if nested and not j.stages[j.at].nestable:
                 continue
             if self._reopen and not j.started:
                 continue  # new jobs wait for the reopened tracer
-            later = sum(j.seconds[j.at + 1:])
-            if best is None or (j.due - later, j.key) < best[0]:
-                best = ((j.due - later, j.key), j)
-        return None if best is None else best[1]
+            if best is None or (j.stage_due, j.key) < (best.stage_due, best.key):
+                best = j
+        return best
 
     def _loop(self, lane: str) -> None:
-        other = next(x for x in LANES if x != lane)
         while True:
             with self._cond:
                 while True:
@@ -247,20 +273,26 @@ class TraceWorker:
                 if self._reopening:
                     job = None
                 else:
-                    job.running = True
-                    est = job.seconds[job.at]
-                    self._running[lane] = (job, time.monotonic(), est)
-                    self._runs[lane] += 1
-                    alone_from = (self._running[other] is None, self._runs[other])
+                    self._begin(lane, job)
             if job is None:
                 self._do_reopen()
                 continue
-            self._run(lane, other, job, alone_from)
+            self._execute(lane, job)
 
-    def _run(self, lane: str, other: str, job: Job, alone_from: tuple[bool, int]) -> None:
+    def _begin(self, lane: str, job: Job) -> None:
+        """Mark `job`'s next stage under way on `lane` (under the lock)."""
+        job.running = True
+        self._running[lane].append(Running(job, time.monotonic(), job.seconds[job.at]))
+        self._runs[lane] += 1
+
+    def _execute(self, lane: str, job: Job) -> None:
+        """Run `job`'s stage on this thread (begun by `_begin`), then hand its result on."""
+        other = next(x for x in LANES if x != lane)
+        with self._cond:
+            alone_from = (not self._running[other], self._runs[other])
         stage = job.stages[job.at]
         t0 = time.monotonic()
-        ok, value = False, None
+        ok, value, outer = False, None, getattr(_current, "job", None)
         try:
             if job.at == 0 and t0 > job.deadline and not job.cancel.is_set():
                 raise Busy(f"the tracer was busy with earlier requests for this {job.what}'s whole "
@@ -270,27 +302,29 @@ class TraceWorker:
                 if self.tracer is not None and self.tracer.stale():  # a policy, takedown, index or the date changed
                     with self._cond:
                         job.running = False
-                        self._running[lane] = None
+                        self._running[lane].pop()
                         self._reopen = True
                         self._cond.notify_all()
                     return
                 if self.tracer is None:
                     raise Busy(f"the tracer is not open: {self.error or 'not started'}")
                 job.tracer = self.tracer
-            _current.job = job
+            _current.job, _current.lane = job, lane
             value = stage.fn(job.tracer, job, job.value)
             ok = True
         except BaseException as e:  # noqa: BLE001  handed to the route
             value = e
         finally:
-            _current.job = None
-        secs = time.monotonic() - t0
+            _current.job = outer
         with self._cond:
-            alone = alone_from[0] and self._running[other] is None and self._runs[other] == alone_from[1]
-            self._running[lane] = None
+            run = self._running[lane].pop()
+            secs = time.monotonic() - t0 - run.paused
+            alone = alone_from[0] and not self._running[other] and self._runs[other] == alone_from[1]
+            if self._running[lane]:
+                self._running[lane][-1].paused += time.monotonic() - t0  # the stage this one ran inside of
             job.running = False
             if ok:
-                self.estimates.observe(stage.kind, stage.units, secs, alone)
+                self.estimates.observe(stage.kind, stage.units, secs, alone and run.paused == 0)
                 job.at += 1
                 job.value = value
             if not ok or job.at == len(job.stages):
@@ -300,6 +334,26 @@ class TraceWorker:
             _fail(job, value)
         elif job.at == len(job.stages):
             _finish(job, value)
+
+    def _checkpoint(self) -> None:
+        """Before every decoder layer of every model pass: stop the job if it must stop, and let
+        a stage due sooner run here, nested, while this one pauses."""
+        job = getattr(_current, "job", None)
+        if job is None:
+            return
+        job.check()
+        lane = _current.lane
+        with self._cond:
+            if not job.stages[job.at].pausable or self._reopening:
+                return
+            urgent = self._next(lane, nested=True)
+            if urgent is None or urgent.stage_due >= job.stage_due:
+                return
+            if urgent.tracer is None:  # a new job: on the tracer of the one it pauses (no reopen is pending)
+                urgent.tracer = job.tracer
+            self._begin(lane, urgent)
+        self._execute(lane, urgent)
+        _current.lane = lane
 
     def _drop_abandoned(self) -> None:
         """Jobs cancelled while waiting: out of the plan, their routes told (under the lock)."""
@@ -324,19 +378,13 @@ class TraceWorker:
         except FlexolmoError as e:  # served anyway: /api/health and the sources still answer
             self.tracer, self.error = None, str(e)
         else:
-            new.checkpoint = _check  # before every decoder layer of every model pass
+            new.checkpoint = self._checkpoint  # before every decoder layer of every model pass
             self.tracer, self.error = new, None
         if old is not None and old is not self.tracer:
             old.fed.close()
 
 
-_current = threading.local()  # the job a lane thread is running (read by the tracer's checkpoint)
-
-
-def _check() -> None:
-    job = getattr(_current, "job", None)
-    if job is not None:
-        job.check()
+_current = threading.local()  # the job (and lane) a lane thread is running: read by the checkpoint
 
 
 def _finish(job: Job, value: Any) -> None:

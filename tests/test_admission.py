@@ -21,7 +21,7 @@ import pytest
 from conftest_model import build_served_federation
 from served import LiveServer
 
-from api.admission import Estimates, Fit, Planned, admit, plan
+from api.admission import Estimates, Fit, Planned, Step, admit, plan
 from api.app import create_app
 from api.deps import Settings
 from api.worker import Busy, Stage, Stopped, TraceWorker
@@ -35,30 +35,46 @@ NAMES = ("public", "news", "code")
 # -- the planner -------------------------------------------------------------------------------
 
 
+def _job(key, due, *steps, ready=0.0):
+    return Planned(key=key, due=due, ready=ready, order=key, steps=[Step(*x) if isinstance(x, tuple) else x for x in steps])
+
+
 def test_plan_runs_each_lane_earliest_due_first_and_chains_stages():
-    free = {"index": 0.0, "model": 0.0}
-    long = Planned(key=1, due=100.0, ready=0.0, steps=[("index", 1.0), ("model", 10.0)])
-    short = Planned(key=2, due=5.0, ready=0.0, steps=[("index", 1.0), ("model", 2.0)])
-    got = plan(free, [long, short])
+    long = _job(1, 100.0, ("index", 1.0), ("model", 10.0))
+    short = _job(2, 5.0, ("index", 1.0), ("model", 2.0))
     # short is due first: its index step runs first (0-1), its model step 1-3; long's index 1-2, model 3-13
-    assert got == {2: 3.0, 1: 13.0}
-    # a busy model lane delays both model steps; the index lane is unaffected
-    assert plan({"index": 0.0, "model": 4.0}, [long, short]) == {2: 6.0, 1: 16.0}
+    assert plan(0.0, [long, short]) == {2: 3.0, 1: 13.0}
+    # a step under way that may not pause holds its lane: the model steps wait for it
+    busy = _job(3, 100.0, Step("model", 4.0, started=True))
+    assert plan(0.0, [long, short, busy], holding={"model": 3}) == {3: 4.0, 2: 6.0, 1: 16.0}
+
+
+def test_plan_pauses_a_long_model_step_for_a_nestable_one_due_sooner():
+    long = _job(1, 100.0, Step("model", 10.0, pausable=True, nestable=True, started=True))
+    short = _job(2, 3.0, Step("model", 1.0, pausable=True, nestable=True))
+    gen = _job(3, 4.0, Step("model", 1.0, nestable=True))  # a generation: runs nested, never pauses
+    assert plan(0.0, [long, short, gen]) == {2: 1.0, 3: 2.0, 1: 12.0}
+    # a step that may not run nested waits for the lane to be clear
+    alone = _job(4, 3.0, Step("model", 1.0))
+    assert plan(0.0, [long, alone]) == {1: 10.0, 4: 11.0}
+    # an index step is never paused: an urgent one waits for the one under way
+    idx = _job(5, 100.0, Step("index", 2.0, started=True))
+    urgent = _job(6, 0.5, Step("index", 0.1))
+    assert plan(0.0, [idx, urgent], holding={"index": 5}) == {5: 2.0, 6: 2.1}
 
 
 def test_admit_refuses_what_would_be_late_and_what_would_make_others_late():
-    free = {"index": 0.0, "model": 0.0}
-    a = Planned(key=1, due=5.5, ready=0.0, steps=[("model", 5.0)])
-    ok = admit(0.0, free, [a], Planned(key=2, due=20.0, ready=0.0, steps=[("model", 5.0)]))
+    a = _job(1, 5.5, ("model", 5.0))
+    ok = admit(0.0, [a], _job(2, 20.0, ("model", 5.0)))
     assert ok.admitted and ok.finish == 10.0
-    late = admit(0.0, free, [a], Planned(key=2, due=8.0, ready=0.0, steps=[("model", 5.0)]))
+    late = admit(0.0, [a], _job(2, 8.0, ("model", 5.0)))
     assert not late.admitted and late.retry_after_s == 2  # 10 - 8
     # an earlier-due newcomer would go first and push `a` past its due: refused too
-    pushy = admit(0.0, free, [a], Planned(key=2, due=2.0, ready=0.0, steps=[("model", 1.0)]))
+    pushy = admit(0.0, [a], _job(2, 2.0, ("model", 1.0)))
     assert not pushy.admitted and pushy.retry_after_s == 1
     # index-only work is not held by a full model lane
-    assert admit(0.0, {"index": 0.0, "model": 50.0}, [], Planned(key=3, due=0.5, ready=0.0,
-                                                                   steps=[("index", 0.1)])).admitted
+    full = _job(9, 100.0, Step("model", 50.0, started=True))
+    assert admit(0.0, [full], _job(3, 0.5, ("index", 0.1)), holding={"model": 9}).admitted
 
 
 def test_fit_learns_a_fixed_cost_and_a_rate_and_estimates_fall_back_to_priors():
@@ -140,6 +156,38 @@ def test_a_burst_is_refused_at_once_with_retry_after_and_admitted_jobs_run_earli
     for j in [block, *late, soon]:
         j.future.result(10)
     assert ran == ["soon", 0, 1]
+
+
+def test_a_long_model_stage_pauses_at_a_layer_for_one_due_sooner(worker):
+    """The long stage calls the tracer's checkpoint, as every decoder layer does: an urgent
+    nestable stage runs there, nested, and the long one resumes; one that may not nest waits."""
+    events, started = [], threading.Event()
+
+    def long(tracer, job, prev):
+        started.set()
+        for i in range(60):
+            tracer.checkpoint()
+            time.sleep(0.02)
+        events.append("long done")
+        return "long"
+
+    for _ in range(3):
+        worker.estimates.observe("counterfactual", 1000, 1.2, alone=True)
+        worker.estimates.observe("routing", 100, 0.05, alone=True)
+    first = worker.submit([Stage("model", "counterfactual", 1000, long, pausable=True, nestable=True)], "trace", 30.0)
+    assert started.wait(5)
+    t0 = time.monotonic()
+    quick = worker.submit([Stage("model", "routing", 100, lambda t, j, p: events.append("quick") or "quick",
+                                 pausable=True, nestable=True)], "trace", 30.0)
+    assert quick.future.result(5) == "quick" and time.monotonic() - t0 < 0.5
+    assert not first.future.done() and events == ["quick"]  # ran while the long one paused
+    # a stage that may not run nested (its request switches experts off) waits for the lane
+    worker.factor = 0  # (admitted on its budget: it has to wait)
+    own = worker.submit([Stage("model", "routing", 100, lambda t, j, p: events.append("own") or "own")], "trace", 30.0)
+    assert own.future.result(10) == "own" and first.future.result(10) == "long"
+    assert events == ["quick", "long done", "own"]
+    # the long stage's time, less its pause, taught the estimates
+    assert worker.estimates.seconds("counterfactual", 1000) > 0.9
 
 
 def test_a_job_that_cannot_start_within_its_budget_never_runs(worker):
