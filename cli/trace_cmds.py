@@ -121,7 +121,7 @@ def show_trace(t: Trace, max_docs: int = 3, experts: bool = True) -> None:
     console.print(table)
     if experts:
         closing(t)
-    elif t.spans and (t.settings.get("model") or {}).get("kind") == "flexolmo":
+    elif t.spans and (t.settings.get("model") or {}).get("kind") == "flexolmo" and t.settings.get("link_experts", True):
         console.print("[dim]finding the experts…[/]")
 
 
@@ -147,6 +147,8 @@ def experts_cell(s: Span) -> str:
 def closing(t: Trace) -> None:
     """The line under a trace: expert linkage notes, time, experts off, sources not searched."""
     linkage = (t.settings.get("model") or {}).get("expert_linkage")
+    if not t.settings.get("link_experts", True):
+        linkage = "not asked (--no-link-experts: spans and documents only)"
     if linkage:
         console.print(f"[dim]expert linkage: {linkage}[/]")
     off = f"; experts off: {', '.join(t.experts_off)}" if t.experts_off else ""

@@ -242,3 +242,12 @@ def test_cli_prints_the_spans_table_then_the_experts(fed):
     spans_at, experts_at = r.output.find("spans of"), r.output.find(": experts")
     assert 0 <= spans_at < r.output.find("finding the experts") < experts_at, r.output
     assert "experts (share, drop)" not in r.output[:experts_at] and "top: " in r.output[experts_at:]
+    # spans and documents only: no model pass, and the closing line says why there are no experts
+    r = CliRunner().invoke(app, ["--workspace", str(fed.root), "trace", "--text", _passage(fed, "news", 5),
+                                 "--no-link-experts", "--json"])
+    assert r.exit_code == 0, r.output
+    t = json.loads(r.output)
+    assert t["spans"] and not any(s["experts"] for s in t["spans"]) and "experts" not in t["timings_ms"]
+    r = CliRunner().invoke(app, ["--workspace", str(fed.root), "trace", "--text", _passage(fed, "news", 5),
+                                 "--no-link-experts"])
+    assert "finding the experts" not in r.output and "not asked (--no-link-experts" in r.output, r.output
