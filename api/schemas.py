@@ -16,6 +16,7 @@ from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field
 
 from flexolmo.base.source_schema import PolicyChange, source_model
 from flexolmo.model.generate import GenerationOptions
+from index.query import DOCS_PER_SOURCE, MAX_DOCS
 from tracing.options import TraceOptions
 
 # Hard limits of the schema; the service's budgets set lower caps (api/deps.py Settings).
@@ -62,7 +63,7 @@ class SearchRequest(BaseModel):
     query: Text | None = Field(None, max_length=2000, description="A phrase, or `a OR b AND c` (AND of ORs).")
     cnf: list[list[Text]] | None = Field(None, description="The same as lists: [[\"a\", \"b\"], [\"c\"]].")
     source: str | None = Field(None, max_length=40, description="Search this source only.")
-    n_docs: int = Field(5, ge=0, le=50, description="Documents per source (0: counts only).")
+    n_docs: int = Field(DOCS_PER_SOURCE, ge=0, le=MAX_DOCS, description="Documents per source (0: counts only).")
     seed: int = Field(0, ge=0, le=2**32 - 1)
 
 

@@ -29,7 +29,8 @@ def search(
     query: Annotated[str, typer.Argument(help="A phrase, or `a OR b AND c` (AND of ORs of phrases; quote a phrase "
                                               "holding AND/OR).")],
     source: Annotated[Optional[str], typer.Option(help="Search this source only.")] = None,
-    docs: Annotated[int, typer.Option("--docs", help="Documents to show per source (0: counts only).")] = 3,
+    docs: Annotated[int, typer.Option("--docs", min=0, max=index_query.MAX_DOCS,
+                                      help="Documents to show per source (0: counts only).")] = index_query.DOCS_PER_SOURCE,
     seed: Annotated[int, typer.Option(help="Seed of the document sample.")] = 0,
     next_: Annotated[bool, typer.Option("--next", help="Show the next-token distribution after the phrase instead.")] = False,
     top: Annotated[int, typer.Option(help="With --next: the most frequent tokens shown.")] = 20,

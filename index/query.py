@@ -39,6 +39,7 @@ MAX_PHRASE_TOKENS = 64
 MAX_CLAUSE_FREQ = 50_000  # infini-gram's default: a clause more frequent is sampled (count approx)
 MAX_DIFF_TOKENS = 100  # infini-gram's default: AND-ed phrases lie within this many tokens
 MAX_DOCS = 50
+DOCS_PER_SOURCE = 5  # documents a search shows per source unless asked (the CLI's --docs, the API's n_docs)
 MAX_SUPPORT = 1000  # next tokens: occurrences examined per source (infini-gram's default)
 
 
@@ -201,7 +202,7 @@ def _sources(fed: "Federation", source: str | None) -> tuple[list[str], dict[str
     return names, notes
 
 
-def search(fed: "Federation", tok, query: str | Query, *, source: str | None = None, n_docs: int = 10,
+def search(fed: "Federation", tok, query: str | Query, *, source: str | None = None, n_docs: int = DOCS_PER_SOURCE,
            seed: int = 0, snippet_tokens: int = WINDOW.snippet_tokens, max_clause_freq: int = MAX_CLAUSE_FREQ,
            max_diff_tokens: int = MAX_DIFF_TOKENS) -> SearchResult:
     """Count `query` in every served source (or `source`) and return up to `n_docs` documents per source.

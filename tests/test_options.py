@@ -174,3 +174,18 @@ def test_serve_keeps_the_environments_device_and_dtype(tmp_path, monkeypatch):
     assert "refusing to serve" in r.output
     assert (os.environ["FLEXOLMO_DEVICE"], os.environ["FLEXOLMO_DTYPE"]) == ("cpu", "float32")
     assert not Path(tmp_path / "keys.json").exists()
+
+
+def test_a_search_shows_as_many_documents_by_default_everywhere():
+    """`flexolmo search --docs`, the API's `n_docs` and the library's `n_docs`: one default, one limit."""
+    from api.schemas import SearchRequest
+    from cli import search as cli_search
+    from index import query
+
+    field = SearchRequest.model_fields["n_docs"]
+    cli_default = inspect.signature(cli_search.search).parameters["docs"].default
+    assert field.default == cli_default == inspect.signature(query.search).parameters["n_docs"].default == \
+        query.DOCS_PER_SOURCE
+    assert [m.le for m in field.metadata if hasattr(m, "le")] == [query.MAX_DOCS]
+    r = CliRunner().invoke(cli, ["search", "x", "--docs", str(query.MAX_DOCS + 1)])
+    assert r.exit_code == 2 and "--docs" in r.output
