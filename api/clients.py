@@ -5,8 +5,8 @@ else its address (`addr:<host>`): made-up keys do not buy a fresh budget. Each c
 
 - a request rate on /api: a token bucket of `client_burst` requests refilled at `client_rps`
   a second; over it, 429 with `Retry-After` (the seconds until a request is allowed again);
-- `client_passes` model passes at once (traces, generations, searches: the tracer thread's
-  work); one more is 429 at once, never queued behind the others' work.
+- `client_passes` requests at once on the tracer's lanes (traces, generations, searches:
+  api/worker.py); one more is 429 at once, never queued behind the others' work.
 
 Limits hold per worker process (`serve --workers N` gives each its own) and 0 turns one off
 (api/deps.py `Settings`). Behind a proxy every client has the proxy's address: give clients

@@ -39,7 +39,7 @@ from .admission import Estimates
 from .clients import ClientLimits, client_of
 from .worker import Busy, Job, Stage, Stopped, TraceWorker
 
-GRACE_S = 2.0  # after a deadline, how long a route waits for the tracer thread to stop the job
+GRACE_S = 2.0  # after a deadline, how long a route waits for the tracer's lanes to stop the job
 
 
 def _env(name: str, default: float, zero_means: str | None = None) -> float:

@@ -68,7 +68,7 @@ def _cap(what: str, text: str | None, limit: int, budget_s: float) -> None:
                                         "`flexolmo trace` on the command line (no budget)")
 
 
-# -- tracing (on the tracer thread, within a budget) -------------------------------------------
+# -- tracing (on the tracer's lanes, admitted at arrival, within a budget) ------------------------
 
 
 @router.post("/trace", response_model=Trace)
@@ -121,7 +121,7 @@ async def next_tokens(req: NextTokensRequest, svc: ServiceDep, request: Request)
     return await svc.run(request, "search", svc.settings.query_budget_s, stages)
 
 
-# -- reading the store (thread pool, never the tracer thread) ----------------------------------
+# -- reading the store (thread pool, never the tracer's lanes) -----------------------------------
 
 
 @router.get("/traces", response_model=QueryResponse)
