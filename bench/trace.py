@@ -218,34 +218,157 @@ def matmul_rate(n: int = 1024, reps: int = 8) -> float:
 
 def floors(tracer: Tracer, data: list[list[int]], stages: list[dict[str, float]], eos: int) -> None:
     """Each model stage against its arithmetic floor: per input, the stage's FLOPs (matmuls and
-    attention, torch's FlopCounterMode) over its warm time (the same inputs' `timings_ms`), against
-    the cores' matmul rate measured now. The floor is the time the FLOPs take at that rate."""
+    attention, torch's FlopCounterMode, which counts attention as its two full products, causal or
+    not) over its warm time (the same inputs' `timings_ms`), against the cores' matmul rate measured
+    now (the best of before and after). The floor is the time the FLOPs take at that rate.
+
+    Then the reason for the rest: the stage's own matmul and attention calls, recorded at their exact
+    shapes and strides (`Calls`), replayed alone on random data, each distinct call timed in a loop
+    and summed count x time: the "shape floor", what these products cost on these cores with
+    nothing else around them. Time over it is the stage's own overhead (indexing, elementwise ops,
+    Python); the shape floor over the arithmetic floor is what the shapes themselves cost (thin or
+    small products run below the 1024^3 rate)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     peak = matmul_rate()
-    got: dict[str, list[tuple[float, float]]] = {"routing": [], "counterfactual": []}  # (GFLOP, ms) per input
+    got: dict[str, list[tuple[float, float, float]]] = {"routing": [], "counterfactual": []}  # (GFLOP, ms, shape ms)
+    timed: dict = {}  # a call's key -> its replayed ms (shared by the inputs)
     for ids, st in zip(data, stages):
         tr = replace(tracer, model=None).trace_ids(ids, prompt=None, prompt_ids=[], routing=None, generated=False,
                                                    store=False)
         if not tr.spans:
             continue
-        total = {}
+        total, shape = {}, {}
         for cf in (False, True):
-            with FlopCounterMode(display=False) as fc:
+            with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as fc, Calls() as calls:
                 link_experts(tracer.model, copy.deepcopy(tr.spans), ids, [], None, counterfactual=cf, bos_id=eos)
             total[cf] = fc.get_total_flops() / 1e9
-        got["routing"].append((total[False], st["experts.routing"]))
+            shape[cf] = calls.replay_ms(timed)
+        got["routing"].append((total[False], st["experts.routing"], shape[False]))
         if "experts.counterfactual" in st:
-            got["counterfactual"].append((total[True] - total[False], st["experts.counterfactual"]))
+            got["counterfactual"].append((total[True] - total[False], st["experts.counterfactual"],
+                                          shape[True] - shape[False]))
+    peak = max(peak, matmul_rate())
     print(f"model stages against their arithmetic floor (float32 matmul rate of the cores now: {peak:.0f} GFLOP/s; "
           f"p50 over {len(got['routing'])} warm inputs; load average {load()}):")
     for stage, xs in got.items():
         if not xs:
             continue
-        gflop = pct([g for g, _ in xs], 50)
-        rate = pct([g / (ms / 1000) for g, ms in xs], 50)
+        gflop = pct([g for g, _, _ in xs], 50)
+        rate = pct([g / (ms / 1000) for g, ms, _ in xs], 50)
+        sms = pct([s for _, _, s in xs], 50)
         print(f"  {stage}: {gflop:.1f} GFLOP at {rate:.0f} GFLOP/s, {peak / rate:.1f}x its arithmetic floor "
-              f"(p50 {pct([ms for _, ms in xs], 50):.0f} ms, floor {gflop / peak * 1000:.0f} ms)")
+              f"(p50 {pct([ms for _, ms, _ in xs], 50):.0f} ms, floor {gflop / peak * 1000:.0f} ms); its own matmuls "
+              f"alone at their shapes: {sms:.0f} ms ({gflop / (sms / 1000):.0f} GFLOP/s, "
+              f"{sms / (gflop / peak * 1000):.2f}x the arithmetic floor) -> {pct([ms / s for _, ms, s in xs], 50):.2f}x "
+              f"of that")
+
+
+def _attention_flops():
+    """FlopCounterMode's formula for CPU attention (it counts the CUDA kernels only)."""
+    import torch
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    def flops(query, key, value, *args, out_shape=None, **kwargs) -> int:  # shapes, as the counter passes them
+        return sdpa_flop_count(query, key, value)
+
+    return {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: flops}
+
+
+ATTENTION_FLOPS = _attention_flops()
+TIMED_OPS = ("aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten.baddbmm.default",
+             "aten._scaled_dot_product_flash_attention_for_cpu.default")
+
+
+def _timed_ops_mode():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    return TorchDispatchMode
+
+
+class Calls(_timed_ops_mode()):
+    """Records the matmul and attention calls (`TIMED_OPS`) run inside it: each distinct (op, its
+    arguments' shapes, strides and dtypes, its other arguments) with how often it ran; tensors
+    that are not floating point (masks) are kept as they were."""
+
+    def __init__(self):
+        super().__init__()
+        self.count: dict = {}
+        self.example: dict = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if str(func) in TIMED_OPS:
+            key = (func, _spec((args, kwargs)))
+            self.count[key] = self.count.get(key, 0) + 1
+            if key not in self.example:
+                self.example[key] = _keep((args, kwargs))
+        return func(*args, **kwargs)
+
+    def replay_ms(self, timed: dict) -> float:
+        """Sum over the recorded calls of count x each call's time alone (`timed` caches a key's time)."""
+        total = 0.0
+        for key, n in self.count.items():
+            if key not in timed:
+                timed[key] = _time_call(key[0], self.example[key])
+            total += n * timed[key]
+        return total
+
+
+def _spec(x):
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return ("tensor", tuple(x.shape), tuple(x.stride()), str(x.dtype))
+    if isinstance(x, (list, tuple)):
+        return tuple(_spec(v) for v in x)
+    if isinstance(x, dict):
+        return tuple(sorted((k, _spec(v)) for k, v in x.items()))
+    return x
+
+
+def _keep(x):
+    """An argument to replay: floating-point tensors as (shape, stride, dtype), others cloned."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return ("float", tuple(x.shape), tuple(x.stride()), x.dtype) if x.is_floating_point() else x.clone()
+    if isinstance(x, (list, tuple)):
+        return type(x)(_keep(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _keep(v) for k, v in x.items()}
+    return x
+
+
+def _build(x):
+    """`_keep`'s argument made real: random data laid out with the recorded shape and strides."""
+    import torch
+
+    if isinstance(x, tuple) and len(x) == 4 and x[0] == "float":
+        _, shape, stride, dtype = x
+        span = 1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else 0
+        return torch.randn(span, dtype=dtype).as_strided(shape, stride)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_build(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _build(v) for k, v in x.items()}
+    return x
+
+
+def _time_call(func, example, batch_s: float = 0.004, batches: int = 3) -> float:
+    """One call's time alone (ms): the best of `batches` timed loops of about `batch_s` each."""
+    args, kwargs = _build(example)
+    func(*args, **kwargs)  # warm-up
+    t0 = time.perf_counter()
+    func(*args, **kwargs)
+    n = max(1, int(batch_s / max(time.perf_counter() - t0, 1e-7)))
+    best = float("inf")
+    for _ in range(batches):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            func(*args, **kwargs)
+        best = min(best, (time.perf_counter() - t0) / n)
+    return best * 1000
 
 
 def warm_stages(timings: list[dict[str, float]]) -> dict[str, float]:
