@@ -355,20 +355,18 @@ def _build(x):
     return x
 
 
-def _time_call(func, example, batch_s: float = 0.004, batches: int = 3) -> float:
-    """One call's time alone (ms): the best of `batches` timed loops of about `batch_s` each."""
+def _time_call(func, example, total_s: float = 0.01) -> float:
+    """One call's time alone (ms): the fastest of calls timed one by one for about `total_s`, at
+    least 7 (the fastest, as the matmul rate is the best of several: on shared cores a descheduled
+    thread stalls single calls by a time slice)."""
     args, kwargs = _build(example)
     func(*args, **kwargs)  # warm-up
-    t0 = time.perf_counter()
-    func(*args, **kwargs)
-    n = max(1, int(batch_s / max(time.perf_counter() - t0, 1e-7)))
-    best = float("inf")
-    for _ in range(batches):
+    ts: list[float] = []
+    while len(ts) < 7 or sum(ts) < total_s:
         t0 = time.perf_counter()
-        for _ in range(n):
-            func(*args, **kwargs)
-        best = min(best, (time.perf_counter() - t0) / n)
-    return best * 1000
+        func(*args, **kwargs)
+        ts.append(time.perf_counter() - t0)
+    return min(ts) * 1000
 
 
 def warm_stages(timings: list[dict[str, float]]) -> dict[str, float]:
