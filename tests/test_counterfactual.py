@@ -113,7 +113,8 @@ def test_batched_windows_equal_one_window_at_a_time(lengths):
 def test_window_batches_group_windows_of_about_the_same_length():
     from flexolmo.model.passes import BATCH_TOKENS, window_batches
 
-    assert window_batches([129, 256, 256, 250]) == [[1, 2, 3], [0]]  # 6 padded positions in 256: batched
+    assert window_batches([129, 256, 256, 250]) == [[0, 1, 2, 3]]  # a 450-token input's windows: one batch
+    assert window_batches([40, 256, 60]) == [[1], [0, 2]]  # 216 padded positions in 256: apart
     assert window_batches([100]) == [[0]] and window_batches([]) == []
     many = window_batches([256] * 20)
     assert sorted(sum(many, [])) == list(range(20)) and max(len(b) for b in many) * 256 <= BATCH_TOKENS

@@ -36,7 +36,7 @@ from flexolmo.model.moe import Check, active_experts, no_check
 
 MAX_ROWS = 8  # experts switched off per batched call on a CPU (bounds the batch's memory)
 BATCH_TOKENS = 2048  # positions per batched base pass (padding included)
-PAD_SHARE = 0.125  # padding a window may take in a batched base pass, as a share of the longest window
+PAD_SHARE = 0.75  # padding a window may take in a batched base pass, as a share of the longest window
 
 Drops = Literal["none", "routed", "all"]
 
