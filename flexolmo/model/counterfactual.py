@@ -49,6 +49,7 @@ from transformers.models.flex_olmo.modeling_flex_olmo import repeat_kv, rotate_h
 from flexolmo.model.moe import Check, FlexRouter, as_module, no_check
 
 SCALE_TOL = 1e-6  # largest relative change of a normed MoE output that prefix reuse may ignore
+EXPERT_ROWS = 512  # token-slot pairs per expert matmul: its intermediate (rows x 2 x intermediate) stays in cache
 
 
 @dataclass
@@ -144,8 +145,11 @@ def base_windows(model, windows: list[tuple[list[int], list[int], list[int]]], c
             h = h.reshape(B * T, H)
         mid = xs + layer.post_attention_layernorm(h)
         idx, w, probs = _route(layer.mlp.gate, mid, None, k)
-        slots = _expert_outputs(layer.mlp.experts, mid, idx)  # (|at|, k, H)
-        moe = (slots * w[..., None]).sum(1)
+        if li == 0:  # the rows reuse layer 0's experts' outputs, unweighted
+            slots = _expert_outputs(layer.mlp.experts, mid, idx)  # (|at|, k, H)
+            moe = (slots * w[..., None]).sum(1)
+        else:
+            moe = _expert_outputs(layer.mlp.experts, mid, idx, w)
         at = need_rows if last else slice(None)
         experts[at, li], weights[at, li] = idx, w.float()
         out = mid + layer.post_feedforward_layernorm(moe)
@@ -214,7 +218,7 @@ def expert_off_rows(model, base: WindowBase, rows: list[int], positions: torch.T
         mid = (x[:, q_at] if last else x) + layer.post_attention_layernorm(h)  # (B, P or K', H)
         flat = mid.reshape(-1, mid.shape[-1])
         idx, w, _ = _route(layer.mlp.gate, flat, off.repeat_interleave(mid.shape[1], dim=0), k)
-        moe = (_expert_outputs(layer.mlp.experts, flat, idx) * w[..., None]).sum(1)
+        moe = _expert_outputs(layer.mlp.experts, flat, idx, w)
         x = mid + layer.post_feedforward_layernorm(moe.view_as(mid))
     if L == 1:
         x = x[:, q_at]
@@ -312,24 +316,26 @@ def _route(gate: FlexRouter, x: torch.Tensor, off: torch.Tensor | None, k: int):
     return idx, w.to(x.dtype), probs
 
 
-def _expert_outputs(ex, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Unweighted outputs (N, k, H) of experts idx (N, k) on tokens x (N, H) of a layer's fused
-    experts (gate_up_proj (E, 2I, H), down_proj (E, H, I)): each expert runs once, on its tokens."""
+def _expert_outputs(ex, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    """Outputs of experts idx (N, k) on tokens x (N, H) of a layer's fused experts (gate_up_proj
+    (E, 2I, H), down_proj (E, H, I)): each expert runs once on its tokens, at most EXPERT_ROWS at a
+    time. Unweighted (N, k, H) in top-k order; with weights w (N, k), their weighted sum (N, H)."""
     N, k = idx.shape
     flat = idx.reshape(-1)
     order = torch.argsort(flat, stable=True)  # (N k,) token-slot pairs grouped by expert
     counts = torch.bincount(flat, minlength=ex.num_experts).tolist()
-    xs = x[order // k]
-    ys = torch.empty_like(xs)
+    tokens = order // k
+    scale = None if w is None else w.reshape(-1)[order]  # (N k,) each pair's weight, grouped by expert
+    out = x.new_empty(N * k, x.shape[-1])
     i = 0
     for e, c in enumerate(counts):
-        if c:
-            gate, up = F.linear(xs[i: i + c], ex.gate_up_proj[e]).chunk(2, dim=-1)
-            ys[i: i + c] = F.linear(ex.act_fn(gate) * up, ex.down_proj[e])
-            i += c
-    out = torch.empty_like(ys)
-    out[order] = ys
-    return out.view(N, k, -1)
+        for a in range(i, i + c, EXPERT_ROWS):
+            b = min(i + c, a + EXPERT_ROWS)
+            gate, up = F.linear(x.index_select(0, tokens[a: b]), ex.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(ex.act_fn(gate).mul_(up), ex.down_proj[e])  # act_fn returns a new tensor
+            out.index_copy_(0, order[a: b], y if scale is None else y.mul_(scale[a: b, None]))
+        i += c
+    return out.view(N, k, -1) if w is None else out.view(N, k, -1).sum(1)
 
 
 def _logprobs(m, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
