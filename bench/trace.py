@@ -5,6 +5,7 @@ counterfactual.
     .venv/bin/python bench/trace.py [--workspace W] [--inputs 40] [--bare 20] [--responses 200]
     .venv/bin/python bench/trace.py --workspace W --random-model demo --skip-agreement
     .venv/bin/python bench/trace.py --workspace W --random-model demo --floors-only --inputs 6
+    .venv/bin/python bench/trace.py --workspace W --floors-only --inputs 6 --threads 1 --cpu-time
 
 Needs indexes of every source and a merged model (`make demo`); `--random-model demo` builds
 a demo-sized 8-expert model with random weights instead (latency only: its routing means
@@ -113,6 +114,10 @@ def main() -> None:
     ap.add_argument("--skip-agreement", action="store_true")
     ap.add_argument("--floors-only", action="store_true",
                     help="Only the model stages against their arithmetic floor (warm traces of --inputs inputs).")
+    ap.add_argument("--threads", type=int, default=None, help="--floors-only: torch threads (default: torch's).")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="--floors-only with --threads 1: every time in this thread's CPU time (other processes "
+                         "on the cores then cost nothing; torch's threads stall one another when they are busy).")
     ap.add_argument("--first-trace-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--bigtok-first", default=None, metavar="SCRATCH",
                     help="Only: first trace vs warm with a 111,059-id tokenizer (u32 index built in SCRATCH).")
@@ -134,6 +139,15 @@ def main() -> None:
           f"{sum(tracer.fed.source(n).n_tokens for n in tracer.fed.names):,} indexed tokens; model {tracer.model_name}, "
           f"{len(tracer.model.experts)} experts, top-{tracer.model.config.num_experts_per_tok}")
     if args.floors_only:
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if args.cpu_time:
+            if torch.get_num_threads() != 1:
+                raise SystemExit("--cpu-time needs --threads 1 (the timings read this thread's clock)")
+            time.perf_counter = time.thread_time  # the stages' timings, the matmul rate and the replays
+        print(f"torch threads {torch.get_num_threads()}{'; times in CPU time' if args.cpu_time else ''}")
         data = inputs(ws, tracer, args.inputs)
         stages = [tracer.trace_ids(ids, prompt=None, prompt_ids=[], routing=None, generated=False,
                                    store=False).timings_ms for ids in data]
@@ -230,6 +244,8 @@ def floors(tracer: Tracer, data: list[list[int]], stages: list[dict[str, float]]
     small products run below the 1024^3 rate)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    import torch
+
     peak = matmul_rate()
     got: dict[str, list[tuple[float, float, float]]] = {"routing": [], "counterfactual": []}  # (GFLOP, ms, shape ms)
     timed: dict = {}  # a call's key -> its replayed ms (shared by the inputs)
@@ -249,7 +265,8 @@ def floors(tracer: Tracer, data: list[list[int]], stages: list[dict[str, float]]
             got["counterfactual"].append((total[True] - total[False], st["experts.counterfactual"],
                                           shape[True] - shape[False]))
     peak = max(peak, matmul_rate())
-    print(f"model stages against their arithmetic floor (float32 matmul rate of the cores now: {peak:.0f} GFLOP/s; "
+    print(f"model stages against their arithmetic floor (float32 matmul rate of the cores now, {torch.get_num_threads()} "
+          f"threads: {peak:.0f} GFLOP/s; "
           f"p50 over {len(got['routing'])} warm inputs; load average {load()}):")
     for stage, xs in got.items():
         if not xs:
