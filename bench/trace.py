@@ -242,9 +242,8 @@ def floors(tracer: Tracer, data: list[list[int]], stages: list[dict[str, float]]
     nothing else around them. Time over it is the stage's own overhead (indexing, elementwise ops,
     Python); the shape floor over the arithmetic floor is what the shapes themselves cost (thin or
     small products run below the 1024^3 rate)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
     peak = matmul_rate()
     got: dict[str, list[tuple[float, float, float]]] = {"routing": [], "counterfactual": []}  # (GFLOP, ms, shape ms)
