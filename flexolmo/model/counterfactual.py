@@ -49,7 +49,6 @@ from transformers.models.flex_olmo.modeling_flex_olmo import repeat_kv, rotate_h
 from flexolmo.model.moe import Check, FlexRouter, as_module, no_check
 
 SCALE_TOL = 1e-6  # largest relative change of a normed MoE output that prefix reuse may ignore
-EXPERT_ROWS = 512  # token-slot pairs per expert matmul: its intermediate (rows x 2 x intermediate) stays in cache
 
 
 @dataclass
@@ -318,8 +317,8 @@ def _route(gate: FlexRouter, x: torch.Tensor, off: torch.Tensor | None, k: int):
 
 def _expert_outputs(ex, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
     """Outputs of experts idx (N, k) on tokens x (N, H) of a layer's fused experts (gate_up_proj
-    (E, 2I, H), down_proj (E, H, I)): each expert runs once on its tokens, at most EXPERT_ROWS at a
-    time. Unweighted (N, k, H) in top-k order; with weights w (N, k), their weighted sum (N, H)."""
+    (E, 2I, H), down_proj (E, H, I)): each expert runs once, on its tokens. Unweighted (N, k, H) in
+    top-k order; with weights w (N, k), their weighted sum (N, H)."""
     N, k = idx.shape
     flat = idx.reshape(-1)
     order = torch.argsort(flat, stable=True)  # (N k,) token-slot pairs grouped by expert
@@ -329,12 +328,11 @@ def _expert_outputs(ex, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor | No
     out = x.new_empty(N * k, x.shape[-1])
     i = 0
     for e, c in enumerate(counts):
-        for a in range(i, i + c, EXPERT_ROWS):
-            b = min(i + c, a + EXPERT_ROWS)
-            gate, up = F.linear(x.index_select(0, tokens[a: b]), ex.gate_up_proj[e]).chunk(2, dim=-1)
+        if c:
+            gate, up = F.linear(x.index_select(0, tokens[i: i + c]), ex.gate_up_proj[e]).chunk(2, dim=-1)
             y = F.linear(ex.act_fn(gate).mul_(up), ex.down_proj[e])  # act_fn returns a new tensor
-            out.index_copy_(0, order[a: b], y if scale is None else y.mul_(scale[a: b, None]))
-        i += c
+            out.index_copy_(0, order[i: i + c], y if scale is None else y.mul_(scale[i: i + c, None]))
+            i += c
     return out.view(N, k, -1) if w is None else out.view(N, k, -1).sum(1)
 
 
