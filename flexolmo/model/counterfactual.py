@@ -207,12 +207,15 @@ def expert_off_rows(model, base: WindowBase, rows: list[int], positions: torch.T
     check()
     x = _layer0(layers[0], base, rows_t, positions, k)  # (B, P, H)
     q_at = torch.searchsorted(positions, base.need[live])  # (K',) needed positions' rows in x
+    whole = len(positions) == T  # positions 0..T-1: no base keys to keep, plain causal attention
     for li in range(1, L):
         check()
         layer = layers[li]
         last = li == L - 1
-        pk = base.keys[li][None].expand(B, -1, -1, -1)  # (B, Hkv, T, D): the base's where not recomputed
-        pv = base.values[li][None].expand(B, -1, -1, -1)
+        pk = pv = None  # every position recomputed (the rows start at 0): x is the whole window
+        if not whole:
+            pk = base.keys[li][None].expand(B, -1, -1, -1)  # (B, Hkv, T, D): the base's where not recomputed
+            pv = base.values[li][None].expand(B, -1, -1, -1)
         h, _, _ = _attention(layer.self_attn, x, positions, cos, sin, pk, pv, base.need[live] if last else None)
         mid = (x[:, q_at] if last else x) + layer.post_attention_layernorm(h)  # (B, P or K', H)
         flat = mid.reshape(-1, mid.shape[-1])
@@ -339,4 +342,4 @@ def _expert_outputs(ex, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor | No
 def _logprobs(m, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target) (K,) in float32 from the last layer's output x (K, H)."""
     logits = m.lm_head(m.model.norm(x)).float()
-    return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
+    return logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
