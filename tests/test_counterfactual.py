@@ -110,6 +110,20 @@ def test_batched_windows_equal_one_window_at_a_time(lengths):
         assert torch.allclose(expert_off_rows(model, got, rows), expert_off_rows(model, one, rows), atol=1e-5)
 
 
+def test_a_bfloat16_model_runs_in_its_own_dtype():
+    # the rotary embedding's cos/sin are float32: queries, keys and values stay in the model's dtype
+    model = tiny(loud=LOUD)
+    model.module.to(torch.bfloat16)
+    ids, need = window()
+    base = base_window(model, ids[:-1], need, [ids[p + 1] for p in need])
+    assert all(k.dtype == v.dtype == torch.bfloat16 for k, v in zip(base.keys, base.values))
+    with torch.no_grad():
+        logits = model.module(input_ids=torch.tensor([ids[:-1]]), use_cache=False).logits[0]
+    lp = torch.log_softmax(logits.float(), -1)[need, [ids[p + 1] for p in need]]
+    assert torch.allclose(base.logprobs, lp, atol=0.05)  # bfloat16's own rounding, not float32's
+    assert torch.isfinite(expert_off_rows(model, base, list(range(len(model.experts))))).all()
+
+
 def test_window_batches_group_windows_of_about_the_same_length():
     from flexolmo.model.passes import BATCH_TOKENS, window_batches
 

@@ -292,10 +292,11 @@ def _attention(attn, x: torch.Tensor, at: torch.Tensor, cos, sin, past_k, past_v
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """transformers' `apply_rotary_pos_emb` on one of q, k (B, heads, P, D), with cos/sin (P, D) or (B, P, D)."""
+    """transformers' `apply_rotary_pos_emb` on one of q, k (B, heads, P, D), with cos/sin (P, D) or (B, P, D),
+    in x's dtype."""
     if cos.dim() == 3:
         cos, sin = cos[:, None], sin[:, None]
-    return (x * cos) + (rotate_half(x) * sin)
+    return ((x * cos) + (rotate_half(x) * sin)).to(x.dtype)
 
 
 def _k(gate: FlexRouter, more_off: int) -> int:
