@@ -19,7 +19,9 @@ nothing, so agreement is skipped). Nothing is written: traces are not stored.
    stage alone, the FLOPs of both on one input, the warm traces' stage breakdown (p50 over
    inputs after the first) and the load average (timings on shared cores are noisy); then each
    model stage against its arithmetic floor: the FLOPs it must do (torch's FlopCounterMode) and
-   the rate it achieves, against the cores' float32 matmul rate measured in the same run.
+   the rate it achieves, against the cores' float32 matmul rate measured in the same run, and
+   against its shape floor: its own matmul and attention calls replayed alone at their recorded
+   shapes (what the shapes cost on these cores; the rest is the stage's overhead).
 3. First trace of a new process against a warm one (fresh interpreter, run twice: the first
    run may fill numba's on-disk cache, the second shows a normal start).
 4. The bare `InfiniGramEngine.attribute` with the same delimiters: latency, speed-up, same spans.

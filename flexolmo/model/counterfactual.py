@@ -3,10 +3,13 @@ run layer by layer so that each expert-off row recomputes only what switching it
 
     base = base_window(model, ids, need, targets)    # routing + base log-probs + what rows reuse
     lp = expert_off_rows(model, base, [1, 4, 6])      # (3, K) log-probs with each expert off
+    bases = base_windows(model, [(ids, need, targets), ...])  # several windows' bases, one batched pass
 
 `flexolmo/model/passes.py` (`model_passes`) calls these per model window: one window is one model call over T tokens
 (positions 0..T-1, cut after the last needed one) whose next-token log-probs are wanted at K
-"needed" positions (the kept spans' tokens). A row with expert e switched off skips, exactly (up
+"needed" positions (the kept spans' tokens); its base passes run batched (`base_windows`: the
+windows right-padded to the longest, each decoder layer once over all of them, the MoE on real
+positions only), its expert-off rows one window at a time. A row with expert e switched off skips, exactly (up
 to float rounding):
 
 - **the prefix**: positions before the first one at which any layer's router chose e are
@@ -23,7 +26,9 @@ to float rounding):
 Layers 1..L-2 are recomputed from the row's start on: with top-4 of 8 every expert is chosen in a
 window's first tokens, so in a 4-layer model a row costs about half a full pass. The expert-off
 mask is per row ((B, E) additive -inf on the router logits); the MoE runs each expert once over the
-tokens that chose it (grouped by expert, as transformers' `grouped_mm` path does).
+tokens that chose it (grouped by expert, as transformers' `grouped_mm` path does). Rows that start
+at position 0 (with top-4 of 8, every row on the trained model) attend as a whole window: plain
+causal attention, none of the base's keys kept.
 
 `expert_off_rows(..., positions=...)` recomputes given positions only, the others keeping the
 base's keys and values: exact when they are all positions from the start on (the default). A

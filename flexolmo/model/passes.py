@@ -9,15 +9,17 @@ log-probabilities, and how much each falls when an expert is switched off (count
 The passes, per model window (`model_windows`: one window when the tokens fit the model's
 positions, else chunks with at least half a window of context before them):
 
-- **base**: one pass over the window cut after its last target (flexolmo/model/counterfactual.py
-  `base_window`): the routing and the base log-probs, with the last layer and the vocabulary
-  projection at the targets only; it keeps the state the expert-off rows reuse.
+- **base**: one pass over each window cut after its last target (flexolmo/model/counterfactual.py
+  `base_windows`), windows of about the same length batched (`window_batches`): the routing and
+  the base log-probs, with the last layer and the vocabulary projection at the targets only; it
+  keeps the state the expert-off rows reuse.
 - **expert-off rows** (exact, the default): up to `batch_rows` experts per batched call
   (`expert_off_rows`), each row recomputing only what switching its expert off changes.
 - **reference** (`Need(reference=True)`): one full transformers forward pass per expert, plus
   one for the base; what the tests and the benchmarks compare the rows with.
 
-Every pass calls `check()` before each decoder layer: a service passes its deadline (api/worker.py),
+Every pass calls `check()` before each decoder layer (a batched base pass: before each layer over
+all its windows, at most BATCH_TOKENS positions): a service passes its deadline (api/worker.py),
 which stops a trace within one layer's time. `generate` and `route` (flexolmo/model/generate.py)
 take the same checkpoint.
 """
