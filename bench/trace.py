@@ -5,6 +5,7 @@ counterfactual.
     .venv/bin/python bench/trace.py [--workspace W] [--inputs 40] [--bare 20] [--responses 200]
     .venv/bin/python bench/trace.py --workspace W --random-model demo --skip-agreement
     .venv/bin/python bench/trace.py --workspace W --random-model demo --floors-only --inputs 6
+    .venv/bin/python bench/trace.py --workspace W --floors-only --inputs 6 --threads 1 --cpu-time
 
 Needs indexes of every source and a merged model (`make demo`); `--random-model demo` builds
 a demo-sized 8-expert model with random weights instead (latency only: its routing means
@@ -18,7 +19,9 @@ nothing, so agreement is skipped). Nothing is written: traces are not stored.
    stage alone, the FLOPs of both on one input, the warm traces' stage breakdown (p50 over
    inputs after the first) and the load average (timings on shared cores are noisy); then each
    model stage against its arithmetic floor: the FLOPs it must do (torch's FlopCounterMode) and
-   the rate it achieves, against the cores' float32 matmul rate measured in the same run.
+   the rate it achieves, against the cores' float32 matmul rate measured in the same run, and
+   against its shape floor: its own matmul and attention calls replayed alone at their recorded
+   shapes (what the shapes cost on these cores; the rest is the stage's overhead).
 3. First trace of a new process against a warm one (fresh interpreter, run twice: the first
    run may fill numba's on-disk cache, the second shows a normal start).
 4. The bare `InfiniGramEngine.attribute` with the same delimiters: latency, speed-up, same spans.
@@ -113,6 +116,10 @@ def main() -> None:
     ap.add_argument("--skip-agreement", action="store_true")
     ap.add_argument("--floors-only", action="store_true",
                     help="Only the model stages against their arithmetic floor (warm traces of --inputs inputs).")
+    ap.add_argument("--threads", type=int, default=None, help="--floors-only: torch threads (default: torch's).")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="--floors-only with --threads 1: every time in this thread's CPU time (other processes "
+                         "on the cores then cost nothing; torch's threads stall one another when they are busy).")
     ap.add_argument("--first-trace-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--bigtok-first", default=None, metavar="SCRATCH",
                     help="Only: first trace vs warm with a 111,059-id tokenizer (u32 index built in SCRATCH).")
@@ -134,6 +141,15 @@ def main() -> None:
           f"{sum(tracer.fed.source(n).n_tokens for n in tracer.fed.names):,} indexed tokens; model {tracer.model_name}, "
           f"{len(tracer.model.experts)} experts, top-{tracer.model.config.num_experts_per_tok}")
     if args.floors_only:
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if args.cpu_time:
+            if torch.get_num_threads() != 1:
+                raise SystemExit("--cpu-time needs --threads 1 (the timings read this thread's clock)")
+            time.perf_counter = time.thread_time  # the stages' timings, the matmul rate and the replays
+        print(f"torch threads {torch.get_num_threads()}{'; times in CPU time' if args.cpu_time else ''}")
         data = inputs(ws, tracer, args.inputs)
         stages = [tracer.trace_ids(ids, prompt=None, prompt_ids=[], routing=None, generated=False,
                                    store=False).timings_ms for ids in data]
@@ -218,34 +234,157 @@ def matmul_rate(n: int = 1024, reps: int = 8) -> float:
 
 def floors(tracer: Tracer, data: list[list[int]], stages: list[dict[str, float]], eos: int) -> None:
     """Each model stage against its arithmetic floor: per input, the stage's FLOPs (matmuls and
-    attention, torch's FlopCounterMode) over its warm time (the same inputs' `timings_ms`), against
-    the cores' matmul rate measured now. The floor is the time the FLOPs take at that rate."""
+    attention, torch's FlopCounterMode, which counts attention as its two full products, causal or
+    not) over its warm time (the same inputs' `timings_ms`), against the cores' matmul rate measured
+    now (the best of before and after). The floor is the time the FLOPs take at that rate.
+
+    Then the reason for the rest: the stage's own matmul and attention calls, recorded at their exact
+    shapes and strides (`Calls`), replayed alone on random data, each distinct call timed in a loop
+    and summed count x time: the "shape floor", what these products cost on these cores with
+    nothing else around them. Time over it is the stage's own overhead (indexing, elementwise ops,
+    Python); the shape floor over the arithmetic floor is what the shapes themselves cost (thin or
+    small products run below the 1024^3 rate)."""
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     peak = matmul_rate()
-    got: dict[str, list[tuple[float, float]]] = {"routing": [], "counterfactual": []}  # (GFLOP, ms) per input
+    got: dict[str, list[tuple[float, float, float]]] = {"routing": [], "counterfactual": []}  # (GFLOP, ms, shape ms)
+    timed: dict = {}  # a call's key -> its replayed ms (shared by the inputs)
     for ids, st in zip(data, stages):
         tr = replace(tracer, model=None).trace_ids(ids, prompt=None, prompt_ids=[], routing=None, generated=False,
                                                    store=False)
         if not tr.spans:
             continue
-        total = {}
+        total, shape = {}, {}
         for cf in (False, True):
-            with FlopCounterMode(display=False) as fc:
+            with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as fc, Calls() as calls:
                 link_experts(tracer.model, copy.deepcopy(tr.spans), ids, [], None, counterfactual=cf, bos_id=eos)
             total[cf] = fc.get_total_flops() / 1e9
-        got["routing"].append((total[False], st["experts.routing"]))
+            shape[cf] = calls.replay_ms(timed)
+        got["routing"].append((total[False], st["experts.routing"], shape[False]))
         if "experts.counterfactual" in st:
-            got["counterfactual"].append((total[True] - total[False], st["experts.counterfactual"]))
-    print(f"model stages against their arithmetic floor (float32 matmul rate of the cores now: {peak:.0f} GFLOP/s; "
+            got["counterfactual"].append((total[True] - total[False], st["experts.counterfactual"],
+                                          shape[True] - shape[False]))
+    peak = max(peak, matmul_rate())
+    print(f"model stages against their arithmetic floor (float32 matmul rate of the cores now, {torch.get_num_threads()} "
+          f"threads: {peak:.0f} GFLOP/s; "
           f"p50 over {len(got['routing'])} warm inputs; load average {load()}):")
     for stage, xs in got.items():
         if not xs:
             continue
-        gflop = pct([g for g, _ in xs], 50)
-        rate = pct([g / (ms / 1000) for g, ms in xs], 50)
+        gflop = pct([g for g, _, _ in xs], 50)
+        rate = pct([g / (ms / 1000) for g, ms, _ in xs], 50)
+        sms = pct([s for _, _, s in xs], 50)
         print(f"  {stage}: {gflop:.1f} GFLOP at {rate:.0f} GFLOP/s, {peak / rate:.1f}x its arithmetic floor "
-              f"(p50 {pct([ms for _, ms in xs], 50):.0f} ms, floor {gflop / peak * 1000:.0f} ms)")
+              f"(p50 {pct([ms for _, ms, _ in xs], 50):.0f} ms, floor {gflop / peak * 1000:.0f} ms); its own matmuls "
+              f"alone at their shapes: {sms:.0f} ms ({gflop / (sms / 1000):.0f} GFLOP/s, "
+              f"{sms / (gflop / peak * 1000):.2f}x the arithmetic floor) -> {pct([ms / s for _, ms, s in xs], 50):.2f}x "
+              f"of that")
+
+
+def _attention_flops():
+    """FlopCounterMode's formula for CPU attention (it counts the CUDA kernels only)."""
+    import torch
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    def flops(query, key, value, *args, out_shape=None, **kwargs) -> int:  # shapes, as the counter passes them
+        return sdpa_flop_count(query, key, value)
+
+    return {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: flops}
+
+
+ATTENTION_FLOPS = _attention_flops()
+TIMED_OPS = ("aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten.baddbmm.default",
+             "aten._scaled_dot_product_flash_attention_for_cpu.default")
+
+
+def _timed_ops_mode():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    return TorchDispatchMode
+
+
+class Calls(_timed_ops_mode()):
+    """Records the matmul and attention calls (`TIMED_OPS`) run inside it: each distinct (op, its
+    arguments' shapes, strides and dtypes, its other arguments) with how often it ran; tensors
+    that are not floating point (masks) are kept as they were."""
+
+    def __init__(self):
+        super().__init__()
+        self.count: dict = {}
+        self.example: dict = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if str(func) in TIMED_OPS:
+            key = (func, _spec((args, kwargs)))
+            self.count[key] = self.count.get(key, 0) + 1
+            if key not in self.example:
+                self.example[key] = _keep((args, kwargs))
+        return func(*args, **kwargs)
+
+    def replay_ms(self, timed: dict) -> float:
+        """Sum over the recorded calls of count x each call's time alone (`timed` caches a key's time)."""
+        total = 0.0
+        for key, n in self.count.items():
+            if key not in timed:
+                timed[key] = _time_call(key[0], self.example[key])
+            total += n * timed[key]
+        return total
+
+
+def _spec(x):
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return ("tensor", tuple(x.shape), tuple(x.stride()), str(x.dtype))
+    if isinstance(x, (list, tuple)):
+        return tuple(_spec(v) for v in x)
+    if isinstance(x, dict):
+        return tuple(sorted((k, _spec(v)) for k, v in x.items()))
+    return x
+
+
+def _keep(x):
+    """An argument to replay: floating-point tensors as (shape, stride, dtype), others cloned."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return ("float", tuple(x.shape), tuple(x.stride()), x.dtype) if x.is_floating_point() else x.clone()
+    if isinstance(x, (list, tuple)):
+        return type(x)(_keep(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _keep(v) for k, v in x.items()}
+    return x
+
+
+def _build(x):
+    """`_keep`'s argument made real: random data laid out with the recorded shape and strides."""
+    import torch
+
+    if isinstance(x, tuple) and len(x) == 4 and x[0] == "float":
+        _, shape, stride, dtype = x
+        span = 1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else 0
+        return torch.randn(span, dtype=dtype).as_strided(shape, stride)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_build(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _build(v) for k, v in x.items()}
+    return x
+
+
+def _time_call(func, example, total_s: float = 0.01) -> float:
+    """One call's time alone (ms): the fastest of calls timed one by one for about `total_s`, at
+    least 7 (the fastest, as the matmul rate is the best of several: on shared cores a descheduled
+    thread stalls single calls by a time slice)."""
+    args, kwargs = _build(example)
+    func(*args, **kwargs)  # warm-up
+    ts: list[float] = []
+    while len(ts) < 7 or sum(ts) < total_s:
+        t0 = time.perf_counter()
+        func(*args, **kwargs)
+        ts.append(time.perf_counter() - t0)
+    return min(ts) * 1000
 
 
 def warm_stages(timings: list[dict[str, float]]) -> dict[str, float]:

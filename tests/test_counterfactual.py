@@ -15,7 +15,7 @@ import torch
 from flexolmo.model.config import get_profile
 from flexolmo.model.generate import RoutingCapture, token_logprobs
 from flexolmo.model.moe import LoadedModel, build_model, routers, set_active
-from flexolmo.model.counterfactual import base_window, expert_off_rows
+from flexolmo.model.counterfactual import base_window, base_windows, expert_off_rows
 from tracing.experts import link_experts
 from tracing.results import Span
 
@@ -85,6 +85,53 @@ def test_expert_off_rows_equal_one_pass_per_expert(kind):
         ref = reference_drops(model, ids, need, e)
         assert np.abs(got[b] - ref).max() < 1e-5, (kind, e)
     assert np.abs(got).max() > 1e-3  # the experts matter: a drop of 0 everywhere would pass vacuously
+
+
+@pytest.mark.parametrize("lengths", [(60, 60), (60, 57, 40), (60,)])
+def test_batched_windows_equal_one_window_at_a_time(lengths):
+    # one batched base pass over windows of equal and of different lengths (right-padded): every
+    # window's routing, log-probs and kept state, and its expert-off rows, as its own pass gives
+    model = tiny(loud=LOUD, layers=3)
+    wins = []
+    for seed, T in enumerate(lengths):
+        ids, need = window(T, seed)
+        wins.append((ids[:-1], need, [ids[p + 1] for p in need]))
+    batched = base_windows(model, wins)
+    assert len(batched) == len(wins)
+    for w, got in zip(wins, batched):
+        one = base_window(model, *w)
+        assert torch.equal(got.ids, one.ids) and torch.equal(got.need, one.need)
+        assert torch.equal(got.experts, one.experts) and got.scale_safe == one.scale_safe
+        for name in ("weights", "logprobs", "mid0", "moe0", "slots0", "probs0"):
+            assert torch.allclose(getattr(got, name), getattr(one, name), atol=1e-5, rtol=1e-4), name
+        for a, b in zip(got.keys + got.values, one.keys + one.values):
+            assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+        rows = list(range(len(model.experts)))
+        assert torch.allclose(expert_off_rows(model, got, rows), expert_off_rows(model, one, rows), atol=1e-5)
+
+
+def test_a_bfloat16_model_runs_in_its_own_dtype():
+    # the rotary embedding's cos/sin are float32: queries, keys and values stay in the model's dtype
+    model = tiny(loud=LOUD)
+    model.module.to(torch.bfloat16)
+    ids, need = window()
+    base = base_window(model, ids[:-1], need, [ids[p + 1] for p in need])
+    assert all(k.dtype == v.dtype == torch.bfloat16 for k, v in zip(base.keys, base.values))
+    with torch.no_grad():
+        logits = model.module(input_ids=torch.tensor([ids[:-1]]), use_cache=False).logits[0]
+    lp = torch.log_softmax(logits.float(), -1)[need, [ids[p + 1] for p in need]]
+    assert torch.allclose(base.logprobs, lp, atol=0.05)  # bfloat16's own rounding, not float32's
+    assert torch.isfinite(expert_off_rows(model, base, list(range(len(model.experts))))).all()
+
+
+def test_window_batches_group_windows_of_about_the_same_length():
+    from flexolmo.model.passes import BATCH_TOKENS, window_batches
+
+    assert window_batches([129, 256, 256, 250]) == [[0, 1, 2, 3]]  # a 450-token input's windows: one batch
+    assert window_batches([40, 256, 60]) == [[1], [0, 2]]  # 216 padded positions in 256: apart
+    assert window_batches([100]) == [[0]] and window_batches([]) == []
+    many = window_batches([256] * 20)
+    assert sorted(sum(many, [])) == list(range(20)) and max(len(b) for b in many) * 256 <= BATCH_TOKENS
 
 
 def test_prefix_before_the_experts_first_choice_is_reused_exactly():

@@ -3,10 +3,13 @@ run layer by layer so that each expert-off row recomputes only what switching it
 
     base = base_window(model, ids, need, targets)    # routing + base log-probs + what rows reuse
     lp = expert_off_rows(model, base, [1, 4, 6])      # (3, K) log-probs with each expert off
+    bases = base_windows(model, [(ids, need, targets), ...])  # several windows' bases, one batched pass
 
 `flexolmo/model/passes.py` (`model_passes`) calls these per model window: one window is one model call over T tokens
 (positions 0..T-1, cut after the last needed one) whose next-token log-probs are wanted at K
-"needed" positions (the kept spans' tokens). A row with expert e switched off skips, exactly (up
+"needed" positions (the kept spans' tokens); its base passes run batched (`base_windows`: the
+windows right-padded to the longest, each decoder layer once over all of them, the MoE on real
+positions only), its expert-off rows one window at a time. A row with expert e switched off skips, exactly (up
 to float rounding):
 
 - **the prefix**: positions before the first one at which any layer's router chose e are
@@ -23,7 +26,9 @@ to float rounding):
 Layers 1..L-2 are recomputed from the row's start on: with top-4 of 8 every expert is chosen in a
 window's first tokens, so in a 4-layer model a row costs about half a full pass. The expert-off
 mask is per row ((B, E) additive -inf on the router logits); the MoE runs each expert once over the
-tokens that chose it (grouped by expert, as transformers' `grouped_mm` path does).
+tokens that chose it (grouped by expert, as transformers' `grouped_mm` path does). Rows that start
+at position 0 (with top-4 of 8, every row on the trained model) attend as a whole window: plain
+causal attention, none of the base's keys kept.
 
 `expert_off_rows(..., positions=...)` recomputes given positions only, the others keeping the
 base's keys and values: exact when they are all positions from the start on (the default). A
@@ -39,11 +44,12 @@ against the module's forward (logits and routing), so that a change upstream fai
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers.models.flex_olmo.modeling_flex_olmo import apply_rotary_pos_emb, repeat_kv
+from transformers.models.flex_olmo.modeling_flex_olmo import repeat_kv, rotate_half
 
 from flexolmo.model.moe import Check, FlexRouter, as_module, no_check
 
@@ -80,53 +86,100 @@ class WindowBase:
         return min(int(hit[0, 0]) if len(hit) else len(self.ids), self.scale_safe)
 
 
-@torch.no_grad()
 def base_window(model, ids: list[int], need: list[int], targets: list[int], check: Check = no_check) -> WindowBase:
     """Run one window with nothing more switched off; keep routing, base log-probs and the state
-    the expert-off rows reuse.
+    the expert-off rows reuse (`base_windows` of this one window).
 
     :param ids: the window's input tokens (T,): nothing after the last needed position
     :param need: positions p (0..T-1, ascending) whose log p(targets[i] | ids[:p + 1]) is wanted
     :param targets: the token predicted at each needed position
     :param check: called before every decoder layer; raises to stop the pass (a deadline)
     """
+    return base_windows(model, [(ids, need, targets)], check)[0]
+
+
+@torch.no_grad()
+def base_windows(model, windows: list[tuple[list[int], list[int], list[int]]], check: Check = no_check) -> list[WindowBase]:
+    """`base_window` of several windows (ids, need, targets) in one batched pass: each decoder
+    layer runs once over all of them, the windows right-padded to the longest. Causal attention
+    and per-token routing keep every window's positions what its own pass gives (the padding comes
+    after them and is attended by no real position); the MoE runs on real positions only.
+    """
     m = as_module(model)
     dev = next(m.parameters()).device
-    x_ids = torch.tensor(ids, device=dev)
-    need_t = torch.tensor(need, device=dev, dtype=torch.long)
     layers = m.model.layers
-    T, L = len(ids), len(layers)
+    B, L = len(windows), len(layers)
+    lens = [len(ids) for ids, _, _ in windows]
+    T, N = max(lens), sum(lens)
+    x_ids = torch.zeros((B, T), dtype=torch.long, device=dev)
+    for b, (ids, _, _) in enumerate(windows):
+        x_ids[b, : lens[b]] = torch.tensor(ids, device=dev)
+    needs = [torch.tensor(need, device=dev, dtype=torch.long) for _, need, _ in windows]
+    off = [0] + list(itertools.accumulate(lens))  # window b's rows in the real positions: off[b]..off[b + 1]
+    koff = [0] + list(itertools.accumulate(len(n) for n in needs))  # and in the needed positions
+    padded = N < B * T
+    real = (torch.arange(T, device=dev)[None] < torch.tensor(lens, device=dev)[:, None]).view(-1).nonzero()[:, 0] \
+        if padded else None  # (N,) real positions in the flattened (B T) batch
+    need_rows = torch.cat([off[b] + n for b, n in enumerate(needs)])  # (K,) needed positions among the real ones
+    q_need = torch.zeros((B, max(len(n) for n in needs)), dtype=torch.long, device=dev)  # (B, Kmax), padded with 0
+    for b, n in enumerate(needs):
+        q_need[b, : len(n)] = n
+    q_rows = torch.cat([b * q_need.shape[1] + torch.arange(len(n), device=dev) for b, n in enumerate(needs)])
+    H = m.config.hidden_size
     k = _k(layers[0].mlp.gate, 0)
-    experts = torch.full((T, L, k), -1, dtype=torch.long, device=dev)
-    weights = torch.zeros((T, L, k), device=dev)
-    cos, sin = m.model.rotary_emb(x_ids[None].float(), torch.arange(T, device=dev)[None])
-    x = m.model.embed_tokens(x_ids)[None]  # (1, T, H)
+    experts = torch.full((N, L, k), -1, dtype=torch.long, device=dev)
+    weights = torch.zeros((N, L, k), device=dev)
+    cos, sin = m.model.rotary_emb(x_ids.float(), torch.arange(T, device=dev)[None])
+    x = m.model.embed_tokens(x_ids)  # (B, T, H)
     keys, values, first = [], [], {}
     every = torch.arange(T, device=dev)
-    loud = torch.zeros(T, dtype=torch.bool, device=dev)  # positions where the norm's eps could show a rescale
+    loud = torch.zeros(N, dtype=torch.bool, device=dev)  # positions where the norm's eps could show a rescale
     for li, layer in enumerate(layers):
         check()
         last = li == L - 1 and L > 1  # a one-layer model keeps layer 0 whole (the rows reuse it)
-        at = need_t if last else every  # positions whose output this layer computes
-        h, kk, vv = _attention(layer.self_attn, x, every, cos, sin, None, None, need_t if last else None)
-        keys.append(kk[0])
-        values.append(vv[0])
-        mid = x[:, at] + layer.post_attention_layernorm(h)  # (1, |at|, H)
-        idx, w, probs = _route(layer.mlp.gate, mid[0], None, k)
-        slots = _expert_outputs(layer.mlp.experts, mid[0], idx)  # (|at|, k, H)
-        moe = (slots * w[..., None]).sum(1)
+        h, kk, vv = _attention(layer.self_attn, x, every, cos, sin, None, None, q_need if last else None)
+        keys.append(kk)
+        values.append(vv)
+        xs = x.reshape(B * T, H)
+        if last:  # the needed positions only (K, H)
+            xs, h = (xs[real] if padded else xs)[need_rows], h.reshape(-1, H)[q_rows]
+        elif padded:  # the real positions (N, H)
+            xs, h = xs[real], h.reshape(B * T, H)[real]
+        else:
+            h = h.reshape(B * T, H)
+        mid = xs + layer.post_attention_layernorm(h)
+        idx, w, probs = _route(layer.mlp.gate, mid, None, k)
+        if li == 0:  # the rows reuse layer 0's experts' outputs, unweighted
+            slots = _expert_outputs(layer.mlp.experts, mid, idx)  # (|at|, k, H)
+            moe = (slots * w[..., None]).sum(1)
+        else:
+            moe = _expert_outputs(layer.mlp.experts, mid, idx, w)
+        at = need_rows if last else slice(None)
         experts[at, li], weights[at, li] = idx, w.float()
-        x = mid + layer.post_feedforward_layernorm(moe)[None]
+        out = mid + layer.post_feedforward_layernorm(moe)
         eps = layer.post_feedforward_layernorm.variance_epsilon
         loud[at] |= eps / (2 * moe.float().pow(2).mean(-1)) > SCALE_TOL
         if li == 0:
-            first = dict(mid0=mid[0], moe0=moe, slots0=slots, probs0=probs)
+            first = dict(mid0=mid, moe0=moe, slots0=slots, probs0=probs)
+        if last:
+            x = out
+        elif padded:  # padding positions: zero, finite, attended by no real position
+            x = x.new_zeros(B * T, H).index_copy_(0, real, out).view(B, T, H)
+        else:
+            x = out.view(B, T, H)
     if L == 1:
-        x = x[:, need_t]
-    lp = _logprobs(m, x[0], torch.tensor(targets, device=dev, dtype=torch.long))
-    return WindowBase(ids=x_ids, need=need_t, targets=torch.tensor(targets, device=dev), keys=keys, values=values,
-                      experts=experts, weights=weights, logprobs=lp,
-                      scale_safe=int(loud.nonzero()[0, 0]) if loud.any() else T, **first)
+        x = x.reshape(B * T, H)[real][need_rows] if padded else x.reshape(B * T, H)[need_rows]
+    lp = _logprobs(m, x, torch.tensor([t for _, _, ts in windows for t in ts], device=dev, dtype=torch.long))
+    out = []
+    for b, (ids, _, targets) in enumerate(windows):
+        r, kr = slice(off[b], off[b + 1]), slice(koff[b], koff[b + 1])
+        safe = loud[r].nonzero()
+        out.append(WindowBase(
+            ids=x_ids[b, : lens[b]], need=needs[b], targets=torch.tensor(targets, device=dev),
+            keys=[kk[b, :, : lens[b]] for kk in keys], values=[vv[b, :, : lens[b]] for vv in values],
+            experts=experts[r], weights=weights[r], logprobs=lp[kr],
+            scale_safe=int(safe[0, 0]) if len(safe) else lens[b], **{n: t[r] for n, t in first.items()}))
+    return out
 
 
 @torch.no_grad()
@@ -159,17 +212,20 @@ def expert_off_rows(model, base: WindowBase, rows: list[int], positions: torch.T
     check()
     x = _layer0(layers[0], base, rows_t, positions, k)  # (B, P, H)
     q_at = torch.searchsorted(positions, base.need[live])  # (K',) needed positions' rows in x
+    whole = len(positions) == T  # positions 0..T-1: no base keys to keep, plain causal attention
     for li in range(1, L):
         check()
         layer = layers[li]
         last = li == L - 1
-        pk = base.keys[li][None].expand(B, -1, -1, -1)  # (B, Hkv, T, D): the base's where not recomputed
-        pv = base.values[li][None].expand(B, -1, -1, -1)
+        pk = pv = None  # every position recomputed (the rows start at 0): x is the whole window
+        if not whole:
+            pk = base.keys[li][None].expand(B, -1, -1, -1)  # (B, Hkv, T, D): the base's where not recomputed
+            pv = base.values[li][None].expand(B, -1, -1, -1)
         h, _, _ = _attention(layer.self_attn, x, positions, cos, sin, pk, pv, base.need[live] if last else None)
         mid = (x[:, q_at] if last else x) + layer.post_attention_layernorm(h)  # (B, P or K', H)
         flat = mid.reshape(-1, mid.shape[-1])
         idx, w, _ = _route(layer.mlp.gate, flat, off.repeat_interleave(mid.shape[1], dim=0), k)
-        moe = (_expert_outputs(layer.mlp.experts, flat, idx) * w[..., None]).sum(1)
+        moe = _expert_outputs(layer.mlp.experts, flat, idx, w)
         x = mid + layer.post_feedforward_layernorm(moe.view_as(mid))
     if L == 1:
         x = x[:, q_at]
@@ -208,17 +264,22 @@ def _layer0(layer, base: WindowBase, rows: torch.Tensor, positions: torch.Tensor
 def _attention(attn, x: torch.Tensor, at: torch.Tensor, cos, sin, past_k, past_v, q_pos):
     """FlexOlmoAttention for hidden states x (B, P, H) at window positions `at` (P,), the other
     positions' keys and values taken from past_k/past_v (B, Hkv, T, D) (None: x is the whole
-    window); queries at positions q_pos (a subset of `at`; None: all of `at`). Returns the
-    projected output (B, Q, H) and the keys and values of `at` (B, Hkv, P, D)."""
+    window); queries at positions q_pos (Q,) or (B, Q) (a subset of `at`; None: all of `at`).
+    Returns the projected output (B, Q, H) and the keys and values of `at` (B, Hkv, P, D)."""
     B, P, _ = x.shape
     D = attn.head_dim
-    q_pos = at if q_pos is None else q_pos
-    xq = x if q_pos is at else x[:, torch.searchsorted(at, q_pos)]
-    q = attn.q_norm(attn.q_proj(xq)).view(B, len(q_pos), -1, D).transpose(1, 2)  # (B, Hq, Q, D)
+    if q_pos is None:
+        q_pos, xq = at, x
+    elif q_pos.dim() == 1:
+        xq = x[:, torch.searchsorted(at, q_pos)]
+    else:
+        xq = x[torch.arange(B, device=x.device)[:, None], torch.searchsorted(at, q_pos)]
+    Q = q_pos.shape[-1]
+    q = attn.q_norm(attn.q_proj(xq)).view(B, Q, -1, D).transpose(1, 2)  # (B, Hq, Q, D)
     k = attn.k_norm(attn.k_proj(x)).view(B, P, -1, D).transpose(1, 2)  # (B, Hkv, P, D)
     v = attn.v_proj(x).view(B, P, -1, D).transpose(1, 2)
-    q, _ = apply_rotary_pos_emb(q, q, cos[:, q_pos], sin[:, q_pos])
-    _, k = apply_rotary_pos_emb(k, k, cos[:, at], sin[:, at])
+    q = _rope(q, cos[0][q_pos], sin[0][q_pos])
+    k = _rope(k, cos[0][at], sin[0][at])
     keys, vals = k, v
     if past_k is not None:
         keys, vals = past_k.clone(), past_v.clone()
@@ -229,9 +290,18 @@ def _attention(attn, x: torch.Tensor, at: torch.Tensor, cos, sin, past_k, past_v
         o = F.scaled_dot_product_attention(q, repeat_kv(keys, g), repeat_kv(vals, g), is_causal=True, scale=attn.scaling)
     else:
         kpos = at if past_k is None else torch.arange(keys.shape[2], device=x.device)
-        mask = kpos[None, :] <= q_pos[:, None]  # (Q, S) causal
+        mask = kpos <= q_pos[..., None]  # (Q, S) or (B, Q, S) causal
+        mask = mask[:, None] if mask.dim() == 3 else mask
         o = F.scaled_dot_product_attention(q, repeat_kv(keys, g), repeat_kv(vals, g), attn_mask=mask, scale=attn.scaling)
-    return attn.o_proj(o.transpose(1, 2).reshape(B, len(q_pos), -1)), k, v
+    return attn.o_proj(o.transpose(1, 2).reshape(B, Q, -1)), k, v
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' `apply_rotary_pos_emb` on one of q, k (B, heads, P, D), with cos/sin (P, D) or (B, P, D),
+    in x's dtype."""
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
+    return ((x * cos) + (rotate_half(x) * sin)).to(x.dtype)
 
 
 def _k(gate: FlexRouter, more_off: int) -> int:
@@ -254,27 +324,28 @@ def _route(gate: FlexRouter, x: torch.Tensor, off: torch.Tensor | None, k: int):
     return idx, w.to(x.dtype), probs
 
 
-def _expert_outputs(ex, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Unweighted outputs (N, k, H) of experts idx (N, k) on tokens x (N, H) of a layer's fused
-    experts (gate_up_proj (E, 2I, H), down_proj (E, H, I)): each expert runs once, on its tokens."""
+def _expert_outputs(ex, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    """Outputs of experts idx (N, k) on tokens x (N, H) of a layer's fused experts (gate_up_proj
+    (E, 2I, H), down_proj (E, H, I)): each expert runs once, on its tokens. Unweighted (N, k, H) in
+    top-k order; with weights w (N, k), their weighted sum (N, H)."""
     N, k = idx.shape
     flat = idx.reshape(-1)
     order = torch.argsort(flat, stable=True)  # (N k,) token-slot pairs grouped by expert
     counts = torch.bincount(flat, minlength=ex.num_experts).tolist()
-    xs = x[order // k]
-    ys = torch.empty_like(xs)
+    tokens = order // k
+    scale = None if w is None else w.reshape(-1)[order]  # (N k,) each pair's weight, grouped by expert
+    out = x.new_empty(N * k, x.shape[-1])
     i = 0
     for e, c in enumerate(counts):
         if c:
-            gate, up = F.linear(xs[i: i + c], ex.gate_up_proj[e]).chunk(2, dim=-1)
-            ys[i: i + c] = F.linear(ex.act_fn(gate) * up, ex.down_proj[e])
+            gate, up = F.linear(x.index_select(0, tokens[i: i + c]), ex.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(ex.act_fn(gate).mul_(up), ex.down_proj[e])  # act_fn returns a new tensor
+            out.index_copy_(0, order[i: i + c], y if scale is None else y.mul_(scale[i: i + c, None]))
             i += c
-    out = torch.empty_like(ys)
-    out[order] = ys
-    return out.view(N, k, -1)
+    return out.view(N, k, -1) if w is None else out.view(N, k, -1).sum(1)
 
 
 def _logprobs(m, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target) (K,) in float32 from the last layer's output x (K, H)."""
     logits = m.lm_head(m.model.norm(x)).float()
-    return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
+    return logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)

@@ -9,15 +9,17 @@ log-probabilities, and how much each falls when an expert is switched off (count
 The passes, per model window (`model_windows`: one window when the tokens fit the model's
 positions, else chunks with at least half a window of context before them):
 
-- **base**: one pass over the window cut after its last target (flexolmo/model/counterfactual.py
-  `base_window`): the routing and the base log-probs, with the last layer and the vocabulary
-  projection at the targets only; it keeps the state the expert-off rows reuse.
+- **base**: one pass over each window cut after its last target (flexolmo/model/counterfactual.py
+  `base_windows`), windows of about the same length batched (`window_batches`): the routing and
+  the base log-probs, with the last layer and the vocabulary projection at the targets only; it
+  keeps the state the expert-off rows reuse.
 - **expert-off rows** (exact, the default): up to `batch_rows` experts per batched call
   (`expert_off_rows`), each row recomputing only what switching its expert off changes.
 - **reference** (`Need(reference=True)`): one full transformers forward pass per expert, plus
   one for the base; what the tests and the benchmarks compare the rows with.
 
-Every pass calls `check()` before each decoder layer: a service passes its deadline (api/worker.py),
+Every pass calls `check()` before each decoder layer (a batched base pass: before each layer over
+all its windows, at most BATCH_TOKENS positions): a service passes its deadline (api/worker.py),
 which stops a trace within one layer's time. `generate` and `route` (flexolmo/model/generate.py)
 take the same checkpoint.
 """
@@ -35,6 +37,8 @@ from flexolmo.base.errors import InputError
 from flexolmo.model.moe import Check, active_experts, no_check
 
 MAX_ROWS = 8  # experts switched off per batched call on a CPU (bounds the batch's memory)
+BATCH_TOKENS = 2048  # positions per batched base pass (padding included)
+PAD_SHARE = 0.75  # padding a window may take in a batched base pass, as a share of the longest window
 
 Drops = Literal["none", "routed", "all"]
 
@@ -128,27 +132,44 @@ def model_passes(model, tokens: Sequence[int], need: Need, check: Check | None =
 
 
 def _base_passes(model, tokens, windows, out: Passes, check: Check) -> list:
-    """One base pass per window holding targets; fills `out`'s routing and log-probs and
-    returns, per window, (the targets' rows in `out`, its `WindowBase`)."""
-    from flexolmo.model.counterfactual import base_window
+    """The base passes of the windows holding targets, batched (`window_batches`); fills `out`'s
+    routing and log-probs and returns, per window, (the targets' rows in `out`, its `WindowBase`)."""
+    from flexolmo.model.counterfactual import base_windows
 
     K, L = len(out.targets), model.config.num_hidden_layers
     k = min(model.config.num_experts_per_tok, sum(active_experts(model)))
     out.experts, out.weights = np.zeros((K, L, k), dtype=np.int64), np.zeros((K, L, k), dtype=np.float32)
     out.logprobs = np.zeros(K, dtype=np.float32)
-    bases, row = [], 0
+    todo, row = [], 0  # (rows in `out`, (ids, need, targets)) per window holding targets
     for a, _, _, _, ts in windows:
-        if not len(ts):
-            continue
-        rows = np.arange(row, row + len(ts))
-        row += len(ts)
-        base = base_window(model, list(tokens[a: int(ts[-1])]), (ts - 1 - a).tolist(), [int(tokens[t]) for t in ts],
-                           check=check)
-        out.experts[rows] = base.experts[base.need].cpu().numpy()
-        out.weights[rows] = base.weights[base.need].cpu().numpy()
-        out.logprobs[rows] = base.logprobs.cpu().numpy()
-        bases.append((rows, base))
+        if len(ts):
+            todo.append((np.arange(row, row + len(ts)), (list(tokens[a: int(ts[-1])]), (ts - 1 - a).tolist(),
+                                                         [int(tokens[t]) for t in ts])))
+            row += len(ts)
+    bases: list = [None] * len(todo)
+    for batch in window_batches([len(w[0]) for _, w in todo]):
+        for i, base in zip(batch, base_windows(model, [todo[i][1] for i in batch], check=check)):
+            rows = todo[i][0]
+            out.experts[rows] = base.experts[base.need].cpu().numpy()
+            out.weights[rows] = base.weights[base.need].cpu().numpy()
+            out.logprobs[rows] = base.logprobs.cpu().numpy()
+            bases[i] = (rows, base)
     return bases
+
+
+def window_batches(lengths: list[int]) -> list[list[int]]:
+    """Windows (by their lengths) grouped for batched base passes: windows of about the same
+    length (the padding at most PAD_SHARE of the batch's longest), at most BATCH_TOKENS
+    positions per batch; each batch's indices ascending."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    out: list[list[int]] = []
+    for i in order:
+        if out and lengths[i] >= (1 - PAD_SHARE) * lengths[out[-1][0]] and \
+                (len(out[-1]) + 1) * lengths[out[-1][0]] <= BATCH_TOKENS:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return [sorted(b) for b in out]
 
 
 def _row_drops(model, bases, K: int, run: list[int], check: Check) -> dict[int, np.ndarray]:
