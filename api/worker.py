@@ -221,9 +221,12 @@ class TraceWorker:
     # -- planning (under the lock) --------------------------------------------------------------
 
     def _as_planned(self, job: Job, now: float) -> Planned:
+        """The job as the planner sees it, its stages timed by the estimates as they are now
+        (under load the stages take longer than when it was admitted, and the plan knows)."""
         steps = []
         for i in range(job.at, len(job.stages)):
-            s, secs = job.stages[i], job.seconds[i]
+            s = job.stages[i]
+            secs = self.estimates.seconds(s.kind, s.units)
             started = i == job.at and job.running
             if started:  # what is left of it
                 run = next(r for r in self._running[s.lane] if r.job is job)
