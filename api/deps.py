@@ -80,7 +80,7 @@ class Settings:
     client_passes: int = 2  # FLEXOLMO_CLIENT_PASSES: traces, generations, searches running or queued
     # A request is admitted only if it can be answered within queue_factor x its time on an idle
     # service (and its budget); else 503 with Retry-After at once. 0: within its budget only.
-    queue_factor: float = 4.0  # FLEXOLMO_QUEUE_FACTOR
+    queue_factor: float = 2.5  # FLEXOLMO_QUEUE_FACTOR
 
     @classmethod
     def from_env(cls, workspace: str | os.PathLike | Workspace | None = None) -> "Settings":

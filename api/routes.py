@@ -262,6 +262,7 @@ async def health(svc: ServiceDep) -> Health:
                   error=svc.error, sources_searched=list(t.fed.names) if t else [],
                   sources_skipped=dict(t.fed.skipped) if t else {}, model=t.model_name if t else None,
                   queued=svc.worker.queued, lanes=svc.worker.lanes(), estimates=svc.worker.estimates.snapshot(),
+                  admission=svc.worker.admission(),
                   pid=os.getpid(), limits=svc.settings.caps())
 
 

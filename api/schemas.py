@@ -146,5 +146,6 @@ class Health(BaseModel):
     queued: int = 0  # traces, generations and searches admitted and not finished in this process
     lanes: dict[str, dict[str, int]] = {}  # per tracer lane (index, model): stages running and waiting
     estimates: dict[str, dict[str, float]] = {}  # per stage kind: runs timed, seconds per 1,000 units (api/admission.py)
+    admission: dict[str, float] = {}  # requests admitted, refused, answered, answered late (after their due), the worst lateness
     pid: int = 0  # this worker process (`serve --workers N` runs N)
     limits: dict[str, Any] = {}  # budgets (seconds) and input caps

@@ -142,6 +142,8 @@ class TraceWorker:
         self._reopen = False
         self._reopening = False
         self._stop = False
+        self.counts = {"admitted": 0, "refused": 0, "answered": 0, "late": 0}  # since the start (for /api/health)
+        self.worst_late_s = 0.0  # the most an answer came after its planned due time
         self._threads = [threading.Thread(target=self._loop, args=(lane,), name=f"tracer-{lane}", daemon=True)
                          for lane in LANES]
 
@@ -157,6 +159,11 @@ class TraceWorker:
             return {lane: {"running": int(bool(self._running[lane])), "paused": max(0, len(self._running[lane]) - 1),
                            "waiting": sum(1 for j in self._jobs if not j.running and j.stages[j.at].lane == lane)}
                     for lane in LANES}
+
+    def admission(self) -> dict[str, float]:
+        """Requests admitted, refused, answered, and answered after their planned due time (for /api/health)."""
+        with self._cond:
+            return {**self.counts, "worst_late_s": round(self.worst_late_s, 3), "queue_factor": self.factor}
 
     def start(self) -> None:
         self._open()
@@ -200,10 +207,12 @@ class TraceWorker:
             admitted = [self._as_planned(j, now) for j in self._jobs if not j.cancel.is_set()]
             verdict = admit(now, admitted, self._as_planned(job, now), self._holding())
             if not verdict.admitted:
+                self.counts["refused"] += 1
                 raise Busy(f"the service is busy: it expects to answer this {what} in {verdict.finish - now:.1f} s, "
                            f"over its target of {target:.1f} s ({self._target_rule(budget_s)}); retry in "
                            f"{verdict.retry_after_s} s", retry_after=verdict.retry_after_s)
             self._jobs.append(job)
+            self.counts["admitted"] += 1
             self._cond.notify_all()
         return job
 
@@ -332,6 +341,12 @@ class TraceWorker:
                 job.value = value
             if not ok or job.at == len(job.stages):
                 self._jobs.remove(job)
+            if ok and job.at == len(job.stages):
+                end = time.monotonic()
+                self.counts["answered"] += 1
+                if end > job.due:
+                    self.counts["late"] += 1
+                    self.worst_late_s = max(self.worst_late_s, end - job.due)
             self._cond.notify_all()
         if not ok:
             _fail(job, value)

@@ -266,6 +266,7 @@ def open_loop(url: str, ws: Workspace, rate: float, seconds: float, texts: list[
               idle: dict[str, float], seed: int = 0) -> dict:
     """Poisson arrivals at `rate` per second for `seconds`, each request on its own thread."""
     rng = random.Random(seed)
+    before = httpx.get(url + "/api/health").json()["admission"]
     shares = [KINDS[k][0] for k in kinds]
     out: list[dict] = []
     threads = []
@@ -301,8 +302,10 @@ def open_loop(url: str, ws: Workspace, rate: float, seconds: float, texts: list[
                   "errors_by_status": {str(s): sum(1 for r in rs if r["status"] == s)
                                        for s in sorted({r["status"] for r in rs} - {200, 429, 503})}}
     ids = [r["trace_id"] for r in out if r["trace_id"]]
-    return {"rate_per_s": round(rate, 3), "requests": len(out), "kinds": per,
-            "stored_exactly_once": all(counts.get(i) == 1 for i in ids)}
+    after = httpx.get(url + "/api/health").json()["admission"]
+    late = {k: after[k] - before[k] for k in ("answered", "late")}  # after their planned due, as the service saw it
+    return {"rate_per_s": round(rate, 3), "requests": len(out), "kinds": per, "service": {
+        **late, "worst_late_s_since_start": after["worst_late_s"]}, "stored_exactly_once": all(counts.get(i) == 1 for i in ids)}
 
 
 def main() -> None:
@@ -389,6 +392,9 @@ def _open_loop_table(rep: dict) -> str:
                          f"{r['refused']:>7} {r['refused_p99_s'] or '-':>7} {r['errors']:>6}  {run['stored_exactly_once']}"
                          + (f" {r['errors_by_status']}" if r["errors"] else "")
                          + (f"  experts: {r['experts']}" if r.get("experts") else ""))
+        sv = run["service"]
+        lines.append(f"{run['load']:>5} the service answered {sv['answered']}, {sv['late']} after their planned due time "
+                     f"(worst since its start: {sv['worst_late_s_since_start']} s late)")
     return "\n".join(lines)
 
 

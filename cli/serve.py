@@ -60,7 +60,7 @@ def serve(
     queue_factor: Annotated[Optional[float], typer.Option(help="Admit a trace, generation or search only if it can be "
                                                                "answered within this many times its time on an idle "
                                                                "service (else 503 with Retry-After at once); 0: within "
-                                                               "its budget (default: $FLEXOLMO_QUEUE_FACTOR, else 4).")] = None,
+                                                               "its budget (default: $FLEXOLMO_QUEUE_FACTOR, else 2.5).")] = None,
 ) -> None:
     """Serve the web page and the trace API over the workspace."""
     import uvicorn

@@ -278,6 +278,9 @@ def test_served_burst_refusals_come_fast_and_spans_only_traces_pass_the_busy_mod
             [(r.status_code, r.text[:300], s) for r, s in spans]
         assert all(r.json()["spans"] for r, _ in spans) and max(s for _, s in spans) < 5
         assert _stored_once(fed, [r.json()["trace_id"] for r in ok] + [r.json()["trace_id"] for r, _ in spans])
+        seen = c.get("/api/health").json()["admission"]  # the service counted what the clients saw
+        assert seen["refused"] == len(refused) and seen["admitted"] == 2 + len(ok) + len(spans), seen
+        assert seen["answered"] == seen["admitted"] and seen["late"] <= seen["answered"], seen
 
 
 def test_a_streamed_trace_shows_its_spans_when_its_experts_are_refused(fed, live):

@@ -116,8 +116,19 @@ def test_expensive_query_is_cut_at_its_budget_while_a_trace_completes(fed, live)
     assert t.status_code == 200 and _stored_once(fed, [t.json()["trace_id"]])
 
 
-def test_a_trace_past_its_budget_is_stopped_a_queued_one_refused_neither_stored(fed, live):
-    # a budget far below what the text needs (the cap is raised to admit it): the deadline acts
+def test_a_trace_past_its_budget_is_stopped_a_queued_one_refused_neither_stored(fed, live, monkeypatch):
+    # a budget far below what the text needs (the cap is raised to admit it): the deadline acts. The
+    # model is made slow on purpose (0.1 s more per decoder layer), so that no trace can finish
+    # within 0.15 s however fast the machine (a fast CI machine once finished the warm second one)
+    from flexolmo.model import counterfactual as model_passes
+
+    attention = model_passes._attention
+
+    def slow(*args, **kwargs):
+        time.sleep(0.1)
+        return attention(*args, **kwargs)
+
+    monkeypatch.setattr(model_passes, "_attention", slow)
     srv = live(replace(Settings.from_env(fed.root), trace_budget_s=0.15, chars_per_s=100_000))
     store.sync(fed)
     before = _n_traces(fed)
