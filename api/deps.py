@@ -81,6 +81,9 @@ class Settings:
     # A request is admitted only if it can be answered within queue_factor x its time on an idle
     # service (and its budget); else 503 with Retry-After at once. 0: within its budget only.
     queue_factor: float = 2.5  # FLEXOLMO_QUEUE_FACTOR
+    # The model lane's thread (and the torch threads it starts) run this much nicer than the rest,
+    # so that span searches, storage and HTTP keep the cores while model passes wait (0: equal).
+    model_nice: int = 10  # FLEXOLMO_MODEL_NICE
 
     @classmethod
     def from_env(cls, workspace: str | os.PathLike | Workspace | None = None) -> "Settings":
@@ -96,7 +99,8 @@ class Settings:
                    client_rps=_env("FLEXOLMO_CLIENT_RPS", cls.client_rps, "no rate limit"),
                    client_burst=int(_env("FLEXOLMO_CLIENT_BURST", cls.client_burst)),
                    client_passes=int(_env("FLEXOLMO_CLIENT_PASSES", cls.client_passes, "no limit")),
-                   queue_factor=_env("FLEXOLMO_QUEUE_FACTOR", cls.queue_factor, "admit what fits the budget"))
+                   queue_factor=_env("FLEXOLMO_QUEUE_FACTOR", cls.queue_factor, "admit what fits the budget"),
+                   model_nice=int(_env("FLEXOLMO_MODEL_NICE", cls.model_nice, "model passes at the same priority")))
 
     @property
     def max_trace_chars(self) -> int:
@@ -114,7 +118,7 @@ class Settings:
                 "query_budget_s": self.query_budget_s, "max_trace_chars": self.max_trace_chars,
                 "max_new_tokens": self.max_new_tokens, "max_body_bytes": self.max_body_bytes,
                 "client_rps": self.client_rps, "client_burst": self.client_burst, "client_passes": self.client_passes,
-                "queue_factor": self.queue_factor}
+                "queue_factor": self.queue_factor, "model_nice": self.model_nice}
 
     def priors(self) -> dict[str, float]:
         """Seconds per unit of each stage kind until the service has timed one (api/admission.py):
@@ -151,7 +155,8 @@ class Service:
             open_tracer = functools.partial(open_tracer, model=settings.model)
         self.keys = KeyStore.for_workspace(self.ws)
         self.limits = ClientLimits(settings.client_rps, settings.client_burst, settings.client_passes)
-        self.worker = TraceWorker(self.ws, open_tracer, Estimates(settings.priors()), settings.queue_factor)
+        self.worker = TraceWorker(self.ws, open_tracer, Estimates(settings.priors()), settings.queue_factor,
+                                  settings.model_nice)
         self._queries = threading.BoundedSemaphore(settings.max_queries)
 
     @property

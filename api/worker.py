@@ -35,6 +35,8 @@ never come here: they read the store's committed parts on other threads.
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 import time
 from concurrent.futures import Future
@@ -47,6 +49,8 @@ from flexolmo.base.workspace import Workspace
 from tracing.trace import Tracer
 
 from .admission import LANES, MIN_TARGET_S, Estimates, Planned, Step, admit
+
+log = logging.getLogger("flexolmo.api")
 
 
 class Busy(FlexolmoError):
@@ -126,12 +130,16 @@ class TraceWorker:
     """The Tracer, its two lane threads and the admitted jobs."""
 
     def __init__(self, ws: Workspace, open_tracer: Callable[[Workspace], Tracer], estimates: Estimates,
-                 factor: float):
-        """:param factor: a request's target is `factor` x its idle time (0: its budget only)"""
+                 factor: float, model_nice: int = 0):
+        """:param factor: a request's target is `factor` x its idle time (0: its budget only)
+        :param model_nice: how much nicer (lower CPU priority) the model lane's thread runs than the
+            index lane's, HTTP and storage: under load a span search then takes the cores from a
+            model pass, not waits for them (Linux; the torch threads the lane starts inherit it)"""
         self.ws = ws
         self._open_tracer = open_tracer
         self.estimates = estimates
         self.factor = factor
+        self.model_nice = model_nice
         self.tracer: Tracer | None = None
         self.error: str | None = None  # why the tracer could not be opened
         self._jobs: list[Job] = []  # admitted, unfinished, in arrival order
@@ -269,6 +277,8 @@ class TraceWorker:
         return best
 
     def _loop(self, lane: str) -> None:
+        if lane == "model" and self.model_nice:
+            _nicer(self.model_nice)
         while True:
             with self._cond:
                 while True:
@@ -413,3 +423,13 @@ def _finish(job: Job, value: Any) -> None:
 def _fail(job: Job, e: BaseException) -> None:
     if not job.future.done():
         job.future.set_exception(e)
+
+
+def _nicer(by: int) -> None:
+    """Lower this thread's CPU priority by `by` (Linux: a thread's nice value is its own, and the
+    threads it starts, torch's intra-op pool among them, inherit it). A no-op where unsupported."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
+    except (AttributeError, OSError) as e:
+        log.warning("model passes run at the same CPU priority as span searches (%s)", e)

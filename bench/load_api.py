@@ -106,8 +106,8 @@ def passages(ws: Workspace, words: int, n: int, seed: int = 0) -> list[str]:
     return out
 
 
-def start_server(ws: Workspace, workers: int, client_rps: float = 0,
-                 client_passes: int = 0) -> tuple[subprocess.Popen, str]:
+def start_server(ws: Workspace, workers: int, client_rps: float = 0, client_passes: int = 0,
+                 serve_options: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     made = KeyStore.for_workspace(ws).ensure_admin()
     if made is not None:
         print(f"load_api: created the workspace's admin key (shown once; `flexolmo keys admin --rotate` replaces it):"
@@ -118,7 +118,7 @@ def start_server(ws: Workspace, workers: int, client_rps: float = 0,
     sock.close()
     proc = subprocess.Popen([sys.executable, "-m", "cli.main", "--workspace", str(ws.root), "serve", "--host", HOST,
                              "--port", str(port), "--workers", str(workers), "--client-rps", str(client_rps),
-                             "--client-passes", str(client_passes)],
+                             "--client-passes", str(client_passes), *serve_options],
                             cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     url = f"http://{HOST}:{port}"
@@ -319,13 +319,17 @@ def main() -> None:
     ap.add_argument("--client-passes", type=int, default=0, help="the server's model passes per client (0: no limit)")
     ap.add_argument("--open-loop", default=None, metavar="X,Y",
                     help="open-loop instead: Poisson arrivals at these multiples of the measured capacity")
+    ap.add_argument("--queue-factor", type=float, default=None, help="the server's admission factor (default: serve's)")
+    ap.add_argument("--model-nice", type=int, default=None, help="the server's model-lane nice value (default: serve's)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
     ws = Workspace.resolve(args.workspace)
     levels = [int(x) for x in args.levels.split(",")]
     seconds = min(args.seconds, 60.0)
     texts = passages(ws, args.words, 64)
-    proc, url = start_server(ws, args.workers, args.client_rps, args.client_passes)
+    serve_options = tuple(x for name in ("queue_factor", "model_nice") if getattr(args, name) is not None
+                          for x in (f"--{name.replace('_', '-')}", str(getattr(args, name))))
+    proc, url = start_server(ws, args.workers, args.client_rps, args.client_passes, serve_options)
     tmp = Path(tempfile.mkdtemp(prefix="load-api-"))
     reader = None
     try:
@@ -345,6 +349,7 @@ def main() -> None:
                     for i, x in enumerate(loads)]
             report = {"workspace": str(ws.root), "workers": args.workers, "model": has_model, "words": args.words,
                       "seconds": seconds, "cores": os.cpu_count(), "capacity_per_s": round(capacity, 3),
+                      "serve": {k: health["limits"][k] for k in ("queue_factor", "model_nice")},
                       "idle_p50_s": {k: round(v, 3) for k, v in idle.items()}, "runs": runs}
             print(json.dumps(report) if args.json else _open_loop_table(report))
             return
@@ -382,7 +387,8 @@ def main() -> None:
 def _open_loop_table(rep: dict) -> str:
     lines = [f"{rep['workspace']}: {rep['workers']} worker(s), model: {'yes' if rep['model'] else 'no'}, "
              f"{rep['words']}-word passages, {rep['seconds']:g} s per load, {rep['cores']} cores; capacity "
-             f"{rep['capacity_per_s']} req/s (1 / the mix's mean idle time on the model lane)",
+             f"{rep['capacity_per_s']} req/s (1 / the mix's mean idle time on the model lane); queue factor "
+             f"{rep['serve']['queue_factor']:g}, model lane nice {rep['serve']['model_nice']}",
              f"{'load':>5} {'req/s':>6} {'kind':<10} {'n':>4} {'ok':>4} {'idle p50':>8} {'p50':>6} {'p99':>6} "
              f"{'p99/idle':>8} {'refused':>7} {'ref p99':>7} {'errors':>6}  stored once"]
     for run in rep["runs"]:

@@ -61,6 +61,10 @@ def serve(
                                                                "answered within this many times its time on an idle "
                                                                "service (else 503 with Retry-After at once); 0: within "
                                                                "its budget (default: $FLEXOLMO_QUEUE_FACTOR, else 2.5).")] = None,
+    model_nice: Annotated[Optional[int], typer.Option(help="Run model passes this much nicer (0-19) than span "
+                                                           "searches, storage and HTTP, so that they keep their "
+                                                           "latency while the model saturates the cores; 0: the same "
+                                                           "priority (default: $FLEXOLMO_MODEL_NICE, else 10).")] = None,
 ) -> None:
     """Serve the web page and the trace API over the workspace."""
     import uvicorn
@@ -85,6 +89,10 @@ def serve(
             os.environ[f"FLEXOLMO_CLIENT_{name.upper()}"] = str(value)
     if queue_factor is not None:
         os.environ["FLEXOLMO_QUEUE_FACTOR"] = str(queue_factor)
+    if model_nice is not None:
+        if not 0 <= model_nice <= 19:
+            raise InputError(f"--model-nice must be between 0 and 19 (a Linux nice value), got {model_nice}")
+        os.environ["FLEXOLMO_MODEL_NICE"] = str(model_nice)
     Settings.from_env(root)  # every setting checked here, not in each worker
     keys = KeyStore.for_workspace(root)
     if not is_loopback(host) and not keys.has_access_keys():

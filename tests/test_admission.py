@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import os
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import httpx
 import pytest
@@ -123,6 +125,39 @@ def test_the_index_lane_answers_while_the_model_lane_is_busy(worker):
     assert not model.future.done()  # still running on the other lane
     release.set()
     assert model.future.result(5) is True and worker.queued == 0
+
+
+def _nice(tid: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, tid)
+
+
+def _threads() -> set[int]:
+    return {int(t) for t in os.listdir(f"/proc/{os.getpid()}/task")}
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="per-thread nice values are Linux's")
+def test_model_passes_run_nicer_than_span_searches_torch_threads_included(fed):
+    import torch
+
+    est = Estimates({"first": 0.001, "routing": 0.001, "counterfactual": 0.001, "generate": 0.01, "search": 0.01})
+    w = TraceWorker(fed, lambda ws: Tracer.open(ws, model=None), est, factor=4.0, model_nice=7)
+    base = _nice(threading.get_native_id())
+    w.start()
+    try:
+        def matmul():  # a product big enough for torch's intra-op threads
+            a = torch.randn(512, 512)
+            return float((a @ a).sum()), threading.get_native_id()
+
+        w.submit([_stage("model", lambda: None, "counterfactual")], "trace", 30.0).future.result(10)
+        before = _threads()  # the tracer open, its lanes running
+        _, model_tid = w.submit([_stage("model", matmul, "counterfactual")], "trace", 30.0).future.result(10)
+        _, index_tid = w.submit([_stage("index", lambda: (0, threading.get_native_id()))], "trace", 30.0).future.result(10)
+        assert _nice(model_tid) == min(19, base + 7) and _nice(index_tid) == base
+        started = _threads() - before  # the torch threads the model lane's product started
+        if torch.get_num_threads() > 1:
+            assert started and all(_nice(t) == min(19, base + 7) for t in started), {t: _nice(t) for t in started}
+    finally:
+        w.close()
 
 
 def test_a_burst_is_refused_at_once_with_retry_after_and_admitted_jobs_run_earliest_due_first(worker):
