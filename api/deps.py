@@ -224,7 +224,8 @@ class Service:
         lanes (a commit takes tens of milliseconds); nothing is stored for a client that left."""
         if await request.is_disconnected():
             raise Stopped("the client went away; the trace was not stored")
-        await run_in_threadpool(store.save_trace, self.ws, t, owner=owner)
+        await run_in_threadpool(store.save_trace, self.ws, t, owner=owner, compact=False)
+        store.compact_soon(self.ws)  # small parts merge on a thread of their own: no answer waits for it
         return t
 
     @staticmethod

@@ -15,8 +15,10 @@ decoder layer (the checkpoint every model pass calls) the long one pauses and th
 runs on the same thread, nested; then the long one resumes from where it paused. A stage may
 pause (`Stage.pausable`) and run nested (`Stage.nestable`) only where nothing else can see the
 model's state: a trace that switches experts off for itself does neither, and a generation,
-whose routing capture hooks stay on the model while it is paused, never pauses. The Tracer's parts are used apart: index stages touch the indexes and the tokenizer,
-model stages the model (tracing/trace.py `first_part`, `last_part`, `generate_part`).
+whose routing capture hooks stay on the model while it is paused, never pauses. The Tracer's
+parts are used apart: index stages touch the indexes and the tokenizer, model stages the model
+(tracing/trace.py `first_part`, `last_part`, `generate_part`). The model lane runs nicer
+(`model_nice`), so that index stages, storage and HTTP take the cores from model passes.
 
 A request is admitted at arrival or refused at once (`Busy`, 503 with Retry-After): it is
 taken only if the plan of every admitted request says it will be answered within its target

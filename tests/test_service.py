@@ -332,8 +332,10 @@ def test_serve_with_two_worker_processes(fed, tmp_path):
     port = sock.getsockname()[1]
     sock.close()
     # a keys file no key was written to: the first start makes the admin key and prints it once
+    # queue factor 0: the 4-request burst below is queued within its budget (this is about the
+    # workers; admission by target is tests/test_admission.py)
     env = {**os.environ, "FLEXOLMO_TORCH_THREADS": "1", "FLEXOLMO_KEYS": str(tmp_path / "keys.json"),
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1", "FLEXOLMO_QUEUE_FACTOR": "0"}
     proc = subprocess.Popen([sys.executable, "-m", "cli.main", "--workspace", str(fed.root), "serve",
                              "--host", LOOPBACK, "--port", str(port), "--workers", "2",
                              "--client-rps", "0", "--client-passes", "0"],  # one client floods both workers

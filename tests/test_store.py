@@ -142,6 +142,37 @@ def test_half_applied_takedown_is_finished_by_a_retry_a_reader_or_repair(fed, tr
     assert all(not r["snippet"] for d in docs for r in _raw_rows(fed, d["doc_id"]))
 
 
+def test_the_catalog_is_read_once_per_change_and_a_takedown_still_reaches_the_next_stored_trace(fed, tracer,
+                                                                                               monkeypatch):
+    """Storing a trace reads the catalog's redactions only when its files changed (and were not
+    written within a clock tick's doubt): a takedown recorded after a cached read still
+    redacts the next stored trace, settled or not."""
+    from index import catalog as index_catalog
+    from test_trace import _settle
+
+    reads = []
+    real = index_catalog.list_takedowns
+    def counted(ws, *source):  # the store reads every source's (one argument); a takedown, its source's
+        if not source:
+            reads.append(1)
+        return real(ws, *source)
+
+    monkeypatch.setattr(index_catalog, "list_takedowns", counted)
+    _settle(fed)
+    for i in (14, 15, 16):
+        tracer.trace(_passage(fed, "news", i))
+    assert len(reads) == 1, reads  # the first save read the catalog, the next two its stamp only
+    doc = _doc(fed, "news", 17)
+    td.takedown(fed, "news", doc["doc_id"], reason="after a cached read")
+    t = tracer.trace(_passage(fed, "news", 17))  # just written: the catalog is read
+    assert len(reads) == 2 and all(not r["snippet"] for r in _raw_rows(fed, doc["doc_id"])), t.trace_id
+    doc = _doc(fed, "news", 18)
+    td.takedown(fed, "news", doc["doc_id"], reason="settled before the next save")
+    _settle(fed)
+    tracer.trace(_passage(fed, "news", 18))
+    assert len(reads) == 3 and all(not r["snippet"] for r in _raw_rows(fed, doc["doc_id"]))
+
+
 def test_pending_redaction_is_applied_before_any_read_or_by_repair(fed, tracer):
     a, b = _doc(fed, "public", 3), _doc(fed, "public", 4)
     tracer.trace(_passage(fed, "public", 3))
@@ -225,7 +256,11 @@ def test_compaction_keeps_every_trace_once(fed, tracer, monkeypatch, tmp_path):
     monkeypatch.setattr(parts, "COMPACT_AT", 3)
     ids = [tracer.trace(_passage(fed, "public", i)).trace_id for i in range(10, 16)]
     m = parts.Manifest.read(parts.root(fed))
-    assert len([p for p in m.parts if p["n"] < parts.SMALL_PART]) <= 4
+    # merged a size tier at a time: no tier holds more than COMPACT_AT parts, and merged parts
+    # (4 traces or more) sit in a tier above the newest ones, which the next merge reads alone
+    tiers = [parts._tier(p["n"]) for p in m.parts if p["n"] < parts.SMALL_PART]
+    assert tiers and max(tiers.count(t) for t in set(tiers)) <= 3 and max(tiers) >= 1, sorted(tiers)
+    assert [parts._tier(n) for n in (1, 2, 3, 8, 9, 26, 27)] == [0, 0, 1, 1, 2, 2, 3]
     on_disk = {d.name for d in (parts.root(fed) / "parts").iterdir()}
     assert m.retired and on_disk == {p["id"] for p in m.parts} | {p["id"] for p in m.retired}  # kept for readers
     store.repair(fed)  # no grace: merged-away parts go
@@ -233,6 +268,46 @@ def test_compaction_keeps_every_trace_once(fed, tracer, monkeypatch, tmp_path):
     assert not m.retired and {d.name for d in (parts.root(fed) / "parts").iterdir()} == {p["id"] for p in m.parts}
     rows = dict(queries.query(fed, "SELECT trace_id, count(*) FROM traces GROUP BY 1", limit=None).rows)
     assert all(rows[i] == 1 for i in ids) and set(rows.values()) == {1}
+
+
+def test_a_merge_apart_lets_writers_commit_and_is_dropped_when_a_redaction_came_meanwhile(fed, tracer, monkeypatch):
+    """`compact_apart` (the service's merge) holds the writer lock only to choose and to swap:
+    a trace commits while the merged part is written (it would wait out WRITE_WAIT_S and fail
+    if the lock were held). A takedown applied meanwhile drops the merge: its parts predate it."""
+    monkeypatch.setattr(parts, "COMPACT_AT", 3)
+    monkeypatch.setattr(parts, "WRITE_WAIT_S", 2.0)
+    r = parts.root(fed)
+
+    def save(i: int) -> str:
+        t = tracer.trace(_passage(fed, "public", i), store=False)
+        store.save_trace(fed, t, compact=False)
+        return t.trace_id
+
+    ids = [save(i) for i in (20, 21, 22, 23)]
+    assert parts.overflowing(parts.Manifest.read(r))
+    merge, during = parts._merge, []
+    monkeypatch.setattr(parts, "_merge", lambda *a: during.append(save(24)) or merge(*a))
+    assert parts.compact_apart(fed, store.TABLES) >= 1 and during
+    m = parts.Manifest.read(r)
+    assert not parts.overflowing(m) and not list((r / "tmp").iterdir())
+    rows = dict(queries.query(fed, "SELECT trace_id, count(*) FROM traces GROUP BY 1", limit=None).rows)
+    assert all(rows[i] == 1 for i in ids + during)
+
+    ids = [save(i) for i in (25, 26, 27, 28)]  # due again; a takedown lands while it merges
+    doc = _doc(fed, "public", 26)
+    before = parts.Manifest.read(r).parts
+    monkeypatch.setattr(parts, "_merge", lambda *a: governance.takedown(fed, "public", doc["doc_id"],
+                                                                        reason="during a merge") and merge(*a))
+    assert parts.compact_apart(fed, store.TABLES) == 0
+    assert parts.Manifest.read(r).parts == before and not list((r / "tmp").iterdir())
+    assert all(not x["snippet"] for x in _raw_rows(fed, doc["doc_id"]))
+    monkeypatch.setattr(parts, "_merge", merge)
+    assert store.compact_soon(fed)  # the next one merges (on its thread)
+    deadline = time.monotonic() + 30
+    while parts.overflowing(parts.Manifest.read(r)):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert all(not x["snippet"] for x in _raw_rows(fed, doc["doc_id"]))
 
 
 def test_old_duckdb_store_is_imported_and_redacted(tmp_path):

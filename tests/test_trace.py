@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 
 import pytest
 from conftest_model import build_federation
@@ -403,17 +405,36 @@ def test_open_loads_what_the_first_search_would(fed):
     assert tracer.fed._ulp is not None and tracer.fed._ulp[0] == tuple((n, ix.build_id) for n, ix in tracer.fed.local.items())
 
 
-def test_a_tracer_sees_a_policy_change_from_another_process_at_its_next_check(fed):
+def _settle(ws) -> None:
+    """The catalog's files as if last written a minute ago (a stamp is trusted once settled)."""
+    then = time.time_ns() - 60 * 10**9
+    for p in (ws.catalog_path, ws.catalog_path.with_name(ws.catalog_path.name + ".wal")):
+        if p.exists():
+            os.utime(p, ns=(then, then))
+
+
+def test_a_tracer_sees_a_policy_change_from_another_process_at_its_next_check(fed, monkeypatch):
     """`stale()` reads only the catalog files' stamps until they change; a write that changes
-    nothing a trace depends on keeps the tracer, a policy change makes it stale."""
+    nothing a trace depends on keeps the tracer, a policy change makes it stale. A stamp is
+    trusted only once its files are older than a clock tick's doubt (`catalog.SETTLED_S`)."""
+    from tracing import trace as trace_mod
+
+    _settle(fed)
     tracer = Tracer.open(fed, model=None)
-    assert not tracer.stale() and not tracer.stale()
+    assert tracer.stamp[1] is not None
+    read = trace_mod.catalog_fingerprint
+    monkeypatch.setattr(trace_mod, "catalog_fingerprint", lambda ws: pytest.fail("read the catalog"))
+    assert not tracer.stale() and not tracer.stale()  # settled, unchanged: the stamps alone
+    monkeypatch.setattr(trace_mod, "catalog_fingerprint", read)
     before = sources.get_source(fed, "news").visibility
     with catalog.connect(fed) as con:  # a write the tracer does not depend on
         con.execute("CREATE TABLE IF NOT EXISTS scratch_note (x INTEGER)")
         con.execute("INSERT INTO scratch_note VALUES (1)")
+    assert _stamp(fed)[1] is None and not tracer.stale()  # just written: not trusted, the catalog read
+    _settle(fed)
     assert tracer.stamp != _stamp(fed) and not tracer.stale() and tracer.stamp == _stamp(fed)
     sources.set_policy(fed, "news", visibility="snippets" if before != "snippets" else "full")
+    _settle(fed)  # a policy change whose stamp is settled (and one that is not: both read the catalog)
     try:
         assert tracer.stale()
         assert not Tracer.open(fed, model=None).stale()

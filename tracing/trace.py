@@ -164,7 +164,7 @@ class Tracer:
         off from the command line, or one whose licence expires at midnight, stops at once.
         """
         now = _stamp(self.ws)  # microseconds; the catalog itself is read only when its files changed
-        if now == self.stamp:
+        if now[1] is not None and now == self.stamp:
             return False
         if catalog_fingerprint(self.ws) != self.fingerprint:
             return True

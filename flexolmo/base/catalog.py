@@ -35,16 +35,26 @@ BUSY_WAIT_S = 3.0  # how long a connection waits for another process to release 
 _LOCK = threading.RLock()  # one catalog connection at a time in this process
 
 
-def stamp(ws: Workspace) -> tuple:
+SETTLED_S = 2.0  # a stamp is trusted only once its files are this old (see `stamp`)
+
+
+def stamp(ws: Workspace) -> tuple | None:
     """The catalog files' modification times and sizes (the database and its write-ahead log):
-    unchanged stamps mean an unchanged catalog, read in microseconds without opening it."""
-    out = []
+    unchanged stamps mean an unchanged catalog, read in microseconds without opening it.
+
+    None while a file was modified within the last SETTLED_S: a file's mtime moves in clock
+    ticks, so a second write within the tick of the first, leaving the size as it was, would
+    keep the stamp; a caller that gets None reads the catalog itself (as git does with index
+    entries as new as the index)."""
+    out, now = [], time.time_ns()
     for p in (ws.catalog_path, ws.catalog_path.with_name(ws.catalog_path.name + ".wal")):
         try:
             st = p.stat()
         except FileNotFoundError:
             out.append(None)
         else:
+            if now - st.st_mtime_ns < SETTLED_S * 1e9:
+                return None
             out.append((st.st_mtime_ns, st.st_size, st.st_ino))
     return tuple(out)
 

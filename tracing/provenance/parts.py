@@ -195,24 +195,92 @@ def rewrite_table(path: Path, fn: Callable[[pa.Table], pa.Table | None]) -> bool
     return True
 
 
+def _tier(n: int) -> int:
+    """A part's size tier: 0 under COMPACT_AT traces, 1 under COMPACT_AT**2, ..."""
+    tier, limit = 0, COMPACT_AT
+    while limit > 1 and n >= limit:
+        tier, limit = tier + 1, limit * COMPACT_AT
+    return tier
+
+
+def overflowing(m: Manifest) -> list[dict]:
+    """The parts of the smallest size tier (`_tier`) holding more than COMPACT_AT parts under
+    SMALL_PART traces ([] if none): what the next merge reads."""
+    for tier in range(_tier(SMALL_PART - 1) + 1):
+        group = [p for p in m.parts if p["n"] < SMALL_PART and _tier(p["n"]) == tier]
+        if len(group) > max(1, COMPACT_AT):  # (one part is merged already)
+            return group
+    return []
+
+
+def _merge(r: Path, group: list[dict], tables: tuple[str, ...], tmp: Path) -> None:
+    """Write the tables of `group`'s parts, concatenated, into the folder `tmp`."""
+    for name in tables:
+        # parts written before a column was added lack it: promoted to nulls
+        joined = pa.concat_tables([pq.read_table(r / "parts" / p["id"] / f"{name}.parquet") for p in group],
+                                  promote_options="default")
+        pq.write_table(joined, tmp / f"{name}.parquet")
+
+
+def _swap(r: Path, m: Manifest, group: list[dict], part_id: str, tmp: Path) -> None:
+    """List the merged part in place of `group`'s, which retire (caller holds the writer lock)."""
+    ids = {p["id"] for p in group}
+    os.rename(tmp, r / "parts" / part_id)
+    m.parts = [p for p in m.parts if p["id"] not in ids] + [{"id": part_id, "n": sum(p["n"] for p in group)}]
+    m.retired += [{"id": i, "at": time.time()} for i in sorted(ids)]
+    m.write(r)
+
+
 def compact(r: Path, m: Manifest, tables: tuple[str, ...]) -> None:
-    """Merge the small parts into one (caller holds the writer lock), and drop orphans."""
-    small = [p for p in m.parts if p["n"] < SMALL_PART]
-    if len(small) > COMPACT_AT:
+    """Merge small parts a size tier at a time (caller holds the writer lock), and drop orphans.
+
+    A tier (`_tier`) of parts under SMALL_PART traces is merged into one part when it holds more
+    than COMPACT_AT parts, so a merge reads about COMPACT_AT parts of one size: merging every
+    small part at once re-read the growing merged part at every merge (370-750 ms, every 49th
+    trace stored, on the demo store). Orphans and merged-away parts past their grace are swept
+    after a merge, or once due. A service merges with `compact_apart` instead."""
+    merged = False
+    while group := overflowing(m):
         part_id = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
         tmp = r / "tmp" / part_id
         tmp.mkdir(parents=True)
-        for name in tables:
-            # parts written before a column was added lack it: promoted to nulls
-            merged = pa.concat_tables([pq.read_table(r / "parts" / p["id"] / f"{name}.parquet") for p in small],
-                                      promote_options="default")
-            pq.write_table(merged, tmp / f"{name}.parquet")
-        ids = {p["id"] for p in small}
-        os.rename(tmp, r / "parts" / part_id)
-        m.parts = [p for p in m.parts if p["id"] not in ids] + [{"id": part_id, "n": sum(p["n"] for p in small)}]
-        m.retired += [{"id": i, "at": time.time()} for i in sorted(ids)]
-        m.write(r)
-    sweep(r, m, grace_s=RETIRED_GRACE_S)
+        _merge(r, group, tables, tmp)
+        _swap(r, m, group, part_id, tmp)
+        merged = True
+    if merged or any(time.time() - p["at"] >= RETIRED_GRACE_S for p in m.retired):
+        sweep(r, m, grace_s=RETIRED_GRACE_S)
+
+
+def compact_apart(ws: Workspace, tables: tuple[str, ...]) -> int:
+    """`compact`, holding the writer lock only to choose a tier and to swap the manifest: other
+    writers commit while the merged part is written (a merge of 49 small parts takes 200-300 ms
+    on the demo store). The merge is dropped, not swapped, if a redaction was applied meanwhile
+    (the parts it read may predate it), or its parts were merged by another process, or a sweep
+    took its folder. Returns the merges swapped in."""
+    done = 0
+    while True:
+        with writer(ws) as r:
+            m = Manifest.read(r)
+            group = overflowing(m) if m is not None else []
+            if not group:
+                return done
+            applied = json.dumps(m.applied)
+            part_id, tmp = new_part_dir(ws)
+        try:
+            _merge(r, group, tables, tmp)
+        except (OSError, pa.ArrowException):  # a redaction's sweep removed what it was reading
+            shutil.rmtree(tmp, ignore_errors=True)
+            return done
+        with writer(ws) as r:
+            m = Manifest.read(r)
+            listed = {p["id"] for p in m.parts}
+            if (json.dumps(m.applied) != applied or not {p["id"] for p in group} <= listed
+                    or not all((tmp / f"{name}.parquet").is_file() for name in tables)):
+                shutil.rmtree(tmp, ignore_errors=True)
+                return done
+            _swap(r, m, group, part_id, tmp)
+            sweep(r, m, grace_s=RETIRED_GRACE_S)
+        done += 1
 
 
 def sweep(r: Path, m: Manifest, grace_s: float = 0.0) -> list[str]:

@@ -39,7 +39,9 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import logging
 import shutil
+import threading
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -123,6 +125,8 @@ CREATE TABLE span_experts (
     active          BOOLEAN NOT NULL
 );
 """
+log = logging.getLogger("flexolmo.store")
+
 TABLES = ("traces", "spans", "span_sources", "span_documents", "span_experts")
 READ_WAIT_S = 10.0  # a reader retries this long when writers remove the parts it was about to read
 
@@ -140,16 +144,33 @@ def schemas() -> dict[str, pa.Schema]:
 # -- what the store must not hold -------------------------------------------------------------
 
 
+_DEMANDS: dict[Path, tuple[tuple, list[tuple]]] = {}  # per workspace: the catalog's stamp, its demands then
+_DEMANDS_LOCK = threading.Lock()
+
+
 def demands(ws: Workspace) -> list[tuple]:
     """The redactions the catalog asks for now: ('takedown', source, doc_id) for every
     takedown, ('counts', source, since) for every `counts` source (a new key when its policy
-    row changes, so a source switched back to counts is redacted again)."""
+    row changes, so a source switched back to counts is redacted again).
+
+    Read from the catalog only when its files changed since the last read in this process
+    (flexolmo/base/catalog.py `stamp`): opening it is most of what storing a trace costs."""
+    from flexolmo.base.catalog import stamp
     from flexolmo.base.sources import list_sources
     from index.catalog import list_takedowns
 
+    key, before = ws.root.resolve(), stamp(ws)
+    with _DEMANDS_LOCK:
+        hit = _DEMANDS.get(key)
+    if before is not None and hit is not None and hit[0] == before:
+        return list(hit[1])
     keys = [("takedown", t.source, t.doc_id) for t in list_takedowns(ws)]
     keys += [("counts", s.name, s.updated_at.isoformat()) for s in list_sources(ws) if s.visibility == "counts"]
-    return sorted(keys)
+    keys.sort()
+    if before is not None and stamp(ws) == before:  # unchanged while it was read: the stamp stands for it
+        with _DEMANDS_LOCK:
+            _DEMANDS[key] = (before, keys)
+    return list(keys)
 
 
 def _split(keys) -> tuple[set[tuple[str, str]], set[str]]:
@@ -224,10 +245,11 @@ def _tables(t: Trace, owner: str | None = None) -> dict[str, pa.Table]:
     return {n: pa.Table.from_pylist(r, schema=sch[n]) for n, r in rows.items()}
 
 
-def save_trace(ws: Workspace, t: Trace, owner: str | None = None) -> None:
+def save_trace(ws: Workspace, t: Trace, owner: str | None = None, compact: bool = True) -> None:
     """Store a trace (one part, committed whole), redacted as the catalog asks now; `t` too.
 
     :param owner: who may read it back (`access.owner_of(caller)`); None: the operator's (analysts read it)
+    :param compact: merge small parts now if due; False: the caller does (a service: `compact_soon`)
     """
     with parts.writer(ws) as r:
         m = _manifest(ws, r)
@@ -240,7 +262,40 @@ def save_trace(ws: Workspace, t: Trace, owner: str | None = None) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         parts.commit(r, m, part_id, tmp, 1)
-        parts.compact(r, m, TABLES)
+        if compact:
+            parts.compact(r, m, TABLES)
+
+
+_COMPACTING: set[Path] = set()  # stores a thread of this process is compacting
+_COMPACTING_LOCK = threading.Lock()
+
+
+def compact_soon(ws: Workspace) -> bool:
+    """Merge the store's small parts on a background thread if a merge is due (one thread per
+    store in this process; `parts.compact_apart`: writers keep committing meanwhile). A service
+    stores traces with `compact=False` and calls this after, so that no answer waits for a merge.
+    Returns whether a thread was started."""
+    r = parts.root(ws)
+    m = parts.Manifest.read(r)
+    if m is None or not parts.overflowing(m):
+        return False
+    key = r.resolve()
+    with _COMPACTING_LOCK:
+        if key in _COMPACTING:
+            return False
+        _COMPACTING.add(key)
+
+    def run() -> None:
+        try:
+            parts.compact_apart(ws, TABLES)
+        except Exception as e:  # the next save compacts again; nothing is lost
+            log.warning("compacting the provenance store %s failed: %s", r, e)
+        finally:
+            with _COMPACTING_LOCK:
+                _COMPACTING.discard(key)
+
+    threading.Thread(target=run, name="store-compact", daemon=True).start()
+    return True
 
 
 def _manifest(ws: Workspace, r: Path) -> parts.Manifest:
