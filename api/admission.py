@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 
 LANES = ("index", "model")
 MIN_TARGET_S = 0.25  # no request's target is shorter: a wait no one notices (a short one may wait for a stage under way)
 DECAY = 0.9  # weight of a fit's past at each new observation (about the last 10 runs count)
+OVERRUN_RUNS = 40  # the plan times stages by the 90th percentile of this many recent runs' time / estimate
+OVERRUN_MAX = 3.0
 
 
 @dataclass
@@ -70,20 +73,30 @@ class Estimates:
         self.priors = dict(priors)
         self._all: dict[str, Fit] = {k: Fit() for k in priors}
         self._alone: dict[str, Fit] = {k: Fit() for k in priors}
+        self._over: dict[str, deque[float]] = {k: deque(maxlen=OVERRUN_RUNS) for k in priors}
         self._lock = threading.Lock()
 
-    def seconds(self, kind: str, units: float, idle: bool = False) -> float:
-        """What a stage of `kind` over `units` takes now (idle: on an otherwise idle service)."""
+    def seconds(self, kind: str, units: float, idle: bool = False, safe: bool = False) -> float:
+        """What a stage of `kind` over `units` takes now (idle: on an otherwise idle service;
+        safe: as long as 9 in 10 recent stages of its kind took, against their estimate)."""
         with self._lock:
             fits = (self._alone[kind], self._all[kind]) if idle else (self._all[kind], self._alone[kind])
             for f in fits:
                 got = f.predict(units)
                 if got is not None:
-                    return max(got, 1e-4)
+                    return max(got, 1e-4) * (self._overrun(kind) if safe else 1.0)
         return self.priors[kind] * max(units, 1.0)
+
+    def _overrun(self, kind: str) -> float:
+        """The 90th percentile of recent stages' time over their estimate, at least 1 (lock held)."""
+        r = sorted(self._over[kind])
+        return min(OVERRUN_MAX, max(1.0, r[int(0.9 * (len(r) - 1))])) if len(r) >= 5 else 1.0
 
     def observe(self, kind: str, units: float, seconds: float, alone: bool) -> None:
         with self._lock:
+            before = self._all[kind].predict(units)
+            if before:
+                self._over[kind].append(seconds / before)
             self._all[kind].add(units, seconds)
             if alone:
                 self._alone[kind].add(units, seconds)

@@ -245,7 +245,7 @@ class TraceWorker:
         steps = []
         for i in range(job.at, len(job.stages)):
             s = job.stages[i]
-            secs = self.estimates.seconds(s.kind, s.units)
+            secs = self.estimates.seconds(s.kind, s.units, safe=True)  # planned as 9 in 10 such stages ran
             started = i == job.at and job.running
             if started:  # what is left of it
                 run = next(r for r in self._running[s.lane] if r.job is job)

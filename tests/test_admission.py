@@ -94,6 +94,20 @@ def test_fit_learns_a_fixed_cost_and_a_rate_and_estimates_fall_back_to_priors():
     assert 1.0 < est.seconds("counterfactual", 100) < 3.0
 
 
+def test_the_plan_times_stages_as_9_in_10_recent_ones_ran_against_their_estimate():
+    est = Estimates({"counterfactual": 0.01})
+    for i in range(20):  # stages of one size: every fifth takes 1.5x the others
+        est.observe("counterfactual", 100, 1.5 if i % 5 == 4 else 1.0, alone=True)
+    mean = est.seconds("counterfactual", 100)
+    assert 1.0 < mean < 1.5 and est.seconds("counterfactual", 100, idle=True) < 1.5  # the fits: near the mean
+    assert est.seconds("counterfactual", 100, safe=True) == pytest.approx(mean * est._overrun("counterfactual"))
+    assert 1.2 < est._overrun("counterfactual") <= 1.5  # the 90th percentile of time / estimate
+    steady = Estimates({"first": 0.001})
+    for _ in range(10):
+        steady.observe("first", 100, 0.2, alone=True)
+    assert steady.seconds("first", 100, safe=True) == pytest.approx(0.2)  # never below the estimate
+
+
 # -- the worker's lanes ------------------------------------------------------------------------
 
 

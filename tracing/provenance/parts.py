@@ -2,7 +2,7 @@
 
     traces/manifest.json                 the committed parts and the redactions they all satisfy
     traces/parts/<part>/<table>.parquet  one folder per commit (a trace, or a compaction)
-    traces/tmp/                          parts being written, under the lock (never read)
+    traces/tmp/                          parts being written (never read; a sweep removes them)
     traces/.lock                         writers' lock (flock): held for milliseconds per commit
 
 Why parts and not one DuckDB file: DuckDB lets one process write a file only while no other
@@ -18,7 +18,8 @@ Invariants, kept under the writer lock:
   redacted against `applied` before it is committed, and a redaction is added to `applied`
   only after every committed part has been rewritten (each file by `os.replace`);
 - compaction writes the merged part and swaps the manifest; the merged-away folders stay
-  for RETIRED_GRACE_S (a redaction removes them at once).
+  for RETIRED_GRACE_S (a redaction removes them at once). A merge written outside the lock
+  (`compact_apart`) is swapped only if no redaction was applied while it was written.
 
 Readers and replaced files. `os.replace` alone does not give a DuckDB reader the old or the
 new file whole: DuckDB opens a Parquet file several times in one query (the footer through
