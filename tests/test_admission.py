@@ -333,15 +333,24 @@ def test_served_burst_refusals_come_fast_and_spans_only_traces_pass_the_busy_mod
 
 
 def test_a_streamed_trace_shows_its_spans_when_its_experts_are_refused(fed, live):
-    srv = live(replace(Settings.from_env(fed.root), client_passes=0, trace_budget_s=60, queue_factor=2))
-    long = _text(fed, "news", 10_000) + _text(fed, "code", 10_000)
+    srv = live(replace(Settings.from_env(fed.root), client_passes=0, trace_budget_s=60, queue_factor=2,
+                       chars_per_s=10_000))
+    long = 3 * (_text(fed, "news", 10_000) + _text(fed, "code", 10_000))  # seconds of model passes
     with httpx.Client(base_url=srv.url, timeout=120) as c:
         assert c.post("/api/trace", json={"text": long}).status_code == 200  # timed
         with cf.ThreadPoolExecutor(4) as pool:
-            busy = [pool.submit(httpx.post, srv.url + "/api/trace", json={"text": long}, timeout=120) for _ in range(3)]
-            time.sleep(0.3)
+            # traces that switch an expert off for themselves: their passes hold the model lane
+            # (no pause for a stage due sooner), so the stream's experts wait for them whole
+            held = {"text": long, "options": {"exclude": ["code"]}}
+            busy = [pool.submit(httpx.post, srv.url + "/api/trace", json=held, timeout=120) for _ in range(3)]
+            deadline = time.monotonic() + 30
+            while not c.get("/api/health").json()["lanes"]["model"]["running"]:  # a held pass under way
+                assert time.monotonic() < deadline and not all(f.done() for f in busy)  # (some are refused)
+                time.sleep(0.02)
             events = []
-            with c.stream("POST", "/api/trace/stream", json={"text": long}) as r:
+            # a short text: its target (0.25 s, the least) is shorter than what is left of the
+            # held passes ahead of it; a long one sat on the edge of its 2x target (admitted, or not)
+            with c.stream("POST", "/api/trace/stream", json={"text": _text(fed, "news", 1500)}) as r:
                 assert r.status_code == 200
                 kind = None
                 for line in r.iter_lines():
