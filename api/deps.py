@@ -31,7 +31,7 @@ from flexolmo.model.loading import ModelSpec
 from flexolmo.model.specs import GenerationOptions
 from index.keys import KeyStore
 from tracing.options import TraceOptions
-from tracing.provenance import store
+from tracing.provenance import parts, store
 from tracing.results import Trace
 from tracing.trace import Pending, Tracer
 
@@ -101,6 +101,11 @@ class Settings:
                    client_passes=int(_env("FLEXOLMO_CLIENT_PASSES", cls.client_passes, "no limit")),
                    queue_factor=_env("FLEXOLMO_QUEUE_FACTOR", cls.queue_factor, "admit what fits the budget"),
                    model_nice=int(_env("FLEXOLMO_MODEL_NICE", cls.model_nice, "model passes at the same priority")))
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.model_nice <= 19:
+            raise InputError(f"$FLEXOLMO_MODEL_NICE (serve --model-nice) must be between 0 and 19 (a Linux nice "
+                             f"value), got {self.model_nice}")
 
     @property
     def max_trace_chars(self) -> int:
@@ -225,7 +230,7 @@ class Service:
         if await request.is_disconnected():
             raise Stopped("the client went away; the trace was not stored")
         await run_in_threadpool(store.save_trace, self.ws, t, owner=owner, compact=False)
-        store.compact_soon(self.ws)  # small parts merge on a thread of their own: no answer waits for it
+        parts.compact_soon(self.ws, store.TABLES)  # small parts merge on a thread of their own: no answer waits
         return t
 
     @staticmethod

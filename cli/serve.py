@@ -90,8 +90,6 @@ def serve(
     if queue_factor is not None:
         os.environ["FLEXOLMO_QUEUE_FACTOR"] = str(queue_factor)
     if model_nice is not None:
-        if not 0 <= model_nice <= 19:
-            raise InputError(f"--model-nice must be between 0 and 19 (a Linux nice value), got {model_nice}")
         os.environ["FLEXOLMO_MODEL_NICE"] = str(model_nice)
     Settings.from_env(root)  # every setting checked here, not in each worker
     keys = KeyStore.for_workspace(root)

@@ -150,8 +150,16 @@ def _threads() -> set[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="per-thread nice values are Linux's")
-def test_model_passes_run_nicer_than_span_searches_torch_threads_included(fed):
+def test_model_passes_run_nicer_than_span_searches_torch_threads_included(fed, monkeypatch):
     import torch
+
+    from flexolmo.base.errors import InputError
+
+    for bad in ("20", "-1"):  # a nice value the service cannot take is refused at start, however given
+        monkeypatch.setenv("FLEXOLMO_MODEL_NICE", bad)
+        with pytest.raises(InputError, match="FLEXOLMO_MODEL_NICE"):
+            Settings.from_env(fed.root)
+    monkeypatch.delenv("FLEXOLMO_MODEL_NICE")
 
     est = Estimates({"first": 0.001, "routing": 0.001, "counterfactual": 0.001, "generate": 0.01, "search": 0.01})
     w = TraceWorker(fed, lambda ws: Tracer.open(ws, model=None), est, factor=4.0, model_nice=7)

@@ -302,7 +302,7 @@ def test_a_merge_apart_lets_writers_commit_and_is_dropped_when_a_redaction_came_
     assert parts.Manifest.read(r).parts == before and not list((r / "tmp").iterdir())
     assert all(not x["snippet"] for x in _raw_rows(fed, doc["doc_id"]))
     monkeypatch.setattr(parts, "_merge", merge)
-    assert store.compact_soon(fed)  # the next one merges (on its thread)
+    assert parts.compact_soon(fed, store.TABLES)  # the next one merges (on its thread)
     deadline = time.monotonic() + 30
     while parts.overflowing(parts.Manifest.read(r)):
         assert time.monotonic() < deadline

@@ -36,6 +36,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -58,6 +59,7 @@ SMALL_PART = 2000  # traces: a part with fewer is "small" and will be merged
 RETIRED_GRACE_S = 600  # merged-away parts stay this long (readers pin what they read, see `pinned`)
 FD_DIR = Path("/proc/self/fd")  # Linux: opening FD_DIR/N opens the very file that fd N holds
 
+log = logging.getLogger("flexolmo.store")
 _THREAD_LOCK = threading.RLock()  # flock excludes other processes; this, other threads
 
 
@@ -166,8 +168,12 @@ def writer(ws: Workspace, wait_s: float = WRITE_WAIT_S) -> Iterator[Path]:
 
 def new_part_dir(ws: Workspace) -> tuple[str, Path]:
     """A fresh temporary folder for a part being written (outside the lock)."""
+    return _new_tmp(root(ws))
+
+
+def _new_tmp(r: Path) -> tuple[str, Path]:
     part_id = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
-    tmp = root(ws) / "tmp" / part_id
+    tmp = r / "tmp" / part_id
     tmp.mkdir(parents=True)
     return part_id, tmp
 
@@ -242,9 +248,7 @@ def compact(r: Path, m: Manifest, tables: tuple[str, ...]) -> None:
     after a merge, or once due. A service merges with `compact_apart` instead."""
     merged = False
     while group := overflowing(m):
-        part_id = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
-        tmp = r / "tmp" / part_id
-        tmp.mkdir(parents=True)
+        part_id, tmp = _new_tmp(r)
         _merge(r, group, tables, tmp)
         _swap(r, m, group, part_id, tmp)
         merged = True
@@ -265,8 +269,8 @@ def compact_apart(ws: Workspace, tables: tuple[str, ...]) -> int:
             group = overflowing(m) if m is not None else []
             if not group:
                 return done
-            applied = json.dumps(m.applied)
-            part_id, tmp = new_part_dir(ws)
+            applied = m.applied  # (each read makes a new manifest: this one is not written to)
+            part_id, tmp = _new_tmp(r)
         try:
             _merge(r, group, tables, tmp)
         except (OSError, pa.ArrowException):  # a redaction's sweep removed what it was reading
@@ -275,13 +279,45 @@ def compact_apart(ws: Workspace, tables: tuple[str, ...]) -> int:
         with writer(ws) as r:
             m = Manifest.read(r)
             listed = {p["id"] for p in m.parts}
-            if (json.dumps(m.applied) != applied or not {p["id"] for p in group} <= listed
+            if (m.applied != applied or not {p["id"] for p in group} <= listed
                     or not all((tmp / f"{name}.parquet").is_file() for name in tables)):
                 shutil.rmtree(tmp, ignore_errors=True)
                 return done
             _swap(r, m, group, part_id, tmp)
             sweep(r, m, grace_s=RETIRED_GRACE_S)
         done += 1
+
+
+_COMPACTING: set[Path] = set()  # stores a thread of this process is compacting
+_COMPACTING_LOCK = threading.Lock()
+
+
+def compact_soon(ws: Workspace, tables: tuple[str, ...]) -> bool:
+    """Merge the store's small parts on a background thread if a merge is due (one thread per
+    store in this process; `compact_apart`: writers keep committing meanwhile). A service stores
+    traces with `save_trace(..., compact=False)` and calls this after, so that no answer waits
+    for a merge. Returns whether a thread was started."""
+    r = root(ws)
+    m = Manifest.read(r)
+    if m is None or not overflowing(m):
+        return False
+    key = r.resolve()
+    with _COMPACTING_LOCK:
+        if key in _COMPACTING:
+            return False
+        _COMPACTING.add(key)
+
+    def run() -> None:
+        try:
+            compact_apart(ws, tables)
+        except Exception as e:  # the next save compacts again; nothing is lost
+            log.warning("compacting the provenance store %s failed: %s", r, e)
+        finally:
+            with _COMPACTING_LOCK:
+                _COMPACTING.discard(key)
+
+    threading.Thread(target=run, name="store-compact", daemon=True).start()
+    return True
 
 
 def sweep(r: Path, m: Manifest, grace_s: float = 0.0) -> list[str]:

@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import logging
 import shutil
 import threading
 import time
@@ -125,8 +124,6 @@ CREATE TABLE span_experts (
     active          BOOLEAN NOT NULL
 );
 """
-log = logging.getLogger("flexolmo.store")
-
 TABLES = ("traces", "spans", "span_sources", "span_documents", "span_experts")
 READ_WAIT_S = 10.0  # a reader retries this long when writers remove the parts it was about to read
 
@@ -249,7 +246,7 @@ def save_trace(ws: Workspace, t: Trace, owner: str | None = None, compact: bool 
     """Store a trace (one part, committed whole), redacted as the catalog asks now; `t` too.
 
     :param owner: who may read it back (`access.owner_of(caller)`); None: the operator's (analysts read it)
-    :param compact: merge small parts now if due; False: the caller does (a service: `compact_soon`)
+    :param compact: merge small parts now if due; False: the caller does (a service: `parts.compact_soon`)
     """
     with parts.writer(ws) as r:
         m = _manifest(ws, r)
@@ -264,38 +261,6 @@ def save_trace(ws: Workspace, t: Trace, owner: str | None = None, compact: bool 
         parts.commit(r, m, part_id, tmp, 1)
         if compact:
             parts.compact(r, m, TABLES)
-
-
-_COMPACTING: set[Path] = set()  # stores a thread of this process is compacting
-_COMPACTING_LOCK = threading.Lock()
-
-
-def compact_soon(ws: Workspace) -> bool:
-    """Merge the store's small parts on a background thread if a merge is due (one thread per
-    store in this process; `parts.compact_apart`: writers keep committing meanwhile). A service
-    stores traces with `compact=False` and calls this after, so that no answer waits for a merge.
-    Returns whether a thread was started."""
-    r = parts.root(ws)
-    m = parts.Manifest.read(r)
-    if m is None or not parts.overflowing(m):
-        return False
-    key = r.resolve()
-    with _COMPACTING_LOCK:
-        if key in _COMPACTING:
-            return False
-        _COMPACTING.add(key)
-
-    def run() -> None:
-        try:
-            parts.compact_apart(ws, TABLES)
-        except Exception as e:  # the next save compacts again; nothing is lost
-            log.warning("compacting the provenance store %s failed: %s", r, e)
-        finally:
-            with _COMPACTING_LOCK:
-                _COMPACTING.discard(key)
-
-    threading.Thread(target=run, name="store-compact", daemon=True).start()
-    return True
 
 
 def _manifest(ws: Workspace, r: Path) -> parts.Manifest:
